@@ -1,0 +1,48 @@
+# rbee — every install, run and test step lives here.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.rbee-setup
+PYTEST_ARGS ?=
+
+.PHONY: help setup model run test test-unit protos protos-check bench clean
+
+help:
+	@echo "make run           set up, fetch the default model, start rbee locally and stream an answer"
+	@echo "make test          set up and run the whole suite (unit, integration, features)"
+	@echo "make setup         create $(VENV) and install rbee with the engine for this machine"
+	@echo "make model         obtain the default model (SmolLM2-135M-Instruct) into \$$RBEE_HOME/models"
+	@echo "make protos        regenerate rbee/v1 stubs from protos/"
+	@echo "make protos-check  fail if the committed stubs differ from protos/"
+	@echo "make bench         benchmarks (not part of the tests)"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	PYTHON=$(PYTHON) scripts/setup.sh
+	@touch $@
+
+model: setup
+	$(BIN)/rbee-hive models fetch-default
+
+run: model
+	scripts/run.sh
+
+protos: setup
+	scripts/gen_protos.sh
+
+protos-check: setup
+	scripts/gen_protos.sh --check
+
+test: model protos-check
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: model
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,195 @@
+"""The error model shared by every program.
+
+An error is a stable code, a human message, details (figures behind the
+message) and suggestions. On the wire it is a gRPC status whose details hold a
+``google.rpc.ErrorInfo`` (reason = code) and an ``rbee.v1.ErrorDetail``.
+This module is the one place that maps codes to gRPC status codes and back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from rbee.v1 import common_pb2
+
+DOMAIN = "rbee"
+
+S = grpc.StatusCode
+
+# code -> gRPC status code. Codes are data: add new ones here, not in callers.
+CODES: dict[str, grpc.StatusCode] = {
+    # input
+    "INVALID_ARGUMENT": S.INVALID_ARGUMENT,
+    "INVALID_MODEL_REF": S.INVALID_ARGUMENT,
+    "INVALID_BACKEND": S.INVALID_ARGUMENT,
+    "INVALID_DEVICE": S.INVALID_ARGUMENT,
+    "DEVICE_NOT_AVAILABLE": S.INVALID_ARGUMENT,
+    "DUPLICATE_REQUEST_ID": S.ALREADY_EXISTS,
+    "NODE_EXISTS": S.ALREADY_EXISTS,
+    # auth
+    "MISSING_API_KEY": S.UNAUTHENTICATED,
+    "INVALID_API_KEY": S.UNAUTHENTICATED,
+    "SSH_AUTH_FAILED": S.UNAUTHENTICATED,
+    "ACCESS_DENIED": S.PERMISSION_DENIED,
+    # not found
+    "NOT_FOUND": S.NOT_FOUND,
+    "MODEL_NOT_FOUND": S.NOT_FOUND,
+    "WORKER_NOT_FOUND": S.NOT_FOUND,
+    "NODE_NOT_FOUND": S.NOT_FOUND,
+    "WORKER_BINARY_NOT_FOUND": S.NOT_FOUND,
+    "SSH_KEY_NOT_FOUND": S.NOT_FOUND,
+    # busy / memory / quota
+    "ALL_SLOTS_BUSY": S.RESOURCE_EXHAUSTED,
+    "INSUFFICIENT_RAM": S.RESOURCE_EXHAUSTED,
+    "VRAM_EXHAUSTED": S.RESOURCE_EXHAUSTED,
+    "INSUFFICIENT_DISK": S.RESOURCE_EXHAUSTED,
+    "DISK_FULL": S.RESOURCE_EXHAUSTED,
+    "NO_FREE_PORT": S.RESOURCE_EXHAUSTED,
+    # timeouts
+    "DEADLINE_EXCEEDED": S.DEADLINE_EXCEEDED,
+    "DOWNLOAD_TIMEOUT": S.DEADLINE_EXCEEDED,
+    "LOADING_TIMEOUT": S.DEADLINE_EXCEEDED,
+    "STREAM_STALLED": S.DEADLINE_EXCEEDED,
+    # cancelled
+    "CANCELLED": S.CANCELLED,
+    # unreachable / not ready
+    "UNAVAILABLE": S.UNAVAILABLE,
+    "MODEL_LOADING": S.UNAVAILABLE,
+    "WORKER_DRAINING": S.UNAVAILABLE,
+    "HIVE_UNREACHABLE": S.UNAVAILABLE,
+    "WORKER_UNREACHABLE": S.UNAVAILABLE,
+    "SSH_CONNECTION_FAILED": S.UNAVAILABLE,
+    "STREAM_BROKEN": S.UNAVAILABLE,
+    # preconditions
+    "BACKEND_UNAVAILABLE": S.FAILED_PRECONDITION,
+    "CUDA_NOT_AVAILABLE": S.FAILED_PRECONDITION,
+    "MODEL_LOAD_FAILED": S.FAILED_PRECONDITION,
+    "VERSION_MISMATCH": S.FAILED_PRECONDITION,
+    # internal
+    "INTERNAL": S.INTERNAL,
+    "WORKER_STARTUP_FAILED": S.INTERNAL,
+    "WORKER_OOM_KILLED": S.INTERNAL,
+    "WORKER_BUILD_FAILED": S.INTERNAL,
+    "BINARY_VERIFICATION_FAILED": S.INTERNAL,
+    "DOWNLOAD_FAILED": S.INTERNAL,
+    "CHECKSUM_MISMATCH": S.INTERNAL,
+    "CATALOG_ERROR": S.INTERNAL,
+}
+
+# gRPC status code -> code used when a status arrives without our details
+# (a proxy, a crashed peer, grpc's own deadline handling).
+_FALLBACK: dict[grpc.StatusCode, str] = {
+    S.INVALID_ARGUMENT: "INVALID_ARGUMENT",
+    S.UNAUTHENTICATED: "INVALID_API_KEY",
+    S.PERMISSION_DENIED: "ACCESS_DENIED",
+    S.NOT_FOUND: "NOT_FOUND",
+    S.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
+    S.CANCELLED: "CANCELLED",
+    S.RESOURCE_EXHAUSTED: "ALL_SLOTS_BUSY",
+    S.UNAVAILABLE: "UNAVAILABLE",
+}
+
+
+class RbeeError(Exception):
+    """A failure with a stable code; what every layer raises and reports."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        details: Mapping[str, Any] | None = None,
+        suggestions: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details: dict[str, str] = {k: str(v) for k, v in (details or {}).items()}
+        self.suggestions: list[str] = list(suggestions)
+
+    @property
+    def status_code(self) -> grpc.StatusCode:
+        return CODES.get(self.code, S.INTERNAL)
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"RbeeError({self.code!r}, {self.message!r}, {self.details!r})"
+
+    def to_detail(self) -> common_pb2.ErrorDetail:
+        return common_pb2.ErrorDetail(
+            code=self.code,
+            message=self.message,
+            details=self.details,
+            suggestions=self.suggestions,
+        )
+
+    @classmethod
+    def from_detail(cls, detail: common_pb2.ErrorDetail) -> "RbeeError":
+        return cls(detail.code, detail.message, dict(detail.details), list(detail.suggestions))
+
+    def to_status(self) -> grpc.Status:
+        """The gRPC status (with google.rpc details) that carries this error."""
+        info = error_details_pb2.ErrorInfo(reason=self.code, domain=DOMAIN, metadata=self.details)
+        packed_info = any_pb2.Any()
+        packed_info.Pack(info)
+        packed_detail = any_pb2.Any()
+        packed_detail.Pack(self.to_detail())
+        proto = status_pb2.Status(
+            code=self.status_code.value[0],
+            message=self.message,
+            details=[packed_info, packed_detail],
+        )
+        return rpc_status.to_status(proto)
+
+
+def from_rpc_error(err: grpc.RpcError, target: str = "") -> RbeeError:
+    """Turn a failed call back into an RbeeError (the client side of the map)."""
+    code_fn = getattr(err, "code", None)
+    status_code = code_fn() if callable(code_fn) else S.UNKNOWN
+    message = (err.details() if callable(getattr(err, "details", None)) else None) or str(status_code)
+    try:
+        proto = rpc_status.from_call(err)  # type: ignore[arg-type]
+    except Exception:  # malformed trailers: fall back to the status code
+        proto = None
+    if proto is not None:
+        for any_detail in proto.details:
+            if any_detail.Is(common_pb2.ErrorDetail.DESCRIPTOR):
+                detail = common_pb2.ErrorDetail()
+                any_detail.Unpack(detail)
+                return RbeeError.from_detail(detail)
+        for any_detail in proto.details:
+            if any_detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                any_detail.Unpack(info)
+                return RbeeError(info.reason, proto.message or message, dict(info.metadata))
+    code = _FALLBACK.get(status_code, "INTERNAL")
+    details = {"grpc_status": status_code.name}
+    if target:
+        details["target"] = target
+    if status_code == S.UNAVAILABLE and target:
+        return RbeeError(
+            "UNAVAILABLE",
+            f"Cannot reach {target}: {message}",
+            details,
+            [f"Check that the daemon at {target} is running and the address is right"],
+        )
+    return RbeeError(code, message, details)
+
+
+async def abort(context: grpc.aio.ServicerContext, err: RbeeError) -> None:
+    """End the current RPC with ``err`` (raises, like context.abort)."""
+    await context.abort_with_status(err.to_status())
+
+
+def is_code(exc: BaseException, *codes: str) -> bool:
+    return isinstance(exc, RbeeError) and exc.code in codes
+
+
+_ = code_pb2  # google.rpc.code_pb2 documents the numeric values used above
