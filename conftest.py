@@ -1,0 +1,5 @@
+"""Fixtures shared by tests/ and features/ (each area keeps its own module)."""
+
+pytest_plugins = [
+    "tests.fixtures.common",
+]
