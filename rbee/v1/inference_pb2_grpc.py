@@ -94,8 +94,8 @@ class InferenceServiceServicer:
         """Token stream: TokenDelta messages (only the new tokens, with indices),
         then exactly one GenerateFinal.
         Fails with: INVALID_ARGUMENT (field named), RESOURCE_EXHAUSTED
-        (ALL_SLOTS_BUSY with slots_total/slots_busy), UNAVAILABLE (MODEL_LOADING,
-        WORKER_DRAINING), ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL, UNAUTHENTICATED.
+        (ALL_SLOTS_BUSY with slots_total/slots_busy; WORKER_DRAINING), UNAVAILABLE
+        (MODEL_LOADING), ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL, UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -51,8 +51,8 @@ class InferenceServiceStub:
     """Token stream: TokenDelta messages (only the new tokens, with indices),
     then exactly one GenerateFinal.
     Fails with: INVALID_ARGUMENT (field named), RESOURCE_EXHAUSTED
-    (ALL_SLOTS_BUSY with slots_total/slots_busy), UNAVAILABLE (MODEL_LOADING,
-    WORKER_DRAINING), ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL, UNAUTHENTICATED.
+    (ALL_SLOTS_BUSY with slots_total/slots_busy; WORKER_DRAINING), UNAVAILABLE
+    (MODEL_LOADING), ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL, UNAUTHENTICATED.
     """
     Cancel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CancelRequest, _inference_pb2.CancelResponse]
     """Idempotent: cancelling twice, or an unknown or finished id, is not an error.
@@ -87,8 +87,8 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Token stream: TokenDelta messages (only the new tokens, with indices),
     then exactly one GenerateFinal.
     Fails with: INVALID_ARGUMENT (field named), RESOURCE_EXHAUSTED
-    (ALL_SLOTS_BUSY with slots_total/slots_busy), UNAVAILABLE (MODEL_LOADING,
-    WORKER_DRAINING), ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL, UNAUTHENTICATED.
+    (ALL_SLOTS_BUSY with slots_total/slots_busy; WORKER_DRAINING), UNAVAILABLE
+    (MODEL_LOADING), ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL, UNAUTHENTICATED.
     """
     Cancel: _aio.UnaryUnaryMultiCallable[_inference_pb2.CancelRequest, _inference_pb2.CancelResponse]  # type: ignore[assignment]
     """Idempotent: cancelling twice, or an unknown or finished id, is not an error.
@@ -138,8 +138,8 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         """Token stream: TokenDelta messages (only the new tokens, with indices),
         then exactly one GenerateFinal.
         Fails with: INVALID_ARGUMENT (field named), RESOURCE_EXHAUSTED
-        (ALL_SLOTS_BUSY with slots_total/slots_busy), UNAVAILABLE (MODEL_LOADING,
-        WORKER_DRAINING), ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL, UNAUTHENTICATED.
+        (ALL_SLOTS_BUSY with slots_total/slots_busy; WORKER_DRAINING), UNAVAILABLE
+        (MODEL_LOADING), ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL, UNAUTHENTICATED.
         """
 
     @_abc_1.abstractmethod
