@@ -72,6 +72,8 @@ CODES: dict[str, grpc.StatusCode] = {
     "CUDA_NOT_AVAILABLE": S.FAILED_PRECONDITION,
     "MODEL_LOAD_FAILED": S.FAILED_PRECONDITION,
     "VERSION_MISMATCH": S.FAILED_PRECONDITION,
+    # not built yet: said plainly instead of pretending
+    "NOT_IMPLEMENTED": S.UNIMPLEMENTED,
     # internal
     "INTERNAL": S.INTERNAL,
     "WORKER_STARTUP_FAILED": S.INTERNAL,
