@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from rbee.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -57,3 +59,336 @@ class ReportWorkerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportWorkerResponse: _TypeAlias = ReportWorkerResponse  # noqa: Y015
+
+@_typing.final
+class SpawnWorkerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_PATH_FIELD_NUMBER: _builtins.int
+    MODEL_REF_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    WORKER_API_KEY_FIELD_NUMBER: _builtins.int
+    model_path: _builtins.str
+    """Folder (or file) of the model on this node."""
+    model_ref: _builtins.str
+    """Reference shown in listings, e.g. "hf:ORG/REPO"; defaults to file://model_path."""
+    backend: _builtins.str
+    device: _builtins.int
+    slots: _builtins.int
+    """Request slots of the worker (0 = the worker's default)."""
+    worker_api_key: _builtins.str
+    """Key the worker will require from its clients; empty = the hive's own key."""
+    def __init__(
+        self,
+        *,
+        model_path: _builtins.str = ...,
+        model_ref: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        device: _builtins.int = ...,
+        slots: _builtins.int = ...,
+        worker_api_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "model_path", b"model_path", "model_ref", b"model_ref", "slots", b"slots", "worker_api_key", b"worker_api_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpawnWorkerRequest: _TypeAlias = SpawnWorkerRequest  # noqa: Y015
+
+@_typing.final
+class SpawnWorkerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_FIELD_NUMBER: _builtins.int
+    LOG_PATH_FIELD_NUMBER: _builtins.int
+    log_path: _builtins.str
+    """Where the worker's stdout/stderr go on the node."""
+    @_builtins.property
+    def worker(self) -> _common_pb2.WorkerInfo: ...
+    def __init__(
+        self,
+        *,
+        worker: _common_pb2.WorkerInfo | None = ...,
+        log_path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["worker", b"worker"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_path", b"log_path", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpawnWorkerResponse: _TypeAlias = SpawnWorkerResponse  # noqa: Y015
+
+@_typing.final
+class FollowWorkerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FollowWorkerRequest: _TypeAlias = FollowWorkerRequest  # noqa: Y015
+
+@_typing.final
+class FollowWorkerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NARRATION_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def narration(self) -> _common_pb2.NarrationEvent: ...
+    @_builtins.property
+    def progress(self) -> _common_pb2.ProgressEvent: ...
+    @_builtins.property
+    def worker(self) -> _common_pb2.WorkerInfo:
+        """Sent on every registry change of the worker; the stream ends after the
+        first one in state IDLE (or BUSY).
+        """
+
+    def __init__(
+        self,
+        *,
+        narration: _common_pb2.NarrationEvent | None = ...,
+        progress: _common_pb2.ProgressEvent | None = ...,
+        worker: _common_pb2.WorkerInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "narration", b"narration", "progress", b"progress", "worker", b"worker"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "narration", b"narration", "progress", b"progress", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["narration", "progress", "worker"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___FollowWorkerResponse: _TypeAlias = FollowWorkerResponse  # noqa: Y015
+
+@_typing.final
+class ListWorkersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_REF_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    model_ref: _builtins.str
+    """Exact model ref, empty = any."""
+    state: _common_pb2.WorkerState.ValueType
+    """State filter, empty = any."""
+    def __init__(
+        self,
+        *,
+        model_ref: _builtins.str = ...,
+        state: _common_pb2.WorkerState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_ref", b"model_ref", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkersRequest: _TypeAlias = ListWorkersRequest  # noqa: Y015
+
+@_typing.final
+class ListWorkersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.WorkerInfo]: ...
+    def __init__(
+        self,
+        *,
+        workers: _abc.Iterable[_common_pb2.WorkerInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkersResponse: _TypeAlias = ListWorkersResponse  # noqa: Y015
+
+@_typing.final
+class CheckWorkersHealthRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """Empty = every worker."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckWorkersHealthRequest: _TypeAlias = CheckWorkersHealthRequest  # noqa: Y015
+
+@_typing.final
+class WorkerHealth(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_FIELD_NUMBER: _builtins.int
+    REACHABLE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
+    reachable: _builtins.bool
+    """The worker answered the health check just now."""
+    status: _builtins.str
+    """"SERVING", "NOT_SERVING" (loading) or the failure."""
+    latency_ms: _builtins.int
+    consecutive_failures: _builtins.int
+    """Failed supervisor checks in a row before this one."""
+    @_builtins.property
+    def worker(self) -> _common_pb2.WorkerInfo: ...
+    def __init__(
+        self,
+        *,
+        worker: _common_pb2.WorkerInfo | None = ...,
+        reachable: _builtins.bool = ...,
+        status: _builtins.str = ...,
+        latency_ms: _builtins.int = ...,
+        consecutive_failures: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["worker", b"worker"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "latency_ms", b"latency_ms", "reachable", b"reachable", "status", b"status", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerHealth: _TypeAlias = WorkerHealth  # noqa: Y015
+
+@_typing.final
+class CheckWorkersHealthResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerHealth]: ...
+    def __init__(
+        self,
+        *,
+        workers: _abc.Iterable[Global___WorkerHealth] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckWorkersHealthResponse: _TypeAlias = CheckWorkersHealthResponse  # noqa: Y015
+
+@_typing.final
+class ShutdownWorkerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    timeout_s: _builtins.int
+    """Seconds the worker may drain in-flight requests (0 = the hive's grace, 30 s)."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        timeout_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["timeout_s", b"timeout_s", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShutdownWorkerRequest: _TypeAlias = ShutdownWorkerRequest  # noqa: Y015
+
+@_typing.final
+class ShutdownWorkerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    FORCE_KILLED_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    force_killed: _builtins.bool
+    """True when the worker had to be force-killed."""
+    exit_code: _builtins.int
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        force_killed: _builtins.bool = ...,
+        exit_code: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "force_killed", b"force_killed", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShutdownWorkerResponse: _TypeAlias = ShutdownWorkerResponse  # noqa: Y015
+
+@_typing.final
+class StreamLogsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    TAIL_LINES_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """Empty = the hive's own log and every worker log; else the worker's id."""
+    tail_lines: _builtins.int
+    """Lines of history per log (0 = 50)."""
+    follow: _builtins.bool
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        tail_lines: _builtins.int = ...,
+        follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "tail_lines", b"tail_lines", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamLogsRequest: _TypeAlias = StreamLogsRequest  # noqa: Y015
+
+@_typing.final
+class StreamLogsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """"rbee-hive" or the worker id."""
+    line: _builtins.str
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        line: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["line", b"line", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamLogsResponse: _TypeAlias = StreamLogsResponse  # noqa: Y015

@@ -105,3 +105,324 @@ class WorkerCallbackService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class HiveWorkerServiceStub:
+    """Served by rbee-hive: its local worker registry and the workers' lifecycle
+    (S6.1, S7, S8). Every RPC requires "authorization: Bearer KEY"
+    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SpawnWorker = channel.unary_unary(
+                '/rbee.v1.HiveWorkerService/SpawnWorker',
+                request_serializer=rbee_dot_v1_dot_registry__pb2.SpawnWorkerRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_registry__pb2.SpawnWorkerResponse.FromString,
+                _registered_method=True)
+        self.FollowWorker = channel.unary_stream(
+                '/rbee.v1.HiveWorkerService/FollowWorker',
+                request_serializer=rbee_dot_v1_dot_registry__pb2.FollowWorkerRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_registry__pb2.FollowWorkerResponse.FromString,
+                _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/rbee.v1.HiveWorkerService/ListWorkers',
+                request_serializer=rbee_dot_v1_dot_registry__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_registry__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
+        self.CheckWorkersHealth = channel.unary_unary(
+                '/rbee.v1.HiveWorkerService/CheckWorkersHealth',
+                request_serializer=rbee_dot_v1_dot_registry__pb2.CheckWorkersHealthRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_registry__pb2.CheckWorkersHealthResponse.FromString,
+                _registered_method=True)
+        self.ShutdownWorker = channel.unary_unary(
+                '/rbee.v1.HiveWorkerService/ShutdownWorker',
+                request_serializer=rbee_dot_v1_dot_registry__pb2.ShutdownWorkerRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_registry__pb2.ShutdownWorkerResponse.FromString,
+                _registered_method=True)
+        self.StreamLogs = channel.unary_stream(
+                '/rbee.v1.HiveWorkerService/StreamLogs',
+                request_serializer=rbee_dot_v1_dot_registry__pb2.StreamLogsRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_registry__pb2.StreamLogsResponse.FromString,
+                _registered_method=True)
+
+
+class HiveWorkerServiceServicer:
+    """Served by rbee-hive: its local worker registry and the workers' lifecycle
+    (S6.1, S7, S8). Every RPC requires "authorization: Bearer KEY"
+    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise).
+    """
+
+    def SpawnWorker(self, request, context):
+        """Resource preflight (S4.3), then start llm-worker-rbee for the model on
+        backend/device; returns once the worker's server is up and has called
+        back, with state LOADING. Follow its loading with FollowWorker.
+        Fails with: NOT_FOUND (MODEL_NOT_FOUND, WORKER_BINARY_NOT_FOUND),
+        INVALID_ARGUMENT (INVALID_BACKEND, DEVICE_NOT_AVAILABLE, INVALID_ARGUMENT),
+        FAILED_PRECONDITION (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED
+        (INSUFFICIENT_RAM, VRAM_EXHAUSTED, INSUFFICIENT_DISK, NO_FREE_PORT),
+        INTERNAL (WORKER_STARTUP_FAILED, WORKER_OOM_KILLED), UNAVAILABLE (shutting down),
+        UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FollowWorker(self, request, context):
+        """The worker's narration (the hive's own for this spawn, then the lines the
+        worker printed) and loading progress, from the spawn on; ends with a
+        message carrying the worker in state IDLE once loaded. A worker that
+        fails while starting ends the stream with INTERNAL (WORKER_STARTUP_FAILED
+        with the last log lines, or WORKER_OOM_KILLED).
+        Fails with: NOT_FOUND (WORKER_NOT_FOUND), INTERNAL, UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWorkers(self, request, context):
+        """Registered workers, optionally filtered by model ref and state.
+        Fails with: INVALID_ARGUMENT (unknown state name), UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckWorkersHealth(self, request, context):
+        """Ask every registered worker (or one) for its health now.
+        Fails with: NOT_FOUND (WORKER_NOT_FOUND), UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShutdownWorker(self, request, context):
+        """Graceful shutdown of one worker: Shutdown RPC, wait for it to exit
+        (bounded), force-kill its process tree otherwise; then removed.
+        Fails with: NOT_FOUND (WORKER_NOT_FOUND), UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamLogs(self, request, context):
+        """Lines of the node's logs (the hive's own and its workers'), the last
+        tail_lines of each, then new lines while follow is set, until cancelled.
+        Fails with: NOT_FOUND (no such worker log), UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_HiveWorkerServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SpawnWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpawnWorker,
+                    request_deserializer=rbee_dot_v1_dot_registry__pb2.SpawnWorkerRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_registry__pb2.SpawnWorkerResponse.SerializeToString,
+            ),
+            'FollowWorker': grpc.unary_stream_rpc_method_handler(
+                    servicer.FollowWorker,
+                    request_deserializer=rbee_dot_v1_dot_registry__pb2.FollowWorkerRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_registry__pb2.FollowWorkerResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=rbee_dot_v1_dot_registry__pb2.ListWorkersRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_registry__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'CheckWorkersHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckWorkersHealth,
+                    request_deserializer=rbee_dot_v1_dot_registry__pb2.CheckWorkersHealthRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_registry__pb2.CheckWorkersHealthResponse.SerializeToString,
+            ),
+            'ShutdownWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShutdownWorker,
+                    request_deserializer=rbee_dot_v1_dot_registry__pb2.ShutdownWorkerRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_registry__pb2.ShutdownWorkerResponse.SerializeToString,
+            ),
+            'StreamLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamLogs,
+                    request_deserializer=rbee_dot_v1_dot_registry__pb2.StreamLogsRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_registry__pb2.StreamLogsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'rbee.v1.HiveWorkerService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('rbee.v1.HiveWorkerService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class HiveWorkerService:
+    """Served by rbee-hive: its local worker registry and the workers' lifecycle
+    (S6.1, S7, S8). Every RPC requires "authorization: Bearer KEY"
+    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise).
+    """
+
+    @staticmethod
+    def SpawnWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rbee.v1.HiveWorkerService/SpawnWorker',
+            rbee_dot_v1_dot_registry__pb2.SpawnWorkerRequest.SerializeToString,
+            rbee_dot_v1_dot_registry__pb2.SpawnWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FollowWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rbee.v1.HiveWorkerService/FollowWorker',
+            rbee_dot_v1_dot_registry__pb2.FollowWorkerRequest.SerializeToString,
+            rbee_dot_v1_dot_registry__pb2.FollowWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rbee.v1.HiveWorkerService/ListWorkers',
+            rbee_dot_v1_dot_registry__pb2.ListWorkersRequest.SerializeToString,
+            rbee_dot_v1_dot_registry__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckWorkersHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rbee.v1.HiveWorkerService/CheckWorkersHealth',
+            rbee_dot_v1_dot_registry__pb2.CheckWorkersHealthRequest.SerializeToString,
+            rbee_dot_v1_dot_registry__pb2.CheckWorkersHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShutdownWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rbee.v1.HiveWorkerService/ShutdownWorker',
+            rbee_dot_v1_dot_registry__pb2.ShutdownWorkerRequest.SerializeToString,
+            rbee_dot_v1_dot_registry__pb2.ShutdownWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rbee.v1.HiveWorkerService/StreamLogs',
+            rbee_dot_v1_dot_registry__pb2.StreamLogsRequest.SerializeToString,
+            rbee_dot_v1_dot_registry__pb2.StreamLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -65,3 +65,178 @@ class WorkerCallbackServiceServicer(metaclass=_abc_1.ABCMeta):
         """Fails with: UNAUTHENTICATED, INVALID_ARGUMENT."""
 
 def add_WorkerCallbackServiceServicer_to_server(servicer: WorkerCallbackServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class HiveWorkerServiceStub:
+    """Served by rbee-hive: its local worker registry and the workers' lifecycle
+    (S6.1, S7, S8). Every RPC requires "authorization: Bearer KEY"
+    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> HiveWorkerServiceAsyncStub: ...
+    SpawnWorker: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SpawnWorkerRequest, _registry_pb2.SpawnWorkerResponse]
+    """Resource preflight (S4.3), then start llm-worker-rbee for the model on
+    backend/device; returns once the worker's server is up and has called
+    back, with state LOADING. Follow its loading with FollowWorker.
+    Fails with: NOT_FOUND (MODEL_NOT_FOUND, WORKER_BINARY_NOT_FOUND),
+    INVALID_ARGUMENT (INVALID_BACKEND, DEVICE_NOT_AVAILABLE, INVALID_ARGUMENT),
+    FAILED_PRECONDITION (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED
+    (INSUFFICIENT_RAM, VRAM_EXHAUSTED, INSUFFICIENT_DISK, NO_FREE_PORT),
+    INTERNAL (WORKER_STARTUP_FAILED, WORKER_OOM_KILLED), UNAVAILABLE (shutting down),
+    UNAUTHENTICATED.
+    """
+    FollowWorker: _grpc.UnaryStreamMultiCallable[_registry_pb2.FollowWorkerRequest, _registry_pb2.FollowWorkerResponse]
+    """The worker's narration (the hive's own for this spawn, then the lines the
+    worker printed) and loading progress, from the spawn on; ends with a
+    message carrying the worker in state IDLE once loaded. A worker that
+    fails while starting ends the stream with INTERNAL (WORKER_STARTUP_FAILED
+    with the last log lines, or WORKER_OOM_KILLED).
+    Fails with: NOT_FOUND (WORKER_NOT_FOUND), INTERNAL, UNAUTHENTICATED.
+    """
+    ListWorkers: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListWorkersRequest, _registry_pb2.ListWorkersResponse]
+    """Registered workers, optionally filtered by model ref and state.
+    Fails with: INVALID_ARGUMENT (unknown state name), UNAUTHENTICATED.
+    """
+    CheckWorkersHealth: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CheckWorkersHealthRequest, _registry_pb2.CheckWorkersHealthResponse]
+    """Ask every registered worker (or one) for its health now.
+    Fails with: NOT_FOUND (WORKER_NOT_FOUND), UNAUTHENTICATED.
+    """
+    ShutdownWorker: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ShutdownWorkerRequest, _registry_pb2.ShutdownWorkerResponse]
+    """Graceful shutdown of one worker: Shutdown RPC, wait for it to exit
+    (bounded), force-kill its process tree otherwise; then removed.
+    Fails with: NOT_FOUND (WORKER_NOT_FOUND), UNAUTHENTICATED.
+    """
+    StreamLogs: _grpc.UnaryStreamMultiCallable[_registry_pb2.StreamLogsRequest, _registry_pb2.StreamLogsResponse]
+    """Lines of the node's logs (the hive's own and its workers'), the last
+    tail_lines of each, then new lines while follow is set, until cancelled.
+    Fails with: NOT_FOUND (no such worker log), UNAUTHENTICATED.
+    """
+
+@_typing.type_check_only
+class HiveWorkerServiceAsyncStub(HiveWorkerServiceStub):
+    """Served by rbee-hive: its local worker registry and the workers' lifecycle
+    (S6.1, S7, S8). Every RPC requires "authorization: Bearer KEY"
+    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    SpawnWorker: _aio.UnaryUnaryMultiCallable[_registry_pb2.SpawnWorkerRequest, _registry_pb2.SpawnWorkerResponse]  # type: ignore[assignment]
+    """Resource preflight (S4.3), then start llm-worker-rbee for the model on
+    backend/device; returns once the worker's server is up and has called
+    back, with state LOADING. Follow its loading with FollowWorker.
+    Fails with: NOT_FOUND (MODEL_NOT_FOUND, WORKER_BINARY_NOT_FOUND),
+    INVALID_ARGUMENT (INVALID_BACKEND, DEVICE_NOT_AVAILABLE, INVALID_ARGUMENT),
+    FAILED_PRECONDITION (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED
+    (INSUFFICIENT_RAM, VRAM_EXHAUSTED, INSUFFICIENT_DISK, NO_FREE_PORT),
+    INTERNAL (WORKER_STARTUP_FAILED, WORKER_OOM_KILLED), UNAVAILABLE (shutting down),
+    UNAUTHENTICATED.
+    """
+    FollowWorker: _aio.UnaryStreamMultiCallable[_registry_pb2.FollowWorkerRequest, _registry_pb2.FollowWorkerResponse]  # type: ignore[assignment]
+    """The worker's narration (the hive's own for this spawn, then the lines the
+    worker printed) and loading progress, from the spawn on; ends with a
+    message carrying the worker in state IDLE once loaded. A worker that
+    fails while starting ends the stream with INTERNAL (WORKER_STARTUP_FAILED
+    with the last log lines, or WORKER_OOM_KILLED).
+    Fails with: NOT_FOUND (WORKER_NOT_FOUND), INTERNAL, UNAUTHENTICATED.
+    """
+    ListWorkers: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListWorkersRequest, _registry_pb2.ListWorkersResponse]  # type: ignore[assignment]
+    """Registered workers, optionally filtered by model ref and state.
+    Fails with: INVALID_ARGUMENT (unknown state name), UNAUTHENTICATED.
+    """
+    CheckWorkersHealth: _aio.UnaryUnaryMultiCallable[_registry_pb2.CheckWorkersHealthRequest, _registry_pb2.CheckWorkersHealthResponse]  # type: ignore[assignment]
+    """Ask every registered worker (or one) for its health now.
+    Fails with: NOT_FOUND (WORKER_NOT_FOUND), UNAUTHENTICATED.
+    """
+    ShutdownWorker: _aio.UnaryUnaryMultiCallable[_registry_pb2.ShutdownWorkerRequest, _registry_pb2.ShutdownWorkerResponse]  # type: ignore[assignment]
+    """Graceful shutdown of one worker: Shutdown RPC, wait for it to exit
+    (bounded), force-kill its process tree otherwise; then removed.
+    Fails with: NOT_FOUND (WORKER_NOT_FOUND), UNAUTHENTICATED.
+    """
+    StreamLogs: _aio.UnaryStreamMultiCallable[_registry_pb2.StreamLogsRequest, _registry_pb2.StreamLogsResponse]  # type: ignore[assignment]
+    """Lines of the node's logs (the hive's own and its workers'), the last
+    tail_lines of each, then new lines while follow is set, until cancelled.
+    Fails with: NOT_FOUND (no such worker log), UNAUTHENTICATED.
+    """
+
+class HiveWorkerServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Served by rbee-hive: its local worker registry and the workers' lifecycle
+    (S6.1, S7, S8). Every RPC requires "authorization: Bearer KEY"
+    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise).
+    """
+
+    @_abc_1.abstractmethod
+    def SpawnWorker(
+        self,
+        request: _registry_pb2.SpawnWorkerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.SpawnWorkerResponse, _abc.Awaitable[_registry_pb2.SpawnWorkerResponse]]:
+        """Resource preflight (S4.3), then start llm-worker-rbee for the model on
+        backend/device; returns once the worker's server is up and has called
+        back, with state LOADING. Follow its loading with FollowWorker.
+        Fails with: NOT_FOUND (MODEL_NOT_FOUND, WORKER_BINARY_NOT_FOUND),
+        INVALID_ARGUMENT (INVALID_BACKEND, DEVICE_NOT_AVAILABLE, INVALID_ARGUMENT),
+        FAILED_PRECONDITION (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED
+        (INSUFFICIENT_RAM, VRAM_EXHAUSTED, INSUFFICIENT_DISK, NO_FREE_PORT),
+        INTERNAL (WORKER_STARTUP_FAILED, WORKER_OOM_KILLED), UNAVAILABLE (shutting down),
+        UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def FollowWorker(
+        self,
+        request: _registry_pb2.FollowWorkerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_registry_pb2.FollowWorkerResponse], _abc.AsyncIterator[_registry_pb2.FollowWorkerResponse]]:
+        """The worker's narration (the hive's own for this spawn, then the lines the
+        worker printed) and loading progress, from the spawn on; ends with a
+        message carrying the worker in state IDLE once loaded. A worker that
+        fails while starting ends the stream with INTERNAL (WORKER_STARTUP_FAILED
+        with the last log lines, or WORKER_OOM_KILLED).
+        Fails with: NOT_FOUND (WORKER_NOT_FOUND), INTERNAL, UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWorkers(
+        self,
+        request: _registry_pb2.ListWorkersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListWorkersResponse, _abc.Awaitable[_registry_pb2.ListWorkersResponse]]:
+        """Registered workers, optionally filtered by model ref and state.
+        Fails with: INVALID_ARGUMENT (unknown state name), UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckWorkersHealth(
+        self,
+        request: _registry_pb2.CheckWorkersHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.CheckWorkersHealthResponse, _abc.Awaitable[_registry_pb2.CheckWorkersHealthResponse]]:
+        """Ask every registered worker (or one) for its health now.
+        Fails with: NOT_FOUND (WORKER_NOT_FOUND), UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def ShutdownWorker(
+        self,
+        request: _registry_pb2.ShutdownWorkerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ShutdownWorkerResponse, _abc.Awaitable[_registry_pb2.ShutdownWorkerResponse]]:
+        """Graceful shutdown of one worker: Shutdown RPC, wait for it to exit
+        (bounded), force-kill its process tree otherwise; then removed.
+        Fails with: NOT_FOUND (WORKER_NOT_FOUND), UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamLogs(
+        self,
+        request: _registry_pb2.StreamLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_registry_pb2.StreamLogsResponse], _abc.AsyncIterator[_registry_pb2.StreamLogsResponse]]:
+        """Lines of the node's logs (the hive's own and its workers'), the last
+        tail_lines of each, then new lines while follow is set, until cancelled.
+        Fails with: NOT_FOUND (no such worker log), UNAUTHENTICATED.
+        """
+
+def add_HiveWorkerServiceServicer_to_server(servicer: HiveWorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
