@@ -1,7 +1,138 @@
-"""Placeholder: this command group is not built yet."""
+"""`rbee-keeper infer`: stream an answer from a model.
+
+Direct mode (``--worker HOST:PORT``) talks to one worker. Queen mode
+(``--node``/``--model``, the worker found or started for you) is not built yet
+and says so.
+"""
+
+from __future__ import annotations
 
 import typer
 
+from rbee.errors import RbeeError
+
+from rbee_keeper.common import resolve_api_key, run
+from rbee_keeper.direct import DirectInference, Interrupts, Timeouts
+from rbee_keeper.render import TokenPrinter, narrator
+from rbee_keeper.validation import (
+    parse_float,
+    validate_address,
+    validate_backend,
+    validate_device,
+    validate_sampling,
+)
+from rbee_keeper.worker_client import WorkerClient
+
+DEFAULT_MAX_TOKENS = 128
+
+HELP = """Stream an answer from a model: tokens on stdout, progress and status on stderr.
+
+Direct mode: --worker HOST:PORT sends the request to a running llm-worker-rbee
+(waiting for it to finish loading). Exit codes: 0 done, 1 error, 130 interrupted.
+"""
+
+
+def _timeout(option: str, value: str | None, default: float) -> float:
+    hint = f"{option} takes seconds, e.g. {option} {default:g}"
+    parsed = parse_float(option, value, hint)
+    if parsed is None:
+        return default
+    if parsed <= 0:
+        raise RbeeError("INVALID_ARGUMENT", f"{option} must be above 0 (got {value!r})", {"option": option}, [hint])
+    return parsed
+
 
 def register(app: typer.Typer) -> None:
-    """Adds nothing until the commands are built."""
+    app.command("infer", help=HELP)(infer)
+
+
+def infer(
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Text to complete (sent through the model's chat template)."),
+    max_tokens: str = typer.Option(str(DEFAULT_MAX_TOKENS), "--max-tokens", "-n", metavar="N", help="Most tokens to generate (≥ 1)."),
+    temperature: str = typer.Option(None, "--temperature", "-t", metavar="T", help="0 = greedy; up to 2 (default: the worker's, 0.7)."),
+    top_p: str = typer.Option(None, "--top-p", metavar="P", help="Nucleus sampling, in (0, 1]."),
+    top_k: str = typer.Option(None, "--top-k", metavar="K", help="Sample among the K likeliest tokens (≥ 1)."),
+    seed: str = typer.Option(None, "--seed", metavar="SEED", help="Seed for reproducible sampling."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop when this text is generated (repeatable)."),
+    raw_prompt: bool = typer.Option(False, "--raw-prompt", help="Send the prompt as-is, without the chat template."),
+    worker: str = typer.Option(None, "--worker", "-w", metavar="HOST:PORT", help="Send the request straight to this worker."),
+    api_key: str = typer.Option(None, "--api-key", help="API key of the worker (else $RBEE_API_KEY, then the config file)."),
+    node: str = typer.Option(None, "--node", help="Node to run on (queen mode, not built yet)."),
+    model: str = typer.Option(None, "--model", "-m", help="Model reference, hf:ORG/REPO or file:///path (queen mode, not built yet)."),
+    backend: str = typer.Option(None, "--backend", help="cpu, cuda or metal; with --worker, checked against the worker."),
+    device: str = typer.Option(None, "--device", metavar="N", help="Device index; with --worker, checked against the worker."),
+    # Knobs for tests and operators; not part of the everyday interface.
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", hidden=True),
+    stall_timeout: str = typer.Option(None, "--stall-timeout", hidden=True, envvar="RBEE_KEEPER_STALL_TIMEOUT_S"),
+    loading_timeout: str = typer.Option(None, "--loading-timeout", hidden=True, envvar="RBEE_KEEPER_LOADING_TIMEOUT_S"),
+    connect_timeout: str = typer.Option(None, "--connect-timeout", hidden=True, envvar="RBEE_KEEPER_CONNECT_TIMEOUT_S"),
+) -> None:
+    run(
+        _infer(
+            prompt, max_tokens, temperature, top_p, top_k, seed, tuple(stop), raw_prompt,
+            worker, api_key, node, model, backend, device, ignore_eos,
+            stall_timeout, loading_timeout, connect_timeout,
+        )
+    )
+
+
+async def _infer(
+    prompt: str | None,
+    max_tokens: str,
+    temperature: str | None,
+    top_p: str | None,
+    top_k: str | None,
+    seed: str | None,
+    stop: tuple[str, ...],
+    raw_prompt: bool,
+    worker: str | None,
+    api_key: str | None,
+    node: str | None,
+    model: str | None,
+    backend: str | None,
+    device: str | None,
+    ignore_eos: bool,
+    stall_timeout: str | None,
+    loading_timeout: str | None,
+    connect_timeout: str | None,
+) -> int:
+    # Everything is checked before anything is contacted.
+    args = validate_sampling(prompt, max_tokens, temperature, top_p, top_k, seed, stop, raw_prompt, ignore_eos)
+    backend_name = validate_backend(backend)
+    device_index = validate_device(device)
+    defaults = Timeouts()
+    timeouts = Timeouts(
+        connect_s=_timeout("--connect-timeout", connect_timeout, defaults.connect_s),
+        wait_for_server=connect_timeout is not None,
+        loading_s=_timeout("--loading-timeout", loading_timeout, defaults.loading_s),
+        stall_s=_timeout("--stall-timeout", stall_timeout, defaults.stall_s),
+    )
+    if worker is None:
+        raise RbeeError(
+            "NOT_IMPLEMENTED",
+            "Queen mode (--node/--model: rbee finds or starts a worker for you) is not built yet",
+            {"node": node or "-", "model": model or "-"},
+            ["Start a worker yourself (llm-worker-rbee --model PATH ...) and pass --worker HOST:PORT"],
+        )
+    address = validate_address(worker)
+    key, key_source = resolve_api_key(api_key, address)
+
+    narrate = narrator()
+    interrupts = Interrupts(narrate)
+    narrate("🐝", f"Sending the request straight to worker {address}")
+    async with WorkerClient(address, key, key_source) as client:
+        interrupts.install()
+        try:
+            session = DirectInference(
+                client,
+                args,
+                narrate,
+                TokenPrinter(),
+                interrupts,
+                timeouts,
+                expect_backend=backend_name,
+                expect_device=device_index,
+            )
+            return await session.run()
+        finally:
+            interrupts.uninstall()

@@ -1,0 +1,77 @@
+"""Token printing, the summary line and partial-result files."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from rbee.narration import Narrator
+from rbee.v1 import common_pb2, inference_pb2
+
+from rbee_keeper.partial import save_partial, tokens_generated
+from rbee_keeper.render import LoadingView, TokenPrinter, summary_line
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def delta(text: str, *ids: int) -> inference_pb2.TokenDelta:
+    return inference_pb2.TokenDelta(text=text, token_ids=list(ids))
+
+
+def test_printer_counts_tokens_not_messages():
+    out = io.StringIO()
+    printer = TokenPrinter(out)
+    printer.write(delta("Hel", 1))
+    printer.write(delta("lo wor", 2, 3, 4))
+    assert (printer.tokens, printer.messages, printer.text) == (4, 2, "Hello wor")
+    assert out.getvalue() == "Hello wor"
+
+
+def test_printer_ends_the_line_only_on_a_terminal():
+    pipe, tty = io.StringIO(), Tty()
+    for out in (pipe, tty):
+        printer = TokenPrinter(out)
+        printer.write(delta("answer", 1))
+        printer.end_line()
+    assert pipe.getvalue() == "answer"
+    assert tty.getvalue() == "answer\n"
+
+
+def test_summary_line():
+    line = summary_line(40, 2.0, 120.4, "length")
+    assert line == "40 tokens in 2.00s (20.0 tokens/s, first token after 120 ms, finish: length)"
+    assert "0.0 tokens/s" in summary_line(0, 0.0, None, "stop")
+
+
+def test_loading_view_without_terminal_narrates_each_change_once():
+    err = io.StringIO()
+    view = LoadingView("127.0.0.1:7910", Narrator("rbee-keeper", stream=err))
+    progress = common_pb2.ProgressEvent(stage="weights", done=3, total=6, unit="stages", message="Loading weights")
+    view.update(progress)
+    view.update(progress)
+    view.update(common_pb2.ProgressEvent(stage="ready", done=6, total=6, unit="stages"))
+    view.close()
+    lines = err.getvalue().splitlines()
+    assert lines == [
+        "[rbee-keeper] ⏳ 127.0.0.1:7910 loading: weights · Loading weights · 3/6 stages",
+        "[rbee-keeper] ⏳ 127.0.0.1:7910 loading: ready · 6/6 stages",
+    ]
+
+
+def test_partial_file_holds_the_text_and_a_safe_name(tmp_path):
+    path = save_partial("Once upon a ", "keeper-../../x", tmp_path / "partial")
+    assert path is not None and path.parent == (tmp_path / "partial").resolve()
+    assert path.name.endswith("-keeper-.._.._x.partial.txt")
+    assert path.read_text() == "Once upon a "
+    assert tokens_generated(3, 100) == "3 / 100"
+
+
+def test_partial_file_falls_back_to_the_current_directory(tmp_path, monkeypatch):
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    monkeypatch.chdir(tmp_path)
+    path = save_partial("text", "r1", blocked / "partial")
+    assert path is not None and path.parent == Path(tmp_path).resolve()
