@@ -1,0 +1,32 @@
+"""`make bench`: every benchmark in one run, figures printed side by side.
+
+  (a)+(c) bench.engine     worker vs in-process vLLM; 1 vs 16 concurrent streams
+  (b)     bench.transport  the worker's stream ceiling with an engine that emits tokens as fast as it can
+  (d)     bench.downloads  downloads through the hive vs plain hf_hub_download; resume after a cut
+
+Pick some with `make bench BENCH_ARGS="transport downloads"`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+ALL = ("transport", "downloads", "engine")
+
+
+def main(argv: list[str]) -> int:
+    chosen = [a for a in argv if not a.startswith("-")] or list(ALL)
+    unknown = [c for c in chosen if c not in ALL]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(ALL)}", file=sys.stderr)
+        return 1
+    for name in chosen:
+        print(f"\n=== bench.{name} ===", flush=True)
+        module = importlib.import_module(f"bench.{name}")
+        module.main([])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
