@@ -188,11 +188,9 @@ class DirectInference:
             call = self.client.loading_progress()
             try:
                 async for msg in call:
-                    if msg.HasField("narration"):
-                        view.narration(msg.narration)
+                    view.show(msg)
                     if msg.HasField("progress"):
                         last_stage[0] = msg.progress.stage
-                        view.update(msg.progress)
                     if msg.state == WS.WORKER_STATE_FAILED:
                         raise self._load_failed(msg.progress.message if msg.HasField("progress") else "")
                     if msg.state in (WS.WORKER_STATE_IDLE, WS.WORKER_STATE_BUSY):

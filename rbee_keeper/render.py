@@ -82,6 +82,19 @@ class LoadingView:
             self._last_line = line
             self._narrate("⏳", f"{self._worker} loading: {line}")
 
+    def show(self, msg: inference_pb2.StreamLoadingProgressResponse) -> None:
+        """One message of the loading stream. Without a terminal, a message
+        that carries the worker's own narration is shown as that line only:
+        its progress says the same thing."""
+        has_progress = msg.HasField("progress")
+        if msg.HasField("narration"):
+            self.narration(msg.narration)
+            if has_progress and not self._console.is_terminal:
+                self._last_line = _progress_text(msg.progress)
+                return
+        if has_progress:
+            self.update(msg.progress)
+
     def narration(self, ev: common_pb2.NarrationEvent) -> None:
         if self._progress is not None:
             self._progress.console.print(format_line(ev), markup=False, highlight=False)

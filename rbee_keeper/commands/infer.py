@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from rbee.errors import RbeeError
+from rbee.modelref import parse_model_ref
 
 from rbee_keeper.common import resolve_api_key, run
 from rbee_keeper.direct import DirectInference, Interrupts, Timeouts
@@ -100,6 +101,8 @@ async def _infer(
     args = validate_sampling(prompt, max_tokens, temperature, top_p, top_k, seed, stop, raw_prompt, ignore_eos)
     backend_name = validate_backend(backend)
     device_index = validate_device(device)
+    if model is not None:
+        parse_model_ref(model)
     defaults = Timeouts()
     timeouts = Timeouts(
         connect_s=_timeout("--connect-timeout", connect_timeout, defaults.connect_s),
@@ -120,6 +123,8 @@ async def _infer(
     narrate = narrator()
     interrupts = Interrupts(narrate)
     narrate("🐝", f"Sending the request straight to worker {address}")
+    if model is not None or node is not None:
+        narrate("🐝", "With --worker, --node and --model are not used: the worker serves the model it loaded")
     async with WorkerClient(address, key, key_source) as client:
         interrupts.install()
         try:

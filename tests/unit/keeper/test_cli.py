@@ -145,6 +145,7 @@ async def test_stall_through_the_cli(tmp_path, fake):
         (["--backend", "tpu"], "INVALID_BACKEND"),
         (["--device", "-2"], "INVALID_DEVICE"),
         (["--stall-timeout", "0"], "INVALID_ARGUMENT"),
+        (["--model", "ollama:llama3"], "INVALID_MODEL_REF"),
     ],
 )
 async def test_validation_fails_before_any_connection(tmp_path, args, code_name):

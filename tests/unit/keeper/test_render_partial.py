@@ -75,3 +75,17 @@ def test_partial_file_falls_back_to_the_current_directory(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     path = save_partial("text", "r1", blocked / "partial")
     assert path is not None and path.parent == Path(tmp_path).resolve()
+
+
+def test_loading_narration_replaces_the_progress_line_it_repeats():
+    err = io.StringIO()
+    view = LoadingView("w:1", Narrator("rbee-keeper", stream=err))
+    progress = common_pb2.ProgressEvent(stage="weights", done=3, total=6, unit="stages")
+    narration = common_pb2.NarrationEvent(actor="model-loader", emoji="⏳", message="[3/6] weights")
+    view.show(inference_pb2.StreamLoadingProgressResponse(progress=progress, narration=narration))
+    view.show(inference_pb2.StreamLoadingProgressResponse(progress=progress))
+    view.show(inference_pb2.StreamLoadingProgressResponse(progress=common_pb2.ProgressEvent(stage="ready", done=6, total=6)))
+    assert err.getvalue().splitlines() == [
+        "[model-loader] ⏳ [3/6] weights",
+        "[rbee-keeper] ⏳ w:1 loading: ready · 6/6",
+    ]
