@@ -1,0 +1,90 @@
+"""Assembling the worker's gRPC server: servicer, health, auth.
+
+Shared by the program, the unit tests and the transport benchmark, so that
+what is tested and measured is what runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from rbee.auth import ApiKeyInterceptor
+from rbee.errors import RbeeError
+from rbee.v1 import inference_pb2, inference_pb2_grpc
+from rbee_worker.servicer import InferenceServicer
+from rbee_worker.status import BUSY, IDLE, WorkerStatus
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+SERVER_OPTIONS = (
+    # Without this gRPC binds with SO_REUSEPORT and a second worker on the
+    # same port would silently share it instead of failing.
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+)
+
+
+@dataclass
+class WorkerServer:
+    server: grpc.aio.Server
+    port: int
+    health: health_aio.HealthServicer
+
+
+def port_in_use(host: str, port: int) -> RbeeError:
+    return RbeeError(
+        "PORT_IN_USE",
+        f"port {port} is in use",
+        {"host": host, "port": port},
+        ["Pick another --port (the hive tries the next one by itself)"],
+    )
+
+
+def health_follows(status: WorkerStatus, health: health_aio.HealthServicer) -> None:
+    """SERVING while the model is loaded and requests are accepted; only
+    real flips are sent, so idle ⇄ busy costs nothing."""
+    current = {"serving": False}
+
+    def on_state(state: int) -> None:
+        serving = state in (IDLE, BUSY)
+        if serving == current["serving"]:
+            return
+        current["serving"] = serving
+        value = SERVING if serving else NOT_SERVING
+        loop = asyncio.get_running_loop()
+        for name in ("", SERVICE_NAME):
+            loop.create_task(health.set(name, value))
+
+    status.on_state(on_state)
+
+
+async def create_server(
+    servicer: InferenceServicer,
+    status: WorkerStatus,
+    api_key: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> WorkerServer:
+    """Bind and start; raises RbeeError(PORT_IN_USE) when the port is taken."""
+    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_key)], options=SERVER_OPTIONS)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    health = health_aio.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, NOT_SERVING)
+    health_follows(status, health)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise port_in_use(host, port) from exc
+    if not bound:
+        raise port_in_use(host, port)
+    await server.start()
+    return WorkerServer(server=server, port=bound, health=health)

