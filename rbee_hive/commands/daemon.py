@@ -1,7 +1,67 @@
-"""Placeholder: this command group is not built yet."""
+"""`rbee-hive daemon` (the node's persistent server) and `rbee-hive detect`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
 
 import typer
 
+from rbee.cli_common import EXIT_ERROR, print_error
+from rbee.errors import RbeeError
+
+ACTOR = "rbee-hive"
+
+
+def daemon(
+    port: int = typer.Option(None, "--port", help="Port of the gRPC server (default 7900; RBEE_HIVE_PORT)."),
+    host: str = typer.Option(None, "--host", help="Address to bind (default 127.0.0.1; RBEE_HIVE_HOST)."),
+    api_key: str = typer.Option(
+        None, "--api-key", help="Key every RPC but health requires (RBEE_HIVE_API_KEY keeps it out of ps)."
+    ),
+    worker_binary: Path = typer.Option(None, "--worker-binary", help="The worker program (default: llm-worker-rbee beside this Python)."),
+) -> None:
+    """Run the hive: preflight, worker spawning and supervision over gRPC. Stops its workers on SIGTERM."""
+    from rbee_hive.server import serve
+    from rbee_hive.settings import load_settings
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(port=port, host=host, api_key=api_key, worker_binary=worker_binary)
+        code = asyncio.run(serve(settings))
+    except RbeeError as err:
+        print_error(err, ACTOR)
+        raise typer.Exit(EXIT_ERROR) from None
+    raise typer.Exit(code)
+
+
+def detect_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print only the registry form, as JSON."),
+) -> None:
+    """Print the backends and device counts of this node (human and registry form)."""
+    from rbee_hive.detect import detect
+    from rbee_hive.resources import resource_source
+    from rbee_hive.settings import load_settings
+
+    try:
+        settings = load_settings()
+        detection = detect(resource_source(settings.resource_overrides))
+    except RbeeError as err:
+        print_error(err, ACTOR)
+        raise typer.Exit(EXIT_ERROR) from None
+    if as_json:
+        typer.echo(json.dumps(detection.registry_form()))
+        return
+    for line in detection.human_lines():
+        typer.echo(line)
+    typer.echo("")
+    for line in detection.registry_lines():
+        typer.echo(line)
+
 
 def register(app: typer.Typer) -> None:
-    """Adds nothing until the commands are built."""
+    app.command("daemon")(daemon)
+    app.command("detect")(detect_cmd)

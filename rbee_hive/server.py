@@ -1,0 +1,138 @@
+"""The hive daemon: one gRPC server with health, preflight, workers and the
+workers' callback; supervision; graceful SIGTERM (the worker cascade, S8)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import _async as health, health_pb2, health_pb2_grpc
+
+from rbee.auth import OPEN_SERVICES, ApiKeyInterceptor
+from rbee.errors import RbeeError
+from rbee.v1 import preflight_pb2_grpc, registry_pb2_grpc
+
+from rbee_hive.context import HiveContext, build_context
+from rbee_hive.logbook import LogBookHandler
+from rbee_hive.servicers.callback import WorkerCallbackServicer
+from rbee_hive.servicers.preflight import PreflightServicer
+from rbee_hive.servicers.workers import HiveWorkerServicer
+from rbee_hive.settings import HiveSettings
+
+log = logging.getLogger(__name__)
+
+# Workers prove themselves with their own callback key (checked by the servicer).
+CALLBACK_SERVICE = "/rbee.v1.WorkerCallbackService/"
+SERVER_STOP_GRACE_S = 5.0
+
+
+def add_core_services(server: grpc.aio.Server, ctx: HiveContext) -> None:
+    preflight_pb2_grpc.add_PreflightServiceServicer_to_server(PreflightServicer(ctx), server)
+    registry_pb2_grpc.add_HiveWorkerServiceServicer_to_server(HiveWorkerServicer(ctx), server)
+    registry_pb2_grpc.add_WorkerCallbackServiceServicer_to_server(WorkerCallbackServicer(ctx.manager), server)
+
+
+def add_extra_services(server: grpc.aio.Server, ctx: HiveContext) -> None:
+    """Services beyond the core ones (e.g. provisioning): one line each here."""
+
+
+def callback_host(bind_host: str) -> str:
+    """Where a local worker reaches the hive: a wildcard bind is reached on loopback."""
+    if bind_host in ("0.0.0.0", "", "[::]", "::"):
+        return "127.0.0.1"
+    return bind_host
+
+
+class HiveServer:
+    def __init__(self, ctx: HiveContext) -> None:
+        self.ctx = ctx
+        self.port = 0
+        self._health = health.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        settings = self.ctx.settings
+        key = settings.api_key_value()
+        if not key:
+            raise RbeeError(
+                "MISSING_API_KEY",
+                "rbee-hive needs an API key to serve",
+                {"setting": "api_key"},
+                ["Pass --api-key KEY, or set RBEE_HIVE_API_KEY, or api_key in the [hive] config section"],
+            )
+        server = grpc.aio.server(interceptors=[ApiKeyInterceptor(key, (*OPEN_SERVICES, CALLBACK_SERVICE))])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        add_core_services(server, self.ctx)
+        add_extra_services(server, self.ctx)
+        address = f"{settings.host}:{settings.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            raise RbeeError(
+                "PORT_IN_USE",
+                f"rbee-hive cannot listen on {address}: the port is in use",
+                {"address": address},
+                [f"Stop whatever listens on {address} (another rbee-hive?) or pass --port"],
+            )
+        host = callback_host(settings.host)
+        self.ctx.callback_address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        await server.start()
+        self._server = server
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.ctx.supervisor.start()
+        return self.port
+
+    async def stop(self) -> int:
+        """Graceful stop: refuse new spawns, stop every worker, then the server."""
+        ctx = self.ctx
+        ctx.status = "shutting_down"
+        await self._health.enter_graceful_shutdown()
+        await ctx.supervisor.stop()
+        results = await ctx.manager.shutdown_all()
+        await ctx.manager.close()
+        if self._server is not None:
+            await self._server.stop(SERVER_STOP_GRACE_S)
+        ctx.narrate("👋", "rbee-hive stopped")
+        ctx.logbook.close_all()
+        return len(results)
+
+
+async def serve(settings: HiveSettings) -> int:
+    ctx = build_context(settings)
+    handler = LogBookHandler(ctx.logbook)
+    logging.getLogger().addHandler(handler)
+    server = HiveServer(ctx)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        if len(received) == 1:
+            stop.set()
+        else:
+            ctx.narrate("⏳", f"{sig.name} again: still stopping workers (bounded by the shutdown grace)")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        port = await server.start()
+        ctx.narrate(
+            "🐝",
+            f"rbee-hive {ctx.version} (API {ctx.api_version}) listening on {settings.host}:{port}; "
+            f"worker ports {settings.worker_port_start}-{settings.worker_port_end}; logs in {settings.logs_dir}",
+        )
+        if settings.resource_overrides:
+            ctx.narrate("⚠️", f"Resource figures overridden by {settings.resource_overrides}", "warn")
+        await stop.wait()
+        ctx.narrate("🛑", f"{received[0]} received: shutting down")
+        await server.stop()
+        return 0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        logging.getLogger().removeHandler(handler)

@@ -1,0 +1,500 @@
+"""Worker lifecycle on one node (S7): preflight, spawn, the ready callback,
+exits and stops. The registry holds the workers that have called back; spawns
+still waiting for their first callback are kept apart."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rbee.auth import check_key, new_api_key
+from rbee.errors import RbeeError
+from rbee.narration import parse_line
+from rbee.v1 import common_pb2, registry_pb2
+
+from rbee_hive.detect import detect
+from rbee_hive.logbook import LogBook
+from rbee_hive.preflight import MB, check_worker, model_size
+from rbee_hive.resources import ResourceSource
+from rbee_hive.settings import HiveSettings
+from rbee_hive.workers.binary import WorkerBinaryResolver
+from rbee_hive.workers.client import WorkerClient
+from rbee_hive.workers.events import EventLog
+from rbee_hive.workers.ports import PortAllocator, port_is_free
+from rbee_hive.workers.process import ExitInfo, WorkerProcess
+from rbee_hive.workers.registry import READY_STATES, Registry, State, WorkerRecord, state_name
+
+log = logging.getLogger(__name__)
+
+EXIT_PORT_IN_USE = 3
+# Worker processes started for one spawn before giving up on port races.
+MAX_PORT_RETRIES = 5
+LOG_LINES_IN_ERRORS = 15
+
+Narrate = Callable[..., common_pb2.NarrationEvent]
+
+
+@dataclass(frozen=True)
+class SpawnSpec:
+    model_path: str
+    backend: str
+    device: int
+    model_ref: str = ""
+    slots: int = 0
+    worker_api_key: str = ""
+
+
+@dataclass(frozen=True)
+class StopResult:
+    worker_id: str
+    force_killed: bool
+    exit_code: int
+
+
+class WorkerManager:
+    def __init__(
+        self,
+        settings: HiveSettings,
+        registry: Registry,
+        resources: ResourceSource,
+        resolver: WorkerBinaryResolver,
+        logbook: LogBook,
+        narrate: Narrate,
+        callback_address: Callable[[], str],
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.resources = resources
+        self.resolver = resolver
+        self.logbook = logbook
+        self._narrate = narrate
+        self._callback_address = callback_address
+        self.ports = PortAllocator(settings.worker_host, settings.worker_port_start, settings.worker_port_end)
+        self._pending: dict[str, WorkerRecord] = {}
+        self._clients: dict[str, WorkerClient] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stops: dict[str, asyncio.Task[StopResult]] = {}
+        self.closing = False
+
+    # -- lookups --------------------------------------------------------------
+    def find(self, worker_id: str) -> WorkerRecord | None:
+        return self.registry.get(worker_id) or self._pending.get(worker_id)
+
+    def require(self, worker_id: str) -> WorkerRecord:
+        record = self.find(worker_id)
+        if record is None:
+            known = [w.id for w in self.registry.all()]
+            raise RbeeError(
+                "WORKER_NOT_FOUND",
+                f"No worker {worker_id!r} on this hive",
+                {"worker_id": worker_id, "known": ", ".join(known) or "none"},
+                ["List the workers with `rbee-keeper workers list`"],
+            )
+        return record
+
+    def everything(self) -> list[WorkerRecord]:
+        return [*self.registry.all(), *self._pending.values()]
+
+    def client(self, record: WorkerRecord) -> WorkerClient:
+        client = self._clients.get(record.id)
+        if client is None:
+            client = self._clients[record.id] = WorkerClient(record.address, record.api_key)
+        return client
+
+    # -- narration ------------------------------------------------------------
+    def _say(self, record: WorkerRecord | None, emoji: str, message: str, level: str = "info") -> None:
+        ev = self._narrate(emoji, message, level)
+        if record is not None:
+            record.events.narration(ev)
+
+    def _on_output(self, record: WorkerRecord, line: str) -> None:
+        self.logbook.write(record.id, line)
+        ev = parse_line(line)
+        if ev is not None:
+            record.events.narration(ev)
+
+    # -- spawn ----------------------------------------------------------------
+    async def preflight(self, spec: SpawnSpec, needs_download: bool = False, size: int | None = None):
+        """Backend, device, RAM, VRAM (and disk) for a model; raises the first failure."""
+        if size is None:
+            size = await asyncio.to_thread(model_size, Path(spec.model_path))
+        detection = await asyncio.to_thread(detect, self.resources)
+        res = await asyncio.to_thread(self.resources.snapshot, self.settings.models_dir)
+        return check_worker(detection, res, spec.backend, spec.device, size, needs_download), size
+
+    async def spawn(self, spec: SpawnSpec) -> WorkerRecord:
+        if self.closing:
+            raise RbeeError("UNAVAILABLE", "The hive is shutting down; not starting new workers", suggestions=["Try again once the hive is back"])
+        if not spec.model_path:
+            raise RbeeError("INVALID_ARGUMENT", "model_path is required", {"field": "model_path"}, ["Pass --model PATH"])
+        model_path = str(Path(spec.model_path).expanduser().absolute())
+        spec = SpawnSpec(model_path, spec.backend.strip().lower(), spec.device, spec.model_ref, spec.slots, spec.worker_api_key)
+        ref = spec.model_ref or f"file://{model_path}"
+        try:
+            checks, size = await self.preflight(spec)
+        except RbeeError as err:
+            self._say(None, "❌", f"Preflight refused {ref} on {spec.backend}:{spec.device}: {err.code}: {err.message}", "error")
+            raise
+        worker_id = f"worker-{uuid.uuid4().hex[:8]}"
+        record = WorkerRecord(
+            id=worker_id,
+            host=self.settings.worker_host,
+            port=0,
+            model_ref=ref,
+            model_path=model_path,
+            backend=spec.backend,
+            device=spec.device,
+            api_key=spec.worker_api_key or (self.settings.api_key_value() or ""),
+            callback_key=new_api_key(),
+            log_path=self.logbook.path_for(worker_id),
+            events=EventLog(),
+        )
+        summary = ", ".join(
+            f"{c.name} {c.required_mb} MB needed, {c.available_mb} MB available" if c.required_mb else c.name
+            for c in checks
+        )
+        self._say(record, "✅", f"Preflight passed for {ref} ({size / MB:.0f} MB) on {spec.backend}:{spec.device}: {summary}")
+        try:
+            program = await self.resolver.resolve(spec.backend, lambda *a, **k: self._say(record, *a, **k))
+        except RbeeError as err:
+            self._say(record, "❌", f"{err.message}", "error")
+            record.events.finish(err)
+            raise
+        self._pending[worker_id] = record
+        try:
+            await self._start_on_some_port(record, program, spec)
+        except BaseException as exc:
+            err = exc if isinstance(exc, RbeeError) else RbeeError("WORKER_STARTUP_FAILED", f"Spawn of {worker_id} interrupted: {exc!r}")
+            await self._abandon(record, err)
+            raise
+        return record
+
+    async def _start_on_some_port(self, record: WorkerRecord, program: Path, spec: SpawnSpec) -> None:
+        tried: list[int] = []
+        races = 0
+        for port in self.ports.candidates():
+            if self.closing or record.stopping:
+                raise RbeeError("UNAVAILABLE", "The hive is shutting down; spawn abandoned")
+            if not port_is_free(self.settings.worker_host, port):
+                tried.append(port)
+                self._say(record, "🔁", f"Port {port} is in use, trying port {port + 1}")
+                continue
+            self.ports.reserve(port)
+            record.port = port
+            if await self._launch(record, program, spec):
+                return
+            self.ports.release(port)
+            tried.append(port)
+            races += 1
+            self._say(record, "🔁", f"Port {port} was taken before {record.id} could bind it (PORT_IN_USE), trying port {port + 1}")
+            if races >= MAX_PORT_RETRIES:
+                break
+        raise self.ports.exhausted(tried)
+
+    def _worker_args(self, record: WorkerRecord, spec: SpawnSpec) -> list[str]:
+        args = [
+            "--model", record.model_path,
+            "--backend", record.backend,
+            "--device", str(record.device),
+            "--host", record.host,
+            "--port", str(record.port),
+            "--callback", self._callback_address(),
+            "--worker-id", record.id,
+            "--model-ref", record.model_ref,
+        ]  # fmt: skip
+        if spec.slots:
+            args += ["--slots", str(spec.slots)]
+        return args
+
+    async def _launch(self, record: WorkerRecord, program: Path, spec: SpawnSpec) -> bool:
+        """Start the process on record.port and wait for its first callback.
+        False when the port turned out to be taken; raises on any other failure."""
+        env = dict(os.environ)
+        # Keys travel in the environment, not on the command line (ps shows that).
+        env.update(RBEE_WORKER_API_KEY=record.api_key, RBEE_CALLBACK_API_KEY=record.callback_key, PYTHONUNBUFFERED="1")
+        if self.settings.home:
+            env["RBEE_HOME"] = str(self.settings.rbee_home)
+        self._say(
+            record,
+            "🚀",
+            f"Starting {program.name} {record.id} for {record.model_ref} on {record.backend}:{record.device}, "
+            f"port {record.port} (log: {record.log_path})",
+        )
+        self.logbook.write(record.id, f"# {program} {' '.join(self._worker_args(record, spec))}")
+        record.called_back.clear()
+        process = await WorkerProcess.start(program, self._worker_args(record, spec), env, lambda line: self._on_output(record, line))
+        record.process = process
+        exited = asyncio.ensure_future(process.wait())
+        called = asyncio.ensure_future(record.called_back.wait())
+        timeout = self.settings.callback_timeout.total_seconds()
+        try:
+            done, _ = await asyncio.wait({exited, called}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in (exited, called):
+                if not fut.done():
+                    fut.cancel()
+        if called in done and not (exited in done):
+            self._watch(record)
+            return True
+        if exited in done:
+            info = exited.result()
+            if info.returncode == EXIT_PORT_IN_USE or any("PORT_IN_USE" in line for line in process.tail(5)):
+                self.logbook.write(record.id, f"# port {record.port} in use, retrying on the next port")
+                return False
+            raise self.startup_error(record, info)
+        self._say(record, "⏰", f"{record.id} did not call back within {timeout:g}s; stopping it", "error")
+        await process.terminate(self.settings.kill_wait.total_seconds(), self.settings.kill_wait.total_seconds())
+        raise RbeeError(
+            "WORKER_STARTUP_FAILED",
+            f"Worker startup failed: {record.id} did not call back within {timeout:g}s",
+            self._failure_details(record, None),
+            self._failure_suggestions(record),
+        )
+
+    async def _abandon(self, record: WorkerRecord, err: RbeeError) -> None:
+        record.stopping = True
+        self._pending.pop(record.id, None)
+        self.registry.remove(record.id)
+        if record.process is not None and record.process.running:
+            await record.process.kill(self.settings.kill_wait.total_seconds())
+        if record.port:
+            self.ports.release(record.port)
+        self._say(record, "❌", f"Spawn of {record.id} failed: {err.code}: {err.message}", "error")
+        record.events.finish(err)
+        await self._drop_client(record.id)
+        self.logbook.close(record.id)
+
+    # -- errors ---------------------------------------------------------------
+    def _failure_details(self, record: WorkerRecord, info: ExitInfo | None) -> dict[str, Any]:
+        details: dict[str, Any] = {"worker_id": record.id, "log_path": str(record.log_path)}
+        if info is not None:
+            details.update(exit_code=info.returncode, runtime_s=f"{info.runtime_s:.1f}")
+            if info.signal_name:
+                details["signal"] = info.signal_name
+        if record.process is not None:
+            details["last_log_lines"] = "\n".join(record.process.tail(LOG_LINES_IN_ERRORS))
+        if record.failure is not None:
+            details["cause"] = f"{record.failure.code}: {record.failure.message}"
+        return details
+
+    def _failure_suggestions(self, record: WorkerRecord) -> list[str]:
+        return [
+            f"Read the worker's log on the node: {record.log_path}",
+            f"Or stream it: rbee-keeper logs --node NODE (worker {record.id})",
+        ]
+
+    def startup_error(self, record: WorkerRecord, info: ExitInfo) -> RbeeError:
+        if info.oom_killed:
+            return RbeeError(
+                "WORKER_OOM_KILLED",
+                f"Worker {record.id} was killed by the kernel's OOM killer while starting (out of memory)",
+                self._failure_details(record, info),
+                ["Free memory on the node (stop other workers) or use a smaller model", *self._failure_suggestions(record)],
+            )
+        window = self.settings.startup_window.total_seconds()
+        when = "crashed during startup" if info.runtime_s <= window else "exited before its model was loaded"
+        return RbeeError(
+            "WORKER_STARTUP_FAILED",
+            f"Worker startup failed: {record.id} {when} ({info.describe()} after {info.runtime_s:.1f}s)",
+            self._failure_details(record, info),
+            self._failure_suggestions(record),
+        )
+
+    # -- callbacks ------------------------------------------------------------
+    def report(self, request: registry_pb2.ReportWorkerRequest, invocation_metadata: Iterable[tuple[str, Any]] | None) -> None:
+        """A worker's ReportWorker: the first one registers it (S6.1)."""
+        info = request.worker
+        record = self.find(info.id)
+        if record is None:
+            raise RbeeError(
+                "WORKER_NOT_FOUND",
+                f"Worker {info.id!r} was not spawned by this hive",
+                {"worker_id": info.id},
+                ["Workers report to the hive that started them"],
+            )
+        auth_error = check_key(invocation_metadata, record.callback_key)
+        if auth_error is not None:
+            raise auth_error
+        if info.address and info.address != record.address:
+            log.warning("worker %s reports address %s, hive started it on %s", record.id, info.address, record.address)
+        if record.id in self._pending and not record.stopping:
+            del self._pending[record.id]
+            self.registry.add(record)
+            self._say(record, "📞", f"{record.id} called back from {record.address} (state {state_name(info.state or State.WORKER_STATE_LOADING)}); registered")
+        if info.slots_total:
+            record.slots_total = info.slots_total
+            record.slots_available = info.slots_available
+        if request.HasField("error") and request.error.code:
+            record.failure = RbeeError.from_detail(request.error)
+        self.set_state(record, info.state or State.WORKER_STATE_LOADING)
+        record.called_back.set()
+
+    def set_state(self, record: WorkerRecord, state: int) -> None:
+        previous = record.state
+        record.state = state
+        if state == State.WORKER_STATE_BUSY or previous == State.WORKER_STATE_BUSY:
+            record.touch()
+        if state in READY_STATES and not record.ready:
+            record.ready = True
+            record.touch()
+            self._say(record, "✅", f"{record.id} is ready on {record.address} ({record.model_ref}, {record.backend}:{record.device})")
+            record.events.worker(record.to_proto())
+            record.events.finish()
+        elif state != previous:
+            record.events.worker(record.to_proto())
+        if state == State.WORKER_STATE_FAILED and previous != state:
+            failure = record.failure
+            why = f": {failure.code}: {failure.message}" if failure else ""
+            self._say(record, "❌", f"{record.id} reports that loading failed{why}", "error")
+            self._spawn_task(self._reap_failed(record))
+        self.registry.changed.set()
+
+    async def _reap_failed(self, record: WorkerRecord) -> None:
+        """A worker that reported FAILED should exit by itself; make sure it does."""
+        if record.process is None:
+            return
+        wait = self.settings.kill_wait.total_seconds()
+        if await record.process.wait_for_exit(wait) is None:
+            self._say(record, "🔪", f"{record.id} failed but did not exit within {wait:g}s; stopping it", "warn")
+            await record.process.terminate(wait, wait)
+
+    # -- watching -------------------------------------------------------------
+    def _spawn_task(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _watch(self, record: WorkerRecord) -> None:
+        self._spawn_task(self._watch_exit(record))
+        self._spawn_task(self._relay_progress(record))
+
+    async def _relay_progress(self, record: WorkerRecord) -> None:
+        try:
+            async for msg in self.client(record).loading_progress():
+                if msg.HasField("progress"):
+                    record.events.progress(msg.progress)
+                if msg.state in READY_STATES:
+                    self.set_state(record, msg.state)
+                    return
+        except RbeeError as err:
+            # Exits and FAILED reports carry the story; this is only the progress feed.
+            log.info("loading progress of %s ended: %s", record.id, err)
+
+    async def _watch_exit(self, record: WorkerRecord) -> None:
+        assert record.process is not None
+        info = await record.process.wait()
+        self.ports.release(record.port)
+        self._pending.pop(record.id, None)
+        was_registered = self.registry.remove(record.id) is not None
+        await self._drop_client(record.id)
+        if record.stopping:
+            if not record.events.done:
+                record.events.finish(RbeeError("CANCELLED", f"{record.id} was stopped before it finished loading"))
+        elif not record.ready:
+            err = self.startup_error(record, info)
+            self._say(record, "💥", f"{err.message}", "error")
+            for line in record.process.tail(LOG_LINES_IN_ERRORS):
+                self._narrate("  ", f"{record.id} | {line}", "error")
+            record.events.finish(err)
+        else:
+            what = "was killed by the OOM killer" if info.oom_killed else f"died ({info.describe()})"
+            self._say(record, "💀", f"{record.id} {what}; removed from the registry" if was_registered else f"{record.id} {what}", "warn")
+        self.logbook.write(record.id, f"# {record.id} {info.describe()} after {info.runtime_s:.1f}s")
+        self.logbook.close(record.id)
+
+    async def _drop_client(self, worker_id: str) -> None:
+        client = self._clients.pop(worker_id, None)
+        if client is not None:
+            await client.close()
+
+    # -- stopping -------------------------------------------------------------
+    async def stop(self, worker_id: str, grace: float | None = None, reason: str = "requested") -> StopResult:
+        """Graceful shutdown, then force-kill after ``grace``; idempotent while running."""
+        record = self.require(worker_id)
+        running = self._stops.get(worker_id)
+        if running is None:
+            running = self._stops[worker_id] = asyncio.get_running_loop().create_task(self._stop(record, grace, reason))
+            running.add_done_callback(lambda _t: self._stops.pop(worker_id, None))
+        return await asyncio.shield(running)
+
+    async def _stop(self, record: WorkerRecord, grace: float | None, reason: str) -> StopResult:
+        grace = self.settings.shutdown_grace.total_seconds() if grace is None else grace
+        record.stopping = True
+        self.registry.changed.set()
+        process = record.process
+        if process is not None:
+            process.mark_stop_requested()
+        self._say(record, "👋", f"Shutting down {record.id} ({reason})")
+        if process is None or not process.running:
+            self.registry.remove(record.id)
+            self._pending.pop(record.id, None)
+            code = process.exit_info.returncode if process and process.exit_info else 0
+            return StopResult(record.id, False, code)
+        try:
+            await self.client(record).shutdown(int(grace), timeout=min(5.0, max(grace, 1.0)))
+        except RbeeError as err:
+            self._say(record, "⚠️", f"{record.id} did not take the shutdown request ({err.code}); it will be signalled", "warn")
+        self._say(record, "⏳", f"Waiting up to {grace:g}s for {record.id} (pid {process.pid}) to exit")
+        info = await process.wait_for_exit(grace)
+        forced = False
+        if info is None:
+            self._say(record, "🔪", f"{record.id} did not exit within {grace:g}s; force-killing its process tree", "warn")
+            info, forced = await process.kill(self.settings.kill_wait.total_seconds())
+        self.registry.remove(record.id)
+        self._pending.pop(record.id, None)
+        code = info.returncode if info else -9
+        self._say(record, "🛑", f"{record.id} terminated ({info.describe() if info else 'killed'})")
+        return StopResult(record.id, forced, code)
+
+    async def remove_unhealthy(self, record: WorkerRecord, failures: int) -> None:
+        record.stopping = True
+        self.registry.remove(record.id)
+        self._say(
+            record,
+            "💀",
+            f"{record.id} failed {failures} health checks in a row; removed from the registry, stopping its processes",
+            "warn",
+        )
+        if record.process is not None:
+            wait = self.settings.kill_wait.total_seconds()
+            info, forced = await record.process.terminate(wait, wait)
+            how = "force-killed" if forced else (info.describe() if info else "gone")
+            self._say(record, "🛑", f"{record.id} terminated ({how})")
+
+    async def shutdown_all(self) -> list[StopResult]:
+        """The SIGTERM cascade: every worker told to stop in parallel, each waited
+        for up to the grace, the rest force-killed; the registry cleared."""
+        self.closing = True
+        records = self.everything()
+        grace = self.settings.shutdown_grace.total_seconds()
+        if not records:
+            self._narrate("✅", "No workers to stop")
+            self.registry.clear()
+            return []
+        self._narrate("🛑", f"Shutting down {len(records)} worker(s): {', '.join(r.id for r in records)}")
+        self._narrate("⏳", f"Waiting up to {grace:g}s for each worker to exit")
+        results = await asyncio.gather(*(self.stop(r.id, grace, "hive shutting down") for r in records), return_exceptions=True)
+        done = [r for r in results if isinstance(r, StopResult)]
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, RbeeError):
+                log.error("stopping a worker failed: %r", r)
+        self.registry.clear()
+        self._pending.clear()
+        forced = sum(1 for r in done if r.force_killed)
+        self._narrate("✅", f"All workers terminated ({forced} force-killed); registry cleared")
+        return done
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        for worker_id in list(self._clients):
+            await self._drop_client(worker_id)
