@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.common",
     "tests.fixtures.worker",
+    "tests.fixtures.keeper",
 ]
