@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.common",
     "tests.fixtures.worker",
     "tests.fixtures.keeper",
+    "tests.fixtures.hive",
 ]
