@@ -11,11 +11,27 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+import re
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rbee.config import DEFAULT_HIVE_PORT, DEFAULT_WORKER_PORT_END, DEFAULT_WORKER_PORT_START, load_config, rbee_home
 from rbee.errors import RbeeError
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(value: Any) -> Any:
+    """Seconds as a number or text ("2.5"), or with a unit ("500ms", "30s", "5m", "1h").
+    Anything else is left to pydantic (ISO 8601 "PT30S", timedelta)."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2) or "s"])
+    return value
 
 
 class _ConfigFileSource(PydanticBaseSettingsSource):
@@ -64,6 +80,14 @@ class HiveSettings(BaseSettings):
     # Operator/test override of the resource figures (a JSON file, read on
     # every query). Leave unset in normal operation.
     resource_overrides: Path | None = None
+
+    @field_validator(
+        "startup_window", "callback_timeout", "health_interval", "health_timeout", "idle_timeout",
+        "shutdown_grace", "kill_wait", mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value)
 
     @model_validator(mode="after")
     def _check_range(self) -> "HiveSettings":

@@ -1,0 +1,78 @@
+import pytest
+"""WorkerProcess with real (small) processes: output capture, exits, trees."""
+
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+
+from rbee_hive.workers.process import WorkerProcess
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+PY = Path(sys.executable)
+
+
+async def start(code: str, lines: list[str]) -> WorkerProcess:
+    return await WorkerProcess.start(PY, ["-u", "-c", textwrap.dedent(code)], {"PATH": "/usr/bin:/bin"}, lines.append)
+
+
+async def test_output_is_captured_and_exit_described():
+    lines: list[str] = []
+    proc = await start("print('[llm-worker-rbee] 🌅 hi'); import sys; sys.exit(3)", lines)
+    info = await proc.wait()
+    assert info.returncode == 3 and not info.requested and not info.oom_killed
+    assert lines == ["[llm-worker-rbee] 🌅 hi"]
+    assert proc.tail() == lines
+    assert info.describe() == "exited with code 3"
+
+
+async def test_terminate_stops_the_whole_tree():
+    lines: list[str] = []
+    proc = await start(
+        """
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print(child.pid, flush=True)
+        time.sleep(600)
+        """,
+        lines,
+    )
+    while not lines:  # the child's pid is the first line
+        await proc.wait_for_exit(0.05)
+    child = psutil.Process(int(lines[0]))
+    info, forced = await proc.terminate(grace=10)
+    assert info is not None and info.returncode == -signal.SIGTERM and info.requested and not forced
+    assert child.wait(timeout=10) is not None or not child.is_running()
+    assert proc.alive_tree() == []
+
+
+async def test_a_process_that_ignores_sigterm_is_force_killed():
+    lines: list[str] = []
+    proc = await start(
+        """
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("ready", flush=True)
+        time.sleep(600)
+        """,
+        lines,
+    )
+    while not lines:
+        await proc.wait_for_exit(0.05)
+    info, forced = await proc.terminate(grace=0.5)
+    assert forced and info is not None and info.returncode == -signal.SIGKILL
+    assert info.describe() == "killed by SIGKILL"
+    assert not info.oom_killed  # the hive killed it, not the kernel
+
+
+async def test_a_stopped_process_still_terminates():
+    lines: list[str] = []
+    proc = await start("import time; print('up', flush=True); time.sleep(600)", lines)
+    while not lines:
+        await proc.wait_for_exit(0.05)
+    psutil.Process(proc.pid).suspend()  # SIGSTOP
+    info, forced = await proc.terminate(grace=10)
+    assert info is not None and info.returncode == -signal.SIGTERM and not forced
