@@ -1,0 +1,261 @@
+"""`rbee-keeper infer --worker` against real llm-worker-rbee processes (real vLLM).
+
+Engine starts (each 35-60 s) are kept to three for this module: the shared
+`real_worker`, one worker with a single slot (loading, busy, then killed)
+and one in-process vLLM engine as the reference for greedy output.
+
+Run as a program (``python -m tests.integration.test_keeper_infer --reference
+MODEL PROMPT MAX_TOKENS``) it prints that reference as JSON; vLLM spawns its
+engine processes, which is why this lives behind a __main__ guard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from rbee.errors import from_rpc_error
+from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from tests.fixtures.common import REPO, VENV_BIN, proc_env
+from tests.fixtures.worker import WorkerProcess, launch_worker
+
+pytestmark = pytest.mark.engine
+
+PROMPT = "Name three flowers that honey bees like."
+GREEDY_TOKENS = 40
+# With --ignore-eos: a stream that runs until it is stopped (prompt + this
+# stays inside the worker's 2048-token context).
+LONG = "1900"
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def stub_for(worker: WorkerProcess) -> tuple[grpc.Channel, inference_pb2_grpc.InferenceServiceStub]:
+    channel = grpc.insecure_channel(worker.address)
+    return channel, inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+def readiness(worker: WorkerProcess) -> inference_pb2.GetReadinessResponse:
+    channel, stub = stub_for(worker)
+    with channel:
+        return stub.GetReadiness(inference_pb2.GetReadinessRequest(), metadata=worker.metadata, timeout=10)
+
+
+def raw_generate(worker: WorkerProcess, **fields) -> tuple[list[int], str, inference_pb2.GenerateFinal]:
+    channel, stub = stub_for(worker)
+    ids: list[int] = []
+    text: list[str] = []
+    final = None
+    with channel:
+        for msg in stub.Generate(inference_pb2.GenerateRequest(**fields), metadata=worker.metadata, timeout=300):
+            if msg.HasField("delta"):
+                assert msg.delta.index == len(ids), "token indices must run without gaps"
+                ids.extend(msg.delta.token_ids)
+                text.append(msg.delta.text)
+            else:
+                final = msg.final
+    assert final is not None
+    return ids, "".join(text), final
+
+
+def infer_args(worker: WorkerProcess, *extra: str) -> list[str]:
+    return ["infer", "--worker", worker.address, "--prompt", PROMPT, *extra]
+
+
+def key_env(worker: WorkerProcess, **extra: str) -> dict[str, str]:
+    return {"RBEE_API_KEY": worker.api_key, **extra}
+
+
+# -- the reference: vLLM in-process -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(default_model: Path) -> dict:
+    """Greedy token ids and text straight from AsyncLLM (one engine start)."""
+    proc = subprocess.run(
+        [str(VENV_BIN / "python"), "-m", "tests.integration.test_keeper_infer", "--reference",
+         str(default_model), PROMPT, str(GREEDY_TOKENS)],
+        cwd=REPO, env=proc_env(VLLM_CPU_KVCACHE_SPACE="1"), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"reference engine failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _reference_main(model: str, prompt: str, max_tokens: int) -> None:
+    import asyncio
+
+    from transformers import AutoTokenizer
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
+    prompt_ids = [int(i) for i in (encoded["input_ids"] if hasattr(encoded, "keys") else encoded)]
+
+    async def generate() -> dict:
+        # The settings the worker documents for CPU: eager mode, 2048-token
+        # context, automatic dtype; greedy output depends on none of the others.
+        llm = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(
+                model=model, dtype="auto", max_model_len=2048, enforce_eager=True,
+                gpu_memory_utilization=0.3, disable_log_stats=True,
+            )
+        )
+        ids: list[int] = []
+        text: list[str] = []
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, output_kind=RequestOutputKind.DELTA)
+        try:
+            async for out in llm.generate({"prompt_token_ids": prompt_ids}, params, "reference"):
+                ids.extend(out.outputs[0].token_ids)
+                text.append(out.outputs[0].text)
+        finally:
+            llm.shutdown()
+        return {"prompt_ids": prompt_ids, "token_ids": ids, "text": "".join(text)}
+
+    print(json.dumps(asyncio.run(generate())), flush=True)
+
+
+# -- a worker of our own: one slot; loading, busy, then killed -----------------
+
+
+@pytest.fixture(scope="module")
+def solo_worker(default_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Started without waiting, so the first test sees it loading."""
+    worker = launch_worker(default_model, tmp_path_factory.mktemp("solo-worker"), slots=1, wait=False)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+def test_keeper_waits_for_a_loading_worker_then_streams(solo_worker, keeper):
+    # A loading budget of 1 s runs out while the engine starts (35 s and more).
+    early = keeper(*infer_args(solo_worker, "--connect-timeout", "120", "--loading-timeout", "1"),
+                   env=key_env(solo_worker))
+    assert early.finish() == 1, early.describe()
+    assert "❌ LOADING_TIMEOUT" in early.stderr and "log" in early.stderr, early.describe()
+    assert early.stdout == ""
+
+    patient = keeper(*infer_args(solo_worker, "--connect-timeout", "120", "--max-tokens", "8"),
+                     env=key_env(solo_worker))
+    assert patient.finish() == 0, patient.describe()
+    assert "is loading" in patient.stderr and "Model loaded" in patient.stderr, patient.describe()
+    assert patient.stdout.strip(), patient.describe()
+    assert "tokens/s" in patient.stderr.splitlines()[-1]
+
+
+def test_all_slots_busy_and_keeper_retries(solo_worker, keeper):
+    solo_worker.wait_loaded()
+    channel, stub = stub_for(solo_worker)
+    with channel:
+        holder = stub.Generate(
+            inference_pb2.GenerateRequest(request_id=f"hold-{uuid.uuid4().hex[:8]}", prompt=PROMPT,
+                                          max_tokens=int(LONG), temperature=0.0, ignore_eos=True),
+            metadata=solo_worker.metadata,
+        )
+        try:
+            first = next(holder)
+            assert first.HasField("delta")
+
+            # Raw: the second request is refused at once, with the figures.
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.Generate(inference_pb2.GenerateRequest(prompt=PROMPT, max_tokens=4),
+                                   metadata=solo_worker.metadata, timeout=30))
+            err = from_rpc_error(caught.value)
+            assert err.code == "ALL_SLOTS_BUSY"
+            assert err.details["slots_total"] == "1" and err.details["slots_busy"] == "1"
+
+            # Through the keeper: three narrated retries after 1, 2 and 4 s, then a failure with advice.
+            busy = keeper(*infer_args(solo_worker, "--max-tokens", "4"), env=key_env(solo_worker))
+            assert busy.finish() == 1, busy.describe()
+            retries = [line for line in busy.stderr.splitlines() if "is busy" in line]
+            assert len(retries) == 3, busy.describe()
+            for n, (line, delay) in enumerate(zip(retries, ("1s", "2s", "4s")), start=1):
+                assert "1/1 slots busy" in line and f"retry {n} of 3 in {delay}" in line
+            assert "❌ ALL_SLOTS_BUSY" in busy.stderr
+            assert "--slots" in busy.stderr and "another worker" in busy.stderr
+            assert busy.stdout == ""
+        finally:
+            holder.cancel()
+
+
+def test_worker_killed_mid_stream_leaves_a_partial_result(solo_worker, keeper, tmp_path):
+    solo_worker.wait_loaded()
+    run = keeper(*infer_args(solo_worker, "--max-tokens", LONG, "--ignore-eos", "--temperature", "0"),
+                 env=key_env(solo_worker))
+    run.wait_for_stdout(20)
+    solo_worker.kill()
+    assert run.finish() == 1, run.describe()
+    assert "closed unexpectedly" in run.stderr, run.describe()
+    line = next(l for l in run.stderr.splitlines() if "tokens generated:" in l)
+    generated, limit = line.split("tokens generated:")[1].split("/")
+    assert int(generated) > 0 and int(limit) == int(LONG)
+    saved_line = next(l for l in run.stderr.splitlines() if "partial result:" in l)
+    saved = Path(saved_line.split("partial result:")[1].strip())
+    assert saved.is_file() and saved.parent == tmp_path / "keeper" / "rbee" / "partial"
+    assert saved.read_text() == run.stdout != ""
+
+
+# -- the shared worker -----------------------------------------------------------
+
+
+def test_greedy_stream_matches_vllm_in_process(real_worker, reference, keeper):
+    ids, text, final = raw_generate(real_worker, request_id=f"greedy-{uuid.uuid4().hex[:8]}", prompt=PROMPT,
+                                    max_tokens=GREEDY_TOKENS, temperature=0.0)
+    assert final.prompt_tokens == len(reference["prompt_ids"])
+    assert ids == reference["token_ids"]
+    assert text == reference["text"]
+
+    run = keeper(*infer_args(real_worker, "--max-tokens", str(GREEDY_TOKENS), "--temperature", "0"),
+                 env=key_env(real_worker))
+    assert run.finish() == 0, run.describe()
+    assert run.stdout == reference["text"]
+    summary = run.stderr.strip().splitlines()[-1]
+    assert f"{len(reference['token_ids'])} tokens in" in summary and "tokens/s" in summary
+
+
+def test_ctrl_c_cancels_and_frees_the_slot(real_worker, keeper):
+    run = keeper(*infer_args(real_worker, "--max-tokens", "1500", "--ignore-eos"), env=key_env(real_worker))
+    run.wait_for_stdout(20)
+    run.send_signal(signal.SIGINT)
+    assert run.finish() == 130, run.describe()
+    assert "cancelling request" in run.stderr and "the worker confirmed" in run.stderr, run.describe()
+    ready = readiness(real_worker)
+    assert ready.state == common_pb2.WORKER_STATE_IDLE and ready.slots_busy == 0
+    assert "Traceback" not in run.stderr
+
+
+def test_wrong_key_names_the_host_and_the_key_source(real_worker, keeper):
+    run = keeper(*infer_args(real_worker), env={"RBEE_API_KEY": "not-" + real_worker.api_key})
+    assert run.finish() == 1
+    assert "❌ INVALID_API_KEY" in run.stderr
+    assert f"host: {real_worker.address}" in run.stderr and "key_from: RBEE_API_KEY" in run.stderr
+    assert real_worker.api_key not in run.stderr and run.stdout == ""
+
+
+def test_validation_needs_no_connection(keeper):
+    # Port 1 on loopback: nothing listens, so any attempt to connect would show.
+    run = keeper("infer", "--worker", "127.0.0.1:1", "--api-key", "k", "--prompt", "hi", "--max-tokens", "-4")
+    assert run.finish() == 1
+    assert "❌ INVALID_ARGUMENT: --max-tokens" in run.stderr
+    assert "Cannot reach" not in run.stderr and "Sending" not in run.stderr
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--reference":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        _reference_main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    else:
+        sys.exit("usage: python -m tests.integration.test_keeper_infer --reference MODEL PROMPT MAX_TOKENS")
