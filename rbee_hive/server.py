@@ -18,6 +18,7 @@ from rbee_hive.context import HiveContext, build_context
 from rbee_hive.logbook import LogBookHandler
 from rbee_hive.servicers.callback import WorkerCallbackServicer
 from rbee_hive.servicers.preflight import PreflightServicer
+from rbee_hive.servicers.provisioning import add_provisioning_service
 from rbee_hive.servicers.workers import HiveWorkerServicer
 from rbee_hive.settings import HiveSettings
 
@@ -36,6 +37,7 @@ def add_core_services(server: grpc.aio.Server, ctx: HiveContext) -> None:
 
 def add_extra_services(server: grpc.aio.Server, ctx: HiveContext) -> None:
     """Services beyond the core ones (e.g. provisioning): one line each here."""
+    add_provisioning_service(server, ctx)
 
 
 def callback_host(bind_host: str) -> str:

@@ -115,7 +115,7 @@ class ModelProvisioner:
                 narration=event("rbee-hive", "🤝", f"{ref} is already being downloaded; following that download")
             )
 
-        async for item in self.jobs.follow(str(ref), lambda report: self._acquire(ref, report), joined):
+        async for item in self.jobs.follow(str(ref), lambda report: self._acquire_narrated(ref, report), joined):
             if isinstance(item, ModelRecord):
                 record = item
             else:
@@ -150,6 +150,19 @@ class ModelProvisioner:
                 report.progress(p.stage, p.done, p.total, p.rate, p.message, p.unit)
         assert record is not None
         return record
+
+    async def _acquire_narrated(self, ref: ModelRef, report: Reporter) -> ModelRecord:
+        try:
+            return await self._acquire(ref, report)
+        except RbeeError as err:
+            # The daemon's log says why; the client gets the error itself.
+            if self.narrator is not None:
+                self.narrator("❌", f"{ref}: {err.code}: {err.message}", "error")
+            raise
+        except asyncio.CancelledError:
+            if self.narrator is not None:
+                self.narrator("⏸️", f"{ref}: download stopped (no client left); partial files kept for a retry")
+            raise
 
     async def _acquire(self, ref: ModelRef, report: Reporter) -> ModelRecord:
         existing = await asyncio.to_thread(self.catalog.get, ref.provider, ref.reference)

@@ -1,7 +1,284 @@
-"""Placeholder: this command group is not built yet."""
+"""`rbee-keeper models list|download|rm`: a hive's model catalog.
 
+The model reference is checked before anything is sent. Download progress is
+a bar on stderr (percent, size, speed) on a terminal and a line per second
+otherwise; narration goes to stderr too; the model's local path, the one
+result, to stdout.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime
+
+import grpc
 import typer
+from rich import filesize
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
+
+from rbee.channel import metadata, open_channel
+from rbee.config import DEFAULT_HIVE_PORT
+from rbee.errors import RbeeError, from_rpc_error
+from rbee.modelref import parse_model_ref
+from rbee.narration import format_line
+from rbee.v1 import common_pb2, provisioning_pb2, provisioning_pb2_grpc
+from rbee_keeper.common import ACTOR, explain_auth, resolve_api_key, run
+from rbee_keeper.render import narrator
+
+DEFAULT_HIVE = f"127.0.0.1:{DEFAULT_HIVE_PORT}"
+PROVIDERS = ("hf", "file")
+BACKENDS = ("cpu", "cuda", "metal")
+LINE_INTERVAL_S = 1.0
+
+models_app = typer.Typer(help="A hive's model catalog: list, download (with progress), remove.", no_args_is_help=True)
+
+HIVE_OPTION = typer.Option(DEFAULT_HIVE, "--hive", metavar="HOST:PORT", help="The rbee-hive to talk to.")
+KEY_OPTION = typer.Option(None, "--api-key", help="API key of the hive (else $RBEE_API_KEY, then the config file).")
+
+
+def _bad(message: str, details: dict[str, str], hint: str) -> RbeeError:
+    return RbeeError("INVALID_ARGUMENT", message, details, [hint])
+
+
+def validate_hive(address: str) -> str:
+    hint = f"Give the hive as HOST:PORT, e.g. --hive {DEFAULT_HIVE}"
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or any(c.isspace() for c in host):
+        raise _bad(f"--hive must be HOST:PORT (got {address!r})", {"option": "--hive", "value": address}, hint)
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise _bad(f"--hive has no valid port (got {address!r})", {"option": "--hive", "value": address}, hint)
+    return f"{host}:{int(port)}"
+
+
+class HiveModels:
+    """The ProvisioningService of one hive, with errors mapped back."""
+
+    def __init__(self, address: str, api_key: str, key_source: str) -> None:
+        self.address = address
+        self._key = api_key
+        self._source = key_source
+        self._channel = open_channel(address)
+        self.stub = provisioning_pb2_grpc.ProvisioningServiceStub(self._channel)
+
+    @property
+    def md(self) -> tuple[tuple[str, str], ...]:
+        return metadata(self._key)
+
+    def error(self, err: grpc.RpcError) -> RbeeError:
+        return explain_auth(from_rpc_error(err, self.address), self.address, self._source)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class DownloadView:
+    """Progress of a download: a live bar on a terminal, else a line at most
+    once a second (and at the end), so logs and pipes stay readable."""
+
+    def __init__(self, model: str, console: Console | None = None) -> None:
+        self.model = model
+        self.console = console if console is not None else Console(stderr=True, highlight=False)
+        self.narrate = narrator(sys.stderr)
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
+        self._last_line = 0.0
+        self._last_stage = ""
+
+    @staticmethod
+    def figures(p: common_pb2.ProgressEvent) -> str:
+        size = f"{filesize.decimal(p.done)} / {filesize.decimal(p.total)}" if p.total else filesize.decimal(p.done)
+        percent = f"{100.0 * p.done / p.total:5.1f}% " if p.total else ""
+        return f"{percent}{size} · {filesize.decimal(int(p.rate))}/s"
+
+    def narration(self, ev: common_pb2.NarrationEvent) -> None:
+        if self._bar is not None:
+            self._bar.console.print(format_line(ev), markup=False, highlight=False)
+        else:
+            self.narrate.emit(ev)
+
+    def progress(self, p: common_pb2.ProgressEvent) -> None:
+        if self.console.is_terminal:
+            self._update_bar(p)
+            return
+        now = time.monotonic()
+        complete = p.total and p.done >= p.total
+        if now - self._last_line >= LINE_INTERVAL_S or p.stage != self._last_stage or complete:
+            self._last_line = now
+            self._last_stage = p.stage
+            what = f" {p.message}" if p.message and p.message != "complete" else ""
+            self.narrate("⏬", f"{p.stage or 'download'}{what}: {self.figures(p)}")
+
+    def _update_bar(self, p: common_pb2.ProgressEvent) -> None:
+        if self._bar is None:
+            self._bar = Progress(
+                TextColumn(f"[{ACTOR}] ⏬ {self.model}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[size]}"),
+                TextColumn("{task.fields[speed]}"),
+                TextColumn("{task.description}"),
+                console=self.console,
+                transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("", total=None, size="", speed="")
+        assert self._task is not None
+        size = f"{filesize.decimal(p.done)}/{filesize.decimal(p.total)}" if p.total else filesize.decimal(p.done)
+        self._bar.update(
+            self._task,
+            completed=p.done,
+            total=p.total or None,
+            size=size,
+            speed=f"{filesize.decimal(int(p.rate))}/s",
+            description=p.message if p.message != "complete" else "",
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+async def _download(address: str, model: str, backend: str | None, api_key: str, key_source: str) -> int:
+    hive = HiveModels(address, api_key, key_source)
+    view = DownloadView(model)
+    entry: provisioning_pb2.ModelEntry | None = None
+    try:
+        request = provisioning_pb2.DownloadModelRequest(model_ref=model, backend=backend or "")
+        try:
+            async for msg in hive.stub.DownloadModel(request, metadata=hive.md):
+                if msg.HasField("model"):
+                    entry = msg.model
+                elif msg.event.HasField("narration"):
+                    view.narration(msg.event.narration)
+                elif msg.event.HasField("progress"):
+                    view.progress(msg.event.progress)
+        except grpc.RpcError as err:
+            raise hive.error(err) from None
+    finally:
+        view.close()
+        await hive.close()
+    if entry is None:
+        raise RbeeError(
+            "STREAM_BROKEN",
+            f"{address} ended the download of {model} without a result",
+            {"hive": address, "model": model},
+            ["Run the download again; it resumes where it stopped"],
+        )
+    path = entry.loadable_path or entry.local_path
+    view.narrate("✅", f"{entry.model_ref} on {address}: {filesize.decimal(entry.size_bytes)}, {entry.format}, {path}")
+    typer.echo(path)
+    return 0
+
+
+async def _list(address: str, provider: str | None, api_key: str, key_source: str) -> int:
+    hive = HiveModels(address, api_key, key_source)
+    try:
+        reply = await hive.stub.ListModels(provisioning_pb2.ListModelsRequest(provider=provider or ""), metadata=hive.md)
+    except grpc.RpcError as err:
+        raise hive.error(err) from None
+    finally:
+        await hive.close()
+    if not reply.models:
+        narrator(sys.stderr)("📭", f"No models on {address}" + (f" from provider {provider}" if provider else ""))
+        return 0
+    rows = [("MODEL", "FORMAT", "SIZE", "DOWNLOADED", "PATH")]
+    for m in reply.models:
+        when = datetime.fromtimestamp(m.downloaded_at_unix).strftime("%Y-%m-%d %H:%M") if m.downloaded_at_unix else "-"
+        rows.append((m.model_ref, m.format, filesize.decimal(m.size_bytes), when, m.local_path))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+async def _remove(address: str, model: str, api_key: str, key_source: str) -> int:
+    hive = HiveModels(address, api_key, key_source)
+    try:
+        reply = await hive.stub.RemoveModel(provisioning_pb2.RemoveModelRequest(model_ref=model), metadata=hive.md)
+    except grpc.RpcError as err:
+        raise hive.error(err) from None
+    finally:
+        await hive.close()
+    narrator(sys.stderr)(
+        "🗑️", f"Removed {reply.removed.model_ref} from {address} ({filesize.decimal(reply.removed.size_bytes)} freed)"
+    )
+    return 0
+
+
+def _backend(value: str | None) -> str | None:
+    if value is None:
+        return None
+    name = value.strip().lower()
+    if name not in BACKENDS:
+        raise RbeeError(
+            "INVALID_BACKEND",
+            f"Unknown backend {value!r}: choose one of {', '.join(BACKENDS)}",
+            {"backend": value, "accepted": ", ".join(BACKENDS)},
+            ["Pass --backend cpu, --backend cuda or --backend metal"],
+        )
+    return name
+
+
+@models_app.command("download")
+def download(
+    model: str = typer.Argument(..., metavar="MODEL", help="hf:ORG/REPO[/FILE][@REVISION] or file:///abs/path"),
+    hive: str = HIVE_OPTION,
+    backend: str = typer.Option(None, "--backend", help="Prepare the model for this backend's engine (imports GGUF for cpu)."),
+    api_key: str = KEY_OPTION,
+) -> None:
+    """Download a model onto the hive's node (progress on stderr, path on stdout)."""
+
+    async def main() -> int:
+        parse_model_ref(model)
+        address = validate_hive(hive)
+        chosen = _backend(backend)
+        key, source = resolve_api_key(api_key, address)
+        return await _download(address, model, chosen, key, source)
+
+    run(main())
+
+
+@models_app.command("list")
+def list_models(
+    hive: str = HIVE_OPTION,
+    provider: str = typer.Option(None, "--provider", help="Only models from this provider: hf or file."),
+    api_key: str = KEY_OPTION,
+) -> None:
+    """List the models in the hive's catalog."""
+
+    async def main() -> int:
+        address = validate_hive(hive)
+        if provider is not None and provider.strip().lower() not in PROVIDERS:
+            raise _bad(
+                f"--provider must be one of {', '.join(PROVIDERS)} (got {provider!r})",
+                {"option": "--provider", "value": provider},
+                "Pass --provider hf or --provider file",
+            )
+        key, source = resolve_api_key(api_key, address)
+        return await _list(address, provider.strip().lower() if provider else None, key, source)
+
+    run(main())
+
+
+@models_app.command("rm")
+def remove(
+    model: str = typer.Argument(..., metavar="MODEL", help="The model reference, as listed."),
+    hive: str = HIVE_OPTION,
+    api_key: str = KEY_OPTION,
+) -> None:
+    """Remove a model from the hive's catalog and delete its files."""
+
+    async def main() -> int:
+        parse_model_ref(model)
+        address = validate_hive(hive)
+        key, source = resolve_api_key(api_key, address)
+        return await _remove(address, model, key, source)
+
+    run(main())
 
 
 def register(app: typer.Typer) -> None:
-    """Adds nothing until the commands are built."""
+    app.add_typer(models_app, name="models")

@@ -1,0 +1,166 @@
+"""ProvisioningService: the node's model catalog and worker environments."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from rbee.errors import RbeeError
+from rbee.narration import Narrator
+from rbee.rpc import handle_errors
+from rbee.v1 import common_pb2, provisioning_pb2, provisioning_pb2_grpc
+from rbee_hive.catalog.models import ModelCatalog, ModelRecord
+from rbee_hive.catalog.workers import WorkerCatalog, WorkerEnvRecord
+from rbee_hive.provisioner.engines import validate_backend
+from rbee_hive.provisioner.events import Reporter
+from rbee_hive.provisioner.models import ModelProvisioner
+from rbee_hive.provisioner.resolver import ProvisioningResolver
+from rbee_hive.provisioner.settings import DownloadSettings
+from rbee_hive.provisioner.workers import WorkerProvisioner
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = ("hf", "file")
+
+
+def _flat(metadata: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in metadata.items():
+        if key == "gguf" and isinstance(value, dict):
+            out.update({f"gguf.{k}": str(v) for k, v in value.items()})
+        elif isinstance(value, str):
+            out[key] = value
+        else:
+            out[key] = json.dumps(value, sort_keys=True)
+    return out
+
+
+def model_entry(record: ModelRecord, loadable: Path | None = None) -> provisioning_pb2.ModelEntry:
+    return provisioning_pb2.ModelEntry(
+        id=record.id,
+        provider=record.provider,
+        reference=record.reference,
+        model_ref=record.model_ref,
+        local_path=record.local_path,
+        size_bytes=record.size_bytes,
+        format=record.format,
+        metadata=_flat(record.metadata),
+        downloaded_at_unix=record.downloaded_at_unix,
+        loadable_path=str(loadable) if loadable else "",
+    )
+
+
+def worker_environment(record: WorkerEnvRecord) -> provisioning_pb2.WorkerEnvironment:
+    return provisioning_pb2.WorkerEnvironment(
+        id=record.id,
+        worker_type=record.worker_type,
+        backend=record.backend,
+        features=record.features,
+        path=record.path,
+        binary_path=str(record.binary),
+        version=record.version,
+        engine=record.engine,
+        source=record.source,
+        installed_at_unix=record.installed_at_unix,
+    )
+
+
+class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):
+    def __init__(self, models: ModelProvisioner, workers: WorkerProvisioner, narrator: Narrator | None = None) -> None:
+        self.models = models
+        self.workers = workers
+        self.narrator = narrator
+
+    @handle_errors
+    async def DownloadModel(self, request: provisioning_pb2.DownloadModelRequest, context: grpc.aio.ServicerContext):
+        backend = validate_backend(request.backend) if request.backend else ""
+        async for item in self.models.download(request.model_ref, backend):
+            if isinstance(item, ModelRecord):
+                loadable = self.models.loadable_path(item, backend) if backend else None
+                yield provisioning_pb2.DownloadModelResponse(model=model_entry(item, loadable))
+            else:
+                yield provisioning_pb2.DownloadModelResponse(event=item)
+
+    @handle_errors
+    async def ListModels(self, request: provisioning_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
+        provider = request.provider.strip().lower()
+        if provider and provider not in PROVIDERS:
+            raise RbeeError(
+                "INVALID_ARGUMENT",
+                f"Unknown provider '{request.provider}'",
+                {"provider": request.provider, "accepted": ", ".join(PROVIDERS)},
+            )
+        records = await self.models.list(provider or None)
+        return provisioning_pb2.ListModelsResponse(models=[model_entry(r) for r in records])
+
+    @handle_errors
+    async def RemoveModel(self, request: provisioning_pb2.RemoveModelRequest, context: grpc.aio.ServicerContext):
+        record = await self.models.remove(request.model_ref)
+        return provisioning_pb2.RemoveModelResponse(removed=model_entry(record))
+
+    @handle_errors
+    async def ListWorkerEnvironments(
+        self, request: provisioning_pb2.ListWorkerEnvironmentsRequest, context: grpc.aio.ServicerContext
+    ):
+        records = await asyncio.to_thread(self.workers.list, request.backend or None)
+        return provisioning_pb2.ListWorkerEnvironmentsResponse(environments=[worker_environment(r) for r in records])
+
+    @handle_errors
+    async def ProvisionWorker(self, request: provisioning_pb2.ProvisionWorkerRequest, context: grpc.aio.ServicerContext):
+        queue: asyncio.Queue[common_pb2.Event | None] = asyncio.Queue()
+        report = Reporter(self.narrator)
+        report.add_listener(queue.put_nowait)
+        task = asyncio.create_task(
+            self.workers.provision(request.backend, report, request.source or None, request.force)
+        )
+        task.add_done_callback(lambda _t: queue.put_nowait(None))
+        # A client that goes away does not stop an install half-way through
+        # (that would leave a broken environment): the task runs to its end.
+        while (ev := await queue.get()) is not None:
+            yield provisioning_pb2.ProvisionWorkerResponse(event=ev)
+        record = task.result()
+        yield provisioning_pb2.ProvisionWorkerResponse(environment=worker_environment(record))
+
+
+@dataclass
+class Provisioning:
+    """The provisioning parts of one hive."""
+
+    models: ModelProvisioner
+    workers: WorkerProvisioner
+    resolver: ProvisioningResolver
+    servicer: ProvisioningServicer
+
+    def close(self) -> None:
+        self.models.catalog.close()
+        self.workers.catalog.close()
+
+
+def build_provisioning(
+    home: Path,
+    narrator: Narrator | None = None,
+    settings: DownloadSettings | None = None,
+    source: Path | None = None,
+) -> Provisioning:
+    home = Path(home)
+    models = ModelProvisioner(ModelCatalog(home / "models.db"), home / "models", settings, narrator)
+    workers = WorkerProvisioner(WorkerCatalog(home / "workers.db"), home, source=source)
+    return Provisioning(models, workers, ProvisioningResolver(workers), ProvisioningServicer(models, workers, narrator))
+
+
+def add_provisioning_service(server: grpc.aio.Server, ctx: Any) -> Provisioning:
+    """Register the service on the hive's server and let spawns resolve the
+    worker program through the worker-environments catalog (unless the
+    operator configured a worker binary explicitly)."""
+    prov = build_provisioning(ctx.settings.rbee_home, ctx.narrate)
+    provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(prov.servicer, server)
+    if getattr(ctx.settings, "worker_binary", None) is None:
+        ctx.manager.resolver = prov.resolver
+    ctx.provisioning = prov
+    return prov
