@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.worker",
     "tests.fixtures.keeper",
     "tests.fixtures.hive",
+    "tests.fixtures.models",
 ]

@@ -65,7 +65,7 @@ class Repo:
 class Fault:
     """What happens to one body request. ``at`` is an absolute file offset."""
 
-    kind: str  # "cut", "stall", "hold", "corrupt", "status"
+    kind: str  # "cut", "stall", "hold", "corrupt", "short", "status"
     at: int = 0
     status: int = 500
     times: int | None = 1  # None: every request
@@ -111,6 +111,8 @@ class HubServer:
         self.records: list[Record] = []
         self.events: list[tuple[str, str, int, float]] = []  # (kind, file, offset, monotonic)
         self._faults: dict[tuple[str, str], deque[Fault]] = {}
+        # Every fault ever queued, so that stop() releases held connections.
+        self._all_faults: list[Fault] = []
         self._lock = threading.Lock()
         self.stopping = threading.Event()
         self._servers: list[ThreadingHTTPServer] = []
@@ -133,9 +135,8 @@ class HubServer:
     def stop(self) -> None:
         self.stopping.set()
         with self._lock:
-            for queue in self._faults.values():
-                for fault in queue:
-                    fault.release.set()
+            for fault in self._all_faults:
+                fault.release.set()
         for server in self._servers:
             server.shutdown()
             server.server_close()
@@ -188,6 +189,7 @@ class HubServer:
     def add_fault(self, repo_id: str, name: str, fault: Fault) -> Fault:
         with self._lock:
             self._faults.setdefault((repo_id, name), deque()).append(fault)
+            self._all_faults.append(fault)
         return fault
 
     def cut_at(self, repo_id: str, name: str, at: int, times: int | None = 1) -> Fault:
@@ -202,14 +204,17 @@ class HubServer:
     def corrupt_once(self, repo_id: str, name: str, times: int | None = 1) -> Fault:
         return self.add_fault(repo_id, name, Fault("corrupt", times=times))
 
+    def short_once(self, repo_id: str, name: str, times: int | None = 1) -> Fault:
+        """A complete response one byte short of the file (a size mismatch)."""
+        return self.add_fault(repo_id, name, Fault("short", times=times))
+
     def status_once(self, repo_id: str, name: str, status: int, times: int | None = 1) -> Fault:
         return self.add_fault(repo_id, name, Fault("status", status=status, times=times))
 
     def clear_faults(self) -> None:
         with self._lock:
-            for queue in self._faults.values():
-                for fault in queue:
-                    fault.release.set()
+            for fault in self._all_faults:
+                fault.release.set()
             self._faults.clear()
 
     def _take_fault(self, repo_id: str, name: str) -> Fault | None:
@@ -465,12 +470,14 @@ class _Handler(BaseHTTPRequestHandler):
             if m.group(2):
                 end = min(int(m.group(2)), f.size - 1)
             status = 206
-        length = end - start + 1
         fault = self.hub._take_fault(repo_id, f.path) if method == "GET" else None
         if fault is not None and fault.kind == "status":
             self._fault_name = "status"
             self._error(fault.status, None, f"injected {fault.status}")
             return
+        if fault is not None and fault.kind == "short":
+            end = max(start, end - 1)
+        length = end - start + 1
         headers = {
             "Content-Type": "application/octet-stream",
             "Content-Length": str(length),
@@ -488,6 +495,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._sent = self.connection.sendfile(fh, start, length)
                 return
             fh.seek(start)
+            if fault.kind == "short":
+                self._copy(fh, length)
+                return
             if fault.kind == "corrupt":
                 self._write_corrupt(fh, start, length)
                 return
@@ -499,14 +509,12 @@ class _Handler(BaseHTTPRequestHandler):
             elif fault.kind == "stall":
                 self.hub._event("stall", f.path, stop)
                 fault.reached.set()
-                while not (fault.release.is_set() or self.hub.stopping.is_set()):
-                    fault.release.wait(0.2)
+                fault.release.wait()
                 self._cut()
             elif fault.kind == "hold":
                 self.hub._event("hold", f.path, stop)
                 fault.reached.set()
-                while not (fault.release.is_set() or self.hub.stopping.is_set()):
-                    fault.release.wait(0.2)
+                fault.release.wait()
                 if self.hub.stopping.is_set():
                     self._cut()
                     return
