@@ -1,7 +1,187 @@
-"""Placeholder: this command group is not built yet."""
+"""`rbee-keeper workers list|health|shutdown|spawn`: a hive's workers, reached
+directly with --hive HOST:PORT."""
+
+from __future__ import annotations
+
+import json
+import sys
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from rbee.errors import RbeeError
+from rbee.v1 import common_pb2, registry_pb2
+
+from rbee_keeper.common import resolve_api_key, run
+from rbee_keeper.hive_client import HiveClient, parse_hive_address
+from rbee_keeper.render import LoadingView, narrator
+from rbee_keeper.validation import validate_backend, validate_device
+
+workers_app = typer.Typer(help="Workers of a hive: list, health, shutdown, spawn.", no_args_is_help=True)
+
+HIVE_HELP = "The hive as HOST:PORT (e.g. 127.0.0.1:7900)."
+KEY_HELP = "API key of the hive (or RBEE_API_KEY, or [keeper] api_key in the config file)."
+STATES = {name.removeprefix("WORKER_STATE_").lower(): value for name, value in common_pb2.WorkerState.items() if value}
+
+
+def _state(value: int) -> str:
+    return common_pb2.WorkerState.Name(value).removeprefix("WORKER_STATE_").lower()
+
+
+def _client(hive: str, api_key: str | None) -> HiveClient:
+    address = parse_hive_address(hive)
+    key, source = resolve_api_key(api_key, address)
+    return HiveClient(address, key, source)
+
+
+def _worker_dict(w: common_pb2.WorkerInfo) -> dict:
+    return {
+        "id": w.id,
+        "state": _state(w.state),
+        "model_ref": w.model_ref,
+        "backend": w.backend,
+        "device": w.device,
+        "address": w.address,
+        "slots_total": w.slots_total,
+        "slots_available": w.slots_available,
+        "pid": w.pid,
+    }
+
+
+@workers_app.command("list")
+def list_cmd(
+    hive: str = typer.Option(..., "--hive", help=HIVE_HELP),
+    api_key: str = typer.Option(None, "--api-key", help=KEY_HELP),
+    model: str = typer.Option("", "--model", help="Only workers serving this model ref."),
+    state: str = typer.Option("", "--state", help=f"Only workers in this state ({', '.join(STATES)})."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per worker."),
+) -> None:
+    """The hive's registered workers."""
+
+    async def go() -> int:
+        wanted = 0
+        if state:
+            if state.lower() not in STATES:
+                raise RbeeError(
+                    "INVALID_ARGUMENT",
+                    f"Unknown state {state!r}: choose one of {', '.join(STATES)}",
+                    {"option": "--state"},
+                    [f"Pass --state {next(iter(STATES))}"],
+                )
+            wanted = STATES[state.lower()]
+        async with _client(hive, api_key) as client:
+            workers = await client.list(model, wanted)
+        if as_json:
+            for w in workers:
+                print(json.dumps(_worker_dict(w)))
+            return 0
+        if not workers:
+            narrator()("📭", f"No workers on {client.address}")
+            return 0
+        table = Table("ID", "STATE", "MODEL", "BACKEND", "ADDRESS", "SLOTS FREE", "PID")
+        for w in workers:
+            table.add_row(w.id, _state(w.state), w.model_ref, f"{w.backend}:{w.device}", w.address, f"{w.slots_available}/{w.slots_total}", str(w.pid))
+        Console(highlight=False, width=200).print(table)
+        return 0
+
+    run(go())
+
+
+@workers_app.command("health")
+def health_cmd(
+    hive: str = typer.Option(..., "--hive", help=HIVE_HELP),
+    api_key: str = typer.Option(None, "--api-key", help=KEY_HELP),
+    worker_id: str = typer.Option("", "--id", help="Only this worker."),
+) -> None:
+    """Ask the hive to health-check its workers now. Exit 1 when one does not answer."""
+
+    async def go() -> int:
+        async with _client(hive, api_key) as client:
+            hive_health = await client.hive_health()
+            results = await client.health(worker_id)
+        say = narrator()
+        say("🐝", f"Hive {client.address}: {hive_health.status}, version {hive_health.version} (API {hive_health.api_version}), {hive_health.workers} worker(s)")
+        bad = 0
+        for h in results:
+            w = h.worker
+            if h.reachable:
+                print(f"✅ {w.id} {w.address} {_state(w.state)} health={h.status} {h.latency_ms}ms")
+            else:
+                bad += 1
+                print(f"❌ {w.id} {w.address} {_state(w.state)} unreachable ({h.status}); failed checks in a row: {h.consecutive_failures + 1}")
+        if not results:
+            say("📭", "No workers to check")
+        return 1 if bad else 0
+
+    run(go())
+
+
+@workers_app.command("shutdown")
+def shutdown_cmd(
+    hive: str = typer.Option(..., "--hive", help=HIVE_HELP),
+    api_key: str = typer.Option(None, "--api-key", help=KEY_HELP),
+    worker_id: str = typer.Option(..., "--id", help="The worker to stop (see `workers list`)."),
+    timeout: int = typer.Option(0, "--timeout", min=0, help="Seconds to let it drain before it is force-killed (0 = the hive's 30 s)."),
+) -> None:
+    """Gracefully stop one worker (force-killed if it does not exit in time)."""
+
+    async def go() -> int:
+        say = narrator()
+        async with _client(hive, api_key) as client:
+            say("👋", f"Asking {client.address} to shut down {worker_id}")
+            result = await client.shutdown(worker_id, timeout)
+        how = "force-killed" if result.force_killed else f"exited with code {result.exit_code}"
+        say("🛑", f"{result.worker_id} stopped ({how})")
+        return 0
+
+    run(go())
+
+
+@workers_app.command("spawn")
+def spawn_cmd(
+    hive: str = typer.Option(..., "--hive", help=HIVE_HELP),
+    api_key: str = typer.Option(None, "--api-key", help=KEY_HELP),
+    model: str = typer.Option(..., "--model", help="Model folder on the hive's node."),
+    backend: str = typer.Option("cpu", "--backend", help="cpu, cuda or metal (never changed for you)."),
+    device: str = typer.Option("0", "--device", help="Device index on that backend."),
+    model_ref: str = typer.Option("", "--model-ref", help="Name shown in listings (default file://PATH)."),
+    slots: int = typer.Option(0, "--slots", min=0, help="Concurrent requests (0 = the worker's default)."),
+    follow: bool = typer.Option(True, "--follow/--no-follow", help="Show narration and loading progress until loaded."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the spawn and the loading."),
+) -> None:
+    """Start a worker on a hive; prints `ID ADDRESS` on stdout once it is loaded."""
+
+    async def go() -> int:
+        b = validate_backend(backend)
+        d = validate_device(device)
+        say = narrator()
+        request = registry_pb2.SpawnWorkerRequest(model_path=model, backend=b or "cpu", device=d or 0, model_ref=model_ref, slots=slots)
+        async with _client(hive, api_key) as client:
+            say("🚀", f"Asking {client.address} to start a worker for {model_ref or model} on {request.backend}:{request.device}")
+            reply = await client.spawn(request, timeout)
+            worker = reply.worker
+            say("📞", f"{worker.id} is up on {worker.address} (state {_state(worker.state)}); log on the node: {reply.log_path}")
+            if follow:
+                view = LoadingView(worker.id, say)
+                try:
+                    async for item in client.follow(worker.id):
+                        kind = item.WhichOneof("kind")
+                        if kind == "narration":
+                            view.narration(item.narration)
+                        elif kind == "progress":
+                            view.update(item.progress)
+                        elif kind == "worker":
+                            worker = item.worker
+                finally:
+                    view.close()
+                say("✅", f"{worker.id} is {_state(worker.state)} on {worker.address}")
+        print(f"{worker.id} {worker.address}")
+        sys.stdout.flush()
+        return 0
+
+    run(go())
 
 
 def register(app: typer.Typer) -> None:
-    """Adds nothing until the commands are built."""
+    app.add_typer(workers_app, name="workers")
