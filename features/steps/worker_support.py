@@ -1,0 +1,107 @@
+"""Plain gRPC helpers the worker step modules share (blocking API: steps are
+synchronous)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rbee.errors import RbeeError, from_rpc_error
+from rbee.v1 import inference_pb2, inference_pb2_grpc
+from tests.fixtures.worker import WorkerProcess
+
+PROMPT = "Tell me about the life of a worker bee."
+# Generous bounds for waits on a shared, busy machine; never asserted as speed.
+SETTLE_S = 60.0
+
+
+def stub(worker: WorkerProcess) -> tuple[grpc.Channel, inference_pb2_grpc.InferenceServiceStub]:
+    channel = grpc.insecure_channel(worker.address)
+    return channel, inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+def readiness(worker: WorkerProcess, metadata=None, wait_for_ready: bool = False) -> inference_pb2.GetReadinessResponse:
+    channel, s = stub(worker)
+    with channel:
+        return s.GetReadiness(
+            inference_pb2.GetReadinessRequest(),
+            metadata=worker.metadata if metadata is None else metadata,
+            timeout=SETTLE_S if wait_for_ready else 10,
+            wait_for_ready=wait_for_ready,
+        )
+
+
+def health(worker: WorkerProcess, wait_for_ready: bool = False) -> int:
+    with grpc.insecure_channel(worker.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=SETTLE_S if wait_for_ready else 10,
+            wait_for_ready=wait_for_ready,
+        )
+    return reply.status
+
+
+def rpc_error(call) -> RbeeError:
+    """Run ``call()``, expecting it to fail; the RbeeError it failed with."""
+    try:
+        result = call()
+        if hasattr(result, "__iter__"):
+            list(result)
+    except grpc.RpcError as err:
+        return from_rpc_error(err)
+    raise AssertionError("the call succeeded")
+
+
+def generate_all(worker: WorkerProcess, **fields) -> list[inference_pb2.GenerateResponse]:
+    channel, s = stub(worker)
+    with channel:
+        return list(s.Generate(inference_pb2.GenerateRequest(**fields), metadata=worker.metadata, timeout=300))
+
+
+def request(max_tokens: int, **fields) -> inference_pb2.GenerateRequest:
+    fields.setdefault("prompt", PROMPT)
+    fields.setdefault("request_id", f"feature-{uuid.uuid4().hex[:10]}")
+    return inference_pb2.GenerateRequest(max_tokens=max_tokens, **fields)
+
+
+class Stream:
+    """A request left streaming on its own channel; returns once the first
+    tokens arrived."""
+
+    def __init__(self, worker: WorkerProcess, max_tokens: int, ignore_eos: bool = True) -> None:
+        self.worker = worker
+        self.channel, s = stub(worker)
+        self.request = request(max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+        self.request_id = self.request.request_id
+        self.call = s.Generate(self.request, metadata=worker.metadata)
+        self.messages = [next(self.call)]
+        assert self.messages[0].HasField("delta")
+
+    def rest(self) -> list[inference_pb2.GenerateResponse]:
+        self.messages.extend(self.call)
+        return self.messages
+
+    @property
+    def final(self) -> inference_pb2.GenerateFinal:
+        last = self.messages[-1]
+        assert last.HasField("final"), "the stream has not ended with a final event"
+        return last.final
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.channel.close()
+
+
+def wait_until(condition, what: str, timeout: float = SETTLE_S, every: float = 0.1) -> None:
+    # The worker has no push API for its slot count; ask until it holds.
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(every)
+
+
+def slots_free(worker: WorkerProcess) -> bool:
+    return readiness(worker).slots_busy == 0
