@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.errors import HfHubHTTPError
+
 from rbee.errors import RbeeError
 from rbee.modelref import ModelRef
 from rbee.retry import backoff_delays
@@ -221,14 +223,14 @@ class ModelDownload:
                 raise asyncio.CancelledError() from None
             except TransientError as exc:
                 last = exc
-            except OSError as exc:
-                if is_disk_full(exc):
-                    part.unlink(missing_ok=True)
-                    raise self._disk_full(remote, DiskFull(part, 0, exc)) from exc
-                raise RbeeError("DOWNLOAD_FAILED", f"Cannot write {part}: {exc}", {"path": str(part)}) from exc
             except RbeeError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the hub client's errors
+            except Exception as exc:  # noqa: BLE001 - the hub client's errors, local I/O
+                if is_disk_full(exc):
+                    part.unlink(missing_ok=True)
+                    raise self._disk_full(remote, DiskFull(part, 0, exc)) from exc  # type: ignore[arg-type]
+                if isinstance(exc, OSError) and not isinstance(exc, HfHubHTTPError):
+                    raise RbeeError("DOWNLOAD_FAILED", f"Cannot write {part}: {exc}", {"path": str(part)}) from exc
                 mapped = self.hub.map_error(exc, self._ref)  # type: ignore[arg-type]
                 if isinstance(mapped, RbeeError):
                     raise mapped from exc
