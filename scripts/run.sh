@@ -50,6 +50,7 @@ EOF
     # Whatever is left of its process group (engine processes) goes too.
     kill -KILL -- "-$worker_pid" 2>/dev/null
     wait "$worker_pid" 2>/dev/null
+    say "✅ worker stopped, nothing of it left running"
     worker_pid=""
 }
 
@@ -124,9 +125,12 @@ while [ -z "$keeper_rc" ]; do
 done
 trap 'exit 130' INT
 
-if [ "$keeper_rc" -ne 0 ]; then
+if [ "$keeper_rc" -eq 130 ]; then
+    say "🛑 interrupted"
+    exit 130
+elif [ "$keeper_rc" -ne 0 ]; then
     say "❌ rbee-keeper exited with $keeper_rc; the worker's log is $log"
     exit "$keeper_rc"
 fi
 stop_worker
-say "✅ done: worker stopped, nothing left running"
+say "✅ done"
