@@ -5,9 +5,6 @@ and Ctrl+C."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,19 +14,18 @@ from typing import TypeVar
 
 import grpc
 
-from rbee.config import logs_dir
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
-from rbee.v1 import common_pb2, inference_pb2
+from rbee.v1 import inference_pb2
 
+from rbee_keeper.interrupts import EXIT_INTERRUPTED, Interrupted, Interrupts
 from rbee_keeper.partial import save_partial, tokens_generated
-from rbee_keeper.render import LoadingView, TokenPrinter, summary_line
+from rbee_keeper.readiness import ReadinessWaiter, check_expected
+from rbee_keeper.render import LoadingView, OutputClosed, TokenPrinter, summary_line
 from rbee_keeper.validation import SamplingArgs
 from rbee_keeper.worker_client import WorkerClient
 
 T = TypeVar("T")
-WS = common_pb2.WorkerState
-EXIT_INTERRUPTED = 130
 
 
 @dataclass(frozen=True)
@@ -42,39 +38,6 @@ class Timeouts:
     stall_s: float = 60.0
     cancel_ack_s: float = 5.0
     busy_delays_s: tuple[float, ...] = (1.0, 2.0, 4.0)
-
-
-class Interrupted(Exception):
-    """The user pressed Ctrl+C; the command ends with exit code 130."""
-
-
-class Interrupts:
-    """First Ctrl+C sets an event the running step reacts to (cancel the
-    request, wait for the acknowledgement); a second one quits at once."""
-
-    def __init__(self, narrate: Narrator) -> None:
-        self.event = asyncio.Event()
-        self._narrate = narrate
-        self._count = 0
-
-    def install(self) -> None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self.trigger)
-
-    def uninstall(self) -> None:
-        asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
-
-    def trigger(self) -> None:
-        self._count += 1
-        if self._count == 1:
-            self.event.set()
-            return
-        self._narrate("🛑", "second Ctrl+C: quitting now")
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(EXIT_INTERRUPTED)
 
 
 def new_request_id() -> str:
@@ -139,8 +102,11 @@ class DirectInference:
     async def run(self) -> int:
         """0 when the answer was streamed, 130 after Ctrl+C; RbeeError otherwise."""
         try:
-            ready = await self._interruptible(self.wait_until_ready())
-            self._check_expected(ready)
+            waiter = ReadinessWaiter(
+                self.client, self.narrate, self.t.connect_s, self.t.wait_for_server, self.t.loading_s, self._loading_view
+            )
+            ready = await self._interruptible(waiter.wait())
+            check_expected(ready, self.worker, *self._expect)
             self.narrate(
                 "🐝",
                 f"Worker {self.worker} ready: {ready.model_ref or 'model'} on {ready.backend or '?'}:{ready.device} "
@@ -156,105 +122,6 @@ class DirectInference:
         ttft = (first_token_at - started) * 1000 if first_token_at is not None else None
         self.narrate("✅", summary_line(self.printer.tokens, elapsed, ttft, final.finish_reason))
         return 0
-
-    # -- readiness ---------------------------------------------------------
-
-    async def wait_until_ready(self) -> inference_pb2.GetReadinessResponse:
-        ready = await self.client.readiness(self.t.connect_s, wait_for_ready=self.t.wait_for_server)
-        if ready.state in (WS.WORKER_STATE_IDLE, WS.WORKER_STATE_BUSY):
-            return ready
-        self._refuse_state(ready)
-        self.narrate(
-            "⏳",
-            f"Worker {self.worker} is loading {ready.model_ref or 'its model'}; waiting up to {self.t.loading_s:g}s",
-        )
-        view = self._loading_view()
-        if ready.HasField("progress"):
-            view.update(ready.progress)
-        started = time.monotonic()
-        last_stage = [ready.progress.stage if ready.HasField("progress") else ""]
-        try:
-            async with asyncio.timeout(self.t.loading_s):
-                ready = await self._follow_loading(view, last_stage)
-        except TimeoutError:
-            raise self._loading_timeout(ready, last_stage[0]) from None
-        finally:
-            view.close()
-        self.narrate("✅", f"Model loaded on {self.worker} after {time.monotonic() - started:.1f}s of waiting")
-        return ready
-
-    async def _follow_loading(self, view: LoadingView, last_stage: list[str]) -> inference_pb2.GetReadinessResponse:
-        while True:
-            call = self.client.loading_progress()
-            try:
-                async for msg in call:
-                    view.show(msg)
-                    if msg.HasField("progress"):
-                        last_stage[0] = msg.progress.stage
-                    if msg.state == WS.WORKER_STATE_FAILED:
-                        raise self._load_failed(msg.progress.message if msg.HasField("progress") else "")
-                    if msg.state in (WS.WORKER_STATE_IDLE, WS.WORKER_STATE_BUSY):
-                        break
-            except grpc.RpcError as err:
-                raise self.client.error(err) from None
-            finally:
-                call.cancel()
-            ready = await self.client.readiness(self.t.connect_s)
-            if ready.state in (WS.WORKER_STATE_IDLE, WS.WORKER_STATE_BUSY):
-                return ready
-            self._refuse_state(ready)
-            # The stream ended while the worker still loads (e.g. it restarted
-            # the stream); follow it again without spinning.
-            await asyncio.sleep(0.5)
-
-    def _refuse_state(self, ready: inference_pb2.GetReadinessResponse) -> None:
-        if ready.state == WS.WORKER_STATE_FAILED:
-            raise self._load_failed(ready.progress.message if ready.HasField("progress") else "")
-        if ready.state in (WS.WORKER_STATE_DRAINING, WS.WORKER_STATE_STOPPED):
-            raise RbeeError(
-                "WORKER_DRAINING",
-                f"Worker {self.worker} is shutting down and takes no new requests",
-                {"worker": self.worker, "state": WS.Name(ready.state)},
-                ["Start another worker for this model and send the request there"],
-            )
-
-    def _load_failed(self, why: str) -> RbeeError:
-        return RbeeError(
-            "MODEL_LOAD_FAILED",
-            f"Worker {self.worker} failed to load its model" + (f": {why}" if why else ""),
-            {"worker": self.worker},
-            [f"Look at the worker's log (workers started by rbee-hive log under {logs_dir()})"],
-        )
-
-    def _loading_timeout(self, ready: inference_pb2.GetReadinessResponse, stage: str) -> RbeeError:
-        return RbeeError(
-            "LOADING_TIMEOUT",
-            f"Worker {self.worker} did not finish loading {ready.model_ref or 'its model'} within {self.t.loading_s:g}s",
-            {"worker": self.worker, "waited_s": f"{self.t.loading_s:g}", "last_stage": stage or "unknown"},
-            [
-                f"Look at the worker's log: workers started by rbee-hive write theirs under {logs_dir()}; "
-                "a worker started by hand logs to its own output",
-                "Check memory and CPU load on the worker's machine: a model that does not fit loads slowly or never",
-                "Run the command again once the worker reports it is loaded",
-            ],
-        )
-
-    def _check_expected(self, ready: inference_pb2.GetReadinessResponse) -> None:
-        backend, device = self._expect
-        if backend is not None and ready.backend and ready.backend != backend:
-            raise RbeeError(
-                "INVALID_BACKEND",
-                f"Worker {self.worker} runs on {ready.backend}, not {backend}",
-                {"worker": self.worker, "worker_backend": ready.backend, "requested": backend},
-                ["Leave out --backend, or pick a worker started with that backend"],
-            )
-        if device is not None and ready.device != device:
-            raise RbeeError(
-                "INVALID_DEVICE",
-                f"Worker {self.worker} runs on device {ready.device}, not {device}",
-                {"worker": self.worker, "worker_device": ready.device, "requested": device},
-                ["Leave out --device, or pick a worker started on that device"],
-            )
 
     # -- generation --------------------------------------------------------
 
@@ -320,7 +187,10 @@ class DirectInference:
                 if kind == "delta":
                     if first_token_at is None:
                         first_token_at = time.monotonic()
-                    self.printer.write(msg.delta)
+                    try:
+                        self.printer.write(msg.delta)
+                    except OutputClosed:
+                        raise await self._output_closed() from None
                     last_activity = time.monotonic()
                 elif kind == "final":
                     await self._settle(call)
@@ -409,6 +279,19 @@ class DirectInference:
         )
         err.details["cancel"] = "confirmed by the worker" if confirmed else "not confirmed"
         return err
+
+    async def _output_closed(self) -> RbeeError:
+        confirmed = await self._send_cancel()
+        return RbeeError(
+            "CANCELLED",
+            f"stdout was closed by the program reading it; request {self.request_id} was cancelled",
+            {
+                "worker": self.worker,
+                "tokens generated": tokens_generated(self.printer.tokens, self.args.max_tokens),
+                "cancel": "confirmed by the worker" if confirmed else "not confirmed",
+            },
+            ["Lower --max-tokens if only the start of the answer is needed"],
+        )
 
     async def _send_cancel(self) -> bool:
         try:

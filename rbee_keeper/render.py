@@ -3,6 +3,8 @@ and loading progress on stderr."""
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 from typing import TextIO
 
@@ -17,6 +19,10 @@ from rbee_keeper.common import ACTOR
 
 def narrator(stream: TextIO | None = None) -> Narrator:
     return Narrator(ACTOR, stream=stream if stream is not None else sys.stderr)
+
+
+class OutputClosed(Exception):
+    """Whoever read our stdout went away (e.g. ``| head``)."""
 
 
 class TokenPrinter:
@@ -34,8 +40,22 @@ class TokenPrinter:
         self.messages += 1
         if delta.text:
             self._parts.append(delta.text)
-            self._out.write(delta.text)
-            self._out.flush()
+            try:
+                self._out.write(delta.text)
+                self._out.flush()
+            except BrokenPipeError:
+                self._silence()
+                raise OutputClosed from None
+
+    def _silence(self) -> None:
+        # Point stdout at /dev/null so the interpreter's last flush at exit
+        # does not complain about the same closed pipe.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._out.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
 
     @property
     def text(self) -> str:

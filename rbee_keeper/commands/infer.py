@@ -13,7 +13,8 @@ from rbee.errors import RbeeError
 from rbee.modelref import parse_model_ref
 
 from rbee_keeper.common import resolve_api_key, run
-from rbee_keeper.direct import DirectInference, Interrupts, Timeouts
+from rbee_keeper.direct import DirectInference, Timeouts
+from rbee_keeper.interrupts import Interrupts
 from rbee_keeper.render import TokenPrinter, narrator
 from rbee_keeper.validation import (
     parse_float,

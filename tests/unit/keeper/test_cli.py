@@ -4,6 +4,7 @@ scripted in-process worker."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from pathlib import Path
 
@@ -165,3 +166,22 @@ async def test_help_lists_direct_and_queen_options():
     assert "--stall-timeout" not in text
 
 
+
+
+@pytest.mark.parametrize("fake", [Script(tokens=[f"w{i} " for i in range(500)], token_delay_s=0.01)], indirect=True)
+async def test_closed_stdout_cancels_the_request(tmp_path, fake):
+    servicer, address = fake
+    read_end, write_end = os.pipe()
+    environment = proc_env(HOME=str(tmp_path), RBEE_HOME=str(tmp_path / "rbee"))
+    proc = await asyncio.create_subprocess_exec(
+        KEEPER, "infer", "--worker", address, "--api-key", API_KEY, "--prompt", "hi", "--max-tokens", "500",
+        stdout=write_end, stderr=asyncio.subprocess.PIPE, env=environment,
+    )
+    os.close(write_end)
+    assert await asyncio.to_thread(os.read, read_end, 1)
+    os.close(read_end)  # the reader goes away, like `| head -c 1` exiting
+    _, err = await proc.communicate()
+    assert proc.returncode == 1
+    text = err.decode()
+    assert "❌ CANCELLED: stdout was closed" in text and "Traceback" not in text and "Exception ignored" not in text
+    assert servicer.cancels == [servicer.requests[0].request_id]

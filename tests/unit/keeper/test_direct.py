@@ -12,7 +12,8 @@ from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.v1 import common_pb2
 
-from rbee_keeper.direct import EXIT_INTERRUPTED, DirectInference, Interrupts, Timeouts
+from rbee_keeper.direct import DirectInference, Timeouts
+from rbee_keeper.interrupts import EXIT_INTERRUPTED, Interrupts
 from rbee_keeper.render import TokenPrinter
 from rbee_keeper.validation import validate_sampling
 from rbee_keeper.worker_client import WorkerClient
