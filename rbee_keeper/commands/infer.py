@@ -30,7 +30,9 @@ DEFAULT_MAX_TOKENS = 128
 HELP = """Stream an answer from a model: tokens on stdout, progress and status on stderr.
 
 Direct mode: --worker HOST:PORT sends the request to a running llm-worker-rbee
-(waiting for it to finish loading). Exit codes: 0 done, 1 error, 130 interrupted.
+(waiting for it to finish loading). If the stream breaks, the text received so far
+is saved under $RBEE_HOME/partial/ (default ~/.rbee/partial/) and its path printed.
+Exit codes: 0 done, 1 error, 130 interrupted.
 """
 
 

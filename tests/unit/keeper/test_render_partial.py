@@ -89,3 +89,20 @@ def test_loading_narration_replaces_the_progress_line_it_repeats():
         "[model-loader] ⏳ [3/6] weights",
         "[rbee-keeper] ⏳ w:1 loading: ready · 6/6",
     ]
+
+
+def test_loading_view_on_a_terminal_draws_a_bar_and_clears_it():
+    from rich.console import Console
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=120)
+    err = io.StringIO()
+    view = LoadingView("127.0.0.1:7910", Narrator("rbee-keeper", stream=err), console=console)
+    view.update(common_pb2.ProgressEvent(stage="weights", done=3, total=6, unit="stages"))
+    view.narration(common_pb2.NarrationEvent(actor="model-loader", emoji="⏳", message="Loading weights"))
+    view.update(common_pb2.ProgressEvent(stage="kv_cache", done=4, total=6, unit="stages"))
+    view.close()
+    drawn = screen.getvalue()
+    assert "weights · 3/6 stages" in drawn or "kv_cache · 4/6 stages" in drawn
+    assert "[model-loader] ⏳ Loading weights" in drawn
+    assert err.getvalue() == ""  # on a terminal, nothing goes through the line narrator
