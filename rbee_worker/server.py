@@ -15,13 +15,17 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from rbee.config import VERSION
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
+
+if TYPE_CHECKING:
+    from rbee_worker.engine import Engine
 
 ACTOR = "llm-worker-rbee"
 LOADER = "model-loader"
@@ -160,7 +164,7 @@ def check_device(settings: Settings) -> str:
     return "cpu"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, engine_factory: Callable[[Settings], Engine] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.version:
         print(f"llm-worker-rbee {VERSION} (vllm {engine_version_from_metadata()})", flush=True)
@@ -179,15 +183,31 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(Worker(settings, device_name).run())
+        return runner.run(Worker(settings, device_name, engine_factory or vllm_engine).run())
+
+
+def vllm_engine(settings: Settings) -> Engine:
+    from rbee_worker.vllm_engine import VllmEngine
+
+    return VllmEngine(
+        settings.model_path,
+        settings.backend,
+        settings.device,
+        max_num_seqs=settings.slots,
+        max_model_len=settings.max_model_len,
+        dtype=settings.dtype,
+    )
 
 
 class Worker:
     """One worker process: server first, then the model, then serve until shutdown."""
 
-    def __init__(self, settings: Settings, device_name: str) -> None:
+    def __init__(
+        self, settings: Settings, device_name: str, engine_factory: Callable[[Settings], Engine] = vllm_engine
+    ) -> None:
         self.s = settings
         self.device_name = device_name
+        self._engine_factory = engine_factory
         self.narrate = Narrator(ACTOR)
         self.loader = Narrator(LOADER)
         self._shutdown = asyncio.Event()
@@ -217,8 +237,6 @@ class Worker:
         from rbee_worker.callback import HiveReporter
         from rbee_worker.servicer import InferenceServicer
         from rbee_worker.status import FAILED, STOPPED, Identity, WorkerStatus
-        from rbee_worker.vllm_engine import VllmEngine
-
         s = self.s
         self._drain_now = asyncio.Event()
         self.narrate(
@@ -227,7 +245,7 @@ class Worker:
             f"{s.slots} slots, pid {os.getpid()}",
         )
         status = WorkerStatus()
-        engine = VllmEngine(s.model_path, s.backend, s.device, max_num_seqs=s.slots, max_model_len=s.max_model_len, dtype=s.dtype)
+        engine = self._engine_factory(s)
         self.loader.add_sink(status.narration)
         identity = Identity(s.worker_id, s.model_ref, s.model_path, s.backend, s.device, s.host, s.port, os.getpid())
         servicer = InferenceServicer(engine, status, identity, s.slots, self.narrate, on_shutdown=self.request_shutdown)

@@ -146,7 +146,9 @@ class VllmEngine(Engine):
             report("ready", f"Model ready (max_model_len {info.max_model_len})")
             return info
         except Exception as exc:  # noqa: BLE001 - every failure becomes MODEL_LOAD_FAILED
-            log.exception("loading %s failed", self.model_path)
+            # The narrated MODEL_LOAD_FAILED line says what failed; vLLM's own
+            # processes log their errors above it. The trace is for debugging.
+            log.debug("loading %s failed", self.model_path, exc_info=True)
             raise load_failed(self.model_path, exc) from exc
         finally:
             listener.close()

@@ -1,0 +1,30 @@
+"""The real llm-worker-rbee program (flags, server, signals, callback, exit
+codes) with a FakeEngine instead of vLLM, for fast process-level tests.
+
+Run: python -m tests.unit.worker.fake_worker_main <worker flags>
+FAKE_ENGINE_MODE (fast|slow|gated|hang), FAKE_ENGINE_DELAY (s, slow mode),
+FAKE_ENGINE_LOAD_ERROR (message: loading fails with it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rbee.errors import RbeeError
+from rbee_worker.server import Settings, main
+from tests.unit.worker.fakes import FakeEngine
+
+
+def fake_engine(settings: Settings) -> FakeEngine:
+    error = os.environ.get("FAKE_ENGINE_LOAD_ERROR")
+    return FakeEngine(
+        mode=os.environ.get("FAKE_ENGINE_MODE", "fast"),
+        delay=float(os.environ.get("FAKE_ENGINE_DELAY", "0.01")),
+        max_model_len=settings.max_model_len,
+        load_error=RbeeError("MODEL_LOAD_FAILED", error, {"model_path": settings.model_path}) if error else None,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], engine_factory=fake_engine))
