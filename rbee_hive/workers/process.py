@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections import deque
@@ -58,18 +59,19 @@ LineSink = Callable[[str], None]
 
 
 class WorkerProcess:
-    def __init__(self, proc: asyncio.subprocess.Process, started: float, on_line: LineSink) -> None:
-        self._proc = proc
-        self.pid = proc.pid
+    def __init__(self, popen: subprocess.Popen, reader: asyncio.StreamReader, started: float, on_line: LineSink) -> None:
+        self._popen = popen
+        self._reader = reader
+        self.pid = popen.pid
         self.started = started
         self._on_line = on_line
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._stop_requested = False
         self._exit: ExitInfo | None = None
-        self._pump = asyncio.create_task(self._read_output(), name=f"worker-output-{self.pid}")
-        self._waiter = asyncio.create_task(self._wait(), name=f"worker-exit-{self.pid}")
         self._known: dict[int, psutil.Process] = {}
         self._remember_tree()
+        self._pump = asyncio.create_task(self._read_output(), name=f"worker-output-{self.pid}")
+        self._waiter = asyncio.create_task(self._wait(), name=f"worker-exit-{self.pid}")
 
     @classmethod
     async def start(
@@ -82,24 +84,27 @@ class WorkerProcess:
     ) -> "WorkerProcess":
         # Through the launcher on Linux, so the worker gets SIGTERM if the hive dies.
         launcher = [sys.executable, "-m", "rbee_hive.workers.launch"] if sys.platform == "linux" else []
-        proc = await asyncio.create_subprocess_exec(
-            *launcher,
-            str(program),
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+        # Popen rather than asyncio's subprocess: there, wait() only returns once
+        # every holder of the output pipe has closed it, and an engine subprocess
+        # that outlives a killed worker holds it. The exit is watched on its own.
+        popen = subprocess.Popen(
+            [*launcher, str(program), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             env=dict(env),
             cwd=str(cwd) if cwd else None,
             start_new_session=True,
-            limit=1024 * 1024,
         )
-        return cls(proc, time.monotonic(), on_line)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1024 * 1024, loop=loop)
+        assert popen.stdout is not None
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), popen.stdout)
+        return cls(popen, reader, time.monotonic(), on_line)
 
     # -- output -----------------------------------------------------------
     async def _read_output(self) -> None:
-        stream = self._proc.stdout
-        assert stream is not None
+        stream = self._reader
         while True:
             try:
                 raw = await stream.readline()
@@ -118,8 +123,29 @@ class WorkerProcess:
         return list(self._tail)[-n:]
 
     # -- exit ---------------------------------------------------------------
+    async def _exited(self) -> int:
+        """The exit status, awaited on a pidfd (Linux) or in a thread elsewhere."""
+        pidfd_open = getattr(os, "pidfd_open", None)
+        fd = None
+        if pidfd_open is not None:
+            try:
+                fd = pidfd_open(self.pid)
+            except OSError:  # already reaped or not supported by the kernel
+                fd = None
+        if fd is None:
+            return await asyncio.to_thread(self._popen.wait)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+        try:
+            await done
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+        return self._popen.wait()
+
     async def _wait(self) -> ExitInfo:
-        code = await self._proc.wait()
+        code = await self._exited()
         # Read what is left in the pipe so the last lines are in the log.
         try:
             await asyncio.wait_for(asyncio.shield(self._pump), timeout=2)
@@ -141,7 +167,7 @@ class WorkerProcess:
 
     @property
     def running(self) -> bool:
-        return self._exit is None and self._proc.returncode is None
+        return self._exit is None and self._popen.returncode is None
 
     async def wait_for_exit(self, timeout: float) -> ExitInfo | None:
         try:

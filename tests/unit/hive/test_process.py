@@ -76,3 +76,24 @@ async def test_a_stopped_process_still_terminates():
     psutil.Process(proc.pid).suspend()  # SIGSTOP
     info, forced = await proc.terminate(grace=10)
     assert info is not None and info.returncode == -signal.SIGTERM and not forced
+
+
+async def test_exit_is_seen_even_while_a_grandchild_holds_the_output_pipe():
+    lines: list[str] = []
+    proc = await start(
+        """
+        import subprocess, sys, time
+        # The child inherits stdout, like an engine subprocess does.
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print(child.pid, flush=True)
+        time.sleep(600)
+        """,
+        lines,
+    )
+    while not lines:
+        await proc.wait_for_exit(0.05)
+    child = psutil.Process(int(lines[0]))
+    psutil.Process(proc.pid).kill()  # from outside, not through the hive
+    info = await proc.wait_for_exit(30)
+    assert info is not None and info.returncode == -signal.SIGKILL and not info.requested
+    child.wait(timeout=10)  # the leftover child went with its group
