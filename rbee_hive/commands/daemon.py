@@ -35,6 +35,10 @@ def daemon(
     except RbeeError as err:
         print_error(err, ACTOR)
         raise typer.Exit(EXIT_ERROR) from None
+    except Exception as exc:  # noqa: BLE001 - the log keeps the traceback, the user gets a message
+        logging.getLogger(__name__).debug("rbee-hive failed", exc_info=True)
+        print_error(RbeeError("INTERNAL", f"rbee-hive stopped on an unexpected error: {type(exc).__name__}: {exc}"), ACTOR)
+        raise typer.Exit(EXIT_ERROR) from None
     raise typer.Exit(code)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 from pathlib import Path
 
@@ -56,6 +57,19 @@ def test_daemon_without_api_key_refuses_to_start(tmp_path):
     out = run_hive_cli("daemon", "--port", "0", RBEE_CONFIG=str(tmp_path / "c.toml"), RBEE_HOME=str(tmp_path))
     assert out.returncode == 1
     assert "MISSING_API_KEY" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_daemon_on_a_taken_port_says_so(tmp_path):
+    (tmp_path / "c.toml").write_text("")
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        out = run_hive_cli(
+            "daemon", "--port", str(port), RBEE_CONFIG=str(tmp_path / "c.toml"), RBEE_HOME=str(tmp_path), RBEE_HIVE_API_KEY="k"
+        )
+    assert out.returncode == 1
+    assert "PORT_IN_USE" in out.stderr and f"127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
 
 
 @session_loop
