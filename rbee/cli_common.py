@@ -4,11 +4,14 @@ and a stable exit code, never a traceback."""
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from rich.console import Console
 
 from rbee.errors import RbeeError
+
+if TYPE_CHECKING:
+    import typer
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -28,3 +31,32 @@ def print_error(err: RbeeError, actor: str) -> None:
 def fail(err: RbeeError, actor: str) -> NoReturn:
     print_error(err, actor)
     sys.exit(EXIT_ERROR)
+
+
+def run_app(app: "typer.Typer", actor: str) -> NoReturn:
+    """Run a typer app with the project's exit codes: usage mistakes (unknown
+    option, missing argument) become USAGE_ERROR and exit 1, like every other
+    bad input, instead of click's exit 2."""
+    import typer
+
+    try:  # recent typer carries its own copy of click
+        from typer._click import exceptions as click_exc
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        from click import exceptions as click_exc
+
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(prog_name=actor, standalone_mode=False)
+    except click_exc.NoArgsIsHelpError as exc:
+        typer.echo(exc.ctx.get_help() if exc.ctx else "")
+        sys.exit(EXIT_OK)
+    except click_exc.UsageError as exc:
+        hint = f"Run `{exc.ctx.command_path} --help` for the accepted options" if exc.ctx else f"Run `{actor} --help`"
+        print_error(RbeeError("USAGE_ERROR", exc.format_message(), suggestions=[hint]), actor)
+        sys.exit(EXIT_ERROR)
+    except typer.Abort:
+        sys.exit(EXIT_INTERRUPTED)
+    except click_exc.ClickException as exc:
+        print_error(RbeeError("INVALID_ARGUMENT", exc.format_message()), actor)
+        sys.exit(EXIT_ERROR)
+    sys.exit(result if isinstance(result, int) else EXIT_OK)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from rbee.cli_common import run_app
 from rbee.config import VERSION
 
 from rbee_hive.commands import daemon, models
@@ -33,7 +34,7 @@ def _root(
 
 
 def main() -> None:
-    app()
+    run_app(app, "rbee-hive")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from rbee.cli_common import run_app
 from rbee.config import VERSION
 
 from rbee_keeper.commands import infer, models, workers
@@ -34,7 +35,7 @@ def _root(
 
 
 def main() -> None:
-    app()
+    run_app(app, "rbee-keeper")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""Usage mistakes get the project's error format and exit 1, not click's exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.fixtures.common import VENV_BIN, proc_env
+
+
+@pytest.mark.parametrize(
+    ("program", "args", "needle"),
+    [
+        ("rbee-keeper", ["infer", "--max-tokenz", "3"], "No such option: --max-tokenz"),
+        ("rbee-keeper", ["nonsense"], "No such command 'nonsense'"),
+        ("rbee-hive", ["bogus"], "No such command 'bogus'"),
+    ],
+)
+def test_usage_error_exits_1_with_code(program: str, args: list[str], needle: str) -> None:
+    proc = subprocess.run([str(VENV_BIN / program), *args], capture_output=True, text=True, env=proc_env(), timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert f"[{program}] ❌ USAGE_ERROR: " in proc.stderr
+    assert needle in proc.stderr
+    assert "--help" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_no_arguments_shows_help_and_exits_0() -> None:
+    proc = subprocess.run([str(VENV_BIN / "rbee-keeper")], capture_output=True, text=True, env=proc_env(), timeout=60)
+    assert proc.returncode == 0
+    assert "Usage: rbee-keeper" in proc.stdout
+    assert "infer" in proc.stdout
