@@ -33,7 +33,7 @@ from rbee.retry import backoff_delays
 from rbee_hive.provisioner.events import Reporter
 from rbee_hive.provisioner.hub import HubClient, RemoteFile, RemoteModel, TransientError
 from rbee_hive.provisioner.settings import DownloadSettings
-from rbee_hive.provisioner.transfer import Cancelled, DiskFull, Meter, fetch_once, is_disk_full
+from rbee_hive.provisioner.transfer import Cancelled, DiskFull, Meter, Verifier, fetch_once, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ class ModelDownload:
         headers = self.hub.headers(remote)
         delays = list(backoff_delays(self.settings.backoff_base_ms, self.settings.retries + 1, self.settings.jitter))
         last: TransientError | None = None
+        verifier = Verifier(remote)
         for attempt in range(self.settings.retries + 1):
             meter.set_done(base + (part.stat().st_size if part.exists() else 0))
             ticker = asyncio.create_task(self._tick(meter, remote))
@@ -206,6 +207,7 @@ class ModelDownload:
                     self.settings.connect_timeout_s,
                     self.cancel,
                     meter.add,
+                    verifier,
                 )
                 self.report.progress("verify", meter.done, meter.total, meter.rate(), remote.path)
                 problem = verifier.check(part.stat().st_size)

@@ -59,6 +59,9 @@ class Verifier:
         self.reset()
 
     def reset(self) -> None:
+        # Bytes of the file hashed so far: a retry within the same download
+        # continues from here instead of reading the partial file again.
+        self.hashed = 0
         if self.kind == "sha256":
             self._hash: Any = hashlib.sha256()
         elif self.kind == "git-sha1":
@@ -69,6 +72,7 @@ class Verifier:
     def update(self, data: bytes | memoryview) -> None:
         if self._hash is not None:
             self._hash.update(data)
+        self.hashed += len(data)
 
     def pipelined(self) -> "_HashPipe":
         """Hash on a second thread while this one reads the socket: hashlib
@@ -78,6 +82,7 @@ class Verifier:
     def seed_from(self, path: Path, count: int) -> None:
         """Hash the first ``count`` bytes already on disk (a resumed file)."""
         self.reset()
+        self.hashed = count
         if self._hash is None or count == 0:
             return
         with path.open("rb") as fh:
@@ -142,18 +147,22 @@ def fetch_once(
     connect_timeout_s: float,
     cancel: threading.Event,
     on_bytes: ProgressFn,
+    verifier: Verifier | None = None,
 ) -> Verifier:
     """Bring ``part`` to the remote file's full length; return its verifier.
 
+    ``verifier`` carries the hash of an earlier attempt; it is rebuilt from
+    the partial file only when the two disagree (e.g. after a restart).
     Raises TransientError (stall, connection, server, range), DiskFull,
     Cancelled, or the client's HTTP errors for the caller to map.
     """
-    verifier = Verifier(remote)
+    verifier = verifier or Verifier(remote)
     have = part.stat().st_size if part.exists() else 0
     if remote.size is not None and have > remote.size:
         part.unlink()
         have = 0
-    verifier.seed_from(part, have)
+    if verifier.hashed != have:
+        verifier.seed_from(part, have)
     if remote.size is not None and have == remote.size:
         return verifier
     request_headers = dict(headers)
