@@ -30,7 +30,7 @@ class HiveReporter:
         self,
         address: str,
         api_key: str,
-        snapshot: Callable[[], common_pb2.WorkerInfo],
+        snapshot: Callable[[], tuple[common_pb2.WorkerInfo, RbeeError | None]],
         narrator: Narrator,
     ) -> None:
         self.address = address
@@ -39,7 +39,6 @@ class HiveReporter:
         self._narrate = narrator
         self._wake = asyncio.Event()
         self._sent = asyncio.Event()
-        self._error: RbeeError | None = None
         self._complained = False
         self._task: asyncio.Task | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -49,9 +48,7 @@ class HiveReporter:
         self._channel = open_channel(self.address)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="hive-reporter")
 
-    def notify(self, error: RbeeError | None = None) -> None:
-        if error is not None:
-            self._error = error
+    def notify(self) -> None:
         self._sent.clear()
         self._wake.set()
 
@@ -83,10 +80,10 @@ class HiveReporter:
     async def _report(self, stub: registry_pb2_grpc.WorkerCallbackServiceStub) -> None:
         delays = backoff_delays(500, ATTEMPTS)
         while True:
-            info = self._snapshot()
+            info, error = self._snapshot()
             request = registry_pb2.ReportWorkerRequest(worker=info)
-            if self._error is not None:
-                request.error.CopyFrom(self._error.to_detail())
+            if error is not None:
+                request.error.CopyFrom(error.to_detail())
             try:
                 await stub.ReportWorker(request, metadata=metadata(self._key), timeout=REPORT_TIMEOUT_S)
                 self.reports_sent += 1

@@ -41,6 +41,10 @@ ENV_CALLBACK_KEY = "RBEE_CALLBACK_API_KEY"
 DEFAULT_SLOTS = {"cpu": 8, "cuda": 32}
 # Bounded exit for an interrupted load: the engine thread cannot be cancelled.
 SHUTDOWN_WHILE_LOADING_GRACE_S = 5.0
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+# How often the engine's processes are checked once the model is loaded: an
+# engine that died (e.g. its process was OOM-killed) turns the worker FAILED.
+ENGINE_CHECK_INTERVAL_S = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, help="concurrent requests (default 8 on cpu, 32 on cuda)")
     p.add_argument("--max-model-len", type=int, default=2048, help="context cap (default min(model's, 2048))")
     p.add_argument("--dtype", default="auto", help="weights dtype passed to vLLM (default auto)")
+    p.add_argument(
+        "--engine-check-interval", type=float, default=ENGINE_CHECK_INTERVAL_S, metavar="S",
+        help=f"seconds between engine liveness checks (default {ENGINE_CHECK_INTERVAL_S:g})",
+    )
     return p
 
 
@@ -97,6 +105,7 @@ class Settings:
     slots: int
     max_model_len: int
     dtype: str
+    engine_check_interval_s: float = ENGINE_CHECK_INTERVAL_S
 
 
 def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
@@ -127,6 +136,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         raise bad("--slots", f"must be at least 1 (got {slots})", "Use --slots 1 or more")
     if args.max_model_len < 1:
         raise bad("--max-model-len", f"must be at least 1 (got {args.max_model_len})", "Use a positive length")
+    if not args.engine_check_interval > 0:
+        raise bad("--engine-check-interval", "must be more than 0", "Use e.g. --engine-check-interval 10")
     if args.device < 0:
         raise bad("--device", f"must be 0 or more (got {args.device})", "Use --device 0")
     return Settings(
@@ -143,6 +154,7 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         slots=slots,
         max_model_len=args.max_model_len,
         dtype=args.dtype,
+        engine_check_interval_s=args.engine_check_interval,
     )
 
 
@@ -172,6 +184,9 @@ def main(argv: list[str] | None = None, engine_factory: Callable[[Settings], Eng
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_from(args, dict(os.environ))
+        # The engine's processes inherit the environment; they need no keys.
+        os.environ.pop(ENV_API_KEY, None)
+        os.environ.pop(ENV_CALLBACK_KEY, None)
         # Before any server or engine: a wrong device never reaches vLLM.
         device_name = check_device(settings)
     except RbeeError as err:
@@ -212,6 +227,7 @@ class Worker:
         self.loader = Narrator(LOADER)
         self._shutdown = asyncio.Event()
         self._drain_timeout: float | None = None
+        self._drain_now = asyncio.Event()
         self._signals = 0
 
     def request_shutdown(self, timeout_s: float) -> None:
@@ -219,8 +235,6 @@ class Worker:
         self._shutdown.set()
 
     def _on_signal(self, signum: int) -> None:
-        from rbee_worker.servicer import DEFAULT_DRAIN_TIMEOUT_S
-
         self._signals += 1
         name = signal.Signals(signum).name
         if self._signals == 1:
@@ -238,7 +252,6 @@ class Worker:
         from rbee_worker.servicer import InferenceServicer
         from rbee_worker.status import FAILED, STOPPED, Identity, WorkerStatus
         s = self.s
-        self._drain_now = asyncio.Event()
         self.narrate(
             "🌅",
             f"Starting worker {s.worker_id} for {s.model_ref} on {s.backend}:{s.device} ({self.device_name}), "
@@ -260,8 +273,8 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
 
-        def snapshot() -> common_pb2.WorkerInfo:
-            return common_pb2.WorkerInfo(
+        def snapshot() -> tuple[common_pb2.WorkerInfo, RbeeError | None]:
+            info = common_pb2.WorkerInfo(
                 id=identity.worker_id,
                 address=identity.address,
                 model_ref=identity.model_ref,
@@ -274,6 +287,7 @@ class Worker:
                 last_activity_unix_ms=servicer.last_activity_unix_ms,
                 pid=identity.pid,
             )
+            return info, (status.error if status.state == FAILED else None)
 
         reporter = None
         if s.callback:
@@ -291,31 +305,32 @@ class Worker:
         if load_task.done() and status.state == FAILED:
             shutdown_wait.cancel()
             if reporter is not None:
-                reporter.notify(status.error)
                 await reporter.flush()
             # Give StreamLoadingProgress clients their failure status before leaving.
             await ws.server.stop(1.0)
             exit_code = EXIT_ERROR
+        elif not load_task.done():
+            return await self._stop_while_loading(servicer, reporter, ws)
         else:
-            if not load_task.done():
-                return await self._stop_while_loading(servicer, reporter, ws, load_task)
-            await self._shutdown.wait()
-            timeout = self._drain_timeout if self._drain_timeout is not None else 30.0
-            servicer.begin_drain()
-            drain = loop.create_task(servicer.drain(timeout))
-            now = loop.create_task(self._drain_now.wait())
-            await asyncio.wait([drain, now], return_when=asyncio.FIRST_COMPLETED)
-            if not drain.done():
-                drain.cancel()
-                await asyncio.wait([drain])
-                await servicer.drain(0)
-            now.cancel()
-            self.loader("🧹", "Unloading model and stopping the engine")
+            watchdog = loop.create_task(self._watch_engine(engine))
+            await asyncio.wait([shutdown_wait, watchdog], return_when=asyncio.FIRST_COMPLETED)
+            if not self._shutdown.is_set():
+                # The engine died under us: fail in-flight requests, tell the hive, leave.
+                err = watchdog.result()
+                status.failed(err)
+                self.narrate("❌", f"{err.code}: {err.message}", level="error")
+                await servicer.cancel_all()
+                exit_code = EXIT_ERROR
+            else:
+                watchdog.cancel()
+                await self._drain(servicer, loop)
+                self.loader("🧹", "Unloading model and stopping the engine")
             try:
                 await engine.shutdown()
             except Exception as exc:  # noqa: BLE001 - exiting anyway; say what happened
                 self.narrate("⚠️", f"Engine shutdown failed: {type(exc).__name__}: {exc}", level="warn")
-            status.set_state(STOPPED)
+            if exit_code == EXIT_OK:
+                status.set_state(STOPPED)  # a failed worker stays FAILED for the hive
             if reporter is not None:
                 await reporter.flush()
             await ws.server.stop(1.0)
@@ -324,8 +339,34 @@ class Worker:
         self.narrate("👋", f"Worker {s.worker_id} stopped (exit {exit_code})")
         return exit_code
 
+    async def _drain(self, servicer, loop) -> None:
+        """In-flight requests may finish up to the drain timeout; a second
+        signal cuts the wait short."""
+        timeout = self._drain_timeout if self._drain_timeout is not None else DEFAULT_DRAIN_TIMEOUT_S
+        servicer.begin_drain()
+        drain = loop.create_task(servicer.drain(timeout))
+        now = loop.create_task(self._drain_now.wait())
+        await asyncio.wait([drain, now], return_when=asyncio.FIRST_COMPLETED)
+        if not drain.done():
+            drain.cancel()
+            await asyncio.wait([drain])
+            await servicer.cancel_all()
+        now.cancel()
+
+    async def _watch_engine(self, engine) -> RbeeError:
+        """Liveness of the engine's processes: returns when a check fails."""
+        while True:
+            interval = self.s.engine_check_interval_s
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(engine.health(), max(interval, 5.0))
+            except RbeeError as err:
+                return err
+            except Exception as exc:  # noqa: BLE001 - a hung or broken check is a dead engine
+                return RbeeError("INTERNAL", f"Engine health check failed: {type(exc).__name__}: {exc}")
+
     async def _load(self, engine, status) -> None:
-        from rbee_worker.engine import LoadProgress
+        from rbee_worker.engine import LoadProgress, load_failed
 
         started = time.monotonic()
         self.loader("📦", f"Loading model {self.s.model_ref} from {self.s.model_path}")
@@ -336,7 +377,10 @@ class Worker:
 
         try:
             info = await engine.load(progress)
-        except RbeeError as err:
+        except Exception as exc:  # noqa: BLE001 - whatever the engine raised, loading failed
+            err = load_failed(self.s.model_path, exc)
+            if err.code != "MODEL_LOAD_FAILED":
+                err = RbeeError("MODEL_LOAD_FAILED", err.message, {**err.details, "cause": err.code}, err.suggestions)
             status.failed(err)
             self.loader("❌", f"{err.code}: {err.message}", level="error")
             return
@@ -348,7 +392,7 @@ class Worker:
         )
         self.narrate("🐝", f"Ready: {self.s.slots} slots on {self.s.host}:{self.s.port}")
 
-    async def _stop_while_loading(self, servicer, reporter, ws, load_task) -> int:
+    async def _stop_while_loading(self, servicer, reporter, ws) -> int:
         """Shutdown requested before the model finished loading. The engine
         start runs in a thread that cannot be interrupted, so stop the
         engine's processes and leave without waiting for it."""

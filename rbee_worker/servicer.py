@@ -154,10 +154,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             )
         if state == FAILED:
             err = self._status.error
+            reason = err.message if err else "unknown error"
+            if not self._status.model_loaded:
+                raise RbeeError(
+                    "MODEL_LOAD_FAILED",
+                    f"This worker failed to load its model: {reason}",
+                    {"model_path": self._identity.model_path},
+                )
             raise RbeeError(
-                "MODEL_LOAD_FAILED",
-                f"This worker failed to load its model: {err.message if err else 'unknown error'}",
-                {"model_path": self._identity.model_path},
+                "INTERNAL",
+                f"This worker's engine has stopped: {reason}",
+                {"worker_id": self._identity.worker_id},
+                ["Start a new worker for this model"],
             )
         if state in (DRAINING, STOPPED):
             raise RbeeError(
@@ -313,17 +321,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             return 0
         except TimeoutError:
             pass
-        remaining = list(self._active.values())
         self._narrate(
-            "⏱️", f"Drain timeout ({timeout_s:g} s): cancelling {len(remaining)} request(s)", level="warn"
+            "⏱️", f"Drain timeout ({timeout_s:g} s): cancelling {self.slots_busy} request(s)", level="warn"
         )
+        return await self.cancel_all()
+
+    async def cancel_all(self) -> int:
+        """Cancel every request in flight (each stream ends with "cancelled")
+        and wait, bounded, for their streams to end."""
+        remaining = list(self._active.values())
         for active in remaining:
             if active.cancel():
                 await self._engine.abort(active.request_id)
-        try:
-            await asyncio.wait_for(self._idle.wait(), ABORT_GRACE_S)
-        except TimeoutError:
-            log.warning("%d stream(s) did not end after cancel", len(self._active))
+        if self._active:
+            try:
+                await asyncio.wait_for(self._idle.wait(), ABORT_GRACE_S)
+            except TimeoutError:
+                log.warning("%d stream(s) did not end after cancel", len(self._active))
         return len(remaining)
 
 

@@ -1,6 +1,7 @@
 """The worker's state machine and its observers.
 
-loading → idle ⇄ busy → draining → stopped; loading → failed.
+loading → idle ⇄ busy → draining → stopped; loading → failed (load error);
+idle/busy → failed (the engine died).
 "Busy" means at least one request is in flight (the slots say how many more
 fit), so "idle" is what the hive's idle timeout and warm-start look for.
 """
@@ -28,8 +29,9 @@ STOPPED = WS.WORKER_STATE_STOPPED
 
 _ALLOWED: dict[int, set[int]] = {
     LOADING: {IDLE, FAILED, DRAINING},
-    IDLE: {BUSY, DRAINING},
-    BUSY: {IDLE, DRAINING},
+    # FAILED after loading: the engine died under the worker.
+    IDLE: {BUSY, DRAINING, FAILED},
+    BUSY: {IDLE, DRAINING, FAILED},
     DRAINING: {STOPPED},
     FAILED: {STOPPED, DRAINING},
     STOPPED: set(),

@@ -3,7 +3,8 @@ codes) with a FakeEngine instead of vLLM, for fast process-level tests.
 
 Run: python -m tests.unit.worker.fake_worker_main <worker flags>
 FAKE_ENGINE_MODE (fast|slow|gated|hang), FAKE_ENGINE_DELAY (s, slow mode),
-FAKE_ENGINE_LOAD_ERROR (message: loading fails with it).
+FAKE_ENGINE_LOAD_ERROR (message: loading fails with it),
+FAKE_ENGINE_DIE_AFTER (requests: health checks fail after that many).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from tests.unit.worker.fakes import FakeEngine
 
 def fake_engine(settings: Settings) -> FakeEngine:
     error = os.environ.get("FAKE_ENGINE_LOAD_ERROR")
+    die_after = os.environ.get("FAKE_ENGINE_DIE_AFTER")
     return FakeEngine(
         mode=os.environ.get("FAKE_ENGINE_MODE", "fast"),
         delay=float(os.environ.get("FAKE_ENGINE_DELAY", "0.01")),
         max_model_len=settings.max_model_len,
         load_error=RbeeError("MODEL_LOAD_FAILED", error, {"model_path": settings.model_path}) if error else None,
+        die_after_requests=int(die_after) if die_after else None,
     )
 
 

@@ -32,7 +32,9 @@ class FakeEngine(Engine):
         encode_error: RbeeError | None = None,
         hold_load: bool = False,
         delay: float = 0.01,
+        die_after_requests: int | None = None,
     ) -> None:
+        self.die_after_requests = die_after_requests
         self.mode = mode
         self.delay = delay
         self.burst = burst
@@ -110,7 +112,8 @@ class FakeEngine(Engine):
         self.aborted[request_id].set()
 
     async def health(self) -> None:
-        return None
+        if self.die_after_requests is not None and len(self.options) >= self.die_after_requests:
+            raise RbeeError("INTERNAL", "fake engine process died")
 
     async def shutdown(self) -> None:
         self.shutdown_called = True

@@ -275,6 +275,22 @@ async def test_load_failure_is_reported_then_exit_1(tmp_path):
             assert "❌ MODEL_LOAD_FAILED" in worker.text()
 
 
+async def test_engine_death_after_loading_fails_the_worker(tmp_path):
+    async with fake_hive() as (hive, hive_address):
+        async with fake_worker(
+            tmp_path, "--callback", hive_address, "--engine-check-interval", "0.1", FAKE_ENGINE_DIE_AFTER="1"
+        ) as worker:
+            await hive.until(WS.WORKER_STATE_IDLE)
+            async with grpc.aio.insecure_channel(worker.address) as channel:
+                stub = inference_pb2_grpc.InferenceServiceStub(channel)
+                msgs = [m async for m in stub.Generate(inference_pb2.GenerateRequest(prompt="hi", max_tokens=2), metadata=auth_metadata(KEY))]
+                assert msgs[-1].final.tokens_generated == 2
+            failed = await hive.until(WS.WORKER_STATE_FAILED)
+            assert "fake engine process died" in failed.error.message
+            assert await asyncio.wait_for(worker.proc.wait(), 60) == 1
+            assert "fake engine process died" in worker.text()
+
+
 async def test_unreachable_hive_is_narrated_once_and_not_fatal(tmp_path):
     nobody = free_port()
     async with fake_worker(tmp_path, "--callback", f"127.0.0.1:{nobody}") as worker:

@@ -1,0 +1,207 @@
+"""The worker's stream ceiling: how many tokens/s one Generate stream can carry.
+
+The real InferenceServicer and grpc.aio server (with auth, as the worker runs
+them, uvloop included) in a server process on 127.0.0.1, fed by a synthetic
+engine that emits one token per event-loop turn, as fast as it can; a client
+process reads the stream. Two servers side by side in the same run:
+
+  coalesced   tokens that are ready together go out as one TokenDelta (the worker)
+  per-token   one message per engine delta (the naive baseline)
+
+Run: .venv/bin/python -m bench.transport [--tokens 100000] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from rbee.auth import auth_metadata
+from rbee.narration import Narrator
+from rbee.v1 import inference_pb2, inference_pb2_grpc
+from rbee_worker.engine import Delta, Engine, EngineInfo, ProgressCallback, SamplingOptions
+
+KEY = "bench-transport-key"
+MODES = ("coalesced", "per-token")
+
+
+class FloodEngine(Engine):
+    """Emits max_tokens single-token deltas, yielding to the loop after each
+    one (as a real engine's output handler does between steps)."""
+
+    async def load(self, progress: ProgressCallback) -> EngineInfo:
+        return EngineInfo(max_model_len=2**31, engine_version="flood")
+
+    def encode(self, prompt: str, raw_prompt: bool) -> list[int]:
+        return [1, 2, 3]
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions) -> AsyncIterator[Delta]:
+        n = options.max_tokens
+        for i in range(1, n + 1):
+            yield Delta(token_ids=[i % 49152], text="x", finished=i == n, finish_reason="length" if i == n else None,
+                        prompt_tokens=3)
+            await asyncio.sleep(0)
+
+    async def abort(self, request_id: str) -> None:
+        return None
+
+    async def health(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+
+# -- server process ------------------------------------------------------------------
+
+
+async def _serve() -> None:
+    from rbee_worker.app import create_server
+    from rbee_worker.servicer import InferenceServicer
+    from rbee_worker.status import Identity, WorkerStatus
+
+    servers = []
+    for mode in MODES:
+        engine = FloodEngine()
+        status = WorkerStatus()
+        identity = Identity(f"bench-{mode}", "flood", "-", "cpu", 0, "127.0.0.1", 0, os.getpid())
+        servicer = InferenceServicer(
+            engine, status, identity, slots=4, narrator=Narrator("llm-worker-rbee", stream=io.StringIO()),
+            coalesce=mode == "coalesced",
+        )
+        status.loaded(await engine.load(lambda p: None))
+        servers.append(await create_server(servicer, status, KEY))
+    print("PORTS " + " ".join(str(s.port) for s in servers), flush=True)
+    # Serve until the parent closes our stdin.
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.read)
+    for s in servers:
+        await s.server.stop(None)
+
+
+def serve(use_uvloop: bool) -> None:
+    loop_factory = None
+    if use_uvloop:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve())
+
+
+# -- client ----------------------------------------------------------------------------
+
+
+async def _stream(address: str, tokens: int) -> dict:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        request = inference_pb2.GenerateRequest(prompt="bench", max_tokens=tokens, ignore_eos=True)
+        messages = received = 0
+        expected_index = 0
+        start = time.perf_counter()
+        first = None
+        final = None
+        async for msg in stub.Generate(request, metadata=auth_metadata(KEY)):
+            if msg.HasField("delta"):
+                if first is None:
+                    first = time.perf_counter()
+                delta = msg.delta
+                if delta.index != expected_index:
+                    raise AssertionError(f"index {delta.index} where {expected_index} was expected")
+                n = len(delta.token_ids)
+                expected_index += n
+                received += n
+                messages += 1
+            else:
+                final = msg.final
+        elapsed = time.perf_counter() - start
+    if final is None or final.tokens_generated != tokens or received != tokens:
+        raise AssertionError(f"stream incomplete: {received}/{tokens} tokens, final={final}")
+    return {
+        "seconds": elapsed,
+        "tokens": received,
+        "messages": messages,
+        "tokens_per_s": received / elapsed,
+        "messages_per_s": messages / elapsed,
+        "tokens_per_message": received / messages,
+        "ttft_ms": ((first or start) - start) * 1000,
+    }
+
+
+async def bench_transport(tokens: int = 100_000, runs: int = 3, use_uvloop: bool = True) -> dict:
+    """Median figures per mode over ``runs`` streams of ``tokens`` tokens each,
+    the modes interleaved run by run so machine noise hits both alike."""
+    cmd = [sys.executable, "-m", "bench.transport", "--serve"] + ([] if use_uvloop else ["--no-uvloop"])
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        line = await asyncio.to_thread(proc.stdout.readline)
+        if not line.startswith("PORTS "):
+            raise RuntimeError(f"bench server did not start (got {line!r})")
+        ports = dict(zip(MODES, line.split()[1:]))
+        addresses = {mode: f"127.0.0.1:{port}" for mode, port in ports.items()}
+        for mode in MODES:  # warm up connections and code paths
+            await _stream(addresses[mode], 2_000)
+        samples: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        for _ in range(runs):
+            for mode in MODES:
+                samples[mode].append(await _stream(addresses[mode], tokens))
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    result: dict = {"tokens_per_stream": tokens, "runs": runs, "server_loop": "uvloop" if use_uvloop else "asyncio"}
+    for mode in MODES:
+        result[mode] = {
+            key: statistics.median(s[key] for s in samples[mode])
+            for key in ("tokens_per_s", "messages_per_s", "tokens_per_message", "seconds", "ttft_ms")
+        }
+        result[mode]["messages"] = int(statistics.median(s["messages"] for s in samples[mode]))
+    result["speedup"] = result["coalesced"]["tokens_per_s"] / result["per-token"]["tokens_per_s"]
+    return result
+
+
+def report(result: dict) -> None:
+    print(
+        f"one stream of {result['tokens_per_stream']:,} tokens, median of {result['runs']} runs "
+        f"(server loop: {result['server_loop']})"
+    )
+    print(f"{'mode':<11} {'tokens/s':>11} {'messages/s':>11} {'tok/msg':>8} {'messages':>9} {'seconds':>8}")
+    for mode in MODES:
+        r = result[mode]
+        print(
+            f"{mode:<11} {r['tokens_per_s']:>11,.0f} {r['messages_per_s']:>11,.0f} {r['tokens_per_message']:>8.1f} "
+            f"{r['messages']:>9,} {r['seconds']:>8.2f}"
+        )
+    print(f"coalescing: {result['speedup']:.1f}x the tokens/s of one message per token")
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(prog="bench.transport", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve(not args.no_uvloop)
+        return None
+    result = asyncio.run(bench_transport(args.tokens, args.runs, not args.no_uvloop))
+    report(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
