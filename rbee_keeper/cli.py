@@ -7,7 +7,7 @@ import typer
 from rbee.cli_common import run_app
 from rbee.config import VERSION
 
-from rbee_keeper.commands import infer, models, workers
+from rbee_keeper.commands import infer, logs, models, workers
 
 app = typer.Typer(
     name="rbee-keeper",
@@ -19,6 +19,7 @@ app = typer.Typer(
 infer.register(app)
 workers.register(app)
 models.register(app)
+logs.register(app)
 
 
 def _version(value: bool) -> None:

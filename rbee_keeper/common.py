@@ -15,6 +15,11 @@ from rbee.errors import RbeeError
 
 ACTOR = "rbee-keeper"
 
+# Help texts shared by the commands that reach a hive (the bracket is escaped:
+# typer renders help as rich markup).
+HIVE_HELP = "The hive as HOST:PORT (e.g. 127.0.0.1:7900)."
+HIVE_KEY_HELP = "API key of the hive (or RBEE_API_KEY, or \\[keeper] api_key in the config file)."
+
 
 def resolve_api_key(cli_value: str | None, address: str) -> tuple[str, str]:
     """The API key for a daemon and where it came from (for error messages).

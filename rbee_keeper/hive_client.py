@@ -92,3 +92,14 @@ class HiveClient:
 
     async def hive_health(self) -> preflight_pb2.GetHiveHealthResponse:
         return await self._unary(self._preflight.GetHiveHealth, preflight_pb2.GetHiveHealthRequest())
+
+    async def logs(self, worker_id: str = "", tail_lines: int = 0, follow: bool = False) -> AsyncIterator[registry_pb2.StreamLogsResponse]:
+        request = registry_pb2.StreamLogsRequest(worker_id=worker_id, tail_lines=tail_lines, follow=follow)
+        call = self._workers.StreamLogs(request, metadata=self._md)
+        try:
+            async for item in call:
+                yield item
+        except grpc.RpcError as err:
+            raise self.error(err) from None
+        finally:
+            call.cancel()

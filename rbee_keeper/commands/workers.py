@@ -13,15 +13,13 @@ from rich.table import Table
 from rbee.errors import RbeeError
 from rbee.v1 import common_pb2, registry_pb2
 
-from rbee_keeper.common import resolve_api_key, run
+from rbee_keeper.common import HIVE_HELP, HIVE_KEY_HELP, resolve_api_key, run
 from rbee_keeper.hive_client import HiveClient, parse_hive_address
 from rbee_keeper.render import LoadingView, narrator
 from rbee_keeper.validation import validate_backend, validate_device
 
 workers_app = typer.Typer(help="Workers of a hive: list, health, shutdown, spawn.", no_args_is_help=True)
 
-HIVE_HELP = "The hive as HOST:PORT (e.g. 127.0.0.1:7900)."
-KEY_HELP = "API key of the hive (or RBEE_API_KEY, or [keeper] api_key in the config file)."
 STATES = {name.removeprefix("WORKER_STATE_").lower(): value for name, value in common_pb2.WorkerState.items() if value}
 
 
@@ -52,7 +50,7 @@ def _worker_dict(w: common_pb2.WorkerInfo) -> dict:
 @workers_app.command("list")
 def list_cmd(
     hive: str = typer.Option(..., "--hive", help=HIVE_HELP),
-    api_key: str = typer.Option(None, "--api-key", help=KEY_HELP),
+    api_key: str = typer.Option(None, "--api-key", help=HIVE_KEY_HELP),
     model: str = typer.Option("", "--model", help="Only workers serving this model ref."),
     state: str = typer.Option("", "--state", help=f"Only workers in this state ({', '.join(STATES)})."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per worker."),
@@ -91,7 +89,7 @@ def list_cmd(
 @workers_app.command("health")
 def health_cmd(
     hive: str = typer.Option(..., "--hive", help=HIVE_HELP),
-    api_key: str = typer.Option(None, "--api-key", help=KEY_HELP),
+    api_key: str = typer.Option(None, "--api-key", help=HIVE_KEY_HELP),
     worker_id: str = typer.Option("", "--id", help="Only this worker."),
 ) -> None:
     """Ask the hive to health-check its workers now. Exit 1 when one does not answer."""
@@ -120,7 +118,7 @@ def health_cmd(
 @workers_app.command("shutdown")
 def shutdown_cmd(
     hive: str = typer.Option(..., "--hive", help=HIVE_HELP),
-    api_key: str = typer.Option(None, "--api-key", help=KEY_HELP),
+    api_key: str = typer.Option(None, "--api-key", help=HIVE_KEY_HELP),
     worker_id: str = typer.Option(..., "--id", help="The worker to stop (see `workers list`)."),
     timeout: int = typer.Option(0, "--timeout", min=0, help="Seconds to let it drain before it is force-killed (0 = the hive's 30 s)."),
 ) -> None:
@@ -141,7 +139,7 @@ def shutdown_cmd(
 @workers_app.command("spawn")
 def spawn_cmd(
     hive: str = typer.Option(..., "--hive", help=HIVE_HELP),
-    api_key: str = typer.Option(None, "--api-key", help=KEY_HELP),
+    api_key: str = typer.Option(None, "--api-key", help=HIVE_KEY_HELP),
     model: str = typer.Option(..., "--model", help="Model folder on the hive's node."),
     backend: str = typer.Option("cpu", "--backend", help="cpu, cuda or metal (never changed for you)."),
     device: str = typer.Option("0", "--device", help="Device index on that backend."),
