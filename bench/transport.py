@@ -8,6 +8,9 @@ process reads the stream. Two servers side by side in the same run:
   coalesced   tokens that are ready together go out as one TokenDelta (the worker)
   per-token   one message per engine delta (the naive baseline)
 
+Also: how long the worker takes to notice a client that went away while the
+engine is stuck mid-step (from the client's cancel to the engine's abort).
+
 Run: .venv/bin/python -m bench.transport [--tokens 100000] [--runs 3]
 """
 
@@ -59,6 +62,53 @@ class FloodEngine(Engine):
 
     async def shutdown(self) -> None:
         return None
+
+
+class StuckEngine(FloodEngine):
+    """Never produces a token: only a disconnect can end its requests."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.aborted = asyncio.Event()
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions) -> AsyncIterator[Delta]:
+        self.started.set()
+        await asyncio.Event().wait()
+        yield Delta()  # pragma: no cover - never reached
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.set()
+
+
+async def bench_disconnect(runs: int = 5) -> dict:
+    """Milliseconds from a client's cancel to the engine's abort (median, max)."""
+    from rbee_worker.app import create_server
+    from rbee_worker.servicer import InferenceServicer
+    from rbee_worker.status import Identity, WorkerStatus
+
+    samples = []
+    for _ in range(runs):
+        engine = StuckEngine()
+        status = WorkerStatus()
+        identity = Identity("bench-disconnect", "stuck", "-", "cpu", 0, "127.0.0.1", 0, os.getpid())
+        servicer = InferenceServicer(engine, status, identity, slots=1, narrator=Narrator("llm-worker-rbee", stream=io.StringIO()))
+        status.loaded(await engine.load(lambda p: None))
+        ws = await create_server(servicer, status, KEY)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}") as channel:
+                call = inference_pb2_grpc.InferenceServiceStub(channel).Generate(
+                    inference_pb2.GenerateRequest(prompt="x", max_tokens=10), metadata=auth_metadata(KEY)
+                )
+                await engine.started.wait()
+                start = time.perf_counter()
+                call.cancel()
+                await engine.aborted.wait()
+                samples.append((time.perf_counter() - start) * 1000)
+                if servicer.slots_busy:
+                    raise AssertionError("slot not freed after disconnect")
+        finally:
+            await ws.server.stop(None)
+    return {"runs": runs, "median_ms": statistics.median(samples), "max_ms": max(samples)}
 
 
 # -- server process ------------------------------------------------------------------
@@ -170,6 +220,7 @@ async def bench_transport(tokens: int = 100_000, runs: int = 3, use_uvloop: bool
         }
         result[mode]["messages"] = int(statistics.median(s["messages"] for s in samples[mode]))
     result["speedup"] = result["coalesced"]["tokens_per_s"] / result["per-token"]["tokens_per_s"]
+    result["disconnect"] = await bench_disconnect()
     return result
 
 
@@ -186,6 +237,11 @@ def report(result: dict) -> None:
             f"{r['messages']:>9,} {r['seconds']:>8.2f}"
         )
     print(f"coalescing: {result['speedup']:.1f}x the tokens/s of one message per token")
+    d = result["disconnect"]
+    print(
+        f"client disconnect → engine abort (engine stuck mid-step): median {d['median_ms']:.1f} ms, "
+        f"max {d['max_ms']:.1f} ms over {d['runs']} runs"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict | None:

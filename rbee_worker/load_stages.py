@@ -42,9 +42,9 @@ def stage_of(template: object) -> str | None:
 class StageHandler(logging.Handler):
     """Runs in vLLM's processes: sends stage records to the worker."""
 
-    def __init__(self, level: int = logging.INFO) -> None:
+    def __init__(self, level: int = logging.INFO, address: str | None = None) -> None:
         super().__init__(level)
-        self._address = os.environ.get(ENV_SOCKET, "")
+        self._address = address if address is not None else os.environ.get(ENV_SOCKET, "")
         self._sock: socket.socket | None = None
 
     def emit(self, record: logging.LogRecord) -> None:

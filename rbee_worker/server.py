@@ -225,6 +225,8 @@ class Worker:
         self._engine_factory = engine_factory
         self.narrate = Narrator(ACTOR)
         self.loader = Narrator(LOADER)
+        # Progress lines go to the log only: clients get them as ProgressEvents.
+        self.progress_log = Narrator(LOADER)
         self._shutdown = asyncio.Event()
         self._drain_timeout: float | None = None
         self._drain_now = asyncio.Event()
@@ -373,7 +375,7 @@ class Worker:
 
         def progress(p: LoadProgress) -> None:
             status.set_progress(p)
-            self.loader("⏳", f"[{p.done}/{p.total}] {p.stage}: {p.message}")
+            self.progress_log("⏳", f"[{p.done}/{p.total}] {p.stage}: {p.message}")
 
         try:
             info = await engine.load(progress)

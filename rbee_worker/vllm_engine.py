@@ -40,12 +40,12 @@ CUDA_MEMORY_UTILIZATION = 0.85
 
 STAGES = ("tokenizer", "engine_config", "engine_start", "weights", "kv_cache", "ready")
 _STAGE_INDEX = {name: i for i, name in enumerate(STAGES)}
-# Child-process markers (load_stages.MARKERS) -> (stage, message prefix).
+# Child-process markers (load_stages.MARKERS) -> the stage they belong to.
 _CHILD_STAGES = {
-    "weights": ("weights", "Loading weights"),
-    "weights_loaded": ("weights", "Weights loaded"),
-    "kv_cache": ("kv_cache", "KV cache"),
-    "warmup_done": ("kv_cache", "Engine warmed up"),
+    "weights": "weights",
+    "weights_loaded": "weights",
+    "kv_cache": "kv_cache",
+    "warmup_done": "kv_cache",
 }
 _FINISH = {"stop": "stop", "length": "length", "abort": CANCELLED}
 
@@ -118,9 +118,10 @@ class VllmEngine(Engine):
             progress(LoadProgress(stage=stage, done=done, total=total, message=message))
 
         def on_child_stage(marker: str, message: str) -> None:
-            stage, prefix = _CHILD_STAGES.get(marker, (None, ""))
+            # vLLM's own words, e.g. "Loading weights took 0.21 seconds".
+            stage = _CHILD_STAGES.get(marker)
             if stage is not None:
-                report(stage, f"{prefix}: {message}")
+                report(stage, message)
 
         listener = StageListener(on_child_stage)
         try:

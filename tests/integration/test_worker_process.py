@@ -41,6 +41,16 @@ async def test_readiness_reports_idle_and_loaded(real_worker):
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_loading_stages_came_from_inside_the_engine(real_worker):
+    # Weights and KV-cache stages are seen only through vLLM's engine process logs.
+    log = real_worker.log_text()
+    for stage in ("tokenizer", "engine_start", "weights", "kv_cache", "ready"):
+        assert f"] {stage}: " in log, f"stage {stage} missing from the worker log"
+    assert "weights: Loading weights took" in log
+    assert "[model-loader] ✅ Model loaded" in log
+    assert real_worker.api_key not in log
+
+
 async def test_greedy_generate_streams_contiguous_tokens(real_worker):
     deltas, final = await _generate(
         real_worker, request_id="it-greedy", prompt="Name three colours.", max_tokens=12, temperature=0.0
