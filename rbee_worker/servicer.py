@@ -92,6 +92,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._idle = asyncio.Event()
         self._idle.set()
         self._background: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Wall-clock on purpose: reported to the hive as a timestamp.
         self.last_activity_unix_ms = int(time.time() * 1000)
 
@@ -197,7 +198,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 [f"Use max_tokens of at most {limit - prompt_tokens}"],
             )
 
-    def _acquire(self, request_id: str, active: ActiveRequest) -> None:
+    def _check_capacity(self, request_id: str) -> None:
         if request_id in self._active:
             raise RbeeError(
                 "DUPLICATE_REQUEST_ID",
@@ -212,6 +213,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 {"slots_total": self.slots_total, "slots_busy": len(self._active)},
                 ["Retry in a few seconds", "Start another worker for this model"],
             )
+
+    def _acquire(self, request_id: str, active: ActiveRequest) -> None:
+        self._check_capacity(request_id)
         self._active[request_id] = active
         self.last_activity_unix_ms = int(time.time() * 1000)
         self._idle.clear()
@@ -248,18 +252,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self._status.set_state(IDLE)
 
     def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        # gRPC runs RPC-done callbacks on the server's loop, which Generate recorded.
+        task = self._loop.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_failure)
 
     @handle_errors
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        self._loop = asyncio.get_running_loop()
         self._check_accepting()
         options = validate_request(request)
+        request_id = request.request_id or f"req-{uuid.uuid4().hex[:12]}"
+        # A full worker answers before spending time on the tokenizer. No await
+        # from here to _acquire, so the check and the slot taken are one step.
+        self._check_capacity(request_id)
         prompt_ids = self._engine.encode(request.prompt, request.raw_prompt)
         self._check_length(len(prompt_ids), options.max_tokens)
-        request_id = request.request_id or f"req-{uuid.uuid4().hex[:12]}"
         active = ActiveRequest(request_id, self._engine, prompt_ids, options, coalesce=self._coalesce)
         self._acquire(request_id, active)
         how = "disconnected"

@@ -4,7 +4,8 @@ codes) with a FakeEngine instead of vLLM, for fast process-level tests.
 Run: python -m tests.unit.worker.fake_worker_main <worker flags>
 FAKE_ENGINE_MODE (fast|slow|gated|hang), FAKE_ENGINE_DELAY (s, slow mode),
 FAKE_ENGINE_LOAD_ERROR (message: loading fails with it),
-FAKE_ENGINE_DIE_AFTER (requests: health checks fail after that many).
+FAKE_ENGINE_DIE_AFTER (requests: health checks fail after that many),
+FAKE_ENGINE_HOLD_LOAD=1 (loading never finishes).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def fake_engine(settings: Settings) -> FakeEngine:
         max_model_len=settings.max_model_len,
         load_error=RbeeError("MODEL_LOAD_FAILED", error, {"model_path": settings.model_path}) if error else None,
         die_after_requests=int(die_after) if die_after else None,
+        hold_load=os.environ.get("FAKE_ENGINE_HOLD_LOAD") == "1",
     )
 
 

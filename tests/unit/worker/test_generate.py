@@ -86,6 +86,7 @@ async def test_all_slots_busy_answers_at_once_with_the_figures():
         assert err.details == {"slots_total": "2", "slots_busy": "2"}
         assert err.suggestions
         assert "r3" not in engine.started  # refused before reaching the engine
+        assert len(engine.encoded) == 2  # ... and before the tokenizer
         engine.release(10)
         for call in calls:
             assert [m async for m in call][-1].final.finish_reason == "length"

@@ -250,6 +250,22 @@ async def test_signal_drains_in_flight_request_then_exits_0(tmp_path, sig):
             assert KEY not in log and CALLBACK_KEY not in log
 
 
+async def test_sigterm_while_loading_exits_0(tmp_path):
+    async with fake_hive() as (hive, hive_address):
+        async with fake_worker(tmp_path, "--callback", hive_address, FAKE_ENGINE_HOLD_LOAD="1") as worker:
+            await hive.until(WS.WORKER_STATE_LOADING)
+            async with grpc.aio.insecure_channel(worker.address) as channel:
+                ready = await inference_pb2_grpc.InferenceServiceStub(channel).GetReadiness(
+                    inference_pb2.GetReadinessRequest(), metadata=auth_metadata(KEY)
+                )
+            assert ready.state == WS.WORKER_STATE_LOADING
+            assert ready.progress.stage == "weights"
+            worker.proc.send_signal(signal.SIGTERM)
+            await hive.until(WS.WORKER_STATE_DRAINING)
+            assert await asyncio.wait_for(worker.proc.wait(), 60) == 0
+            assert "Shutdown during loading" in worker.text()
+
+
 async def test_shutdown_rpc_exits_0(tmp_path):
     async with fake_worker(tmp_path) as worker:
         await worker.wait_loaded()
