@@ -313,3 +313,27 @@ async def test_disk_full_midway_removes_the_partial(tmp_path, hub):
         filler.unlink()
         shutil.rmtree(models / STAGING_DIR, ignore_errors=True)
         prov.catalog.close()
+
+
+async def test_a_gguf_model_is_imported_for_the_cpu_engine(tmp_path, hub, smollm2_gguf):
+    """The real SmolLM2 GGUF through the hub: header metadata stored, then
+    imported once into a folder the cpu engine loads (recorded as loadable_path)."""
+    from rbee_hive.gguf_import import is_imported
+
+    hub.add_repo("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", {smollm2_gguf.name: smollm2_gguf})
+    prov = make_provisioner(tmp_path, hub)
+    ref = f"hf:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/{smollm2_gguf.name}"
+    c = await collect(prov.download(ref, backend="cpu"))
+    assert c.error is None, c.text
+    rec = c.record
+    assert rec.format == "gguf" and rec.metadata["gguf"]["quantization"] == "Q4_1"
+    loadable = Path(rec.metadata["loadable_path"])
+    assert is_imported(loadable) and (loadable / "config.json").is_file()
+    assert prov.loadable_path(rec, "cpu") == loadable and prov.loadable_path(rec, "cuda") == Path(rec.local_path)
+    assert "cannot load GGUF directly" in c.text
+    # Asked again, the import is not repeated.
+    again = await collect(prov.download(ref, backend="cpu"))
+    assert again.record.metadata["loadable_path"] == str(loadable) and "importing" not in again.text
+    # Removing the model removes the imported folder with it.
+    await prov.remove(ref)
+    assert not loadable.exists()
