@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from rbee.v1 import provisioning_pb2, provisioning_pb2_grpc
 from tests.fixtures.common import VENV_BIN
 from tests.fixtures.hive import start_hive_process

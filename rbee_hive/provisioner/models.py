@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,18 +136,20 @@ class ModelProvisioner:
                     task.cancel()
         yield record
 
-    async def ensure(self, text: str, backend: str, report: Reporter) -> ModelRecord:
-        """For the spawn flow: the catalog entry of ``text``, downloaded (and
-        imported for ``backend``) first if needed, narrating into ``report``."""
+    async def ensure(
+        self, text: str, backend: str, on_event: Callable[[common_pb2.Event], object] | None = None
+    ) -> ModelRecord:
+        """For the spawn flow (S1 step 7): the catalog entry of ``text``,
+        downloaded (and imported for ``backend``) first if needed. The
+        download's narration and progress go to ``on_event`` (already printed
+        in the hive's log by the download itself); the worker loads
+        ``loadable_path(record, backend)``."""
         record: ModelRecord | None = None
         async for item in self.download(text, backend):
             if isinstance(item, ModelRecord):
                 record = item
-            elif item.HasField("narration"):
-                report._publish(item)
-            else:
-                p = item.progress
-                report.progress(p.stage, p.done, p.total, p.rate, p.message, p.unit)
+            elif on_event is not None:
+                on_event(item)
         assert record is not None
         return record
 

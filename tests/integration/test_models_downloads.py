@@ -337,3 +337,13 @@ async def test_a_gguf_model_is_imported_for_the_cpu_engine(tmp_path, hub, smollm
     # Removing the model removes the imported folder with it.
     await prov.remove(ref)
     assert not loadable.exists()
+
+
+async def test_ensure_for_the_spawn_flow(tmp_path, hub):
+    tiny_repo(hub)
+    prov = make_provisioner(tmp_path, hub)
+    events = []
+    rec = await prov.ensure("hf:acme/tiny", "cpu", events.append)
+    assert prov.loadable_path(rec, "cpu") == Path(rec.local_path)
+    assert any(e.HasField("progress") for e in events) and any(e.HasField("narration") for e in events)
+    assert (await prov.ensure("hf:acme/tiny", "cpu")) == rec

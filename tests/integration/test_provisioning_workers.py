@@ -6,7 +6,6 @@ on the next request, rebuilt with force, and the failure paths."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import textwrap
 from pathlib import Path
