@@ -347,3 +347,16 @@ async def test_ensure_for_the_spawn_flow(tmp_path, hub):
     assert prov.loadable_path(rec, "cpu") == Path(rec.local_path)
     assert any(e.HasField("progress") for e in events) and any(e.HasField("narration") for e in events)
     assert (await prov.ensure("hf:acme/tiny", "cpu")) == rec
+
+
+async def test_an_unreachable_hub_fails_after_narrated_retries(tmp_path):
+    from rbee_hive.catalog.models import ModelCatalog
+    from rbee_hive.provisioner.models import ModelProvisioner
+    from rbee_hive.provisioner.settings import DownloadSettings
+
+    # Nothing listens on port 9 of the loopback interface.
+    prov = ModelProvisioner(ModelCatalog(tmp_path / "models.db"), tmp_path / "models", DownloadSettings(endpoint="http://127.0.0.1:9"))
+    c = await collect(prov.download("hf:acme/tiny"))
+    assert c.error.code == "DOWNLOAD_FAILED" and "7 attempts" in c.error.message
+    assert len(retries(c)) == 6 and all("connection lost" in line for line in retries(c))
+    assert prov.catalog.list() == []

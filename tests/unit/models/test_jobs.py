@@ -49,9 +49,11 @@ async def test_two_followers_share_one_run():
         return seen
 
     first = asyncio.create_task(follow("a"))
-    await asyncio.sleep(0)  # let the job start
+    while "k" not in table._jobs:
+        await asyncio.sleep(0)
     second = asyncio.create_task(follow("b"))
-    await asyncio.sleep(0.05)
+    while table._jobs["k"].subscribers < 2:
+        await asyncio.sleep(0)
     gate.set()
     a, b = await asyncio.gather(first, second)
     assert runs == 1
