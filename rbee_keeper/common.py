@@ -1,5 +1,6 @@
-"""What keeper commands share: API-key lookup, running a coroutine with the
-project's exit codes, and the narration console on stderr."""
+"""What keeper commands share: the --hive and --api-key options of the
+commands that reach a hive, API-key lookup, and running a coroutine with the
+project's exit codes."""
 
 from __future__ import annotations
 
@@ -9,16 +10,23 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+import typer
+
 from rbee.cli_common import EXIT_ERROR, EXIT_INTERRUPTED, print_error
 from rbee.config import load_config
 from rbee.errors import RbeeError
 
+from rbee_keeper.validation import LOCAL_HIVE
+
 ACTOR = "rbee-keeper"
 
-# Help texts shared by the commands that reach a hive (the bracket is escaped:
-# typer renders help as rich markup).
-HIVE_HELP = "The hive as HOST:PORT (e.g. 127.0.0.1:7900)."
+# The options of every command that reaches a hive (workers, models, logs).
+# A hive on this machine is the common case, so --hive defaults to it. The
+# bracket is escaped: typer renders help as rich markup.
+HIVE_HELP = "The hive as HOST:PORT; leave it out for the hive on this machine."
 HIVE_KEY_HELP = "API key of the hive (or RBEE_API_KEY, or \\[keeper] api_key in the config file)."
+HIVE_OPTION = typer.Option(LOCAL_HIVE, "--hive", metavar="HOST:PORT", help=HIVE_HELP)
+HIVE_KEY_OPTION = typer.Option(None, "--api-key", metavar="KEY", help=HIVE_KEY_HELP)
 
 
 def resolve_api_key(cli_value: str | None, address: str) -> tuple[str, str]:

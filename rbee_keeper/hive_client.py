@@ -1,6 +1,6 @@
-"""keeper's client for a hive's HiveWorkerService and PreflightService: one
-channel, the API key on every call, failures as RbeeError naming the hive and
-where the key came from."""
+"""keeper's client for one hive: its HiveWorkerService, PreflightService and
+ProvisioningService on one channel, the API key on every call, failures as
+RbeeError naming the hive and where the key came from."""
 
 from __future__ import annotations
 
@@ -11,24 +11,19 @@ import grpc
 
 from rbee.channel import metadata, open_channel
 from rbee.errors import RbeeError, from_rpc_error
-from rbee.v1 import preflight_pb2, preflight_pb2_grpc, registry_pb2, registry_pb2_grpc
+from rbee.v1 import (
+    preflight_pb2,
+    preflight_pb2_grpc,
+    provisioning_pb2,
+    provisioning_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
 
-from rbee_keeper.common import explain_auth
+from rbee_keeper.common import explain_auth, resolve_api_key
+from rbee_keeper.validation import validate_hive_address
 
 CALL_TIMEOUT_S = 30.0
-
-
-def parse_hive_address(address: str) -> str:
-    """``host:port`` with a port in 1..65535."""
-    host, sep, port = address.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise RbeeError(
-            "INVALID_ARGUMENT",
-            f"--hive must be HOST:PORT (got {address!r})",
-            {"option": "--hive", "value": address},
-            ["Give the hive as HOST:PORT, e.g. --hive 127.0.0.1:7900"],
-        )
-    return f"{host}:{int(port)}"
 
 
 class HiveClient:
@@ -38,12 +33,24 @@ class HiveClient:
         self._channel = open_channel(address)
         self._workers = registry_pb2_grpc.HiveWorkerServiceStub(self._channel)
         self._preflight = preflight_pb2_grpc.PreflightServiceStub(self._channel)
+        self._provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(self._channel)
         self._md = metadata(api_key)
+
+    @classmethod
+    def connect(cls, hive: str, api_key: str | None) -> "HiveClient":
+        """A client for what the user typed: the address checked, the key looked up
+        (--api-key, RBEE_API_KEY, config file). Nothing is sent yet."""
+        address = validate_hive_address(hive)
+        key, source = resolve_api_key(api_key, address)
+        return cls(address, key, source)
 
     async def __aenter__(self) -> "HiveClient":
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
         await self._channel.close(grace=None)
 
     def error(self, err: grpc.RpcError) -> RbeeError:
@@ -57,17 +64,14 @@ class HiveClient:
             )
         return explain_auth(rbee_err, self.address, self.key_source)
 
-    async def _unary(self, method: Any, request: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
+    async def _unary(self, method: Any, request: Any, timeout: float | None = CALL_TIMEOUT_S) -> Any:
         try:
             return await method(request, metadata=self._md, timeout=timeout)
         except grpc.RpcError as err:
             raise self.error(err) from None
 
-    async def spawn(self, request: registry_pb2.SpawnWorkerRequest, timeout: float) -> registry_pb2.SpawnWorkerResponse:
-        return await self._unary(self._workers.SpawnWorker, request, timeout)
-
-    async def follow(self, worker_id: str) -> AsyncIterator[registry_pb2.FollowWorkerResponse]:
-        call = self._workers.FollowWorker(registry_pb2.FollowWorkerRequest(worker_id=worker_id), metadata=self._md)
+    async def _stream(self, method: Any, request: Any) -> AsyncIterator[Any]:
+        call = method(request, metadata=self._md)
         try:
             async for item in call:
                 yield item
@@ -75,6 +79,14 @@ class HiveClient:
             raise self.error(err) from None
         finally:
             call.cancel()
+
+    # -- workers (HiveWorkerService) ---------------------------------------------
+
+    async def spawn(self, request: registry_pb2.SpawnWorkerRequest, timeout: float) -> registry_pb2.SpawnWorkerResponse:
+        return await self._unary(self._workers.SpawnWorker, request, timeout)
+
+    def follow(self, worker_id: str) -> AsyncIterator[registry_pb2.FollowWorkerResponse]:
+        return self._stream(self._workers.FollowWorker, registry_pb2.FollowWorkerRequest(worker_id=worker_id))
 
     async def list(self, model_ref: str = "", state: int = 0) -> list:
         reply = await self._unary(self._workers.ListWorkers, registry_pb2.ListWorkersRequest(model_ref=model_ref, state=state))
@@ -90,16 +102,26 @@ class HiveClient:
         request = registry_pb2.ShutdownWorkerRequest(worker_id=worker_id, timeout_s=timeout_s)
         return await self._unary(self._workers.ShutdownWorker, request, (timeout_s or 30) + 30.0)
 
+    def logs(self, worker_id: str = "", tail_lines: int = 0, follow: bool = False) -> AsyncIterator[registry_pb2.StreamLogsResponse]:
+        request = registry_pb2.StreamLogsRequest(worker_id=worker_id, tail_lines=tail_lines, follow=follow)
+        return self._stream(self._workers.StreamLogs, request)
+
+    # -- the node (PreflightService) -----------------------------------------------
+
     async def hive_health(self) -> preflight_pb2.GetHiveHealthResponse:
         return await self._unary(self._preflight.GetHiveHealth, preflight_pb2.GetHiveHealthRequest())
 
-    async def logs(self, worker_id: str = "", tail_lines: int = 0, follow: bool = False) -> AsyncIterator[registry_pb2.StreamLogsResponse]:
-        request = registry_pb2.StreamLogsRequest(worker_id=worker_id, tail_lines=tail_lines, follow=follow)
-        call = self._workers.StreamLogs(request, metadata=self._md)
-        try:
-            async for item in call:
-                yield item
-        except grpc.RpcError as err:
-            raise self.error(err) from None
-        finally:
-            call.cancel()
+    # -- models (ProvisioningService) ----------------------
+
+    def download_model(self, model_ref: str, backend: str = "") -> AsyncIterator[provisioning_pb2.DownloadModelResponse]:
+        request = provisioning_pb2.DownloadModelRequest(model_ref=model_ref, backend=backend)
+        return self._stream(self._provisioning.DownloadModel, request)
+
+    async def list_models(self, provider: str = "") -> list:
+        # No deadline: the catalog calls wait on the node's disk, as they always did.
+        reply = await self._unary(self._provisioning.ListModels, provisioning_pb2.ListModelsRequest(provider=provider), None)
+        return list(reply.models)
+
+    async def remove_model(self, model_ref: str) -> provisioning_pb2.RemoveModelResponse:
+        request = provisioning_pb2.RemoveModelRequest(model_ref=model_ref)
+        return await self._unary(self._provisioning.RemoveModel, request, None)

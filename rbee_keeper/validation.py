@@ -9,12 +9,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from rbee.config import DEFAULT_HIVE_PORT, DEFAULT_WORKER_PORT_START
 from rbee.errors import RbeeError
 
 BACKENDS = ("cpu", "cuda", "metal")
 MAX_TEMPERATURE = 2.0
 # The wire field is a signed 32-bit integer; the worker checks the model's own limit.
 MAX_TOKENS_LIMIT = 2**31 - 1
+# The examples in hints, and --hive's default: the daemons on this machine.
+LOCAL_WORKER = f"127.0.0.1:{DEFAULT_WORKER_PORT_START}"
+LOCAL_HIVE = f"127.0.0.1:{DEFAULT_HIVE_PORT}"
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class SamplingArgs:
     ignore_eos: bool = False
 
 
-def _bad(option: str, value: object, message: str, hint: str) -> RbeeError:
+def invalid_argument(option: str, value: object, message: str, hint: str) -> RbeeError:
     return RbeeError(
         "INVALID_ARGUMENT",
         f"{option} {message} (got {value!r})",
@@ -45,7 +49,7 @@ def parse_int(option: str, text: str | int | None, hint: str) -> int | None:
     try:
         return int(text.strip())
     except ValueError:
-        raise _bad(option, text, "must be a whole number", hint) from None
+        raise invalid_argument(option, text, "must be a whole number", hint) from None
 
 
 def parse_float(option: str, text: str | float | None, hint: str) -> float | None:
@@ -54,9 +58,9 @@ def parse_float(option: str, text: str | float | None, hint: str) -> float | Non
     try:
         value = float(text.strip())
     except ValueError:
-        raise _bad(option, text, "must be a number", hint) from None
+        raise invalid_argument(option, text, "must be a number", hint) from None
     if not math.isfinite(value):
-        raise _bad(option, text, "must be a finite number", hint)
+        raise invalid_argument(option, text, "must be a finite number", hint)
     return value
 
 
@@ -80,23 +84,23 @@ def validate_sampling(
         )
     n = parse_int("--max-tokens", max_tokens, "Use --max-tokens N with N ≥ 1, e.g. --max-tokens 64")
     if n is None or n < 1 or n > MAX_TOKENS_LIMIT:
-        raise _bad("--max-tokens", max_tokens, "must be at least 1", "Use --max-tokens N with N ≥ 1, e.g. --max-tokens 64")
+        raise invalid_argument("--max-tokens", max_tokens, "must be at least 1", "Use --max-tokens N with N ≥ 1, e.g. --max-tokens 64")
     temp_hint = f"Use a temperature between 0 (greedy) and {MAX_TEMPERATURE:g}, e.g. --temperature 0.7"
     t = parse_float("--temperature", temperature, temp_hint)
     if t is not None and not 0.0 <= t <= MAX_TEMPERATURE:
-        raise _bad("--temperature", temperature, f"must be between 0 and {MAX_TEMPERATURE:g}", temp_hint)
+        raise invalid_argument("--temperature", temperature, f"must be between 0 and {MAX_TEMPERATURE:g}", temp_hint)
     p_hint = "Use a top-p above 0 and at most 1, e.g. --top-p 0.9"
     p = parse_float("--top-p", top_p, p_hint)
     if p is not None and not 0.0 < p <= 1.0:
-        raise _bad("--top-p", top_p, "must be above 0 and at most 1", p_hint)
+        raise invalid_argument("--top-p", top_p, "must be above 0 and at most 1", p_hint)
     k_hint = "Use --top-k K with K ≥ 1, or leave it out to consider every token"
     k = parse_int("--top-k", top_k, k_hint)
     if k is not None and k < 1:
-        raise _bad("--top-k", top_k, "must be at least 1", k_hint)
+        raise invalid_argument("--top-k", top_k, "must be at least 1", k_hint)
     s_hint = "Use a seed between 0 and 2^63-1"
     s = parse_int("--seed", seed, s_hint)
     if s is not None and not 0 <= s < 2**63:
-        raise _bad("--seed", seed, "must be between 0 and 2^63-1", s_hint)
+        raise invalid_argument("--seed", seed, "must be between 0 and 2^63-1", s_hint)
     return SamplingArgs(
         prompt=prompt,
         max_tokens=n,
@@ -110,19 +114,24 @@ def validate_sampling(
     )
 
 
-def validate_address(address: str) -> str:
-    """``host:port`` (``[v6]:port`` for IPv6) with a port in 1..65535."""
-    hint = "Give the worker as HOST:PORT, e.g. --worker 127.0.0.1:7910"
+def validate_address(address: str, option: str = "--worker", example: str = LOCAL_WORKER) -> str:
+    """``host:port`` (``[v6]:port`` for IPv6) with a port in 1..65535, for the
+    daemon given with ``option``."""
+    hint = f"Give the {option.lstrip('-')} as HOST:PORT, e.g. {option} {example}"
     host, sep, port_text = address.strip().rpartition(":")
     if not sep or not host:
-        raise _bad("--worker", address, "must be HOST:PORT", hint)
+        raise invalid_argument(option, address, "must be HOST:PORT", hint)
     if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
-        raise _bad("--worker", address, "must be HOST:PORT (IPv6 hosts in brackets)", hint)
+        raise invalid_argument(option, address, "must be HOST:PORT (IPv6 hosts in brackets)", hint)
     if any(c.isspace() for c in host):
-        raise _bad("--worker", address, "has a space in the host name", hint)
+        raise invalid_argument(option, address, "has a space in the host name", hint)
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise _bad("--worker", address, "has no valid port (1-65535)", hint)
+        raise invalid_argument(option, address, "has no valid port (1-65535)", hint)
     return f"{host}:{int(port_text)}"
+
+
+def validate_hive_address(address: str) -> str:
+    return validate_address(address, "--hive", LOCAL_HIVE)
 
 
 def validate_backend(backend: str | None) -> str | None:

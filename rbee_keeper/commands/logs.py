@@ -6,14 +6,12 @@ import sys
 
 import typer
 
-from rbee_keeper.common import HIVE_HELP, HIVE_KEY_HELP, resolve_api_key, run
-from rbee_keeper.hive_client import HiveClient, parse_hive_address
+from rbee_keeper.common import HIVE_KEY_OPTION, HIVE_OPTION, run
+from rbee_keeper.hive_client import HiveClient
 
 
 async def _logs(hive: str, api_key: str | None, worker: str, tail: int, follow: bool) -> int:
-    address = parse_hive_address(hive)
-    key, source = resolve_api_key(api_key, address)
-    async with HiveClient(address, key, source) as client:
+    async with HiveClient.connect(hive, api_key) as client:
         async for item in client.logs(worker_id=worker, tail_lines=tail, follow=follow):
             # Log lines are the command's output: stdout, one per line, source first.
             sys.stdout.write(f"{item.source} | {item.line.rstrip()}\n")
@@ -22,8 +20,8 @@ async def _logs(hive: str, api_key: str | None, worker: str, tail: int, follow: 
 
 
 def logs(
-    hive: str = typer.Option(..., "--hive", help=HIVE_HELP),
-    api_key: str = typer.Option(None, "--api-key", help=HIVE_KEY_HELP),
+    hive: str = HIVE_OPTION,
+    api_key: str = HIVE_KEY_OPTION,
     worker: str = typer.Option("", "--worker", help="Only this worker's log (default: the hive's log and every worker's)."),
     tail: int = typer.Option(50, "--tail", min=1, help="Lines of history per log."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming new lines until Ctrl+C."),

@@ -12,65 +12,24 @@ import sys
 import time
 from datetime import datetime
 
-import grpc
 import typer
 from rich import filesize
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 
-from rbee.channel import metadata, open_channel
-from rbee.config import DEFAULT_HIVE_PORT
-from rbee.errors import RbeeError, from_rpc_error
+from rbee.errors import RbeeError
 from rbee.modelref import parse_model_ref
 from rbee.narration import format_line
-from rbee.v1 import common_pb2, provisioning_pb2, provisioning_pb2_grpc
-from rbee_keeper.common import ACTOR, explain_auth, resolve_api_key, run
+from rbee.v1 import common_pb2, provisioning_pb2
+from rbee_keeper.common import ACTOR, HIVE_KEY_OPTION, HIVE_OPTION, run
+from rbee_keeper.hive_client import HiveClient
 from rbee_keeper.render import narrator
+from rbee_keeper.validation import invalid_argument, validate_backend
 
-DEFAULT_HIVE = f"127.0.0.1:{DEFAULT_HIVE_PORT}"
 PROVIDERS = ("hf", "file")
-BACKENDS = ("cpu", "cuda", "metal")
 LINE_INTERVAL_S = 1.0
 
 models_app = typer.Typer(help="A hive's model catalog: list, download (with progress), remove.", no_args_is_help=True)
-
-HIVE_OPTION = typer.Option(DEFAULT_HIVE, "--hive", metavar="HOST:PORT", help="The rbee-hive to talk to.")
-KEY_OPTION = typer.Option(None, "--api-key", help="API key of the hive (else $RBEE_API_KEY, then the config file).")
-
-
-def _bad(message: str, details: dict[str, str], hint: str) -> RbeeError:
-    return RbeeError("INVALID_ARGUMENT", message, details, [hint])
-
-
-def validate_hive(address: str) -> str:
-    hint = f"Give the hive as HOST:PORT, e.g. --hive {DEFAULT_HIVE}"
-    host, sep, port = address.strip().rpartition(":")
-    if not sep or not host or any(c.isspace() for c in host):
-        raise _bad(f"--hive must be HOST:PORT (got {address!r})", {"option": "--hive", "value": address}, hint)
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise _bad(f"--hive has no valid port (got {address!r})", {"option": "--hive", "value": address}, hint)
-    return f"{host}:{int(port)}"
-
-
-class HiveModels:
-    """The ProvisioningService of one hive, with errors mapped back."""
-
-    def __init__(self, address: str, api_key: str, key_source: str) -> None:
-        self.address = address
-        self._key = api_key
-        self._source = key_source
-        self._channel = open_channel(address)
-        self.stub = provisioning_pb2_grpc.ProvisioningServiceStub(self._channel)
-
-    @property
-    def md(self) -> tuple[tuple[str, str], ...]:
-        return metadata(self._key)
-
-    def error(self, err: grpc.RpcError) -> RbeeError:
-        return explain_auth(from_rpc_error(err, self.address), self.address, self._source)
-
-    async def close(self) -> None:
-        await self._channel.close()
 
 
 class DownloadView:
@@ -141,51 +100,39 @@ class DownloadView:
             self._bar = None
 
 
-async def _download(address: str, model: str, backend: str | None, api_key: str, key_source: str) -> int:
-    hive = HiveModels(address, api_key, key_source)
+async def _download(client: HiveClient, model: str, backend: str | None) -> int:
     view = DownloadView(model)
     entry: provisioning_pb2.ModelEntry | None = None
     try:
-        request = provisioning_pb2.DownloadModelRequest(model_ref=model, backend=backend or "")
-        try:
-            async for msg in hive.stub.DownloadModel(request, metadata=hive.md):
-                if msg.HasField("model"):
-                    entry = msg.model
-                elif msg.event.HasField("narration"):
-                    view.narration(msg.event.narration)
-                elif msg.event.HasField("progress"):
-                    view.progress(msg.event.progress)
-        except grpc.RpcError as err:
-            raise hive.error(err) from None
+        async for msg in client.download_model(model, backend or ""):
+            if msg.HasField("model"):
+                entry = msg.model
+            elif msg.event.HasField("narration"):
+                view.narration(msg.event.narration)
+            elif msg.event.HasField("progress"):
+                view.progress(msg.event.progress)
     finally:
         view.close()
-        await hive.close()
     if entry is None:
         raise RbeeError(
             "STREAM_BROKEN",
-            f"{address} ended the download of {model} without a result",
-            {"hive": address, "model": model},
+            f"{client.address} ended the download of {model} without a result",
+            {"hive": client.address, "model": model},
             ["Run the download again; it resumes where it stopped"],
         )
     path = entry.loadable_path or entry.local_path
-    view.narrate("✅", f"{entry.model_ref} on {address}: {filesize.decimal(entry.size_bytes)}, {entry.format}, {path}")
+    view.narrate("✅", f"{entry.model_ref} on {client.address}: {filesize.decimal(entry.size_bytes)}, {entry.format}, {path}")
     typer.echo(path)
     return 0
 
 
-async def _list(address: str, provider: str | None, api_key: str, key_source: str) -> int:
-    hive = HiveModels(address, api_key, key_source)
-    try:
-        reply = await hive.stub.ListModels(provisioning_pb2.ListModelsRequest(provider=provider or ""), metadata=hive.md)
-    except grpc.RpcError as err:
-        raise hive.error(err) from None
-    finally:
-        await hive.close()
-    if not reply.models:
-        narrator(sys.stderr)("📭", f"No models on {address}" + (f" from provider {provider}" if provider else ""))
+async def _list(client: HiveClient, provider: str | None) -> int:
+    models = await client.list_models(provider or "")
+    if not models:
+        narrator(sys.stderr)("📭", f"No models on {client.address}" + (f" from provider {provider}" if provider else ""))
         return 0
     rows = [("MODEL", "FORMAT", "SIZE", "DOWNLOADED", "PATH")]
-    for m in reply.models:
+    for m in models:
         when = datetime.fromtimestamp(m.downloaded_at_unix).strftime("%Y-%m-%d %H:%M") if m.downloaded_at_unix else "-"
         rows.append((m.model_ref, m.format, filesize.decimal(m.size_bytes), when, m.local_path))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -194,49 +141,28 @@ async def _list(address: str, provider: str | None, api_key: str, key_source: st
     return 0
 
 
-async def _remove(address: str, model: str, api_key: str, key_source: str) -> int:
-    hive = HiveModels(address, api_key, key_source)
-    try:
-        reply = await hive.stub.RemoveModel(provisioning_pb2.RemoveModelRequest(model_ref=model), metadata=hive.md)
-    except grpc.RpcError as err:
-        raise hive.error(err) from None
-    finally:
-        await hive.close()
+async def _remove(client: HiveClient, model: str) -> int:
+    reply = await client.remove_model(model)
     narrator(sys.stderr)(
-        "🗑️", f"Removed {reply.removed.model_ref} from {address} ({filesize.decimal(reply.removed.size_bytes)} freed)"
+        "🗑️", f"Removed {reply.removed.model_ref} from {client.address} ({filesize.decimal(reply.removed.size_bytes)} freed)"
     )
     return 0
 
 
-def _backend(value: str | None) -> str | None:
-    if value is None:
-        return None
-    name = value.strip().lower()
-    if name not in BACKENDS:
-        raise RbeeError(
-            "INVALID_BACKEND",
-            f"Unknown backend {value!r}: choose one of {', '.join(BACKENDS)}",
-            {"backend": value, "accepted": ", ".join(BACKENDS)},
-            ["Pass --backend cpu, --backend cuda or --backend metal"],
-        )
-    return name
-
-
 @models_app.command("download")
 def download(
-    model: str = typer.Argument(..., metavar="MODEL", help="hf:ORG/REPO[/FILE][@REVISION] or file:///abs/path"),
+    model: str = typer.Argument(..., metavar="MODEL", help="hf:ORG/REPO\\[/FILE]\\[@REVISION] or file:///abs/path"),
     hive: str = HIVE_OPTION,
     backend: str = typer.Option(None, "--backend", help="Prepare the model for this backend's engine (imports GGUF for cpu)."),
-    api_key: str = KEY_OPTION,
+    api_key: str = HIVE_KEY_OPTION,
 ) -> None:
     """Download a model onto the hive's node (progress on stderr, path on stdout)."""
 
     async def main() -> int:
         parse_model_ref(model)
-        address = validate_hive(hive)
-        chosen = _backend(backend)
-        key, source = resolve_api_key(api_key, address)
-        return await _download(address, model, chosen, key, source)
+        chosen = validate_backend(backend)
+        async with HiveClient.connect(hive, api_key) as client:
+            return await _download(client, model, chosen)
 
     run(main())
 
@@ -245,20 +171,17 @@ def download(
 def list_models(
     hive: str = HIVE_OPTION,
     provider: str = typer.Option(None, "--provider", help="Only models from this provider: hf or file."),
-    api_key: str = KEY_OPTION,
+    api_key: str = HIVE_KEY_OPTION,
 ) -> None:
     """List the models in the hive's catalog."""
 
     async def main() -> int:
-        address = validate_hive(hive)
         if provider is not None and provider.strip().lower() not in PROVIDERS:
-            raise _bad(
-                f"--provider must be one of {', '.join(PROVIDERS)} (got {provider!r})",
-                {"option": "--provider", "value": provider},
-                "Pass --provider hf or --provider file",
+            raise invalid_argument(
+                "--provider", provider, f"must be one of {', '.join(PROVIDERS)}", "Pass --provider hf or --provider file"
             )
-        key, source = resolve_api_key(api_key, address)
-        return await _list(address, provider.strip().lower() if provider else None, key, source)
+        async with HiveClient.connect(hive, api_key) as client:
+            return await _list(client, provider.strip().lower() if provider else None)
 
     run(main())
 
@@ -267,15 +190,14 @@ def list_models(
 def remove(
     model: str = typer.Argument(..., metavar="MODEL", help="The model reference, as listed."),
     hive: str = HIVE_OPTION,
-    api_key: str = KEY_OPTION,
+    api_key: str = HIVE_KEY_OPTION,
 ) -> None:
     """Remove a model from the hive's catalog and delete its files."""
 
     async def main() -> int:
         parse_model_ref(model)
-        address = validate_hive(hive)
-        key, source = resolve_api_key(api_key, address)
-        return await _remove(address, model, key, source)
+        async with HiveClient.connect(hive, api_key) as client:
+            return await _remove(client, model)
 
     run(main())
 

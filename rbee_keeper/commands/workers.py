@@ -1,5 +1,5 @@
 """`rbee-keeper workers list|health|shutdown|spawn`: a hive's workers, reached
-directly with --hive HOST:PORT."""
+directly with --hive HOST:PORT (default: the hive on this machine)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from rich.table import Table
 from rbee.errors import RbeeError
 from rbee.v1 import common_pb2, registry_pb2
 
-from rbee_keeper.common import HIVE_HELP, HIVE_KEY_HELP, resolve_api_key, run
-from rbee_keeper.hive_client import HiveClient, parse_hive_address
+from rbee_keeper.common import HIVE_KEY_OPTION, HIVE_OPTION, run
+from rbee_keeper.hive_client import HiveClient
 from rbee_keeper.render import LoadingView, narrator
 from rbee_keeper.validation import validate_backend, validate_device
 
@@ -25,12 +25,6 @@ STATES = {name.removeprefix("WORKER_STATE_").lower(): value for name, value in c
 
 def _state(value: int) -> str:
     return common_pb2.WorkerState.Name(value).removeprefix("WORKER_STATE_").lower()
-
-
-def _client(hive: str, api_key: str | None) -> HiveClient:
-    address = parse_hive_address(hive)
-    key, source = resolve_api_key(api_key, address)
-    return HiveClient(address, key, source)
 
 
 def _worker_dict(w: common_pb2.WorkerInfo) -> dict:
@@ -49,8 +43,8 @@ def _worker_dict(w: common_pb2.WorkerInfo) -> dict:
 
 @workers_app.command("list")
 def list_cmd(
-    hive: str = typer.Option(..., "--hive", help=HIVE_HELP),
-    api_key: str = typer.Option(None, "--api-key", help=HIVE_KEY_HELP),
+    hive: str = HIVE_OPTION,
+    api_key: str = HIVE_KEY_OPTION,
     model: str = typer.Option("", "--model", help="Only workers serving this model ref."),
     state: str = typer.Option("", "--state", help=f"Only workers in this state ({', '.join(STATES)})."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per worker."),
@@ -68,7 +62,7 @@ def list_cmd(
                     [f"Pass --state {next(iter(STATES))}"],
                 )
             wanted = STATES[state.lower()]
-        async with _client(hive, api_key) as client:
+        async with HiveClient.connect(hive, api_key) as client:
             workers = await client.list(model, wanted)
         if as_json:
             for w in workers:
@@ -88,14 +82,14 @@ def list_cmd(
 
 @workers_app.command("health")
 def health_cmd(
-    hive: str = typer.Option(..., "--hive", help=HIVE_HELP),
-    api_key: str = typer.Option(None, "--api-key", help=HIVE_KEY_HELP),
+    hive: str = HIVE_OPTION,
+    api_key: str = HIVE_KEY_OPTION,
     worker_id: str = typer.Option("", "--id", help="Only this worker."),
 ) -> None:
     """Ask the hive to health-check its workers now. Exit 1 when one does not answer."""
 
     async def go() -> int:
-        async with _client(hive, api_key) as client:
+        async with HiveClient.connect(hive, api_key) as client:
             hive_health = await client.hive_health()
             results = await client.health(worker_id)
         say = narrator()
@@ -117,8 +111,8 @@ def health_cmd(
 
 @workers_app.command("shutdown")
 def shutdown_cmd(
-    hive: str = typer.Option(..., "--hive", help=HIVE_HELP),
-    api_key: str = typer.Option(None, "--api-key", help=HIVE_KEY_HELP),
+    hive: str = HIVE_OPTION,
+    api_key: str = HIVE_KEY_OPTION,
     worker_id: str = typer.Option(..., "--id", help="The worker to stop (see `workers list`)."),
     timeout: int = typer.Option(0, "--timeout", min=0, help="Seconds to let it drain before it is force-killed (0 = the hive's 30 s)."),
 ) -> None:
@@ -126,7 +120,7 @@ def shutdown_cmd(
 
     async def go() -> int:
         say = narrator()
-        async with _client(hive, api_key) as client:
+        async with HiveClient.connect(hive, api_key) as client:
             say("👋", f"Asking {client.address} to shut down {worker_id}")
             result = await client.shutdown(worker_id, timeout)
         how = "force-killed" if result.force_killed else f"exited with code {result.exit_code}"
@@ -138,8 +132,8 @@ def shutdown_cmd(
 
 @workers_app.command("spawn")
 def spawn_cmd(
-    hive: str = typer.Option(..., "--hive", help=HIVE_HELP),
-    api_key: str = typer.Option(None, "--api-key", help=HIVE_KEY_HELP),
+    hive: str = HIVE_OPTION,
+    api_key: str = HIVE_KEY_OPTION,
     model: str = typer.Option(..., "--model", help="Model folder on the hive's node."),
     backend: str = typer.Option("cpu", "--backend", help="cpu, cuda or metal (never changed for you)."),
     device: str = typer.Option("0", "--device", help="Device index on that backend."),
@@ -155,7 +149,7 @@ def spawn_cmd(
         d = validate_device(device)
         say = narrator()
         request = registry_pb2.SpawnWorkerRequest(model_path=model, backend=b or "cpu", device=d or 0, model_ref=model_ref, slots=slots)
-        async with _client(hive, api_key) as client:
+        async with HiveClient.connect(hive, api_key) as client:
             say("🚀", f"Asking {client.address} to start a worker for {model_ref or model} on {request.backend}:{request.device}")
             reply = await client.spawn(request, timeout)
             worker = reply.worker

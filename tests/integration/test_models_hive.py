@@ -70,11 +70,11 @@ async def test_keeper_shows_a_bar_on_a_terminal(hub, hub_hive, keeper):
 
 
 async def test_keeper_validates_the_reference_before_sending(keeper, tmp_path):
-    # Nothing listens on this port: a request would fail with UNAVAILABLE.
+    # Nothing listens on this port: a request would fail with HIVE_UNREACHABLE.
     bad = keeper("models", "download", "hf:only-one-part", "--hive", "127.0.0.1:9", "--api-key", "k")
     assert await finish(bad) == 1
     assert "INVALID_MODEL_REF: Invalid model reference format: 'hf:only-one-part'" in bad.stderr
-    assert "file:///absolute/path" in bad.stderr and "UNAVAILABLE" not in bad.stderr
+    assert "file:///absolute/path" in bad.stderr and "UNAVAILABLE" not in bad.stderr and "UNREACHABLE" not in bad.stderr
 
 
 @pytest.mark.parametrize(

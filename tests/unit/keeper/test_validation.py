@@ -10,6 +10,7 @@ from rbee_keeper.validation import (
     validate_address,
     validate_backend,
     validate_device,
+    validate_hive_address,
     validate_sampling,
 )
 
@@ -67,6 +68,20 @@ def test_bad_addresses(text):
     with pytest.raises(RbeeError) as caught:
         validate_address(text)
     assert caught.value.code == "INVALID_ARGUMENT" and caught.value.details["option"] == "--worker"
+
+
+@pytest.mark.parametrize("text, expected", [("127.0.0.1:7900", "127.0.0.1:7900"), (" localhost:07900 ", "localhost:7900"), ("[::1]:7900", "[::1]:7900")])
+def test_hive_addresses(text, expected):
+    assert validate_hive_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1", ":7900", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:x", "::1:7900", "bad host:1", "[::1:7900"])
+def test_bad_hive_addresses_name_the_option_and_the_local_hive(text):
+    with pytest.raises(RbeeError) as caught:
+        validate_hive_address(text)
+    err = caught.value
+    assert err.code == "INVALID_ARGUMENT" and err.details == {"option": "--hive", "value": text}
+    assert err.message.startswith("--hive ") and err.suggestions == ["Give the hive as HOST:PORT, e.g. --hive 127.0.0.1:7900"]
 
 
 def test_backends():
