@@ -23,7 +23,13 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 def print_error(err: RbeeError, actor: str) -> None:
     stderr.print(f"[{actor}] ❌ {err.code}: {err.message}", markup=False)
     for key, value in err.details.items():
-        stderr.print(f"    {key}: {value}", markup=False)
+        lines = value.splitlines()
+        if len(lines) > 1:  # captured output (a build's, a program's): one line each, indented
+            stderr.print(f"    {key}:", markup=False)
+            for line in lines:
+                stderr.print(f"      {line}", markup=False)
+        else:
+            stderr.print(f"    {key}: {value}", markup=False)
     for suggestion in err.suggestions:
         stderr.print(f"    → {suggestion}", markup=False)
 

@@ -80,7 +80,7 @@ class HiveClient:
         finally:
             call.cancel()
 
-    # -- workers (HiveWorkerService) ---------------------------------------------
+    # -- workers (HiveWorkerService) -------------------------------------------------------
 
     async def spawn(self, request: registry_pb2.SpawnWorkerRequest, timeout: float) -> registry_pb2.SpawnWorkerResponse:
         return await self._unary(self._workers.SpawnWorker, request, timeout)
@@ -106,12 +106,12 @@ class HiveClient:
         request = registry_pb2.StreamLogsRequest(worker_id=worker_id, tail_lines=tail_lines, follow=follow)
         return self._stream(self._workers.StreamLogs, request)
 
-    # -- the node (PreflightService) -----------------------------------------------
+    # -- the node (PreflightService) -------------------------------------------------------
 
     async def hive_health(self) -> preflight_pb2.GetHiveHealthResponse:
         return await self._unary(self._preflight.GetHiveHealth, preflight_pb2.GetHiveHealthRequest())
 
-    # -- models (ProvisioningService) ----------------------
+    # -- models (ProvisioningService) ------------------------------------------------------
 
     def download_model(self, model_ref: str, backend: str = "") -> AsyncIterator[provisioning_pb2.DownloadModelResponse]:
         request = provisioning_pb2.DownloadModelRequest(model_ref=model_ref, backend=backend)
@@ -125,3 +125,17 @@ class HiveClient:
     async def remove_model(self, model_ref: str) -> provisioning_pb2.RemoveModelResponse:
         request = provisioning_pb2.RemoveModelRequest(model_ref=model_ref)
         return await self._unary(self._provisioning.RemoveModel, request, None)
+
+    # -- worker environments (ProvisioningService) -----------------------------------------
+
+    async def worker_environments(self, backend: str = "") -> list:
+        request = provisioning_pb2.ListWorkerEnvironmentsRequest(backend=backend)
+        reply = await self._unary(self._provisioning.ListWorkerEnvironments, request)
+        return list(reply.environments)
+
+    def provision_worker(
+        self, backend: str, source: str = "", force: bool = False
+    ) -> AsyncIterator[provisioning_pb2.ProvisionWorkerResponse]:
+        # No deadline: an engine install can take many minutes; the hive narrates it.
+        request = provisioning_pb2.ProvisionWorkerRequest(backend=backend, source=source, force=force)
+        return self._stream(self._provisioning.ProvisionWorker, request)

@@ -1,24 +1,28 @@
-"""`rbee-keeper workers list|health|shutdown|spawn`: a hive's workers, reached
-directly with --hive HOST:PORT (default: the hive on this machine)."""
+"""`rbee-keeper workers list|health|shutdown|spawn|envs|provision`: a hive's
+workers and worker environments, reached directly with --hive HOST:PORT
+(default: the hive on this machine)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from rbee.errors import RbeeError
-from rbee.v1 import common_pb2, registry_pb2
+from rbee.v1 import common_pb2, provisioning_pb2, registry_pb2
 
 from rbee_keeper.common import HIVE_KEY_OPTION, HIVE_OPTION, run
 from rbee_keeper.hive_client import HiveClient
 from rbee_keeper.render import LoadingView, narrator
 from rbee_keeper.validation import validate_backend, validate_device
 
-workers_app = typer.Typer(help="Workers of a hive: list, health, shutdown, spawn.", no_args_is_help=True)
+workers_app = typer.Typer(
+    help="Workers of a hive: list, health, shutdown, spawn; worker environments: envs, provision.", no_args_is_help=True
+)
 
 STATES = {name.removeprefix("WORKER_STATE_").lower(): value for name, value in common_pb2.WorkerState.items() if value}
 
@@ -169,6 +173,94 @@ def spawn_cmd(
                     view.close()
                 say("✅", f"{worker.id} is {_state(worker.state)} on {worker.address}")
         print(f"{worker.id} {worker.address}")
+        sys.stdout.flush()
+        return 0
+
+    run(go())
+
+
+def _env_dict(e: provisioning_pb2.WorkerEnvironment) -> dict:
+    return {
+        "id": e.id,
+        "worker_type": e.worker_type,
+        "backend": e.backend,
+        "features": list(e.features),
+        "path": e.path,
+        "binary_path": e.binary_path,
+        "version": e.version,
+        "engine": e.engine,
+        "source": e.source,
+        "installed_at_unix": e.installed_at_unix,
+    }
+
+
+@workers_app.command("envs")
+def envs_cmd(
+    hive: str = HIVE_OPTION,
+    api_key: str = HIVE_KEY_OPTION,
+    backend: str = typer.Option(None, "--backend", help="Only this backend's environment (cpu, cuda or metal)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per environment."),
+) -> None:
+    """The worker environments installed on the hive's node (one per backend)."""
+
+    async def go() -> int:
+        wanted = validate_backend(backend)
+        async with HiveClient.connect(hive, api_key) as client:
+            envs = await client.worker_environments(wanted or "")
+        if as_json:
+            for e in envs:
+                print(json.dumps(_env_dict(e)))
+            return 0
+        if not envs:
+            narrator()("📭", f"No worker environments on {client.address}" + (f" for {wanted}" if wanted else ""))
+            return 0
+        table = Table("ID", "BACKEND", "VERSION", "ENGINE", "INSTALLED", "PATH")
+        for e in envs:
+            when = datetime.fromtimestamp(e.installed_at_unix).strftime("%Y-%m-%d %H:%M") if e.installed_at_unix else "-"
+            table.add_row(e.id, e.backend, e.version, e.engine, when, e.path)
+        Console(highlight=False, width=200).print(table)
+        return 0
+
+    run(go())
+
+
+@workers_app.command("provision")
+def provision_cmd(
+    hive: str = HIVE_OPTION,
+    api_key: str = HIVE_KEY_OPTION,
+    backend: str = typer.Option(..., "--backend", help="cpu or cuda (metal on Apple silicon): the environment to install."),
+    source: str = typer.Option("", "--source", metavar="PATH", help="Project source on the hive's node (default: the hive's own checkout)."),
+    force: bool = typer.Option(False, "--force", help="Reinstall even if a working environment is recorded."),
+) -> None:
+    """Install the worker environment for a backend on the hive's node (or reuse it).
+
+    The hive's narration goes to stderr, `ID BINARY` to stdout. Ctrl+C stops
+    waiting; the hive finishes the install.
+    """
+
+    async def go() -> int:
+        wanted = validate_backend(backend)
+        say = narrator()
+        env: provisioning_pb2.WorkerEnvironment | None = None
+        async with HiveClient.connect(hive, api_key) as client:
+            say("🔨", f"Asking {client.address} to provision the {wanted} worker environment" + (" (forced)" if force else ""))
+            async for msg in client.provision_worker(wanted, source, force):
+                if msg.HasField("environment"):
+                    env = msg.environment
+                elif msg.event.HasField("narration"):
+                    say.emit(msg.event.narration)
+                elif msg.event.HasField("progress"):
+                    p = msg.event.progress
+                    say("⏳", " · ".join(part for part in (p.stage, p.message) if part) or "provisioning")
+        if env is None:
+            raise RbeeError(
+                "STREAM_BROKEN",
+                f"{client.address} ended the provisioning of {wanted} without a result",
+                {"hive": client.address, "backend": wanted},
+                [f"Run it again, or see what the hive recorded: rbee-keeper workers envs --hive {client.address}"],
+            )
+        say("✅", f"{env.id} on {client.address}: rbee {env.version}, {env.engine}, in {env.path}")
+        print(f"{env.id} {env.binary_path}")
         sys.stdout.flush()
         return 0
 
