@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from rich.console import Console
 
+from rbee.config import VERSION
 from rbee.errors import RbeeError
 
 if TYPE_CHECKING:
@@ -37,6 +38,28 @@ def print_error(err: RbeeError, actor: str) -> None:
 def fail(err: RbeeError, actor: str) -> NoReturn:
     print_error(err, actor)
     sys.exit(EXIT_ERROR)
+
+
+def make_app(name: str, help: str) -> "typer.Typer":
+    """A program's root command: help when run without arguments, --version,
+    no shell-completion commands, and no rich tracebacks (errors are printed
+    by run_app and the commands, with their codes)."""
+    import typer
+
+    app = typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+    def print_version(value: bool) -> None:
+        if value:
+            typer.echo(f"{name} {VERSION}")
+            raise typer.Exit()
+
+    @app.callback()
+    def root(
+        version: bool = typer.Option(False, "--version", callback=print_version, is_eager=True, help="Print the version and exit."),
+    ) -> None:
+        """Root options."""
+
+    return app
 
 
 def run_app(app: "typer.Typer", actor: str) -> NoReturn:

@@ -2,35 +2,13 @@
 
 from __future__ import annotations
 
-import typer
-
-from rbee.cli_common import run_app
-from rbee.config import VERSION
+from rbee.cli_common import make_app, run_app
 
 from rbee_hive.commands import daemon, models
 
-app = typer.Typer(
-    name="rbee-hive",
-    help="The node's pool manager: detects what the node has, checks resources, runs workers.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = make_app("rbee-hive", "The node's pool manager: detects what the node has, checks resources, runs workers.")
 daemon.register(app)
 models.register(app)
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"rbee-hive {VERSION}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-) -> None:
-    """Root options."""
 
 
 def main() -> None:
