@@ -21,7 +21,7 @@ from rbee.channel import CHANNEL_OPTIONS
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.v1 import common_pb2, preflight_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.fixtures.common import REPO, VENV_BIN, proc_env
-from tests.fixtures.hive import HIVE_KEY, free_port_block
+from tests.fixtures.hive import HIVE_KEY, alive_pids, free_port_block, kill_pids
 
 MB = 1024 * 1024
 IDLE = common_pb2.WORKER_STATE_IDLE
@@ -114,14 +114,7 @@ class Hive:
         return self.proc.wait(timeout)
 
     def alive(self) -> list[int]:
-        out = []
-        for pid in self.known:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    out.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        return out
+        return alive_pids(self.known)
 
     def close(self) -> None:
         self.remember()
@@ -132,13 +125,7 @@ class Hive:
                 self.proc.wait(90)
             except subprocess.TimeoutExpired:
                 pass
-        for pid in self.known | {self.proc.pid}:
-            try:
-                p = psutil.Process(pid)
-                p.send_signal(signal.SIGCONT)
-                p.kill()
-            except psutil.Error:
-                pass
+        kill_pids(self.known | {self.proc.pid})
         if self.proc.poll() is None:
             self.proc.wait()
 
