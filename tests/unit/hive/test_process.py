@@ -1,4 +1,3 @@
-import pytest
 """WorkerProcess with real (small) processes: output capture, exits, trees."""
 
 import signal
@@ -7,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import psutil
+import pytest
 
 from rbee_hive.workers.process import WorkerProcess
 
@@ -17,6 +17,28 @@ PY = Path(sys.executable)
 
 async def start(code: str, lines: list[str]) -> WorkerProcess:
     return await WorkerProcess.start(PY, ["-u", "-c", textwrap.dedent(code)], {"PATH": "/usr/bin:/bin"}, lines.append)
+
+
+async def first_line(proc: WorkerProcess, lines: list[str]) -> str:
+    while not lines:
+        await proc.wait_for_exit(0.05)
+    return lines[0]
+
+
+async def start_with_child() -> tuple[WorkerProcess, psutil.Process]:
+    """A process with a sleeping child that inherits its stdout (like an
+    engine subprocess does); the child's pid is the first line printed."""
+    lines: list[str] = []
+    proc = await start(
+        """
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print(child.pid, flush=True)
+        time.sleep(600)
+        """,
+        lines,
+    )
+    return proc, psutil.Process(int(await first_line(proc, lines)))
 
 
 async def test_output_is_captured_and_exit_described():
@@ -30,19 +52,7 @@ async def test_output_is_captured_and_exit_described():
 
 
 async def test_terminate_stops_the_whole_tree():
-    lines: list[str] = []
-    proc = await start(
-        """
-        import subprocess, sys, time
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        print(child.pid, flush=True)
-        time.sleep(600)
-        """,
-        lines,
-    )
-    while not lines:  # the child's pid is the first line
-        await proc.wait_for_exit(0.05)
-    child = psutil.Process(int(lines[0]))
+    proc, child = await start_with_child()
     info, forced = await proc.terminate(grace=10)
     assert info is not None and info.returncode == -signal.SIGTERM and info.requested and not forced
     assert child.wait(timeout=10) is not None or not child.is_running()
@@ -60,8 +70,7 @@ async def test_a_process_that_ignores_sigterm_is_force_killed():
         """,
         lines,
     )
-    while not lines:
-        await proc.wait_for_exit(0.05)
+    await first_line(proc, lines)
     info, forced = await proc.terminate(grace=0.5)
     assert forced and info is not None and info.returncode == -signal.SIGKILL
     assert info.describe() == "killed by SIGKILL"
@@ -71,28 +80,14 @@ async def test_a_process_that_ignores_sigterm_is_force_killed():
 async def test_a_stopped_process_still_terminates():
     lines: list[str] = []
     proc = await start("import time; print('up', flush=True); time.sleep(600)", lines)
-    while not lines:
-        await proc.wait_for_exit(0.05)
+    await first_line(proc, lines)
     psutil.Process(proc.pid).suspend()  # SIGSTOP
     info, forced = await proc.terminate(grace=10)
     assert info is not None and info.returncode == -signal.SIGTERM and not forced
 
 
 async def test_exit_is_seen_even_while_a_grandchild_holds_the_output_pipe():
-    lines: list[str] = []
-    proc = await start(
-        """
-        import subprocess, sys, time
-        # The child inherits stdout, like an engine subprocess does.
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        print(child.pid, flush=True)
-        time.sleep(600)
-        """,
-        lines,
-    )
-    while not lines:
-        await proc.wait_for_exit(0.05)
-    child = psutil.Process(int(lines[0]))
+    proc, child = await start_with_child()
     psutil.Process(proc.pid).kill()  # from outside, not through the hive
     info = await proc.wait_for_exit(30)
     assert info is not None and info.returncode == -signal.SIGKILL and not info.requested
