@@ -72,7 +72,12 @@ class ModelRecord:
 
     @property
     def model_ref(self) -> str:
-        return f"file://{self.reference}" if self.provider == "file" else f"{self.provider}:{self.reference}"
+        return format_model_ref(self.provider, self.reference)
+
+
+def format_model_ref(provider: str, reference: str) -> str:
+    """The reference as typed: ``file:///abs/path`` or ``hf:ORG/REPO...``."""
+    return f"file://{reference}" if provider == "file" else f"{provider}:{reference}"
 
 
 def _to_record(row: _ModelRow) -> ModelRecord:
@@ -92,6 +97,18 @@ def _to_record(row: _ModelRow) -> ModelRecord:
     )
 
 
+def _find(session: Session, provider: str, reference: str) -> _ModelRow | None:
+    query = select(_ModelRow).where(_ModelRow.provider == provider, _ModelRow.reference == reference)
+    return session.scalars(query).first()
+
+
+def _existing(session: Session, provider: str, reference: str) -> _ModelRow:
+    row = _find(session, provider, reference)
+    if row is None:
+        raise _not_found(provider, reference)
+    return row
+
+
 def _db_error(action: str, exc: SQLAlchemyError) -> RbeeError:
     return RbeeError("CATALOG_ERROR", f"Model catalog: cannot {action}: {getattr(exc, 'orig', exc)}")
 
@@ -109,9 +126,7 @@ class ModelCatalog:
     def get(self, provider: str, reference: str) -> ModelRecord | None:
         try:
             with Session(self._engine) as session:
-                row = session.scalars(
-                    select(_ModelRow).where(_ModelRow.provider == provider, _ModelRow.reference == reference)
-                ).first()
+                row = _find(session, provider, reference)
                 return _to_record(row) if row else None
         except SQLAlchemyError as exc:
             raise _db_error("look up a model", exc) from exc
@@ -131,11 +146,7 @@ class ModelCatalog:
         stamp = record.downloaded_at_unix or int(time.time())
         try:
             with Session(self._engine) as session, session.begin():
-                row = session.scalars(
-                    select(_ModelRow).where(
-                        _ModelRow.provider == record.provider, _ModelRow.reference == record.reference
-                    )
-                ).first()
+                row = _find(session, record.provider, record.reference)
                 if row is None:
                     row = _ModelRow(provider=record.provider, reference=record.reference)
                     session.add(row)
@@ -152,11 +163,7 @@ class ModelCatalog:
     def update_metadata(self, provider: str, reference: str, **values: Any) -> ModelRecord:
         try:
             with Session(self._engine) as session, session.begin():
-                row = session.scalars(
-                    select(_ModelRow).where(_ModelRow.provider == provider, _ModelRow.reference == reference)
-                ).first()
-                if row is None:
-                    raise _not_found(provider, reference)
+                row = _existing(session, provider, reference)
                 meta = json.loads(row.metadata_json or "{}")
                 meta.update(values)
                 row.metadata_json = json.dumps(meta, sort_keys=True)
@@ -173,11 +180,7 @@ class ModelCatalog:
         """
         try:
             with Session(self._engine) as session, session.begin():
-                row = session.scalars(
-                    select(_ModelRow).where(_ModelRow.provider == provider, _ModelRow.reference == reference)
-                ).first()
-                if row is None:
-                    raise _not_found(provider, reference)
+                row = _existing(session, provider, reference)
                 record = _to_record(row)
                 session.delete(row)
         except SQLAlchemyError as exc:
@@ -217,7 +220,7 @@ def _delete(path: Path) -> None:
 
 
 def _not_found(provider: str, reference: str) -> RbeeError:
-    ref = f"file://{reference}" if provider == "file" else f"{provider}:{reference}"
+    ref = format_model_ref(provider, reference)
     return RbeeError(
         "MODEL_NOT_FOUND",
         f"Model not in the catalog: {ref}",
