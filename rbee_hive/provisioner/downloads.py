@@ -159,13 +159,13 @@ class ModelDownload:
         if last is not None and last.kind == "stall":
             return RbeeError(
                 "DOWNLOAD_TIMEOUT",
-                f"Download of {ref} timed out: {name} stalled on every attempt ({attempts} attempts, no data for {self.settings.stall_timeout_s:g} s)",
+                f"Download of {ref} timed out: {name} stalled on every attempt (the first and {self.settings.retries} retries: {attempts} attempts, no data for {self.settings.stall_timeout_s:g} s)",
                 {"model": ref, "file": name, "attempts": attempts, "last_error": detail},
                 ["Check the node's network connection to the hub, then run the download again (it resumes)"],
             )
         return RbeeError(
             "DOWNLOAD_FAILED",
-            f"Download of {ref} failed after {attempts} attempts: {name}: {detail}",
+            f"Download of {ref} failed after {self.settings.retries} retries ({attempts} attempts): {name}: {detail}",
             {"model": ref, "file": name, "attempts": attempts, "last_error": detail},
             ["Check the node's network connection and HF_ENDPOINT, then run the download again (it resumes)"],
         )
