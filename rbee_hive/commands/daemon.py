@@ -22,7 +22,7 @@ def daemon(
     api_key: str = typer.Option(
         None, "--api-key", help="Key every RPC but health requires (RBEE_HIVE_API_KEY keeps it out of ps)."
     ),
-    worker_binary: Path = typer.Option(None, "--worker-binary", help="The worker program (default: llm-worker-rbee beside this Python)."),
+    worker_binary: Path = typer.Option(None, "--worker-binary", help="Use this worker program instead of a provisioned worker environment (default: the environment for the backend in $RBEE_HOME/workers, installed on first use; RBEE_HIVE_WORKER_BINARY)."),
 ) -> None:
     """Run the hive: preflight, worker spawning and supervision over gRPC. Stops its workers on SIGTERM."""
     from rbee_hive.server import serve
