@@ -10,13 +10,15 @@ from pytest_bdd import given, parsers, scenarios, then, when
 from rbee.v1 import common_pb2, inference_pb2
 from features.steps.worker_support import (
     PROMPT,
-    Stream,
     generate_all,
+    keeper_exit_code,
     readiness,
     request,
     rpc_error,
+    run_keeper,
     slots_free,
     stub,
+    track_stream,
     wait_until,
 )
 
@@ -98,15 +100,11 @@ def _same_ids(ctx):
 @when(parsers.parse("I run rbee-keeper infer against the worker for {n:d} tokens greedily"))
 def _keeper_greedy(worker, keeper, ctx, n):
     ctx["n"] = n
-    run = keeper("infer", "--worker", worker.address, "--prompt", PROMPT, "--max-tokens", str(n),
-                 "--temperature", "0", env={"RBEE_API_KEY": worker.api_key})
-    ctx["keeper"] = run
-    ctx["code"] = run.finish()
+    run_keeper(ctx, keeper, "infer", "--worker", worker.address, "--prompt", PROMPT, "--max-tokens", str(n),
+               "--temperature", "0", env={"RBEE_API_KEY": worker.api_key})
 
 
-@then(parsers.parse("rbee-keeper exits with code {code:d}"))
-def _keeper_code(ctx, code):
-    assert ctx["code"] == code, ctx["keeper"].describe()
+then(parsers.parse("rbee-keeper exits with code {code:d}"))(keeper_exit_code)
 
 
 @then("its stdout is exactly the text the worker streams for the same request")
@@ -127,9 +125,7 @@ def _keeper_summary(ctx):
 
 @given("a long request is streaming", target_fixture="stream")
 def _long_stream(worker, ctx):
-    stream = Stream(worker, max_tokens=1500)
-    ctx["streams"].append(stream)
-    return stream
+    return track_stream(ctx, worker, 1500)
 
 
 def _cancel(worker, request_id: str) -> inference_pb2.CancelResponse:

@@ -21,14 +21,16 @@ from rbee.v1 import common_pb2, inference_pb2
 from features.steps.worker_support import (
     PROMPT,
     SETTLE_S,
-    Stream,
     health,
+    keeper_exit_code,
     readiness,
     request,
     rpc_error,
+    run_keeper,
     stub,
+    track_stream,
 )
-from tests.fixtures.worker import launch_worker
+from tests.fixtures.worker import running_worker
 
 pytestmark = pytest.mark.engine
 
@@ -40,11 +42,8 @@ WS = common_pb2.WorkerState
 @pytest.fixture(scope="module")
 def young_worker(default_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """Started without waiting for the model, so the first scenarios see it load."""
-    worker = launch_worker(default_model, tmp_path_factory.mktemp("lifecycle-worker"), slots=1, wait=False)
-    try:
+    with running_worker(default_model, tmp_path_factory.mktemp("lifecycle-worker"), slots=1, wait=False) as worker:
         yield worker
-    finally:
-        worker.stop()
 
 
 @pytest.fixture
@@ -133,9 +132,7 @@ def _answers_idle(worker, busy, total):
 
 @given("a long request is streaming on it", target_fixture="stream")
 def _long_stream(worker, ctx):
-    stream = Stream(worker, max_tokens=1500)
-    ctx["streams"].append(stream)
-    return stream
+    return track_stream(ctx, worker, 1500)
 
 
 @when("another request is sent")
@@ -154,10 +151,8 @@ def _busy(ctx):
 
 @when("I run rbee-keeper infer against that worker")
 def _keeper_against(worker, keeper, ctx):
-    run = keeper("infer", "--worker", worker.address, "--prompt", PROMPT, "--max-tokens", "4",
-                 env={"RBEE_API_KEY": worker.api_key})
-    ctx["keeper"] = run
-    ctx["code"] = run.finish()
+    run_keeper(ctx, keeper, "infer", "--worker", worker.address, "--prompt", PROMPT, "--max-tokens", "4",
+               env={"RBEE_API_KEY": worker.api_key})
 
 
 @then("rbee-keeper retries after 1, 2 and 4 seconds, saying how busy the worker is")
@@ -202,14 +197,10 @@ def _health_open(worker):
 
 @when("I run rbee-keeper infer against the worker with a wrong key in RBEE_API_KEY")
 def _keeper_wrong_key(worker, keeper, ctx):
-    run = keeper("infer", "--worker", worker.address, "--prompt", PROMPT, env={"RBEE_API_KEY": "not-the-key"})
-    ctx["keeper"] = run
-    ctx["code"] = run.finish()
+    run_keeper(ctx, keeper, "infer", "--worker", worker.address, "--prompt", PROMPT, env={"RBEE_API_KEY": "not-the-key"})
 
 
-@then(parsers.parse("rbee-keeper exits with code {code:d}"))
-def _keeper_code(ctx, code):
-    assert ctx["code"] == code, ctx["keeper"].describe()
+then(parsers.parse("rbee-keeper exits with code {code:d}"))(keeper_exit_code)
 
 
 @then("the error names the worker's address and RBEE_API_KEY as the key's source")
@@ -225,9 +216,7 @@ def _names_host(worker, ctx):
 @when(parsers.parse("I run rbee-keeper infer against a closed port with {option} {value}"))
 def _keeper_bad_input(keeper, ctx, option, value):
     # Nothing listens on port 1 of loopback: a connection attempt would fail visibly.
-    run = keeper("infer", "--worker", "127.0.0.1:1", "--api-key", "k", "--prompt", "hi", option, value)
-    ctx["keeper"] = run
-    ctx["code"] = run.finish()
+    run_keeper(ctx, keeper, "infer", "--worker", "127.0.0.1:1", "--api-key", "k", "--prompt", "hi", option, value)
 
 
 @then(parsers.parse("the error is {code} and names {option}"))
@@ -248,9 +237,7 @@ def _no_connection(ctx):
 
 @given(parsers.parse("a request of {n:d} tokens is streaming on it"), target_fixture="stream")
 def _short_stream(worker, ctx, n):
-    stream = Stream(worker, max_tokens=n)
-    ctx["streams"].append(stream)
-    return stream
+    return track_stream(ctx, worker, n)
 
 
 @when("the worker is told to shut down")

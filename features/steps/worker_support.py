@@ -94,6 +94,25 @@ class Stream:
         self.channel.close()
 
 
+def track_stream(ctx: dict, worker: WorkerProcess, max_tokens: int) -> Stream:
+    """A Stream the scenario's ``ctx`` fixture closes at the end."""
+    stream = Stream(worker, max_tokens=max_tokens)
+    ctx["streams"].append(stream)
+    return stream
+
+
+def run_keeper(ctx: dict, keeper, *args: str, env: dict[str, str] | None = None) -> None:
+    """Run rbee-keeper to its end; the process and its exit code go into ``ctx``."""
+    run = keeper(*args, env=env)
+    ctx["keeper"] = run
+    ctx["code"] = run.finish()
+
+
+def keeper_exit_code(ctx: dict, code: int) -> None:
+    """Step 'rbee-keeper exits with code N' (registered in each step module)."""
+    assert ctx["code"] == code, ctx["keeper"].describe()
+
+
 def wait_until(condition, what: str, timeout: float = SETTLE_S, every: float = 0.1) -> None:
     # The worker has no push API for its slot count; ask until it holds.
     deadline = time.monotonic() + timeout

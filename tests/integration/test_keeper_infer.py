@@ -25,7 +25,7 @@ import pytest
 from rbee.errors import from_rpc_error
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from tests.fixtures.common import REPO, VENV_BIN, proc_env
-from tests.fixtures.worker import WorkerProcess, launch_worker
+from tests.fixtures.worker import WorkerProcess, running_worker
 
 pytestmark = pytest.mark.engine
 
@@ -133,11 +133,8 @@ def _reference_main(model: str, prompt: str, max_tokens: int) -> None:
 @pytest.fixture(scope="module")
 def solo_worker(default_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """Started without waiting, so the first test sees it loading."""
-    worker = launch_worker(default_model, tmp_path_factory.mktemp("solo-worker"), slots=1, wait=False)
-    try:
+    with running_worker(default_model, tmp_path_factory.mktemp("solo-worker"), slots=1, wait=False) as worker:
         yield worker
-    finally:
-        worker.stop()
 
 
 def test_keeper_waits_for_a_loading_worker_then_streams(solo_worker, keeper):
