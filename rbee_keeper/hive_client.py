@@ -9,8 +9,7 @@ from typing import Any
 
 import grpc
 
-from rbee.channel import metadata, open_channel
-from rbee.errors import RbeeError, from_rpc_error
+from rbee.errors import RbeeError
 from rbee.v1 import (
     preflight_pb2,
     preflight_pb2_grpc,
@@ -20,21 +19,17 @@ from rbee.v1 import (
     registry_pb2_grpc,
 )
 
-from rbee_keeper.common import explain_auth, resolve_api_key
+from rbee_keeper.common import resolve_api_key
+from rbee_keeper.daemon_client import DaemonClient
 from rbee_keeper.validation import validate_hive_address
 
-CALL_TIMEOUT_S = 30.0
 
-
-class HiveClient:
+class HiveClient(DaemonClient):
     def __init__(self, address: str, api_key: str, key_source: str) -> None:
-        self.address = address
-        self.key_source = key_source
-        self._channel = open_channel(address)
+        super().__init__(address, api_key, key_source)
         self._workers = registry_pb2_grpc.HiveWorkerServiceStub(self._channel)
         self._preflight = preflight_pb2_grpc.PreflightServiceStub(self._channel)
         self._provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(self._channel)
-        self._md = metadata(api_key)
 
     @classmethod
     def connect(cls, hive: str, api_key: str | None) -> "HiveClient":
@@ -44,31 +39,15 @@ class HiveClient:
         key, source = resolve_api_key(api_key, address)
         return cls(address, key, source)
 
-    async def __aenter__(self) -> "HiveClient":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._channel.close(grace=None)
-
-    def error(self, err: grpc.RpcError) -> RbeeError:
-        rbee_err = from_rpc_error(err, self.address)
-        if rbee_err.code == "UNAVAILABLE" and "grpc_status" in rbee_err.details:
-            rbee_err = RbeeError(
+    def translate(self, err: RbeeError) -> RbeeError:
+        if err.code == "UNAVAILABLE" and "grpc_status" in err.details:  # nothing answered
+            return RbeeError(
                 "HIVE_UNREACHABLE",
                 f"Cannot reach the hive at {self.address}",
                 {"hive": self.address},
                 [f"Check that rbee-hive is running there (rbee-hive daemon --port {self.address.rpartition(':')[2]})"],
             )
-        return explain_auth(rbee_err, self.address, self.key_source)
-
-    async def _unary(self, method: Any, request: Any, timeout: float | None = CALL_TIMEOUT_S) -> Any:
-        try:
-            return await method(request, metadata=self._md, timeout=timeout)
-        except grpc.RpcError as err:
-            raise self.error(err) from None
+        return err
 
     async def _stream(self, method: Any, request: Any) -> AsyncIterator[Any]:
         call = method(request, metadata=self._md)
