@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -29,6 +31,34 @@ STATES = {name.removeprefix("WORKER_STATE_").lower(): value for name, value in c
 
 def _state(value: int) -> str:
     return common_pb2.WorkerState.Name(value).removeprefix("WORKER_STATE_").lower()
+
+
+def _show(
+    items: Sequence[Any],
+    as_json: bool,
+    as_dict: Callable[[Any], dict],
+    nothing: str,
+    headers: Sequence[str],
+    cells: Callable[[Any], Sequence[str]],
+) -> int:
+    """A listing: one JSON object per item on stdout, or a table; when there is
+    nothing, a line on stderr (stdout stays empty for scripts)."""
+    if as_json:
+        for item in items:
+            print(json.dumps(as_dict(item)))
+        return 0
+    if not items:
+        narrator()("📭", nothing)
+        return 0
+    table = Table(*headers)
+    for item in items:
+        table.add_row(*cells(item))
+    Console(highlight=False, width=200).print(table)
+    return 0
+
+
+def _when(unix: int) -> str:
+    return datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M") if unix else "-"
 
 
 def _worker_dict(w: common_pb2.WorkerInfo) -> dict:
@@ -68,18 +98,12 @@ def list_cmd(
             wanted = STATES[state.lower()]
         async with HiveClient.connect(hive, api_key) as client:
             workers = await client.list(model, wanted)
-        if as_json:
-            for w in workers:
-                print(json.dumps(_worker_dict(w)))
-            return 0
-        if not workers:
-            narrator()("📭", f"No workers on {client.address}")
-            return 0
-        table = Table("ID", "STATE", "MODEL", "BACKEND", "ADDRESS", "SLOTS FREE", "PID")
-        for w in workers:
-            table.add_row(w.id, _state(w.state), w.model_ref, f"{w.backend}:{w.device}", w.address, f"{w.slots_available}/{w.slots_total}", str(w.pid))
-        Console(highlight=False, width=200).print(table)
-        return 0
+        return _show(
+            workers, as_json, _worker_dict, f"No workers on {client.address}",
+            ("ID", "STATE", "MODEL", "BACKEND", "ADDRESS", "SLOTS FREE", "PID"),
+            lambda w: (w.id, _state(w.state), w.model_ref, f"{w.backend}:{w.device}", w.address,
+                       f"{w.slots_available}/{w.slots_total}", str(w.pid)),
+        )  # fmt: skip
 
     run(go())
 
@@ -207,19 +231,11 @@ def envs_cmd(
         wanted = validate_backend(backend)
         async with HiveClient.connect(hive, api_key) as client:
             envs = await client.worker_environments(wanted or "")
-        if as_json:
-            for e in envs:
-                print(json.dumps(_env_dict(e)))
-            return 0
-        if not envs:
-            narrator()("📭", f"No worker environments on {client.address}" + (f" for {wanted}" if wanted else ""))
-            return 0
-        table = Table("ID", "BACKEND", "VERSION", "ENGINE", "INSTALLED", "PATH")
-        for e in envs:
-            when = datetime.fromtimestamp(e.installed_at_unix).strftime("%Y-%m-%d %H:%M") if e.installed_at_unix else "-"
-            table.add_row(e.id, e.backend, e.version, e.engine, when, e.path)
-        Console(highlight=False, width=200).print(table)
-        return 0
+        return _show(
+            envs, as_json, _env_dict, f"No worker environments on {client.address}" + (f" for {wanted}" if wanted else ""),
+            ("ID", "BACKEND", "VERSION", "ENGINE", "INSTALLED", "PATH"),
+            lambda e: (e.id, e.backend, e.version, e.engine, _when(e.installed_at_unix), e.path),
+        )
 
     run(go())
 
