@@ -58,30 +58,35 @@ def test_temperature_bounds_are_inclusive():
     assert sampling(temperature="2").temperature == 2.0
 
 
-@pytest.mark.parametrize("text, expected", [("127.0.0.1:7910", "127.0.0.1:7910"), ("localhost:80", "localhost:80"), ("[::1]:7910", "[::1]:7910"), (" 127.0.0.1:0065535 ", "127.0.0.1:65535")])
-def test_addresses(text, expected):
-    assert validate_address(text) == expected
+# The one address check, as --worker and as --hive.
+ADDRESS_OPTIONS = pytest.mark.parametrize(
+    "validate, option, example",
+    [(validate_address, "--worker", "127.0.0.1:7910"), (validate_hive_address, "--hive", "127.0.0.1:7900")],
+    ids=["worker", "hive"],
+)
 
 
-@pytest.mark.parametrize("text", ["127.0.0.1", "127.0.0.1:", ":7910", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:http", "::1:7910", "bad host:1"])
-def test_bad_addresses(text):
+@ADDRESS_OPTIONS
+@pytest.mark.parametrize(
+    "text, expected",
+    [("127.0.0.1:7910", "127.0.0.1:7910"), ("localhost:80", "localhost:80"), ("[::1]:7910", "[::1]:7910"),
+     (" 127.0.0.1:0065535 ", "127.0.0.1:65535"), (" localhost:07900 ", "localhost:7900")],
+)  # fmt: skip
+def test_addresses(validate, option, example, text, expected):
+    assert validate(text) == expected
+
+
+@ADDRESS_OPTIONS
+@pytest.mark.parametrize(
+    "text",
+    ["127.0.0.1", "127.0.0.1:", ":7910", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:http", "::1:7910", "bad host:1", "[::1:7900"],
+)
+def test_bad_addresses(validate, option, example, text):
     with pytest.raises(RbeeError) as caught:
-        validate_address(text)
-    assert caught.value.code == "INVALID_ARGUMENT" and caught.value.details["option"] == "--worker"
-
-
-@pytest.mark.parametrize("text, expected", [("127.0.0.1:7900", "127.0.0.1:7900"), (" localhost:07900 ", "localhost:7900"), ("[::1]:7900", "[::1]:7900")])
-def test_hive_addresses(text, expected):
-    assert validate_hive_address(text) == expected
-
-
-@pytest.mark.parametrize("text", ["127.0.0.1", ":7900", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:x", "::1:7900", "bad host:1", "[::1:7900"])
-def test_bad_hive_addresses_name_the_option_and_the_local_hive(text):
-    with pytest.raises(RbeeError) as caught:
-        validate_hive_address(text)
+        validate(text)
     err = caught.value
-    assert err.code == "INVALID_ARGUMENT" and err.details == {"option": "--hive", "value": text}
-    assert err.message.startswith("--hive ") and err.suggestions == ["Give the hive as HOST:PORT, e.g. --hive 127.0.0.1:7900"]
+    assert err.code == "INVALID_ARGUMENT" and err.details == {"option": option, "value": text}
+    assert err.message.startswith(f"{option} ") and err.suggestions == [f"Give the {option[2:]} as HOST:PORT, e.g. {option} {example}"]
 
 
 def test_backends():
