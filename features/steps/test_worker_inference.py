@@ -16,8 +16,10 @@ from features.steps.worker_support import (
     request,
     rpc_error,
     run_keeper,
+    scenario_state,
     slots_free,
     stub,
+    the_shared_worker,
     track_stream,
     wait_until,
 )
@@ -27,17 +29,8 @@ pytestmark = pytest.mark.engine
 scenarios("worker_inference.feature")
 
 
-@pytest.fixture
-def ctx():
-    state: dict = {"streams": []}
-    yield state
-    for stream in state["streams"]:
-        stream.close()
-
-
-@given("a worker with the default model loaded", target_fixture="worker")
-def _worker(real_worker):
-    return real_worker
+ctx_fixture = pytest.fixture(scenario_state, name="ctx")
+given("a worker with the default model loaded", target_fixture="worker")(the_shared_worker)
 
 
 # -- streaming ---------------------------------------------------------------

@@ -27,7 +27,9 @@ from features.steps.worker_support import (
     request,
     rpc_error,
     run_keeper,
+    scenario_state,
     stub,
+    the_shared_worker,
     track_stream,
 )
 from tests.fixtures.worker import running_worker
@@ -46,12 +48,7 @@ def young_worker(default_model: Path, tmp_path_factory: pytest.TempPathFactory):
         yield worker
 
 
-@pytest.fixture
-def ctx():
-    state: dict = {"streams": []}
-    yield state
-    for stream in state["streams"]:
-        stream.close()
+ctx_fixture = pytest.fixture(scenario_state, name="ctx")
 
 
 @given("a worker with one slot has just been started", target_fixture="worker")
@@ -60,9 +57,7 @@ def _young(young_worker):
     return young_worker
 
 
-@given("a worker with the default model loaded", target_fixture="worker")
-def _shared(real_worker):
-    return real_worker
+given("a worker with the default model loaded", target_fixture="worker")(the_shared_worker)
 
 
 @given("the worker is loaded")

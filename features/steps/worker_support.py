@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,6 +17,20 @@ from tests.fixtures.worker import WorkerProcess
 PROMPT = "Tell me about the life of a worker bee."
 # Generous bounds for waits on a shared, busy machine; never asserted as speed.
 SETTLE_S = 60.0
+
+
+def scenario_state() -> Iterator[dict]:
+    """The ``ctx`` fixture of each step module: a scenario's state; the requests
+    it left streaming are closed at its end."""
+    state: dict = {"streams": []}
+    yield state
+    for stream in state["streams"]:
+        stream.close()
+
+
+def the_shared_worker(real_worker: WorkerProcess) -> WorkerProcess:
+    """Step 'a worker with the default model loaded' (registered in each step module)."""
+    return real_worker
 
 
 def stub(worker: WorkerProcess) -> tuple[grpc.Channel, inference_pb2_grpc.InferenceServiceStub]:
