@@ -11,6 +11,21 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Keep pinging through long quiet stretches (a model loading, a stall).
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+)
+
+# Every rbee daemon accepts the clients' keepalive pings: gRPC's server
+# defaults (one ping per 5 min, none without a call) would answer a client
+# pinging every 10 s through a quiet stream with GOAWAY "too_many_pings",
+# ending every call on that connection.
+SERVER_OPTIONS = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
+    # Without this gRPC binds with SO_REUSEPORT, and a second daemon on the
+    # same port would silently share it instead of failing.
+    ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 )
 

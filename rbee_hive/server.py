@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import _async as health, health_pb2, health_pb2_grpc
 
 from rbee.auth import OPEN_SERVICES, ApiKeyInterceptor
+from rbee.channel import SERVER_OPTIONS
 from rbee.errors import RbeeError
 from rbee.v1 import preflight_pb2_grpc, registry_pb2_grpc
 
@@ -64,7 +65,9 @@ class HiveServer:
                 {"setting": "api_key"},
                 ["Pass --api-key KEY, or set RBEE_HIVE_API_KEY, or api_key in the [hive] config section"],
             )
-        server = grpc.aio.server(interceptors=[ApiKeyInterceptor(key, (*OPEN_SERVICES, CALLBACK_SERVICE))])
+        server = grpc.aio.server(
+            interceptors=[ApiKeyInterceptor(key, (*OPEN_SERVICES, CALLBACK_SERVICE))], options=SERVER_OPTIONS
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         add_core_services(server, self.ctx)
         add_extra_services(server, self.ctx)

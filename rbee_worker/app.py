@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from rbee.auth import ApiKeyInterceptor
+from rbee.channel import SERVER_OPTIONS
 from rbee.errors import RbeeError
 from rbee.v1 import inference_pb2, inference_pb2_grpc
 from rbee_worker.servicer import InferenceServicer
@@ -22,14 +23,6 @@ from rbee_worker.status import BUSY, IDLE, WorkerStatus
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-SERVER_OPTIONS = (
-    # Without this gRPC binds with SO_REUSEPORT and a second worker on the
-    # same port would silently share it instead of failing.
-    ("grpc.so_reuseport", 0),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-)
-
 
 @dataclass
 class WorkerServer:

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -153,39 +154,74 @@ def test_keeper_waits_for_a_loading_worker_then_streams(solo_worker, keeper):
     assert "tokens/s" in patient.stderr.splitlines()[-1]
 
 
-def test_all_slots_busy_and_keeper_retries(solo_worker, keeper):
-    solo_worker.wait_loaded()
-    channel, stub = stub_for(solo_worker)
-    with channel:
-        holder = stub.Generate(
+class SlotHolder:
+    """A long greedy stream read in a thread, like a real client: it keeps
+    one slot busy until it is cancelled, and records how it ended."""
+
+    def __init__(self, worker: WorkerProcess) -> None:
+        self.channel, stub = stub_for(worker)
+        self.call = stub.Generate(
             inference_pb2.GenerateRequest(request_id=f"hold-{uuid.uuid4().hex[:8]}", prompt=PROMPT,
                                           max_tokens=int(LONG), temperature=0.0, ignore_eos=True),
-            metadata=solo_worker.metadata,
+            metadata=worker.metadata,
         )
-        try:
-            first = next(holder)
-            assert first.HasField("delta")
+        self.first = threading.Event()
+        self.tokens = 0
+        self.ended: str | None = None
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
 
+    def _read(self) -> None:
+        try:
+            for msg in self.call:
+                if msg.HasField("delta"):
+                    self.tokens += len(msg.delta.token_ids)
+                    self.first.set()
+                else:
+                    self.ended = f"final: {msg.final.finish_reason} after {msg.final.tokens_generated} tokens"
+        except grpc.RpcError as exc:
+            self.ended = f"rpc error {exc.code().name}: {exc.details()}"
+        finally:
+            self.first.set()
+
+    def describe(self) -> str:
+        return f"holder: {self.tokens} tokens, {'ended with ' + self.ended if self.ended else 'still streaming'}"
+
+    def close(self) -> None:
+        self.call.cancel()
+        self._thread.join(10)
+        self.channel.close()
+
+
+def test_all_slots_busy_and_keeper_retries(solo_worker, keeper):
+    solo_worker.wait_loaded()
+    holder = SlotHolder(solo_worker)
+    try:
+        assert holder.first.wait(60) and holder.ended is None, holder.describe()
+        channel, stub = stub_for(solo_worker)
+        with channel:
             # Raw: the second request is refused at once, with the figures.
             with pytest.raises(grpc.RpcError) as caught:
                 list(stub.Generate(inference_pb2.GenerateRequest(prompt=PROMPT, max_tokens=4),
                                    metadata=solo_worker.metadata, timeout=30))
-            err = from_rpc_error(caught.value)
-            assert err.code == "ALL_SLOTS_BUSY"
-            assert err.details["slots_total"] == "1" and err.details["slots_busy"] == "1"
+        err = from_rpc_error(caught.value)
+        assert err.code == "ALL_SLOTS_BUSY"
+        assert err.details["slots_total"] == "1" and err.details["slots_busy"] == "1"
 
-            # Through the keeper: three narrated retries after 1, 2 and 4 s, then a failure with advice.
-            busy = keeper(*infer_args(solo_worker, "--max-tokens", "4"), env=key_env(solo_worker))
-            assert busy.finish() == 1, busy.describe()
-            retries = [line for line in busy.stderr.splitlines() if "is busy" in line]
-            assert len(retries) == 3, busy.describe()
-            for n, (line, delay) in enumerate(zip(retries, ("1s", "2s", "4s")), start=1):
-                assert "1/1 slots busy" in line and f"retry {n} of 3 in {delay}" in line
-            assert "❌ ALL_SLOTS_BUSY" in busy.stderr
-            assert "--slots" in busy.stderr and "another worker" in busy.stderr
-            assert busy.stdout == ""
-        finally:
-            holder.cancel()
+        # Through the keeper: three narrated retries after 1, 2 and 4 s, then a failure with advice.
+        busy = keeper(*infer_args(solo_worker, "--max-tokens", "4"), env=key_env(solo_worker))
+        code = busy.finish()
+        context = f"{busy.describe()}\n{holder.describe()}\n--- worker log ---\n{solo_worker.log_tail(15)}"
+        assert code == 1, context
+        retries = [line for line in busy.stderr.splitlines() if "is busy" in line]
+        assert len(retries) == 3, context
+        for n, (line, delay) in enumerate(zip(retries, ("1s", "2s", "4s")), start=1):
+            assert "1/1 slots busy" in line and f"retry {n} of 3 in {delay}" in line
+        assert "❌ ALL_SLOTS_BUSY" in busy.stderr
+        assert "--slots" in busy.stderr and "another worker" in busy.stderr
+        assert busy.stdout == ""
+    finally:
+        holder.close()
 
 
 def test_worker_killed_mid_stream_leaves_a_partial_result(solo_worker, keeper, tmp_path):

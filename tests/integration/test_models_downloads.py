@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from rbee_hive.provisioner.downloads import STAGING_DIR
-from tests.fixtures.models import Collected, collect, fill_disk, make_provisioner, small_filesystem, write_gguf
+from tests.fixtures.models import (Collected, collect, fill_disk, make_provisioner, small_filesystem,
+                                   wait_for_partial, write_gguf)
 from tests.hubserver import make_blob
 
 BLOB = make_blob(3_000_000, seed=1)
@@ -226,6 +227,7 @@ async def test_a_cancelled_download_keeps_its_partial_and_resumes(tmp_path, hub)
     prov = make_provisioner(tmp_path, hub)
     task = asyncio.create_task(collect(prov.download("hf:acme/tiny")))
     await asyncio.to_thread(hold.reached.wait, 60)
+    await asyncio.to_thread(wait_for_partial, tmp_path / "models" / STAGING_DIR)
     job = prov.jobs._jobs["hf:acme/tiny"]
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

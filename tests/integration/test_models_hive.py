@@ -13,7 +13,7 @@ import pytest
 
 from rbee_hive.catalog.models import ModelCatalog
 from tests.fixtures.hive import HIVE_KEY
-from tests.fixtures.models import HiveModels, fill_disk, small_filesystem
+from tests.fixtures.models import HiveModels, fill_disk, partial_bytes, small_filesystem, wait_for_partial
 from tests.hubserver import make_blob
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -172,8 +172,7 @@ async def test_catalog_survives_kill_9_mid_download_and_the_retry_completes(hub,
     downloading = asyncio.create_task(models.download("hf:acme/big"))
     await asyncio.to_thread(hold.reached.wait, 120)
     # The hive has been writing the partial file; kill it without warning.
-    partials = list((home / "models" / ".downloads").rglob("*.part"))
-    assert partials
+    await asyncio.to_thread(wait_for_partial, home / "models" / ".downloads")
     hive.proc.send_signal(signal.SIGKILL)
     await hive.proc.wait()
     broken = await downloading
@@ -185,7 +184,7 @@ async def test_catalog_survives_kill_9_mid_download_and_the_retry_completes(hub,
     catalog = ModelCatalog(home / "models.db")
     assert [r.reference for r in catalog.list()] == ["acme/done"]
     catalog.close()
-    on_disk = sum(p.stat().st_size for p in (home / "models" / ".downloads").rglob("*.part"))
+    on_disk = partial_bytes(home / "models" / ".downloads")
     assert on_disk > 0
 
     restarted = await hub_hive(home=home)
