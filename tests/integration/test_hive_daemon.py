@@ -73,6 +73,21 @@ def test_daemon_on_a_taken_port_says_so(tmp_path):
 
 
 @session_loop
+async def test_a_second_hive_on_a_running_hives_port_says_so(start_hive, tmp_path):
+    """gRPC would share a port between two servers (SO_REUSEPORT); the hive refuses."""
+    first: HiveProc = await start_hive()
+    (tmp_path / "c.toml").write_text("")
+    out = await asyncio.to_thread(
+        run_hive_cli, "daemon", "--port", str(first.port), RBEE_CONFIG=str(tmp_path / "c.toml"),
+        RBEE_HOME=str(tmp_path / "second"), RBEE_HIVE_API_KEY="k",
+    )
+    assert out.returncode == 1, out.stderr
+    assert "PORT_IN_USE" in out.stderr and first.address in out.stderr and "Traceback" not in out.stderr
+    reply = await first.health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@session_loop
 async def test_health_version_and_keys(start_hive):
     hive: HiveProc = await start_hive()
     reply = await hive.health.Check(health_pb2.HealthCheckRequest(), timeout=10)
