@@ -235,5 +235,13 @@ class VllmEngine(Engine):
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None
-        if llm is not None:
-            await asyncio.to_thread(llm.shutdown)
+        if llm is None:
+            return
+        # AsyncLLM stops its engine process before it cancels the task that
+        # reads the engine's output; that task would meet the dead engine and
+        # log an EngineDeadError traceback. Stop the reader first.
+        reader = getattr(llm, "output_handler", None)
+        if isinstance(reader, asyncio.Task) and not reader.done():
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        await asyncio.to_thread(llm.shutdown)

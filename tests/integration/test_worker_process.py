@@ -186,4 +186,5 @@ async def test_own_worker_busy_then_shutdown_drains_and_exits_0(start_worker):
     log = worker.log_text()
     assert "Unloading model" in log
     assert "stopped (exit 0)" in log
+    assert "Traceback" not in log and "EngineDeadError" not in log, "a clean shutdown logs no traceback"
     assert worker.api_key not in log
