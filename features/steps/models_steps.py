@@ -13,7 +13,7 @@ import pytest
 from pytest_bdd import given, parsers, then, when
 
 from features.steps.models_support import KeeperRun, SyncHive, keeper, keeper_process
-from tests.fixtures.models import fill_disk, partial_bytes, wait_for_partial, write_gguf
+from tests.fixtures.models import HOLD_ENV, fill_disk, partial_bytes, wait_for_partial, write_gguf
 from tests.hubserver import make_blob
 
 TINY = make_blob(3_000_000, seed=11)
@@ -42,10 +42,19 @@ class S5:
     def home(self) -> Path:
         return self.tmp / "hive-home"
 
-    def start_hive(self) -> SyncHive:
-        hive = SyncHive(self.home, self.hub.endpoint)
+    def start_hive(self, extra_env: dict[str, str] | None = None) -> SyncHive:
+        hive = SyncHive(self.home, self.hub.endpoint, extra_env)
         self.hives.append(hive)
         return hive
+
+    def hold(self, repo: str, at: int) -> None:
+        """The hub pauses ``repo``'s model after ``at`` bytes until released.
+        A pause is not a stall: the running hive is restarted with the long
+        stall timeout, so a slow step in between cannot turn it into a retry."""
+        self.fault = self.hub.hold_at(repo, "model.safetensors", at)
+        if self.hives and self.hives[-1].proc.poll() is None:
+            self.hives[-1].stop()
+            self.start_hive(HOLD_ENV)
 
     def close(self) -> None:
         if self.fault is not None:
@@ -107,13 +116,13 @@ def _corrupt_once(s5, repo):
 
 @given(parsers.parse('the hub pauses "{repo}" after {at:d} bytes'))
 def _pause(s5, repo, at):
-    s5.fault = s5.hub.hold_at(repo, "model.safetensors", at)
+    s5.hold(repo, at)
 
 
 @given(parsers.parse('the hub serves a 1.5 MB model "{repo}" that pauses after {at:d} bytes'))
 def _mid_model(s5, repo, at):
     s5.hub.add_repo(repo, {"model.safetensors": make_blob(1_500_000, seed=12)})
-    s5.fault = s5.hub.hold_at(repo, "model.safetensors", at)
+    s5.hold(repo, at)
 
 
 @given("the hive's models folder is a 2 MB filesystem")
@@ -143,7 +152,7 @@ def _already(s5, ref):
 def _big(s5, repo):
     s5.big = make_blob(12_000_000, seed=13)
     s5.hub.add_repo(repo, {"model.safetensors": s5.big})
-    s5.fault = s5.hub.hold_at(repo, "model.safetensors", 6_000_000)
+    s5.hold(repo, 6_000_000)
 
 
 # --- actions ---------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rbee_hive.provisioner.downloads import STAGING_DIR
-from tests.fixtures.models import (Collected, collect, fill_disk, make_provisioner, small_filesystem,
+from tests.fixtures.models import (HOLD_STALL_S, Collected, collect, fill_disk, make_provisioner, small_filesystem,
                                    wait_for_partial, write_gguf)
 from tests.hubserver import make_blob
 
@@ -206,7 +206,7 @@ async def test_server_errors_are_retried(tmp_path, hub):
 async def test_two_requests_share_one_download(tmp_path, hub):
     tiny_repo(hub)
     hold = hub.hold_at("acme/tiny", "model.safetensors", 1_000_000)
-    prov = make_provisioner(tmp_path, hub)
+    prov = make_provisioner(tmp_path, hub, stall_timeout_s=HOLD_STALL_S)
     first = asyncio.create_task(collect(prov.download("hf:acme/tiny")))
     await asyncio.to_thread(hold.reached.wait, 60)
     second = asyncio.create_task(collect(prov.download("hf:acme/tiny")))
@@ -224,7 +224,7 @@ async def test_two_requests_share_one_download(tmp_path, hub):
 async def test_a_cancelled_download_keeps_its_partial_and_resumes(tmp_path, hub):
     tiny_repo(hub)
     hold = hub.hold_at("acme/tiny", "model.safetensors", 1_500_000)
-    prov = make_provisioner(tmp_path, hub)
+    prov = make_provisioner(tmp_path, hub, stall_timeout_s=HOLD_STALL_S)
     task = asyncio.create_task(collect(prov.download("hf:acme/tiny")))
     await asyncio.to_thread(hold.reached.wait, 60)
     await asyncio.to_thread(wait_for_partial, tmp_path / "models" / STAGING_DIR)
@@ -300,7 +300,7 @@ async def test_disk_full_midway_removes_the_partial(tmp_path, hub):
     hold = hub.hold_at("acme/mid", "model.safetensors", 400_000)
     models = tmp_path / "home" / "models"
     with small_filesystem(models, "2m"):
-        prov = make_provisioner(tmp_path / "home", hub)
+        prov = make_provisioner(tmp_path / "home", hub, stall_timeout_s=HOLD_STALL_S)
         task = asyncio.create_task(collect(prov.download("hf:acme/mid")))
         await asyncio.to_thread(hold.reached.wait, 60)
         # Something else fills the disk while the download is under way.

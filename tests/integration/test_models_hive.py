@@ -13,7 +13,7 @@ import pytest
 
 from rbee_hive.catalog.models import ModelCatalog
 from tests.fixtures.hive import HIVE_KEY
-from tests.fixtures.models import HiveModels, fill_disk, partial_bytes, small_filesystem, wait_for_partial
+from tests.fixtures.models import HOLD_ENV, HiveModels, fill_disk, partial_bytes, small_filesystem, wait_for_partial
 from tests.hubserver import make_blob
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -130,7 +130,7 @@ async def test_wrong_api_key_names_the_hive(hub, hub_hive, keeper):
 async def test_two_keepers_share_one_download(hub, hub_hive, keeper):
     add_tiny(hub)
     hold = hub.hold_at("acme/tiny", "model.safetensors", 1_000_000)
-    hive = await hub_hive()
+    hive = await hub_hive(extra_env=HOLD_ENV)
     first = keeper_models(keeper, hive, "download", "hf:acme/tiny")
     await asyncio.to_thread(hold.reached.wait, 120)
     second = keeper_models(keeper, hive, "download", "hf:acme/tiny")
@@ -147,7 +147,7 @@ async def test_disk_full_during_a_download_through_the_hive(hub, hub_hive, keepe
     hold = hub.hold_at("acme/mid", "model.safetensors", 300_000)
     home = tmp_path / "hive-home"
     with small_filesystem(home / "models", "2m") as models:
-        hive = await hub_hive(home=home)
+        hive = await hub_hive(home=home, extra_env=HOLD_ENV)
         dl = keeper_models(keeper, hive, "download", "hf:acme/mid")
         await asyncio.to_thread(hold.reached.wait, 120)
         fill_disk(models, leave_bytes=200_000)
@@ -166,7 +166,7 @@ async def test_catalog_survives_kill_9_mid_download_and_the_retry_completes(hub,
     hub.add_repo("acme/big", {"config.json": b"{}", "model.safetensors": big})
     hold = hub.hold_at("acme/big", "model.safetensors", 6_000_000)
 
-    hive = await hub_hive(home=home)
+    hive = await hub_hive(home=home, extra_env=HOLD_ENV)
     models = HiveModels(hive)
     assert (await models.download("hf:acme/done")).record is not None
     downloading = asyncio.create_task(models.download("hf:acme/big"))
