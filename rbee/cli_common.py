@@ -77,7 +77,10 @@ def run_app(app: "typer.Typer", actor: str) -> NoReturn:
     try:
         result = command.main(prog_name=actor, standalone_mode=False)
     except click_exc.NoArgsIsHelpError as exc:
-        typer.echo(exc.ctx.get_help() if exc.ctx else "")
+        # The error was built from ctx.get_help(), which with rich help has
+        # already printed the help and returned ""; print only what is left.
+        if exc.format_message().strip():
+            typer.echo(exc.format_message())
         sys.exit(EXIT_OK)
     except click_exc.UsageError as exc:
         hint = f"Run `{exc.ctx.command_path} --help` for the accepted options" if exc.ctx else f"Run `{actor} --help`"

@@ -15,6 +15,7 @@ from tests.fixtures.common import VENV_BIN, proc_env
         ("rbee-keeper", ["infer", "--max-tokenz", "3"], "No such option: --max-tokenz"),
         ("rbee-keeper", ["nonsense"], "No such command 'nonsense'"),
         ("rbee-hive", ["bogus"], "No such command 'bogus'"),
+        ("queen-rbee", ["bogus"], "No such command 'bogus'"),
     ],
 )
 def test_usage_error_exits_1_with_code(program: str, args: list[str], needle: str) -> None:
@@ -26,8 +27,17 @@ def test_usage_error_exits_1_with_code(program: str, args: list[str], needle: st
     assert "Traceback" not in proc.stderr
 
 
-def test_no_arguments_shows_help_and_exits_0() -> None:
-    proc = subprocess.run([str(VENV_BIN / "rbee-keeper")], capture_output=True, text=True, env=proc_env(), timeout=60)
+@pytest.mark.parametrize(("program", "command"), [("rbee-keeper", "infer"), ("rbee-hive", "daemon"), ("queen-rbee", "daemon")])
+def test_no_arguments_shows_help_once_and_exits_0(program: str, command: str) -> None:
+    proc = subprocess.run([str(VENV_BIN / program)], capture_output=True, text=True, env=proc_env(), timeout=60)
     assert proc.returncode == 0
-    assert "Usage: rbee-keeper" in proc.stdout
-    assert "infer" in proc.stdout
+    assert proc.stdout.count(f"Usage: {program}") == 1, proc.stdout
+    assert command in proc.stdout
+
+
+def test_queen_says_it_is_not_built() -> None:
+    proc = subprocess.run([str(VENV_BIN / "queen-rbee"), "daemon"], capture_output=True, text=True, env=proc_env(), timeout=60)
+    assert proc.returncode == 1
+    assert "[queen-rbee] ❌ NOT_IMPLEMENTED: queen-rbee is not built yet" in proc.stderr
+    assert "rbee-keeper infer --worker" in proc.stderr
+    assert "Traceback" not in proc.stderr
