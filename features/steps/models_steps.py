@@ -13,6 +13,7 @@ import pytest
 from pytest_bdd import given, parsers, then, when
 
 from features.steps.models_support import KeeperRun, SyncHive, keeper, keeper_process
+from rbee_hive.provisioner.downloads import STAGING_DIR
 from tests.fixtures.models import HOLD_ENV, fill_disk, partial_bytes, wait_for_partial, write_gguf
 from tests.hubserver import make_blob
 
@@ -222,7 +223,7 @@ def _downloading(s5, ref):
     thread.start()
     s5.threads.append(thread)
     assert s5.fault.reached.wait(120)
-    wait_for_partial(s5.home / "models" / ".downloads")
+    wait_for_partial(s5.home / "models" / STAGING_DIR)
 
 
 @when("the hive is killed with SIGKILL")
@@ -232,7 +233,7 @@ def _kill(s5):
     for thread in s5.threads:
         thread.join(120)
     assert s5.entry is None, "the interrupted download returned no entry"
-    s5.on_disk = partial_bytes(s5.home / "models" / ".downloads")
+    s5.on_disk = partial_bytes(s5.home / "models" / STAGING_DIR)
 
 
 @when(parsers.parse('the hive is started again and asked for "{ref}"'))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from rbee_hive.catalog.models import ModelCatalog
+from rbee_hive.provisioner.downloads import STAGING_DIR
 from tests.fixtures.hive import HIVE_KEY
 from tests.fixtures.models import HOLD_ENV, HiveModels, fill_disk, partial_bytes, small_filesystem, wait_for_partial
 from tests.hubserver import make_blob
@@ -172,7 +173,7 @@ async def test_catalog_survives_kill_9_mid_download_and_the_retry_completes(hub,
     downloading = asyncio.create_task(models.download("hf:acme/big"))
     await asyncio.to_thread(hold.reached.wait, 120)
     # The hive has been writing the partial file; kill it without warning.
-    await asyncio.to_thread(wait_for_partial, home / "models" / ".downloads")
+    await asyncio.to_thread(wait_for_partial, home / "models" / STAGING_DIR)
     hive.proc.send_signal(signal.SIGKILL)
     await hive.proc.wait()
     broken = await downloading
@@ -184,7 +185,7 @@ async def test_catalog_survives_kill_9_mid_download_and_the_retry_completes(hub,
     catalog = ModelCatalog(home / "models.db")
     assert [r.reference for r in catalog.list()] == ["acme/done"]
     catalog.close()
-    on_disk = partial_bytes(home / "models" / ".downloads")
+    on_disk = partial_bytes(home / "models" / STAGING_DIR)
     assert on_disk > 0
 
     restarted = await hub_hive(home=home)
