@@ -38,6 +38,9 @@ CODES: dict[str, grpc.StatusCode] = {
     "MISSING_API_KEY": S.UNAUTHENTICATED,
     "INVALID_API_KEY": S.UNAUTHENTICATED,
     "SSH_AUTH_FAILED": S.UNAUTHENTICATED,
+    # The node's SSH host key is not recorded, or differs from the recorded one.
+    "SSH_HOST_KEY_UNKNOWN": S.FAILED_PRECONDITION,
+    "SSH_HOST_KEY_CHANGED": S.FAILED_PRECONDITION,
     "ACCESS_DENIED": S.PERMISSION_DENIED,
     # not found
     "NOT_FOUND": S.NOT_FOUND,
@@ -75,6 +78,8 @@ CODES: dict[str, grpc.StatusCode] = {
     "CUDA_NOT_AVAILABLE": S.FAILED_PRECONDITION,
     "MODEL_LOAD_FAILED": S.FAILED_PRECONDITION,
     "VERSION_MISMATCH": S.FAILED_PRECONDITION,
+    "HIVE_NOT_INSTALLED": S.FAILED_PRECONDITION,
+    "SSH_COMMAND_FAILED": S.FAILED_PRECONDITION,
     # HF_HUB_OFFLINE is set and the model is not in the catalog.
     "HUB_OFFLINE": S.FAILED_PRECONDITION,
     # not built yet: said plainly instead of pretending
@@ -88,6 +93,8 @@ CODES: dict[str, grpc.StatusCode] = {
     "DOWNLOAD_FAILED": S.INTERNAL,
     "CHECKSUM_MISMATCH": S.INTERNAL,
     "CATALOG_ERROR": S.INTERNAL,
+    "INSTALL_FAILED": S.INTERNAL,
+    "HIVE_START_FAILED": S.INTERNAL,
 }
 
 # gRPC status code -> code used when a status arrives without our details

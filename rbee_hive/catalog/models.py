@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from rbee.errors import RbeeError
-from rbee_hive.catalog.db import open_engine
+from rbee.db import open_engine
 
 log = logging.getLogger(__name__)
 

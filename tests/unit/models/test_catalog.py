@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rbee.errors import RbeeError
-from rbee_hive.catalog.db import BUSY_TIMEOUT_MS, schema_version
+from rbee.db import BUSY_TIMEOUT_MS, schema_version
 from rbee_hive.catalog.models import MIGRATIONS, ModelCatalog, ModelRecord
 from rbee_hive.catalog.workers import WorkerCatalog, WorkerEnvRecord
 

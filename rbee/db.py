@@ -1,5 +1,5 @@
-"""SQLite engines for the hive's catalogs: WAL, a busy timeout, and schema
-versions kept in ``PRAGMA user_version`` and applied on open.
+"""SQLite engines for rbee's catalogs (the hive's models.db and workers.db, the queen's
+beehives.db): WAL, a busy timeout, and schema versions kept in ``PRAGMA user_version`` and applied on open.
 
 WAL lets readers (keeper listing models) proceed while a download registers
 its entry; the busy timeout makes a second writer wait instead of failing.
