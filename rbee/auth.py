@@ -4,8 +4,10 @@ client-side metadata. Keys are compared in constant time and never logged."""
 from __future__ import annotations
 
 import hmac
+import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,6 +19,43 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 
 def new_api_key() -> str:
     return secrets.token_urlsafe(32)
+
+
+def read_key_file(path: Path, setting: str) -> str:
+    """The key held in ``path`` (first line, stripped). A missing, empty or
+    group/world-readable file is refused: the key would not be secret."""
+    path = Path(path).expanduser()
+    try:
+        mode = path.stat().st_mode & 0o777
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise RbeeError(
+            "MISSING_API_KEY",
+            f"Cannot read the API key file {path}: {exc.strerror or exc}",
+            {"path": str(path), "setting": setting},
+            [f"Create it with the key on one line and `chmod 600 {path}`"],
+        ) from None
+    if mode & 0o077:
+        raise RbeeError(
+            "INVALID_API_KEY",
+            f"The API key file {path} is readable by other users (mode {mode:03o})",
+            {"path": str(path), "mode": f"{mode:03o}"},
+            [f"Run `chmod 600 {path}`"],
+        )
+    key = text.splitlines()[0].strip() if text else ""
+    if not key:
+        raise RbeeError("MISSING_API_KEY", f"The API key file {path} is empty", {"path": str(path), "setting": setting})
+    return key
+
+
+def write_key_file(path: Path, key: str) -> None:
+    """Write ``key`` to ``path`` created 0600 (its folder 0700 when created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    os.chmod(path, 0o600)
 
 
 def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:

@@ -19,6 +19,9 @@ DEFAULT_WORKER_PORT_END = 7999
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 VERSION = "0.1.0"
 API_VERSION = "v1"
+# Hives a queen of this version works with (S4.2): the same API version and a
+# program version meeting this requirement.
+HIVE_VERSION_REQUIREMENT = ">=0.1.0,<0.2"
 
 
 def rbee_home(env: dict[str, str] | None = None) -> Path:

@@ -42,6 +42,9 @@ CODES: dict[str, grpc.StatusCode] = {
     "SSH_HOST_KEY_UNKNOWN": S.FAILED_PRECONDITION,
     "SSH_HOST_KEY_CHANGED": S.FAILED_PRECONDITION,
     "ACCESS_DENIED": S.PERMISSION_DENIED,
+    # A path from a request (model, worker source) outside what the hive's
+    # operator allows: well-formed, refused by policy (S13 confinement).
+    "PATH_NOT_ALLOWED": S.PERMISSION_DENIED,
     # not found
     "NOT_FOUND": S.NOT_FOUND,
     "MODEL_NOT_FOUND": S.NOT_FOUND,
@@ -82,6 +85,10 @@ CODES: dict[str, grpc.StatusCode] = {
     "SSH_COMMAND_FAILED": S.FAILED_PRECONDITION,
     # HF_HUB_OFFLINE is set and the model is not in the catalog.
     "HUB_OFFLINE": S.FAILED_PRECONDITION,
+    # The hub's file list names a file rbee cannot place inside the model's
+    # folder ('..', absolute, backslash, NUL, a link out): the request is fine,
+    # the hub's content is not, and no retry changes that.
+    "INVALID_HUB_FILE": S.FAILED_PRECONDITION,
     # not built yet: said plainly instead of pretending
     "NOT_IMPLEMENTED": S.UNIMPLEMENTED,
     # internal

@@ -9,41 +9,17 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import re
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
-
-from rbee.config import DEFAULT_HIVE_PORT, DEFAULT_WORKER_PORT_END, DEFAULT_WORKER_PORT_START, load_config, rbee_home
-from rbee.errors import RbeeError
-
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+from rbee.config import DEFAULT_HIVE_PORT, DEFAULT_WORKER_PORT_END, DEFAULT_WORKER_PORT_START, rbee_home
+from rbee.auth import read_key_file
+from rbee.settings import build_settings, config_section_source, parse_duration
 
 
-def parse_duration(value: Any) -> Any:
-    """Seconds as a number or text ("2.5"), or with a unit ("500ms", "30s", "5m", "1h").
-    Anything else is left to pydantic (ISO 8601 "PT30S", timedelta)."""
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2) or "s"])
-    return value
-
-
-class _ConfigFileSource(PydanticBaseSettingsSource):
-    """The ``[hive]`` table of the config file (RBEE_CONFIG → user → system)."""
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        config, _ = load_config()
-        section = config.get("hive") or {}
-        return {k: v for k, v in section.items() if k in self.settings_cls.model_fields}
+_ConfigFileSource = config_section_source("hive")
 
 
 class HiveSettings(BaseSettings):
@@ -53,6 +29,9 @@ class HiveSettings(BaseSettings):
     port: int = Field(DEFAULT_HIVE_PORT, ge=0, le=65535)
     # Required to run the daemon; never logged.
     api_key: SecretStr | None = None
+    # A file holding the key (mode 0600): how the queen hands a hive its key,
+    # keeping it out of argv and the environment. Used when api_key is unset.
+    api_key_file: Path | None = None
     # RBEE_HOME for logs and the model store; None = RBEE_HOME / ~/.rbee.
     home: Path | None = None
 
@@ -80,6 +59,24 @@ class HiveSettings(BaseSettings):
     # Operator/test override of the resource figures (a JSON file, read on
     # every query). Leave unset in normal operation.
     resource_overrides: Path | None = None
+
+    # Confinement (S13). Folders beyond $RBEE_HOME/models whose models may be
+    # registered (file://) and loaded by workers.
+    model_dirs: Annotated[list[Path], NoDecode] = []
+    # Project sources worker environments may be built from, beyond the
+    # hive's own installation (always allowed, and the default).
+    worker_sources: Annotated[list[Path], NoDecode] = []
+    # Variables passed to workers beyond the ones the engine needs: names, or
+    # prefixes ending in '*'. Secrets (*KEY*, *TOKEN*, *SECRET*, ...) never are.
+    worker_env: Annotated[list[str], NoDecode] = []
+
+    @field_validator("model_dirs", "worker_sources", "worker_env", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        # The environment gives one string: entries separated by ':' or ','.
+        if isinstance(value, str):
+            return [part.strip() for part in value.replace(",", ":").split(":") if part.strip()]
+        return value
 
     @field_validator(
         "startup_window", "callback_timeout", "health_interval", "health_timeout", "idle_timeout",
@@ -120,22 +117,20 @@ class HiveSettings(BaseSettings):
     def models_dir(self) -> Path:
         return self.rbee_home / "models"
 
+    @property
+    def model_roots(self) -> list[Path]:
+        """Where models may lie: the models folder, then the operator's extra folders."""
+        return [self.models_dir, *(p.expanduser() for p in self.model_dirs)]
+
     def api_key_value(self) -> str | None:
-        return self.api_key.get_secret_value() if self.api_key else None
+        if self.api_key:
+            return self.api_key.get_secret_value()
+        if self.api_key_file:
+            return read_key_file(self.api_key_file, "api_key_file")
+        return None
 
 
 def load_settings(**overrides: Any) -> HiveSettings:
     """Settings from every source; ``overrides`` (command-line values) win.
     Bad values become an INVALID_ARGUMENT error naming the setting."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        return HiveSettings(**given)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        name = ".".join(str(p) for p in first.get("loc", ())) or "settings"
-        raise RbeeError(
-            "INVALID_ARGUMENT",
-            f"Invalid hive setting {name}: {first.get('msg')}",
-            {"setting": name, "env": f"RBEE_HIVE_{name.upper()}"},
-            ["Fix the command-line option, the RBEE_HIVE_* variable or the [hive] section of the config file"],
-        ) from None
+    return build_settings(HiveSettings, "RBEE_HIVE_", "hive", "hive", **overrides)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from rbee.cli_common import make_app, run_app
 
-from rbee_keeper.commands import infer, logs, models, workers
+from rbee_keeper.commands import infer, logs, models, setup, workers
 
 app = make_app("rbee-keeper", "Run LLMs across the machines of your home lab: stream tokens from a model on any node.")
 infer.register(app)
 workers.register(app)
 models.register(app)
 logs.register(app)
+setup.register(app)
 
 
 def main() -> None:

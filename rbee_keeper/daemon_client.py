@@ -4,6 +4,7 @@ daemon and where the key came from."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, Self
 
 import grpc
@@ -45,3 +46,14 @@ class DaemonClient:
             return await method(request, metadata=self._md, timeout=timeout)
         except grpc.RpcError as err:
             raise self.error(err) from None
+
+    async def _stream(self, method: Any, request: Any) -> AsyncIterator[Any]:
+        """A server stream; failures as RbeeError; the call is cancelled when the reader stops."""
+        call = method(request, metadata=self._md)
+        try:
+            async for item in call:
+                yield item
+        except grpc.RpcError as err:
+            raise self.error(err) from None
+        finally:
+            call.cancel()

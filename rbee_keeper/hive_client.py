@@ -5,9 +5,6 @@ RbeeError naming the hive and where the key came from."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
-
-import grpc
 
 from rbee.errors import RbeeError
 from rbee.v1 import (
@@ -48,16 +45,6 @@ class HiveClient(DaemonClient):
                 [f"Check that rbee-hive is running there (rbee-hive daemon --port {self.address.rpartition(':')[2]})"],
             )
         return err
-
-    async def _stream(self, method: Any, request: Any) -> AsyncIterator[Any]:
-        call = method(request, metadata=self._md)
-        try:
-            async for item in call:
-                yield item
-        except grpc.RpcError as err:
-            raise self.error(err) from None
-        finally:
-            call.cancel()
 
     # -- workers (HiveWorkerService) -------------------------------------------------------
 

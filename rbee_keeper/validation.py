@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from rbee.config import DEFAULT_HIVE_PORT, DEFAULT_WORKER_PORT_START
+from rbee.config import DEFAULT_HIVE_PORT, DEFAULT_QUEEN_PORT, DEFAULT_WORKER_PORT_START
 from rbee.errors import RbeeError
 
 BACKENDS = ("cpu", "cuda", "metal")
@@ -19,6 +19,7 @@ MAX_TOKENS_LIMIT = 2**31 - 1
 # The examples in hints, and --hive's default: the daemons on this machine.
 LOCAL_WORKER = f"127.0.0.1:{DEFAULT_WORKER_PORT_START}"
 LOCAL_HIVE = f"127.0.0.1:{DEFAULT_HIVE_PORT}"
+LOCAL_QUEEN = f"127.0.0.1:{DEFAULT_QUEEN_PORT}"
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,10 @@ def validate_address(address: str, option: str = "--worker", example: str = LOCA
 
 def validate_hive_address(address: str) -> str:
     return validate_address(address, "--hive", LOCAL_HIVE)
+
+
+def validate_queen_address(address: str) -> str:
+    return validate_address(address, "--queen", LOCAL_QUEEN)
 
 
 def validate_backend(backend: str | None) -> str | None:

@@ -1,44 +1,149 @@
-"""queen-rbee: the orchestrator (node registry, SSH, scheduling across hives).
-
-Not built yet: the program exists so that the console script answers with a
-clear error instead of failing to import. Workers and hives are usable
-directly (`rbee-keeper infer --worker`, `rbee-keeper workers|models --hive`)."""
+"""The queen daemon: one gRPC server with health and the node registry; its
+log in $RBEE_HOME/logs/queen.log; on SIGTERM it stops the hives it started
+(and only those: a hive it found running is left alone), then exits 0."""
 
 from __future__ import annotations
 
-import typer
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import TextIO
 
-from rbee.cli_common import fail, make_app, run_app
+import grpc
+from grpc_health.v1 import _async as health, health_pb2, health_pb2_grpc
+
+from rbee.auth import ApiKeyInterceptor
+from rbee.channel import SERVER_OPTIONS
+from rbee.config import API_VERSION, VERSION
 from rbee.errors import RbeeError
+from rbee.narration import Narrator
+from rbee.v1 import nodes_pb2_grpc
 
-ACTOR = "queen-rbee"
+from rbee_queen.hives import stop_hive
+from rbee_queen.nodes.manager import NodeManager
+from rbee_queen.nodes.relay import ACTOR, NodeEventRelay
+from rbee_queen.nodes.store import NodeStore
+from rbee_queen.servicers.nodes import NodeServicer
+from rbee_queen.settings import QueenSettings
 
-app = make_app(ACTOR, "The orchestrator of rbee's nodes (not built yet in this release).")
-
-
-@app.command()
-def daemon(
-    port: int = typer.Option(None, "--port", help="Port of the gRPC server."),
-    api_key: str = typer.Option(None, "--api-key", help="API key clients must present."),
-) -> None:
-    """Run the queen (not built yet: says so and exits 1)."""
-    fail(
-        RbeeError(
-            "NOT_IMPLEMENTED",
-            "queen-rbee is not built yet: there is no node registry, SSH or scheduling in this release",
-            {"program": ACTOR},
-            [
-                "Run a hive on the node (rbee-hive daemon) and use rbee-keeper workers|models --hive HOST:PORT",
-                "Or start a worker (llm-worker-rbee --model PATH ...) and use rbee-keeper infer --worker HOST:PORT",
-            ],
-        ),
-        ACTOR,
-    )
+log = logging.getLogger(__name__)
+SERVER_STOP_GRACE_S = 5.0
 
 
-def main() -> None:
-    run_app(app, ACTOR)
+class _Tee:
+    """Narration to the terminal and to queen.log."""
+
+    def __init__(self, *streams: TextIO) -> None:
+        self._streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self._streams:
+            try:
+                stream.write(text)
+            except (OSError, ValueError):
+                pass
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self._streams:
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
 
 
-if __name__ == "__main__":
-    main()
+class QueenServer:
+    def __init__(self, settings: QueenSettings, narrator: Narrator) -> None:
+        self.settings = settings
+        self.narrate = narrator
+        self.store = NodeStore(settings.db_path)
+        self.nodes = NodeManager(settings, self.store, narrator)
+        self.port = 0
+        self._health = health.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        s = self.settings
+        key, source = s.api_key_value()
+        server = grpc.aio.server(interceptors=[ApiKeyInterceptor(key)], options=SERVER_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.nodes, self.narrate), server)
+        address = f"{s.host}:{s.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            raise RbeeError(
+                "PORT_IN_USE",
+                f"queen-rbee cannot listen on {address}: the port is in use",
+                {"address": address},
+                [f"Stop whatever listens on {address} (another queen-rbee?) or pass --port"],
+            )
+        await server.start()
+        self._server = server
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.narrate("🔑", f"API key from {source}")
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop the hives this queen started (each stops its workers), then the server."""
+        await self._health.enter_graceful_shutdown()
+        relay = NodeEventRelay(self.narrate)
+        for name, pid in list(self.nodes.started_hives.items()):
+            try:
+                record = self.store.get(name)
+                transport = self.nodes.transport(record, relay)
+                await transport.connect()
+                try:
+                    self.narrate("🛑", f"Stopping the hive this queen started on {name} (pid {pid})")
+                    gone = await stop_hive(transport, pid)
+                    self.narrate("✅" if gone else "⚠️", f"Hive on {name} {'stopped' if gone else 'did not stop in time'}")
+                finally:
+                    await transport.close()
+            except RbeeError as err:
+                self.narrate("⚠️", f"Could not stop the hive on {name}: {err.code}: {err.message}", "warn")
+            self.nodes.started_hives.pop(name, None)
+        if self._server is not None:
+            await self._server.stop(SERVER_STOP_GRACE_S)
+        self.store.close()
+        self.narrate("👋", "queen-rbee stopped")
+
+
+async def serve(settings: QueenSettings) -> int:
+    os.umask(0o077)  # catalogs, keys, logs and known_hosts: the queen's user only
+    settings.rbee_home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_file = open(settings.logs_dir / "queen.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the daemon
+    narrator = Narrator(ACTOR, _Tee(sys.stdout, log_file))
+    handler = logging.StreamHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        if len(received) == 1:
+            stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    server: QueenServer | None = None
+    try:
+        server = QueenServer(settings, narrator)
+        port = await server.start()
+        narrator("👑", f"queen-rbee {VERSION} (API {API_VERSION}) listening on {settings.host}:{port}; "
+                 f"nodes in {settings.db_path}; log {settings.logs_dir / 'queen.log'}")  # fmt: skip
+        await stop.wait()
+        narrator("🛑", f"{received[0]} received: shutting down")
+        await server.stop()
+        return 0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        logging.getLogger().removeHandler(handler)
+        log_file.close()

@@ -22,6 +22,9 @@ def daemon(
     api_key: str = typer.Option(
         None, "--api-key", help="Key every RPC but health requires (RBEE_HIVE_API_KEY keeps it out of ps)."
     ),
+    api_key_file: Path = typer.Option(
+        None, "--api-key-file", help="Read the key from this file (mode 600; RBEE_HIVE_API_KEY_FILE). How the queen starts hives."
+    ),
     worker_binary: Path = typer.Option(None, "--worker-binary", help="Use this worker program instead of a provisioned worker environment (default: the environment for the backend in $RBEE_HOME/workers, installed on first use; RBEE_HIVE_WORKER_BINARY)."),
 ) -> None:
     """Run the hive: preflight, worker spawning and supervision over gRPC. Stops its workers on SIGTERM."""
@@ -30,7 +33,7 @@ def daemon(
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
-        settings = load_settings(port=port, host=host, api_key=api_key, worker_binary=worker_binary)
+        settings = load_settings(port=port, host=host, api_key=api_key, api_key_file=api_key_file, worker_binary=worker_binary)
         code = asyncio.run(serve(settings))
     except RbeeError as err:
         print_error(err, ACTOR)

@@ -4,20 +4,16 @@ workers and worker environments, reached directly with --hive HOST:PORT
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from rbee.errors import RbeeError
 from rbee.v1 import common_pb2, provisioning_pb2, registry_pb2
 
 from rbee_keeper.common import HIVE_KEY_OPTION, HIVE_OPTION, run
+from rbee_keeper.listing import show_listing
 from rbee_keeper.hive_client import HiveClient
 from rbee_keeper.render import LoadingView, narrator
 from rbee_keeper.validation import validate_backend, validate_device
@@ -31,30 +27,6 @@ STATES = {name.removeprefix("WORKER_STATE_").lower(): value for name, value in c
 
 def _state(value: int) -> str:
     return common_pb2.WorkerState.Name(value).removeprefix("WORKER_STATE_").lower()
-
-
-def _show(
-    items: Sequence[Any],
-    as_json: bool,
-    as_dict: Callable[[Any], dict],
-    nothing: str,
-    headers: Sequence[str],
-    cells: Callable[[Any], Sequence[str]],
-) -> int:
-    """A listing: one JSON object per item on stdout, or a table; when there is
-    nothing, a line on stderr (stdout stays empty for scripts)."""
-    if as_json:
-        for item in items:
-            print(json.dumps(as_dict(item)))
-        return 0
-    if not items:
-        narrator()("📭", nothing)
-        return 0
-    table = Table(*headers)
-    for item in items:
-        table.add_row(*cells(item))
-    Console(highlight=False, width=200).print(table)
-    return 0
 
 
 def _when(unix: int) -> str:
@@ -98,7 +70,7 @@ def list_cmd(
             wanted = STATES[state.lower()]
         async with HiveClient.connect(hive, api_key) as client:
             workers = await client.list(model, wanted)
-        return _show(
+        return show_listing(
             workers, as_json, _worker_dict, f"No workers on {client.address}",
             ("ID", "STATE", "MODEL", "BACKEND", "ADDRESS", "SLOTS FREE", "PID"),
             lambda w: (w.id, _state(w.state), w.model_ref, f"{w.backend}:{w.device}", w.address,
@@ -231,7 +203,7 @@ def envs_cmd(
         wanted = validate_backend(backend)
         async with HiveClient.connect(hive, api_key) as client:
             envs = await client.worker_environments(wanted or "")
-        return _show(
+        return show_listing(
             envs, as_json, _env_dict, f"No worker environments on {client.address}" + (f" for {wanted}" if wanted else ""),
             ("ID", "BACKEND", "VERSION", "ENGINE", "INSTALLED", "PATH"),
             lambda e: (e.id, e.backend, e.version, e.engine, _when(e.installed_at_unix), e.path),

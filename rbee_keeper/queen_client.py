@@ -1,0 +1,81 @@
+"""keeper's client for the queen: its NodeService on one channel, the queen's
+key on every call, failures as RbeeError naming the queen and where the key
+came from. The key is looked up as --api-key, RBEE_QUEEN_API_KEY, the config
+file's ``[keeper] queen_api_key``, then ``$RBEE_HOME/queen.key`` (written by a
+queen of the same user on this machine)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+from rbee.auth import read_key_file
+from rbee.config import load_config, rbee_home
+from rbee.errors import RbeeError
+from rbee.v1 import nodes_pb2, nodes_pb2_grpc
+
+from rbee_keeper.daemon_client import DaemonClient
+from rbee_keeper.validation import validate_queen_address
+
+
+def resolve_queen_key(cli_value: str | None, address: str) -> tuple[str, str]:
+    if cli_value:
+        return cli_value, "--api-key"
+    if os.environ.get("RBEE_QUEEN_API_KEY"):
+        return os.environ["RBEE_QUEEN_API_KEY"], "RBEE_QUEEN_API_KEY"
+    config, path = load_config()
+    key = (config.get("keeper") or {}).get("queen_api_key")
+    if key:
+        return str(key), f"{path} [keeper] queen_api_key"
+    key_file = rbee_home() / "queen.key"
+    if key_file.exists():
+        return read_key_file(key_file, "queen.key"), str(key_file)
+    raise RbeeError(
+        "MISSING_API_KEY",
+        f"No API key for the queen at {address}",
+        {"address": address, "looked_in": f"--api-key, RBEE_QUEEN_API_KEY, [keeper] queen_api_key, {key_file}"},
+        [
+            "Start the queen on this machine (`queen-rbee daemon`): it writes its key where rbee-keeper finds it",
+            "Or pass --api-key KEY, or set RBEE_QUEEN_API_KEY",
+        ],
+    )
+
+
+class QueenClient(DaemonClient):
+    def __init__(self, address: str, api_key: str, key_source: str) -> None:
+        super().__init__(address, api_key, key_source)
+        self._nodes = nodes_pb2_grpc.NodeServiceStub(self._channel)
+
+    @classmethod
+    def connect(cls, queen: str, api_key: str | None) -> "QueenClient":
+        address = validate_queen_address(queen)
+        key, source = resolve_queen_key(api_key, address)
+        return cls(address, key, source)
+
+    def translate(self, err: RbeeError) -> RbeeError:
+        if err.code == "UNAVAILABLE" and "grpc_status" in err.details:  # nothing answered
+            return RbeeError(
+                "UNAVAILABLE",
+                f"Cannot reach the queen at {self.address}",
+                {"queen": self.address},
+                [f"Start it with `queen-rbee daemon --port {self.address.rpartition(':')[2]}`, or pass --queen HOST:PORT"],
+            )
+        return err
+
+    def add_node(self, request: nodes_pb2.AddNodeRequest) -> AsyncIterator[nodes_pb2.NodeEvent]:
+        return self._stream(self._nodes.AddNode, request)
+
+    def update_node(self, request: nodes_pb2.UpdateNodeRequest) -> AsyncIterator[nodes_pb2.NodeEvent]:
+        return self._stream(self._nodes.UpdateNode, request)
+
+    async def remove_node(self, name: str) -> nodes_pb2.RemoveNodeResponse:
+        return await self._unary(self._nodes.RemoveNode, nodes_pb2.RemoveNodeRequest(name=name), 120.0)
+
+    async def list_nodes(self) -> list[nodes_pb2.Node]:
+        return list((await self._unary(self._nodes.ListNodes, nodes_pb2.ListNodesRequest())).nodes)
+
+    def install_node(self, name: str) -> AsyncIterator[nodes_pb2.NodeEvent]:
+        return self._stream(self._nodes.InstallNode, nodes_pb2.InstallNodeRequest(name=name))
+
+    def check_node(self, name: str, ssh_only: bool = False) -> AsyncIterator[nodes_pb2.NodeEvent]:
+        return self._stream(self._nodes.CheckNode, nodes_pb2.CheckNodeRequest(name=name, ssh_only=ssh_only))

@@ -1,0 +1,57 @@
+"""queen-rbee: the orchestrator of rbee's nodes (registry, SSH, hives)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import typer
+
+from rbee.cli_common import EXIT_ERROR, make_app, print_error, run_app
+from rbee.errors import RbeeError
+
+ACTOR = "queen-rbee"
+
+app = make_app(ACTOR, "The orchestrator: registers nodes, reaches them over SSH, installs rbee and starts their hives.")
+
+
+@app.command()
+def daemon(
+    port: int = typer.Option(None, "--port", help="Port of the gRPC server (default 7800; RBEE_QUEEN_PORT)."),
+    host: str = typer.Option(None, "--host", help="Address to bind (default 127.0.0.1; RBEE_QUEEN_HOST)."),
+    api_key: str = typer.Option(
+        None, "--api-key",
+        help="Key clients must present (RBEE_QUEEN_API_KEY keeps it out of ps). Default: $RBEE_HOME/queen.key, "
+        "created on first start (mode 600), where rbee-keeper on this machine finds it.",
+    ),  # fmt: skip
+) -> None:
+    """Run the queen in the foreground until SIGTERM or Ctrl+C.
+
+    On stop it shuts down the hives it started, and only those.
+
+    Example: queen-rbee daemon --port 7800
+    """
+    from rbee_queen.server import serve
+    from rbee_queen.settings import load_settings
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(port=port, host=host, api_key=api_key)
+        code = asyncio.run(serve(settings))
+    except RbeeError as err:
+        print_error(err, ACTOR)
+        raise typer.Exit(EXIT_ERROR) from None
+    except Exception as exc:  # noqa: BLE001 - the log keeps the traceback, the user gets a message
+        logging.getLogger(__name__).debug("queen-rbee failed", exc_info=True)
+        print_error(RbeeError("INTERNAL", f"queen-rbee stopped on an unexpected error: {type(exc).__name__}"), ACTOR)
+        raise typer.Exit(EXIT_ERROR) from None
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    run_app(app, ACTOR)
+
+
+if __name__ == "__main__":
+    main()

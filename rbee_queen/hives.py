@@ -1,0 +1,202 @@
+"""The queen's link to one node's hive: health, hive preflight (S4.2), and
+starting the hive over the node's transport when it does not answer (S3)."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from rbee.channel import metadata, open_channel
+from rbee.config import API_VERSION, HIVE_VERSION_REQUIREMENT, VERSION
+from rbee.errors import RbeeError, from_rpc_error
+from rbee.v1 import preflight_pb2, preflight_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
+
+from rbee_queen.nodes.store import NodeRecord
+from rbee_queen.nodes.transport import NodeTransport
+
+HEALTH_PROBE_TIMEOUT_S = 2.0
+CALL_TIMEOUT_S = 30.0
+HIVE_KEY_FILE = "hive.key"
+HIVE_LOG = "logs/hive.log"
+LOG_TAIL_LINES = 20
+
+Check = Callable[..., None]  # check(name, passed, message, warning=False, **details)
+
+
+class HiveLink:
+    """A gRPC channel to a node's hive with the node's key on every call."""
+
+    def __init__(self, record: NodeRecord) -> None:
+        self.record = record
+        self.address = record.hive_address
+        self._channel = open_channel(self.address)
+        self._md = metadata(record.hive_key)
+        self.preflight = preflight_pb2_grpc.PreflightServiceStub(self._channel)
+        self.provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)
+
+    async def __aenter__(self) -> "HiveLink":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def serving(self, timeout: float = HEALTH_PROBE_TIMEOUT_S, wait: bool = False) -> bool:
+        """Whether the hive answers its (open) health check as SERVING within ``timeout``."""
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=wait)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def call(self, method, request, timeout: float = CALL_TIMEOUT_S):
+        try:
+            return await method(request, metadata=self._md, timeout=timeout)
+        except grpc.RpcError as err:
+            error = from_rpc_error(err, self.address)
+            if error.code in ("MISSING_API_KEY", "INVALID_API_KEY"):
+                error.details["node"] = self.record.name
+                error.suggestions = [
+                    f"The hive at {self.address} was started with another key than the queen holds for node "
+                    f"{self.record.name}: stop that hive, then run `rbee-keeper setup check-node --name {self.record.name}`"
+                ]
+            raise error from None
+
+
+def compatible(version: str, api_version: str) -> str | None:
+    """None when a hive of ``version``/``api_version`` works with this queen, else why not."""
+    if api_version != API_VERSION:
+        return f"API version {api_version or '(none)'} (this queen speaks {API_VERSION})"
+    try:
+        if Version(version) not in SpecifierSet(HIVE_VERSION_REQUIREMENT):
+            return f"version {version} (this queen needs {HIVE_VERSION_REQUIREMENT})"
+    except (InvalidVersion, InvalidSpecifier):
+        return f"version {version!r} (not a version this queen understands)"
+    return None
+
+
+async def node_home(transport: NodeTransport, record: NodeRecord) -> str:
+    """RBEE_HOME of the hive on the node (the node user's ~/.rbee unless set)."""
+    if record.rbee_home:
+        return record.rbee_home.rstrip("/")
+    result = await transport.check('printf %s "$HOME/.rbee"', "Finding the node's home folder")
+    return result.stdout.strip()
+
+
+def bind_host(record: NodeRecord) -> str:
+    """Where the hive listens: loopback when the queen reaches it there, else every address."""
+    return "127.0.0.1" if record.hive_host.startswith("127.") or record.hive_host == "::1" else "0.0.0.0"
+
+
+async def start_hive(
+    transport: NodeTransport,
+    record: NodeRecord,
+    narrate: Callable[..., None],
+    timeout: float,
+) -> int:
+    """Start the node's hive detached over ``transport`` and wait for its health.
+    The key reaches it through a 0600 file, never argv or the environment.
+    Returns the hive's pid on the node."""
+    home = await node_home(transport, record)
+    key_file = f"{home}/{HIVE_KEY_FILE}"
+    log_file = f"{home}/{HIVE_LOG}"
+    await transport.write_file(key_file, record.hive_key + "\n", 0o600)
+    command = (
+        f"env RBEE_HOME={shlex.quote(home)} {shlex.quote(record.hive_program)} daemon "
+        f"--host {bind_host(record)} --port {record.hive_port} --api-key-file {shlex.quote(key_file)}"
+    )
+    narrate("🚀", f"Starting rbee-hive on {record.name} ({transport.target}), port {record.hive_port}, log {log_file}")
+    pid = await transport.start_detached(command, log_file, cwd=record.install_path)
+    link = HiveLink(record)
+    try:
+        waiter = asyncio.ensure_future(link.serving(timeout=timeout, wait=True))
+        while not waiter.done():
+            done, _ = await asyncio.wait({waiter}, timeout=0.5)
+            if done:
+                break
+            alive = await transport.run(f"kill -0 {pid} 2>/dev/null", timeout=10)
+            if not alive.ok:
+                waiter.cancel()
+                raise await _start_failed(transport, record, log_file, "exited before answering")
+        if not waiter.result():
+            raise await _start_failed(transport, record, log_file, f"did not answer within {timeout:g}s")
+    finally:
+        await link.close()
+    narrate("✅", f"rbee-hive on {record.name} is up at {record.hive_address} (pid {pid})")
+    return pid
+
+
+async def _start_failed(transport: NodeTransport, record: NodeRecord, log_file: str, why: str) -> RbeeError:
+    tail = await transport.run(f"tail -n {LOG_TAIL_LINES} {shlex.quote(log_file)}", timeout=10)
+    return RbeeError(
+        "HIVE_START_FAILED",
+        f"rbee-hive on node {record.name} {why}",
+        {"node": record.name, "hive": record.hive_address, "log": log_file, "last_lines": tail.stdout.strip() or "(empty)"},
+        [f"Read the hive's log on the node ({log_file})", f"Reinstall with `rbee-keeper setup install --node {record.name}`"],
+    )
+
+
+async def stop_hive(transport: NodeTransport, pid: int, timeout: float = 40.0) -> bool:
+    """SIGTERM the hive (it stops its workers), wait for it to go; True when gone."""
+    await transport.run(f"kill -TERM {pid} 2>/dev/null", timeout=10)
+    waited = await transport.run(
+        f"for i in $(seq {int(timeout * 5)}); do kill -0 {pid} 2>/dev/null || exit 0; sleep 0.2; done; exit 1",
+        timeout=timeout + 10,
+    )
+    return waited.ok
+
+
+async def hive_preflight(link: HiveLink, record: NodeRecord, check: Check) -> preflight_pb2.GetHiveHealthResponse:
+    """S4.2 from the queen: health, version compatibility, backends, resources,
+    worker environments. The first failure raises."""
+    health = await link.call(link.preflight.GetHiveHealth, preflight_pb2.GetHiveHealthRequest())
+    check("hive_health", health.status == "ok", f"Hive health: {health.status} (rbee-hive {health.version}, API {health.api_version}, "
+          f"up {health.uptime_s}s, {health.workers} workers)", version=health.version, api_version=health.api_version)
+    if health.status != "ok":
+        raise RbeeError("HIVE_UNREACHABLE", f"The hive on {record.name} is {health.status}", {"node": record.name, "status": health.status})
+    problem = compatible(health.version, health.api_version)
+    if problem:
+        check("hive_version", False, f"Hive on {record.name} has {problem}")
+        raise RbeeError(
+            "VERSION_MISMATCH",
+            f"The hive on node {record.name} is rbee-hive {health.version} (API {health.api_version}); "
+            f"this queen is {VERSION} (API {API_VERSION}) and needs {HIVE_VERSION_REQUIREMENT}",
+            {"node": record.name, "hive_version": health.version, "hive_api_version": health.api_version,
+             "queen_version": VERSION, "queen_api_version": API_VERSION},
+            [f"Update the node with `rbee-keeper setup install --node {record.name}`"],
+        )  # fmt: skip
+    check("hive_version", True, f"Hive version {health.version} is compatible ({HIVE_VERSION_REQUIREMENT}, API {health.api_version})")
+    backends = await link.call(link.preflight.GetBackends, preflight_pb2.GetBackendsRequest())
+    available = [b for b in backends.backends if b.available]
+    summary = ", ".join(f"{b.name} ({b.device_count} device{'s' if b.device_count != 1 else ''})" for b in available)
+    check("backends", bool(available), f"Backends: {summary or 'none available'}",
+          backends=",".join(b.name for b in available))  # fmt: skip
+    if not available:
+        raise RbeeError("BACKEND_UNAVAILABLE", f"The hive on {record.name} has no backend available", {"node": record.name})
+    res = await link.call(link.preflight.GetResources, preflight_pb2.GetResourcesRequest())
+    mb = 1024 * 1024
+    gpus = "; ".join(f"GPU {g.index} {g.name}: {g.vram_available_bytes // mb} of {g.vram_total_bytes // mb} MB VRAM free" for g in res.gpus)
+    check(
+        "resources", True,
+        f"Resources: RAM {res.ram_available_bytes // mb} of {res.ram_total_bytes // mb} MB available, "
+        f"disk {res.disk_available_bytes // mb} of {res.disk_total_bytes // mb} MB free at {res.disk_path}" + (f"; {gpus}" if gpus else ""),
+        ram_available_mb=res.ram_available_bytes // mb, disk_available_mb=res.disk_available_bytes // mb,
+    )  # fmt: skip
+    envs = await link.call(link.provisioning.ListWorkerEnvironments, provisioning_pb2.ListWorkerEnvironmentsRequest())
+    have = sorted({e.backend for e in envs.environments})
+    missing = [b.name for b in available if b.name not in have]
+    if missing:
+        check("worker_environments", True, f"No worker environment yet for {', '.join(missing)}: "
+              "the hive installs one on the first spawn", warning=True)  # fmt: skip
+    else:
+        check("worker_environments", True, f"Worker environments installed for {', '.join(have)}")
+    return health

@@ -1,0 +1,99 @@
+"""The queen's settings: one class, env prefix RBEE_QUEEN_, typed durations.
+
+Precedence: command-line values over the environment over the ``[queen]``
+section of the config file over defaults. Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from rbee.auth import new_api_key, read_key_file, write_key_file
+from rbee.config import DEFAULT_QUEEN_PORT, rbee_home
+from rbee.settings import build_settings, config_section_source, parse_duration
+
+QUEEN_KEY_FILE = "queen.key"
+_ConfigFileSource = config_section_source("queen")
+
+
+class QueenSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RBEE_QUEEN_", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(DEFAULT_QUEEN_PORT, ge=0, le=65535)
+    # None = read or create $RBEE_HOME/queen.key (0600). Never logged.
+    api_key: SecretStr | None = None
+    # RBEE_HOME for beehives.db, known_hosts, logs; None = RBEE_HOME / ~/.rbee.
+    home: Path | None = None
+
+    # SSH (S3): per-attempt connect timeout and attempts.
+    ssh_connect_timeout: timedelta = timedelta(seconds=10)
+    ssh_attempts: int = Field(3, ge=1, le=10)
+    # SSH round trip above this is reported as a warning (S4.1).
+    latency_warning: timedelta = timedelta(milliseconds=100)
+    # How long a hive started by the queen may take to answer its health check.
+    hive_start_timeout: timedelta = timedelta(seconds=30)
+    # How long one install step may run on a node (an engine install is long).
+    install_step_timeout: timedelta = timedelta(minutes=60)
+    # On nodes, link the engine from this site-packages folder (a path on the
+    # node) instead of installing one, when it holds a matching engine. For
+    # nodes that already carry the engine (a shared image, this machine).
+    install_engine_site: str | None = None
+
+    @field_validator("ssh_connect_timeout", "latency_warning", "hive_start_timeout", "install_step_timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _ConfigFileSource(settings_cls))
+
+    @property
+    def rbee_home(self) -> Path:
+        return self.home.expanduser() if self.home else rbee_home()
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.rbee_home / "logs"
+
+    @property
+    def db_path(self) -> Path:
+        return self.rbee_home / "beehives.db"
+
+    @property
+    def known_hosts(self) -> Path:
+        """The queen's own known_hosts: where --trust-host-key records keys."""
+        return self.rbee_home / "known_hosts"
+
+    @property
+    def key_file(self) -> Path:
+        return self.rbee_home / QUEEN_KEY_FILE
+
+    def api_key_value(self) -> tuple[str, str]:
+        """The key clients must present and where it came from. Without a
+        configured key, $RBEE_HOME/queen.key is read, or created (0600) so a
+        keeper of the same user on this machine finds it there."""
+        if self.api_key:
+            return self.api_key.get_secret_value(), "configured"
+        if self.key_file.exists():
+            return read_key_file(self.key_file, "queen.key"), str(self.key_file)
+        key = new_api_key()
+        write_key_file(self.key_file, key)
+        return key, f"{self.key_file} (generated)"
+
+
+def load_settings(**overrides: Any) -> QueenSettings:
+    return build_settings(QueenSettings, "RBEE_QUEEN_", "queen", "queen", **overrides)
