@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.keeper",
     "tests.fixtures.hive",
     "tests.fixtures.models",
+    "tests.fixtures.ssh",
 ]
