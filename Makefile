@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.rbee-setup
 PYTEST_ARGS ?=
 
-.PHONY: help setup model run test test-unit protos protos-check bench clean
+.PHONY: help setup model run test test-deps test-unit protos protos-check bench clean
 
 help:
 	@echo "make run           set up, fetch the default model, start rbee locally and stream an answer"
@@ -15,6 +15,7 @@ help:
 	@echo "make model         obtain the default model (SmolLM2-135M-Instruct) into \$$RBEE_HOME/models"
 	@echo "make protos        regenerate rbee/v1 stubs from protos/"
 	@echo "make protos-check  fail if the committed stubs differ from protos/"
+	@echo "make test-deps     system programs the suite needs (OpenSSH sshd, with apt when missing)"
 	@echo "make bench         benchmarks (not part of the tests)"
 
 setup: $(STAMP)
@@ -35,7 +36,10 @@ protos: setup
 protos-check: setup
 	scripts/gen_protos.sh --check
 
-test: model protos-check
+test-deps:
+	scripts/test-deps.sh
+
+test: model protos-check test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: setup
