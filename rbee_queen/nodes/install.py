@@ -38,7 +38,8 @@ class Installer:
         self.step_timeout = step_timeout
         self.engine_site = engine_site
 
-    async def _step(self, name: str, command: str, suggestions: list[str], timeout: float | None = None) -> CommandResult:
+    async def _step(self, name: str, command: str, suggestions: list[str], timeout: float | None = None,
+                    say_last_line: bool = False) -> CommandResult:  # fmt: skip
         self.narrate("📦", f"{name} …")
         started = time.monotonic()
         result = await self.t.run(command, timeout=timeout or self.step_timeout)
@@ -46,7 +47,8 @@ class Installer:
         if not result.ok:
             self.narrate("❌", f"{name} failed after {took:.1f}s (exit status {result.exit_status})", "error")
             raise _failed(self.record, name, result, suggestions)
-        self.narrate("✅", f"{name} ({took:.1f}s)")
+        last = result.tail(1).removeprefix("[setup] ").strip() if say_last_line else ""
+        self.narrate("✅", f"{name} ({took:.1f}s)" + (f": {last}" if last else ""))
         return result
 
     async def run(self) -> str:
@@ -91,6 +93,7 @@ class Installer:
             "Setting up the Python environment and the engine (scripts/setup.sh)",
             f"cd {path} && env {env} PYTHON=python3 bash scripts/setup.sh 2>&1",
             ["Read the output above; `pip` on the node must reach its package index"],
+            say_last_line=True,
         )
         version = await self._step(
             "Verifying the hive program",
