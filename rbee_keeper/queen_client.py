@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from rbee.auth import read_key_file
 from rbee.config import load_config, rbee_home
 from rbee.errors import RbeeError
-from rbee.v1 import nodes_pb2, nodes_pb2_grpc
+from rbee.v1 import nodes_pb2, nodes_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 from rbee_keeper.daemon_client import DaemonClient
 from rbee_keeper.validation import validate_queen_address
@@ -45,6 +45,8 @@ class QueenClient(DaemonClient):
     def __init__(self, address: str, api_key: str, key_source: str) -> None:
         super().__init__(address, api_key, key_source)
         self._nodes = nodes_pb2_grpc.NodeServiceStub(self._channel)
+        self._tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)
+        self._cluster = tasks_pb2_grpc.ClusterWorkerServiceStub(self._channel)
 
     @classmethod
     def connect(cls, queen: str, api_key: str | None) -> "QueenClient":
@@ -79,3 +81,9 @@ class QueenClient(DaemonClient):
 
     def check_node(self, name: str, ssh_only: bool = False) -> AsyncIterator[nodes_pb2.NodeEvent]:
         return self._stream(self._nodes.CheckNode, nodes_pb2.CheckNodeRequest(name=name, ssh_only=ssh_only))
+
+    def submit(self, request: tasks_pb2.SubmitInferenceRequest) -> AsyncIterator[tasks_pb2.TaskEvent]:
+        return self._stream(self._tasks.SubmitInference, request)
+
+    async def cluster_workers(self, request: tasks_pb2.ListClusterWorkersRequest) -> list[tasks_pb2.ClusterWorker]:
+        return list((await self._unary(self._cluster.ListClusterWorkers, request)).workers)

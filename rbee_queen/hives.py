@@ -36,10 +36,14 @@ class HiveLink:
         self.record = record
         self.address = record.hive_address
         self._channel = open_channel(self.address)
-        self._md = metadata(record.hive_key)
+        self.md = metadata(record.hive_key)
         self.preflight = preflight_pb2_grpc.PreflightServiceStub(self._channel)
         self.provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self._channel
 
     async def close(self) -> None:
         await self._channel.close(grace=None)
@@ -60,7 +64,7 @@ class HiveLink:
 
     async def call(self, method, request, timeout: float = CALL_TIMEOUT_S):
         try:
-            return await method(request, metadata=self._md, timeout=timeout)
+            return await method(request, metadata=self.md, timeout=timeout)
         except grpc.RpcError as err:
             error = from_rpc_error(err, self.address)
             if error.code in ("MISSING_API_KEY", "INVALID_API_KEY"):
@@ -111,7 +115,7 @@ async def start_hive(
     log_file = f"{home}/{HIVE_LOG}"
     await transport.write_file(key_file, record.hive_key + "\n", 0o600)
     command = (
-        f"env RBEE_HOME={shlex.quote(home)} {shlex.quote(record.hive_program)} daemon "
+        f"env RBEE_HOME={shlex.quote(home)} RBEE_HIVE_WORKER_HOST={bind_host(record)} {shlex.quote(record.hive_program)} daemon "
         f"--host {bind_host(record)} --port {record.hive_port} --api-key-file {shlex.quote(key_file)}"
     )
     narrate("🚀", f"Starting rbee-hive on {record.name} ({transport.target}), port {record.hive_port}, log {log_file}")

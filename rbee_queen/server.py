@@ -19,13 +19,16 @@ from rbee.channel import SERVER_OPTIONS
 from rbee.config import API_VERSION, VERSION
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
-from rbee.v1 import nodes_pb2_grpc
+from rbee.v1 import nodes_pb2_grpc, tasks_pb2_grpc
 
 from rbee_queen.hives import stop_hive
 from rbee_queen.nodes.manager import NodeManager
 from rbee_queen.nodes.relay import ACTOR, NodeEventRelay
 from rbee_queen.nodes.store import NodeStore
 from rbee_queen.servicers.nodes import NodeServicer
+from rbee_queen.servicers.tasks import ClusterWorkerServicer, TaskServicer
+from rbee_queen.tasks import TaskRunner
+from rbee_queen.workers import ClusterWorkers, HiveWatchers
 from rbee_queen.settings import QueenSettings
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,9 @@ class QueenServer:
         self.narrate = narrator
         self.store = NodeStore(settings.db_path)
         self.nodes = NodeManager(settings, self.store, narrator)
+        self.registry = ClusterWorkers(settings.worker_stale_after.total_seconds())
+        self.watchers = HiveWatchers(self.store, self.registry, narrator)
+        self.tasks = TaskRunner(self.store, self.nodes, self.watchers)
         self.port = 0
         self._health = health.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -69,7 +75,9 @@ class QueenServer:
         key, source = s.api_key_value()
         server = grpc.aio.server(interceptors=[ApiKeyInterceptor(key)], options=SERVER_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.nodes, self.narrate), server)
+        nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.nodes, self.narrate, self.watchers), server)
+        tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.tasks, self.narrate), server)
+        tasks_pb2_grpc.add_ClusterWorkerServiceServicer_to_server(ClusterWorkerServicer(self.registry), server)
         address = f"{s.host}:{s.port}"
         try:
             self.port = server.add_insecure_port(address)
@@ -86,11 +94,14 @@ class QueenServer:
         self._server = server
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.narrate("🔑", f"API key from {source}")
+        # Rebuild the worker registry from every registered node's hive.
+        self.watchers.start()
         return self.port
 
     async def stop(self) -> None:
         """Stop the hives this queen started (each stops its workers), then the server."""
         await self._health.enter_graceful_shutdown()
+        await self.watchers.close()
         relay = NodeEventRelay(self.narrate)
         for name, pid in list(self.nodes.started_hives.items()):
             try:

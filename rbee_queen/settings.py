@@ -38,6 +38,9 @@ class QueenSettings(BaseSettings):
     latency_warning: timedelta = timedelta(milliseconds=100)
     # How long a hive started by the queen may take to answer its health check.
     hive_start_timeout: timedelta = timedelta(seconds=30)
+    # Workers of a node whose hive has not been heard from this long are
+    # dropped from the global registry (S6.2).
+    worker_stale_after: timedelta = timedelta(seconds=120)
     # How long one install step may run on a node (an engine install is long).
     install_step_timeout: timedelta = timedelta(minutes=60)
     # On nodes, link the engine from this site-packages folder (a path on the
@@ -45,7 +48,8 @@ class QueenSettings(BaseSettings):
     # nodes that already carry the engine (a shared image, this machine).
     install_engine_site: str | None = None
 
-    @field_validator("ssh_connect_timeout", "latency_warning", "hive_start_timeout", "install_step_timeout", mode="before")
+    @field_validator("ssh_connect_timeout", "latency_warning", "hive_start_timeout", "install_step_timeout",
+                     "worker_stale_after", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value)

@@ -1,8 +1,8 @@
 """`rbee-keeper infer`: stream an answer from a model.
 
-Direct mode (``--worker HOST:PORT``) talks to one worker. Queen mode
-(``--node``/``--model``, the worker found or started for you) is not built yet
-and says so.
+Queen mode (``--node NAME --model REF``): the queen finds or starts a worker
+on the node, then the keeper streams from it directly. Direct mode
+(``--worker HOST:PORT``) talks to one running worker.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from rbee_keeper.direct import DirectInference, Timeouts
 from rbee_keeper.interrupts import Interrupts
 from rbee_keeper.render import TokenPrinter, narrator
 from rbee_keeper.validation import (
+    LOCAL_QUEEN,
     parse_float,
     validate_address,
     validate_backend,
@@ -28,6 +29,13 @@ from rbee_keeper.worker_client import WorkerClient
 DEFAULT_MAX_TOKENS = 128
 
 HELP = """Stream an answer from a model: tokens on stdout, progress and status on stderr.
+
+Queen mode: --node NAME --model REF asks the queen (--queen, default 127.0.0.1:7800)
+for a worker serving the model on that node: an idle one is reused (warm start), else
+the node's hive downloads the model and starts one (cold start). When no queen answers
+on this machine, one is started for this command and stopped afterwards.
+
+Example: rbee-keeper infer --node workstation --model hf:HuggingFaceTB/SmolLM2-135M-Instruct --prompt "Why do bees dance?"
 
 Direct mode: --worker HOST:PORT sends the request to a running llm-worker-rbee
 (waiting for it to finish loading). If the stream breaks, the text received so far
@@ -60,9 +68,10 @@ def infer(
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text is generated (repeatable)."),
     raw_prompt: bool = typer.Option(False, "--raw-prompt", help="Send the prompt as-is, without the chat template."),
     worker: str = typer.Option(None, "--worker", "-w", metavar="HOST:PORT", help="Send the request straight to this worker."),
-    api_key: str = typer.Option(None, "--api-key", help="API key of the worker (else $RBEE_API_KEY, then the config file)."),
-    node: str = typer.Option(None, "--node", help="Node to run on (queen mode, not built yet)."),
-    model: str = typer.Option(None, "--model", "-m", help="Model reference, hf:ORG/REPO or file:///path (queen mode, not built yet)."),
+    api_key: str = typer.Option(None, "--api-key", help="Queen mode: the queen's key (else RBEE_QUEEN_API_KEY, config, $RBEE_HOME/queen.key). Direct mode: the worker's key (else $RBEE_API_KEY, then the config file)."),
+    node: str = typer.Option(None, "--node", help="Node to run on (queen mode; see `rbee-keeper setup list-nodes`)."),
+    model: str = typer.Option(None, "--model", "-m", help="Model reference, hf:ORG/REPO or file:///path on the node (queen mode)."),
+    queen: str = typer.Option(LOCAL_QUEEN, "--queen", metavar="HOST:PORT", help="The queen (queen mode); one is started for this command when none answers on this machine."),
     backend: str = typer.Option(None, "--backend", help="cpu, cuda or metal; with --worker, checked against the worker."),
     device: str = typer.Option(None, "--device", metavar="N", help="Device index; with --worker, checked against the worker."),
     # Knobs for tests and operators; not part of the everyday interface.
@@ -74,7 +83,7 @@ def infer(
     run(
         _infer(
             prompt, max_tokens, temperature, top_p, top_k, seed, tuple(stop), raw_prompt,
-            worker, api_key, node, model, backend, device, ignore_eos,
+            worker, api_key, node, model, queen, backend, device, ignore_eos,
             stall_timeout, loading_timeout, connect_timeout,
         )
     )
@@ -93,6 +102,7 @@ async def _infer(
     api_key: str | None,
     node: str | None,
     model: str | None,
+    queen: str,
     backend: str | None,
     device: str | None,
     ignore_eos: bool,
@@ -114,12 +124,7 @@ async def _infer(
         stall_s=_timeout("--stall-timeout", stall_timeout, defaults.stall_s),
     )
     if worker is None:
-        raise RbeeError(
-            "NOT_IMPLEMENTED",
-            "Queen mode (--node/--model: rbee finds or starts a worker for you) is not built yet",
-            {"node": node or "-", "model": model or "-"},
-            ["Start a worker yourself (llm-worker-rbee --model PATH ...) and pass --worker HOST:PORT"],
-        )
+        return await _infer_with_queen(args, node, model, queen, api_key, backend_name, device_index, timeouts)
     address = validate_address(worker)
     key, key_source = resolve_api_key(api_key, address)
 
@@ -144,3 +149,34 @@ async def _infer(
             return await session.run()
         finally:
             interrupts.uninstall()
+
+
+async def _infer_with_queen(args, node: str | None, model: str | None, queen: str, api_key: str | None,
+                            backend: str | None, device: int | None, timeouts: Timeouts) -> int:  # fmt: skip
+    missing = [name for name, value in (("--node", node), ("--model", model)) if not value]
+    if missing:
+        raise RbeeError(
+            "USAGE_ERROR",
+            f"infer needs {' and '.join(missing)} (queen mode) or --worker HOST:PORT (direct mode)",
+            {"missing": ", ".join(missing)},
+            ["Pass --node NAME --model REF (see `rbee-keeper setup list-nodes`), or --worker HOST:PORT"],
+        )
+    from rbee.v1 import tasks_pb2
+
+    from rbee_keeper.queen_mode import run_with_queen
+
+    narrate = narrator()
+    request = tasks_pb2.SubmitInferenceRequest(node=node, model_ref=model, backend=backend or "cpu", device=device or 0)
+
+    async def use_worker(assignment) -> int:
+        interrupts = Interrupts(narrate)
+        async with WorkerClient(assignment.worker.address, assignment.api_key, f"the queen's task on {assignment.node}") as client:
+            interrupts.install()
+            try:
+                session = DirectInference(client, args, narrate, TokenPrinter(), interrupts, timeouts,
+                                          expect_backend=backend, expect_device=device)  # fmt: skip
+                return await session.run()
+            finally:
+                interrupts.uninstall()
+
+    return await run_with_queen(queen, api_key, request, narrate, use_worker)

@@ -20,7 +20,7 @@ from rbee.v1 import nodes_pb2, preflight_pb2
 from rbee_queen.hives import HiveLink, hive_preflight, node_home, start_hive, stop_hive
 from rbee_queen.nodes.install import Installer
 from rbee_queen.nodes.local import LocalTransport
-from rbee_queen.nodes.relay import NodeEventRelay
+from rbee_queen.nodes.relay import EventRelay, NodeEventRelay
 from rbee_queen.nodes.store import NodeRecord, NodeStore, node_exists
 from rbee_queen.nodes.transport import NodeTransport
 from rbee_queen.settings import QueenSettings
@@ -69,7 +69,7 @@ class NodeManager:
 
     # -- transports -----------------------------------------------------------------------
 
-    def transport(self, record: NodeRecord, relay: NodeEventRelay, trust_host_key: bool = False) -> NodeTransport:
+    def transport(self, record: NodeRecord, relay: EventRelay, trust_host_key: bool = False) -> NodeTransport:
         if record.is_local:
             return LocalTransport(record.name, relay.narrate)
         from rbee_queen.nodes.ssh import SshTransport
@@ -89,7 +89,7 @@ class NodeManager:
             narrate=relay.narrate,
         )
 
-    async def _connect(self, record: NodeRecord, relay: NodeEventRelay, trust_host_key: bool = False,
+    async def _connect(self, record: NodeRecord, relay: EventRelay, trust_host_key: bool = False,
                        saved: bool = True) -> NodeTransport:  # fmt: skip
         """An open transport, with reachable/authenticated reported; a failure
         is recorded on a saved node (status unreachable, last_error)."""
@@ -153,7 +153,7 @@ class NodeManager:
         if not record.is_local and not Path(record.ssh_key_path).expanduser().is_file():
             raise _ssh_key_missing(record.ssh_key_path)
 
-    async def add(self, req: nodes_pb2.AddNodeRequest, relay: NodeEventRelay) -> nodes_pb2.Node:
+    async def add(self, req: nodes_pb2.AddNodeRequest, relay: EventRelay) -> nodes_pb2.Node:
         record = self._record_from(req)
         async with self.lock(record.name):
             if self.store.exists(record.name):
@@ -172,7 +172,7 @@ class NodeManager:
             relay.narrate("✅", f"Node {record.name} saved ({record.transport}, install path {record.install_path})")
             return await self.to_proto(record, probe=False)
 
-    async def update(self, req: nodes_pb2.UpdateNodeRequest, relay: NodeEventRelay) -> nodes_pb2.Node:
+    async def update(self, req: nodes_pb2.UpdateNodeRequest, relay: EventRelay) -> nodes_pb2.Node:
         async with self.lock(req.name):
             record = self.store.get(req.name)
             changes: dict[str, object] = {}
@@ -230,7 +230,7 @@ class NodeManager:
 
     # -- install, check -------------------------------------------------------------------
 
-    async def install(self, name: str, relay: NodeEventRelay) -> nodes_pb2.Node:
+    async def install(self, name: str, relay: EventRelay) -> nodes_pb2.Node:
         async with self.lock(name):
             record = self.store.get(name)
             transport = await self._connect(record, relay)
@@ -250,7 +250,7 @@ class NodeManager:
                                        status="reachable", last_connected_unix=int(time.time()), last_error="")  # fmt: skip
             return await self.to_proto(record)
 
-    async def check(self, name: str, relay: NodeEventRelay, ssh_only: bool = False) -> nodes_pb2.Node:
+    async def check(self, name: str, relay: EventRelay, ssh_only: bool = False) -> nodes_pb2.Node:
         async with self.lock(name):
             record = self.store.get(name)
             transport = await self._connect(record, relay)
@@ -271,7 +271,25 @@ class NodeManager:
             relay.narrate("🎉", f"Node {name} is ready: rbee-hive {health.version} at {record.hive_address}")
             return await self.to_proto(record)
 
-    async def _ensure_hive(self, transport: NodeTransport, record: NodeRecord, relay: NodeEventRelay) -> None:
+    async def ensure_ready(self, record: NodeRecord, relay: EventRelay) -> None:
+        """The node's hive answering (S1 step 3). A hive that answers needs no
+        SSH: the warm path stays off the SSH link. Otherwise the SSH preflight
+        runs and the hive is started over the transport."""
+        async with self.lock(record.name):
+            async with HiveLink(record) as link:
+                if await link.serving():
+                    relay.narrate("✅", f"rbee-hive on {record.name} answers at {record.hive_address}")
+                    return
+            transport = await self._connect(record, relay)
+            try:
+                await self._echo(transport, relay)
+                self.store.update(record.name, hive_version=await self._hive_program(transport, record, relay))
+                await self._ensure_hive(transport, record, relay)
+            finally:
+                await transport.close()
+            self.store.mark_reachable(record.name)
+
+    async def _ensure_hive(self, transport: NodeTransport, record: NodeRecord, relay: EventRelay) -> None:
         async with HiveLink(record) as link:
             if await link.serving():
                 relay.check("hive_running", True, f"rbee-hive answers at {record.hive_address}")
@@ -281,7 +299,7 @@ class NodeManager:
         self.started_hives[record.name] = pid
         relay.check("hive_running", True, f"rbee-hive started on {record.name} (pid {pid})", pid=pid)
 
-    async def _echo(self, transport: NodeTransport, relay: NodeEventRelay) -> float:
+    async def _echo(self, transport: NodeTransport, relay: EventRelay) -> float:
         latency = await transport.round_trip()
         ms = latency * 1000
         relay.check("echo", True, "Command execution works (`echo test` returned `test`)")
@@ -291,7 +309,7 @@ class NodeManager:
                     warning=slow, latency_ms=f"{ms:.0f}")  # fmt: skip
         return latency
 
-    async def _hive_program(self, transport: NodeTransport, record: NodeRecord, relay: NodeEventRelay) -> str:
+    async def _hive_program(self, transport: NodeTransport, record: NodeRecord, relay: EventRelay) -> str:
         program = shlex.quote(record.hive_program)
         result = await transport.run(f"{program} --version", timeout=60)
         if result.exit_status == 127 or not result.ok:
@@ -306,7 +324,7 @@ class NodeManager:
         relay.check("hive_program", True, f"rbee-hive {version} found at {record.hive_program}", version=version)
         return version
 
-    async def _detect(self, transport: NodeTransport, record: NodeRecord, relay: NodeEventRelay) -> tuple[dict[str, int], str]:
+    async def _detect(self, transport: NodeTransport, record: NodeRecord, relay: EventRelay) -> tuple[dict[str, int], str]:
         """Backends and devices from `rbee-hive detect --json` on the node; empty when rbee is not installed yet."""
         program = shlex.quote(record.hive_program)
         probe = await transport.run(f"test -x {program} && {program} --version", timeout=60)

@@ -12,12 +12,14 @@ from rbee.v1 import nodes_pb2, nodes_pb2_grpc
 
 from rbee_queen.nodes.manager import NodeManager
 from rbee_queen.nodes.relay import NodeEventRelay
+from rbee_queen.workers import HiveWatchers
 
 
 class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
-    def __init__(self, manager: NodeManager, log: Narrator) -> None:
+    def __init__(self, manager: NodeManager, log: Narrator, watchers: HiveWatchers) -> None:
         self._nodes = manager
         self._log = log
+        self._watchers = watchers
 
     def _relay(self) -> NodeEventRelay:
         return NodeEventRelay(self._log)
@@ -27,6 +29,7 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
         relay = self._relay()
         async for item in relay.run(self._nodes.add(request, relay)):
             yield item
+        self._watchers.ensure(request.name.strip())
 
     @handle_errors
     async def UpdateNode(self, request: nodes_pb2.UpdateNodeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[nodes_pb2.NodeEvent]:
@@ -37,6 +40,7 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
     @handle_errors
     async def RemoveNode(self, request: nodes_pb2.RemoveNodeRequest, context: grpc.aio.ServicerContext) -> nodes_pb2.RemoveNodeResponse:
         reply = await self._nodes.remove(request.name)
+        await self._watchers.stop(request.name)
         self._log("🗑️", f"Node {request.name} removed. {reply.message}")
         return reply
 
@@ -55,3 +59,4 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
         relay = self._relay()
         async for item in relay.run(self._nodes.check(request.name, relay, request.ssh_only)):
             yield item
+        self._watchers.ensure(request.name)

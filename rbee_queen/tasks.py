@@ -1,0 +1,124 @@
+"""One inference task (S1 steps 2-9), as the queen runs it.
+
+node lookup → the node's hive made ready (answering already: nothing to do;
+else SSH preflight and the hive started over the node's transport) → the
+hive's workers: an idle worker (a free slot) with the same model, backend and
+device is a warm start and is handed out at once; a worker for the model still
+loading is joined; a matching worker with every slot busy is ALL_SLOTS_BUSY →
+otherwise a cold start: hive preflight, then the hive's StartWorker (catalog,
+download with progress, worker environment, resource preflight, spawn), its
+events relayed. The task ends with the worker's address and its own key.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from rbee.errors import RbeeError, from_rpc_error
+from rbee.modelref import parse_model_ref
+from rbee.v1 import common_pb2, registry_pb2, registry_pb2_grpc, tasks_pb2
+
+from rbee_queen.hives import HiveLink, hive_preflight
+from rbee_queen.nodes.manager import NodeManager
+from rbee_queen.nodes.relay import EventRelay
+from rbee_queen.nodes.store import NodeRecord, NodeStore
+from rbee_queen.workers import HiveWatchers, reachable_address
+
+State = common_pb2.WorkerState
+BACKENDS = ("cpu", "cuda", "metal")
+# A cold start's StartWorker: preflight, download, provisioning and spawn.
+START_WORKER_TIMEOUT_S = 3 * 3600
+
+
+def _same_model(a: str, b: str) -> bool:
+    try:
+        return str(parse_model_ref(a)) == str(parse_model_ref(b))
+    except RbeeError:
+        return a == b
+
+
+class TaskRunner:
+    def __init__(self, store: NodeStore, nodes: NodeManager, watchers: HiveWatchers) -> None:
+        self.store = store
+        self.nodes = nodes
+        self.watchers = watchers
+
+    async def submit(self, req: tasks_pb2.SubmitInferenceRequest, relay: EventRelay) -> tasks_pb2.WorkerAssignment:
+        started = time.monotonic()
+        ref = str(parse_model_ref(req.model_ref))
+        backend = (req.backend or "cpu").strip().lower()
+        if backend not in BACKENDS:
+            raise RbeeError("INVALID_BACKEND", f"Unknown backend {req.backend!r}: choose one of {', '.join(BACKENDS)}",
+                            {"backend": req.backend}, ["Pass --backend cpu, --backend cuda or --backend metal"])  # fmt: skip
+        if not req.node:
+            raise RbeeError("INVALID_ARGUMENT", "A task needs a node", {"field": "node"},
+                            ["Pass --node NAME (see `rbee-keeper setup list-nodes`)"])  # fmt: skip
+        record = self.store.get(req.node)
+        relay.narrate("📋", f"Task: {ref} on {record.name} ({backend}:{req.device})")
+        await self.nodes.ensure_ready(record, relay)
+        self.watchers.ensure(record.name)
+        async with HiveLink(record) as link:
+            workers = registry_pb2_grpc.HiveWorkerServiceStub(link.channel)
+            listed = await link.call(workers.ListWorkers, registry_pb2.ListWorkersRequest())
+            matching = [w for w in listed.workers
+                        if _same_model(w.model_ref, ref) and w.backend == backend and w.device == req.device]  # fmt: skip
+            usable = [w for w in matching if w.state in (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY) and w.slots_available > 0]
+            loading = [w for w in matching if w.state == State.WORKER_STATE_LOADING]
+            if usable:
+                chosen = max(usable, key=lambda w: w.slots_available)
+                relay.narrate("♻️", f"Warm start: worker {chosen.id} at {chosen.address} already serves {ref} "
+                              f"({chosen.slots_available}/{chosen.slots_total} slots free)")  # fmt: skip
+                access = await self._access(link, workers, chosen.id)
+                return self._assignment(record, access, warm=True, started=started)
+            if loading:
+                relay.narrate("⏳", f"Worker {loading[0].id} is already loading {ref}: joining it")
+                access = await self._access(link, workers, loading[0].id)
+                return self._assignment(record, access, warm=False, started=started)
+            busy = [w for w in matching if w.state in (State.WORKER_STATE_BUSY, State.WORKER_STATE_IDLE, State.WORKER_STATE_DRAINING)]
+            if busy:
+                total = sum(w.slots_total for w in busy)
+                raise RbeeError(
+                    "ALL_SLOTS_BUSY",
+                    f"Every worker serving {ref} on {record.name} is busy ({total}/{total} slots busy)",
+                    {"slots_total": total, "slots_busy": total, "node": record.name, "model": ref},
+                    ["Try again in a moment", f"Or free a worker: `rbee-keeper workers list --node {record.name}`"],
+                )
+            relay.narrate("🧊", f"Cold start: no worker serves {ref} on {record.name} yet")
+            await hive_preflight(link, record, relay.check)
+            access = await self._start(link, workers, record, ref, backend, req, relay)
+            return self._assignment(record, access, warm=False, started=started)
+
+    async def _access(self, link: HiveLink, workers, worker_id: str) -> registry_pb2.WorkerAccess:
+        reply = await link.call(workers.GetWorkerAccess, registry_pb2.GetWorkerAccessRequest(worker_id=worker_id))
+        return reply.access
+
+    async def _start(self, link: HiveLink, workers, record: NodeRecord, ref: str, backend: str,
+                     req: tasks_pb2.SubmitInferenceRequest, relay: EventRelay) -> registry_pb2.WorkerAccess:  # fmt: skip
+        request = registry_pb2.StartWorkerRequest(model_ref=ref, backend=backend, device=req.device, slots=req.slots)
+        call = workers.StartWorker(request, metadata=link.md, timeout=START_WORKER_TIMEOUT_S)
+        access = None
+        try:
+            async for msg in call:
+                if msg.HasField("event"):
+                    relay.relay(msg.event)
+                elif msg.HasField("started"):
+                    access = msg.started
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, link.address) from None
+        finally:
+            call.cancel()
+        if access is None:
+            raise RbeeError("HIVE_UNREACHABLE", f"The hive on {record.name} ended StartWorker without a worker",
+                            {"node": record.name, "hive": link.address})  # fmt: skip
+        return access
+
+    def _assignment(self, record: NodeRecord, access: registry_pb2.WorkerAccess, warm: bool, started: float) -> tasks_pb2.WorkerAssignment:
+        worker = common_pb2.WorkerInfo()
+        worker.CopyFrom(access.worker)
+        worker.address = reachable_address(record, worker.address)
+        return tasks_pb2.WorkerAssignment(
+            node=record.name, worker=worker, api_key=access.api_key, warm=warm,
+            queen_ms=int((time.monotonic() - started) * 1000),
+        )  # fmt: skip

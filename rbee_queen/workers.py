@@ -1,0 +1,198 @@
+"""The queen's global worker registry (S6.2): every worker on every node, in
+memory, fed by each hive's change stream (WatchWorkers) rather than polling.
+
+Each node's hive is followed by one watcher task. The stream opens with a
+snapshot (or, on reconnecting to the same hive instance, only the changes
+after the last sequence number seen), then carries each change and a
+heartbeat. A node whose hive has not been heard from for ``stale_after``
+(120 s by default) loses its workers from the registry. A queen that
+restarts rebuilds the registry by following every registered node's hive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from rbee.channel import metadata, open_channel
+from rbee.narration import Narrator
+from rbee.v1 import common_pb2, registry_pb2, registry_pb2_grpc, tasks_pb2
+
+from rbee_queen.nodes.store import NodeRecord, NodeStore
+
+log = logging.getLogger(__name__)
+
+State = common_pb2.WorkerState
+
+
+def capability(info: common_pb2.WorkerInfo) -> str:
+    """``cpu`` for the CPU backend, ``BACKEND:DEVICE`` otherwise (``cuda:1``)."""
+    return info.backend if info.backend in ("cpu", "") else f"{info.backend}:{info.device}"
+
+
+def reachable_address(record: NodeRecord, address: str) -> str:
+    """A worker's address as the keeper reaches it: a worker of a remote node
+    that reports a loopback or wildcard host is reached at the node's host."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if record.hive_host.startswith("127.") or record.hive_host == "::1":
+        return address
+    if host in ("0.0.0.0", "::", "") or host.startswith("127.") or host == "::1":
+        node_host = record.hive_host
+        return f"[{node_host}]:{port}" if ":" in node_host else f"{node_host}:{port}"
+    return address
+
+
+@dataclass
+class NodeWorkers:
+    hive_address: str
+    workers: dict[str, common_pb2.WorkerInfo] = field(default_factory=dict)
+    last_heard: float = 0.0
+    last_heard_unix_ms: int = 0
+    # The resume point: which hive process, and the last change applied.
+    instance: str = ""
+    seq: int = 0
+
+
+class ClusterWorkers:
+    def __init__(self, stale_after_s: float) -> None:
+        self.stale_after_s = stale_after_s
+        self._nodes: dict[str, NodeWorkers] = {}
+        self.changed = asyncio.Event()
+
+    def resume_point(self, node: str) -> tuple[str, int]:
+        entry = self._nodes.get(node)
+        return (entry.instance, entry.seq) if entry else ("", 0)
+
+    def apply(self, node: str, hive_address: str, msg: registry_pb2.WatchWorkersResponse) -> None:
+        entry = self._nodes.setdefault(node, NodeWorkers(hive_address))
+        entry.hive_address = hive_address
+        entry.last_heard = time.monotonic()
+        entry.last_heard_unix_ms = int(time.time() * 1000)
+        if msg.hive_instance != entry.instance:
+            entry.workers.clear()  # another hive process: what we knew is void
+            entry.instance = msg.hive_instance
+        if msg.snapshot:
+            entry.workers = {w.id: w for w in msg.workers}
+        else:
+            for w in msg.workers:
+                entry.workers[w.id] = w
+            if msg.removed_id:
+                entry.workers.pop(msg.removed_id, None)
+        entry.seq = max(entry.seq, msg.seq) if not msg.snapshot else msg.seq
+        self.changed.set()
+
+    def forget(self, node: str) -> None:
+        self._nodes.pop(node, None)
+        self.changed.set()
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Drop the workers of nodes not heard from within stale_after; their names."""
+        now = time.monotonic() if now is None else now
+        dropped = []
+        for name, entry in self._nodes.items():
+            if entry.workers and now - entry.last_heard > self.stale_after_s:
+                entry.workers.clear()
+                entry.instance, entry.seq = "", 0
+                dropped.append(name)
+        if dropped:
+            self.changed.set()
+        return dropped
+
+    def list(self, node: str = "", model_ref: str = "", cap: str = "", state: int = 0) -> list[tasks_pb2.ClusterWorker]:
+        out = []
+        for name in sorted(self._nodes):
+            if node and name != node:
+                continue
+            entry = self._nodes[name]
+            for w in sorted(entry.workers.values(), key=lambda w: w.id):
+                c = capability(w)
+                if model_ref and w.model_ref != model_ref:
+                    continue
+                if cap and c != cap and c.split(":")[0] != cap:
+                    continue
+                if state and w.state != state:
+                    continue
+                out.append(tasks_pb2.ClusterWorker(node=name, hive_address=entry.hive_address, worker=w, capability=c,
+                                                   last_heard_unix_ms=entry.last_heard_unix_ms))  # fmt: skip
+        return out
+
+
+class HiveWatchers:
+    """One task per node following its hive's WatchWorkers stream, reconnecting
+    with a capped backoff; plus the sweeper of stale nodes."""
+
+    def __init__(self, store: NodeStore, registry: ClusterWorkers, log: Narrator, retry_max_s: float = 10.0) -> None:
+        self.store = store
+        self.registry = registry
+        self.narrate = log
+        self.retry_max_s = retry_max_s
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._sweeper: asyncio.Task | None = None
+
+    def start(self) -> None:
+        for record in self.store.list():
+            self.ensure(record.name)
+        self._sweeper = asyncio.ensure_future(self._sweep())
+
+    def ensure(self, name: str) -> None:
+        task = self._tasks.get(name)
+        if task is None or task.done():
+            self._tasks[name] = asyncio.ensure_future(self._watch(name))
+
+    async def stop(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        self.registry.forget(name)
+
+    async def close(self) -> None:
+        for name in list(self._tasks):
+            await self.stop(name)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(BaseException):
+                await self._sweeper
+
+    async def _sweep(self) -> None:
+        interval = max(0.2, min(10.0, self.registry.stale_after_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            for name in self.registry.sweep():
+                self.narrate("🧹", f"No word from the hive of {name} for {self.registry.stale_after_s:g}s: its workers are dropped from the registry", "warn")
+
+    async def _watch(self, name: str) -> None:
+        delay = 0.5
+        was_connected = False
+        while True:
+            try:
+                record = self.store.get(name)
+            except Exception:  # noqa: BLE001 - removed meanwhile
+                return
+            channel = open_channel(record.hive_address)
+            try:
+                stub = registry_pb2_grpc.HiveWorkerServiceStub(channel)
+                instance, seq = self.registry.resume_point(name)
+                call = stub.WatchWorkers(registry_pb2.WatchWorkersRequest(hive_instance=instance, after_seq=seq),
+                                         metadata=metadata(record.hive_key))  # fmt: skip
+                async for msg in call:
+                    if not was_connected:
+                        was_connected = True
+                        log.info("following the workers of %s at %s", name, record.hive_address)
+                    delay = 0.5
+                    self.registry.apply(name, record.hive_address, msg)
+            except grpc.RpcError as err:
+                if was_connected:
+                    log.info("lost the worker stream of %s: %s", name, err.code())
+                was_connected = False
+            finally:
+                await channel.close(grace=None)
+            await asyncio.sleep(delay)
+            delay = min(self.retry_max_s, delay * 2)
