@@ -32,6 +32,7 @@ class TokenPrinter:
     def __init__(self, out: TextIO | None = None) -> None:
         self._out = out if out is not None else sys.stdout
         self._parts: list[str] = []
+        self._ended = False
         self.tokens = 0
         self.messages = 0
 
@@ -62,12 +63,15 @@ class TokenPrinter:
         return "".join(self._parts)
 
     def end_line(self) -> None:
-        """On a terminal, end the answer's line so the prompt comes back clean;
-        pipes get the tokens exactly."""
-        isatty = getattr(self._out, "isatty", None)
-        if self._parts and callable(isatty) and isatty() and not self.text.endswith("\n"):
-            self._out.write("\n")
-            self._out.flush()
+        """End the answer with a newline (once), so what follows on the
+        terminal starts on its own line and a file holds a complete line."""
+        if self._parts and not self.text.endswith("\n") and not self._ended:
+            self._ended = True
+            try:
+                self._out.write("\n")
+                self._out.flush()
+            except BrokenPipeError:
+                self._silence()
 
 
 def _progress_text(p: common_pb2.ProgressEvent) -> str:

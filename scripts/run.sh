@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# `make run`: start a worker on the default model, stream an answer to a
-# built-in prompt through `rbee-keeper infer --worker`, stop the worker.
+# `make run`: the whole system on this machine, the way a user drives it.
+#   1. a persistent queen (queen-rbee daemon) on a free port,
+#   2. this machine registered as a node (setup add-node --local),
+#   3. a cold-start `infer` on the default model as a file: reference (the
+#      queen starts the node's hive, which registers the model in its catalog,
+#      prepares the worker environment and spawns a worker),
+#   4. a warm-start `infer` (the idle worker is reused),
+#   5. both timings, then the queen stopped: it stops the hive it started,
+#      which stops its worker; nothing is left running.
 # (The Makefile has set up .venv and fetched the model before this runs.)
 #
 # Overridable: RBEE_RUN_PROMPT, RBEE_RUN_MAX_TOKENS, RBEE_RUN_MODEL, RBEE_HOME.
-# The worker's log goes to $RBEE_HOME/logs/make-run-worker-PORT.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN="$PWD/.venv/bin"
@@ -13,62 +19,21 @@ PY="$BIN/python"
 say() { printf '[make-run] %s\n' "$*" >&2; }
 die() { printf '[make-run] ❌ %s\n' "$*" >&2; exit 1; }
 
-[ -x "$BIN/llm-worker-rbee" ] && [ -x "$BIN/rbee-keeper" ] || die "rbee is not installed in .venv: run \`make setup\`"
+[ -x "$BIN/queen-rbee" ] && [ -x "$BIN/rbee-keeper" ] || die "rbee is not installed in .venv: run \`make setup\`"
 
 MODEL="${RBEE_RUN_MODEL:-$("$PY" -c 'from rbee.config import default_model_path; print(default_model_path())')}"
 PROMPT="${RBEE_RUN_PROMPT:-In two sentences, what do honey bees do all day?}"
-MAX_TOKENS="${RBEE_RUN_MAX_TOKENS:-64}"
+MAX_TOKENS="${RBEE_RUN_MAX_TOKENS:-48}"
 LOGS="$("$PY" -c 'from rbee.config import logs_dir; print(logs_dir())')"
 [ -f "$MODEL/config.json" ] || die "model not found at $MODEL: run \`make model\`"
 mkdir -p "$LOGS"
-
-worker_pid=""
-keeper_pid=""
-
-# Stop the worker whatever happened: Shutdown RPC first (it drains and
-# unloads), SIGTERM if that is refused, then SIGKILL to its whole process
-# group (the engine runs in child processes) after a bounded wait.
-stop_worker() {
-    [ -n "$worker_pid" ] || return 0
-    if kill -0 "$worker_pid" 2>/dev/null; then
-        say "🛑 stopping the worker (pid $worker_pid)"
-        RBEE_API_KEY="$key" "$PY" - "127.0.0.1:$port" <<'EOF' >/dev/null 2>&1 || kill -TERM "$worker_pid" 2>/dev/null
-import asyncio, os, sys
-from rbee_keeper.worker_client import WorkerClient
-
-async def main() -> None:
-    async with WorkerClient(sys.argv[1], os.environ["RBEE_API_KEY"], "RBEE_API_KEY") as client:
-        await client.shutdown(drain_timeout_s=5, timeout=10)
-
-asyncio.run(main())
-EOF
-        # `tail --pid` returns when the process is gone (no sleep loop here).
-        if ! timeout 40 tail --pid="$worker_pid" -f /dev/null; then
-            say "⚠️ worker did not exit within 40s: killing it"
-        fi
-    fi
-    # Whatever is left of its process group (engine processes) goes too.
-    kill -KILL -- "-$worker_pid" 2>/dev/null
-    wait "$worker_pid" 2>/dev/null
-    say "✅ worker stopped, nothing of it left running"
-    worker_pid=""
-}
-
-on_exit() {
-    local rc=$?
-    trap - EXIT INT TERM
-    [ -n "$keeper_pid" ] && kill -INT "$keeper_pid" 2>/dev/null && wait "$keeper_pid" 2>/dev/null
-    stop_worker
-    exit "$rc"
-}
-trap on_exit EXIT
-trap 'exit 130' TERM
+NODE=this-machine
 
 free_port() {
     "$PY" - "$1" <<'EOF'
 import socket, sys
-from rbee.config import DEFAULT_WORKER_PORT_END
-for port in range(int(sys.argv[1]), DEFAULT_WORKER_PORT_END + 1):
+start = int(sys.argv[1])
+for port in range(start, start + 100):
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
@@ -81,56 +46,79 @@ else:
 EOF
 }
 
-key="$("$PY" -c 'from rbee.auth import new_api_key; print(new_api_key())')"
-port="$(free_port "$("$PY" -c 'from rbee.config import DEFAULT_WORKER_PORT_START as p; print(p)')")" \
-    || die "no free port for the worker between 7910 and 7999"
-log="$LOGS/make-run-worker-$port.log"
+queen_port="$(free_port 7800)" || die "no free port for the queen from 7800"
+hive_port="$(free_port 7900)" || die "no free port for the hive from 7900"
+QUEEN="127.0.0.1:$queen_port"
+queen_log="$LOGS/make-run-queen.log"
+queen_pid=""
 
-say "🐝 starting llm-worker-rbee on 127.0.0.1:$port with $MODEL (cpu, device 0)"
-say "📄 worker log: $log"
-# Own session and process group: a Ctrl+C in this terminal reaches the keeper
-# (which cancels its request) but not the worker, which is stopped above.
-RBEE_WORKER_API_KEY="$key" setsid "$BIN/llm-worker-rbee" \
-    --model "$MODEL" --backend cpu --device 0 --port "$port" >"$log" 2>&1 </dev/null &
-worker_pid=$!
+keeper() { "$BIN/rbee-keeper" "$@" --queen "$QUEEN"; }
 
-say "💬 prompt: $PROMPT"
-# The keeper waits for the server to come up and for the model to load,
-# showing progress, then streams the answer to stdout.
-RBEE_API_KEY="$key" "$BIN/rbee-keeper" infer \
-    --worker "127.0.0.1:$port" --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" --temperature 0.7 \
-    --connect-timeout 120 &
-keeper_pid=$!
-
-# A Ctrl+C reaches the keeper directly (same process group); here it only
-# interrupts `wait`, which is then resumed until the keeper has finished.
-trap ':' INT
-keeper_rc=""
-while [ -z "$keeper_rc" ]; do
-    wait -n -p finished "$keeper_pid" "$worker_pid"
-    rc=$?
-    if [ "${finished:-}" = "$keeper_pid" ]; then
-        keeper_rc=$rc
-        keeper_pid=""
-    elif [ "${finished:-}" = "$worker_pid" ]; then
-        say "❌ the worker exited (code $rc) before the answer was complete; its last log lines:"
-        tail -n 20 "$log" >&2
-        worker_pid=""
-        kill -TERM "$keeper_pid" 2>/dev/null
-        wait "$keeper_pid" 2>/dev/null
-        keeper_pid=""
-        exit 1
+stop_queen() {
+    [ -n "$queen_pid" ] || return 0
+    if kill -0 "$queen_pid" 2>/dev/null; then
+        say "🛑 stopping the queen (it stops the hive it started, which stops its worker)"
+        kill -TERM "$queen_pid" 2>/dev/null
+        if ! timeout 120 tail --pid="$queen_pid" -f /dev/null; then
+            say "⚠️ the queen did not stop within 120s: killing it"
+            kill -KILL -- "-$queen_pid" 2>/dev/null
+        fi
     fi
-    unset finished
-done
-trap 'exit 130' INT
+    wait "$queen_pid" 2>/dev/null
+    queen_pid=""
+}
 
-if [ "$keeper_rc" -eq 130 ]; then
-    say "🛑 interrupted"
-    exit 130
-elif [ "$keeper_rc" -ne 0 ]; then
-    say "❌ rbee-keeper exited with $keeper_rc; the worker's log is $log"
-    exit "$keeper_rc"
+on_exit() {
+    local rc=$?
+    trap - EXIT INT TERM
+    stop_queen
+    exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+say "👑 starting a persistent queen on $QUEEN (log: $queen_log)"
+setsid "$BIN/queen-rbee" daemon --port "$queen_port" >"$queen_log" 2>&1 </dev/null &
+queen_pid=$!
+for _ in $(seq 100); do
+    "$PY" - "$QUEEN" <<'EOF' && break
+import sys, grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+with grpc.insecure_channel(sys.argv[1]) as ch:
+    try:
+        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=0.5, wait_for_ready=True)
+    except grpc.RpcError:
+        sys.exit(1)
+EOF
+    kill -0 "$queen_pid" 2>/dev/null || { tail -n 20 "$queen_log" >&2; die "the queen exited"; }
+done
+
+if keeper setup list-nodes --json 2>/dev/null | grep -q "\"name\": \"$NODE\""; then
+    say "🔁 node $NODE is registered already: pointing it at hive port $hive_port"
+    keeper setup update-node --name "$NODE" --hive-port "$hive_port" >/dev/null || die "could not update node $NODE"
+else
+    say "📝 registering this machine as node $NODE"
+    keeper setup add-node --name "$NODE" --local --hive-port "$hive_port" >/dev/null || die "could not register node $NODE"
 fi
-stop_worker
-say "✅ done"
+
+run_infer() {
+    local label=$1 started ended
+    say "💬 $label: $PROMPT"
+    started=$(date +%s.%N)
+    keeper infer --node "$NODE" --model "file://$MODEL" --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" --temperature 0.7 || return $?
+    echo
+    ended=$(date +%s.%N)
+    "$PY" -c "print(f'{$ended - $started:.1f}')"
+}
+
+cold_s="$(run_infer "cold start (hive, model registration, worker environment, engine start)" | tee /dev/stderr | tail -n 1)" \
+    || die "the cold-start infer failed; the queen's log is $queen_log"
+warm_s="$(run_infer "warm start (the idle worker is reused)" | tee /dev/stderr | tail -n 1)" \
+    || die "the warm-start infer failed; the queen's log is $queen_log"
+
+keeper workers list >&2
+say "⏱️  cold start: ${cold_s}s end to end · warm start: ${warm_s}s end to end"
+stop_queen
+left="$(pgrep -f -- "rbee-hive daemon .*--port $hive_port|--callback 127.0.0.1:$hive_port" || true)"
+[ -z "$left" ] || die "processes still running after the queen stopped: $left"
+say "✅ done: queen, hive and worker stopped, nothing left running"

@@ -104,7 +104,7 @@ then(parsers.parse("rbee-keeper exits with code {code:d}"))(keeper_exit_code)
 def _keeper_stdout(worker, ctx):
     messages = generate_all(worker, **_fields(request(ctx["n"], temperature=0.0)))
     text = "".join(d.text for d in _deltas(messages))
-    assert text and ctx["keeper"].stdout == text
+    assert text and ctx["keeper"].stdout == text + ("" if text.endswith("\n") else "\n")
 
 
 @then("its last line on stderr gives the token count and tokens per second")

@@ -9,14 +9,16 @@ from datetime import datetime
 
 import typer
 
+from rbee.config import MAX_SLOTS
 from rbee.errors import RbeeError
+from rbee.modelref import parse_model_ref
 from rbee.v1 import common_pb2, provisioning_pb2, registry_pb2
 
 from rbee_keeper.common import HIVE_KEY_OPTION, HIVE_OPTION, run
 from rbee_keeper.listing import show_listing
 from rbee_keeper.hive_client import HiveClient
 from rbee_keeper.render import LoadingView, narrator
-from rbee_keeper.validation import validate_backend, validate_device
+from rbee_keeper.validation import LOCAL_QUEEN, validate_backend, validate_device
 
 workers_app = typer.Typer(
     help="Workers of a hive: list, health, shutdown, spawn; worker environments: envs, provision.", no_args_is_help=True
@@ -49,13 +51,19 @@ def _worker_dict(w: common_pb2.WorkerInfo) -> dict:
 
 @workers_app.command("list")
 def list_cmd(
-    hive: str = HIVE_OPTION,
-    api_key: str = HIVE_KEY_OPTION,
+    hive: str = typer.Option(None, "--hive", metavar="HOST:PORT", help="List one hive's workers directly; leave it out to ask the queen for every node's."),
+    api_key: str = typer.Option(None, "--api-key", metavar="KEY", help="With --hive: the hive's key (or RBEE_API_KEY, \\[keeper] api_key). Else the queen's."),
+    node: str = typer.Option("", "--node", metavar="NAME", help="Through the queen: only this node's workers."),
+    capability: str = typer.Option("", "--capability", metavar="CAP", help="Through the queen: only workers on cpu, cuda, cuda:1, ..."),
+    queen: str = typer.Option(LOCAL_QUEEN, "--queen", metavar="HOST:PORT", help="The queen (when --hive is not given)."),
     model: str = typer.Option("", "--model", help="Only workers serving this model ref."),
     state: str = typer.Option("", "--state", help=f"Only workers in this state ({', '.join(STATES)})."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per worker."),
 ) -> None:
-    """The hive's registered workers."""
+    """Workers: every node's through the queen, or one hive's with --hive.
+
+    Example: rbee-keeper workers list --node workstation --json
+    """
 
     async def go() -> int:
         wanted = 0
@@ -68,6 +76,8 @@ def list_cmd(
                     [f"Pass --state {next(iter(STATES))}"],
                 )
             wanted = STATES[state.lower()]
+        if hive is None:
+            return await _list_cluster(queen, api_key, node, capability, model, wanted, as_json)
         async with HiveClient.connect(hive, api_key) as client:
             workers = await client.list(model, wanted)
         return show_listing(
@@ -78,6 +88,23 @@ def list_cmd(
         )  # fmt: skip
 
     run(go())
+
+
+async def _list_cluster(queen: str, api_key: str | None, node: str, capability: str, model: str, state: int, as_json: bool) -> int:
+    from rbee.v1 import tasks_pb2
+
+    from rbee_keeper.queen_client import QueenClient
+
+    request = tasks_pb2.ListClusterWorkersRequest(node=node, model_ref=model, capability=capability, state=state)
+    async with QueenClient.connect(queen, api_key) as client:
+        workers = await client.cluster_workers(request)
+    return show_listing(
+        workers, as_json, lambda c: {"node": c.node, "capability": c.capability, "hive": c.hive_address, **_worker_dict(c.worker)},
+        f"No workers on any node known to the queen at {client.address}",
+        ("NODE", "ID", "STATE", "MODEL", "DEVICE", "ADDRESS", "SLOTS FREE"),
+        lambda c: (c.node, c.worker.id, _state(c.worker.state), c.worker.model_ref, c.capability, c.worker.address,
+                   f"{c.worker.slots_available}/{c.worker.slots_total}"),
+    )  # fmt: skip
 
 
 @workers_app.command("health")
@@ -134,21 +161,40 @@ def shutdown_cmd(
 def spawn_cmd(
     hive: str = HIVE_OPTION,
     api_key: str = HIVE_KEY_OPTION,
-    model: str = typer.Option(..., "--model", help="Model folder on the hive's node."),
+    model: str = typer.Option(
+        ..., "--model",
+        help="A model in the hive's catalog (hf:ORG/REPO, file:///PATH) or a folder under the hive's model folders.",
+    ),
     backend: str = typer.Option("cpu", "--backend", help="cpu, cuda or metal (never changed for you)."),
     device: str = typer.Option("0", "--device", help="Device index on that backend."),
-    model_ref: str = typer.Option("", "--model-ref", help="Name shown in listings (default file://PATH)."),
-    slots: int = typer.Option(0, "--slots", min=0, help="Concurrent requests (0 = the worker's default)."),
+    model_ref: str = typer.Option("", "--model-ref", help="Name a folder is listed under (default file://PATH)."),
+    slots: int = typer.Option(
+        0, "--slots", min=0, max=MAX_SLOTS, help=f"Concurrent requests, at most {MAX_SLOTS} (0 = the worker's default)."
+    ),
     follow: bool = typer.Option(True, "--follow/--no-follow", help="Show narration and loading progress until loaded."),
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the spawn and the loading."),
 ) -> None:
-    """Start a worker on a hive; prints `ID ADDRESS` on stdout once it is loaded."""
+    """Start a worker on a hive; prints `ID ADDRESS KEY` on stdout once it is loaded.
+
+    KEY is the worker's own key (it opens that worker's inference service only):
+    RBEE_API_KEY=KEY rbee-keeper infer --worker ADDRESS --prompt "..."
+
+    Example: rbee-keeper workers spawn --model hf:HuggingFaceTB/SmolLM2-135M-Instruct --backend cpu --device 0
+    """
 
     async def go() -> int:
         b = validate_backend(backend)
         d = validate_device(device)
         say = narrator()
-        request = registry_pb2.SpawnWorkerRequest(model_path=model, backend=b or "cpu", device=d or 0, model_ref=model_ref, slots=slots)
+        if model.startswith(("hf:", "file:")):
+            # A catalog reference: the hive loads what its catalog holds for it.
+            if model_ref:
+                raise RbeeError("USAGE_ERROR", "--model-ref names a folder; --model is already a reference",
+                                {"model": model, "model_ref": model_ref}, ["Leave --model-ref out"])
+            path, ref = "", str(parse_model_ref(model))
+        else:
+            path, ref = model, model_ref
+        request = registry_pb2.SpawnWorkerRequest(model_path=path, backend=b or "cpu", device=d or 0, model_ref=ref, slots=slots)
         async with HiveClient.connect(hive, api_key) as client:
             say("🚀", f"Asking {client.address} to start a worker for {model_ref or model} on {request.backend}:{request.device}")
             reply = await client.spawn(request, timeout)
@@ -168,7 +214,9 @@ def spawn_cmd(
                 finally:
                     view.close()
                 say("✅", f"{worker.id} is {_state(worker.state)} on {worker.address}")
-        print(f"{worker.id} {worker.address}")
+        # The key opens this worker's inference service and nothing else:
+        # `RBEE_API_KEY=KEY rbee-keeper infer --worker ADDRESS ...`.
+        print(f"{worker.id} {worker.address} {reply.worker_api_key}")
         sys.stdout.flush()
         return 0
 
@@ -217,7 +265,11 @@ def provision_cmd(
     hive: str = HIVE_OPTION,
     api_key: str = HIVE_KEY_OPTION,
     backend: str = typer.Option(..., "--backend", help="cpu or cuda (metal on Apple silicon): the environment to install."),
-    source: str = typer.Option("", "--source", metavar="PATH", help="Project source on the hive's node (default: the hive's own checkout)."),
+    source: str = typer.Option(
+        "", "--source", metavar="PATH",
+        help="One of the project sources the hive's operator configured (worker_sources, RBEE_HIVE_WORKER_SOURCES); "
+        "default: the hive's own installation. Any other folder is refused.",
+    ),
     force: bool = typer.Option(False, "--force", help="Reinstall even if a working environment is recorded."),
 ) -> None:
     """Install the worker environment for a backend on the hive's node (or reuse it).

@@ -3,6 +3,8 @@ scripted in-process worker."""
 
 from __future__ import annotations
 
+import socket
+
 import asyncio
 import os
 import signal
@@ -66,7 +68,7 @@ async def test_tokens_only_on_stdout(tmp_path, fake):
     _, address = fake
     code, out, err = await run_keeper(tmp_path, "--worker", address, "--api-key", API_KEY, "--prompt", "hi")
     assert code == 0, err
-    assert out == "Hello, bees!"
+    assert out == "Hello, bees!\n"  # the answer, ended with a newline
     assert "[rbee-keeper] 🐝" in err and "4 tokens in" in err and "tokens/s" in err
 
 
@@ -86,10 +88,19 @@ async def test_missing_key(tmp_path, fake):
     assert code == 1 and "MISSING_API_KEY" in err and address in err
 
 
-async def test_queen_mode_is_not_pretended(tmp_path):
-    code, out, err = await run_keeper(tmp_path, "--node", "workstation", "--model", "hf:org/repo", "--prompt", "hi")
+async def test_queen_mode_starts_an_ephemeral_queen_and_names_an_unknown_node(tmp_path):
+    """No queen answers: one is started for the command; the node is unknown
+    to it, which the keeper reports with the command that adds one; the
+    queen is stopped again."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, out, err = await run_keeper(tmp_path, "--node", "workstation", "--model", "hf:org/repo", "--prompt", "hi",
+                                      "--queen", f"127.0.0.1:{port}")  # fmt: skip
     assert code == 1 and out == ""
-    assert "NOT_IMPLEMENTED" in err and "--worker" in err
+    assert "starting one for this command (ephemeral" in err
+    assert "NODE_NOT_FOUND" in err and "rbee-keeper setup add-node --name workstation" in err
+    assert "Stopping the queen started for this command" in err
 
 
 @pytest.mark.parametrize("fake", [Script(tokens=[f"w{i} " for i in range(500)], token_delay_s=0.02)], indirect=True)
@@ -129,7 +140,7 @@ async def test_stall_through_the_cli(tmp_path, fake):
         RBEE_KEEPER_STALL_TIMEOUT_S="0.5",
     )
     assert code == 1
-    assert out == "one two"
+    assert out == "one two\n"
     assert "STREAM_STALLED" in err and "tokens generated: 2 / 9" in err
     assert len(servicer.cancels) == 1
     saved = list((tmp_path / "rbee" / "partial").glob("*.partial.txt"))

@@ -65,7 +65,7 @@ class Run:
 async def test_streams_tokens_to_stdout_and_summary_to_stderr(tmp_path):
     async with Run(Script(), tmp_path, temperature="0", seed="7") as run:
         assert await run.session.run() == 0
-    assert run.out.getvalue() == "Hello, bees!"
+    assert run.out.getvalue() == "Hello, bees!\n"
     assert "4 tokens in" in run.stderr and "tokens/s" in run.stderr and "finish: stop" in run.stderr
     request = run.worker.requests[0]
     assert request.HasField("temperature") and request.temperature == 0.0
@@ -82,7 +82,7 @@ async def test_unset_temperature_is_left_to_the_worker(tmp_path):
 async def test_busy_worker_is_retried_with_narration(tmp_path):
     async with Run(Script(busy_times=2), tmp_path) as run:
         assert await run.session.run() == 0
-    assert run.out.getvalue() == "Hello, bees!"
+    assert run.out.getvalue() == "Hello, bees!\n"
     retries = [line for line in run.stderr.splitlines() if "is busy" in line]
     assert len(retries) == 2
     assert "1/1 slots busy" in retries[0] and "retry 1 of 3 in 0.01s" in retries[0]
@@ -119,7 +119,7 @@ async def test_stall_cancels_the_request_and_keeps_the_partial_text(tmp_path):
     assert run.worker.cancels == [run.session.request_id]
     assert err.details["cancel"] == "confirmed by the worker"
     assert err.details["tokens generated"] == "2 / 16"
-    assert Path(err.details["partial result"]).read_text() == "Hello," == run.out.getvalue()
+    assert Path(err.details["partial result"]).read_text() + "\n" == "Hello,\n" == run.out.getvalue()
 
 
 async def test_broken_stream_saves_partial_text(tmp_path):
@@ -132,7 +132,7 @@ async def test_broken_stream_saves_partial_text(tmp_path):
     assert err.details["tokens generated"] == "3 / 50"
     saved = Path(err.details["partial result"])
     assert saved.parent == tmp_path / "partial"
-    assert saved.read_text() == "Hello, bees" == run.out.getvalue()
+    assert saved.read_text() + "\n" == "Hello, bees\n" == run.out.getvalue()
 
 
 async def test_broken_stream_before_any_token_saves_nothing(tmp_path):
@@ -209,7 +209,7 @@ async def test_waits_for_loading_and_shows_each_stage(tmp_path):
     for stage in ("tokenizer · 0/3 stages", "weights · 1/3 stages", "kv_cache · 2/3 stages"):
         assert stage in stderr
     assert "Model loaded" in stderr
-    assert run.out.getvalue() == "Hello, bees!"
+    assert run.out.getvalue() == "Hello, bees!\n"
 
 
 async def test_loading_timeout_names_where_the_log_is(tmp_path):

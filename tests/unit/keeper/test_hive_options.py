@@ -11,7 +11,7 @@ from tests.fixtures.common import VENV_BIN, proc_env
 
 KEEPER = str(VENV_BIN / "rbee-keeper")
 HIVE_COMMANDS = [
-    ["workers", "list"], ["workers", "health"], ["workers", "shutdown"], ["workers", "spawn"],
+    ["workers", "health"], ["workers", "shutdown"], ["workers", "spawn"],
     ["workers", "envs"], ["workers", "provision"],
     ["models", "list"], ["models", "download"], ["models", "rm"], ["logs"],
 ]

@@ -30,14 +30,20 @@ def test_printer_counts_tokens_not_messages():
     assert out.getvalue() == "Hello wor"
 
 
-def test_printer_ends_the_line_only_on_a_terminal():
+def test_printer_ends_the_answer_with_one_newline_on_a_pipe_and_a_terminal():
     pipe, tty = io.StringIO(), Tty()
     for out in (pipe, tty):
         printer = TokenPrinter(out)
         printer.write(delta("answer", 1))
         printer.end_line()
-    assert pipe.getvalue() == "answer"
+        printer.end_line()
+    assert pipe.getvalue() == "answer\n"
     assert tty.getvalue() == "answer\n"
+    done = io.StringIO()
+    printer = TokenPrinter(done)
+    printer.write(delta("line\n", 1))
+    printer.end_line()
+    assert done.getvalue() == "line\n"
 
 
 def test_summary_line():
