@@ -1,0 +1,43 @@
+"""Which hives this queen works with (S4.2): the same API version and a program
+version meeting HIVE_VERSION_REQUIREMENT; otherwise the reason, naming both sides."""
+
+from __future__ import annotations
+
+import pytest
+from packaging.specifiers import SpecifierSet
+
+from rbee.config import API_VERSION, HIVE_VERSION_REQUIREMENT, VERSION
+from rbee_queen.hives import compatible
+
+REQUIREMENT = SpecifierSet(HIVE_VERSION_REQUIREMENT)
+
+
+def test_a_hive_of_this_release_is_compatible() -> None:
+    assert compatible(VERSION, API_VERSION) is None
+
+
+@pytest.mark.parametrize("version", ["0.1.0", "0.1.1", "0.1.99"])
+def test_versions_inside_the_requirement_are_compatible(version: str) -> None:
+    assert version in REQUIREMENT  # the figures below assume ">=0.1.0,<0.2"
+    assert compatible(version, API_VERSION) is None
+
+
+@pytest.mark.parametrize("version", ["0.0.9", "0.2.0", "1.0.0"])
+def test_versions_outside_the_requirement_name_the_version_and_the_requirement(version: str) -> None:
+    assert version not in REQUIREMENT
+    assert compatible(version, API_VERSION) == f"version {version} (this queen needs {HIVE_VERSION_REQUIREMENT})"
+
+
+@pytest.mark.parametrize("api", ["v0", "v2", ""])
+def test_another_api_version_is_refused_whatever_the_program_version(api: str) -> None:
+    reason = compatible(VERSION, api)
+    assert reason == f"API version {api or '(none)'} (this queen speaks {API_VERSION})"
+
+
+def test_the_api_version_is_checked_before_the_program_version() -> None:
+    assert compatible("9.9.9", "v0").startswith("API version v0")
+
+
+@pytest.mark.parametrize("version", ["", "not-a-version", "0.1.x"])
+def test_a_version_that_does_not_parse_is_refused_not_raised(version: str) -> None:
+    assert compatible(version, API_VERSION) == f"version {version!r} (not a version this queen understands)"
