@@ -17,6 +17,9 @@ DEFAULT_HIVE_PORT = 7900
 DEFAULT_WORKER_PORT_START = 7910
 DEFAULT_WORKER_PORT_END = 7999
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# Request slots one worker may have (hive spawn, worker flag, keeper option):
+# far beyond what one engine batches well, and a bound on what a request can ask.
+MAX_SLOTS = 256
 VERSION = "0.1.0"
 API_VERSION = "v1"
 # Hives a queen of this version works with (S4.2): the same API version and a

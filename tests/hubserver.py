@@ -12,6 +12,9 @@ repositories the test creates, with the headers the client relies on:
 * Errors carry ``X-Error-Code`` (RepoNotFound, RevisionNotFound, EntryNotFound,
   GatedRepo) so the client raises its typed errors.
 * Range requests (206 + Content-Range, 416 past the end).
+* Hostile names, as a malicious hub would serve them: a file named with dot
+  segments (``../../tmp/x``) is also answered at the URL a client reaches
+  once it has normalized those segments away.
 
 Faults, queued per file and consumed one per body request: cut the connection
 at a byte, stall at a byte (until released or the server stops), hold at a
@@ -24,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import re
 import socket
 import threading
@@ -108,6 +112,8 @@ class HubServer:
         self.root.mkdir(parents=True, exist_ok=True)
         self.lfs_min_size = lfs_min_size
         self.repos: dict[str, Repo] = {}
+        # Normalized resolve URL path -> (repo, file) for names with dot segments.
+        self.aliases: dict[str, tuple[str, str]] = {}
         self.records: list[Record] = []
         self.events: list[tuple[str, str, int, float]] = []  # (kind, file, offset, monotonic)
         self._faults: dict[tuple[str, str], deque[Fault]] = {}
@@ -176,6 +182,12 @@ class HubServer:
         repo = Repo(repo_id, commit, entries, {rev: commit for rev in revisions}, access, token)
         with self._lock:
             self.repos[repo_id] = repo
+            for name in entries:
+                for rev in {*revisions, commit}:
+                    canonical = f"/{repo_id}/resolve/{rev}/{name}"
+                    normalized = posixpath.normpath(canonical)
+                    if normalized != canonical:
+                        self.aliases[normalized] = (repo_id, name)
         return repo
 
     def corrupt_on_disk(self, repo_id: str, name: str) -> None:
@@ -314,6 +326,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._tree(m["repo"], unquote(m["rev"]), m["path"] or "", query)
             if (m := _API_INFO.match(path)) is not None:
                 return self._info(m["repo"], unquote(m["rev"]) if m["rev"] else "main", query)
+            if path in self.hub.aliases:
+                repo_id, name = self.hub.aliases[path]
+                return self._resolve(method, repo_id, "main", name)
             if (m := _RESOLVE.match(path)) is not None:
                 return self._resolve(method, m["repo"], unquote(m["rev"]), m["file"])
             self._error(404, None, "Not found")

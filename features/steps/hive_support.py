@@ -21,7 +21,7 @@ from rbee.channel import CHANNEL_OPTIONS
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.v1 import common_pb2, preflight_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.fixtures.common import REPO, VENV_BIN, proc_env
-from tests.fixtures.hive import HIVE_KEY, alive_pids, free_port_block, kill_pids
+from tests.fixtures.hive import HIVE_KEY, alive_pids, confinement_env, free_port_block, kill_pids
 
 MB = 1024 * 1024
 IDLE = common_pb2.WORKER_STATE_IDLE
@@ -140,6 +140,7 @@ def start_hive(home: Path, worker_binary: Path | None = None, env: dict[str, str
         RBEE_HIVE_API_KEY=HIVE_KEY,
         RBEE_HIVE_WORKER_PORT_START=str(base + 1),
         RBEE_HIVE_WORKER_PORT_END=str(base + block),
+        **confinement_env(home),
     )
     if worker_binary is not None:
         variables["RBEE_HIVE_WORKER_BINARY"] = str(worker_binary)

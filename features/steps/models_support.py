@@ -18,7 +18,7 @@ from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import format_line
 from rbee.v1 import provisioning_pb2, provisioning_pb2_grpc
 from tests.fixtures.common import REPO, VENV_BIN, proc_env
-from tests.fixtures.hive import free_port_block
+from tests.fixtures.hive import confinement_env, free_port_block
 from tests.fixtures.keeper import KeeperProcess
 from tests.fixtures.models import TEST_STALL_S
 
@@ -43,6 +43,7 @@ class SyncHive:
             RBEE_HIVE_WORKER_PORT_END=str(base + 3),
             HF_ENDPOINT=hub_endpoint,
             RBEE_DOWNLOAD_STALL_TIMEOUT_S=str(TEST_STALL_S),
+            **confinement_env(home),
         )
         env.pop("HF_TOKEN", None)
         env.update(extra_env or {})

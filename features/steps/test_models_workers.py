@@ -47,8 +47,10 @@ def s53(tmp_path):
 
 @given("a hive on this node")
 def _hive(s53):
-    # No hub is needed for worker environments.
-    s53.hive = SyncHive(s53.home, "http://127.0.0.1:9")
+    # No hub is needed for worker environments. Its operator allows the two
+    # folders the failure scenarios build from (S13: only configured sources).
+    sources = f"{s53.tmp / 'not-a-project'}:{s53.tmp / 'fake'}"
+    s53.hive = SyncHive(s53.home, "http://127.0.0.1:9", {"RBEE_HIVE_WORKER_SOURCES": sources})
 
 
 @given("a hive on this node without an NVIDIA driver")

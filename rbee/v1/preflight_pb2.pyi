@@ -230,7 +230,9 @@ class CheckWorkerResourcesRequest(_message.Message):
     model_size_bytes: _builtins.int
     """Size of the model on disk; 0 = measure model_path."""
     model_path: _builtins.str
-    """Folder or file of the model (used when model_size_bytes is 0)."""
+    """Folder or file of the model under the hive's model folders (used when
+    model_size_bytes is 0).
+    """
     backend: _builtins.str
     device: _builtins.int
     needs_download: _builtins.bool

@@ -55,7 +55,9 @@ class PreflightServiceStub:
     FAILED_PRECONDITION (BACKEND_UNAVAILABLE), INVALID_ARGUMENT
     (DEVICE_NOT_AVAILABLE, INVALID_BACKEND, INVALID_ARGUMENT),
     RESOURCE_EXHAUSTED (INSUFFICIENT_RAM, VRAM_EXHAUSTED, INSUFFICIENT_DISK),
-    NOT_FOUND (MODEL_NOT_FOUND when model_path does not exist), UNAUTHENTICATED.
+    NOT_FOUND (MODEL_NOT_FOUND when model_path does not exist),
+    PERMISSION_DENIED (PATH_NOT_ALLOWED: model_path outside the hive's model
+    folders), UNAUTHENTICATED.
     The error details carry the figures (required_mb, available_mb, ...).
     """
 
@@ -86,7 +88,9 @@ class PreflightServiceAsyncStub(PreflightServiceStub):
     FAILED_PRECONDITION (BACKEND_UNAVAILABLE), INVALID_ARGUMENT
     (DEVICE_NOT_AVAILABLE, INVALID_BACKEND, INVALID_ARGUMENT),
     RESOURCE_EXHAUSTED (INSUFFICIENT_RAM, VRAM_EXHAUSTED, INSUFFICIENT_DISK),
-    NOT_FOUND (MODEL_NOT_FOUND when model_path does not exist), UNAUTHENTICATED.
+    NOT_FOUND (MODEL_NOT_FOUND when model_path does not exist),
+    PERMISSION_DENIED (PATH_NOT_ALLOWED: model_path outside the hive's model
+    folders), UNAUTHENTICATED.
     The error details carry the figures (required_mb, available_mb, ...).
     """
 
@@ -138,7 +142,9 @@ class PreflightServiceServicer(metaclass=_abc_1.ABCMeta):
         FAILED_PRECONDITION (BACKEND_UNAVAILABLE), INVALID_ARGUMENT
         (DEVICE_NOT_AVAILABLE, INVALID_BACKEND, INVALID_ARGUMENT),
         RESOURCE_EXHAUSTED (INSUFFICIENT_RAM, VRAM_EXHAUSTED, INSUFFICIENT_DISK),
-        NOT_FOUND (MODEL_NOT_FOUND when model_path does not exist), UNAUTHENTICATED.
+        NOT_FOUND (MODEL_NOT_FOUND when model_path does not exist),
+        PERMISSION_DENIED (PATH_NOT_ALLOWED: model_path outside the hive's model
+        folders), UNAUTHENTICATED.
         The error details carry the figures (required_mb, available_mb, ...).
         """
 

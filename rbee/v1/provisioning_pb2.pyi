@@ -328,7 +328,11 @@ class ProvisionWorkerRequest(_message.Message):
     FORCE_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     source: _builtins.str
-    """Optional project source (a path on the node); default: the node's checkout."""
+    """Optional: one of the project sources the hive's operator configured
+    (worker_sources), named by its path; default: the hive's own
+    installation. Building runs the source's build backend, so no other
+    folder is ever used.
+    """
     force: _builtins.bool
     """Reinstall even if a working environment is recorded."""
     def __init__(

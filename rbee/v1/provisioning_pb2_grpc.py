@@ -81,7 +81,10 @@ class ProvisioningServiceServicer:
         NOT_FOUND (MODEL_NOT_FOUND), PERMISSION_DENIED (ACCESS_DENIED),
         RESOURCE_EXHAUSTED (INSUFFICIENT_DISK, DISK_FULL),
         DEADLINE_EXCEEDED (DOWNLOAD_TIMEOUT), FAILED_PRECONDITION (HUB_OFFLINE,
-        MODEL_LOAD_FAILED), INTERNAL (DOWNLOAD_FAILED, CATALOG_ERROR), CANCELLED.
+        MODEL_LOAD_FAILED, INVALID_HUB_FILE: the hub lists a file that would land
+        outside the model's folder), PERMISSION_DENIED (PATH_NOT_ALLOWED: a
+        file:// path outside the hive's model folders), INTERNAL (DOWNLOAD_FAILED,
+        CATALOG_ERROR), CANCELLED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,7 +117,8 @@ class ProvisioningServiceServicer:
         """Installs (or reuses) the worker environment for a backend, streaming
         narration, and ends with the recorded environment.
         Fails with: INVALID_ARGUMENT (INVALID_BACKEND), FAILED_PRECONDITION
-        (CUDA_NOT_AVAILABLE, BACKEND_UNAVAILABLE), NOT_FOUND (source missing),
+        (CUDA_NOT_AVAILABLE, BACKEND_UNAVAILABLE), PERMISSION_DENIED
+        (PATH_NOT_ALLOWED: a source the operator did not configure), NOT_FOUND (source missing),
         INTERNAL (WORKER_BUILD_FAILED, BINARY_VERIFICATION_FAILED, CATALOG_ERROR).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

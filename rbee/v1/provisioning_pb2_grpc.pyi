@@ -46,7 +46,10 @@ class ProvisioningServiceStub:
     NOT_FOUND (MODEL_NOT_FOUND), PERMISSION_DENIED (ACCESS_DENIED),
     RESOURCE_EXHAUSTED (INSUFFICIENT_DISK, DISK_FULL),
     DEADLINE_EXCEEDED (DOWNLOAD_TIMEOUT), FAILED_PRECONDITION (HUB_OFFLINE,
-    MODEL_LOAD_FAILED), INTERNAL (DOWNLOAD_FAILED, CATALOG_ERROR), CANCELLED.
+    MODEL_LOAD_FAILED, INVALID_HUB_FILE: the hub lists a file that would land
+    outside the model's folder), PERMISSION_DENIED (PATH_NOT_ALLOWED: a
+    file:// path outside the hive's model folders), INTERNAL (DOWNLOAD_FAILED,
+    CATALOG_ERROR), CANCELLED.
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_provisioning_pb2.ListModelsRequest, _provisioning_pb2.ListModelsResponse]
     """Fails with: INVALID_ARGUMENT (unknown provider), INTERNAL (CATALOG_ERROR)."""
@@ -61,7 +64,8 @@ class ProvisioningServiceStub:
     """Installs (or reuses) the worker environment for a backend, streaming
     narration, and ends with the recorded environment.
     Fails with: INVALID_ARGUMENT (INVALID_BACKEND), FAILED_PRECONDITION
-    (CUDA_NOT_AVAILABLE, BACKEND_UNAVAILABLE), NOT_FOUND (source missing),
+    (CUDA_NOT_AVAILABLE, BACKEND_UNAVAILABLE), PERMISSION_DENIED
+    (PATH_NOT_ALLOWED: a source the operator did not configure), NOT_FOUND (source missing),
     INTERNAL (WORKER_BUILD_FAILED, BINARY_VERIFICATION_FAILED, CATALOG_ERROR).
     """
 
@@ -83,7 +87,10 @@ class ProvisioningServiceAsyncStub(ProvisioningServiceStub):
     NOT_FOUND (MODEL_NOT_FOUND), PERMISSION_DENIED (ACCESS_DENIED),
     RESOURCE_EXHAUSTED (INSUFFICIENT_DISK, DISK_FULL),
     DEADLINE_EXCEEDED (DOWNLOAD_TIMEOUT), FAILED_PRECONDITION (HUB_OFFLINE,
-    MODEL_LOAD_FAILED), INTERNAL (DOWNLOAD_FAILED, CATALOG_ERROR), CANCELLED.
+    MODEL_LOAD_FAILED, INVALID_HUB_FILE: the hub lists a file that would land
+    outside the model's folder), PERMISSION_DENIED (PATH_NOT_ALLOWED: a
+    file:// path outside the hive's model folders), INTERNAL (DOWNLOAD_FAILED,
+    CATALOG_ERROR), CANCELLED.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_provisioning_pb2.ListModelsRequest, _provisioning_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Fails with: INVALID_ARGUMENT (unknown provider), INTERNAL (CATALOG_ERROR)."""
@@ -98,7 +105,8 @@ class ProvisioningServiceAsyncStub(ProvisioningServiceStub):
     """Installs (or reuses) the worker environment for a backend, streaming
     narration, and ends with the recorded environment.
     Fails with: INVALID_ARGUMENT (INVALID_BACKEND), FAILED_PRECONDITION
-    (CUDA_NOT_AVAILABLE, BACKEND_UNAVAILABLE), NOT_FOUND (source missing),
+    (CUDA_NOT_AVAILABLE, BACKEND_UNAVAILABLE), PERMISSION_DENIED
+    (PATH_NOT_ALLOWED: a source the operator did not configure), NOT_FOUND (source missing),
     INTERNAL (WORKER_BUILD_FAILED, BINARY_VERIFICATION_FAILED, CATALOG_ERROR).
     """
 
@@ -123,7 +131,10 @@ class ProvisioningServiceServicer(metaclass=_abc_1.ABCMeta):
         NOT_FOUND (MODEL_NOT_FOUND), PERMISSION_DENIED (ACCESS_DENIED),
         RESOURCE_EXHAUSTED (INSUFFICIENT_DISK, DISK_FULL),
         DEADLINE_EXCEEDED (DOWNLOAD_TIMEOUT), FAILED_PRECONDITION (HUB_OFFLINE,
-        MODEL_LOAD_FAILED), INTERNAL (DOWNLOAD_FAILED, CATALOG_ERROR), CANCELLED.
+        MODEL_LOAD_FAILED, INVALID_HUB_FILE: the hub lists a file that would land
+        outside the model's folder), PERMISSION_DENIED (PATH_NOT_ALLOWED: a
+        file:// path outside the hive's model folders), INTERNAL (DOWNLOAD_FAILED,
+        CATALOG_ERROR), CANCELLED.
         """
 
     @_abc_1.abstractmethod
@@ -162,7 +173,8 @@ class ProvisioningServiceServicer(metaclass=_abc_1.ABCMeta):
         """Installs (or reuses) the worker environment for a backend, streaming
         narration, and ends with the recorded environment.
         Fails with: INVALID_ARGUMENT (INVALID_BACKEND), FAILED_PRECONDITION
-        (CUDA_NOT_AVAILABLE, BACKEND_UNAVAILABLE), NOT_FOUND (source missing),
+        (CUDA_NOT_AVAILABLE, BACKEND_UNAVAILABLE), PERMISSION_DENIED
+        (PATH_NOT_ALLOWED: a source the operator did not configure), NOT_FOUND (source missing),
         INTERNAL (WORKER_BUILD_FAILED, BINARY_VERIFICATION_FAILED, CATALOG_ERROR).
         """
 

@@ -71,13 +71,18 @@ class SpawnWorkerRequest(_message.Message):
     SLOTS_FIELD_NUMBER: _builtins.int
     WORKER_API_KEY_FIELD_NUMBER: _builtins.int
     model_path: _builtins.str
-    """Folder (or file) of the model on this node."""
+    """Folder (or file) of the model on this node, inside the models folder or
+    a folder the operator added (model_dirs), links followed.
+    """
     model_ref: _builtins.str
-    """Reference shown in listings, e.g. "hf:ORG/REPO"; defaults to file://model_path."""
+    """With model_path: the reference it is listed under (default
+    file://model_path). Alone: a catalog entry ("hf:ORG/REPO"), whose files
+    the worker loads.
+    """
     backend: _builtins.str
     device: _builtins.int
     slots: _builtins.int
-    """Request slots of the worker (0 = the worker's default)."""
+    """Request slots of the worker (0 = the worker's default, at most 256)."""
     worker_api_key: _builtins.str
     """Key the worker will require from its clients; empty = the hive's own key."""
     def __init__(

@@ -51,7 +51,9 @@ class WorkerCallbackServiceServicer:
     """
 
     def ReportWorker(self, request, context):
-        """Fails with: UNAUTHENTICATED, INVALID_ARGUMENT.
+        """The key is checked first: a wrong key for a known worker and any key for
+        an unknown one get the same answer.
+        Fails with: UNAUTHENTICATED, INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -161,9 +163,12 @@ class HiveWorkerServiceServicer:
         """Resource preflight (S4.3), then start llm-worker-rbee for the model on
         backend/device; returns once the worker's server is up and has called
         back, with state LOADING. Follow its loading with FollowWorker.
+        The model is a catalog entry (model_ref) or a path under the hive's model
+        folders (S13); anything else is refused before it is looked at.
         Fails with: NOT_FOUND (MODEL_NOT_FOUND, WORKER_BINARY_NOT_FOUND),
-        INVALID_ARGUMENT (INVALID_BACKEND, DEVICE_NOT_AVAILABLE, INVALID_ARGUMENT),
-        FAILED_PRECONDITION (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED
+        PERMISSION_DENIED (PATH_NOT_ALLOWED),
+        INVALID_ARGUMENT (INVALID_BACKEND, DEVICE_NOT_AVAILABLE, INVALID_MODEL_REF,
+        INVALID_ARGUMENT naming the field, e.g. slots above 256), FAILED_PRECONDITION (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED
         (INSUFFICIENT_RAM, VRAM_EXHAUSTED, INSUFFICIENT_DISK, NO_FREE_PORT),
         INTERNAL (WORKER_STARTUP_FAILED, WORKER_OOM_KILLED), UNAVAILABLE (shutting down),
         UNAUTHENTICATED.

@@ -37,7 +37,10 @@ class WorkerCallbackServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> WorkerCallbackServiceAsyncStub: ...
     ReportWorker: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ReportWorkerRequest, _registry_pb2.ReportWorkerResponse]
-    """Fails with: UNAUTHENTICATED, INVALID_ARGUMENT."""
+    """The key is checked first: a wrong key for a known worker and any key for
+    an unknown one get the same answer.
+    Fails with: UNAUTHENTICATED, INVALID_ARGUMENT.
+    """
 
 @_typing.type_check_only
 class WorkerCallbackServiceAsyncStub(WorkerCallbackServiceStub):
@@ -48,7 +51,10 @@ class WorkerCallbackServiceAsyncStub(WorkerCallbackServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ReportWorker: _aio.UnaryUnaryMultiCallable[_registry_pb2.ReportWorkerRequest, _registry_pb2.ReportWorkerResponse]  # type: ignore[assignment]
-    """Fails with: UNAUTHENTICATED, INVALID_ARGUMENT."""
+    """The key is checked first: a wrong key for a known worker and any key for
+    an unknown one get the same answer.
+    Fails with: UNAUTHENTICATED, INVALID_ARGUMENT.
+    """
 
 class WorkerCallbackServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by rbee-hive for its own workers: the worker calls it once its gRPC
@@ -62,7 +68,10 @@ class WorkerCallbackServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.ReportWorkerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ReportWorkerResponse, _abc.Awaitable[_registry_pb2.ReportWorkerResponse]]:
-        """Fails with: UNAUTHENTICATED, INVALID_ARGUMENT."""
+        """The key is checked first: a wrong key for a known worker and any key for
+        an unknown one get the same answer.
+        Fails with: UNAUTHENTICATED, INVALID_ARGUMENT.
+        """
 
 def add_WorkerCallbackServiceServicer_to_server(servicer: WorkerCallbackServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -80,9 +89,12 @@ class HiveWorkerServiceStub:
     """Resource preflight (S4.3), then start llm-worker-rbee for the model on
     backend/device; returns once the worker's server is up and has called
     back, with state LOADING. Follow its loading with FollowWorker.
+    The model is a catalog entry (model_ref) or a path under the hive's model
+    folders (S13); anything else is refused before it is looked at.
     Fails with: NOT_FOUND (MODEL_NOT_FOUND, WORKER_BINARY_NOT_FOUND),
-    INVALID_ARGUMENT (INVALID_BACKEND, DEVICE_NOT_AVAILABLE, INVALID_ARGUMENT),
-    FAILED_PRECONDITION (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED
+    PERMISSION_DENIED (PATH_NOT_ALLOWED),
+    INVALID_ARGUMENT (INVALID_BACKEND, DEVICE_NOT_AVAILABLE, INVALID_MODEL_REF,
+    INVALID_ARGUMENT naming the field, e.g. slots above 256), FAILED_PRECONDITION (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED
     (INSUFFICIENT_RAM, VRAM_EXHAUSTED, INSUFFICIENT_DISK, NO_FREE_PORT),
     INTERNAL (WORKER_STARTUP_FAILED, WORKER_OOM_KILLED), UNAVAILABLE (shutting down),
     UNAUTHENTICATED.
@@ -126,9 +138,12 @@ class HiveWorkerServiceAsyncStub(HiveWorkerServiceStub):
     """Resource preflight (S4.3), then start llm-worker-rbee for the model on
     backend/device; returns once the worker's server is up and has called
     back, with state LOADING. Follow its loading with FollowWorker.
+    The model is a catalog entry (model_ref) or a path under the hive's model
+    folders (S13); anything else is refused before it is looked at.
     Fails with: NOT_FOUND (MODEL_NOT_FOUND, WORKER_BINARY_NOT_FOUND),
-    INVALID_ARGUMENT (INVALID_BACKEND, DEVICE_NOT_AVAILABLE, INVALID_ARGUMENT),
-    FAILED_PRECONDITION (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED
+    PERMISSION_DENIED (PATH_NOT_ALLOWED),
+    INVALID_ARGUMENT (INVALID_BACKEND, DEVICE_NOT_AVAILABLE, INVALID_MODEL_REF,
+    INVALID_ARGUMENT naming the field, e.g. slots above 256), FAILED_PRECONDITION (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED
     (INSUFFICIENT_RAM, VRAM_EXHAUSTED, INSUFFICIENT_DISK, NO_FREE_PORT),
     INTERNAL (WORKER_STARTUP_FAILED, WORKER_OOM_KILLED), UNAVAILABLE (shutting down),
     UNAUTHENTICATED.
@@ -175,9 +190,12 @@ class HiveWorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Resource preflight (S4.3), then start llm-worker-rbee for the model on
         backend/device; returns once the worker's server is up and has called
         back, with state LOADING. Follow its loading with FollowWorker.
+        The model is a catalog entry (model_ref) or a path under the hive's model
+        folders (S13); anything else is refused before it is looked at.
         Fails with: NOT_FOUND (MODEL_NOT_FOUND, WORKER_BINARY_NOT_FOUND),
-        INVALID_ARGUMENT (INVALID_BACKEND, DEVICE_NOT_AVAILABLE, INVALID_ARGUMENT),
-        FAILED_PRECONDITION (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED
+        PERMISSION_DENIED (PATH_NOT_ALLOWED),
+        INVALID_ARGUMENT (INVALID_BACKEND, DEVICE_NOT_AVAILABLE, INVALID_MODEL_REF,
+        INVALID_ARGUMENT naming the field, e.g. slots above 256), FAILED_PRECONDITION (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED
         (INSUFFICIENT_RAM, VRAM_EXHAUSTED, INSUFFICIENT_DISK, NO_FREE_PORT),
         INTERNAL (WORKER_STARTUP_FAILED, WORKER_OOM_KILLED), UNAVAILABLE (shutting down),
         UNAUTHENTICATED.

@@ -29,6 +29,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from rbee.errors import RbeeError
 from rbee.modelref import ModelRef
+from rbee.paths import confined, private_dir
 from rbee.retry import backoff_delays
 from rbee_hive.provisioner.events import Reporter
 from rbee_hive.provisioner.hub import HubClient, RemoteFile, RemoteModel, TransientError
@@ -50,15 +51,29 @@ def human_bytes(n: float) -> str:
 
 
 def staging_dir(models_dir: Path, ref: ModelRef) -> Path:
-    return models_dir / STAGING_DIR / ref.slug()
+    return confined(models_dir, STAGING_DIR, ref.slug(), what="Staging folder")
 
 
 def final_dir(models_dir: Path, ref: ModelRef) -> Path:
-    return models_dir / ref.provider / ref.slug()
+    return confined(models_dir, ref.provider, ref.slug(), what="Model folder")
 
 
-def _part_path(staging: Path, remote: RemoteFile) -> Path:
-    target = staging / remote.path
+def _target(staging: Path, remote: RemoteFile, ref: ModelRef | None) -> Path:
+    """Where ``remote`` lands in staging: checked again at write time, links
+    followed, so a link inside the staging folder cannot lead a file out."""
+    try:
+        return confined(staging, remote.path, code="INVALID_HUB_FILE", what="Hub file")
+    except RbeeError as err:
+        raise RbeeError(
+            "INVALID_HUB_FILE",
+            f"{ref or 'the model'}: {err.message}; nothing was written",
+            {**err.details, "model": str(ref or ""), "file": remote.path},
+            ["Remove the staging folder on the node and download again", *err.suggestions],
+        ) from None
+
+
+def _part_path(staging: Path, remote: RemoteFile, ref: ModelRef | None = None) -> Path:
+    target = _target(staging, remote, ref)
     return target.with_name(f"{target.name}.{remote.etag[:16]}.part")
 
 
@@ -101,7 +116,10 @@ class ModelDownload:
             f"{ref}: {len(remote.files)} file(s), {human_bytes(remote.total_bytes)} at commit {remote.commit[:8]}",
         )
         staging = staging_dir(self.models_dir, ref)
-        staging.mkdir(parents=True, exist_ok=True)
+        private_dir(staging)
+        # Every file's place is checked before the first byte of any of them.
+        for remote_file in remote.files:
+            _part_path(staging, remote_file, ref)
         manifest = self._load_manifest(staging)
         present = {f.path: self._bytes_present(staging, f, manifest) for f in remote.files}
         self._check_disk(remote, staging, sum(present.values()))
@@ -172,20 +190,20 @@ class ModelDownload:
 
     # --- one file --------------------------------------------------------
     def _bytes_present(self, staging: Path, remote: RemoteFile, manifest: dict[str, Any]) -> int:
-        done = staging / remote.path
+        done = _target(staging, remote, self._ref)
         if manifest.get("files", {}).get(remote.path) == remote.etag and done.is_file():
             return done.stat().st_size
-        part = _part_path(staging, remote)
+        part = _part_path(staging, remote, self._ref)
         return part.stat().st_size if part.is_file() else 0
 
     async def _fetch_file(
         self, remote: RemoteFile, staging: Path, manifest: dict[str, Any], meter: Meter, present: dict[str, int]
     ) -> None:
-        target = staging / remote.path
+        target = _target(staging, remote, self._ref)
         if manifest.get("files", {}).get(remote.path) == remote.etag and target.is_file():
             return
-        part = _part_path(staging, remote)
-        part.parent.mkdir(parents=True, exist_ok=True)
+        part = _part_path(staging, remote, self._ref)
+        private_dir(part.parent, tighten=False)
         for stale in part.parent.glob(f"{target.name}.*.part"):
             if stale != part:
                 stale.unlink(missing_ok=True)
@@ -294,7 +312,7 @@ class ModelDownload:
         (staging / MANIFEST).unlink(missing_ok=True)
         for leftover in staging.rglob("*.part"):
             leftover.unlink(missing_ok=True)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(final.parent, tighten=False)
         if final.exists():
             # A folder without a catalog row: a previous run died before registering.
             shutil.rmtree(final)

@@ -28,6 +28,7 @@ from huggingface_hub.utils import build_hf_headers
 
 from rbee.errors import RbeeError
 from rbee.modelref import ModelRef
+from rbee.paths import relative_name_problem
 from rbee_hive.provisioner.settings import DownloadSettings
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,26 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or "").lower(), parts.port
 
 
+def invalid_hub_file(ref: ModelRef, name: str, reason: str, endpoint: str) -> RbeeError:
+    shown = name.replace("\x00", "\\0")
+    return RbeeError(
+        "INVALID_HUB_FILE",
+        f"{endpoint} lists a file of {ref} that cannot be placed inside the model's folder: {shown!r} ({reason})",
+        {"model": str(ref), "file": shown, "reason": reason, "endpoint": endpoint},
+        ["Nothing was downloaded. Check HF_ENDPOINT: a hub names files relative to the repository",
+         "If the repository is yours, rename the file"],
+    )
+
+
+def check_names(ref: ModelRef, names: list[str], endpoint: str) -> None:
+    """Refuse the whole model if any name the hub gave could leave its folder:
+    rbee drives the transfer itself, so the hub client's own guards do not apply."""
+    for name in names:
+        reason = relative_name_problem(name)
+        if reason is not None:
+            raise invalid_hub_file(ref, name, reason, endpoint)
+
+
 def select_files(paths: list[str]) -> list[str]:
     """The files of a repository that make up one loadable model."""
     paths = [p for p in paths if p not in _ALWAYS_SKIPPED]
@@ -121,8 +142,9 @@ class HubClient:
                 ref.repo_id, revision=ref.revision, files_metadata=True, timeout=self.settings.connect_timeout_s
             )
             commit = info.sha or ref.revision or "main"
-            names = select_files([s.rfilename for s in info.siblings or []])
-            names = self._one_gguf(ref, names)
+            listed = [s.rfilename for s in info.siblings or []]
+            check_names(ref, listed, self.endpoint_label)
+            names = self._one_gguf(ref, select_files(listed))
             files = [self._file(ref, name, commit)[0] for name in names]
             if not files:
                 raise RbeeError(

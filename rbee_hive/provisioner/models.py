@@ -19,6 +19,7 @@ from typing import Any
 from rbee.errors import RbeeError
 from rbee.modelref import ModelRef, parse_model_ref
 from rbee.narration import Narrator, event
+from rbee.paths import confined, within
 from rbee.v1 import common_pb2
 from rbee_hive.catalog.models import ModelCatalog, ModelRecord
 from rbee_hive.gguf_meta import is_gguf_path, read_gguf_metadata
@@ -75,9 +76,13 @@ class ModelProvisioner:
         models_dir: Path,
         settings: DownloadSettings | None = None,
         narrator: Narrator | None = None,
+        extra_roots: list[Path] | None = None,
     ) -> None:
         self.catalog = catalog
         self.models_dir = Path(models_dir)
+        # Where file:// models may be registered from (S13): the models folder
+        # and the folders the operator added.
+        self.roots = [self.models_dir, *(extra_roots or [])]
         self.settings = settings or DownloadSettings.from_env()
         self.hub = HubClient(self.settings)
         self.narrator = narrator
@@ -91,6 +96,14 @@ class ModelProvisioner:
     async def get(self, text: str) -> ModelRecord | None:
         ref = parse_model_ref(text)
         return await asyncio.to_thread(self.catalog.get, ref.provider, ref.reference)
+
+    async def loadable(self, text: str, backend: str) -> Path | None:
+        """What a worker on ``backend`` loads for the catalog entry ``text``;
+        None when the entry is missing or its files are gone."""
+        record = await self.get(text)
+        if record is None or not Path(record.local_path).exists():
+            return None
+        return self.loadable_path(record, backend)
 
     async def remove(self, text: str) -> ModelRecord:
         ref = parse_model_ref(text)
@@ -181,7 +194,7 @@ class ModelProvisioner:
         cancel = threading.Event()
         download = ModelDownload(self.hub, self.settings, self.models_dir, report, cancel)
         folder, remote = await download.run(ref)
-        local = folder / ref.filename if ref.filename else folder
+        local = confined(folder, ref.filename, what="Model file") if ref.filename else folder
         metadata: dict[str, Any] = {
             "folder": str(folder),
             "repo_id": ref.repo_id,
@@ -192,7 +205,14 @@ class ModelProvisioner:
         return await self._register(ref, local, metadata, report, "Downloaded")
 
     async def _register_local(self, ref: ModelRef, report: Reporter) -> ModelRecord:
-        path = Path(ref.path or ref.reference)
+        try:
+            path = within(self.roots, ref.path or ref.reference, what="Model path", details={"model": str(ref)})
+        except RbeeError as err:
+            err.suggestions[:0] = [
+                "Place the model under the hive's models folder, or ask the node's operator to add its folder "
+                "to model_dirs (RBEE_HIVE_MODEL_DIRS)"
+            ]
+            raise
         if not path.exists():
             raise RbeeError(
                 "MODEL_NOT_FOUND",
@@ -269,8 +289,8 @@ class ModelProvisioner:
     def _import_dir(self, record: ModelRecord) -> Path:
         folder = record.metadata.get("folder")
         if folder:
-            return Path(folder) / IMPORT_DIR
-        return self.models_dir / "imported" / parse_model_ref(record.model_ref).slug()
+            return confined(within([self.models_dir], folder, what="Model folder"), IMPORT_DIR)
+        return confined(self.models_dir, "imported", parse_model_ref(record.model_ref).slug(), what="Import folder")
 
     def _say(self, emoji: str, message: str) -> None:
         if self.narrator is not None:

@@ -30,7 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rbee.errors import RbeeError
+from rbee.paths import confined, private_dir
 from rbee_hive.catalog.workers import WorkerCatalog, WorkerEnvRecord
+from rbee_hive.workers.environment import without_secrets
 from rbee_hive.provisioner.engines import (
     CPU_ENGINE_EXTRAS_TO_DROP,
     EngineRequirement,
@@ -86,6 +88,11 @@ def _site_packages(env: Path) -> Path:
 
 
 class WorkerProvisioner:
+    """``source`` is the default project source (the hive's own installation
+    unless given); ``extra_sources`` the others the operator allows. A request
+    may only pick one of these: building an environment runs the source's
+    build backend, so a client-chosen folder would run a client's code."""
+
     def __init__(
         self,
         catalog: WorkerCatalog,
@@ -94,10 +101,12 @@ class WorkerProvisioner:
         engine_sites: list[Path] | None = None,
         python: str = sys.executable,
         cuda_probe: Callable[[], tuple[bool, str]] = default_cuda_probe,
+        extra_sources: list[Path] | None = None,
     ) -> None:
         self.catalog = catalog
         self.workers_dir = Path(home) / "workers"
         self.source = Path(source) if source else default_source()
+        self.sources = [p for p in (self.source, *(Path(x).expanduser() for x in extra_sources or [])) if p is not None]
         self.engine_sites = engine_sites if engine_sites is not None else [hive_site_packages()]
         self.python = python
         self.cuda_probe = cuda_probe
@@ -110,9 +119,10 @@ class WorkerProvisioner:
         self, backend: str, narrate: Narrate, source: Path | str | None = None, force: bool = False
     ) -> WorkerEnvRecord:
         backend = validate_backend(backend)
+        chosen = self.allowed_source(source) if source else None
         check_backend_available(backend, self.cuda_probe)
         async with self._locks.setdefault(backend, asyncio.Lock()):
-            return await self._provision(backend, narrate, Path(source) if source else None, force)
+            return await self._provision(backend, narrate, chosen, force)
 
     async def _provision(self, backend: str, narrate: Narrate, source: Path | None, force: bool) -> WorkerEnvRecord:
         wid = env_id(backend)
@@ -124,13 +134,13 @@ class WorkerProvisioner:
                 return existing
             except RbeeError as err:
                 narrate("🔧", f"Worker environment {wid} is recorded but broken ({err.message}); repairing it", "warn")
-        src = (source or self.source)
+        src = source or self.source
         if src is None:
             raise RbeeError(
                 "WORKER_BUILD_FAILED",
                 f"Worker build failed: no project source to install {WORKER_TYPE} for {backend} from",
                 {"worker_type": WORKER_TYPE, "backend": backend},
-                ["Pass a source path (the rbee checkout on this node)"],
+                ["Configure one on the hive: worker_sources (RBEE_HIVE_WORKER_SOURCES), e.g. the rbee checkout on this node"],
             )
         src = src.expanduser().resolve()
         if not src.is_dir():
@@ -140,7 +150,8 @@ class WorkerProvisioner:
                 {"source": str(src), "backend": backend},
                 ["Point the source at the rbee checkout on this node (rbee-keeper setup install clones it)"],
             )
-        env = self.workers_dir / wid
+        private_dir(self.workers_dir)
+        env = confined(self.workers_dir, wid, what="Worker environment")
         started = time.monotonic()
         narrate("🔨", f"Provisioning {wid} in {env} from {src}{' (forced)' if force else ''}")
         if force and env.exists():
@@ -167,6 +178,26 @@ class WorkerProvisioner:
         record = await asyncio.to_thread(self.catalog.put, record)
         narrate("✅", f"{wid} ready in {time.monotonic() - started:.0f} s: {version}")
         return record
+
+    def allowed_source(self, source: Path | str) -> Path:
+        """The configured source ``source`` names (compared resolved, links
+        followed), else PATH_NOT_ALLOWED; nothing about the path is looked at
+        beyond resolving it."""
+        text = str(source)
+        wanted = os.path.realpath(os.path.expanduser(text)) if text and "\x00" not in text else None
+        for allowed in self.sources:
+            if wanted is not None and os.path.realpath(allowed) == wanted:
+                return allowed
+        shown = ", ".join(str(p) for p in self.sources) or "none"
+        raise RbeeError(
+            "PATH_NOT_ALLOWED",
+            f"Worker source {text!r} is not one this hive builds worker environments from (allowed: {shown})",
+            {"field": "source", "path": text, "allowed": shown},
+            [
+                "Leave the source out to build from the hive's own installation",
+                "To build from another folder, the node's operator adds it to worker_sources (RBEE_HIVE_WORKER_SOURCES)",
+            ],
+        )
 
     # --- steps -------------------------------------------------------------
     async def _ensure_venv(self, env: Path, backend: str, narrate: Narrate) -> Path:
@@ -283,7 +314,9 @@ class WorkerProvisioner:
     ) -> None:
         log.info("running %s", " ".join(cmd))
         tail: deque[str] = deque(maxlen=200)
-        env = dict(os.environ)
+        # pip needs its own settings (index, proxies, certificates) but not the
+        # hive's keys or tokens: a source's build backend runs in this process.
+        env = without_secrets(os.environ)
         env.pop("PYTHONPATH", None)  # the new environment must not see the hive's path tweaks
         try:
             proc = await asyncio.create_subprocess_exec(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import grpc
 
@@ -71,7 +70,9 @@ class PreflightServicer(preflight_pb2_grpc.PreflightServiceServicer):
                     {"field": "model_size_bytes"},
                     ["Pass the model's size in bytes, or the path of a model on this node"],
                 )
-            size = await asyncio.to_thread(model_size, Path(request.model_path))
+            # Only a model this hive could load is sized (S13): no walk of a client's tree.
+            path = self._ctx.manager.models.check_path(request.model_path)
+            size = await asyncio.to_thread(model_size, path)
         detection = await asyncio.to_thread(detect, self._ctx.resources)
         res = await asyncio.to_thread(self._ctx.resources.snapshot, self._ctx.settings.models_dir)
         checks = check_worker(detection, res, request.backend.strip().lower(), request.device, size, request.needs_download)

@@ -147,10 +147,15 @@ def build_provisioning(
     narrator: Narrator | None = None,
     settings: DownloadSettings | None = None,
     source: Path | None = None,
+    model_dirs: list[Path] | None = None,
+    worker_sources: list[Path] | None = None,
 ) -> Provisioning:
+    """``model_dirs``: folders beyond ``home/models`` file:// models may come
+    from; ``worker_sources``: sources beyond ``source`` (default: the hive's
+    own installation) worker environments may be built from."""
     home = Path(home)
-    models = ModelProvisioner(ModelCatalog(home / "models.db"), home / "models", settings, narrator)
-    workers = WorkerProvisioner(WorkerCatalog(home / "workers.db"), home, source=source)
+    models = ModelProvisioner(ModelCatalog(home / "models.db"), home / "models", settings, narrator, extra_roots=model_dirs)
+    workers = WorkerProvisioner(WorkerCatalog(home / "workers.db"), home, source=source, extra_sources=worker_sources)
     return Provisioning(models, workers, ProvisioningResolver(workers), ProvisioningServicer(models, workers, narrator))
 
 
@@ -158,9 +163,14 @@ def add_provisioning_service(server: grpc.aio.Server, ctx: Any) -> Provisioning:
     """Register the service on the hive's server and let spawns resolve the
     worker program through the worker-environments catalog (unless the
     operator configured a worker binary explicitly)."""
-    prov = build_provisioning(ctx.settings.rbee_home, ctx.narrate)
+    settings = ctx.settings
+    prov = build_provisioning(
+        settings.rbee_home, ctx.narrate, model_dirs=list(settings.model_dirs), worker_sources=list(settings.worker_sources)
+    )
     provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(prov.servicer, server)
-    if getattr(ctx.settings, "worker_binary", None) is None:
+    if getattr(settings, "worker_binary", None) is None:
         ctx.manager.resolver = prov.resolver
+    # Spawns by catalog reference load what the catalog holds.
+    ctx.manager.models.catalog = prov.models
     ctx.provisioning = prov
     return prov

@@ -14,17 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from rbee.auth import check_key, new_api_key
+from rbee.config import MAX_SLOTS
 from rbee.errors import RbeeError
 from rbee.narration import parse_line
 from rbee.v1 import common_pb2, registry_pb2
 
 from rbee_hive.detect import detect
 from rbee_hive.logbook import LogBook
+from rbee_hive.model_access import ModelAccess
 from rbee_hive.preflight import MB, check_worker, model_size
 from rbee_hive.resources import ResourceSource
 from rbee_hive.settings import HiveSettings
 from rbee_hive.workers.binary import WorkerBinaryResolver
 from rbee_hive.workers.client import WorkerClient
+from rbee_hive.workers.environment import worker_environment
 from rbee_hive.workers.events import EventLog
 from rbee_hive.workers.ports import PortAllocator, port_is_free
 from rbee_hive.workers.process import ExitInfo, WorkerProcess
@@ -48,6 +51,24 @@ class SpawnSpec:
     model_ref: str = ""
     slots: int = 0
     worker_api_key: str = ""
+
+
+def check_spawn_fields(spec: SpawnSpec) -> None:
+    """Bounds of the request's own fields; INVALID_ARGUMENT naming the field."""
+    if not 0 <= spec.slots <= MAX_SLOTS:
+        raise RbeeError(
+            "INVALID_ARGUMENT",
+            f"slots must be between 1 and {MAX_SLOTS} (0 = the worker's default), got {spec.slots}",
+            {"field": "slots", "max": MAX_SLOTS},
+            [f"Ask for at most {MAX_SLOTS} slots; start more workers for more concurrency"],
+        )
+    key = spec.worker_api_key
+    if key and (len(key) > 512 or not key.isprintable() or key != key.strip()):
+        raise RbeeError(
+            "INVALID_ARGUMENT",
+            "worker_api_key must be printable text without surrounding spaces, at most 512 characters",
+            {"field": "worker_api_key"},
+        )
 
 
 @dataclass(frozen=True)
@@ -76,6 +97,8 @@ class WorkerManager:
         self._narrate = narrate
         self._callback_address = callback_address
         self.ports = PortAllocator(settings.worker_host, settings.worker_port_start, settings.worker_port_end)
+        # What a spawn may load; the provisioning service adds the catalog.
+        self.models = ModelAccess(settings.model_roots)
         self._pending: dict[str, WorkerRecord] = {}
         self._clients: dict[str, WorkerClient] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -131,11 +154,13 @@ class WorkerManager:
     async def spawn(self, spec: SpawnSpec) -> WorkerRecord:
         if self.closing:
             raise RbeeError("UNAVAILABLE", "The hive is shutting down; not starting new workers", suggestions=["Try again once the hive is back"])
-        if not spec.model_path:
-            raise RbeeError("INVALID_ARGUMENT", "model_path is required", {"field": "model_path"}, ["Pass --model PATH"])
-        model_path = str(Path(spec.model_path).expanduser().absolute())
-        spec = SpawnSpec(model_path, spec.backend.strip().lower(), spec.device, spec.model_ref, spec.slots, spec.worker_api_key)
-        ref = spec.model_ref or f"file://{model_path}"
+        check_spawn_fields(spec)
+        backend = spec.backend.strip().lower()
+        # Before anything looks at the model: only catalog entries and paths
+        # under the model folders (S13), so no preflight walks a client's tree.
+        path, ref = await self.models.locate(spec.model_path, spec.model_ref, backend)
+        model_path = str(path)
+        spec = SpawnSpec(model_path, backend, spec.device, ref, spec.slots, spec.worker_api_key)
         try:
             checks, size = await self.preflight(spec)
         except RbeeError as err:
@@ -215,11 +240,19 @@ class WorkerManager:
     async def _launch(self, record: WorkerRecord, program: Path, spec: SpawnSpec) -> bool:
         """Start the process on record.port and wait for its first callback.
         False when the port turned out to be taken; raises on any other failure."""
-        env = dict(os.environ)
-        # Keys travel in the environment, not on the command line (ps shows that).
-        env.update(RBEE_WORKER_API_KEY=record.api_key, RBEE_CALLBACK_API_KEY=record.callback_key, PYTHONUNBUFFERED="1")
-        if self.settings.home:
-            env["RBEE_HOME"] = str(self.settings.rbee_home)
+        # Keys travel in the environment, not on the command line (ps shows
+        # that); of the hive's own environment the worker gets what the engine
+        # needs and never the hive's secrets.
+        env = worker_environment(
+            os.environ,
+            {
+                "RBEE_WORKER_API_KEY": record.api_key,
+                "RBEE_CALLBACK_API_KEY": record.callback_key,
+                "RBEE_HOME": str(self.settings.rbee_home),
+                "PYTHONUNBUFFERED": "1",
+            },
+            self.settings.worker_env,
+        )
         self._say(
             record,
             "🚀",

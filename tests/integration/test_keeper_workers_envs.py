@@ -90,8 +90,8 @@ def detail_lines(stderr: str, key: str) -> list[str]:
 
 
 async def test_a_build_failure_is_printed_with_pips_lines(start_hive, keeper, tmp_path: Path) -> None:
-    hive = await start_hive(home=tmp_path / "home")
     not_a_project = tmp_path / "not-a-project"
+    hive = await start_hive(home=tmp_path / "home", worker_sources=[not_a_project])
     not_a_project.mkdir()
     (not_a_project / "README").write_text("nothing to install here")
 
@@ -105,7 +105,7 @@ async def test_a_build_failure_is_printed_with_pips_lines(start_hive, keeper, tm
 
 
 async def test_a_worker_that_does_not_start_is_printed_with_its_lines(start_hive, keeper, tmp_path: Path) -> None:
-    hive = await start_hive(home=tmp_path / "home")
+    hive = await start_hive(home=tmp_path / "home", worker_sources=[tmp_path / "src"])
     script = "import sys\n\ndef main():\n    for n in (1, 2, 3):\n        print(f'cannot start, reason {n}', file=sys.stderr)\n    sys.exit(3)\n"
     source = fake_worker_project(tmp_path / "src", script)
 

@@ -261,15 +261,29 @@ async def test_offline_mode_serves_the_catalog_only(tmp_path, hub):
 
 async def test_local_files_are_registered_in_place(tmp_path, hub):
     gguf = write_gguf(tmp_path / "mine" / "local.gguf", vocab=50, eos=3)
-    prov = make_provisioner(tmp_path / "home", hub)
+    prov = make_provisioner(tmp_path / "home", hub, extra_roots=[tmp_path / "mine"])
     c = await collect(prov.download(f"file://{gguf}"))
     assert c.error is None
     assert c.record.provider == "file" and c.record.local_path == str(gguf)
     assert c.record.format == "gguf" and c.record.metadata["gguf"]["vocab_size"] == 50
     await prov.remove(f"file://{gguf}")
     assert gguf.exists() and prov.catalog.list() == []
-    missing = await collect(prov.download("file:///nowhere/at/all.gguf"))
+    missing = await collect(prov.download(f"file://{tmp_path}/mine/not-there.gguf"))
     assert missing.error.code == "MODEL_NOT_FOUND"
+
+
+async def test_local_files_outside_the_model_folders_are_not_registered(tmp_path, hub):
+    """file:// names a path on the node; only the model folders the operator
+    allows are registered (S13), so the catalog cannot be used to reach /etc."""
+    outside = write_gguf(tmp_path / "elsewhere" / "local.gguf", vocab=50, eos=3)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "link.gguf").symlink_to(outside)
+    prov = make_provisioner(tmp_path / "home", hub, extra_roots=[tmp_path / "mine"])
+    for ref in (f"file://{outside}", "file:///etc", f"file://{tmp_path}/mine/link.gguf"):
+        c = await collect(prov.download(ref))
+        assert c.error is not None and c.error.code == "PATH_NOT_ALLOWED", (ref, c.error)
+        assert c.error.details["allowed"] == f"{tmp_path / 'home' / 'models'}, {tmp_path / 'mine'}"
+    assert prov.catalog.list() == []
 
 
 async def test_remove_deletes_the_files(tmp_path, hub):

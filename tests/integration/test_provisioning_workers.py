@@ -7,6 +7,7 @@ on the next request, rebuilt with force, and the failure paths."""
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import grpc
 import psutil
@@ -136,8 +137,8 @@ async def test_resolver_provisions_a_missing_environment_first(tmp_path):
 
 
 async def test_a_source_that_is_not_a_project_is_a_build_failure_with_its_lines(start_hive, tmp_path):
-    hive = await start_hive(home=tmp_path / "home")
     empty = tmp_path / "not-a-project"
+    hive = await start_hive(home=tmp_path / "home", worker_sources=[empty])
     empty.mkdir()
     (empty / "README").write_text("nothing to install here")
     result = await provision(hive, source=str(empty))
@@ -184,14 +185,58 @@ async def test_cuda_without_a_driver_says_so_with_the_install_link(start_hive, t
     assert err.code == "CUDA_NOT_AVAILABLE"
     assert "CUDA backend requested" in err.message
     assert any("https://developer.nvidia.com/cuda-downloads" in s for s in err.suggestions)
-    assert not (tmp_path / "home" / "workers").exists(), "nothing was installed"
+    assert list((tmp_path / "home" / "workers").glob("*")) == [], "nothing was installed"
 
 
-@pytest.mark.parametrize(("backend", "source", "code"), [("tpu", "", "INVALID_BACKEND"), ("cpu", "/no/such/source", "NOT_FOUND")])
+@pytest.mark.parametrize(
+    ("backend", "source", "code"),
+    [("tpu", "", "INVALID_BACKEND"), ("cpu", "/no/such/source", "PATH_NOT_ALLOWED"), ("cpu", "{allowed}", "NOT_FOUND")],
+)
 async def test_bad_requests(start_hive, tmp_path, backend, source, code):
-    hive = await start_hive(home=tmp_path / "home")
-    result = await provision(hive, backend=backend, source=source)
+    # A configured source that is not there (yet) is NOT_FOUND; any other is not allowed.
+    allowed = tmp_path / "configured-but-missing"
+    hive = await start_hive(home=tmp_path / "home", worker_sources=[allowed])
+    result = await provision(hive, backend=backend, source=source.format(allowed=allowed))
     assert result.error.code == code
+
+
+def in_tree_backend_project(folder: Path, marker: Path) -> Path:
+    """A project whose pyproject.toml names its own build backend in the
+    folder: building it at all runs the backend's code, which leaves ``marker``."""
+    folder.mkdir(parents=True)
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n'
+        '[project]\nname = "planted"\nversion = "0.0.1"\n'
+    )
+    (folder / "backend.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('the build backend ran')\n"
+        "def build_wheel(*args, **kwargs):\n    raise RuntimeError('planted backend')\n"
+    )
+    return folder
+
+
+async def test_a_source_the_operator_did_not_configure_is_refused_and_its_build_backend_never_runs(start_hive, tmp_path):
+    """Issue 10's attack: ProvisionWorker naming a folder (e.g. one a model
+    download created) whose pyproject declares an in-tree build backend. pip
+    would import that backend, i.e. run the client's code on the node."""
+    marker = tmp_path / "planted-backend-ran"
+    planted = in_tree_backend_project(tmp_path / "planted", marker)
+    hive = await start_hive(home=tmp_path / "home")
+    result = await provision(hive, source=str(planted))
+    err = result.error
+    assert err is not None and err.code == "PATH_NOT_ALLOWED", result.text
+    assert err.details["field"] == "source" and err.details["path"] == str(planted)
+    assert str(REPO) in err.details["allowed"], "the hive's own installation is the one source allowed"
+    assert any("RBEE_HIVE_WORKER_SOURCES" in s for s in err.suggestions)
+    assert not marker.exists(), "the planted build backend ran"
+    assert list((tmp_path / "home" / "workers").glob("*")) == [], "nothing was installed"
+    assert result.lines == [], "refused before any step was narrated"
+    # A link to it, or a path spelled differently, is the same folder: refused too.
+    (tmp_path / "link").symlink_to(planted)
+    for spelled in (str(tmp_path / "link"), f"{planted}/../planted", f"{planted}/"):
+        again = await provision(hive, source=spelled)
+        assert again.error is not None and again.error.code == "PATH_NOT_ALLOWED", spelled
+    assert not marker.exists()
 
 
 @pytest.mark.engine
