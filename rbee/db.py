@@ -17,6 +17,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 
 from rbee.errors import RbeeError
+from rbee.paths import private_dir, private_file
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,15 @@ def open_engine(path: Path, migrations: Migrations) -> Engine:
     """An engine on ``path`` with the schema brought up to date."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent, tighten=False)
+        # Created 0600 before SQLite opens it: SQLite gives the -wal and -shm
+        # files the database's mode, so the whole catalog is the owner's only.
+        private_file(path)
+        for companion in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if companion.exists():
+                private_file(companion)
     except OSError as exc:
-        raise RbeeError("CATALOG_ERROR", f"Cannot create the catalog folder {path.parent}: {exc}", {"path": str(path)}) from exc
+        raise RbeeError("CATALOG_ERROR", f"Cannot create the catalog {path}: {exc}", {"path": str(path)}) from exc
     engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
     event.listen(engine, "connect", _on_connect)
     try:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
 
 from rbee.config import API_VERSION, VERSION
 from rbee.narration import Narrator, format_line
+from rbee.paths import private_dir
 
 from rbee_hive.logbook import HIVE_SOURCE, LogBook
 from rbee_hive.resources import ResourceSource, resource_source
@@ -41,6 +43,27 @@ class HiveContext:
         return time.monotonic() - self.started
 
 
+# The folders of RBEE_HOME the hive owns: created 0700, narrowed to 0700 if older.
+HOME_FOLDERS = ("logs", "models", "workers")
+
+
+def prepare_home(settings: HiveSettings) -> str | None:
+    """Create RBEE_HOME (0700 when the hive creates it) and its folders (0700).
+    An existing RBEE_HOME is the operator's choice and is not changed; what it
+    lets others do is returned as a warning to narrate."""
+    home = settings.rbee_home
+    private_dir(home, tighten=False)
+    for name in HOME_FOLDERS:
+        private_dir(home / name)
+    mode = stat.S_IMODE(home.stat().st_mode)
+    if mode & 0o077:
+        return (
+            f"{home} is open to other users (mode {mode:03o}); its folders are 0700 and its files 0600, "
+            f"but `chmod 700 {home}` closes it"
+        )
+    return None
+
+
 def build_context(
     settings: HiveSettings,
     resources: ResourceSource | None = None,
@@ -48,6 +71,7 @@ def build_context(
     narrator: Narrator | None = None,
 ) -> HiveContext:
     """Must run inside the event loop (the registry and logs use asyncio)."""
+    home_warning = prepare_home(settings)
     narrate = narrator or Narrator(ACTOR)
     logbook = LogBook(settings.logs_dir)
     narrate.add_sink(lambda ev: logbook.write(HIVE_SOURCE, format_line(ev)))
@@ -66,4 +90,6 @@ def build_context(
     supervisor = Supervisor(settings, manager, narrate)
     ctx = HiveContext(settings, narrate, logbook, resources, registry, manager, supervisor)
     holder["ctx"] = ctx
+    if home_warning:
+        narrate("⚠️", home_warning, "warn")
     return ctx

@@ -109,7 +109,7 @@ def import_gguf(
             "imported_at_unix": int(time.time()),
         }
         (staging / MARKER).write_text(json.dumps(marker, indent=2))
-        staging.chmod(0o755)
+        staging.chmod(0o700)  # mkdtemp's mode, said outright: models stay the hive user's
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from rbee.paths import confined, open_private, private_dir
+
 log = logging.getLogger(__name__)
 
 HIVE_SOURCE = "rbee-hive"
@@ -29,7 +31,7 @@ class LogBook:
     def path_for(self, source: str) -> Path:
         if not _SAFE.match(source):
             raise ValueError(f"bad log source name {source!r}")
-        return self.dir / f"{source}.log"
+        return confined(self.dir, f"{source}.log", what="Log file")
 
     def sources(self) -> list[str]:
         if not self.dir.is_dir():
@@ -42,8 +44,9 @@ class LogBook:
         line = line.rstrip("\n")
         fh = self._files.get(source)
         if fh is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fh = self._files[source] = self.path_for(source).open("a", encoding="utf-8", errors="replace")
+            # Logs hold prompts' effects, paths and errors of the node: the hive user's only.
+            private_dir(self.dir, tighten=False)
+            fh = self._files[source] = open_private(self.path_for(source))
         try:
             fh.write(line + "\n")
             fh.flush()

@@ -13,10 +13,11 @@ from grpc_health.v1 import _async as health, health_pb2, health_pb2_grpc
 from rbee.auth import OPEN_SERVICES, ApiKeyInterceptor
 from rbee.channel import SERVER_OPTIONS
 from rbee.errors import RbeeError
+from rbee.rpc import set_log_location
 from rbee.v1 import preflight_pb2_grpc, registry_pb2_grpc
 
 from rbee_hive.context import HiveContext, build_context
-from rbee_hive.logbook import LogBookHandler
+from rbee_hive.logbook import HIVE_SOURCE, LogBookHandler
 from rbee_hive.servicers.callback import WorkerCallbackServicer
 from rbee_hive.servicers.preflight import PreflightServicer
 from rbee_hive.servicers.provisioning import add_provisioning_service
@@ -108,6 +109,7 @@ class HiveServer:
 
 async def serve(settings: HiveSettings) -> int:
     ctx = build_context(settings)
+    set_log_location(str(ctx.logbook.path_for(HIVE_SOURCE)))
     handler = LogBookHandler(ctx.logbook)
     logging.getLogger().addHandler(handler)
     server = HiveServer(ctx)

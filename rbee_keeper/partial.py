@@ -1,8 +1,8 @@
 """Keeping what was generated when a stream breaks (S9).
 
-The text goes to ``$RBEE_HOME/partial/<UTC time>-<request id>.partial.txt``;
-when that folder cannot be written, to the current directory. The file holds
-exactly what was printed on stdout.
+The text goes to ``$RBEE_HOME/partial/<UTC time>-<request id>.partial.txt``
+(the folder 0700, the file 0600); when that folder cannot be written, to the
+current directory. The file holds exactly what was printed on stdout.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 from rbee.config import rbee_home
+from rbee.errors import RbeeError
+from rbee.paths import confined, private_dir, write_private
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +33,16 @@ def save_partial(text: str, request_id: str, folder: Path | None = None) -> Path
     """Write ``text`` into ``folder`` (default: partial_dir()), falling back to
     the current directory; the file, or None when no place was writable."""
     name = _file_name(request_id)
-    for folder in (folder or partial_dir(), Path.cwd()):
+    for place in (folder or partial_dir(), Path.cwd()):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / name
-            path.write_text(text, encoding="utf-8")
+            # The text is what the model answered someone: theirs alone (0600,
+            # the partial folder 0700); the name cannot leave the folder.
+            if place != Path.cwd():
+                private_dir(place, tighten=False)
+            path = write_private(confined(place, name, what="Partial result"), text)
             return path.resolve()
-        except OSError as exc:
-            log.debug("cannot save partial result in %s: %s", folder, exc)
+        except (OSError, RbeeError) as exc:
+            log.debug("cannot save partial result in %s: %s", place, exc)
     return None
 
 

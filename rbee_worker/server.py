@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from rbee.config import VERSION
+from rbee.config import MAX_SLOTS, VERSION
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
+from rbee.rpc import set_log_location
 
 if TYPE_CHECKING:
     from rbee_worker.engine import Engine
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--callback", metavar="HOST:PORT", help="the hive's WorkerCallbackService")
     p.add_argument("--worker-id", help="default: generated")
     p.add_argument("--model-ref", help="what the hive calls the model (default: the path)")
-    p.add_argument("--slots", type=int, help="concurrent requests (default 8 on cpu, 32 on cuda)")
+    p.add_argument("--slots", type=int, help=f"concurrent requests, 1 to {MAX_SLOTS} (default 8 on cpu, 32 on cuda)")
     p.add_argument("--max-model-len", type=int, default=2048, help="context cap (default min(model's, 2048))")
     p.add_argument("--dtype", default="auto", help="weights dtype passed to vLLM (default auto)")
     p.add_argument(
@@ -132,8 +133,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
     if not api_key:
         raise bad("--api-key", f"no API key given (flag or {ENV_API_KEY})", f"Set {ENV_API_KEY} or pass --api-key")
     slots = args.slots if args.slots is not None else DEFAULT_SLOTS[args.backend]
-    if slots < 1:
-        raise bad("--slots", f"must be at least 1 (got {slots})", "Use --slots 1 or more")
+    if not 1 <= slots <= MAX_SLOTS:
+        raise bad("--slots", f"must be between 1 and {MAX_SLOTS} (got {slots})", f"Use --slots 1 to {MAX_SLOTS}")
     if args.max_model_len < 1:
         raise bad("--max-model-len", f"must be at least 1 (got {args.max_model_len})", "Use a positive length")
     if not args.engine_check_interval > 0:
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None, engine_factory: Callable[[Settings], Eng
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_from(args, dict(os.environ))
+        # The worker's output is its log: its hive keeps it as <worker-id>.log.
+        set_log_location(f"the worker's log ({settings.worker_id}.log in its hive's logs folder)")
         # The engine's processes inherit the environment; they need no keys.
         os.environ.pop(ENV_API_KEY, None)
         os.environ.pop(ENV_CALLBACK_KEY, None)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from rbee.errors import RbeeError
+from rbee.rpc import internal_error
 from rbee.v1 import inference_pb2
 from rbee_worker.engine import CANCELLED, STOP, Delta, Engine, SamplingOptions
 
@@ -116,9 +117,10 @@ class ActiveRequest:
             if error is not None:
                 if isinstance(error, RbeeError):
                     raise error
-                raise RbeeError(
-                    "INTERNAL",
-                    f"The engine failed during generation: {type(error).__name__}: {error}",
+                raise internal_error(
+                    error,
+                    f"generation of {self.request_id}",
+                    "The engine failed during generation",
                     {"request_id": self.request_id, "tokens_generated": index},
                 ) from error
             if end is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def daemon(
     from rbee_hive.settings import load_settings
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # Whatever the hive and its workers create (models, environments, logs,
+    # catalogs) is the hive user's alone (S13); the named files are also
+    # created 0600/0700 explicitly, this covers the rest.
+    os.umask(0o077)
     try:
         settings = load_settings(port=port, host=host, api_key=api_key, api_key_file=api_key_file, worker_binary=worker_binary)
         code = asyncio.run(serve(settings))

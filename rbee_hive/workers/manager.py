@@ -344,16 +344,15 @@ class WorkerManager:
         """A worker's ReportWorker: the first one registers it (S6.1)."""
         info = request.worker
         record = self.find(info.id)
-        if record is None:
-            raise RbeeError(
-                "WORKER_NOT_FOUND",
-                f"Worker {info.id!r} was not spawned by this hive",
-                {"worker_id": info.id},
-                ["Workers report to the hive that started them"],
-            )
-        auth_error = check_key(invocation_metadata, record.callback_key)
+        # The key first, and the same answer whether or not the worker exists:
+        # a caller without a worker's key learns nothing about which ids do.
+        # An unknown id is checked against a fresh random key (never matched).
+        auth_error = check_key(invocation_metadata, record.callback_key if record is not None else new_api_key())
         if auth_error is not None:
+            if record is None:
+                log.warning("callback for unknown worker %r refused", info.id[:64])
             raise auth_error
+        assert record is not None
         if info.address and info.address != record.address:
             log.warning("worker %s reports address %s, hive started it on %s", record.id, info.address, record.address)
         if record.id in self._pending and not record.stopping:

@@ -10,11 +10,14 @@ from rbee.channel import open_channel
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import Narrator
 from rbee.v1 import common_pb2, preflight_pb2, preflight_pb2_grpc, registry_pb2, registry_pb2_grpc
+from rbee_hive.catalog.models import ModelRecord
 from rbee_hive.context import build_context
 from rbee_hive.nvml import CudaProbe, GpuInfo
 from rbee_hive.resources import Resources
 from rbee_hive.server import HiveServer
 from rbee_hive.settings import HiveSettings
+from rbee_hive.workers.events import EventLog
+from rbee_hive.workers.registry import WorkerRecord
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -81,8 +84,8 @@ async def test_backends_resources_and_checks(hive):
 
 async def test_spawn_without_worker_program_names_the_expected_path(hive, tmp_path):
     _, channel = hive
-    model = tmp_path / "model"
-    model.mkdir()
+    model = tmp_path / "models" / "model"
+    model.mkdir(parents=True)
     (model / "w").write_bytes(b"x" * 100)
     stub = registry_pb2_grpc.HiveWorkerServiceStub(channel)
     with pytest.raises(RbeeError) as exc:
@@ -93,12 +96,90 @@ async def test_spawn_without_worker_program_names_the_expected_path(hive, tmp_pa
     assert (await call(stub.ListWorkers, registry_pb2.ListWorkersRequest())).workers == []
 
 
-async def test_callbacks_from_unknown_workers_are_refused(hive):
-    _, channel = hive
+async def test_the_callback_key_is_checked_before_anything_is_said_about_the_worker(hive, tmp_path):
+    """A wrong callback key for a known worker and any key for an unknown one
+    get the same UNAUTHENTICATED answer: no 'unknown worker' to probe ids with."""
+    ctx, channel = hive
+    known = WorkerRecord(
+        id="worker-known", host="127.0.0.1", port=1, model_ref="file:///m", model_path="/m", backend="cpu", device=0,
+        api_key="worker-key", callback_key="the-callback-key", log_path=tmp_path / "w.log", events=EventLog(),
+    )
+    ctx.manager._pending[known.id] = known
     stub = registry_pb2_grpc.WorkerCallbackServiceStub(channel)
+
+    async def answer(worker_id, key):
+        request = registry_pb2.ReportWorkerRequest(worker=common_pb2.WorkerInfo(id=worker_id, state=common_pb2.WORKER_STATE_IDLE))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ReportWorker(request, metadata=auth_metadata(key), timeout=10)
+        err = from_rpc_error(info.value)
+        return info.value.code(), err.code, err.message, err.details, err.suggestions
+
+    for key, code in ((None, "MISSING_API_KEY"), ("wrong-key", "INVALID_API_KEY"), (KEY, "INVALID_API_KEY")):
+        for_known = await answer("worker-known", key)
+        for_unknown = await answer("worker-nope", key)
+        assert for_known == for_unknown, key
+        assert for_known[:2] == (grpc.StatusCode.UNAUTHENTICATED, code)
+        assert "worker" not in for_known[2].lower()
+    # The wrong keys changed nothing; the right one registers the worker.
+    assert known.state == common_pb2.WORKER_STATE_LOADING and ctx.registry.get(known.id) is None
+    await call(stub.ReportWorker, registry_pb2.ReportWorkerRequest(
+        worker=common_pb2.WorkerInfo(id="worker-known", state=common_pb2.WORKER_STATE_LOADING)), key="the-callback-key")
+    assert ctx.registry.get(known.id) is known
+
+
+async def spawn_refusal(channel, **fields) -> RbeeError:
+    stub = registry_pb2_grpc.HiveWorkerServiceStub(channel)
     with pytest.raises(RbeeError) as exc:
-        await call(stub.ReportWorker, registry_pb2.ReportWorkerRequest(worker=common_pb2.WorkerInfo(id="worker-nope")), key=None)
-    assert exc.value.code == "WORKER_NOT_FOUND"
+        await call(stub.SpawnWorker, registry_pb2.SpawnWorkerRequest(**fields))
+    return exc.value
+
+
+async def test_spawn_loads_only_catalog_models_or_paths_under_the_model_folders(hive, tmp_path):
+    ctx, channel = hive
+    outside = tmp_path / "elsewhere" / "model"
+    outside.mkdir(parents=True)
+    (outside / "w").write_bytes(b"x" * 100)
+    (tmp_path / "models").mkdir(exist_ok=True)
+    (tmp_path / "models" / "linked").symlink_to(outside)
+    # The filesystem root (issue 10: the preflight walked it and answered INTERNAL
+    # with a PermissionError on /proc), a folder outside, a link leading out.
+    for path in ("/", "/proc", str(outside), str(tmp_path / "models" / "linked"), f"{tmp_path}/models/../elsewhere/model"):
+        err = await spawn_refusal(channel, model_path=path, backend="cpu")
+        assert err.code == "PATH_NOT_ALLOWED", (path, err)
+        assert err.details["field"] == "model_path" and err.details["allowed"] == str(tmp_path / "models")
+    preflight = preflight_pb2_grpc.PreflightServiceStub(channel)
+    with pytest.raises(RbeeError) as exc:
+        await call(preflight.CheckWorkerResources, preflight_pb2.CheckWorkerResourcesRequest(model_path="/", backend="cpu"))
+    assert exc.value.code == "PATH_NOT_ALLOWED"
+    # A catalog entry by reference is loaded from where the catalog has it.
+    folder = tmp_path / "models" / "hf" / "acme--tiny"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"x" * 100)
+    ctx.provisioning.models.catalog.add(
+        ModelRecord(provider="hf", reference="acme/tiny", local_path=str(folder), size_bytes=100, format="safetensors")
+    )
+    err = await spawn_refusal(channel, model_ref="hf:acme/tiny", backend="cpu")
+    assert err.code == "WORKER_BINARY_NOT_FOUND", "located, preflight passed, only the program is missing"
+    err = await spawn_refusal(channel, model_ref="hf:acme/other", backend="cpu")
+    assert err.code == "MODEL_NOT_FOUND" and "rbee-keeper models download hf:acme/other" in err.suggestions[0]
+    assert (await spawn_refusal(channel, model_ref="ollama:x", backend="cpu")).code == "INVALID_MODEL_REF"
+    assert (await spawn_refusal(channel, backend="cpu")).details["field"] == "model_ref"
+    # A catalog entry whose files were replaced by a link out is refused too.
+    (tmp_path / "models" / "hf" / "acme--linked").symlink_to(outside)
+    ctx.provisioning.models.catalog.add(ModelRecord(
+        provider="hf", reference="acme/linked", local_path=str(tmp_path / "models" / "hf" / "acme--linked"), size_bytes=100,
+        format="safetensors"))
+    assert (await spawn_refusal(channel, model_ref="hf:acme/linked", backend="cpu")).code == "PATH_NOT_ALLOWED"
+
+
+@pytest.mark.parametrize("slots", [257, 70000, 2**32 - 1])
+async def test_spawn_slots_are_bounded(hive, tmp_path, slots):
+    _, channel = hive
+    model = tmp_path / "models" / "model"
+    model.mkdir(parents=True)
+    err = await spawn_refusal(channel, model_path=str(model), backend="cpu", slots=slots)
+    assert err.code == "INVALID_ARGUMENT" and err.details["field"] == "slots"
+    assert "between 1 and 256" in err.message
 
 
 async def test_unknown_worker_ids_are_not_found(hive):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -69,19 +71,28 @@ async def test_rbee_error_survives_the_wire(err):
         )
 
 
-async def test_unexpected_exception_becomes_internal_without_traceback():
+async def test_unexpected_exception_becomes_internal_with_an_id_and_no_exception_text(caplog):
+    """The reply says that an internal error happened, its id and where the
+    log is; the exception's text (paths, data of the node) stays in the log."""
+
     class Broken(FakeEngine):
         def encode(self, prompt, raw_prompt):
-            raise ZeroDivisionError("division by zero")
+            raise PermissionError(13, "Permission denied", "/proc/1/cwd")
 
+    caplog.set_level(logging.ERROR, logger="rbee.rpc")
     async with worker_harness(Broken()) as h:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await h.collect()
         assert info.value.code() == grpc.StatusCode.INTERNAL
         back = from_rpc_error(info.value)
-        assert back.code == "INTERNAL"
-        assert "ZeroDivisionError" in back.message
-        assert "Traceback" not in back.message
+    assert back.code == "INTERNAL"
+    error_id = back.details["error_id"]
+    assert back.message == f"Internal error (id {error_id}); the details are in {back.details['log']}"
+    reply = " ".join([back.message, *back.details.values(), *back.suggestions, info.value.details() or ""])
+    for leaked in ("PermissionError", "/proc/1/cwd", "Permission denied", "Traceback"):
+        assert leaked not in reply
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert logged and logged[0].exc_info and isinstance(logged[0].exc_info[1], PermissionError)
 
 
 async def test_engine_failure_mid_stream_is_an_internal_status():
@@ -103,8 +114,9 @@ async def test_engine_failure_mid_stream_is_an_internal_status():
         assert got and got[0].delta.token_ids == [7]
         back = from_rpc_error(info.value)
         assert back.code == "INTERNAL"
-        assert "engine core died" in back.message
-        assert back.details["tokens_generated"] == "1"
+        assert back.message.startswith("The engine failed during generation (id ")
+        assert "engine core died" not in back.message and "RuntimeError" not in back.message
+        assert back.details["tokens_generated"] == "1" and back.details["error_id"]
         assert h.servicer.slots_busy == 0
 
 

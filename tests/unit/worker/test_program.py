@@ -91,6 +91,8 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
         (["--port", "7999"], "--model"),
         (["--model", "{tmp}"], "--port"),
         (["--model", "{tmp}", "--port", "7999", "--slots", "0"], "--slots"),
+        (["--model", "{tmp}", "--port", "7999", "--slots", "257"], "--slots: must be between 1 and 256 (got 257)"),
+        (["--model", "{tmp}", "--port", "7999", "--slots", "70000"], "--slots: must be between 1 and 256"),
         (["--model", "{tmp}", "--port", "7999", "--backend", "metal"], "metal"),
         (["--model", "{tmp}", "--port", "7999", "--device", "2"], "INVALID_DEVICE"),
         (["--model", "{tmp}", "--port", "abc"], "--port"),
