@@ -8,6 +8,7 @@ real worker, or no worker at all.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,7 @@ from features.steps.worker_support import (
     SETTLE_S,
     health,
     keeper_exit_code,
+    loading_stage_problem,
     readiness,
     request,
     rpc_error,
@@ -41,11 +43,46 @@ scenarios("worker_lifecycle.feature")
 WS = common_pb2.WorkerState
 
 
+class LoadingFollower:
+    """Follows a worker's StreamLoadingProgress from the moment its server is
+    up, on a thread, recording every message: what 'following the loading'
+    sees, whatever a scenario before it took, with no race against the load."""
+
+    def __init__(self, worker) -> None:
+        self.messages: list[inference_pb2.StreamLoadingProgressResponse] = []
+        self.error: grpc.RpcError | None = None
+        self._thread = threading.Thread(target=self._run, args=(worker,), name="loading-follower", daemon=True)
+        self._thread.start()
+
+    def _run(self, worker) -> None:
+        channel, s = stub(worker)
+        with channel:
+            try:
+                for msg in s.StreamLoadingProgress(
+                    inference_pb2.StreamLoadingProgressRequest(), metadata=worker.metadata, timeout=600, wait_for_ready=True
+                ):
+                    self.messages.append(msg)
+            except grpc.RpcError as err:
+                self.error = err
+
+    def result(self, timeout: float = 600) -> list[inference_pb2.StreamLoadingProgressResponse]:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the loading stream did not end"
+        assert self.error is None, self.error
+        return self.messages
+
+
 @pytest.fixture(scope="module")
-def young_worker(default_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Started without waiting for the model, so the first scenarios see it load."""
+def young(default_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A worker started without waiting for the model, so the first scenarios
+    see it load, and the follower of its loading, attached from the start."""
     with running_worker(default_model, tmp_path_factory.mktemp("lifecycle-worker"), slots=1, wait=False) as worker:
-        yield worker
+        yield worker, LoadingFollower(worker)
+
+
+@pytest.fixture(scope="module")
+def young_worker(young):
+    return young[0]
 
 
 ctx_fixture = pytest.fixture(scenario_state, name="ctx")
@@ -91,22 +128,14 @@ def _refused_loading(worker):
 
 
 @when("I follow its loading progress")
-def _follow(worker, ctx):
-    channel, s = stub(worker)
-    with channel:
-        ctx["loading"] = list(
-            s.StreamLoadingProgress(inference_pb2.StreamLoadingProgressRequest(), metadata=worker.metadata,
-                                    timeout=600, wait_for_ready=True)
-        )
+def _follow(young, ctx):
+    ctx["loading"] = young[1].result()
 
 
 @then("I see loading stages in order, each with how many of how many are done")
 def _stages(ctx):
-    progress = [m.progress for m in ctx["loading"] if m.HasField("progress") and m.progress.stage]
-    done = [p.done for p in progress]
-    assert len({p.stage for p in progress}) >= 2 or len(ctx["loading"]) == 1, progress
-    assert done == sorted(done), done
-    assert all(p.total > 0 and p.done <= p.total for p in progress)
+    problem = loading_stage_problem(ctx["loading"])
+    assert problem is None, problem
 
 
 @then("the last message says the worker is idle")

@@ -11,9 +11,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rbee.errors import RbeeError, from_rpc_error
-from rbee.v1 import inference_pb2, inference_pb2_grpc
+from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from rbee_worker.vllm_engine import STAGES
 from tests.fixtures.worker import WorkerProcess
 
+WS = common_pb2.WorkerState
+# The worker's first stage (before the engine reports any), then the engine's.
+LOADING_STAGES = ("starting", *STAGES)
 PROMPT = "Tell me about the life of a worker bee."
 # Generous bounds for waits on a shared, busy machine; never asserted as speed.
 SETTLE_S = 60.0
@@ -139,3 +143,27 @@ def wait_until(condition, what: str, timeout: float = SETTLE_S, every: float = 0
 
 def slots_free(worker: WorkerProcess) -> bool:
     return readiness(worker).slots_busy == 0
+
+
+def loading_stage_problem(messages) -> str | None:
+    """Why ``messages`` (a StreamLoadingProgress) do not show the loading's
+    stages in order, or None. The stream must have been followed while the
+    worker loaded: a single 'idle' message shows no stages at all."""
+    progress = [m.progress for m in messages if m.HasField("progress") and m.progress.stage]
+    stages = list(dict.fromkeys(p.stage for p in progress))
+    if messages and messages[0].state != WS.WORKER_STATE_LOADING:
+        return f"the stream began in state {WS.Name(messages[0].state)}, not while loading"
+    if len(stages) < 2:
+        return f"fewer than two loading stages: {stages}"
+    unknown = [s for s in stages if s not in LOADING_STAGES]
+    if unknown:
+        return f"stages the worker does not have: {unknown} (known: {LOADING_STAGES})"
+    order = [LOADING_STAGES.index(p.stage) for p in progress]
+    if order != sorted(order):
+        return f"stages out of order: {[p.stage for p in progress]}"
+    done = [p.done for p in progress]
+    if done != sorted(done):
+        return f"done goes backwards: {done}"
+    if not all(p.total > 0 and p.done <= p.total for p in progress):
+        return f"done/total inconsistent: {[(p.done, p.total) for p in progress]}"
+    return None

@@ -60,3 +60,37 @@ def test_logging_config_keeps_vllm_console_output():
     config = logging_config()
     assert config["loggers"]["vllm"]["handlers"] == ["console", "stages"]
     assert config["handlers"]["console"]["stream"] == "ext://sys.stdout"
+
+
+# -- the feature step "I see loading stages in order" ----------------------------
+
+
+def _msg(state, stage="", done=0, total=6):
+    from rbee.v1 import common_pb2, inference_pb2
+
+    progress = common_pb2.ProgressEvent(stage=stage, done=done, total=total, unit="stages") if stage else None
+    return inference_pb2.StreamLoadingProgressResponse(state=state, progress=progress)
+
+
+def test_the_stages_step_requires_stages_really_in_order():
+    """Its old check passed on a single message (a worker already idle), so
+    it proved nothing about the order; the stream must show the loading."""
+    from features.steps.worker_support import loading_stage_problem
+    from rbee.v1 import common_pb2
+
+    loading, idle = common_pb2.WORKER_STATE_LOADING, common_pb2.WORKER_STATE_IDLE
+    assert "not while loading" in loading_stage_problem([_msg(idle, "ready", 6)])
+    assert "fewer than two" in loading_stage_problem([_msg(loading, "starting"), _msg(idle, "starting")])
+    assert "out of order" in loading_stage_problem(
+        [_msg(loading, "starting"), _msg(loading, "weights", 3), _msg(loading, "tokenizer", 3), _msg(idle, "ready", 6)]
+    )
+    assert "backwards" in loading_stage_problem(
+        [_msg(loading, "starting", 1), _msg(loading, "starting", 0), _msg(loading, "weights", 3)]
+    )
+    assert "does not have" in loading_stage_problem([_msg(loading, "starting"), _msg(loading, "warp-drive", 2)])
+    good = [
+        _msg(loading, "starting"), _msg(loading, "tokenizer", 0), _msg(loading, "engine_config", 1),
+        _msg(loading, "engine_start", 2), _msg(loading, "weights", 3), _msg(loading, "kv_cache", 4),
+        _msg(loading, "ready", 6), _msg(idle, "ready", 6),
+    ]  # fmt: skip
+    assert loading_stage_problem(good) is None
