@@ -3,8 +3,10 @@
   (a)+(c) bench.engine     worker vs in-process vLLM; 1 vs 16 concurrent streams
   (b)     bench.transport  the worker's stream ceiling with an engine that emits tokens as fast as it can
   (d)     bench.downloads  downloads through the hive vs plain hf_hub_download; resume after a cut
+          bench.ssh_preflight  `setup add-node` and `setup check-node --ssh-only` against sshd on
+                           127.0.0.1, split into keeper start-up, SSH connection setup, remote commands, our code
 
-Pick some with `make bench BENCH_ARGS="transport downloads"`.
+Pick some with `make bench BENCH_ARGS="transport ssh_preflight"`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-ALL = ("transport", "downloads", "engine")
+ALL = ("transport", "downloads", "ssh_preflight", "engine")
 
 
 def main(argv: list[str]) -> int:
