@@ -5,6 +5,8 @@
   (d)     bench.downloads  downloads through the hive vs plain hf_hub_download; resume after a cut
           bench.ssh_preflight  `setup add-node` and `setup check-node --ssh-only` against sshd on
                            127.0.0.1, split into keeper start-up, SSH connection setup, remote commands, our code
+          bench.queen      warm start through the queen (keeper start-up, queen, worker TTFT) vs
+                           straight to the worker; cold-start overhead on top of the engine start
 
 Pick some with `make bench BENCH_ARGS="transport ssh_preflight"`.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-ALL = ("transport", "downloads", "ssh_preflight", "engine")
+ALL = ("transport", "downloads", "ssh_preflight", "queen", "engine")
 
 
 def main(argv: list[str]) -> int:

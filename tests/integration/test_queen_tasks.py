@@ -1,0 +1,182 @@
+"""One inference through the queen (S1, S6.2, S8) with real processes: a
+queen, this machine as a local node whose hive the queen starts, models
+downloaded from the hub-like server, and the stand-in worker program (the real
+contract without an engine; tests/integration/test_queen_engine.py runs the
+real engine). The hive inherits the queen's environment, which is how these
+tests configure it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.fixtures.hive import free_port_block, write_standin_program
+from tests.fixtures.models import hive_env
+from tests.fixtures.queen import QueenProc, kill_node_hives, node_hive_pids
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+REPO = "rbee-test/tiny"
+REF = f"hf:{REPO}"
+FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"\0" * 3_000_000, "tokenizer.json": b"{}"}
+
+
+@pytest.fixture
+def node_env(tmp_path: Path, hub) -> dict[str, str]:
+    hub.add_repo(REPO, FILES)
+    program = write_standin_program(tmp_path / "standin")
+    return hive_env(hub, RBEE_HIVE_WORKER_BINARY=str(program), RBEE_HIVE_WATCH_HEARTBEAT="0.3s", STANDIN_LOAD_S="0.3")
+
+
+async def local_node(queen: QueenProc, home: Path, name: str = "here") -> int:
+    port = free_port_block(1)
+    code, out, err = await queen.keeper("setup", "add-node", "--name", name, "--local", "--rbee-home", str(home), "--hive-port", str(port))
+    assert code == 0, err
+    return port
+
+
+async def infer(queen: QueenProc, node: str = "here", *extra: str, queen_flag: bool = True) -> tuple[int, str, str]:
+    return await queen.keeper("infer", "--node", node, "--model", REF, "--prompt", "hi", "--max-tokens", "3", *extra, queen=queen_flag)
+
+
+async def cluster(queen: QueenProc, *args: str) -> list[dict]:
+    code, out, err = await queen.keeper("workers", "list", "--json", *args)
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+async def until(predicate, timeout: float = 30.0, step: float = 0.2):
+    """Poll ``predicate`` (async) until it returns something truthy; bounded."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await predicate()
+        if value or loop.time() > deadline:
+            return value
+        await asyncio.sleep(step)
+
+
+def worker_pids(home: Path) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if any("standin_worker.py" in c for c in (p.info["cmdline"] or []))
+            and any(str(home) in c for c in (p.info["cmdline"] or []))]  # fmt: skip
+
+
+async def test_unregistered_node(queen: QueenProc) -> None:
+    code, out, err = await infer(queen, "nowhere")
+    assert code == 1 and out == ""
+    assert "NODE_NOT_FOUND" in err and "rbee-keeper setup add-node --name nowhere" in err
+
+
+async def test_cold_start_downloads_then_warm_start_reuses(queen_factory, node_env, hub, tmp_path: Path) -> None:
+    queen = await queen_factory(**node_env)
+    home = tmp_path / "node"
+    try:
+        await local_node(queen, home)
+        code, out, err = await infer(queen)
+        assert code == 0, err
+        assert out == "stand-in\n"
+        for line in ("Task: hf:rbee-test/tiny on here", "Starting rbee-hive on here", "Cold start: no worker serves",
+                     "Hive version 0.1.0 is compatible", "[rbee-hive] 📚 Looking up hf:rbee-test/tiny", "⏬",
+                     "Preflight passed for hf:rbee-test/tiny", "called back", "Cold start: worker"):  # fmt: skip
+            assert line in err, err
+        downloads = len(hub.body_requests())
+        assert downloads >= 1
+        [worker] = await until(lambda: cluster(queen))
+        assert worker["node"] == "here" and worker["model_ref"] == REF and worker["capability"] == "cpu"
+
+        code, out, err = await infer(queen)
+        assert code == 0, err
+        assert "Warm start: worker " + worker["id"] in err and "queen: " in err
+        assert "Starting rbee-hive" not in err and "Cold start" not in err and "⏬" not in err
+        assert len(hub.body_requests()) == downloads
+        assert [w["id"] for w in await cluster(queen)] == [worker["id"]]
+        # Persistent mode: the hive and its worker keep running after the command.
+        assert node_hive_pids(home) and worker_pids(home)
+        # The worker's key opens that worker only: the hive refuses it.
+        assert (home / "hive.key").read_text().strip() not in err
+    finally:
+        kill_node_hives(home)
+
+
+async def test_queen_restart_rebuilds_the_registry_and_stale_workers_are_dropped(queen_factory, node_env, tmp_path: Path) -> None:
+    home = tmp_path / "node"
+    env = {**node_env, "RBEE_QUEEN_WORKER_STALE_AFTER": "2s"}
+    try:
+        first = await queen_factory(name="shared", **env)
+        await local_node(first, home)
+        code, out, err = await infer(first)
+        assert code == 0, err
+        [worker] = await until(lambda: cluster(first))
+        # A crashed queen: its hive and worker stay.
+        first.proc.kill()
+        await first.proc.wait()
+
+        second = await queen_factory(name="shared", **env)
+        rebuilt = await until(lambda: cluster(second))
+        assert [w["id"] for w in rebuilt] == [worker["id"]]
+        assert [w["id"] for w in await cluster(second, "--node", "here", "--capability", "cpu")] == [worker["id"]]
+        assert await cluster(second, "--node", "elsewhere") == []
+
+        # A hive that goes silent (stopped, not dead): its workers leave the registry.
+        [hive_pid] = node_hive_pids(home)
+        psutil.Process(hive_pid).suspend()
+        try:
+            assert await until(lambda: _empty(second), timeout=30)
+            assert "its workers are dropped from the registry" in second.text()
+        finally:
+            psutil.Process(hive_pid).resume()
+        back = await until(lambda: cluster(second), timeout=30)
+        assert [w["id"] for w in back] == [worker["id"]]
+    finally:
+        kill_node_hives(home)
+
+
+async def _empty(queen: QueenProc) -> bool:
+    return await cluster(queen) == []
+
+
+async def test_a_hive_restarted_under_a_running_queen(queen_factory, node_env, tmp_path: Path) -> None:
+    queen = await queen_factory(**node_env)
+    home = tmp_path / "node"
+    try:
+        await local_node(queen, home)
+        code, out, err = await infer(queen)
+        assert code == 0, err
+        [old] = await until(lambda: cluster(queen))
+        kill_node_hives(home)  # the hive dies with its process group
+        for pid in worker_pids(home):
+            psutil.Process(pid).kill()
+        code, out, err = await infer(queen)
+        assert code == 0, err
+        assert "No hive answers" in err and "Starting rbee-hive on here" in err and "Cold start" in err
+        fresh = await until(lambda: _other_than(queen, old["id"]), timeout=30)
+        assert fresh
+    finally:
+        kill_node_hives(home)
+
+
+async def _other_than(queen: QueenProc, worker_id: str) -> list[dict]:
+    return [w for w in await cluster(queen) if w["id"] != worker_id]
+
+
+async def test_ephemeral_queen_cascade_leaves_nothing_running(queen_factory, node_env, tmp_path: Path) -> None:
+    home = tmp_path / "node"
+    try:
+        persistent = await queen_factory(name="eph", **node_env)
+        await local_node(persistent, home)
+        assert await persistent.terminate() == 0  # a registry on disk, nothing running
+        address = persistent.address
+        code, out, err = await persistent.keeper("infer", "--node", "here", "--model", REF, "--prompt", "hi",
+                                                 "--max-tokens", "3", "--queen", address, queen=False, **node_env)  # fmt: skip
+        assert code == 0, err
+        assert out == "stand-in\n"
+        assert f"No queen answers at {address}: starting one for this command" in err
+        assert "Stopping the queen started for this command" in err
+        assert node_hive_pids(home) == [] and worker_pids(home) == []
+        assert not [p for p in psutil.process_iter(["cmdline"]) if f"--port {address.rpartition(':')[2]}" in " ".join(p.info["cmdline"] or [])]
+    finally:
+        kill_node_hives(home)
