@@ -12,12 +12,16 @@ noise hits every figure alike (median of --runs):
   one command            `echo test` on an already open connection: what each
                          remote command of a preflight costs (sshd starts the
                          user's login shell for it)
-  rbee-hive --version    the hive program's start-up, run locally (the preflight
-                         runs it on the node to find its version)
+  keeper → queen RPC     `rbee-keeper setup list-nodes --json` less the keeper's
+                         start-up: the keeper's channel, one call, the reply
+  rbee-hive --version,   the hive program's start-up, run locally: the preflight
+  rbee-hive detect       runs the first on the node to find the hive's version,
+                         add-node the second to record backends
 
-Each keeper command's time is then split into keeper start-up, SSH connect +
-auth, its remote commands (how many: counted in sshd's log, not assumed) and
-the rest: the queen's own work and the gRPC hops between the programs.
+Each keeper command's time is then split into keeper start-up, the keeper →
+queen RPC, SSH connect + auth, its remote commands (how many: counted in
+sshd's log, not assumed; each costs one `echo test` on an open connection),
+the hive program's own runs on the node, and the rest: the queen's own work.
 
 The node is this machine through sshd: "rbee installed" is an install path
 whose .venv is this checkout's (the same programs an install puts there).
@@ -40,17 +44,24 @@ import asyncssh
 
 from tests.fixtures.common import VENV_BIN, proc_env
 from tests.fixtures.queen import KEEPER_BIN, QueenProc, start_queen
-from tests.fixtures.ssh import SshdNode, make_ssh_keys, running_sshd
+from tests.fixtures.ssh import SshdNode, free_port, make_ssh_keys, running_sshd
 
 SESSION_MARK = "Starting session: command"
-BLOCKS = ("keeper", "connect", "connect_echo", "exec", "hive_version")
+BLOCKS = ("keeper", "list_nodes", "connect", "connect_echo", "exec", "hive_version", "hive_detect")
 BLOCK_LABELS = {
     "keeper": "rbee-keeper --version (keeper start-up)",
+    "list_nodes": "rbee-keeper setup list-nodes --json (+ one RPC)",
     "connect": "asyncssh connect + auth",
     "connect_echo": "asyncssh connect + auth + `echo test`",
     "exec": "`echo test` on an open connection (one command)",
     "hive_version": "rbee-hive --version, run locally",
+    "hive_detect": "rbee-hive detect --json, run locally",
 }
+# The hive program runs each command makes on the node (rbee_queen/nodes/manager.py:
+# add-node probes `rbee-hive --version` and, when it runs, `detect --json`;
+# the SSH preflight asks `rbee-hive --version`). Its other remote commands are
+# shell built-ins and coreutils, costed as one `echo test` each.
+PROGRAM_RUNS = {"add_fresh": (), "add_installed": ("hive_version", "hive_detect"), "check_ssh": ("hive_version",)}
 COMMANDS = ("add_fresh", "add_installed", "check_ssh")
 COMMAND_LABELS = {
     "add_fresh": "setup add-node (rbee not installed yet)",
@@ -84,6 +95,8 @@ class Bench:
         self.installed.mkdir(parents=True)
         (self.installed / ".venv").symlink_to(VENV_BIN.parent)
         self.node_home = base / "node-home"
+        # No hive is started: list-nodes' probe of this port is refused at once.
+        self.hive_port = free_port()
         self.sessions: dict[str, int] = {}
 
     # -- building blocks ---------------------------------------------------------------------
@@ -119,6 +132,13 @@ class Bench:
     async def hive_version(self) -> None:
         await _process(str(self.installed / ".venv" / "bin" / "rbee-hive"), "--version")
 
+    async def hive_detect(self) -> None:
+        await _process(str(self.installed / ".venv" / "bin" / "rbee-hive"), "detect", "--json",
+                       env=proc_env(RBEE_HOME=str(self.node_home)))  # fmt: skip
+
+    async def list_nodes(self) -> None:
+        await self.keeper("setup", "list-nodes", "--json")
+
     # -- what the user types -----------------------------------------------------------------
 
     async def keeper(self, *args: str, expect: int = 0) -> None:
@@ -131,6 +151,7 @@ class Bench:
         return [
             "setup", "add-node", "--name", name, "--ssh-host", n.host, "--ssh-port", str(n.port), "--ssh-user", n.user,
             "--ssh-key", str(n.key_path), "--install-path", str(install_path), "--rbee-home", str(self.node_home),
+            "--hive-port", str(self.hive_port),
         ]  # fmt: skip
 
     async def add_fresh(self, run: int) -> None:
@@ -160,9 +181,11 @@ class Bench:
                 warm = run == 0
                 for name, work in (
                     ("keeper", self.keeper_version),
+                    ("list_nodes", self.list_nodes),
                     ("connect", self.connect),
                     ("connect_echo", self.connect_echo),
                     ("hive_version", self.hive_version),
+                    ("hive_detect", self.hive_detect),
                 ):
                     ms = await _timed(work)
                     if not warm:
@@ -204,24 +227,27 @@ def report(result: dict) -> None:
     for name in BLOCKS:
         print(f"{BLOCK_LABELS[name]:<50} {m[name]:>8.1f}")
     print()
-    header = (f"{'what the user waits for':<42} {'ms':>7} {'× bare':>7} {'keeper start':>13} {'SSH conn+auth':>14} "
-              f"{'remote cmds':>17} {'the rest':>13}")  # fmt: skip
+    rpc = m["list_nodes"] - m["keeper"]
+    header = (f"{'what the user waits for':<42} {'ms':>6} {'× bare':>7} {'keeper start':>13} {'keeper→queen':>13} "
+              f"{'SSH conn+auth':>13} {'remote cmds':>16} {'hive program':>13} {'the rest':>13}")  # fmt: skip
     print(header)
     for name in COMMANDS:
         total = m[name]
         n = result["sessions"].get(name, 0)
-        parts = {"keeper": m["keeper"], "connect": m["connect"], "remote": n * m["exec"]}
-        rest = total - sum(parts.values())
+        programs = sum(m[p] for p in PROGRAM_RUNS[name])
+        parts = [m["keeper"], rpc, m["connect"], n * m["exec"], programs]
+        rest = total - sum(parts)
 
         def share(ms: float) -> str:
             return f"{ms:>5.0f} ({ms / total:>4.0%})"
 
-        print(
-            f"{COMMAND_LABELS[name]:<42} {total:>7.0f} {total / m['connect_echo']:>6.1f}x {share(parts['keeper']):>13} "
-            f"{share(parts['connect']):>14} {f'{n}x ' + share(parts['remote']):>17} {share(rest):>13}"
-        )
+        cells = [share(p) for p in parts]
+        cells[3] = f"{n}x " + cells[3]
+        print(f"{COMMAND_LABELS[name]:<42} {total:>6.0f} {total / m['connect_echo']:>6.1f}x "
+              + " ".join(f"{c:>{w}}" for c, w in zip([*cells, share(rest)], (13, 13, 13, 16, 13, 13))))  # fmt: skip
     print("× bare: the command's time over a bare asyncssh connect + auth + `echo test`.")
-    print("remote cmds: commands sshd started for it (counted in its log) × one command's time on an open connection.")
+    print("keeper→queen: list-nodes --json less --version. remote cmds: sessions sshd started for the command (its log)")
+    print("× one `echo test` on an open connection. hive program: its runs on the node, timed locally. the rest: the queen.")
 
 
 def main(argv: list[str] | None = None) -> dict:
