@@ -141,9 +141,9 @@ class NodeManager:
             record.ssh_port = req.ssh_port or DEFAULT_SSH_PORT
             record.ssh_user = req.ssh_user.strip()
             record.ssh_key_path = req.ssh_key_path.strip()
-            for field in ("ssh_host", "ssh_user", "ssh_key_path"):
+            for field, option in (("ssh_host", "--ssh-host"), ("ssh_user", "--ssh-user"), ("ssh_key_path", "--ssh-key")):
                 if not getattr(record, field):
-                    raise _invalid(field, f"An SSH node needs --{field.replace('_', '-')}",
+                    raise _invalid(field, f"An SSH node needs {option}",
                                    "Or register this machine with --local")  # fmt: skip
             if not 1 <= record.ssh_port <= 65535:
                 raise _invalid("ssh_port", f"SSH port {record.ssh_port} is outside 1-65535")
