@@ -135,7 +135,7 @@ Feature: The queen keeps a registry of nodes and reaches them over SSH
     When I update node "box" with its SSH port, trusting its host key
     Then the keeper refuses with SSH_HOST_KEY_CHANGED and the message "has changed"
     And the queen's known_hosts file is unchanged
-    And node "box" is registered as unreachable with last error "SSH_HOST_KEY_CHANGED"
+    And node "box" keeps its status with last error "SSH_HOST_KEY_CHANGED"
 
   Scenario: check-node starts the node's hive over OpenSSH and passes the hive preflight; remove-node stops that hive
     Given OpenSSH's sshd on 127.0.0.1 where rbee is installed, whose host key the queen knows

@@ -76,7 +76,7 @@ def build_context(
     logbook = LogBook(settings.logs_dir)
     narrate.add_sink(lambda ev: logbook.write(HIVE_SOURCE, format_line(ev)))
     resources = resources or resource_source(settings.resource_overrides)
-    registry = Registry()
+    registry = Registry(settings.watch_heartbeat.total_seconds())
     holder: dict[str, HiveContext] = {}
     manager = WorkerManager(
         settings,

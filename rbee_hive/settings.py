@@ -46,6 +46,10 @@ class HiveSettings(BaseSettings):
     # How long a spawn waits for the worker's first callback (its server is up).
     callback_timeout: timedelta = timedelta(seconds=120)
 
+    # WatchWorkers (the queen's view of this hive): a heartbeat this often
+    # while nothing changes.
+    watch_heartbeat: timedelta = timedelta(seconds=10)
+
     # Supervision (S8)
     health_interval: timedelta = timedelta(seconds=30)
     health_timeout: timedelta = timedelta(seconds=5)
@@ -79,7 +83,7 @@ class HiveSettings(BaseSettings):
         return value
 
     @field_validator(
-        "startup_window", "callback_timeout", "health_interval", "health_timeout", "idle_timeout",
+        "startup_window", "callback_timeout", "health_interval", "watch_heartbeat", "health_timeout", "idle_timeout",
         "shutdown_grace", "kill_wait", mode="before",
     )  # fmt: skip
     @classmethod

@@ -19,6 +19,7 @@ from rbee.channel import SERVER_OPTIONS
 from rbee.config import API_VERSION, VERSION
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
+from rbee.rpc import set_log_location
 from rbee.v1 import nodes_pb2_grpc, tasks_pb2_grpc
 
 from rbee_queen.hives import stop_hive
@@ -129,6 +130,7 @@ async def serve(settings: QueenSettings) -> int:
     os.chmod(settings.rbee_home, 0o700)
     settings.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_file = open(settings.logs_dir / "queen.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the daemon
+    set_log_location(str(settings.logs_dir / "queen.log"))
     narrator = Narrator(ACTOR, _Tee(sys.stdout, log_file))
     handler = logging.StreamHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

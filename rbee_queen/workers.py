@@ -69,14 +69,20 @@ class ClusterWorkers:
         entry = self._nodes.get(node)
         return (entry.instance, entry.seq) if entry else ("", 0)
 
-    def apply(self, node: str, hive_address: str, msg: registry_pb2.WatchWorkersResponse) -> None:
+    def apply(self, node: str, hive_address: str, msg: registry_pb2.WatchWorkersResponse) -> bool:
+        """Apply one message; False when it cannot be applied to what is known
+        (another hive instance, or the node was swept meanwhile): the caller
+        reconnects for a snapshot."""
         entry = self._nodes.setdefault(node, NodeWorkers(hive_address))
         entry.hive_address = hive_address
         entry.last_heard = time.monotonic()
         entry.last_heard_unix_ms = int(time.time() * 1000)
-        if msg.hive_instance != entry.instance:
-            entry.workers.clear()  # another hive process: what we knew is void
-            entry.instance = msg.hive_instance
+        if msg.hive_instance != entry.instance and not msg.snapshot:
+            entry.workers.clear()  # another hive process, or swept: what we knew is void
+            entry.instance, entry.seq = "", 0
+            self.changed.set()
+            return False
+        entry.instance = msg.hive_instance
         if msg.snapshot:
             entry.workers = {w.id: w for w in msg.workers}
         else:
@@ -86,6 +92,7 @@ class ClusterWorkers:
                 entry.workers.pop(msg.removed_id, None)
         entry.seq = max(entry.seq, msg.seq) if not msg.snapshot else msg.seq
         self.changed.set()
+        return True
 
     def forget(self, node: str) -> None:
         self._nodes.pop(node, None)
@@ -187,7 +194,8 @@ class HiveWatchers:
                         was_connected = True
                         log.info("following the workers of %s at %s", name, record.hive_address)
                     delay = 0.5
-                    self.registry.apply(name, record.hive_address, msg)
+                    if not self.registry.apply(name, record.hive_address, msg):
+                        break  # reconnect: the resume point is void, a snapshot follows
             except grpc.RpcError as err:
                 if was_connected:
                     log.info("lost the worker stream of %s: %s", name, err.code())

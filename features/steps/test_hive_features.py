@@ -308,7 +308,7 @@ def _tokens(ctx):
         msgs = list(
             stub.Generate(
                 inference_pb2.GenerateRequest(prompt="Say hello.", max_tokens=5, temperature=0),
-                metadata=auth_metadata(HIVE_KEY),
+                metadata=auth_metadata(ctx["spawn"].worker_api_key),
                 timeout=120,
             )
         )

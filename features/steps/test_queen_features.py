@@ -314,6 +314,12 @@ def _reachable_now(world, name):
     assert time.time() - node["last_connected_unix"] < 60, node
 
 
+@then(parsers.parse('node "{name}" keeps its status with last error "{code}"'))
+def _answered_but_refused(world, name, code):
+    node = _node(world, name)
+    assert node["status"] == "reachable" and node["last_error"].startswith(f"{code}: "), node
+
+
 @then(parsers.parse('node "{name}" is registered as unreachable with last error "{code}"'))
 def _unreachable(world, name, code):
     node = _node(world, name)

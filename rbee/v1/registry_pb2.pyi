@@ -84,7 +84,9 @@ class SpawnWorkerRequest(_message.Message):
     slots: _builtins.int
     """Request slots of the worker (0 = the worker's default, at most 256)."""
     worker_api_key: _builtins.str
-    """Key the worker will require from its clients; empty = the hive's own key."""
+    """Key the worker will require from its clients; empty = a new key the hive
+    generates for this worker alone (returned in the response).
+    """
     def __init__(
         self,
         *,
@@ -109,8 +111,11 @@ class SpawnWorkerResponse(_message.Message):
 
     WORKER_FIELD_NUMBER: _builtins.int
     LOG_PATH_FIELD_NUMBER: _builtins.int
+    WORKER_API_KEY_FIELD_NUMBER: _builtins.int
     log_path: _builtins.str
     """Where the worker's stdout/stderr go on the node."""
+    worker_api_key: _builtins.str
+    """The key the worker's inference service requires (only this worker's)."""
     @_builtins.property
     def worker(self) -> _common_pb2.WorkerInfo: ...
     def __init__(
@@ -118,14 +123,203 @@ class SpawnWorkerResponse(_message.Message):
         *,
         worker: _common_pb2.WorkerInfo | None = ...,
         log_path: _builtins.str = ...,
+        worker_api_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["worker", b"worker"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_path", b"log_path", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_path", b"log_path", "worker", b"worker", "worker_api_key", b"worker_api_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SpawnWorkerResponse: _TypeAlias = SpawnWorkerResponse  # noqa: Y015
+
+@_typing.final
+class StartWorkerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_REF_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    model_ref: _builtins.str
+    """hf:ORG/REPO[/FILE][@REV] or file:///abs/path."""
+    backend: _builtins.str
+    """"cpu", "cuda" or "metal"; "" = cpu."""
+    device: _builtins.int
+    slots: _builtins.int
+    """Request slots (0 = the worker's default, at most 256)."""
+    def __init__(
+        self,
+        *,
+        model_ref: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        device: _builtins.int = ...,
+        slots: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "model_ref", b"model_ref", "slots", b"slots"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartWorkerRequest: _TypeAlias = StartWorkerRequest  # noqa: Y015
+
+@_typing.final
+class WorkerAccess(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_FIELD_NUMBER: _builtins.int
+    API_KEY_FIELD_NUMBER: _builtins.int
+    api_key: _builtins.str
+    """Valid for this worker's inference service only."""
+    @_builtins.property
+    def worker(self) -> _common_pb2.WorkerInfo: ...
+    def __init__(
+        self,
+        *,
+        worker: _common_pb2.WorkerInfo | None = ...,
+        api_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["worker", b"worker"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerAccess: _TypeAlias = WorkerAccess  # noqa: Y015
+
+@_typing.final
+class StartWorkerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> _common_pb2.Event: ...
+    @_builtins.property
+    def started(self) -> Global___WorkerAccess:
+        """The last message: the worker, registered and loading."""
+
+    def __init__(
+        self,
+        *,
+        event: _common_pb2.Event | None = ...,
+        started: Global___WorkerAccess | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "kind", b"kind", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "kind", b"kind", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["event", "started"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___StartWorkerResponse: _TypeAlias = StartWorkerResponse  # noqa: Y015
+
+@_typing.final
+class GetWorkerAccessRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWorkerAccessRequest: _TypeAlias = GetWorkerAccessRequest  # noqa: Y015
+
+@_typing.final
+class GetWorkerAccessResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCESS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def access(self) -> Global___WorkerAccess: ...
+    def __init__(
+        self,
+        *,
+        access: Global___WorkerAccess | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access", b"access"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWorkerAccessResponse: _TypeAlias = GetWorkerAccessResponse  # noqa: Y015
+
+@_typing.final
+class WatchWorkersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HIVE_INSTANCE_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    hive_instance: _builtins.str
+    """The hive_instance of the last message seen ("" = none: start with a snapshot)."""
+    after_seq: _builtins.int
+    """The seq of the last message seen."""
+    def __init__(
+        self,
+        *,
+        hive_instance: _builtins.str = ...,
+        after_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "hive_instance", b"hive_instance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchWorkersRequest: _TypeAlias = WatchWorkersRequest  # noqa: Y015
+
+@_typing.final
+class WatchWorkersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HIVE_INSTANCE_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    REMOVED_ID_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    hive_instance: _builtins.str
+    """Changes when the hive restarts: a resume point of another instance is void."""
+    seq: _builtins.int
+    """Increases by one per change; a heartbeat repeats the last one."""
+    snapshot: _builtins.bool
+    """True: workers is the whole registry, replacing what the client knew."""
+    removed_id: _builtins.str
+    """Set when a worker left the registry."""
+    heartbeat: _builtins.bool
+    """Nothing changed; the hive is alive."""
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.WorkerInfo]:
+        """The snapshot, or the one worker that was added or changed."""
+
+    def __init__(
+        self,
+        *,
+        hive_instance: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        snapshot: _builtins.bool = ...,
+        workers: _abc.Iterable[_common_pb2.WorkerInfo] | None = ...,
+        removed_id: _builtins.str = ...,
+        heartbeat: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "hive_instance", b"hive_instance", "removed_id", b"removed_id", "seq", b"seq", "snapshot", b"snapshot", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchWorkersResponse: _TypeAlias = WatchWorkersResponse  # noqa: Y015
 
 @_typing.final
 class FollowWorkerRequest(_message.Message):

@@ -146,6 +146,21 @@ class HiveWorkerServiceStub:
                 request_serializer=rbee_dot_v1_dot_registry__pb2.ShutdownWorkerRequest.SerializeToString,
                 response_deserializer=rbee_dot_v1_dot_registry__pb2.ShutdownWorkerResponse.FromString,
                 _registered_method=True)
+        self.StartWorker = channel.unary_stream(
+                '/rbee.v1.HiveWorkerService/StartWorker',
+                request_serializer=rbee_dot_v1_dot_registry__pb2.StartWorkerRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_registry__pb2.StartWorkerResponse.FromString,
+                _registered_method=True)
+        self.GetWorkerAccess = channel.unary_unary(
+                '/rbee.v1.HiveWorkerService/GetWorkerAccess',
+                request_serializer=rbee_dot_v1_dot_registry__pb2.GetWorkerAccessRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_registry__pb2.GetWorkerAccessResponse.FromString,
+                _registered_method=True)
+        self.WatchWorkers = channel.unary_stream(
+                '/rbee.v1.HiveWorkerService/WatchWorkers',
+                request_serializer=rbee_dot_v1_dot_registry__pb2.WatchWorkersRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_registry__pb2.WatchWorkersResponse.FromString,
+                _registered_method=True)
         self.StreamLogs = channel.unary_stream(
                 '/rbee.v1.HiveWorkerService/StreamLogs',
                 request_serializer=rbee_dot_v1_dot_registry__pb2.StreamLogsRequest.SerializeToString,
@@ -214,6 +229,36 @@ class HiveWorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartWorker(self, request, context):
+        """The S1 flow on this node from a model reference: catalog lookup, download
+        (progress relayed) and registration, import for the backend where needed,
+        worker environment, resource preflight, spawn with a new per-worker key.
+        Narration and progress as they happen, then one message with the worker
+        (state LOADING) and its key. Errors as SpawnWorker's and DownloadModel's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWorkerAccess(self, request, context):
+        """A registered worker and the key its inference service requires (for the
+        queen to hand to the keeper that gets this worker).
+        Fails with: NOT_FOUND (WORKER_NOT_FOUND), UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchWorkers(self, request, context):
+        """The registry's changes as a stream: a snapshot of every worker (or, when
+        hive_instance matches and after_seq is still held, only the changes after
+        it), then each change, and a heartbeat every 10 s while nothing changes.
+        Never ends by itself. Fails with: UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StreamLogs(self, request, context):
         """Lines of the node's logs (the hive's own and its workers'), the last
         tail_lines of each, then new lines while follow is set, until cancelled.
@@ -250,6 +295,21 @@ def add_HiveWorkerServiceServicer_to_server(servicer, server):
                     servicer.ShutdownWorker,
                     request_deserializer=rbee_dot_v1_dot_registry__pb2.ShutdownWorkerRequest.FromString,
                     response_serializer=rbee_dot_v1_dot_registry__pb2.ShutdownWorkerResponse.SerializeToString,
+            ),
+            'StartWorker': grpc.unary_stream_rpc_method_handler(
+                    servicer.StartWorker,
+                    request_deserializer=rbee_dot_v1_dot_registry__pb2.StartWorkerRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_registry__pb2.StartWorkerResponse.SerializeToString,
+            ),
+            'GetWorkerAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWorkerAccess,
+                    request_deserializer=rbee_dot_v1_dot_registry__pb2.GetWorkerAccessRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_registry__pb2.GetWorkerAccessResponse.SerializeToString,
+            ),
+            'WatchWorkers': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchWorkers,
+                    request_deserializer=rbee_dot_v1_dot_registry__pb2.WatchWorkersRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_registry__pb2.WatchWorkersResponse.SerializeToString,
             ),
             'StreamLogs': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamLogs,
@@ -395,6 +455,87 @@ class HiveWorkerService:
             '/rbee.v1.HiveWorkerService/ShutdownWorker',
             rbee_dot_v1_dot_registry__pb2.ShutdownWorkerRequest.SerializeToString,
             rbee_dot_v1_dot_registry__pb2.ShutdownWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rbee.v1.HiveWorkerService/StartWorker',
+            rbee_dot_v1_dot_registry__pb2.StartWorkerRequest.SerializeToString,
+            rbee_dot_v1_dot_registry__pb2.StartWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWorkerAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rbee.v1.HiveWorkerService/GetWorkerAccess',
+            rbee_dot_v1_dot_registry__pb2.GetWorkerAccessRequest.SerializeToString,
+            rbee_dot_v1_dot_registry__pb2.GetWorkerAccessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rbee.v1.HiveWorkerService/WatchWorkers',
+            rbee_dot_v1_dot_registry__pb2.WatchWorkersRequest.SerializeToString,
+            rbee_dot_v1_dot_registry__pb2.WatchWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -120,6 +120,24 @@ class HiveWorkerServiceStub:
     (bounded), force-kill its process tree otherwise; then removed.
     Fails with: NOT_FOUND (WORKER_NOT_FOUND), UNAUTHENTICATED.
     """
+    StartWorker: _grpc.UnaryStreamMultiCallable[_registry_pb2.StartWorkerRequest, _registry_pb2.StartWorkerResponse]
+    """The S1 flow on this node from a model reference: catalog lookup, download
+    (progress relayed) and registration, import for the backend where needed,
+    worker environment, resource preflight, spawn with a new per-worker key.
+    Narration and progress as they happen, then one message with the worker
+    (state LOADING) and its key. Errors as SpawnWorker's and DownloadModel's.
+    """
+    GetWorkerAccess: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetWorkerAccessRequest, _registry_pb2.GetWorkerAccessResponse]
+    """A registered worker and the key its inference service requires (for the
+    queen to hand to the keeper that gets this worker).
+    Fails with: NOT_FOUND (WORKER_NOT_FOUND), UNAUTHENTICATED.
+    """
+    WatchWorkers: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchWorkersRequest, _registry_pb2.WatchWorkersResponse]
+    """The registry's changes as a stream: a snapshot of every worker (or, when
+    hive_instance matches and after_seq is still held, only the changes after
+    it), then each change, and a heartbeat every 10 s while nothing changes.
+    Never ends by itself. Fails with: UNAUTHENTICATED.
+    """
     StreamLogs: _grpc.UnaryStreamMultiCallable[_registry_pb2.StreamLogsRequest, _registry_pb2.StreamLogsResponse]
     """Lines of the node's logs (the hive's own and its workers'), the last
     tail_lines of each, then new lines while follow is set, until cancelled.
@@ -168,6 +186,24 @@ class HiveWorkerServiceAsyncStub(HiveWorkerServiceStub):
     """Graceful shutdown of one worker: Shutdown RPC, wait for it to exit
     (bounded), force-kill its process tree otherwise; then removed.
     Fails with: NOT_FOUND (WORKER_NOT_FOUND), UNAUTHENTICATED.
+    """
+    StartWorker: _aio.UnaryStreamMultiCallable[_registry_pb2.StartWorkerRequest, _registry_pb2.StartWorkerResponse]  # type: ignore[assignment]
+    """The S1 flow on this node from a model reference: catalog lookup, download
+    (progress relayed) and registration, import for the backend where needed,
+    worker environment, resource preflight, spawn with a new per-worker key.
+    Narration and progress as they happen, then one message with the worker
+    (state LOADING) and its key. Errors as SpawnWorker's and DownloadModel's.
+    """
+    GetWorkerAccess: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetWorkerAccessRequest, _registry_pb2.GetWorkerAccessResponse]  # type: ignore[assignment]
+    """A registered worker and the key its inference service requires (for the
+    queen to hand to the keeper that gets this worker).
+    Fails with: NOT_FOUND (WORKER_NOT_FOUND), UNAUTHENTICATED.
+    """
+    WatchWorkers: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchWorkersRequest, _registry_pb2.WatchWorkersResponse]  # type: ignore[assignment]
+    """The registry's changes as a stream: a snapshot of every worker (or, when
+    hive_instance matches and after_seq is still held, only the changes after
+    it), then each change, and a heartbeat every 10 s while nothing changes.
+    Never ends by itself. Fails with: UNAUTHENTICATED.
     """
     StreamLogs: _aio.UnaryStreamMultiCallable[_registry_pb2.StreamLogsRequest, _registry_pb2.StreamLogsResponse]  # type: ignore[assignment]
     """Lines of the node's logs (the hive's own and its workers'), the last
@@ -244,6 +280,42 @@ class HiveWorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Graceful shutdown of one worker: Shutdown RPC, wait for it to exit
         (bounded), force-kill its process tree otherwise; then removed.
         Fails with: NOT_FOUND (WORKER_NOT_FOUND), UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def StartWorker(
+        self,
+        request: _registry_pb2.StartWorkerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_registry_pb2.StartWorkerResponse], _abc.AsyncIterator[_registry_pb2.StartWorkerResponse]]:
+        """The S1 flow on this node from a model reference: catalog lookup, download
+        (progress relayed) and registration, import for the backend where needed,
+        worker environment, resource preflight, spawn with a new per-worker key.
+        Narration and progress as they happen, then one message with the worker
+        (state LOADING) and its key. Errors as SpawnWorker's and DownloadModel's.
+        """
+
+    @_abc_1.abstractmethod
+    def GetWorkerAccess(
+        self,
+        request: _registry_pb2.GetWorkerAccessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.GetWorkerAccessResponse, _abc.Awaitable[_registry_pb2.GetWorkerAccessResponse]]:
+        """A registered worker and the key its inference service requires (for the
+        queen to hand to the keeper that gets this worker).
+        Fails with: NOT_FOUND (WORKER_NOT_FOUND), UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchWorkers(
+        self,
+        request: _registry_pb2.WatchWorkersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_registry_pb2.WatchWorkersResponse], _abc.AsyncIterator[_registry_pb2.WatchWorkersResponse]]:
+        """The registry's changes as a stream: a snapshot of every worker (or, when
+        hive_instance matches and after_seq is still held, only the changes after
+        it), then each change, and a heartbeat every 10 s while nothing changes.
+        Never ends by itself. Fails with: UNAUTHENTICATED.
         """
 
     @_abc_1.abstractmethod

@@ -14,6 +14,7 @@ from rbee.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from rbee_hive.context import HiveContext
 from rbee_hive.logbook import HIVE_SOURCE
 from rbee_hive.workers.manager import SpawnSpec
+from rbee_hive.workers.start import start_worker
 
 DEFAULT_TAIL = 50
 
@@ -36,7 +37,38 @@ class HiveWorkerServicer(registry_pb2_grpc.HiveWorkerServiceServicer):
         # The spawn goes on even if the caller goes away: a half-started
         # worker must end up registered or cleaned up, never orphaned.
         record = await asyncio.shield(self._manager.spawn(spec))
-        return registry_pb2.SpawnWorkerResponse(worker=record.to_proto(), log_path=str(record.log_path))
+        return registry_pb2.SpawnWorkerResponse(worker=record.to_proto(), log_path=str(record.log_path), worker_api_key=record.api_key)
+
+    @handle_errors
+    async def StartWorker(self, request, context: grpc.aio.ServicerContext) -> AsyncIterator[registry_pb2.StartWorkerResponse]:
+        queue: asyncio.Queue = asyncio.Queue()
+        provisioning = getattr(self._ctx, "provisioning", None)
+        work = asyncio.ensure_future(
+            start_worker(self._manager, provisioning.models if provisioning else None, request, queue.put_nowait)
+        )
+        work.add_done_callback(lambda _t: queue.put_nowait(None))
+        try:
+            while (item := await queue.get()) is not None:
+                yield registry_pb2.StartWorkerResponse(event=item)
+            while not queue.empty():
+                item = queue.get_nowait()
+                if item is not None:
+                    yield registry_pb2.StartWorkerResponse(event=item)
+            record = work.result()
+            yield registry_pb2.StartWorkerResponse(started=registry_pb2.WorkerAccess(worker=record.to_proto(), api_key=record.api_key))
+        finally:
+            if not work.done():
+                work.cancel()
+
+    @handle_errors
+    async def GetWorkerAccess(self, request, context: grpc.aio.ServicerContext) -> registry_pb2.GetWorkerAccessResponse:
+        record = self._manager.require(request.worker_id)
+        return registry_pb2.GetWorkerAccessResponse(access=registry_pb2.WorkerAccess(worker=record.to_proto(), api_key=record.api_key))
+
+    @handle_errors
+    async def WatchWorkers(self, request, context: grpc.aio.ServicerContext) -> AsyncIterator[registry_pb2.WatchWorkersResponse]:
+        async for msg in self._ctx.registry.feed.watch(request.hive_instance, request.after_seq):
+            yield msg
 
     @handle_errors
     async def FollowWorker(self, request, context: grpc.aio.ServicerContext) -> AsyncIterator[registry_pb2.FollowWorkerResponse]:

@@ -57,6 +57,10 @@ class EventLog:
         self._error = error
         asyncio.get_running_loop().create_task(self._notify())
 
+    def history(self) -> list[registry_pb2.FollowWorkerResponse]:
+        """Everything logged so far."""
+        return list(self._items)
+
     async def follow(self) -> AsyncIterator[registry_pb2.FollowWorkerResponse]:
         sent = 0
         while True:

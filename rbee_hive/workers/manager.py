@@ -175,7 +175,8 @@ class WorkerManager:
             model_path=model_path,
             backend=spec.backend,
             device=spec.device,
-            api_key=spec.worker_api_key or (self.settings.api_key_value() or ""),
+            # Each worker its own key: whoever may use it may use nothing else (S13).
+            api_key=spec.worker_api_key or new_api_key(),
             callback_key=new_api_key(),
             log_path=self.logbook.path_for(worker_id),
             events=EventLog(),
@@ -385,7 +386,7 @@ class WorkerManager:
             why = f": {failure.code}: {failure.message}" if failure else ""
             self._say(record, "❌", f"{record.id} reports that loading failed{why}", "error")
             self._spawn_task(self._reap_failed(record))
-        self.registry.changed.set()
+        self.registry.updated(record)
 
     async def _reap_failed(self, record: WorkerRecord) -> None:
         """A worker that reported FAILED should exit by itself; make sure it does."""

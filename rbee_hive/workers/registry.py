@@ -13,6 +13,7 @@ from rbee.errors import RbeeError
 from rbee.v1 import common_pb2
 
 from rbee_hive.workers.events import EventLog
+from rbee_hive.workers.feed import HEARTBEAT_S, ChangeFeed
 from rbee_hive.workers.process import WorkerProcess
 
 State = common_pb2.WorkerState
@@ -82,10 +83,12 @@ class WorkerRecord:
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, heartbeat_s: float = HEARTBEAT_S) -> None:
         self._workers: dict[str, WorkerRecord] = {}
         # Set on every change, so the idle timer sleeps until something happens.
         self.changed = asyncio.Event()
+        # Every change as a stream with a resume point (WatchWorkers).
+        self.feed = ChangeFeed(lambda: [w.to_proto() for w in self._workers.values()], heartbeat_s)
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -96,6 +99,13 @@ class Registry:
     def add(self, record: WorkerRecord) -> None:
         self._workers[record.id] = record
         self.changed.set()
+        self.feed.upsert(record.to_proto())
+
+    def updated(self, record: WorkerRecord) -> None:
+        """A registered worker's state, slots or activity changed."""
+        self.changed.set()
+        if record.id in self._workers:
+            self.feed.upsert(record.to_proto())
 
     def get(self, worker_id: str) -> WorkerRecord | None:
         return self._workers.get(worker_id)
@@ -103,6 +113,8 @@ class Registry:
     def remove(self, worker_id: str) -> WorkerRecord | None:
         record = self._workers.pop(worker_id, None)
         self.changed.set()
+        if record is not None:
+            self.feed.removed(worker_id)
         return record
 
     def all(self) -> list[WorkerRecord]:
@@ -120,6 +132,8 @@ class Registry:
         records = list(self._workers.values())
         self._workers.clear()
         self.changed.set()
+        for record in records:
+            self.feed.removed(record.id)
         return records
 
     def ports(self) -> Iterable[int]:

@@ -71,6 +71,7 @@ def infer(
     api_key: str = typer.Option(None, "--api-key", help="Queen mode: the queen's key (else RBEE_QUEEN_API_KEY, config, $RBEE_HOME/queen.key). Direct mode: the worker's key (else $RBEE_API_KEY, then the config file)."),
     node: str = typer.Option(None, "--node", help="Node to run on (queen mode; see `rbee-keeper setup list-nodes`)."),
     model: str = typer.Option(None, "--model", "-m", help="Model reference, hf:ORG/REPO or file:///path on the node (queen mode)."),
+    slots: int = typer.Option(0, "--slots", min=0, max=256, help="Queen mode: request slots of a worker started for this task (0 = the worker's default)."),
     queen: str = typer.Option(LOCAL_QUEEN, "--queen", metavar="HOST:PORT", help="The queen (queen mode); one is started for this command when none answers on this machine."),
     backend: str = typer.Option(None, "--backend", help="cpu, cuda or metal; with --worker, checked against the worker."),
     device: str = typer.Option(None, "--device", metavar="N", help="Device index; with --worker, checked against the worker."),
@@ -83,7 +84,7 @@ def infer(
     run(
         _infer(
             prompt, max_tokens, temperature, top_p, top_k, seed, tuple(stop), raw_prompt,
-            worker, api_key, node, model, queen, backend, device, ignore_eos,
+            worker, api_key, node, model, queen, slots, backend, device, ignore_eos,
             stall_timeout, loading_timeout, connect_timeout,
         )
     )
@@ -103,6 +104,7 @@ async def _infer(
     node: str | None,
     model: str | None,
     queen: str,
+    slots: int,
     backend: str | None,
     device: str | None,
     ignore_eos: bool,
@@ -124,7 +126,7 @@ async def _infer(
         stall_s=_timeout("--stall-timeout", stall_timeout, defaults.stall_s),
     )
     if worker is None:
-        return await _infer_with_queen(args, node, model, queen, api_key, backend_name, device_index, timeouts)
+        return await _infer_with_queen(args, node, model, queen, api_key, backend_name, device_index, timeouts, slots)
     address = validate_address(worker)
     key, key_source = resolve_api_key(api_key, address)
 
@@ -152,7 +154,7 @@ async def _infer(
 
 
 async def _infer_with_queen(args, node: str | None, model: str | None, queen: str, api_key: str | None,
-                            backend: str | None, device: int | None, timeouts: Timeouts) -> int:  # fmt: skip
+                            backend: str | None, device: int | None, timeouts: Timeouts, slots: int = 0) -> int:  # fmt: skip
     missing = [name for name, value in (("--node", node), ("--model", model)) if not value]
     if missing:
         raise RbeeError(
@@ -166,7 +168,7 @@ async def _infer_with_queen(args, node: str | None, model: str | None, queen: st
     from rbee_keeper.queen_mode import run_with_queen
 
     narrate = narrator()
-    request = tasks_pb2.SubmitInferenceRequest(node=node, model_ref=model, backend=backend or "cpu", device=device or 0)
+    request = tasks_pb2.SubmitInferenceRequest(node=node, model_ref=model, backend=backend or "cpu", device=device or 0, slots=slots)
 
     async def use_worker(assignment) -> int:
         interrupts = Interrupts(narrate)

@@ -91,19 +91,24 @@ class NodeManager:
 
     async def _connect(self, record: NodeRecord, relay: EventRelay, trust_host_key: bool = False,
                        saved: bool = True) -> NodeTransport:  # fmt: skip
-        """An open transport, with reachable/authenticated reported; a failure
-        is recorded on a saved node (status unreachable, last_error)."""
+        """An open transport, with reachable/host key/authenticated reported; a
+        failure is recorded on a saved node (last_error; status unreachable
+        when nothing answered)."""
         transport = self.transport(record, relay, trust_host_key)
         try:
             await transport.connect()
         except RbeeError as err:
-            if err.code in ("SSH_AUTH_FAILED",):
+            answered = err.code in ("SSH_AUTH_FAILED", "SSH_HOST_KEY_UNKNOWN", "SSH_HOST_KEY_CHANGED")
+            if answered:
                 relay.check("reachable", True, f"{record.name} is reachable ({transport.target})")
-                relay.check("authenticated", False, err.message)
+                relay.check("host_key" if err.code.startswith("SSH_HOST_KEY") else "authenticated", False, err.message)
             else:
                 relay.check("reachable", False, err.message)
             if saved:
-                self.store.mark_unreachable(record.name, f"{err.code}: {err.message}")
+                if answered:
+                    self.store.update(record.name, last_error=f"{err.code}: {err.message}"[:2000])
+                else:
+                    self.store.mark_unreachable(record.name, f"{err.code}: {err.message}")
             raise
         if not record.is_local:
             relay.check("reachable", True, f"{record.name} is reachable ({transport.target})")

@@ -58,6 +58,7 @@ class Spawned:
     worker: common_pb2.WorkerInfo
     occupied_port: int
     engine_pids: set[int]
+    worker_key: str = ""
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -75,12 +76,13 @@ async def spawned(tmp_path_factory: pytest.TempPathFactory, default_model: Path)
             home=home,
         )  # fmt: skip
         assert result.code == 0, result.stderr
-        worker_id, address = result.stdout.split()
+        worker_id, address, worker_key = result.stdout.split()
+        assert worker_key != HIVE_KEY
         workers = await hive.list()
         assert [w.id for w in workers] == [worker_id]
         hive.remember_tree()
         engine = {p.pid for p in psutil.Process(workers[0].pid).children(recursive=True)}
-        yield Spawned(hive, result, workers[0], hive.worker_ports[0], engine | {workers[0].pid})
+        yield Spawned(hive, result, workers[0], hive.worker_ports[0], engine | {workers[0].pid}, worker_key)
     finally:
         blocker.close()
         await hive.close()
@@ -126,7 +128,7 @@ async def test_tokens_stream_from_the_spawned_worker(spawned: Spawned):
         text, final = [], None
         async for msg in stub.Generate(
             inference_pb2.GenerateRequest(prompt="Name a colour.", max_tokens=6, temperature=0),
-            metadata=auth_metadata(HIVE_KEY),
+            metadata=auth_metadata(spawned.worker_key),
             timeout=120,
         ):
             if msg.HasField("delta"):
