@@ -180,3 +180,47 @@ async def test_ephemeral_queen_cascade_leaves_nothing_running(queen_factory, nod
         assert not [p for p in psutil.process_iter(["cmdline"]) if f"--port {address.rpartition(':')[2]}" in " ".join(p.info["cmdline"] or [])]
     finally:
         kill_node_hives(home)
+
+
+async def test_the_worker_key_opens_that_worker_only(queen_factory, node_env, tmp_path: Path) -> None:
+    """S13: the keeper gets the worker's own key; it is refused by the hive and the queen."""
+    import grpc
+
+    from rbee.auth import auth_metadata
+    from rbee.channel import open_channel
+    from rbee.v1 import inference_pb2, inference_pb2_grpc, nodes_pb2, nodes_pb2_grpc, registry_pb2, registry_pb2_grpc
+    from rbee.v1 import tasks_pb2, tasks_pb2_grpc
+
+    queen = await queen_factory(**node_env)
+    home = tmp_path / "node"
+    try:
+        hive_port = await local_node(queen, home)
+        queen_key = (queen.home / "queen.key").read_text().strip()
+        channel = open_channel(queen.address)
+        try:
+            events = tasks_pb2_grpc.TaskServiceStub(channel).SubmitInference(
+                tasks_pb2.SubmitInferenceRequest(node="here", model_ref=REF), metadata=auth_metadata(queen_key), timeout=120
+            )
+            assigned = [e.assigned async for e in events if e.HasField("assigned")][-1]
+            worker_key = assigned.api_key
+            assert worker_key and worker_key not in (queen_key, (home / "hive.key").read_text().strip())
+            with pytest.raises(grpc.RpcError) as refused:
+                await nodes_pb2_grpc.NodeServiceStub(channel).ListNodes(nodes_pb2.ListNodesRequest(), metadata=auth_metadata(worker_key))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            await channel.close()
+        hive = open_channel(f"127.0.0.1:{hive_port}")
+        worker = open_channel(assigned.worker.address)
+        try:
+            with pytest.raises(grpc.RpcError) as refused:
+                await registry_pb2_grpc.HiveWorkerServiceStub(hive).ListWorkers(registry_pb2.ListWorkersRequest(), metadata=auth_metadata(worker_key))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            ready = await inference_pb2_grpc.InferenceServiceStub(worker).GetReadiness(
+                inference_pb2.GetReadinessRequest(), metadata=auth_metadata(worker_key), timeout=30
+            )
+            assert ready.state
+        finally:
+            await hive.close()
+            await worker.close()
+    finally:
+        kill_node_hives(home)
