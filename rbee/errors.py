@@ -75,6 +75,9 @@ CODES: dict[str, grpc.StatusCode] = {
     "HIVE_UNREACHABLE": S.UNAVAILABLE,
     "WORKER_UNREACHABLE": S.UNAVAILABLE,
     "SSH_CONNECTION_FAILED": S.UNAVAILABLE,
+    # A client gave up connecting to a daemon after its attempts (S9: 3, with
+    # 0/200/400 ms backoff): unreachable, whatever the last attempt's reason.
+    "CONNECTION_TIMEOUT": S.UNAVAILABLE,
     "STREAM_BROKEN": S.UNAVAILABLE,
     # preconditions
     "BACKEND_UNAVAILABLE": S.FAILED_PRECONDITION,

@@ -1,30 +1,97 @@
-"""What keeper's clients of a daemon (a worker, a hive) share: one channel,
-the API key on every call, and failures turned into RbeeError that name the
-daemon and where the key came from."""
+"""What keeper's clients of a daemon (a worker, a hive, the queen) share: one
+channel, connected with retries (S9), the API key on every call, and failures
+turned into RbeeError that name the daemon and where the key came from.
+
+Connecting tries CONNECT_ATTEMPTS times, waiting 200 then 400 ms (with jitter)
+between attempts, each attempt on a fresh channel: a gRPC channel that failed
+once waits out its own reconnect backoff (about a second) before it tries
+again, which would turn a 200 ms retry into a 1 s one. After the last attempt
+the call fails with CONNECTION_TIMEOUT naming the address and the attempts.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Self
 
 import grpc
 
-from rbee.channel import metadata, open_channel
+from rbee.channel import CHANNEL_OPTIONS, metadata
 from rbee.errors import RbeeError, from_rpc_error
+from rbee.retry import backoff_delays
 
 from rbee_keeper.common import explain_auth
 
 CALL_TIMEOUT_S = 30.0
+CONNECT_ATTEMPTS = 3
+CONNECT_BACKOFF_MS = 200
+# How long one attempt may wait for the connection (a host that drops packets).
+CONNECT_ATTEMPT_TIMEOUT_S = 10.0
+
+_C = grpc.ChannelConnectivity
+
+
+def open_channel(address: str) -> grpc.aio.Channel:
+    """rbee's client channel with a subchannel of its own: gRPC shares
+    subchannels between channels by default, and a fresh channel would then
+    inherit the failed one's reconnect backoff."""
+    return grpc.aio.insecure_channel(address, options=(*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)))
+
+
+async def connect_once(channel: grpc.aio.Channel, timeout: float) -> str | None:
+    """Drive ``channel`` to READY: None when it is, else why this attempt failed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    state = channel.get_state(try_to_connect=True)
+    while state is not _C.READY:
+        if state is _C.TRANSIENT_FAILURE:
+            return "connection refused or host unreachable"
+        if state is _C.SHUTDOWN:
+            return "channel closed"
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return f"no connection within {timeout:g}s"
+        try:
+            await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
+        except TimeoutError:
+            return f"no connection within {timeout:g}s"
+        state = channel.get_state(try_to_connect=True)
+    return None
+
+
+def _narrate_retry(line: str) -> None:
+    from rbee_keeper.output import say
+
+    say("⏳", line)
 
 
 class DaemonClient:
+    # What the daemon is called in messages ("the hive at HOST:PORT").
+    what = "the daemon"
+
     def __init__(self, address: str, api_key: str, key_source: str) -> None:
         self.address = address
         self.key_source = key_source
         self._channel = open_channel(address)
         self._md = metadata(api_key)
+        self._connected = False
+        self.attempts = CONNECT_ATTEMPTS
+        # Told about each retry (the keeper narrates it on stderr).
+        self.on_retry: Callable[[str], None] | None = _narrate_retry
+        self._bind(self._channel)
+
+    def _bind(self, channel: grpc.aio.Channel) -> None:
+        """Make the subclass's stubs on ``channel`` (again after a reconnect)."""
 
     async def __aenter__(self) -> Self:
+        # Connected before any stub is used: a retry replaces the channel and
+        # the stubs, so a call must not hold a stub of a channel given up on.
+        try:
+            await self.ensure_connected()
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -32,6 +99,42 @@ class DaemonClient:
 
     async def close(self) -> None:
         await self._channel.close(grace=None)
+
+    async def ensure_connected(self, attempt_timeout: float = CONNECT_ATTEMPT_TIMEOUT_S) -> None:
+        """Connect now (once per client): CONNECT_ATTEMPTS attempts, 200 and
+        400 ms apart (jittered), else CONNECTION_TIMEOUT."""
+        if self._connected:
+            return
+        delays = list(backoff_delays(CONNECT_BACKOFF_MS, self.attempts))
+        reasons: list[str] = []
+        for attempt in range(1, self.attempts + 1):
+            if attempt > 1:
+                await self._channel.close(grace=None)
+                self._channel = open_channel(self.address)
+                self._bind(self._channel)
+            why = await connect_once(self._channel, attempt_timeout)
+            if why is None:
+                self._connected = True
+                return
+            reasons.append(why)
+            if attempt < self.attempts:
+                delay = delays[attempt - 1]
+                if self.on_retry is not None:
+                    self.on_retry(f"{self.address} did not answer ({why}); attempt {attempt + 1} of {self.attempts} in {delay * 1000:.0f} ms")
+                await asyncio.sleep(delay)
+        raise self.connection_timeout(reasons[-1])
+
+    def connection_timeout(self, why: str) -> RbeeError:
+        """A subclass names its daemon and how to start it."""
+        return RbeeError(
+            "CONNECTION_TIMEOUT",
+            f"Cannot reach {self.what} at {self.address} after {self.attempts} attempts ({why})",
+            {"address": self.address, "attempts": self.attempts, "last_error": why},
+            self.unreachable_hints(),
+        )
+
+    def unreachable_hints(self) -> list[str]:
+        return [f"Check that the daemon at {self.address} is running and the address is right"]
 
     def translate(self, err: RbeeError) -> RbeeError:
         """A subclass's chance to name its daemon in a transport failure."""

@@ -22,11 +22,15 @@ from rbee_keeper.validation import validate_hive_address
 
 
 class HiveClient(DaemonClient):
-    def __init__(self, address: str, api_key: str, key_source: str) -> None:
-        super().__init__(address, api_key, key_source)
-        self._workers = registry_pb2_grpc.HiveWorkerServiceStub(self._channel)
-        self._preflight = preflight_pb2_grpc.PreflightServiceStub(self._channel)
-        self._provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(self._channel)
+    what = "the hive"
+
+    def _bind(self, channel) -> None:
+        self._workers = registry_pb2_grpc.HiveWorkerServiceStub(channel)
+        self._preflight = preflight_pb2_grpc.PreflightServiceStub(channel)
+        self._provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
+
+    def unreachable_hints(self) -> list[str]:
+        return [f"Check that rbee-hive is running there (rbee-hive daemon --port {self.address.rpartition(':')[2]})"]
 
     @classmethod
     def connect(cls, hive: str, api_key: str | None) -> "HiveClient":
@@ -42,7 +46,7 @@ class HiveClient(DaemonClient):
                 "HIVE_UNREACHABLE",
                 f"Cannot reach the hive at {self.address}",
                 {"hive": self.address},
-                [f"Check that rbee-hive is running there (rbee-hive daemon --port {self.address.rpartition(':')[2]})"],
+                self.unreachable_hints(),
             )
         return err
 

@@ -42,11 +42,15 @@ def resolve_queen_key(cli_value: str | None, address: str) -> tuple[str, str]:
 
 
 class QueenClient(DaemonClient):
-    def __init__(self, address: str, api_key: str, key_source: str) -> None:
-        super().__init__(address, api_key, key_source)
-        self._nodes = nodes_pb2_grpc.NodeServiceStub(self._channel)
-        self._tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)
-        self._cluster = tasks_pb2_grpc.ClusterWorkerServiceStub(self._channel)
+    what = "the queen"
+
+    def _bind(self, channel) -> None:
+        self._nodes = nodes_pb2_grpc.NodeServiceStub(channel)
+        self._tasks = tasks_pb2_grpc.TaskServiceStub(channel)
+        self._cluster = tasks_pb2_grpc.ClusterWorkerServiceStub(channel)
+
+    def unreachable_hints(self) -> list[str]:
+        return [f"Start it with `queen-rbee daemon --port {self.address.rpartition(':')[2]}`, or pass --queen HOST:PORT"]
 
     @classmethod
     def connect(cls, queen: str, api_key: str | None) -> "QueenClient":
@@ -60,7 +64,7 @@ class QueenClient(DaemonClient):
                 "UNAVAILABLE",
                 f"Cannot reach the queen at {self.address}",
                 {"queen": self.address},
-                [f"Start it with `queen-rbee daemon --port {self.address.rpartition(':')[2]}`, or pass --queen HOST:PORT"],
+                self.unreachable_hints(),
             )
         return err
 

@@ -7,15 +7,29 @@ import grpc
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.v1 import inference_pb2, inference_pb2_grpc
 
-from rbee_keeper.daemon_client import DaemonClient
+from rbee_keeper.daemon_client import CONNECT_ATTEMPT_TIMEOUT_S, DaemonClient
 
 
 class WorkerClient(DaemonClient):
-    def __init__(self, address: str, api_key: str, key_source: str) -> None:
-        super().__init__(address, api_key, key_source)
-        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
+    what = "the worker"
+
+    def _bind(self, channel) -> None:
+        self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+    async def __aenter__(self) -> "WorkerClient":
+        # The first readiness query connects: with --connect-timeout it waits
+        # for a worker whose server is still starting instead of retrying.
+        return self
+
+    def unreachable_hints(self) -> list[str]:
+        return [
+            f"Check that llm-worker-rbee is running and listening on {self.address}",
+            "Check the host and port given with --worker",
+        ]
 
     async def readiness(self, timeout: float = 10.0, wait_for_ready: bool = False) -> inference_pb2.GetReadinessResponse:
+        if not wait_for_ready:
+            await self.ensure_connected(min(timeout, CONNECT_ATTEMPT_TIMEOUT_S))
         try:
             return await self._stub.GetReadiness(
                 inference_pb2.GetReadinessRequest(),
@@ -49,9 +63,6 @@ class WorkerClient(DaemonClient):
                     "WORKER_UNREACHABLE",
                     f"Cannot reach the worker at {self.address} {how}".rstrip(),
                     {"worker": self.address, "grpc_status": code.name},
-                    [
-                        f"Check that llm-worker-rbee is running and listening on {self.address}",
-                        "Check the host and port given with --worker",
-                    ],
+                    self.unreachable_hints(),
                 )
         return self.error(err)

@@ -260,5 +260,6 @@ async def test_unreachable_worker(tmp_path):
             await client.readiness(timeout=2)
     finally:
         await client.close()
-    assert caught.value.code == "WORKER_UNREACHABLE"
-    assert "127.0.0.1:1" in caught.value.message
+    assert caught.value.code == "CONNECTION_TIMEOUT"
+    assert "127.0.0.1:1" in caught.value.message and "after 3 attempts" in caught.value.message
+    assert caught.value.details["attempts"] == "3"

@@ -43,11 +43,12 @@ def test_a_bad_hive_is_refused_before_anything_is_sent(command):
 
 
 @pytest.mark.parametrize("command", [["workers", "list"], ["models", "list"], ["logs"]], ids=" ".join)
-def test_no_hive_listening_is_hive_unreachable(command):
+def test_no_hive_listening_is_a_connection_timeout_after_three_attempts(command):
     # Port 9 (discard) on loopback has nothing listening.
     proc = keeper(*command, "--hive", "127.0.0.1:9", "--api-key", "k")
     assert proc.returncode == 1 and proc.stdout == ""
-    assert "❌ HIVE_UNREACHABLE: Cannot reach the hive at 127.0.0.1:9" in proc.stderr
+    assert "❌ CONNECTION_TIMEOUT: Cannot reach the hive at 127.0.0.1:9 after 3 attempts" in proc.stderr
+    assert "attempt 2 of 3" in proc.stderr and "attempt 3 of 3" in proc.stderr
     assert "rbee-hive daemon --port 9" in proc.stderr and "Traceback" not in proc.stderr
 
 
