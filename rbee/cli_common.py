@@ -1,41 +1,60 @@
 """What every console script shares: turning RbeeError into a clear message
-and a stable exit code, never a traceback."""
+and a stable exit code, never a traceback.
+
+Imports stay light (no rich, no gRPC at import time): a program's start-up
+pays for this module on every command, even ``--version``.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
-from rich.console import Console
-
 from rbee.config import VERSION
-from rbee.errors import RbeeError
 
 if TYPE_CHECKING:
     import typer
+
+    from rbee.errors import RbeeError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# Error lines in red on a terminal; plain in files and pipes, and with NO_COLOR set.
+_RED, _RESET = "\033[31m", "\033[0m"
 
 
-def print_error(err: RbeeError, actor: str) -> None:
-    stderr.print(f"[{actor}] ❌ {err.code}: {err.message}", markup=False)
+def _color(stream) -> bool:
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def print_error(err: "RbeeError", actor: str) -> None:
+    out = sys.stderr
+    head = f"[{actor}] ❌ {err.code}: {err.message}"
+    lines = [f"{_RED}{head}{_RESET}" if _color(out) else head]
     for key, value in err.details.items():
-        lines = value.splitlines()
-        if len(lines) > 1:  # captured output (a build's, a program's): one line each, indented
-            stderr.print(f"    {key}:", markup=False)
-            for line in lines:
-                stderr.print(f"      {line}", markup=False)
+        parts = value.splitlines()
+        if len(parts) > 1:  # captured output (a build's, a program's): one line each, indented
+            lines.append(f"    {key}:")
+            lines.extend(f"      {line}" for line in parts)
         else:
-            stderr.print(f"    {key}: {value}", markup=False)
-    for suggestion in err.suggestions:
-        stderr.print(f"    → {suggestion}", markup=False)
+            lines.append(f"    {key}: {value}")
+    lines.extend(f"    → {suggestion}" for suggestion in err.suggestions)
+    try:
+        out.write("\n".join(lines) + "\n")
+        out.flush()
+    except (BrokenPipeError, ValueError):
+        pass
 
 
-def fail(err: RbeeError, actor: str) -> NoReturn:
+def fail(err: "RbeeError", actor: str) -> NoReturn:
     print_error(err, actor)
     sys.exit(EXIT_ERROR)
 
@@ -67,6 +86,8 @@ def run_app(app: "typer.Typer", actor: str) -> NoReturn:
     option, missing argument) become USAGE_ERROR and exit 1, like every other
     bad input, instead of click's exit 2."""
     import typer
+
+    from rbee.errors import RbeeError
 
     try:  # recent typer carries its own copy of click
         from typer._click import exceptions as click_exc

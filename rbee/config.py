@@ -1,16 +1,16 @@
 """Where state lives and where configuration comes from.
 
 Nothing is read from the environment at import time: call the functions.
+Kept light (no gRPC, no pydantic): every keeper command imports it, even
+``--version``; errors are imported where they are raised.
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-
-from rbee.errors import RbeeError
 
 DEFAULT_QUEEN_PORT = 7800
 DEFAULT_HIVE_PORT = 7900
@@ -56,6 +56,10 @@ def config_candidates(env: dict[str, str] | None = None) -> list[Path]:
 
 def load_config(env: dict[str, str] | None = None) -> tuple[dict[str, Any], Path | None]:
     """The first config file found (RBEE_CONFIG, then user, then system)."""
+    import tomllib
+
+    from rbee.errors import RbeeError
+
     env = os.environ if env is None else env
     for path in config_candidates(env):
         if path.is_file():
@@ -76,3 +80,101 @@ def load_config(env: dict[str, str] | None = None) -> tuple[dict[str, Any], Path
                 ["Unset RBEE_CONFIG or create the file"],
             )
     return {}, None
+
+
+# -- the keeper's settings ---------------------------------------------------------------
+
+KEEPER_ENV = {
+    "node": "RBEE_NODE",
+    "queen": "RBEE_QUEEN",
+    "hive": "RBEE_HIVE",
+    "api_key": "RBEE_API_KEY",
+    "queen_api_key": "RBEE_QUEEN_API_KEY",
+}
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """``[remote]``: where rbee lives on nodes that do not say so themselves."""
+
+    # The hive program on a node (absolute), e.g. /opt/rbee/.venv/bin/rbee-hive.
+    hive_program: str = ""
+    # The repository folder on a node (absolute): setup install clones there.
+    repo_dir: str = ""
+
+
+@dataclass(frozen=True)
+class KeeperSettings:
+    """What the keeper's commands take from the environment and ``[keeper]``;
+    a command-line option beats both (flag > environment > file)."""
+
+    # The node meant when a command is given neither --node nor --hive/--worker.
+    node: str = ""
+    # The queen as HOST:PORT ("" = 127.0.0.1:7800).
+    queen: str = ""
+    # The hive for direct use as HOST:PORT ("" = 127.0.0.1:7900).
+    hive: str = ""
+    api_key: str = ""
+    queen_api_key: str = ""
+    remote: RemoteSettings = RemoteSettings()
+    # The config file read (None = none found) and where each value came from.
+    path: Path | None = None
+    sources: tuple[tuple[str, str], ...] = ()
+
+    def source(self, name: str) -> str:
+        return dict(self.sources).get(name, "default")
+
+
+_SECTIONS: dict[str, tuple[type, str]] = {"keeper": (KeeperSettings, "keeper"), "remote": (RemoteSettings, "remote")}
+_NOT_FROM_FILE = {"remote", "path", "sources"}
+
+
+def _bad_config(path: Path, key: str, expected: str, got: Any):
+    from rbee.errors import RbeeError
+
+    return RbeeError(
+        "INVALID_CONFIG",
+        f"Config file {path}: {key} must be {expected} (got {got!r})",
+        {"file": str(path), "key": key, "expected": expected},
+        [f"Fix {key} in {path}, or point RBEE_CONFIG at another file"],
+    )
+
+
+def _section(config: dict[str, Any], path: Path, name: str, cls: type) -> dict[str, str]:
+    values = config.get(name, {})
+    if not isinstance(values, dict):
+        raise _bad_config(path, f"[{name}]", "a table", values)
+    known = [f.name for f in fields(cls) if f.name not in _NOT_FROM_FILE]
+    out = {}
+    for key, value in values.items():
+        if key not in known:
+            raise _bad_config(path, f"[{name}] {key}", f"one of the known keys ({', '.join(known)})", key)
+        if not isinstance(value, str):
+            raise _bad_config(path, f"[{name}] {key}", "a string", value)
+        if name == "remote" and value and not value.startswith("/"):
+            raise _bad_config(path, f"[{name}] {key}", "an absolute path on the nodes", value)
+        if key in ("queen", "hive") and value and ":" not in value:
+            raise _bad_config(path, f"[{name}] {key}", "HOST:PORT", value)
+        out[key] = value
+    return out
+
+
+def keeper_settings(env: dict[str, str] | None = None) -> KeeperSettings:
+    """The keeper's settings: environment (RBEE_NODE, RBEE_QUEEN, RBEE_HIVE,
+    RBEE_API_KEY, RBEE_QUEEN_API_KEY) over ``[keeper]``/``[remote]`` of the
+    config file (RBEE_CONFIG, ~/.config/rbee/config.toml, /etc/rbee/config.toml).
+    A bad file is INVALID_CONFIG naming the file, the key and what was expected."""
+    env = os.environ if env is None else env
+    config, path = load_config(env)
+    keeper: dict[str, str] = {}
+    remote: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        keeper = _section(config, path, "keeper", KeeperSettings)
+        remote = _section(config, path, "remote", RemoteSettings)
+        sources.update({k: f"{path} [keeper] {k}" for k in keeper})
+    for name, var in KEEPER_ENV.items():
+        if env.get(var):
+            keeper[name] = env[var]
+            sources[name] = var
+    return KeeperSettings(**keeper, remote=RemoteSettings(**remote), path=path, sources=tuple(sources.items()))

@@ -27,6 +27,8 @@ CODES: dict[str, grpc.StatusCode] = {
     # input
     "INVALID_ARGUMENT": S.INVALID_ARGUMENT,
     "USAGE_ERROR": S.INVALID_ARGUMENT,
+    # A config file with a key of the wrong type or an unknown key.
+    "INVALID_CONFIG": S.INVALID_ARGUMENT,
     "INVALID_MODEL_REF": S.INVALID_ARGUMENT,
     "INVALID_MODEL_FORMAT": S.INVALID_ARGUMENT,
     "INVALID_BACKEND": S.INVALID_ARGUMENT,

@@ -35,7 +35,7 @@ class ModelAccess:
             return within(self.roots, path, what="Model path", details={"field": field})
         except RbeeError as err:
             err.suggestions[:0] = [
-                "Download the model into the hive's catalog (rbee-keeper models download) and spawn it by reference",
+                "Download the model into the hive's catalog (rbee-keeper models download MODEL --node NODE) and spawn it by reference",
                 "Or place it under the hive's models folder, or ask the node's operator to add its folder "
                 "to model_dirs (RBEE_HIVE_MODEL_DIRS)",
             ]

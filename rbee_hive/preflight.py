@@ -46,7 +46,7 @@ def model_size(path: Path) -> int:
             "MODEL_NOT_FOUND",
             f"Model not found on this node: {path}",
             {"model_path": str(path)},
-            ["Check the path, or download the model first (rbee-keeper models download)"],
+            ["Check the path, or download the model first (rbee-keeper models download MODEL --node NODE)"],
         )
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -102,7 +102,7 @@ def check_disk(res: Resources, model_size_bytes: int) -> Check:
                 "to_free_mb": to_mb(need - free),
                 "path": res.disk_path,
             },
-            ["Remove models you no longer need: rbee-keeper models rm", f"Or free space on {res.disk_path}"],
+            ["Remove models you no longer need: rbee-keeper models rm MODEL --node NODE", f"Or free space on {res.disk_path}"],
         )
     return Check("disk", True, to_mb(need), free // MB, f"{free // MB} MB free at {res.disk_path}")
 

@@ -13,20 +13,67 @@ from typing import Any
 import typer
 
 from rbee.cli_common import EXIT_ERROR, EXIT_INTERRUPTED, print_error
-from rbee.config import load_config
+from rbee.config import keeper_settings
 from rbee.errors import RbeeError
 
-from rbee_keeper.validation import LOCAL_HIVE
+from rbee_keeper.validation import LOCAL_HIVE, LOCAL_QUEEN
 
 ACTOR = "rbee-keeper"
 
-# The options of every command that reaches a hive (workers, models, logs).
-# A hive on this machine is the common case, so --hive defaults to it. The
-# bracket is escaped: typer renders help as rich markup.
-HIVE_HELP = "The hive as HOST:PORT; leave it out for the hive on this machine."
-HIVE_KEY_HELP = "API key of the hive (or RBEE_API_KEY, or \\[keeper] api_key in the config file)."
-HIVE_OPTION = typer.Option(LOCAL_HIVE, "--hive", metavar="HOST:PORT", help=HIVE_HELP)
+# The options of every command that reaches a hive (workers, models, logs):
+# --node NAME (resolved through the queen) where a user means a machine,
+# --hive HOST:PORT for direct use without a queen. Without either, the
+# default node of the config file ([keeper] node, RBEE_NODE), else the hive on
+# this machine. The bracket is escaped: typer renders help as rich markup.
+HIVE_HELP = "The hive as HOST:PORT, for direct use without a queen (default: RBEE_HIVE, \\[keeper] hive, else 127.0.0.1:7900)."
+HIVE_KEY_HELP = (
+    "With --hive: the hive's key (or RBEE_API_KEY, or \\[keeper] api_key in the config file). "
+    "With --node: the queen's key (or RBEE_QUEEN_API_KEY, \\[keeper] queen_api_key, $RBEE_HOME/queen.key)."
+)
+NODE_HELP = "The node, by its name at the queen (default: RBEE_NODE, \\[keeper] node; see `rbee-keeper setup list-nodes`)."
+QUEEN_HELP = "The queen as HOST:PORT (default: RBEE_QUEEN, \\[keeper] queen, else 127.0.0.1:7800)."
+HIVE_OPTION = typer.Option(None, "--hive", metavar="HOST:PORT", help=HIVE_HELP)
 HIVE_KEY_OPTION = typer.Option(None, "--api-key", metavar="KEY", help=HIVE_KEY_HELP)
+NODE_OPTION = typer.Option(None, "--node", metavar="NAME", help=NODE_HELP)
+QUEEN_OPTION = typer.Option(None, "--queen", metavar="HOST:PORT", help=QUEEN_HELP)
+
+
+def resolve_queen(cli_value: str | None) -> str:
+    """--queen, then RBEE_QUEEN, then ``[keeper] queen``, then the queen on this machine."""
+    return cli_value or keeper_settings().queen or LOCAL_QUEEN
+
+
+def resolve_node(cli_value: str | None) -> str | None:
+    """--node, then RBEE_NODE, then ``[keeper] node``; None when none is set."""
+    return cli_value or keeper_settings().node or None
+
+
+async def hive_for(hive: str | None, node: str | None, api_key: str | None, queen: str | None = None):
+    """A HiveClient (not connected yet) for what the user named: --hive directly;
+    --node (or the default node) through the queen, which hands out the node's
+    hive address and key; else RBEE_HIVE / ``[keeper] hive`` / the local hive."""
+    from rbee_keeper.hive_client import HiveClient
+
+    if hive and node:
+        raise RbeeError(
+            "USAGE_ERROR",
+            "--hive and --node both name a machine: pass one of them",
+            {"hive": hive, "node": node},
+            ["Use --node NAME through the queen, or --hive HOST:PORT to talk to a hive directly"],
+        )
+    if hive:
+        return HiveClient.connect(hive, api_key)
+    settings = keeper_settings()
+    name = node or settings.node
+    if not name:
+        return HiveClient.connect(settings.hive or LOCAL_HIVE, api_key)
+    from rbee_keeper.output import debug
+    from rbee_keeper.queen_client import QueenClient
+
+    async with QueenClient.connect(resolve_queen(queen), api_key) as client:
+        access = await client.node_access(name)
+    debug(f"node {name} ({'--node' if node else settings.source('node')}): hive at {access.hive_address}")
+    return HiveClient(access.hive_address, access.hive_api_key, f"the queen's record of node {name}")
 
 
 def resolve_api_key(cli_value: str | None, address: str) -> tuple[str, str]:
@@ -36,12 +83,9 @@ def resolve_api_key(cli_value: str | None, address: str) -> tuple[str, str]:
     """
     if cli_value:
         return cli_value, "--api-key"
-    if os.environ.get("RBEE_API_KEY"):
-        return os.environ["RBEE_API_KEY"], "RBEE_API_KEY"
-    config, path = load_config()
-    key = (config.get("keeper") or {}).get("api_key")
-    if key:
-        return str(key), f"{path} [keeper] api_key"
+    settings = keeper_settings()
+    if settings.api_key:
+        return settings.api_key, settings.source("api_key")
     raise RbeeError(
         "MISSING_API_KEY",
         f"No API key for {address}",

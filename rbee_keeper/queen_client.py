@@ -6,11 +6,10 @@ queen of the same user on this machine)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 
 from rbee.auth import read_key_file
-from rbee.config import load_config, rbee_home
+from rbee.config import keeper_settings, rbee_home
 from rbee.errors import RbeeError
 from rbee.v1 import nodes_pb2, nodes_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
@@ -21,12 +20,9 @@ from rbee_keeper.validation import validate_queen_address
 def resolve_queen_key(cli_value: str | None, address: str) -> tuple[str, str]:
     if cli_value:
         return cli_value, "--api-key"
-    if os.environ.get("RBEE_QUEEN_API_KEY"):
-        return os.environ["RBEE_QUEEN_API_KEY"], "RBEE_QUEEN_API_KEY"
-    config, path = load_config()
-    key = (config.get("keeper") or {}).get("queen_api_key")
-    if key:
-        return str(key), f"{path} [keeper] queen_api_key"
+    settings = keeper_settings()
+    if settings.queen_api_key:
+        return settings.queen_api_key, settings.source("queen_api_key")
     key_file = rbee_home() / "queen.key"
     if key_file.exists():
         return read_key_file(key_file, "queen.key"), str(key_file)
@@ -85,6 +81,9 @@ class QueenClient(DaemonClient):
 
     def check_node(self, name: str, ssh_only: bool = False) -> AsyncIterator[nodes_pb2.NodeEvent]:
         return self._stream(self._nodes.CheckNode, nodes_pb2.CheckNodeRequest(name=name, ssh_only=ssh_only))
+
+    async def node_access(self, name: str) -> nodes_pb2.GetNodeAccessResponse:
+        return await self._unary(self._nodes.GetNodeAccess, nodes_pb2.GetNodeAccessRequest(name=name))
 
     def submit(self, request: tasks_pb2.SubmitInferenceRequest) -> AsyncIterator[tasks_pb2.TaskEvent]:
         return self._stream(self._tasks.SubmitInference, request)

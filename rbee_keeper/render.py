@@ -14,10 +14,16 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn
 from rbee.narration import Narrator, format_line
 from rbee.v1 import common_pb2, inference_pb2
 
+from rbee_keeper.output import quiet as _quiet
 from rbee_keeper.common import ACTOR
 
 
 def narrator(stream: TextIO | None = None) -> Narrator:
+    """Narration on stderr (or ``stream``); nowhere with --quiet."""
+    from rbee_keeper.output import narration_stream, quiet
+
+    if quiet():
+        return Narrator(ACTOR, stream=narration_stream())
     return Narrator(ACTOR, stream=stream if stream is not None else sys.stderr)
 
 
@@ -92,7 +98,7 @@ class LoadingView:
     def __init__(self, worker: str, narrate: Narrator, console: Console | None = None) -> None:
         self._worker = worker
         self._narrate = narrate
-        self._console = console if console is not None else Console(stderr=True, highlight=False)
+        self._console = console if console is not None else Console(stderr=True, highlight=False, quiet=_quiet())
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._last_line = ""

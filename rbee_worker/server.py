@@ -123,7 +123,7 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
             "MODEL_NOT_FOUND",
             f"Model path not found: {model}",
             {"model_path": str(model)},
-            ["Check the path, or download the model with `rbee-keeper models download`"],
+            ["Check the path, or download the model with `rbee-keeper models download MODEL --node NODE`"],
         )
     if args.port is None:
         raise bad("--port", "is required", "Pass --port P (the hive picks one from 7910 upward)")

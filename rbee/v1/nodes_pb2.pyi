@@ -505,3 +505,50 @@ class CheckNodeRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckNodeRequest: _TypeAlias = CheckNodeRequest  # noqa: Y015
+
+@_typing.final
+class GetNodeAccessRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNodeAccessRequest: _TypeAlias = GetNodeAccessRequest  # noqa: Y015
+
+@_typing.final
+class GetNodeAccessResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    HIVE_ADDRESS_FIELD_NUMBER: _builtins.int
+    HIVE_API_KEY_FIELD_NUMBER: _builtins.int
+    hive_address: _builtins.str
+    """host:port of the node's hive, as the queen reaches it."""
+    hive_api_key: _builtins.str
+    """The node's hive key (admin scope on that hive). Never logged."""
+    @_builtins.property
+    def node(self) -> Global___Node: ...
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+        hive_address: _builtins.str = ...,
+        hive_api_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hive_address", b"hive_address", "hive_api_key", b"hive_api_key", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNodeAccessResponse: _TypeAlias = GetNodeAccessResponse  # noqa: Y015

@@ -73,6 +73,11 @@ class NodeServiceStub:
                 request_serializer=rbee_dot_v1_dot_nodes__pb2.CheckNodeRequest.SerializeToString,
                 response_deserializer=rbee_dot_v1_dot_nodes__pb2.NodeEvent.FromString,
                 _registered_method=True)
+        self.GetNodeAccess = channel.unary_unary(
+                '/rbee.v1.NodeService/GetNodeAccess',
+                request_serializer=rbee_dot_v1_dot_nodes__pb2.GetNodeAccessRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_nodes__pb2.GetNodeAccessResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -147,6 +152,20 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetNodeAccess(self, request, context):
+        """Where a node's hive answers and the node's hive key, so that a keeper
+        addressing a node by name (`models list --node NAME`, `logs --node NAME`,
+        `workers health --node NAME`) can talk to its hive. The queen holds every
+        node's key; it hands one out only to a holder of the queen's own key, who
+        is the cluster's admin and could read beehives.db anyway. The hive is not
+        started: an unreachable hive is the caller's CONNECTION_TIMEOUT
+        (`setup check-node` starts it).
+        Fails with: NOT_FOUND (NODE_NOT_FOUND), UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +198,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.CheckNode,
                     request_deserializer=rbee_dot_v1_dot_nodes__pb2.CheckNodeRequest.FromString,
                     response_serializer=rbee_dot_v1_dot_nodes__pb2.NodeEvent.SerializeToString,
+            ),
+            'GetNodeAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNodeAccess,
+                    request_deserializer=rbee_dot_v1_dot_nodes__pb2.GetNodeAccessRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_nodes__pb2.GetNodeAccessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +376,33 @@ class NodeService:
             '/rbee.v1.NodeService/CheckNode',
             rbee_dot_v1_dot_nodes__pb2.CheckNodeRequest.SerializeToString,
             rbee_dot_v1_dot_nodes__pb2.NodeEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNodeAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rbee.v1.NodeService/GetNodeAccess',
+            rbee_dot_v1_dot_nodes__pb2.GetNodeAccessRequest.SerializeToString,
+            rbee_dot_v1_dot_nodes__pb2.GetNodeAccessResponse.FromString,
             options,
             channel_credentials,
             insecure,

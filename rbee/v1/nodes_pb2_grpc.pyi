@@ -77,6 +77,16 @@ class NodeServiceStub:
     (HIVE_NOT_INSTALLED, VERSION_MISMATCH), INTERNAL (HIVE_START_FAILED),
     and the connection errors.
     """
+    GetNodeAccess: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.GetNodeAccessRequest, _nodes_pb2.GetNodeAccessResponse]
+    """Where a node's hive answers and the node's hive key, so that a keeper
+    addressing a node by name (`models list --node NAME`, `logs --node NAME`,
+    `workers health --node NAME`) can talk to its hive. The queen holds every
+    node's key; it hands one out only to a holder of the queen's own key, who
+    is the cluster's admin and could read beehives.db anyway. The hive is not
+    started: an unreachable hive is the caller's CONNECTION_TIMEOUT
+    (`setup check-node` starts it).
+    Fails with: NOT_FOUND (NODE_NOT_FOUND), UNAUTHENTICATED.
+    """
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -126,6 +136,16 @@ class NodeServiceAsyncStub(NodeServiceStub):
     Fails with: NOT_FOUND (NODE_NOT_FOUND), FAILED_PRECONDITION
     (HIVE_NOT_INSTALLED, VERSION_MISMATCH), INTERNAL (HIVE_START_FAILED),
     and the connection errors.
+    """
+    GetNodeAccess: _aio.UnaryUnaryMultiCallable[_nodes_pb2.GetNodeAccessRequest, _nodes_pb2.GetNodeAccessResponse]  # type: ignore[assignment]
+    """Where a node's hive answers and the node's hive key, so that a keeper
+    addressing a node by name (`models list --node NAME`, `logs --node NAME`,
+    `workers health --node NAME`) can talk to its hive. The queen holds every
+    node's key; it hands one out only to a holder of the queen's own key, who
+    is the cluster's admin and could read beehives.db anyway. The hive is not
+    started: an unreachable hive is the caller's CONNECTION_TIMEOUT
+    (`setup check-node` starts it).
+    Fails with: NOT_FOUND (NODE_NOT_FOUND), UNAUTHENTICATED.
     """
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -209,6 +229,22 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         Fails with: NOT_FOUND (NODE_NOT_FOUND), FAILED_PRECONDITION
         (HIVE_NOT_INSTALLED, VERSION_MISMATCH), INTERNAL (HIVE_START_FAILED),
         and the connection errors.
+        """
+
+    @_abc_1.abstractmethod
+    def GetNodeAccess(
+        self,
+        request: _nodes_pb2.GetNodeAccessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nodes_pb2.GetNodeAccessResponse, _abc.Awaitable[_nodes_pb2.GetNodeAccessResponse]]:
+        """Where a node's hive answers and the node's hive key, so that a keeper
+        addressing a node by name (`models list --node NAME`, `logs --node NAME`,
+        `workers health --node NAME`) can talk to its hive. The queen holds every
+        node's key; it hands one out only to a holder of the queen's own key, who
+        is the cluster's admin and could read beehives.db anyway. The hive is not
+        started: an unreachable hive is the caller's CONNECTION_TIMEOUT
+        (`setup check-node` starts it).
+        Fails with: NOT_FOUND (NODE_NOT_FOUND), UNAUTHENTICATED.
         """
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

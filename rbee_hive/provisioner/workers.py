@@ -148,7 +148,7 @@ class WorkerProvisioner:
                 "NOT_FOUND",
                 f"Project source not found: {src}",
                 {"source": str(src), "backend": backend},
-                ["Point the source at the rbee checkout on this node (rbee-keeper setup install clones it)"],
+                ["Point the source at the rbee checkout on this node (`rbee-keeper setup install --node NODE` clones it)"],
             )
         private_dir(self.workers_dir)
         env = confined(self.workers_dir, wid, what="Worker environment")

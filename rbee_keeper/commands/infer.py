@@ -17,7 +17,6 @@ from rbee_keeper.direct import DirectInference, Timeouts
 from rbee_keeper.interrupts import Interrupts
 from rbee_keeper.render import TokenPrinter, narrator
 from rbee_keeper.validation import (
-    LOCAL_QUEEN,
     parse_float,
     validate_address,
     validate_backend,
@@ -69,10 +68,10 @@ def infer(
     raw_prompt: bool = typer.Option(False, "--raw-prompt", help="Send the prompt as-is, without the chat template."),
     worker: str = typer.Option(None, "--worker", "-w", metavar="HOST:PORT", help="Send the request straight to this worker."),
     api_key: str = typer.Option(None, "--api-key", help="Queen mode: the queen's key (else RBEE_QUEEN_API_KEY, config, $RBEE_HOME/queen.key). Direct mode: the worker's key (else $RBEE_API_KEY, then the config file)."),
-    node: str = typer.Option(None, "--node", help="Node to run on (queen mode; see `rbee-keeper setup list-nodes`)."),
+    node: str = typer.Option(None, "--node", help="Node to run on (queen mode; default: RBEE_NODE, \\[keeper] node; see `rbee-keeper setup list-nodes`)."),
     model: str = typer.Option(None, "--model", "-m", help="Model reference, hf:ORG/REPO or file:///path on the node (queen mode)."),
     slots: int = typer.Option(0, "--slots", min=0, max=256, help="Queen mode: request slots of a worker started for this task (0 = the worker's default)."),
-    queen: str = typer.Option(LOCAL_QUEEN, "--queen", metavar="HOST:PORT", help="The queen (queen mode); one is started for this command when none answers on this machine."),
+    queen: str = typer.Option(None, "--queen", metavar="HOST:PORT", help="The queen (queen mode; default: RBEE_QUEEN, \\[keeper] queen, else 127.0.0.1:7800); one is started for this command when none answers on this machine."),
     backend: str = typer.Option(None, "--backend", help="cpu, cuda or metal; with --worker, checked against the worker."),
     device: str = typer.Option(None, "--device", metavar="N", help="Device index; with --worker, checked against the worker."),
     # Knobs for tests and operators; not part of the everyday interface.
@@ -155,6 +154,9 @@ async def _infer(
 
 async def _infer_with_queen(args, node: str | None, model: str | None, queen: str, api_key: str | None,
                             backend: str | None, device: int | None, timeouts: Timeouts, slots: int = 0) -> int:  # fmt: skip
+    from rbee_keeper.common import resolve_node, resolve_queen
+
+    node, queen = resolve_node(node), resolve_queen(queen)
     missing = [name for name, value in (("--node", node), ("--model", model)) if not value]
     if missing:
         raise RbeeError(

@@ -21,7 +21,8 @@ from rbee.errors import RbeeError
 from rbee.modelref import parse_model_ref
 from rbee.narration import format_line
 from rbee.v1 import common_pb2, provisioning_pb2
-from rbee_keeper.common import ACTOR, HIVE_KEY_OPTION, HIVE_OPTION, run
+from rbee_keeper.output import quiet as _quiet
+from rbee_keeper.common import ACTOR, HIVE_KEY_OPTION, HIVE_OPTION, NODE_OPTION, QUEEN_OPTION, hive_for, run
 from rbee_keeper.hive_client import HiveClient
 from rbee_keeper.render import narrator
 from rbee_keeper.validation import invalid_argument, validate_backend
@@ -38,7 +39,7 @@ class DownloadView:
 
     def __init__(self, model: str, console: Console | None = None) -> None:
         self.model = model
-        self.console = console if console is not None else Console(stderr=True, highlight=False)
+        self.console = console if console is not None else Console(stderr=True, highlight=False, quiet=_quiet())
         self.narrate = narrator(sys.stderr)
         self._bar: Progress | None = None
         self._task: TaskID | None = None
@@ -126,8 +127,24 @@ async def _download(client: HiveClient, model: str, backend: str | None) -> int:
     return 0
 
 
-async def _list(client: HiveClient, provider: str | None) -> int:
+def model_dict(m: provisioning_pb2.ModelEntry) -> dict:
+    return {
+        "model_ref": m.model_ref,
+        "format": m.format,
+        "size_bytes": m.size_bytes,
+        "downloaded_at_unix": m.downloaded_at_unix,
+        "local_path": m.local_path,
+    }
+
+
+async def _list(client: HiveClient, provider: str | None, as_json: bool = False) -> int:
     models = await client.list_models(provider or "")
+    if as_json:
+        import json
+
+        for m in models:
+            print(json.dumps(model_dict(m)))
+        return 0
     if not models:
         narrator(sys.stderr)("📭", f"No models on {client.address}" + (f" from provider {provider}" if provider else ""))
         return 0
@@ -152,7 +169,9 @@ async def _remove(client: HiveClient, model: str) -> int:
 @models_app.command("download")
 def download(
     model: str = typer.Argument(..., metavar="MODEL", help="hf:ORG/REPO\\[/FILE]\\[@REVISION] or file:///abs/path"),
+    node: str = NODE_OPTION,
     hive: str = HIVE_OPTION,
+    queen: str = QUEEN_OPTION,
     backend: str = typer.Option(None, "--backend", help="Prepare the model for this backend's engine (imports GGUF for cpu)."),
     api_key: str = HIVE_KEY_OPTION,
 ) -> None:
@@ -161,7 +180,7 @@ def download(
     async def main() -> int:
         parse_model_ref(model)
         chosen = validate_backend(backend)
-        async with HiveClient.connect(hive, api_key) as client:
+        async with await hive_for(hive, node, api_key, queen) as client:
             return await _download(client, model, chosen)
 
     run(main())
@@ -169,19 +188,25 @@ def download(
 
 @models_app.command("list")
 def list_models(
+    node: str = NODE_OPTION,
     hive: str = HIVE_OPTION,
+    queen: str = QUEEN_OPTION,
     provider: str = typer.Option(None, "--provider", help="Only models from this provider: hf or file."),
     api_key: str = HIVE_KEY_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per model on stdout."),
 ) -> None:
-    """List the models in the hive's catalog."""
+    """List the models in a node's catalog.
+
+    Example: rbee-keeper models list --node workstation --json
+    """
 
     async def main() -> int:
         if provider is not None and provider.strip().lower() not in PROVIDERS:
             raise invalid_argument(
                 "--provider", provider, f"must be one of {', '.join(PROVIDERS)}", "Pass --provider hf or --provider file"
             )
-        async with HiveClient.connect(hive, api_key) as client:
-            return await _list(client, provider.strip().lower() if provider else None)
+        async with await hive_for(hive, node, api_key, queen) as client:
+            return await _list(client, provider.strip().lower() if provider else None, as_json)
 
     run(main())
 
@@ -189,14 +214,16 @@ def list_models(
 @models_app.command("rm")
 def remove(
     model: str = typer.Argument(..., metavar="MODEL", help="The model reference, as listed."),
+    node: str = NODE_OPTION,
     hive: str = HIVE_OPTION,
+    queen: str = QUEEN_OPTION,
     api_key: str = HIVE_KEY_OPTION,
 ) -> None:
     """Remove a model from the hive's catalog and delete its files."""
 
     async def main() -> int:
         parse_model_ref(model)
-        async with HiveClient.connect(hive, api_key) as client:
+        async with await hive_for(hive, node, api_key, queen) as client:
             return await _remove(client, model)
 
     run(main())

@@ -14,17 +14,15 @@ from rbee.errors import RbeeError
 from rbee.narration import format_line
 from rbee.v1 import nodes_pb2
 
-from rbee_keeper.common import run
+from rbee_keeper.common import QUEEN_OPTION, resolve_queen, run
 from rbee_keeper.listing import show_listing
 from rbee_keeper.queen_client import QueenClient
 from rbee_keeper.render import narrator
-from rbee_keeper.validation import LOCAL_QUEEN
 
 setup_app = typer.Typer(
     help="Nodes of the cluster: register them with the queen, install rbee on them, check them.", no_args_is_help=True
 )
 
-QUEEN_OPTION = typer.Option(LOCAL_QUEEN, "--queen", metavar="HOST:PORT", help="The queen; leave it out for the queen on this machine.")
 QUEEN_KEY_OPTION = typer.Option(
     None, "--api-key", metavar="KEY",
     help="The queen's key (or RBEE_QUEEN_API_KEY, \\[keeper] queen_api_key, or $RBEE_HOME/queen.key written by a local queen).",
@@ -134,7 +132,7 @@ def add_node_cmd(
             git_repo_url=git_repo, git_branch=git_branch, install_path=install_path, rbee_home=rbee_home,
             hive_port=hive_port, local=local, trust_host_key=trust_host_key,
         )  # fmt: skip
-        async with QueenClient.connect(queen, api_key) as client:
+        async with QueenClient.connect(resolve_queen(queen), api_key) as client:
             node = await _follow(client.add_node(request), as_json)
         if not node.hive_version:
             narrator()("👉", f"Next: rbee-keeper setup install --node {node.name}")
@@ -171,7 +169,7 @@ def update_node_cmd(
         if ssh_key is not None:
             fields["ssh_key_path"] = _check_key_file(ssh_key)
         request = nodes_pb2.UpdateNodeRequest(name=name, trust_host_key=trust_host_key, **{k: v for k, v in fields.items() if v is not None})
-        async with QueenClient.connect(queen, api_key) as client:
+        async with QueenClient.connect(resolve_queen(queen), api_key) as client:
             await _follow(client.update_node(request), as_json)
         return 0
 
@@ -190,7 +188,7 @@ def remove_node_cmd(
     """
 
     async def go() -> int:
-        async with QueenClient.connect(queen, api_key) as client:
+        async with QueenClient.connect(resolve_queen(queen), api_key) as client:
             reply = await client.remove_node(name)
         say = narrator()
         say("🗑️", f"Node {name} removed from the queen's registry")
@@ -212,10 +210,10 @@ def list_nodes_cmd(
     """
 
     async def go() -> int:
-        async with QueenClient.connect(queen, api_key) as client:
+        async with QueenClient.connect(resolve_queen(queen), api_key) as client:
             nodes = await client.list_nodes()
         return show_listing(
-            nodes, as_json, _node_dict, "No nodes registered: add one with `rbee-keeper setup add-node`",
+            nodes, as_json, _node_dict, "No nodes registered: add one with `rbee-keeper setup add-node --name NAME ...`",
             ("NAME", "HOST", "STATUS", "LAST CONNECTED", "INSTALL PATH", "BACKENDS", "HIVE"),
             lambda n: (n.name, _host(n), STATUS.get(n.status, "unknown"), _when(n.last_connected_unix), n.install_path,
                        ", ".join(f"{b.name}×{b.device_count}" for b in n.backends) or "-",
@@ -241,7 +239,7 @@ def install_cmd(
     """
 
     async def go() -> int:
-        async with QueenClient.connect(queen, api_key) as client:
+        async with QueenClient.connect(resolve_queen(queen), api_key) as client:
             await _follow(client.install_node(node), as_json)
         narrator()("👉", f"Next: rbee-keeper setup check-node --name {node}")
         return 0
@@ -264,7 +262,7 @@ def check_node_cmd(
     """
 
     async def go() -> int:
-        async with QueenClient.connect(queen, api_key) as client:
+        async with QueenClient.connect(resolve_queen(queen), api_key) as client:
             await _follow(client.check_node(name, ssh_only), as_json)
         return 0
 

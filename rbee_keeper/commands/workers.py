@@ -14,11 +14,11 @@ from rbee.errors import RbeeError
 from rbee.modelref import parse_model_ref
 from rbee.v1 import common_pb2, provisioning_pb2, registry_pb2
 
-from rbee_keeper.common import HIVE_KEY_OPTION, HIVE_OPTION, run
+from rbee_keeper.common import HIVE_KEY_OPTION, HIVE_OPTION, NODE_OPTION, QUEEN_OPTION, hive_for, resolve_queen, run
 from rbee_keeper.listing import show_listing
 from rbee_keeper.hive_client import HiveClient
 from rbee_keeper.render import LoadingView, narrator
-from rbee_keeper.validation import LOCAL_QUEEN, validate_backend, validate_device
+from rbee_keeper.validation import validate_backend, validate_device
 
 workers_app = typer.Typer(
     help="Workers of a hive: list, health, shutdown, spawn; worker environments: envs, provision.", no_args_is_help=True
@@ -55,7 +55,7 @@ def list_cmd(
     api_key: str = typer.Option(None, "--api-key", metavar="KEY", help="With --hive: the hive's key (or RBEE_API_KEY, \\[keeper] api_key). Else the queen's."),
     node: str = typer.Option("", "--node", metavar="NAME", help="Through the queen: only this node's workers."),
     capability: str = typer.Option("", "--capability", metavar="CAP", help="Through the queen: only workers on cpu, cuda, cuda:1, ..."),
-    queen: str = typer.Option(LOCAL_QUEEN, "--queen", metavar="HOST:PORT", help="The queen (when --hive is not given)."),
+    queen: str = QUEEN_OPTION,
     model: str = typer.Option("", "--model", help="Only workers serving this model ref."),
     state: str = typer.Option("", "--state", help=f"Only workers in this state ({', '.join(STATES)})."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per worker."),
@@ -96,7 +96,7 @@ async def _list_cluster(queen: str, api_key: str | None, node: str, capability: 
     from rbee_keeper.queen_client import QueenClient
 
     request = tasks_pb2.ListClusterWorkersRequest(node=node, model_ref=model, capability=capability, state=state)
-    async with QueenClient.connect(queen, api_key) as client:
+    async with QueenClient.connect(resolve_queen(queen), api_key) as client:
         workers = await client.cluster_workers(request)
     return show_listing(
         workers, as_json, lambda c: {"node": c.node, "capability": c.capability, "hive": c.hive_address, **_worker_dict(c.worker)},
@@ -109,14 +109,16 @@ async def _list_cluster(queen: str, api_key: str | None, node: str, capability: 
 
 @workers_app.command("health")
 def health_cmd(
+    node: str = NODE_OPTION,
     hive: str = HIVE_OPTION,
+    queen: str = QUEEN_OPTION,
     api_key: str = HIVE_KEY_OPTION,
     worker_id: str = typer.Option("", "--id", help="Only this worker."),
 ) -> None:
     """Ask the hive to health-check its workers now. Exit 1 when one does not answer."""
 
     async def go() -> int:
-        async with HiveClient.connect(hive, api_key) as client:
+        async with await hive_for(hive, node, api_key, queen) as client:
             hive_health = await client.hive_health()
             results = await client.health(worker_id)
         say = narrator()
@@ -138,7 +140,9 @@ def health_cmd(
 
 @workers_app.command("shutdown")
 def shutdown_cmd(
+    node: str = NODE_OPTION,
     hive: str = HIVE_OPTION,
+    queen: str = QUEEN_OPTION,
     api_key: str = HIVE_KEY_OPTION,
     worker_id: str = typer.Option(..., "--id", help="The worker to stop (see `workers list`)."),
     timeout: int = typer.Option(0, "--timeout", min=0, help="Seconds to let it drain before it is force-killed (0 = the hive's 30 s)."),
@@ -147,7 +151,7 @@ def shutdown_cmd(
 
     async def go() -> int:
         say = narrator()
-        async with HiveClient.connect(hive, api_key) as client:
+        async with await hive_for(hive, node, api_key, queen) as client:
             say("👋", f"Asking {client.address} to shut down {worker_id}")
             result = await client.shutdown(worker_id, timeout)
         how = "force-killed" if result.force_killed else f"exited with code {result.exit_code}"
@@ -159,7 +163,9 @@ def shutdown_cmd(
 
 @workers_app.command("spawn")
 def spawn_cmd(
+    node: str = NODE_OPTION,
     hive: str = HIVE_OPTION,
+    queen: str = QUEEN_OPTION,
     api_key: str = HIVE_KEY_OPTION,
     model: str = typer.Option(
         ..., "--model",
@@ -195,7 +201,7 @@ def spawn_cmd(
         else:
             path, ref = model, model_ref
         request = registry_pb2.SpawnWorkerRequest(model_path=path, backend=b or "cpu", device=d or 0, model_ref=ref, slots=slots)
-        async with HiveClient.connect(hive, api_key) as client:
+        async with await hive_for(hive, node, api_key, queen) as client:
             say("🚀", f"Asking {client.address} to start a worker for {model_ref or model} on {request.backend}:{request.device}")
             reply = await client.spawn(request, timeout)
             worker = reply.worker
@@ -240,7 +246,9 @@ def _env_dict(e: provisioning_pb2.WorkerEnvironment) -> dict:
 
 @workers_app.command("envs")
 def envs_cmd(
+    node: str = NODE_OPTION,
     hive: str = HIVE_OPTION,
+    queen: str = QUEEN_OPTION,
     api_key: str = HIVE_KEY_OPTION,
     backend: str = typer.Option(None, "--backend", help="Only this backend's environment (cpu, cuda or metal)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per environment."),
@@ -249,7 +257,7 @@ def envs_cmd(
 
     async def go() -> int:
         wanted = validate_backend(backend)
-        async with HiveClient.connect(hive, api_key) as client:
+        async with await hive_for(hive, node, api_key, queen) as client:
             envs = await client.worker_environments(wanted or "")
         return show_listing(
             envs, as_json, _env_dict, f"No worker environments on {client.address}" + (f" for {wanted}" if wanted else ""),
@@ -262,7 +270,9 @@ def envs_cmd(
 
 @workers_app.command("provision")
 def provision_cmd(
+    node: str = NODE_OPTION,
     hive: str = HIVE_OPTION,
+    queen: str = QUEEN_OPTION,
     api_key: str = HIVE_KEY_OPTION,
     backend: str = typer.Option(..., "--backend", help="cpu or cuda (metal on Apple silicon): the environment to install."),
     source: str = typer.Option(
@@ -282,7 +292,7 @@ def provision_cmd(
         wanted = validate_backend(backend)
         say = narrator()
         env: provisioning_pb2.WorkerEnvironment | None = None
-        async with HiveClient.connect(hive, api_key) as client:
+        async with await hive_for(hive, node, api_key, queen) as client:
             say("🔨", f"Asking {client.address} to provision the {wanted} worker environment" + (" (forced)" if force else ""))
             async for msg in client.provision_worker(wanted, source, force):
                 if msg.HasField("environment"):

@@ -60,3 +60,10 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
         async for item in relay.run(self._nodes.check(request.name, relay, request.ssh_only)):
             yield item
         self._watchers.ensure(request.name)
+
+    @handle_errors
+    async def GetNodeAccess(self, request: nodes_pb2.GetNodeAccessRequest, context: grpc.aio.ServicerContext) -> nodes_pb2.GetNodeAccessResponse:
+        record = self._nodes.store.get(request.name.strip())
+        return nodes_pb2.GetNodeAccessResponse(
+            node=await self._nodes.to_proto(record, probe=False), hive_address=record.hive_address, hive_api_key=record.hive_key
+        )

@@ -27,10 +27,12 @@ def keeper(*args: str, **env: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("command", HIVE_COMMANDS, ids=" ".join)
 def test_help_shows_the_shared_options(command):
     out = keeper(*command, "--help").stdout
-    assert "--hive" in out and "HOST:PORT" in out and "leave it out for the hive on this machine" in out
-    assert "[default: 127.0.0.1:7900]" in out
-    # The bracket survives rich markup.
-    assert "[keeper] api_key" in out
+    assert "--hive" in out and "HOST:PORT" in out and "for direct use without a queen" in out
+    assert "else 127.0.0.1:7900" in out
+    # A machine is named by --node (through the queen), the queen by --queen.
+    assert "--node" in out and "by its name at the queen" in out and "--queen" in out
+    # The brackets survive rich markup.
+    assert "[keeper] api_key" in out and "[keeper] node" in out
 
 
 @pytest.mark.parametrize("command", [["workers", "list"], ["models", "list"], ["logs"]], ids=" ".join)

@@ -1,9 +1,10 @@
-"""Every `rbee-keeper …` command the queen suggests to a user is one the real
-CLI accepts: the command exists, each option is known, each required option
-is there, each value has the right type. The commands are collected from the
-string literals of the rbee_queen package (f-strings included), placeholders
-filled with sample values, and parsed by the keeper's click command without
-running anything."""
+"""Every `rbee-keeper …` command any program suggests to a user is one the
+real CLI accepts: the command exists, each option is known, each required
+option is there, each value has the right type. The commands are collected
+from the string literals of every package (rbee, rbee_keeper, rbee_queen,
+rbee_hive, rbee_worker; f-strings included; hints, help texts, examples),
+placeholders filled with sample values, and parsed by the keeper's click
+command without running anything."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from pathlib import Path
 import pytest
 import typer.main
 
-import rbee_queen
 from rbee_keeper.cli import app
 
 try:  # recent typer carries its own copy of click
@@ -23,9 +23,14 @@ try:  # recent typer carries its own copy of click
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click.exceptions import UsageError
 
-PACKAGE = Path(rbee_queen.__file__).parent
-# A command in backticks, or after "e.g." up to the closing parenthesis.
-COMMAND = re.compile(r"`rbee-keeper ([^`]+)`|e\.g\. rbee-keeper ([^)`]+)\)")
+REPO = Path(__file__).resolve().parents[3]
+PACKAGES = ("rbee", "rbee_keeper", "rbee_queen", "rbee_hive", "rbee_worker")
+# `rbee-keeper` followed by its words, up to what ends a command in prose: a
+# backtick, a bracket, a comma or semicolon, a line end, " / ", " or ", " then ".
+COMMAND = re.compile(r"rbee-keeper ((?:(?! / | or | then | and )[^`()\n,;])+)")
+# "rbee-keeper finds it": the program named in a sentence, not a command.
+PROSE = {"finds", "looks", "starts", "saves", "prints", "checks", "is", "talks", "waits", "reads", "command", "commands",
+         "reaches", "sends", "on", "clones", "asks", "gets", "runs", "uses", "validates", "receives", "exits", "keeps", "stops", "calls"}  # fmt: skip
 SAMPLES = {
     "NAME": "node1",
     "URL": "https://example.org/rbee.git",
@@ -37,6 +42,11 @@ SAMPLES = {
     "PORT": "2222",
     "ID": "worker-1",
     "MODEL": "hf:org/repo",
+    "NODE": "node1",
+    "REF": "hf:org/repo",
+    "ADDRESS": "127.0.0.1:7910",
+    "HOST:PORT": "127.0.0.1:7900",
+    "N": "1",
 }
 HOLE = "\0"
 
@@ -59,6 +69,10 @@ def _literal_text(node: ast.AST) -> str | None:
 def _sample_for(expression: str) -> str:
     """A value for an f-string hole, from what the expression names."""
     low = expression.lower()
+    if "address" in low:
+        return "127.0.0.1:7900"
+    if "ref" in low or "model" in low:
+        return SAMPLES["MODEL"]
     if "port" in low:
         return "2222"
     if "url" in low or "repo" in low:
@@ -69,24 +83,30 @@ def _sample_for(expression: str) -> str:
 
 
 def suggested_commands() -> list[tuple[str, str]]:
-    """(where, the command's words after `rbee-keeper`) for every suggestion in rbee_queen."""
+    """(where, the command's words after `rbee-keeper`) for every suggestion in the packages."""
     found = []
-    for source in sorted(PACKAGE.rglob("*.py")):
-        tree = ast.parse(source.read_text(), str(source))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.JoinedStr):
-                pass
-            elif not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+    for package in PACKAGES:
+        for source in sorted((REPO / package).rglob("*.py")):
+            if "v1" in source.relative_to(REPO).parts:  # generated stubs
                 continue
-            text = _literal_text(node)
-            if not text or "rbee-keeper " not in text:
-                continue
-            for match in COMMAND.finditer(text):
-                command = match.group(1) or match.group(2)
-                command = re.sub(f"{HOLE}([^{HOLE}]*){HOLE}", lambda m: _sample_for(m.group(1)), command)
-                where = f"{source.relative_to(PACKAGE.parent)}:{node.lineno}"
-                found.append((where, command))
-    # f-string parts are Constants too: keep one entry per place and command.
+            tree = ast.parse(source.read_text(), str(source))
+            # An f-string's literal parts are Constants too: read them as part of the whole.
+            parts = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+            for node in ast.walk(tree):
+                if not isinstance(node, (ast.JoinedStr, ast.Constant)) or id(node) in parts:
+                    continue
+                text = _literal_text(node)
+                if not text or "rbee-keeper " not in text:
+                    continue
+                for match in COMMAND.finditer(text):
+                    command = re.sub(f"{HOLE}([^{HOLE}]*){HOLE}", lambda m: _sample_for(m.group(1)), match.group(1))
+                    command = command.strip().rstrip(".:").strip()
+                    first = command.split(" ")[0] if command else ""
+                    # Synopses ("workers list|health") and sentences are not suggestions.
+                    if not first or first in PROSE or "|" in command or not re.match(r"^[a-z-]+$", first):
+                        continue
+                    where = f"{source.relative_to(REPO)}:{node.lineno}"
+                    found.append((where, command))
     return sorted(set(found))
 
 
@@ -94,6 +114,7 @@ ELIDED = ("...", "…")
 
 
 def _fill(command: str) -> list[str]:
+    command = command.replace('"..."', "text").replace('"…"', "text")
     words = [w for w in shlex.split(command) if w not in ELIDED]
     return [SAMPLES.get(w, w) for w in words]
 
@@ -123,15 +144,21 @@ def parse(words: list[str], elided: bool = False):
 SUGGESTED = suggested_commands()
 
 
-def test_the_queen_suggests_keeper_commands() -> None:
-    commands = {c.split(" --")[0] for _, c in SUGGESTED}
+def test_the_programs_suggest_keeper_commands() -> None:
+    commands = {" ".join(c.split(" --")[0].split()[:2]) for _, c in SUGGESTED}
     assert {"setup install", "setup add-node", "setup update-node", "setup remove-node", "setup check-node",
-            "setup list-nodes"} <= commands, commands  # fmt: skip
+            "setup list-nodes", "models rm", "models download", "workers shutdown", "logs"} <= commands, commands  # fmt: skip
+    assert ("rbee_hive/workers/manager.py:324", "logs --node NODE") in SUGGESTED or any(c.startswith("logs --node") for _, c in SUGGESTED)
+    assert {w.split("/")[0] for w, _ in SUGGESTED} >= {"rbee_queen", "rbee_hive", "rbee_keeper"}
 
 
 @pytest.mark.parametrize(("where", "command"), SUGGESTED, ids=[f"{w} {c}" for w, c in SUGGESTED])
 def test_a_suggested_command_parses_with_the_real_cli(where: str, command: str) -> None:
-    words = _fill(command)
+    words = _fill(command.replace("[", "").replace("]", ""))  # optional parts: check them too
+    if words[0].startswith("-"):  # a root option (--install-completion): eager, so look it up only
+        root = typer.main.get_command(app)
+        assert any(words[0] in p.opts for p in root.params), f"{where}: rbee-keeper has no option {words[0]}"
+        return
     try:
         ctx = parse(words, elided=any(mark in command.split() for mark in ELIDED))
     except UsageError as exc:
