@@ -1,9 +1,11 @@
-"""API keys: a server interceptor that guards every RPC but health, and the
-client-side metadata. Keys are compared in constant time and never logged."""
+"""API keys: the server interceptors that guard every RPC but health (by scope,
+rbee/scopes.py), and the client-side metadata. Keys are compared in constant
+time and never logged."""
 
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
@@ -13,8 +15,11 @@ from typing import Any
 import grpc
 
 from rbee.errors import RbeeError
+from rbee.scopes import OPEN_PREFIXES, Scope, is_open, required_scope
 
-OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+log = logging.getLogger(__name__)
+
+OPEN_SERVICES = OPEN_PREFIXES
 
 
 def new_api_key() -> str:
@@ -58,37 +63,113 @@ def write_key_file(path: Path, key: str) -> None:
     os.chmod(path, 0o600)
 
 
+def argv_key_warning(env_var: str, file_hint: str) -> str:
+    """What a daemon says when its key came in argv (S13: never in argv)."""
+    return (
+        f"--api-key on the command line can be read by other users of this machine (ps, /proc/*/cmdline); "
+        f"set {env_var} or use {file_hint} (mode 600) instead"
+    )
+
+
 def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
-def check_key(metadata: Iterable[tuple[str, Any]] | None, expected: str) -> RbeeError | None:
-    """None when the metadata carries the expected key, else the error to return."""
+def _presented_key(metadata: Iterable[tuple[str, Any]] | None) -> tuple[str, RbeeError | None]:
+    """The bearer key in the metadata, or the error for its absence or form."""
     header = None
     for key, value in metadata or ():
         if key.lower() == "authorization":
-            header = value.decode() if isinstance(value, bytes) else str(value)
+            header = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
             break
     if not header:
-        return RbeeError(
+        return "", RbeeError(
             "MISSING_API_KEY",
             "Missing API key: this RPC requires 'authorization: Bearer <key>'",
             suggestions=["Pass --api-key or set it in the config file"],
         )
     scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not presented:
-        return RbeeError(
+    if scheme.lower() != "bearer" or not presented.strip():
+        return "", RbeeError(
             "INVALID_API_KEY",
             "Invalid API key: expected 'authorization: Bearer <key>'",
             suggestions=["Pass --api-key or set it in the config file"],
         )
-    if not hmac.compare_digest(presented.strip().encode(), expected.encode()):
+    return presented.strip(), None
+
+
+def _invalid_key() -> RbeeError:
+    return RbeeError(
+        "INVALID_API_KEY",
+        "Invalid API key",
+        suggestions=["Check the API key configured for this daemon"],
+    )
+
+
+def _same(presented: bytes, key: str) -> bool:
+    return bool(key) and hmac.compare_digest(presented, key.encode("utf-8", "replace"))
+
+
+def check_key(metadata: Iterable[tuple[str, Any]] | None, expected: str) -> RbeeError | None:
+    """None when the metadata carries the expected key, else the error to return."""
+    presented, err = _presented_key(metadata)
+    if err is not None:
+        return err
+    return None if _same(presented.encode("utf-8", "replace"), expected) else _invalid_key()
+
+
+# The keys a daemon knows, each with its scope, produced on demand (a hive's
+# change with its workers). Own keys first: the search stops at the first key
+# that opens the RPC, so what comes later (e.g. read from a store) is looked at
+# only for keys that do not.
+KeyRing = Callable[[], Iterable[tuple[Scope, str]]]
+
+_SCOPE_ADVICE = {
+    Scope.ADMIN: "Use this daemon's admin key (a hive: its node key, which the queen keeps; the queen: queen.key; "
+    "a worker: only its hive holds it, so stop workers through the hive: `rbee-keeper workers shutdown --id ID`)",
+    Scope.INFERENCE: "Use the worker's own key: the one its spawn or the task that started it returned",
+    Scope.CALLBACK: "Only a worker this hive started reports here, with the key the hive gave it at spawn",
+}
+
+
+def static_ring(*entries: tuple[Scope, str]) -> KeyRing:
+    fixed = tuple((scope, key) for scope, key in entries if key)
+    return lambda: fixed
+
+
+def authorize(metadata: Iterable[tuple[str, Any]] | None, method: str, ring: KeyRing) -> RbeeError | None:
+    """None when the presented key has the scope ``method`` needs (rbee/scopes.py).
+    Missing or unknown keys as S10; a known key of another scope is
+    WRONG_KEY_SCOPE (PERMISSION_DENIED); a method the table does not name is
+    refused whatever the key."""
+    required = required_scope(method)
+    presented, err = _presented_key(metadata)
+    if err is not None:
+        return err
+    if required is None:
+        log.error("RPC %s has no scope in rbee/scopes.py: refused", method)
         return RbeeError(
-            "INVALID_API_KEY",
-            "Invalid API key",
-            suggestions=["Check the API key configured for this daemon"],
+            "WRONG_KEY_SCOPE",
+            f"{method} has no declared key scope, so no key opens it",
+            {"rpc": method},
+            ["This is a bug in this rbee version: the RPC is missing from rbee/scopes.py"],
         )
-    return None
+    wire = presented.encode("utf-8", "replace")
+    granted: set[Scope] = set()
+    for scope, key in ring():
+        if _same(wire, key):
+            if scope == required:
+                return None
+            granted.add(scope)
+    if not granted:
+        return _invalid_key()
+    held = ", ".join(sorted(str(s) for s in granted))
+    return RbeeError(
+        "WRONG_KEY_SCOPE",
+        f"This key does not open {method}: it is a key of scope '{held}', and the RPC needs the '{required}' key",
+        {"rpc": method, "required_scope": str(required), "key_scope": held},
+        [_SCOPE_ADVICE[required]],
+    )
 
 
 def _rejecting_handler(handler: grpc.RpcMethodHandler, err: RbeeError) -> grpc.RpcMethodHandler:
@@ -135,4 +216,27 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith(self._open):
             return handler
         err = check_key(handler_call_details.invocation_metadata, self._key)
+        return handler if err is None else _rejecting_handler(handler, err)
+
+
+class ScopedKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Every RPC but health needs a key of the scope rbee/scopes.py declares for
+    it; the daemon's ``ring`` says which keys it knows and of which scope."""
+
+    def __init__(self, ring: KeyRing) -> None:
+        self._ring = ring
+
+    def __repr__(self) -> str:  # never show a key
+        return "ScopedKeyInterceptor(keys=***)"
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or is_open(method):
+            return handler
+        err = authorize(handler_call_details.invocation_metadata, method, self._ring)
         return handler if err is None else _rejecting_handler(handler, err)

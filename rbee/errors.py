@@ -44,6 +44,9 @@ CODES: dict[str, grpc.StatusCode] = {
     "SSH_HOST_KEY_UNKNOWN": S.FAILED_PRECONDITION,
     "SSH_HOST_KEY_CHANGED": S.FAILED_PRECONDITION,
     "ACCESS_DENIED": S.PERMISSION_DENIED,
+    # A key this daemon knows, of another scope than the RPC's (S13: an
+    # inference key on an admin RPC, the admin key on the callback, ...).
+    "WRONG_KEY_SCOPE": S.PERMISSION_DENIED,
     # A path from a request (model, worker source) outside what the hive's
     # operator allows: well-formed, refused by policy (S13 confinement).
     "PATH_NOT_ALLOWED": S.PERMISSION_DENIED,

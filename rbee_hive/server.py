@@ -10,10 +10,11 @@ import signal
 import grpc
 from grpc_health.v1 import _async as health, health_pb2, health_pb2_grpc
 
-from rbee.auth import OPEN_SERVICES, ApiKeyInterceptor
+from rbee.auth import KeyRing, ScopedKeyInterceptor
 from rbee.channel import SERVER_OPTIONS
 from rbee.errors import RbeeError
 from rbee.rpc import set_log_location
+from rbee.scopes import Scope
 from rbee.v1 import preflight_pb2_grpc, registry_pb2_grpc
 
 from rbee_hive.context import HiveContext, build_context
@@ -26,8 +27,6 @@ from rbee_hive.settings import HiveSettings
 
 log = logging.getLogger(__name__)
 
-# Workers prove themselves with their own callback key (checked by the servicer).
-CALLBACK_SERVICE = "/rbee.v1.WorkerCallbackService/"
 SERVER_STOP_GRACE_S = 5.0
 
 
@@ -40,6 +39,21 @@ def add_core_services(server: grpc.aio.Server, ctx: HiveContext) -> None:
 def add_extra_services(server: grpc.aio.Server, ctx: HiveContext) -> None:
     """Services beyond the core ones (e.g. provisioning): one line each here."""
     add_provisioning_service(server, ctx)
+
+
+def hive_key_ring(admin_key: str, ctx: HiveContext) -> KeyRing:
+    """The hive's keys by scope (S13): its own admin key, then each worker's
+    callback key (the servicer checks it is that worker's), and the keys it
+    holds for its workers (inference, their admin), which open nothing here."""
+
+    def ring():
+        yield Scope.ADMIN, admin_key
+        for record in ctx.manager.everything():
+            yield Scope.CALLBACK, record.callback_key
+            yield Scope.INFERENCE, record.api_key
+            yield Scope.OTHER_ADMIN, record.admin_key
+
+    return ring
 
 
 def callback_host(bind_host: str) -> str:
@@ -67,7 +81,7 @@ class HiveServer:
                 ["Pass --api-key KEY, or set RBEE_HIVE_API_KEY, or api_key in the [hive] config section"],
             )
         server = grpc.aio.server(
-            interceptors=[ApiKeyInterceptor(key, (*OPEN_SERVICES, CALLBACK_SERVICE))], options=SERVER_OPTIONS
+            interceptors=[ScopedKeyInterceptor(hive_key_ring(key, self.ctx))], options=SERVER_OPTIONS
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         add_core_services(server, self.ctx)

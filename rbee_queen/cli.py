@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 import typer
 
@@ -25,6 +26,9 @@ def daemon(
         help="Key clients must present (RBEE_QUEEN_API_KEY keeps it out of ps). Default: $RBEE_HOME/queen.key, "
         "created on first start (mode 600), where rbee-keeper on this machine finds it.",
     ),  # fmt: skip
+    api_key_file: Path = typer.Option(
+        None, "--api-key-file", help="Read the key from this file (mode 600; RBEE_QUEEN_API_KEY_FILE)."
+    ),
 ) -> None:
     """Run the queen in the foreground until SIGTERM or Ctrl+C.
 
@@ -36,8 +40,13 @@ def daemon(
     from rbee_queen.settings import load_settings
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if api_key:
+        from rbee.auth import argv_key_warning
+        from rbee.narration import Narrator
+
+        Narrator(ACTOR)("⚠️", argv_key_warning("RBEE_QUEEN_API_KEY", "--api-key-file or $RBEE_HOME/queen.key"), "warn")
     try:
-        settings = load_settings(port=port, host=host, api_key=api_key)
+        settings = load_settings(port=port, host=host, api_key=api_key, api_key_file=api_key_file)
         code = asyncio.run(serve(settings))
     except RbeeError as err:
         print_error(err, ACTOR)

@@ -14,12 +14,13 @@ from typing import TextIO
 import grpc
 from grpc_health.v1 import _async as health, health_pb2, health_pb2_grpc
 
-from rbee.auth import ApiKeyInterceptor
+from rbee.auth import KeyRing, ScopedKeyInterceptor
 from rbee.channel import SERVER_OPTIONS
 from rbee.config import API_VERSION, VERSION
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.rpc import set_log_location
+from rbee.scopes import Scope
 from rbee.v1 import nodes_pb2_grpc, tasks_pb2_grpc
 
 from rbee_queen.hives import stop_hive
@@ -58,6 +59,24 @@ class _Tee:
                 pass
 
 
+def queen_key_ring(admin_key: str, store: NodeStore) -> KeyRing:
+    """The queen's key opens everything it serves (S13: whoever may submit a
+    task may start workers). The nodes' hive keys it keeps are named as what
+    they are when presented here; they are read only for a key that is not
+    the queen's."""
+
+    def ring():
+        yield Scope.ADMIN, admin_key
+        try:
+            nodes = store.list()
+        except RbeeError:
+            return
+        for node in nodes:
+            yield Scope.OTHER_ADMIN, node.hive_key
+
+    return ring
+
+
 class QueenServer:
     def __init__(self, settings: QueenSettings, narrator: Narrator) -> None:
         self.settings = settings
@@ -74,7 +93,7 @@ class QueenServer:
     async def start(self) -> int:
         s = self.settings
         key, source = s.api_key_value()
-        server = grpc.aio.server(interceptors=[ApiKeyInterceptor(key)], options=SERVER_OPTIONS)
+        server = grpc.aio.server(interceptors=[ScopedKeyInterceptor(queen_key_ring(key, self.store))], options=SERVER_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.nodes, self.narrate, self.watchers), server)
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.tasks, self.narrate), server)

@@ -28,6 +28,8 @@ class QueenSettings(BaseSettings):
     port: int = Field(DEFAULT_QUEEN_PORT, ge=0, le=65535)
     # None = read or create $RBEE_HOME/queen.key (0600). Never logged.
     api_key: SecretStr | None = None
+    # A file holding the key (mode 0600), used when api_key is unset.
+    api_key_file: Path | None = None
     # RBEE_HOME for beehives.db, known_hosts, logs; None = RBEE_HOME / ~/.rbee.
     home: Path | None = None
 
@@ -92,6 +94,8 @@ class QueenSettings(BaseSettings):
         keeper of the same user on this machine finds it there."""
         if self.api_key:
             return self.api_key.get_secret_value(), "configured"
+        if self.api_key_file:
+            return read_key_file(self.api_key_file, "api_key_file"), str(self.api_key_file)
         if self.key_file.exists():
             return read_key_file(self.key_file, "queen.key"), str(self.key_file)
         key = new_api_key()

@@ -13,9 +13,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from rbee.auth import ApiKeyInterceptor
+from rbee.auth import ScopedKeyInterceptor, static_ring
 from rbee.channel import SERVER_OPTIONS
 from rbee.errors import RbeeError
+from rbee.scopes import Scope
 from rbee.v1 import inference_pb2, inference_pb2_grpc
 from rbee_worker.servicer import InferenceServicer
 from rbee_worker.status import BUSY, IDLE, WorkerStatus
@@ -64,9 +65,19 @@ async def create_server(
     api_key: str,
     host: str = "127.0.0.1",
     port: int = 0,
+    admin_key: str | None = None,
+    callback_key: str | None = None,
 ) -> WorkerServer:
-    """Bind and start; raises RbeeError(PORT_IN_USE) when the port is taken."""
-    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_key)], options=SERVER_OPTIONS)
+    """Bind and start; raises RbeeError(PORT_IN_USE) when the port is taken.
+
+    ``api_key`` opens inference (rbee/scopes.py); ``admin_key`` opens Shutdown.
+    A hive passes a separate admin key it alone holds; a worker started by hand
+    without one takes its inference key for both (its operator holds it anyway).
+    The callback key (for the hive) opens nothing here."""
+    ring = static_ring(
+        (Scope.INFERENCE, api_key), (Scope.ADMIN, admin_key or api_key), (Scope.CALLBACK, callback_key or "")
+    )
+    server = grpc.aio.server(interceptors=[ScopedKeyInterceptor(ring)], options=SERVER_OPTIONS)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     for name in ("", SERVICE_NAME):

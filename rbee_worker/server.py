@@ -35,6 +35,8 @@ EXIT_ERROR = 1
 EXIT_PORT_IN_USE = 3
 ENV_API_KEY = "RBEE_WORKER_API_KEY"
 ENV_CALLBACK_KEY = "RBEE_CALLBACK_API_KEY"
+# The key that opens Shutdown (S13 admin scope); the hive sets it at spawn.
+ENV_ADMIN_KEY = "RBEE_WORKER_ADMIN_KEY"
 
 # vLLM batches concurrent requests. On CPU each extra sequence slows every
 # other one (2 cores: 16 concurrent prompts share ~50-100 tokens/s), so a few
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, help="port to listen on")
     p.add_argument("--api-key", help=f"key clients must present (or set {ENV_API_KEY}; keeps it out of ps)")
+    p.add_argument("--api-key-file", help="read the key from this file (mode 600; RBEE_WORKER_API_KEY_FILE)")
     p.add_argument("--callback", metavar="HOST:PORT", help="the hive's WorkerCallbackService")
     p.add_argument("--worker-id", help="default: generated")
     p.add_argument("--model-ref", help="what the hive calls the model (default: the path)")
@@ -107,6 +110,8 @@ class Settings:
     max_model_len: int
     dtype: str
     engine_check_interval_s: float = ENGINE_CHECK_INTERVAL_S
+    # Empty: the inference key opens Shutdown too (a worker started by hand).
+    admin_key: str = ""
 
 
 def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
@@ -130,6 +135,11 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
     if not 0 <= args.port <= 65535:
         raise bad("--port", f"{args.port} is not a TCP port", "Use a port between 1 and 65535")
     api_key = args.api_key or env.get(ENV_API_KEY, "")
+    key_file = args.api_key_file or env.get("RBEE_WORKER_API_KEY_FILE")
+    if not api_key and key_file:
+        from rbee.auth import read_key_file
+
+        api_key = read_key_file(Path(key_file), "--api-key-file")
     if not api_key:
         raise bad("--api-key", f"no API key given (flag or {ENV_API_KEY})", f"Set {ENV_API_KEY} or pass --api-key")
     slots = args.slots if args.slots is not None else DEFAULT_SLOTS[args.backend]
@@ -156,6 +166,7 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         max_model_len=args.max_model_len,
         dtype=args.dtype,
         engine_check_interval_s=args.engine_check_interval,
+        admin_key=env.get(ENV_ADMIN_KEY, ""),
     )
 
 
@@ -184,12 +195,17 @@ def main(argv: list[str] | None = None, engine_factory: Callable[[Settings], Eng
         return EXIT_OK
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.api_key:
+            from rbee.auth import argv_key_warning
+
+            Narrator(ACTOR)("⚠️", argv_key_warning(ENV_API_KEY, "--api-key-file"), "warn")
         settings = settings_from(args, dict(os.environ))
         # The worker's output is its log: its hive keeps it as <worker-id>.log.
         set_log_location(f"the worker's log ({settings.worker_id}.log in its hive's logs folder)")
         # The engine's processes inherit the environment; they need no keys.
         os.environ.pop(ENV_API_KEY, None)
         os.environ.pop(ENV_CALLBACK_KEY, None)
+        os.environ.pop(ENV_ADMIN_KEY, None)
         # Before any server or engine: a wrong device never reaches vLLM.
         device_name = check_device(settings)
     except RbeeError as err:
@@ -268,7 +284,9 @@ class Worker:
         identity = Identity(s.worker_id, s.model_ref, s.model_path, s.backend, s.device, s.host, s.port, os.getpid())
         servicer = InferenceServicer(engine, status, identity, s.slots, self.narrate, on_shutdown=self.request_shutdown)
         try:
-            ws = await create_server(servicer, status, s.api_key, s.host, s.port)
+            ws = await create_server(
+                servicer, status, s.api_key, s.host, s.port, admin_key=s.admin_key, callback_key=s.callback_key
+            )
         except RbeeError as err:
             return _fail(err)
         identity = Identity(s.worker_id, s.model_ref, s.model_path, s.backend, s.device, s.host, ws.port, os.getpid())

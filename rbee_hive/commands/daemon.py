@@ -37,6 +37,11 @@ def daemon(
     # catalogs) is the hive user's alone (S13); the named files are also
     # created 0600/0700 explicitly, this covers the rest.
     os.umask(0o077)
+    if api_key:
+        from rbee.auth import argv_key_warning
+        from rbee.narration import Narrator
+
+        Narrator(ACTOR)("⚠️", argv_key_warning("RBEE_HIVE_API_KEY", "--api-key-file"), "warn")
     try:
         settings = load_settings(port=port, host=host, api_key=api_key, api_key_file=api_key_file, worker_binary=worker_binary)
         code = asyncio.run(serve(settings))

@@ -22,12 +22,14 @@ class HealthResult:
 
 
 class WorkerClient:
-    def __init__(self, address: str, api_key: str) -> None:
+    def __init__(self, address: str, api_key: str, admin_key: str | None = None) -> None:
         self.address = address
         self._channel = open_channel(address)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._md = metadata(api_key)
+        # Shutdown is the worker's admin scope (rbee/scopes.py).
+        self._admin_md = metadata(admin_key or api_key)
 
     async def close(self) -> None:
         await self._channel.close(grace=None)
@@ -62,7 +64,7 @@ class WorkerClient:
     async def shutdown(self, drain_timeout_s: int, timeout: float) -> None:
         try:
             await self._stub.Shutdown(
-                inference_pb2.ShutdownRequest(drain_timeout_s=drain_timeout_s), metadata=self._md, timeout=timeout
+                inference_pb2.ShutdownRequest(drain_timeout_s=drain_timeout_s), metadata=self._admin_md, timeout=timeout
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.address) from None

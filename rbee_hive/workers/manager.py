@@ -127,7 +127,7 @@ class WorkerManager:
     def client(self, record: WorkerRecord) -> WorkerClient:
         client = self._clients.get(record.id)
         if client is None:
-            client = self._clients[record.id] = WorkerClient(record.address, record.api_key)
+            client = self._clients[record.id] = WorkerClient(record.address, record.api_key, record.admin_key)
         return client
 
     # -- narration ------------------------------------------------------------
@@ -249,6 +249,7 @@ class WorkerManager:
             {
                 "RBEE_WORKER_API_KEY": record.api_key,
                 "RBEE_CALLBACK_API_KEY": record.callback_key,
+                "RBEE_WORKER_ADMIN_KEY": record.admin_key,
                 "RBEE_HOME": str(self.settings.rbee_home),
                 "PYTHONUNBUFFERED": "1",
             },

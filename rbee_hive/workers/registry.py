@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rbee.auth import new_api_key
 from rbee.errors import RbeeError
 from rbee.v1 import common_pb2
 
@@ -39,6 +40,9 @@ class WorkerRecord:
     log_path: Path
     events: EventLog
     process: WorkerProcess | None = None
+    # The worker's admin key (its Shutdown): only the hive holds it, so the
+    # inference key handed to a keeper cannot stop the worker (S13).
+    admin_key: str = field(default_factory=new_api_key, repr=False)
     state: int = State.WORKER_STATE_LOADING
     slots_total: int = 0
     slots_available: int = 0

@@ -114,12 +114,18 @@ async def test_the_callback_key_is_checked_before_anything_is_said_about_the_wor
         err = from_rpc_error(info.value)
         return info.value.code(), err.code, err.message, err.details, err.suggestions
 
-    for key, code in ((None, "MISSING_API_KEY"), ("wrong-key", "INVALID_API_KEY"), (KEY, "INVALID_API_KEY")):
+    for key, code in ((None, "MISSING_API_KEY"), ("wrong-key", "INVALID_API_KEY")):
         for_known = await answer("worker-known", key)
         for_unknown = await answer("worker-nope", key)
         assert for_known == for_unknown, key
         assert for_known[:2] == (grpc.StatusCode.UNAUTHENTICATED, code)
         assert "worker" not in for_known[2].lower()
+    # The hive's admin key and a worker's inference key are of other scopes
+    # (S13): refused as such, the same for every worker id.
+    for key in (KEY, "worker-key"):
+        for_known, for_unknown = await answer("worker-known", key), await answer("worker-nope", key)
+        assert for_known == for_unknown
+        assert for_known[:2] == (grpc.StatusCode.PERMISSION_DENIED, "WRONG_KEY_SCOPE")
     # The wrong keys changed nothing; the right one registers the worker.
     assert known.state == common_pb2.WORKER_STATE_LOADING and ctx.registry.get(known.id) is None
     await call(stub.ReportWorker, registry_pb2.ReportWorkerRequest(
