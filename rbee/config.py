@@ -62,7 +62,11 @@ def load_config(env: dict[str, str] | None = None) -> tuple[dict[str, Any], Path
 
     env = os.environ if env is None else env
     for path in config_candidates(env):
-        if path.is_file():
+        try:
+            found = path.is_file()
+        except OSError:  # a folder on the way is not ours to look into
+            found = False
+        if found:
             try:
                 return tomllib.loads(path.read_text()), path
             except (OSError, tomllib.TOMLDecodeError) as exc:

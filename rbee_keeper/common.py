@@ -106,11 +106,21 @@ def explain_auth(err: RbeeError, address: str, key_source: str) -> RbeeError:
 def run(coro: Coroutine[Any, Any, int | None]) -> None:
     """Run a command's coroutine; RbeeError → message + exit 1, Ctrl+C → 130."""
     try:
+        # A bad config file stops every command, naming the file and the key,
+        # even one whose options happen to need nothing from it.
+        settings = keeper_settings()
+        from rbee_keeper.output import debug
+
+        debug(f"config file: {settings.path or 'none found'}")
         code = asyncio.run(coro)
     except RbeeError as err:
+        coro.close()
+        print_error(err, ACTOR)
+        sys.exit(EXIT_ERROR)
         print_error(err, ACTOR)
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
+        coro.close()
         print(f"[{ACTOR}] 🛑 interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(code or 0)

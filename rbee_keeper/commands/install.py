@@ -73,7 +73,7 @@ def layout(system: bool, prefix: Path | None = None, home: Path | None = None) -
 
 
 def _existing_ancestor(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
+    while not os.path.exists(path) and path != path.parent:
         path = path.parent
     return path
 
@@ -163,7 +163,17 @@ def install(
     """
 
     async def go() -> int:
-        return do_install(system, prefix)
+        from rbee.errors import RbeeError
+
+        try:
+            return do_install(system, prefix)
+        except OSError as exc:
+            raise RbeeError(
+                "ACCESS_DENIED" if isinstance(exc, PermissionError) else "INSTALL_FAILED",
+                f"Cannot install into {exc.filename or 'the target folder'}: {exc.strerror or exc}",
+                {"path": str(exc.filename or "")},
+                ["Run it as root for --system (sudo rbee-keeper install --system), or leave out --system"],
+            ) from None
 
     run(go())
 

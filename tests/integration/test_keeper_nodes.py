@@ -55,6 +55,16 @@ async def test_commands_reach_a_node_by_name_and_by_the_default_node(queen_facto
         code, out, err = await queen.keeper("logs", "--node", "here", "--hive", f"127.0.0.1:{hive_port}")
         assert code == 1 and "USAGE_ERROR" in err
 
+        # status: one screen (or one JSON object) with the queen, the node and its hive, workers, models.
+        code, out, err = await queen.keeper("status", "--json")
+        assert code == 0, err
+        status = json.loads(out)
+        assert status["queen"]["address"] == queen.address
+        assert [(n["name"], n["hive_running"]) for n in status["nodes"]] == [("here", True)]
+        assert status["workers"] == [] and status["models"] == [] and status["models_unavailable"] == {}
+        code, out, err = await queen.keeper("status")
+        assert code == 0 and f"QUEEN  {queen.address}" in out and "here" in out and "workers: none running" in out, out
+
         # logs --follow streams until Ctrl+C, then exits 130.
         proc = await asyncio.create_subprocess_exec(
             str(KEEPER_BIN), "logs", "--node", "here", "--follow", "--queen", queen.address,
