@@ -120,6 +120,7 @@ class DirectInference:
         self.printer.end_line()
         elapsed = time.monotonic() - started
         ttft = (first_token_at - started) * 1000 if first_token_at is not None else None
+        self.printer.finished(final, self.worker, elapsed, ttft)
         self.narrate("✅", summary_line(self.printer.tokens, elapsed, ttft, final.finish_reason))
         return 0
 

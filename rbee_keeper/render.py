@@ -31,12 +31,37 @@ class OutputClosed(Exception):
     """Whoever read our stdout went away (e.g. ``| head``)."""
 
 
+# `infer --json`: the answer is collected and printed as one JSON object at
+# the end instead of streamed (set by the infer command, read by TokenPrinter).
+_json_answer = False
+
+
+def set_json_answer(on: bool) -> None:
+    global _json_answer
+    _json_answer = on
+
+
+def finish_reason(final: inference_pb2.GenerateFinal) -> str:
+    """The final message's finish reason as a word ("stop", "length", ...).
+    The contract moved it from a string to an enum (`reason`); both are read."""
+    fields = final.DESCRIPTOR.fields_by_name
+    if "reason" in fields and fields["reason"].enum_type is not None:
+        name = fields["reason"].enum_type.values_by_number[final.reason].name  # type: ignore[attr-defined]
+        return name.removeprefix("FINISH_REASON_").lower()
+    return getattr(final, "finish_reason", "") or "unknown"
+
+
 class TokenPrinter:
     """Writes each delta to stdout as it arrives and keeps what was written,
-    so an interrupted answer can be saved."""
+    so an interrupted answer can be saved. With `infer --json` nothing is
+    streamed: finished() prints one JSON object instead."""
 
     def __init__(self, out: TextIO | None = None) -> None:
-        self._out = out if out is not None else sys.stdout
+        self.json = _json_answer and out is None
+        self._stdout = out if out is not None else sys.stdout
+        from rbee_keeper.output import NULL
+
+        self._out = NULL if self.json else self._stdout  # type: ignore[assignment]
         self._parts: list[str] = []
         self._ended = False
         self.tokens = 0
@@ -67,6 +92,31 @@ class TokenPrinter:
     @property
     def text(self) -> str:
         return "".join(self._parts)
+
+    def finished(self, final: inference_pb2.GenerateFinal, worker: str, elapsed_s: float, ttft_ms: float | None) -> None:
+        """With --json: the answer as one object on stdout (text, finish reason,
+        token counts, timings); nothing otherwise (the tokens are already out)."""
+        if not self.json:
+            return
+        import json
+
+        answer = {
+            "text": self.text,
+            "finish_reason": finish_reason(final),
+            "tokens_generated": final.tokens_generated or self.tokens,
+            "prompt_tokens": final.prompt_tokens,
+            "duration_ms": final.duration_ms,
+            "time_to_first_token_ms": final.time_to_first_token_ms,
+            "keeper_elapsed_ms": round(elapsed_s * 1000, 1),
+            "keeper_time_to_first_token_ms": round(ttft_ms, 1) if ttft_ms is not None else None,
+            "worker": worker,
+            "request_id": final.request_id,
+        }
+        try:
+            self._stdout.write(json.dumps(answer) + "\n")
+            self._stdout.flush()
+        except BrokenPipeError:
+            self._silence()
 
     def end_line(self) -> None:
         """End the answer with a newline (once), so what follows on the

@@ -15,7 +15,7 @@ from rbee.modelref import parse_model_ref
 from rbee_keeper.common import resolve_api_key, run
 from rbee_keeper.direct import DirectInference, Timeouts
 from rbee_keeper.interrupts import Interrupts
-from rbee_keeper.render import TokenPrinter, narrator
+from rbee_keeper.render import TokenPrinter, narrator, set_json_answer
 from rbee_keeper.validation import (
     parse_float,
     validate_address,
@@ -74,12 +74,14 @@ def infer(
     queen: str = typer.Option(None, "--queen", metavar="HOST:PORT", help="The queen (queen mode; default: RBEE_QUEEN, \\[keeper] queen, else 127.0.0.1:7800); one is started for this command when none answers on this machine."),
     backend: str = typer.Option(None, "--backend", help="cpu, cuda or metal; with --worker, checked against the worker."),
     device: str = typer.Option(None, "--device", metavar="N", help="Device index; with --worker, checked against the worker."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, finish reason, token counts, timings) on stdout at the end instead of streaming the tokens."),
     # Knobs for tests and operators; not part of the everyday interface.
     ignore_eos: bool = typer.Option(False, "--ignore-eos", hidden=True),
     stall_timeout: str = typer.Option(None, "--stall-timeout", hidden=True, envvar="RBEE_KEEPER_STALL_TIMEOUT_S"),
     loading_timeout: str = typer.Option(None, "--loading-timeout", hidden=True, envvar="RBEE_KEEPER_LOADING_TIMEOUT_S"),
     connect_timeout: str = typer.Option(None, "--connect-timeout", hidden=True, envvar="RBEE_KEEPER_CONNECT_TIMEOUT_S"),
 ) -> None:
+    set_json_answer(as_json)
     run(
         _infer(
             prompt, max_tokens, temperature, top_p, top_k, seed, tuple(stop), raw_prompt,
