@@ -175,7 +175,10 @@ def download(
     backend: str = typer.Option(None, "--backend", help="Prepare the model for this backend's engine (imports GGUF for cpu)."),
     api_key: str = HIVE_KEY_OPTION,
 ) -> None:
-    """Download a model onto the hive's node (progress on stderr, path on stdout)."""
+    """Download a model onto a node (progress on stderr, its path there on stdout).
+
+    Example: rbee-keeper models download hf:HuggingFaceTB/SmolLM2-135M-Instruct --node workstation
+    """
 
     async def main() -> int:
         parse_model_ref(model)
@@ -219,7 +222,10 @@ def remove(
     queen: str = QUEEN_OPTION,
     api_key: str = HIVE_KEY_OPTION,
 ) -> None:
-    """Remove a model from the hive's catalog and delete its files."""
+    """Remove a model from a node's catalog and delete its files.
+
+    Example: rbee-keeper models rm hf:HuggingFaceTB/SmolLM2-135M-Instruct --node workstation
+    """
 
     async def main() -> int:
         parse_model_ref(model)

@@ -114,8 +114,12 @@ def health_cmd(
     queen: str = QUEEN_OPTION,
     api_key: str = HIVE_KEY_OPTION,
     worker_id: str = typer.Option("", "--id", help="Only this worker."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per worker checked."),
 ) -> None:
-    """Ask the hive to health-check its workers now. Exit 1 when one does not answer."""
+    """Ask a node's hive to health-check its workers now. Exit 1 when one does not answer.
+
+    Example: rbee-keeper workers health --node workstation
+    """
 
     async def go() -> int:
         async with await hive_for(hive, node, api_key, queen) as client:
@@ -126,7 +130,13 @@ def health_cmd(
         bad = 0
         for h in results:
             w = h.worker
-            if h.reachable:
+            if as_json:
+                import json
+
+                bad += not h.reachable
+                print(json.dumps({**_worker_dict(w), "reachable": h.reachable, "health": h.status, "latency_ms": h.latency_ms,
+                                  "consecutive_failures": h.consecutive_failures}))  # fmt: skip
+            elif h.reachable:
                 print(f"✅ {w.id} {w.address} {_state(w.state)} health={h.status} {h.latency_ms}ms")
             else:
                 bad += 1
@@ -147,7 +157,10 @@ def shutdown_cmd(
     worker_id: str = typer.Option(..., "--id", help="The worker to stop (see `workers list`)."),
     timeout: int = typer.Option(0, "--timeout", min=0, help="Seconds to let it drain before it is force-killed (0 = the hive's 30 s)."),
 ) -> None:
-    """Gracefully stop one worker (force-killed if it does not exit in time)."""
+    """Gracefully stop one worker (force-killed if it does not exit in time).
+
+    Example: rbee-keeper workers shutdown --node workstation --id worker-1
+    """
 
     async def go() -> int:
         say = narrator()
@@ -253,7 +266,10 @@ def envs_cmd(
     backend: str = typer.Option(None, "--backend", help="Only this backend's environment (cpu, cuda or metal)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per environment."),
 ) -> None:
-    """The worker environments installed on the hive's node (one per backend)."""
+    """The worker environments installed on a node (one per backend).
+
+    Example: rbee-keeper workers envs --node workstation --json
+    """
 
     async def go() -> int:
         wanted = validate_backend(backend)
@@ -286,6 +302,8 @@ def provision_cmd(
 
     The hive's narration goes to stderr, `ID BINARY` to stdout. Ctrl+C stops
     waiting; the hive finishes the install.
+
+    Example: rbee-keeper workers provision --node workstation --backend cpu
     """
 
     async def go() -> int:

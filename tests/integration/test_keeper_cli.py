@@ -109,7 +109,11 @@ def test_help_documents_the_precedence_and_each_command_has_an_example(tmp_path:
     home = tmp_path / "home"
     out = keeper(home, "--help").stdout
     assert "beats the environment, which beats the config file" in out and "[keeper]" in out and "[remote]" in out
-    for command in (["infer"], ["status"], ["install"], ["logs"], ["models", "list"], ["workers", "list"], ["setup", "list-nodes"]):
+    commands = [["infer"], ["status"], ["install"], ["logs"]]
+    commands += [["models", c] for c in ("list", "download", "rm")]
+    commands += [["workers", c] for c in ("list", "health", "shutdown", "spawn", "envs", "provision")]
+    commands += [["setup", c] for c in ("add-node", "update-node", "remove-node", "list-nodes", "install", "check-node")]
+    for command in commands:
         text = keeper(home, *command, "--help").stdout
         assert "Example: rbee-keeper" in text, command
 
