@@ -7,6 +7,8 @@
                            127.0.0.1, split into keeper start-up, SSH connection setup, remote commands, our code
           bench.queen      warm start through the queen (keeper start-up, queen, worker TTFT) vs
                            straight to the worker; cold-start overhead on top of the engine start
+          bench.keeper     the keeper's own cost: `rbee-keeper --version` and `infer --worker … -n 1`
+                           against a bare gRPC client, whole processes, one loaded worker
 
 Pick some with `make bench BENCH_ARGS="transport ssh_preflight"`.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-ALL = ("transport", "downloads", "ssh_preflight", "queen", "engine")
+ALL = ("transport", "downloads", "ssh_preflight", "queen", "keeper", "engine")
 
 
 def main(argv: list[str]) -> int:

@@ -81,13 +81,11 @@ def make_app(name: str, help: str) -> "typer.Typer":
     return app
 
 
-def run_app(app: "typer.Typer", actor: str) -> NoReturn:
+def run_app(app: "typer.Typer", actor: str, prepare=None) -> NoReturn:
     """Run a typer app with the project's exit codes: usage mistakes (unknown
     option, missing argument) become USAGE_ERROR and exit 1, like every other
     bad input, instead of click's exit 2."""
     import typer
-
-    from rbee.errors import RbeeError
 
     try:  # recent typer carries its own copy of click
         from typer._click import exceptions as click_exc
@@ -95,6 +93,8 @@ def run_app(app: "typer.Typer", actor: str) -> NoReturn:
         from click import exceptions as click_exc
 
     command = typer.main.get_command(app)
+    if prepare is not None:  # a program's chance to adjust its click command before parsing
+        prepare(command)
     try:
         result = command.main(prog_name=actor, standalone_mode=False)
     except click_exc.NoArgsIsHelpError as exc:
@@ -104,12 +104,16 @@ def run_app(app: "typer.Typer", actor: str) -> NoReturn:
             typer.echo(exc.format_message())
         sys.exit(EXIT_OK)
     except click_exc.UsageError as exc:
+        from rbee.errors import RbeeError
+
         hint = f"Run `{exc.ctx.command_path} --help` for the accepted options" if exc.ctx else f"Run `{actor} --help`"
         print_error(RbeeError("USAGE_ERROR", exc.format_message(), suggestions=[hint]), actor)
         sys.exit(EXIT_ERROR)
     except typer.Abort:
         sys.exit(EXIT_INTERRUPTED)
     except click_exc.ClickException as exc:
+        from rbee.errors import RbeeError
+
         print_error(RbeeError("INVALID_ARGUMENT", exc.format_message()), actor)
         sys.exit(EXIT_ERROR)
     sys.exit(result if isinstance(result, int) else EXIT_OK)

@@ -8,8 +8,11 @@ import os
 import sys
 from typing import TextIO
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # rich is imported when a progress view is made, not at start-up
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
 
 from rbee.narration import Narrator, format_line
 from rbee.v1 import common_pb2, inference_pb2
@@ -148,7 +151,11 @@ class LoadingView:
     def __init__(self, worker: str, narrate: Narrator, console: Console | None = None) -> None:
         self._worker = worker
         self._narrate = narrate
-        self._console = console if console is not None else Console(stderr=True, highlight=False, quiet=_quiet())
+        if console is None:
+            from rich.console import Console
+
+            console = Console(stderr=True, highlight=False, quiet=_quiet())
+        self._console = console
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._last_line = ""
@@ -183,6 +190,8 @@ class LoadingView:
 
     def _update_bar(self, p: common_pb2.ProgressEvent) -> None:
         if self._progress is None:
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
             self._progress = Progress(
                 SpinnerColumn(),
                 TextColumn(f"[{ACTOR}] loading model on {self._worker}:"),
