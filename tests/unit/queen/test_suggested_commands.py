@@ -110,6 +110,42 @@ def suggested_commands() -> list[tuple[str, str]]:
     return sorted(set(found))
 
 
+DOCS = ("README.md", "docs")
+# A shell line running the keeper: an optional .venv/bin/ and VAR=value words first.
+DOC_LINE = re.compile(r"^\s*(?:[A-Z_]+=\S+\s+)*(?:\.venv/bin/)?rbee-keeper\s+(.*)$")
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(where, words after `rbee-keeper`) for every keeper command in the README
+    and docs/: the lines of shell blocks (continuations joined, comments cut)
+    and commands in backticks."""
+    found = []
+    files = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    for path in files:
+        text = path.read_text()
+        in_block = False
+        lines = text.splitlines()
+        i = 0
+        while i < len(lines):
+            line = lines[i]
+            number = i + 1
+            if line.lstrip().startswith("```"):
+                in_block = not in_block
+            elif in_block:
+                while line.rstrip().endswith("\\") and i + 1 < len(lines):
+                    i += 1
+                    line = line.rstrip()[:-1] + " " + lines[i].strip()
+                line = re.sub(r"\s+#\s.*$", "", line)
+                match = DOC_LINE.match(line)
+                if match and match.group(1).strip():
+                    found.append((f"{path.relative_to(REPO)}:{number}", match.group(1).strip().rstrip("&").strip()))
+            else:
+                for m in re.finditer(r"`rbee-keeper ([^`]+)`", line):
+                    found.append((f"{path.relative_to(REPO)}:{number}", m.group(1)))
+            i += 1
+    return sorted(set(c for c in found if "|" not in c[1]))
+
+
 ELIDED = ("...", "…")
 
 
@@ -130,7 +166,8 @@ def parse(words: list[str], elided: bool = False):
         leaf = not getattr(command, "commands", None)
         if leaf and elided:
             for param in command.params:
-                if getattr(param, "required", False) and not set(param.opts) & set(args):
+                is_option = any(o.startswith("-") for o in param.opts)
+                if is_option and getattr(param, "required", False) and not set(param.opts) & set(args):
                     args += [param.opts[0], "node1"]
         ctx = command.make_context(name, args, parent=parent)
         if leaf:
@@ -142,6 +179,7 @@ def parse(words: list[str], elided: bool = False):
 
 
 SUGGESTED = suggested_commands()
+DOCUMENTED = documented_commands()
 
 
 def test_the_programs_suggest_keeper_commands() -> None:
@@ -152,12 +190,18 @@ def test_the_programs_suggest_keeper_commands() -> None:
     assert {w.split("/")[0] for w, _ in SUGGESTED} >= {"rbee_queen", "rbee_hive", "rbee_keeper"}
 
 
-@pytest.mark.parametrize(("where", "command"), SUGGESTED, ids=[f"{w} {c}" for w, c in SUGGESTED])
+def test_the_docs_show_keeper_commands() -> None:
+    assert any(w.startswith("README.md") for w, _ in DOCUMENTED) and any(w.startswith("docs/") for w, _ in DOCUMENTED)
+
+
+@pytest.mark.parametrize(("where", "command"), SUGGESTED + DOCUMENTED, ids=[f"{w} {c}" for w, c in SUGGESTED + DOCUMENTED])
 def test_a_suggested_command_parses_with_the_real_cli(where: str, command: str) -> None:
     words = _fill(command.replace("[", "").replace("]", ""))  # optional parts: check them too
-    if words[0].startswith("-"):  # a root option (--install-completion): eager, so look it up only
-        root = typer.main.get_command(app)
-        assert any(words[0] in p.opts for p in root.params), f"{where}: rbee-keeper has no option {words[0]}"
+    root = typer.main.get_command(app)
+    while words and words[0].startswith("-"):  # root options (--quiet, --install-completion): looked up only
+        assert words[0] == "--help" or any(words[0] in p.opts for p in root.params), f"{where}: rbee-keeper has no option {words[0]}"
+        words = words[1:]
+    if not words:
         return
     try:
         ctx = parse(words, elided=any(mark in command.split() for mark in ELIDED))
