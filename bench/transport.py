@@ -47,6 +47,9 @@ class FloodEngine(Engine):
     def encode(self, prompt: str, raw_prompt: bool) -> list[int]:
         return [1, 2, 3]
 
+    def encode_chat(self, messages) -> list[int]:
+        return [1, 2, 3]
+
     async def generate(self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions) -> AsyncIterator[Delta]:
         n = options.max_tokens
         for i in range(1, n + 1):

@@ -28,7 +28,7 @@ Feature: Streaming an answer from a worker
   Scenario: Cancelling a request ends its stream and frees its slot
     Given a long request is streaming
     When the client cancels it by its request id
-    Then the stream ends with finish reason "cancelled"
+    Then the stream ends with finish reason "abort"
     And the worker shows no busy slot
 
   Scenario: Cancelling twice, or an id the worker never saw, is not an error

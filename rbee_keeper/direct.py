@@ -21,7 +21,7 @@ from rbee.v1 import inference_pb2
 from rbee_keeper.interrupts import EXIT_INTERRUPTED, Interrupted, Interrupts
 from rbee_keeper.partial import save_partial, tokens_generated
 from rbee_keeper.readiness import ReadinessWaiter, check_expected
-from rbee_keeper.render import LoadingView, OutputClosed, TokenPrinter, summary_line
+from rbee_keeper.render import LoadingView, OutputClosed, TokenPrinter, finish_reason, summary_line
 from rbee_keeper.validation import SamplingArgs
 from rbee_keeper.worker_client import WorkerClient
 
@@ -121,7 +121,7 @@ class DirectInference:
         elapsed = time.monotonic() - started
         ttft = (first_token_at - started) * 1000 if first_token_at is not None else None
         self.printer.finished(final, self.worker, elapsed, ttft)
-        self.narrate("✅", summary_line(self.printer.tokens, elapsed, ttft, final.finish_reason))
+        self.narrate("✅", summary_line(self.printer.tokens, elapsed, ttft, finish_reason(final)))
         return 0
 
     # -- generation --------------------------------------------------------
@@ -231,9 +231,8 @@ class DirectInference:
         return err if refused else self._broken(err)
 
     def _finished(self, final: inference_pb2.GenerateFinal) -> inference_pb2.GenerateFinal:
-        if final.finish_reason == "error":
-            raise self._broken(RbeeError("INTERNAL", "the worker ended the request with an error"))
-        if final.finish_reason == "cancelled":
+        # Errors arrive as a status, never in the final message.
+        if final.reason == inference_pb2.FINISH_REASON_ABORT:
             raise self._with_partial(
                 "CANCELLED",
                 f"Request {self.request_id} was cancelled on worker {self.worker}",
@@ -344,14 +343,14 @@ class DirectInference:
                 self.narrate("⚠️", f"Cancel of {self.request_id} failed: {exc.code}: {exc.message}")
             cancel.cancel()
         self.printer.end_line()
-        if final is not None and final.finish_reason == "cancelled":
+        if final is not None and final.reason == inference_pb2.FINISH_REASON_ABORT:
             self.narrate(
                 "✅",
                 f"Request {self.request_id} cancelled; the worker confirmed after "
                 f"{final.tokens_generated} tokens",
             )
         elif final is not None:
-            self.narrate("✅", f"Request {self.request_id} had already finished ({final.finish_reason})")
+            self.narrate("✅", f"Request {self.request_id} had already finished ({finish_reason(final)})")
         elif reply_ok:
             self.narrate("✅", f"Worker {self.worker} confirmed the cancel of {self.request_id}")
         else:

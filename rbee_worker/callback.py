@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 REPORT_TIMEOUT_S = 5.0
 ATTEMPTS = 3
+# While busy, the snapshot (with the worker's load) is re-sent this often.
+BUSY_REPORT_INTERVAL_S = 5.0
 
 
 class HiveReporter:
@@ -32,7 +34,12 @@ class HiveReporter:
         api_key: str,
         snapshot: Callable[[], tuple[common_pb2.WorkerInfo, RbeeError | None]],
         narrator: Narrator,
+        busy: Callable[[], bool] = lambda: False,
+        busy_interval_s: float = BUSY_REPORT_INTERVAL_S,
     ) -> None:
+        self._busy = busy
+        self._busy_interval_s = busy_interval_s
+        self._ticker: asyncio.Task | None = None
         self.address = address
         self._key = api_key
         self._snapshot = snapshot
@@ -46,7 +53,9 @@ class HiveReporter:
 
     def start(self) -> None:
         self._channel = open_channel(self.address)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="hive-reporter")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="hive-reporter")
+        self._ticker = loop.create_task(self._tick(), name="hive-reporter-load")
 
     def notify(self) -> None:
         self._sent.clear()
@@ -60,10 +69,17 @@ class HiveReporter:
         except TimeoutError:
             return False
 
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self._busy_interval_s)
+            if self._busy():
+                self.notify()
+
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task])
+        for task in (self._ticker, self._task):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
         if self._channel is not None:
             await self._channel.close()
 

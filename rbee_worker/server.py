@@ -271,7 +271,7 @@ class Worker:
         from rbee_worker.app import create_server
         from rbee_worker.callback import HiveReporter
         from rbee_worker.servicer import InferenceServicer
-        from rbee_worker.status import FAILED, STOPPED, Identity, WorkerStatus
+        from rbee_worker.status import BUSY, FAILED, STOPPED, Identity, WorkerStatus
         s = self.s
         self.narrate(
             "🌅",
@@ -309,12 +309,14 @@ class Worker:
                 slots_available=servicer.slots_total - servicer.slots_busy,
                 last_activity_unix_ms=servicer.last_activity_unix_ms,
                 pid=identity.pid,
+                load=servicer.load(),
             )
             return info, (status.error if status.state == FAILED else None)
 
         reporter = None
         if s.callback:
-            reporter = HiveReporter(s.callback, s.callback_key, snapshot, self.narrate)
+            # While busy the load changes without a state change: report it every few seconds.
+            reporter = HiveReporter(s.callback, s.callback_key, snapshot, self.narrate, busy=lambda: status.state == BUSY)
             reporter.start()
             status.on_state(lambda _state: reporter.notify())
             reporter.notify()

@@ -1,10 +1,11 @@
-"""InferenceService: readiness, loading progress, token streams, cancel, shutdown."""
+"""InferenceService: readiness, loading progress, token streams, cancel, shutdown,
+model info and load."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
@@ -15,8 +16,10 @@ from rbee.config import VERSION
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.rpc import handle_errors
-from rbee.v1 import inference_pb2, inference_pb2_grpc
-from rbee_worker.engine import DEFAULT_TEMPERATURE, Engine, SamplingOptions
+from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from rbee_worker.contract import ParsedRequest, defaults, invalid, parse_request
+from rbee_worker.engine import Engine
+from rbee_worker.load import TokenRate, worker_load
 from rbee_worker.status import (
     BUSY,
     DRAINING,
@@ -34,38 +37,6 @@ log = logging.getLogger(__name__)
 DEFAULT_DRAIN_TIMEOUT_S = 30
 # After the drain timeout, aborted streams get this long to send their final message.
 ABORT_GRACE_S = 5.0
-
-
-def _invalid(field: str, message: str, **details: object) -> RbeeError:
-    return RbeeError("INVALID_ARGUMENT", f"Invalid {field}: {message}", {"field": field, **details})
-
-
-def validate_request(request: inference_pb2.GenerateRequest) -> SamplingOptions:
-    """Field checks that need no tokenizer; each error names its field."""
-    if not request.prompt.strip():
-        raise _invalid("prompt", "the prompt is empty")
-    if request.max_tokens <= 0:
-        raise _invalid("max_tokens", f"must be at least 1 (got {request.max_tokens})", value=request.max_tokens)
-    temperature = request.temperature if request.HasField("temperature") else DEFAULT_TEMPERATURE
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise _invalid("temperature", f"must be 0 (greedy) or more (got {temperature:g})", value=f"{temperature:g}")
-    top_p = request.top_p if request.HasField("top_p") else 1.0
-    if not (0 < top_p <= 1):
-        raise _invalid("top_p", f"must be in (0, 1] (got {top_p:g})", value=f"{top_p:g}")
-    top_k = request.top_k if request.HasField("top_k") else 0
-    if top_k < 0:
-        raise _invalid("top_k", f"must be 0 (off) or more (got {top_k})", value=top_k)
-    if any(not s for s in request.stop):
-        raise _invalid("stop", "stop strings must not be empty")
-    return SamplingOptions(
-        max_tokens=request.max_tokens,
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=int(top_k),
-        seed=request.seed if request.HasField("seed") else None,
-        stop=tuple(request.stop),
-        ignore_eos=request.ignore_eos,
-    )
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -93,6 +64,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._idle.set()
         self._background: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.token_rate = TokenRate()
         # Wall-clock on purpose: reported to the hive as a timestamp.
         self.last_activity_unix_ms = int(time.time() * 1000)
 
@@ -176,8 +148,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 ["Retry on another worker, or start a new one"],
             )
 
-    def _check_length(self, prompt_tokens: int, max_tokens: int) -> None:
-        limit = self._status.info.max_model_len if self._status.info else 0
+    def _max_tokens(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """The request's max_tokens, or what the context leaves after the prompt."""
+        info = self._status.info
+        limit = info.max_model_len if info else 0
+        if max_tokens is None:
+            self._check_length(prompt_tokens, 1, limit)
+            room = limit - prompt_tokens if limit else 16
+            model_default = int(defaults(info).get("max_tokens", 0))
+            return min(room, model_default) if model_default else room
+        self._check_length(prompt_tokens, max_tokens, limit)
+        return max_tokens
+
+    def _check_length(self, prompt_tokens: int, max_tokens: int, limit: int) -> None:
         if not limit:
             return
         figures = {"prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "max_model_len": limit}
@@ -245,7 +228,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self._narrate(
                 "✅",
                 f"Request {active.request_id}: {final.tokens_generated} tokens in {final.duration_ms} ms "
-                f"({final.finish_reason})",
+                f"({active.finish_reason})",
             )
         if not self._active:
             self._idle.set()
@@ -258,18 +241,30 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_failure)
 
+    def _prompt_ids(self, parsed: ParsedRequest) -> list[int]:
+        if parsed.input_kind == "chat":
+            return self._engine.encode_chat(parsed.messages)
+        if parsed.input_kind == "token_ids":
+            return list(parsed.token_ids)
+        return self._engine.encode(parsed.prompt, parsed.raw_prompt)
+
     @handle_errors
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         self._loop = asyncio.get_running_loop()
         self._check_accepting()
-        options = validate_request(request)
+        parsed = parse_request(request, self._status.info, self.slots_total)
         request_id = request.request_id or f"req-{uuid.uuid4().hex[:12]}"
         # A full worker answers before spending time on the tokenizer. No await
         # from here to _acquire, so the check and the slot taken are one step.
         self._check_capacity(request_id)
-        prompt_ids = self._engine.encode(request.prompt, request.raw_prompt)
-        self._check_length(len(prompt_ids), options.max_tokens)
-        active = ActiveRequest(request_id, self._engine, prompt_ids, options, coalesce=self._coalesce)
+        prompt_ids = self._prompt_ids(parsed)
+        max_tokens = self._max_tokens(len(prompt_ids), parsed.max_tokens)
+        if parsed.options.min_tokens > max_tokens:
+            raise invalid("min_tokens", f"{parsed.options.min_tokens} is more than max_tokens {max_tokens}")
+        options = dataclasses.replace(parsed.options, max_tokens=max_tokens)
+        active = ActiveRequest(
+            request_id, self._engine, prompt_ids, options, coalesce=self._coalesce, on_tokens=self.token_rate.add
+        )
         self._acquire(request_id, active)
         how = "disconnected"
         # The RPC's end (client gone, deadline) frees the slot even when the
@@ -279,8 +274,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             active.start()
             self._narrate(
                 "🧠",
-                f"Generating {request_id}: prompt {len(prompt_ids)} tokens, max_tokens {options.max_tokens}, "
-                f"slots {self.slots_busy}/{self.slots_total}",
+                f"Generating {request_id}: prompt {len(prompt_ids)} tokens, max_tokens {options.max_tokens}"
+                + (f", n {options.n}" if options.n > 1 else "")
+                + f", slots {self.slots_busy}/{self.slots_total}",
             )
             async for message in active.messages():
                 if active.finish_reason is not None:
@@ -295,16 +291,71 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         finally:
             self._release(active, how)
 
+    # -- model info and load -------------------------------------------------
+
+    @handle_errors
+    async def GetModelInfo(self, request, context) -> inference_pb2.GetModelInfoResponse:
+        info = self._status.info
+        if info is None:
+            self._check_accepting()
+            raise RbeeError("MODEL_LOADING", "The model is not loaded yet")
+        d = defaults(info)
+        reply = inference_pb2.GetModelInfoResponse(
+            model_ref=self._identity.model_ref,
+            max_model_len=info.max_model_len,
+            max_input_len=max(info.max_model_len - 1, 0),
+            vocab_size=info.vocab_size,
+            eos_token_ids=list(info.eos_token_ids),
+            has_chat_template=info.has_chat_template,
+            defaults=inference_pb2.SamplingDefaults(
+                temperature=d["temperature"],
+                top_p=d["top_p"],
+                top_k=int(d["top_k"]),
+                min_p=d["min_p"],
+                presence_penalty=d["presence_penalty"],
+                frequency_penalty=d["frequency_penalty"],
+                repetition_penalty=d["repetition_penalty"],
+                max_tokens=int(d.get("max_tokens", 0)),
+            ),
+            max_logprobs=info.max_logprobs,
+            engine_version=info.engine_version,
+            worker_version=VERSION,
+            tokenizer_sha256=info.tokenizer_sha256,
+            max_n=self.slots_total,
+        )
+        if info.bos_token_id is not None:
+            reply.bos_token_id = info.bos_token_id
+        if info.pad_token_id is not None:
+            reply.pad_token_id = info.pad_token_id
+        return reply
+
+    def load(self) -> common_pb2.WorkerLoad:
+        engine = self._engine.load_stats() if self._status.model_loaded else None
+        return worker_load(self.slots_total, self.slots_busy, self.token_rate, engine)
+
+    @handle_errors
+    async def GetLoad(self, request, context) -> inference_pb2.GetLoadResponse:
+        return inference_pb2.GetLoadResponse(state=self._status.state, load=self.load())
+
     # -- cancel and shutdown -------------------------------------------------
 
     @handle_errors
     async def Cancel(self, request: inference_pb2.CancelRequest, context) -> inference_pb2.CancelResponse:
-        active = self._active.get(request.request_id)
-        cancelled = active.cancel() if active is not None else False
-        if cancelled:
-            await self._engine.abort(request.request_id)
-            self._narrate("🛑", f"Cancelled {request.request_id} after {active.tokens} tokens")
-        return inference_pb2.CancelResponse(cancelled=cancelled, request_id=request.request_id)
+        ids = list(dict.fromkeys(i for i in (request.request_id, *request.request_ids) if i))
+        if not ids:
+            raise invalid("request_ids", "give at least one request id")
+        reason = request.reason or "cancelled by a client"
+        cancelled = await self.cancel(ids, reason)
+        return inference_pb2.CancelResponse(cancelled=bool(cancelled), request_id=request.request_id, cancelled_ids=cancelled)
+
+    async def cancel(self, request_ids: list[str], reason: str) -> list[str]:
+        """Abort the running ones among request_ids; returns those. The engine
+        has been told to abort each before this returns."""
+        chosen = [(i, a) for i in request_ids if (a := self._active.get(i)) is not None and a.cancel(reason)]
+        for request_id, active in chosen:
+            await self._engine.abort(request_id)
+            self._narrate("🛑", f"Cancelled {request_id} after {active.tokens} tokens ({reason})")
+        return [i for i, _ in chosen]
 
     @handle_errors
     async def Shutdown(self, request: inference_pb2.ShutdownRequest, context) -> inference_pb2.ShutdownResponse:
@@ -321,7 +372,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def drain(self, timeout_s: float) -> int:
         """Let in-flight requests finish for up to timeout_s, then cancel the
-        rest (their streams end with "cancelled"). Returns how many were cut."""
+        rest (their streams end with reason ABORT). Returns how many were cut."""
         self.begin_drain()
         if self._active:
             self._narrate("⏳", f"Waiting up to {timeout_s:g} s for {self.slots_busy} request(s) to finish")
@@ -333,15 +384,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._narrate(
             "⏱️", f"Drain timeout ({timeout_s:g} s): cancelling {self.slots_busy} request(s)", level="warn"
         )
-        return await self.cancel_all()
+        return await self.cancel_all("worker draining: drain timeout")
 
-    async def cancel_all(self) -> int:
-        """Cancel every request in flight (each stream ends with "cancelled")
+    async def cancel_all(self, reason: str = "worker shutting down") -> int:
+        """Cancel every request in flight (each stream ends with reason ABORT)
         and wait, bounded, for their streams to end."""
-        remaining = list(self._active.values())
-        for active in remaining:
-            if active.cancel():
-                await self._engine.abort(active.request_id)
+        remaining = list(self._active)
+        await self.cancel(remaining, reason)
         if self._active:
             try:
                 await asyncio.wait_for(self._idle.wait(), ABORT_GRACE_S)

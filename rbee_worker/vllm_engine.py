@@ -7,22 +7,27 @@ vLLM is imported here only, and only inside load(), so that `--help`,
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rbee.errors import RbeeError
 from rbee_worker.engine import (
-    CANCELLED,
+    ABORT,
     Delta,
     Engine,
     EngineInfo,
+    EngineLoad,
     LoadProgress,
+    PositionLogprobs,
     ProgressCallback,
     SamplingOptions,
+    TokenLogprob,
+    encode_chat,
     encode_prompt,
     load_failed,
 )
@@ -47,7 +52,93 @@ _CHILD_STAGES = {
     "kv_cache": "kv_cache",
     "warmup_done": "kv_cache",
 }
-_FINISH = {"stop": "stop", "length": "length", "abort": CANCELLED}
+_FINISH = {"stop": "stop", "length": "length", "abort": ABORT}
+# Files that make up a Hugging Face tokenizer (whichever the model has).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+# SamplingOptions fields that pass to SamplingParams under the same name
+# when set; unset ones take the model's defaults (generation config).
+_SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed",
+)
+# The constraint kinds -> StructuredOutputsParams arguments.
+_CONSTRAINT_ARGS = {"json_schema": "json", "regex": "regex", "grammar": "grammar", "choice": "choice"}
+
+
+def sampling_kwargs(options: SamplingOptions, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """SamplingParams keyword arguments for one request: the model's defaults,
+    then every field the request set. The constraint comes back as
+    ("structured_outputs", {argument: value}) for the caller to wrap."""
+    kw: dict[str, Any] = {k: v for k, v in defaults.items() if k != "max_tokens"}
+    for name in _SAMPLING_FIELDS:
+        value = getattr(options, name)
+        if value is not None:
+            kw[name] = value
+    kw.update(
+        n=options.n,
+        max_tokens=options.max_tokens,
+        min_tokens=options.min_tokens,
+        stop=list(options.stop) or None,
+        stop_token_ids=list(options.stop_token_ids) or None,
+        include_stop_str_in_output=options.include_stop_str_in_output,
+        skip_special_tokens=options.skip_special_tokens,
+        ignore_eos=options.ignore_eos,
+        logit_bias=dict(options.logit_bias) or None,
+        logprobs=options.logprobs,
+        prompt_logprobs=options.prompt_logprobs,
+    )
+    c = options.constraint
+    if c is not None:
+        value = json.loads(c.value) if c.kind == "json_schema" else list(c.value) if c.kind == "choice" else c.value
+        kw["structured_outputs"] = {_CONSTRAINT_ARGS[c.kind]: value}
+    return kw
+
+
+def position_logprobs(entries: Mapping[int, Any] | None, chosen: int, k: int) -> PositionLogprobs | None:
+    """vLLM's {token id: Logprob} at one position -> the chosen token and the
+    top k, highest logprob first."""
+    if not entries:
+        return None
+
+    def entry(token_id: int, lp: Any) -> TokenLogprob:
+        return TokenLogprob(token_id, float(lp.logprob), int(lp.rank or 0), lp.decoded_token or "")
+
+    top = sorted(
+        (entry(t, lp) for t, lp in entries.items() if lp.rank is not None and lp.rank <= k),
+        key=lambda e: (-e.logprob, e.rank),
+    )[:k]
+    picked = entries.get(chosen)
+    return PositionLogprobs(entry(chosen, picked) if picked is not None else None, tuple(top))
+
+
+def tokenizer_sha256(model_path: str) -> str:
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(model_path) / name
+        if path.is_file():
+            h.update(name.encode() + b"\0")
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _stats_logger(sink: Any) -> Any:
+    """A vLLM stat logger class that hands each step's scheduler figures to `sink`."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class LatestSchedulerStats(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                sink(scheduler_stats)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return LatestSchedulerStats
 
 # Keys under which Hugging Face configs give the context length.
 _LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
@@ -93,7 +184,9 @@ class VllmEngine(Engine):
         self.dtype = dtype
         self._llm: Any = None
         self._tokenizer: Any = None
-        self._sampling: Any = None  # (SamplingParams, RequestOutputKind)
+        self._sampling: Any = None  # (SamplingParams, RequestOutputKind, StructuredOutputsParams)
+        self._defaults: dict[str, Any] = {}
+        self._scheduler_stats: Any = None
 
     # -- loading -------------------------------------------------------------
 
@@ -139,11 +232,7 @@ class VllmEngine(Engine):
             # Building AsyncLLM blocks until the engine process has loaded the
             # weights and sized its cache; a thread keeps the gRPC server answering.
             self._llm = await asyncio.to_thread(self._start_engine, args)
-            info = EngineInfo(
-                max_model_len=int(self._llm.model_config.max_model_len),
-                engine_version=self.engine_version(),
-                max_num_seqs=self.max_num_seqs,
-            )
+            info = await asyncio.to_thread(self._info)
             report("ready", f"Model ready (max_model_len {info.max_model_len})")
             return info
         except Exception as exc:  # noqa: BLE001 - every failure becomes MODEL_LOAD_FAILED
@@ -174,11 +263,37 @@ class VllmEngine(Engine):
         )
 
     def _start_engine(self, args: Any) -> Any:
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._sampling = (SamplingParams, RequestOutputKind)
-        return AsyncLLM.from_engine_args(args)
+        self._sampling = (SamplingParams, RequestOutputKind, StructuredOutputsParams)
+        # The stat logger is how the engine's queue and KV cache use reach GetLoad.
+        return AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger(self._on_scheduler_stats)])
+
+    def _on_scheduler_stats(self, stats: Any) -> None:
+        self._scheduler_stats = stats
+
+    def _info(self) -> EngineInfo:
+        mc = self._llm.model_config
+        tok = self._tokenizer
+        self._defaults = dict(mc.get_diff_sampling_param())
+        eos = {i for i in (tok.eos_token_id,) if i is not None}
+        gen_eos = (mc.try_get_generation_config() or {}).get("eos_token_id")
+        if gen_eos is not None:
+            eos.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
+        return EngineInfo(
+            max_model_len=int(mc.max_model_len),
+            engine_version=self.engine_version(),
+            max_num_seqs=self.max_num_seqs,
+            vocab_size=int(mc.get_vocab_size()),
+            eos_token_ids=tuple(sorted(eos)),
+            bos_token_id=tok.bos_token_id,
+            pad_token_id=tok.pad_token_id,
+            has_chat_template=bool(getattr(tok, "chat_template", None)),
+            defaults=dict(self._defaults),
+            max_logprobs=int(mc.max_logprobs),
+            tokenizer_sha256=tokenizer_sha256(self.model_path),
+        )
 
     @staticmethod
     def engine_version() -> str:
@@ -193,33 +308,83 @@ class VllmEngine(Engine):
             raise RbeeError("MODEL_LOADING", "The tokenizer is not loaded yet")
         return encode_prompt(self._tokenizer, prompt, raw_prompt)
 
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        if self._tokenizer is None:
+            raise RbeeError("MODEL_LOADING", "The tokenizer is not loaded yet")
+        return encode_chat(self._tokenizer, messages)
+
+    def load_stats(self) -> EngineLoad | None:
+        st = self._scheduler_stats
+        if st is None:
+            return None
+        return EngineLoad(int(st.num_running_reqs), int(st.num_waiting_reqs), float(st.kv_cache_usage))
+
+    def sampling_params(self, options: SamplingOptions) -> Any:
+        params_cls, kind, structured_cls = self._sampling
+        kw = sampling_kwargs(options, self._defaults)
+        if "structured_outputs" in kw:
+            kw["structured_outputs"] = structured_cls(**kw["structured_outputs"])
+        try:
+            return params_cls(output_kind=kind.DELTA, **kw)
+        except ValueError as exc:
+            field = options.constraint.kind if options.constraint else getattr(exc, "parameter", None) or "sampling"
+            raise RbeeError("INVALID_ARGUMENT", f"Invalid {field}: {exc}", {"field": field}) from None
+
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions
     ) -> AsyncIterator[Delta]:
         if self._llm is None or self._sampling is None:
             raise RbeeError("MODEL_LOADING", "The engine is not started yet")
-        sampling_params_cls, kind = self._sampling
-        params = sampling_params_cls(
-            max_tokens=options.max_tokens,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            top_k=options.top_k,
-            seed=options.seed,
-            stop=list(options.stop) or None,
-            ignore_eos=options.ignore_eos,
-            output_kind=kind.DELTA,
-        )
+        params = self.sampling_params(options)
         prompt_tokens = len(prompt_token_ids)
-        async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id):
-            completion = out.outputs[0]
-            reason = completion.finish_reason
-            yield Delta(
-                token_ids=list(completion.token_ids),
-                text=completion.text,
-                finished=bool(out.finished),
-                finish_reason=_FINISH.get(reason, reason) if reason else None,
-                prompt_tokens=prompt_tokens,
-            )
+        first = True
+        stream = self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id)
+        while True:
+            try:
+                out = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except ValueError as exc:
+                # Refused while the engine prepared the request (e.g. a grammar
+                # or schema its backend cannot compile): the request's fault.
+                if not first:
+                    raise
+                field = options.constraint.kind if options.constraint else "sampling"
+                raise RbeeError("INVALID_ARGUMENT", f"Invalid {field}: {exc}", {"field": field}) from None
+            queue_s = None
+            metrics = getattr(out, "metrics", None)
+            if first and metrics is not None and getattr(metrics, "scheduled_ts", 0) and metrics.queued_ts:
+                queue_s = max(0.0, metrics.scheduled_ts - metrics.queued_ts)
+            prompt_lp = None
+            if first and options.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                prompt_lp = [
+                    position_logprobs(entries, prompt_token_ids[i], options.prompt_logprobs)
+                    for i, entries in enumerate(out.prompt_logprobs)
+                ]
+            for completion in out.outputs:
+                reason = completion.finish_reason
+                ids = list(completion.token_ids)
+                logprobs = None
+                if options.logprobs is not None and completion.logprobs is not None:
+                    logprobs = [
+                        position_logprobs(completion.logprobs[i], t, options.logprobs) for i, t in enumerate(ids)
+                    ]
+                yield Delta(
+                    token_ids=ids,
+                    text=completion.text,
+                    finished=reason is not None,
+                    finish_reason=_FINISH.get(reason, reason) if reason else None,
+                    stop_reason=completion.stop_reason,
+                    prompt_tokens=prompt_tokens,
+                    completion=completion.index,
+                    cached_tokens=int(out.num_cached_tokens or 0),
+                    logprobs=logprobs,
+                    prompt_logprobs=prompt_lp,
+                    queue_time_s=queue_s,
+                )
+                prompt_lp = None
+                queue_s = None
+            first = False
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:

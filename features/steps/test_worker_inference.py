@@ -77,7 +77,7 @@ def _final_counts(ctx):
     final = ctx["messages"][-1].final
     streamed = sum(len(d.token_ids) for d in _deltas(ctx["messages"]))
     assert final.tokens_generated == streamed
-    assert final.finish_reason in ("stop", "length")
+    assert final.reason in (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
     assert final.duration_ms > 0 and final.prompt_tokens > 0
 
 
@@ -145,7 +145,7 @@ def _cancel_unknown(worker, ctx):
 @then(parsers.parse('the stream ends with finish reason "{reason}"'))
 def _stream_reason(stream, reason):
     stream.rest()
-    assert stream.final.finish_reason == reason
+    assert stream.final.reason == inference_pb2.FinishReason.Value(f"FINISH_REASON_{reason.upper()}")
     assert stream.final.tokens_generated < 1500
 
 

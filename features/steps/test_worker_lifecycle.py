@@ -294,7 +294,7 @@ def _refused_draining(worker):
 @then(parsers.parse('the streaming request still finishes with finish reason "{reason}"'))
 def _still_finishes(stream, reason):
     stream.rest()
-    assert stream.final.finish_reason == reason
+    assert stream.final.reason == inference_pb2.FinishReason.Value(f"FINISH_REASON_{reason.upper()}")
     assert stream.final.tokens_generated == stream.request.max_tokens
 
 

@@ -224,6 +224,7 @@ class WorkerInfo(_message.Message):
     SLOTS_AVAILABLE_FIELD_NUMBER: _builtins.int
     LAST_ACTIVITY_UNIX_MS_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     address: _builtins.str
     """host:port of the worker's gRPC server."""
@@ -236,6 +237,12 @@ class WorkerInfo(_message.Message):
     slots_available: _builtins.int
     last_activity_unix_ms: _builtins.int
     pid: _builtins.int
+    @_builtins.property
+    def load(self) -> Global___WorkerLoad:
+        """The worker's load as last reported to the hive (on its state changes and
+        at least every few seconds while busy); unset before the first report.
+        """
+
     def __init__(
         self,
         *,
@@ -250,11 +257,61 @@ class WorkerInfo(_message.Message):
         slots_available: _builtins.int = ...,
         last_activity_unix_ms: _builtins.int = ...,
         pid: _builtins.int = ...,
+        load: Global___WorkerLoad | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "device", b"device", "id", b"id", "last_activity_unix_ms", b"last_activity_unix_ms", "model_path", b"model_path", "model_ref", b"model_ref", "pid", b"pid", "slots_available", b"slots_available", "slots_total", b"slots_total", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "device", b"device", "id", b"id", "last_activity_unix_ms", b"last_activity_unix_ms", "load", b"load", "model_path", b"model_path", "model_ref", b"model_ref", "pid", b"pid", "slots_available", b"slots_available", "slots_total", b"slots_total", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015
+
+@_typing.final
+class WorkerLoad(_message.Message):
+    """How loaded a worker is (InferenceService.GetLoad; WorkerInfo.load in the
+    hive's and queen's listings).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNING_REQUESTS_FIELD_NUMBER: _builtins.int
+    WAITING_REQUESTS_FIELD_NUMBER: _builtins.int
+    SLOTS_TOTAL_FIELD_NUMBER: _builtins.int
+    SLOTS_BUSY_FIELD_NUMBER: _builtins.int
+    KV_CACHE_USAGE_FIELD_NUMBER: _builtins.int
+    GENERATION_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
+    WINDOW_S_FIELD_NUMBER: _builtins.int
+    UNIX_MS_FIELD_NUMBER: _builtins.int
+    running_requests: _builtins.int
+    """Requests the engine is generating for / holding in its queue."""
+    waiting_requests: _builtins.int
+    slots_total: _builtins.int
+    """Request slots (Generate calls admitted at once) and how many are taken."""
+    slots_busy: _builtins.int
+    kv_cache_usage: _builtins.float
+    """Fraction of the engine's KV cache in use, 0 to 1."""
+    generation_tokens_per_s: _builtins.float
+    """Tokens generated per second, all requests, over the last window_s seconds."""
+    window_s: _builtins.int
+    unix_ms: _builtins.int
+    """When these figures were taken."""
+    def __init__(
+        self,
+        *,
+        running_requests: _builtins.int = ...,
+        waiting_requests: _builtins.int = ...,
+        slots_total: _builtins.int = ...,
+        slots_busy: _builtins.int = ...,
+        kv_cache_usage: _builtins.float = ...,
+        generation_tokens_per_s: _builtins.float = ...,
+        window_s: _builtins.int = ...,
+        unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation_tokens_per_s", b"generation_tokens_per_s", "kv_cache_usage", b"kv_cache_usage", "running_requests", b"running_requests", "slots_busy", b"slots_busy", "slots_total", b"slots_total", "unix_ms", b"unix_ms", "waiting_requests", b"waiting_requests", "window_s", b"window_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerLoad: _TypeAlias = WorkerLoad  # noqa: Y015

@@ -25,13 +25,17 @@ _sym_db = _symbol_database.Default()
 from rbee.v1 import common_pb2 as rbee_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rbee/v1/inference.proto\x12\x07rbee.v1\x1a\x14rbee/v1/common.proto\"\x15\n\x13GetReadinessRequest\"\xb2\x02\n\x14GetReadinessResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.rbee.v1.WorkerState\x12\x14\n\x0cmodel_loaded\x18\x03 \x01(\x08\x12(\n\x08progress\x18\x04 \x01(\x0b\x32\x16.rbee.v1.ProgressEvent\x12\x13\n\x0bslots_total\x18\x05 \x01(\r\x12\x12\n\nslots_busy\x18\x06 \x01(\r\x12\x11\n\tmodel_ref\x18\x07 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\r\x12\x15\n\rmax_model_len\x18\n \x01(\r\x12\x16\n\x0e\x65ngine_version\x18\x0b \x01(\t\x12\x16\n\x0eworker_version\x18\x0c \x01(\t\"\x1e\n\x1cStreamLoadingProgressRequest\"\x9a\x01\n\x1dStreamLoadingProgressResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.rbee.v1.WorkerState\x12(\n\x08progress\x18\x02 \x01(\x0b\x32\x16.rbee.v1.ProgressEvent\x12*\n\tnarration\x18\x03 \x01(\x0b\x32\x17.rbee.v1.NarrationEvent\"\x81\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nraw_prompt\x18\t \x01(\x08\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"<\n\nTokenDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\"\xa0\x01\n\rGenerateFinal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x18\n\x10tokens_generated\x18\x02 \x01(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x04\x12\x1e\n\x16time_to_first_token_ms\x18\x05 \x01(\x04\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"i\n\x10GenerateResponse\x12$\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x13.rbee.v1.TokenDeltaH\x00\x12\'\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x16.rbee.v1.GenerateFinalH\x00\x42\x06\n\x04kind\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"7\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"*\n\x0fShutdownRequest\x12\x17\n\x0f\x64rain_timeout_s\x18\x01 \x01(\r\"J\n\x10ShutdownResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.rbee.v1.WorkerState\x12\x11\n\tin_flight\x18\x02 \x01(\r2\x88\x03\n\x10InferenceService\x12K\n\x0cGetReadiness\x12\x1c.rbee.v1.GetReadinessRequest\x1a\x1d.rbee.v1.GetReadinessResponse\x12h\n\x15StreamLoadingProgress\x12%.rbee.v1.StreamLoadingProgressRequest\x1a&.rbee.v1.StreamLoadingProgressResponse0\x01\x12\x41\n\x08Generate\x12\x18.rbee.v1.GenerateRequest\x1a\x19.rbee.v1.GenerateResponse0\x01\x12\x39\n\x06\x43\x61ncel\x12\x16.rbee.v1.CancelRequest\x1a\x17.rbee.v1.CancelResponse\x12?\n\x08Shutdown\x12\x18.rbee.v1.ShutdownRequest\x1a\x19.rbee.v1.ShutdownResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rbee/v1/inference.proto\x12\x07rbee.v1\x1a\x14rbee/v1/common.proto\"\x15\n\x13GetReadinessRequest\"\xb2\x02\n\x14GetReadinessResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.rbee.v1.WorkerState\x12\x14\n\x0cmodel_loaded\x18\x03 \x01(\x08\x12(\n\x08progress\x18\x04 \x01(\x0b\x32\x16.rbee.v1.ProgressEvent\x12\x13\n\x0bslots_total\x18\x05 \x01(\r\x12\x12\n\nslots_busy\x18\x06 \x01(\r\x12\x11\n\tmodel_ref\x18\x07 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\r\x12\x15\n\rmax_model_len\x18\n \x01(\r\x12\x16\n\x0e\x65ngine_version\x18\x0b \x01(\t\x12\x16\n\x0eworker_version\x18\x0c \x01(\t\"\x1e\n\x1cStreamLoadingProgressRequest\"\x9a\x01\n\x1dStreamLoadingProgressResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.rbee.v1.WorkerState\x12(\n\x08progress\x18\x02 \x01(\x0b\x32\x16.rbee.v1.ProgressEvent\x12*\n\tnarration\x18\x03 \x01(\x0b\x32\x17.rbee.v1.NarrationEvent\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"3\n\tChatInput\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.rbee.v1.ChatMessage\"\x19\n\nTokenInput\x12\x0b\n\x03ids\x18\x01 \x03(\r\"#\n\x10\x43hoiceConstraint\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xc1\x08\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x0b \x01(\x0b\x32\x12.rbee.v1.ChatInputH\x00\x12(\n\ttoken_ids\x18\x0c \x01(\x0b\x32\x13.rbee.v1.TokenInputH\x00\x12\x12\n\nraw_prompt\x18\t \x01(\x08\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x11 \x01(\x05H\x03\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x02H\t\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x10 \x01(\x02H\n\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x0b\x88\x01\x01\x12\x0e\n\x01n\x18\x16 \x01(\x05H\x0c\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x12 \x03(\r\x12\'\n\x1ainclude_stop_str_in_output\x18\x13 \x01(\x08H\r\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x14 \x01(\x08H\x0e\x88\x01\x01\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12;\n\nlogit_bias\x18\x15 \x03(\x0b\x32\'.rbee.v1.GenerateRequest.LogitBiasEntry\x12\x15\n\x0bjson_schema\x18\x17 \x01(\tH\x01\x12\x0f\n\x05regex\x18\x18 \x01(\tH\x01\x12\x11\n\x07grammar\x18\x19 \x01(\tH\x01\x12+\n\x06\x63hoice\x18\x1a \x01(\x0b\x32\x19.rbee.v1.ChoiceConstraintH\x01\x12\x15\n\x08logprobs\x18\x1b \x01(\x05H\x0f\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x1c \x01(\x05H\x10\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05inputB\x0c\n\nconstraintB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x04\n\x02_nB\x1d\n\x1b_include_stop_str_in_outputB\x16\n\x14_skip_special_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"N\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05token\x18\x04 \x01(\t\"]\n\x10PositionLogprobs\x12%\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x15.rbee.v1.TokenLogprob\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.rbee.v1.TokenLogprob\"\xfa\x01\n\nTokenDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x12\n\ncompletion\x18\x04 \x01(\r\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.rbee.v1.PositionLogprobs\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x15\n\rcached_tokens\x18\x08 \x01(\r\x12\x32\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x19.rbee.v1.PositionLogprobs\"\x9a\x01\n\rCompletionEnd\x12\x12\n\ncompletion\x18\x01 \x01(\r\x12%\n\x06reason\x18\x02 \x01(\x0e\x32\x15.rbee.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x03 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x04 \x01(\rH\x00\x12\x0e\n\x06tokens\x18\x05 \x01(\rB\x0e\n\x0cmatched_stop\"\xf6\x02\n\rGenerateFinal\x12\x18\n\x10tokens_generated\x18\x02 \x01(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x04\x12\x1e\n\x16time_to_first_token_ms\x18\x05 \x01(\x04\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12%\n\x06reason\x18\x07 \x01(\x0e\x32\x15.rbee.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x08 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\t \x01(\rH\x00\x12\x15\n\rcached_tokens\x18\n \x01(\r\x12\x15\n\rqueue_time_ms\x18\x0b \x01(\x04\x12+\n\x0b\x63ompletions\x18\x0c \x03(\x0b\x32\x16.rbee.v1.CompletionEnd\x12\x14\n\x0c\x61\x62ort_reason\x18\r \x01(\tB\x0e\n\x0cmatched_stopJ\x04\x08\x01\x10\x02R\rfinish_reason\"i\n\x10GenerateResponse\x12$\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x13.rbee.v1.TokenDeltaH\x00\x12\'\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x16.rbee.v1.GenerateFinalH\x00\x42\x06\n\x04kind\"H\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0brequest_ids\x18\x03 \x03(\t\"N\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rcancelled_ids\x18\x03 \x03(\t\"*\n\x0fShutdownRequest\x12\x17\n\x0f\x64rain_timeout_s\x18\x01 \x01(\r\"J\n\x10ShutdownResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.rbee.v1.WorkerState\x12\x11\n\tin_flight\x18\x02 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xb9\x01\n\x10SamplingDefaults\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x12\n\nmax_tokens\x18\x08 \x01(\r\"\x91\x03\n\x14GetModelInfoResponse\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x15\n\rmax_input_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0cpad_token_id\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x19\n\x11has_chat_template\x18\x08 \x01(\x08\x12+\n\x08\x64\x65\x66\x61ults\x18\t \x01(\x0b\x32\x19.rbee.v1.SamplingDefaults\x12\x14\n\x0cmax_logprobs\x18\n \x01(\r\x12\x16\n\x0e\x65ngine_version\x18\x0b \x01(\t\x12\x16\n\x0eworker_version\x18\x0c \x01(\t\x12\x18\n\x10tokenizer_sha256\x18\r \x01(\t\x12\r\n\x05max_n\x18\x0e \x01(\rB\x0f\n\r_bos_token_idB\x0f\n\r_pad_token_id\"\x10\n\x0eGetLoadRequest\"Y\n\x0fGetLoadResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.rbee.v1.WorkerState\x12!\n\x04load\x18\x02 \x01(\x0b\x32\x13.rbee.v1.WorkerLoad*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x93\x04\n\x10InferenceService\x12K\n\x0cGetReadiness\x12\x1c.rbee.v1.GetReadinessRequest\x1a\x1d.rbee.v1.GetReadinessResponse\x12h\n\x15StreamLoadingProgress\x12%.rbee.v1.StreamLoadingProgressRequest\x1a&.rbee.v1.StreamLoadingProgressResponse0\x01\x12\x41\n\x08Generate\x12\x18.rbee.v1.GenerateRequest\x1a\x19.rbee.v1.GenerateResponse0\x01\x12\x39\n\x06\x43\x61ncel\x12\x16.rbee.v1.CancelRequest\x1a\x17.rbee.v1.CancelResponse\x12?\n\x08Shutdown\x12\x18.rbee.v1.ShutdownRequest\x1a\x19.rbee.v1.ShutdownResponse\x12K\n\x0cGetModelInfo\x12\x1c.rbee.v1.GetModelInfoRequest\x1a\x1d.rbee.v1.GetModelInfoResponse\x12<\n\x07GetLoad\x12\x17.rbee.v1.GetLoadRequest\x1a\x18.rbee.v1.GetLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rbee.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=3901
+  _globals['_FINISHREASON']._serialized_end=4021
   _globals['_GETREADINESSREQUEST']._serialized_start=58
   _globals['_GETREADINESSREQUEST']._serialized_end=79
   _globals['_GETREADINESSRESPONSE']._serialized_start=82
@@ -40,22 +44,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMLOADINGPROGRESSREQUEST']._serialized_end=420
   _globals['_STREAMLOADINGPROGRESSRESPONSE']._serialized_start=423
   _globals['_STREAMLOADINGPROGRESSRESPONSE']._serialized_end=577
-  _globals['_GENERATEREQUEST']._serialized_start=580
-  _globals['_GENERATEREQUEST']._serialized_end=837
-  _globals['_TOKENDELTA']._serialized_start=839
-  _globals['_TOKENDELTA']._serialized_end=899
-  _globals['_GENERATEFINAL']._serialized_start=902
-  _globals['_GENERATEFINAL']._serialized_end=1062
-  _globals['_GENERATERESPONSE']._serialized_start=1064
-  _globals['_GENERATERESPONSE']._serialized_end=1169
-  _globals['_CANCELREQUEST']._serialized_start=1171
-  _globals['_CANCELREQUEST']._serialized_end=1206
-  _globals['_CANCELRESPONSE']._serialized_start=1208
-  _globals['_CANCELRESPONSE']._serialized_end=1263
-  _globals['_SHUTDOWNREQUEST']._serialized_start=1265
-  _globals['_SHUTDOWNREQUEST']._serialized_end=1307
-  _globals['_SHUTDOWNRESPONSE']._serialized_start=1309
-  _globals['_SHUTDOWNRESPONSE']._serialized_end=1383
-  _globals['_INFERENCESERVICE']._serialized_start=1386
-  _globals['_INFERENCESERVICE']._serialized_end=1778
+  _globals['_CHATMESSAGE']._serialized_start=579
+  _globals['_CHATMESSAGE']._serialized_end=623
+  _globals['_CHATINPUT']._serialized_start=625
+  _globals['_CHATINPUT']._serialized_end=676
+  _globals['_TOKENINPUT']._serialized_start=678
+  _globals['_TOKENINPUT']._serialized_end=703
+  _globals['_CHOICECONSTRAINT']._serialized_start=705
+  _globals['_CHOICECONSTRAINT']._serialized_end=740
+  _globals['_GENERATEREQUEST']._serialized_start=743
+  _globals['_GENERATEREQUEST']._serialized_end=1832
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=1516
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=1564
+  _globals['_TOKENLOGPROB']._serialized_start=1834
+  _globals['_TOKENLOGPROB']._serialized_end=1912
+  _globals['_POSITIONLOGPROBS']._serialized_start=1914
+  _globals['_POSITIONLOGPROBS']._serialized_end=2007
+  _globals['_TOKENDELTA']._serialized_start=2010
+  _globals['_TOKENDELTA']._serialized_end=2260
+  _globals['_COMPLETIONEND']._serialized_start=2263
+  _globals['_COMPLETIONEND']._serialized_end=2417
+  _globals['_GENERATEFINAL']._serialized_start=2420
+  _globals['_GENERATEFINAL']._serialized_end=2794
+  _globals['_GENERATERESPONSE']._serialized_start=2796
+  _globals['_GENERATERESPONSE']._serialized_end=2901
+  _globals['_CANCELREQUEST']._serialized_start=2903
+  _globals['_CANCELREQUEST']._serialized_end=2975
+  _globals['_CANCELRESPONSE']._serialized_start=2977
+  _globals['_CANCELRESPONSE']._serialized_end=3055
+  _globals['_SHUTDOWNREQUEST']._serialized_start=3057
+  _globals['_SHUTDOWNREQUEST']._serialized_end=3099
+  _globals['_SHUTDOWNRESPONSE']._serialized_start=3101
+  _globals['_SHUTDOWNRESPONSE']._serialized_end=3175
+  _globals['_GETMODELINFOREQUEST']._serialized_start=3177
+  _globals['_GETMODELINFOREQUEST']._serialized_end=3198
+  _globals['_SAMPLINGDEFAULTS']._serialized_start=3201
+  _globals['_SAMPLINGDEFAULTS']._serialized_end=3386
+  _globals['_GETMODELINFORESPONSE']._serialized_start=3389
+  _globals['_GETMODELINFORESPONSE']._serialized_end=3790
+  _globals['_GETLOADREQUEST']._serialized_start=3792
+  _globals['_GETLOADREQUEST']._serialized_end=3808
+  _globals['_GETLOADRESPONSE']._serialized_start=3810
+  _globals['_GETLOADRESPONSE']._serialized_end=3899
+  _globals['_INFERENCESERVICE']._serialized_start=4024
+  _globals['_INFERENCESERVICE']._serialized_end=4555
 # @@protoc_insertion_point(module_scope)

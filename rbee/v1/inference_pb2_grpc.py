@@ -30,6 +30,18 @@ class InferenceServiceStub:
     (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise); the
     stock grpc.health.v1 service is open and answers NOT_SERVING until the
     model is loaded.
+
+    Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and
+    an rbee.v1.ErrorDetail; INVALID_ARGUMENT details carry "field" = the
+    offending GenerateRequest field). Messages never carry errors of their own.
+
+    Cancellation contract: cancelling the Generate call (client-side cancel,
+    deadline, closed channel) is the same as Cancel with that request's id:
+    the worker aborts the request in the engine and frees its slot. After Cancel
+    returns, the engine has been told to abort every listed running request, so
+    at most the engine step that was already under way completes. A stream
+    cancelled by Cancel ends normally with a GenerateFinal whose reason is
+    FINISH_REASON_ABORT (status OK); a cancelled call has no final, of course.
     """
 
     def __init__(self, channel):
@@ -63,6 +75,16 @@ class InferenceServiceStub:
                 request_serializer=rbee_dot_v1_dot_inference__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=rbee_dot_v1_dot_inference__pb2.ShutdownResponse.FromString,
                 _registered_method=True)
+        self.GetModelInfo = channel.unary_unary(
+                '/rbee.v1.InferenceService/GetModelInfo',
+                request_serializer=rbee_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_inference__pb2.GetModelInfoResponse.FromString,
+                _registered_method=True)
+        self.GetLoad = channel.unary_unary(
+                '/rbee.v1.InferenceService/GetLoad',
+                request_serializer=rbee_dot_v1_dot_inference__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_inference__pb2.GetLoadResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -70,6 +92,18 @@ class InferenceServiceServicer:
     (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise); the
     stock grpc.health.v1 service is open and answers NOT_SERVING until the
     model is loaded.
+
+    Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and
+    an rbee.v1.ErrorDetail; INVALID_ARGUMENT details carry "field" = the
+    offending GenerateRequest field). Messages never carry errors of their own.
+
+    Cancellation contract: cancelling the Generate call (client-side cancel,
+    deadline, closed channel) is the same as Cancel with that request's id:
+    the worker aborts the request in the engine and frees its slot. After Cancel
+    returns, the engine has been told to abort every listed running request, so
+    at most the engine step that was already under way completes. A stream
+    cancelled by Cancel ends normally with a GenerateFinal whose reason is
+    FINISH_REASON_ABORT (status OK); a cancelled call has no final, of course.
     """
 
     def GetReadiness(self, request, context):
@@ -93,17 +127,20 @@ class InferenceServiceServicer:
     def Generate(self, request, context):
         """Token stream: TokenDelta messages (only the new tokens, with indices),
         then exactly one GenerateFinal.
-        Fails with: INVALID_ARGUMENT (field named), RESOURCE_EXHAUSTED
-        (ALL_SLOTS_BUSY with slots_total/slots_busy; WORKER_DRAINING), UNAVAILABLE
-        (MODEL_LOADING), ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL, UNAUTHENTICATED.
+        Fails with: INVALID_ARGUMENT (details "field" names the field),
+        RESOURCE_EXHAUSTED (ALL_SLOTS_BUSY with slots_total/slots_busy;
+        WORKER_DRAINING), UNAVAILABLE (MODEL_LOADING), ALREADY_EXISTS
+        (DUPLICATE_REQUEST_ID), INTERNAL (the engine failed mid-stream),
+        UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Cancel(self, request, context):
-        """Idempotent: cancelling twice, or an unknown or finished id, is not an error.
-        Fails with: UNAUTHENTICATED.
+        """Aborts running requests (see the cancellation contract above).
+        Idempotent: cancelling twice, or an unknown or finished id, is not an error.
+        Fails with: INVALID_ARGUMENT (no id given), UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +149,23 @@ class InferenceServiceServicer:
     def Shutdown(self, request, context):
         """Graceful shutdown: state DRAINING, new requests refused, in-flight ones
         may finish (at most drain_timeout_s, default 30), then the worker exits 0.
+        Fails with: UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelInfo(self, request, context):
+        """The loaded model's limits, special tokens and defaults.
+        Fails with: UNAVAILABLE (MODEL_LOADING), FAILED_PRECONDITION
+        (MODEL_LOAD_FAILED), UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLoad(self, request, context):
+        """How loaded the worker is right now. Answers in every state.
         Fails with: UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -146,6 +200,16 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=rbee_dot_v1_dot_inference__pb2.ShutdownRequest.FromString,
                     response_serializer=rbee_dot_v1_dot_inference__pb2.ShutdownResponse.SerializeToString,
             ),
+            'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInfo,
+                    request_deserializer=rbee_dot_v1_dot_inference__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_inference__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=rbee_dot_v1_dot_inference__pb2.GetLoadRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_inference__pb2.GetLoadResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'rbee.v1.InferenceService', rpc_method_handlers)
@@ -159,6 +223,18 @@ class InferenceService:
     (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise); the
     stock grpc.health.v1 service is open and answers NOT_SERVING until the
     model is loaded.
+
+    Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and
+    an rbee.v1.ErrorDetail; INVALID_ARGUMENT details carry "field" = the
+    offending GenerateRequest field). Messages never carry errors of their own.
+
+    Cancellation contract: cancelling the Generate call (client-side cancel,
+    deadline, closed channel) is the same as Cancel with that request's id:
+    the worker aborts the request in the engine and frees its slot. After Cancel
+    returns, the engine has been told to abort every listed running request, so
+    at most the engine step that was already under way completes. A stream
+    cancelled by Cancel ends normally with a GenerateFinal whose reason is
+    FINISH_REASON_ABORT (status OK); a cancelled call has no final, of course.
     """
 
     @staticmethod
@@ -286,6 +362,60 @@ class InferenceService:
             '/rbee.v1.InferenceService/Shutdown',
             rbee_dot_v1_dot_inference__pb2.ShutdownRequest.SerializeToString,
             rbee_dot_v1_dot_inference__pb2.ShutdownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rbee.v1.InferenceService/GetModelInfo',
+            rbee_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
+            rbee_dot_v1_dot_inference__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rbee.v1.InferenceService/GetLoad',
+            rbee_dot_v1_dot_inference__pb2.GetLoadRequest.SerializeToString,
+            rbee_dot_v1_dot_inference__pb2.GetLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,6 +31,18 @@ class InferenceServiceStub:
     (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise); the
     stock grpc.health.v1 service is open and answers NOT_SERVING until the
     model is loaded.
+
+    Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and
+    an rbee.v1.ErrorDetail; INVALID_ARGUMENT details carry "field" = the
+    offending GenerateRequest field). Messages never carry errors of their own.
+
+    Cancellation contract: cancelling the Generate call (client-side cancel,
+    deadline, closed channel) is the same as Cancel with that request's id:
+    the worker aborts the request in the engine and frees its slot. After Cancel
+    returns, the engine has been told to abort every listed running request, so
+    at most the engine step that was already under way completes. A stream
+    cancelled by Cancel ends normally with a GenerateFinal whose reason is
+    FINISH_REASON_ABORT (status OK); a cancelled call has no final, of course.
     """
 
     @_typing.overload
@@ -50,17 +62,29 @@ class InferenceServiceStub:
     Generate: _grpc.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]
     """Token stream: TokenDelta messages (only the new tokens, with indices),
     then exactly one GenerateFinal.
-    Fails with: INVALID_ARGUMENT (field named), RESOURCE_EXHAUSTED
-    (ALL_SLOTS_BUSY with slots_total/slots_busy; WORKER_DRAINING), UNAVAILABLE
-    (MODEL_LOADING), ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL, UNAUTHENTICATED.
+    Fails with: INVALID_ARGUMENT (details "field" names the field),
+    RESOURCE_EXHAUSTED (ALL_SLOTS_BUSY with slots_total/slots_busy;
+    WORKER_DRAINING), UNAVAILABLE (MODEL_LOADING), ALREADY_EXISTS
+    (DUPLICATE_REQUEST_ID), INTERNAL (the engine failed mid-stream),
+    UNAUTHENTICATED.
     """
     Cancel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CancelRequest, _inference_pb2.CancelResponse]
-    """Idempotent: cancelling twice, or an unknown or finished id, is not an error.
-    Fails with: UNAUTHENTICATED.
+    """Aborts running requests (see the cancellation contract above).
+    Idempotent: cancelling twice, or an unknown or finished id, is not an error.
+    Fails with: INVALID_ARGUMENT (no id given), UNAUTHENTICATED.
     """
     Shutdown: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ShutdownRequest, _inference_pb2.ShutdownResponse]
     """Graceful shutdown: state DRAINING, new requests refused, in-flight ones
     may finish (at most drain_timeout_s, default 30), then the worker exits 0.
+    Fails with: UNAUTHENTICATED.
+    """
+    GetModelInfo: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetModelInfoRequest, _inference_pb2.GetModelInfoResponse]
+    """The loaded model's limits, special tokens and defaults.
+    Fails with: UNAVAILABLE (MODEL_LOADING), FAILED_PRECONDITION
+    (MODEL_LOAD_FAILED), UNAUTHENTICATED.
+    """
+    GetLoad: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetLoadRequest, _inference_pb2.GetLoadResponse]
+    """How loaded the worker is right now. Answers in every state.
     Fails with: UNAUTHENTICATED.
     """
 
@@ -70,6 +94,18 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise); the
     stock grpc.health.v1 service is open and answers NOT_SERVING until the
     model is loaded.
+
+    Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and
+    an rbee.v1.ErrorDetail; INVALID_ARGUMENT details carry "field" = the
+    offending GenerateRequest field). Messages never carry errors of their own.
+
+    Cancellation contract: cancelling the Generate call (client-side cancel,
+    deadline, closed channel) is the same as Cancel with that request's id:
+    the worker aborts the request in the engine and frees its slot. After Cancel
+    returns, the engine has been told to abort every listed running request, so
+    at most the engine step that was already under way completes. A stream
+    cancelled by Cancel ends normally with a GenerateFinal whose reason is
+    FINISH_REASON_ABORT (status OK); a cancelled call has no final, of course.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -86,17 +122,29 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     Generate: _aio.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]  # type: ignore[assignment]
     """Token stream: TokenDelta messages (only the new tokens, with indices),
     then exactly one GenerateFinal.
-    Fails with: INVALID_ARGUMENT (field named), RESOURCE_EXHAUSTED
-    (ALL_SLOTS_BUSY with slots_total/slots_busy; WORKER_DRAINING), UNAVAILABLE
-    (MODEL_LOADING), ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL, UNAUTHENTICATED.
+    Fails with: INVALID_ARGUMENT (details "field" names the field),
+    RESOURCE_EXHAUSTED (ALL_SLOTS_BUSY with slots_total/slots_busy;
+    WORKER_DRAINING), UNAVAILABLE (MODEL_LOADING), ALREADY_EXISTS
+    (DUPLICATE_REQUEST_ID), INTERNAL (the engine failed mid-stream),
+    UNAUTHENTICATED.
     """
     Cancel: _aio.UnaryUnaryMultiCallable[_inference_pb2.CancelRequest, _inference_pb2.CancelResponse]  # type: ignore[assignment]
-    """Idempotent: cancelling twice, or an unknown or finished id, is not an error.
-    Fails with: UNAUTHENTICATED.
+    """Aborts running requests (see the cancellation contract above).
+    Idempotent: cancelling twice, or an unknown or finished id, is not an error.
+    Fails with: INVALID_ARGUMENT (no id given), UNAUTHENTICATED.
     """
     Shutdown: _aio.UnaryUnaryMultiCallable[_inference_pb2.ShutdownRequest, _inference_pb2.ShutdownResponse]  # type: ignore[assignment]
     """Graceful shutdown: state DRAINING, new requests refused, in-flight ones
     may finish (at most drain_timeout_s, default 30), then the worker exits 0.
+    Fails with: UNAUTHENTICATED.
+    """
+    GetModelInfo: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetModelInfoRequest, _inference_pb2.GetModelInfoResponse]  # type: ignore[assignment]
+    """The loaded model's limits, special tokens and defaults.
+    Fails with: UNAVAILABLE (MODEL_LOADING), FAILED_PRECONDITION
+    (MODEL_LOAD_FAILED), UNAUTHENTICATED.
+    """
+    GetLoad: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetLoadRequest, _inference_pb2.GetLoadResponse]  # type: ignore[assignment]
+    """How loaded the worker is right now. Answers in every state.
     Fails with: UNAUTHENTICATED.
     """
 
@@ -105,6 +153,18 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise); the
     stock grpc.health.v1 service is open and answers NOT_SERVING until the
     model is loaded.
+
+    Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and
+    an rbee.v1.ErrorDetail; INVALID_ARGUMENT details carry "field" = the
+    offending GenerateRequest field). Messages never carry errors of their own.
+
+    Cancellation contract: cancelling the Generate call (client-side cancel,
+    deadline, closed channel) is the same as Cancel with that request's id:
+    the worker aborts the request in the engine and frees its slot. After Cancel
+    returns, the engine has been told to abort every listed running request, so
+    at most the engine step that was already under way completes. A stream
+    cancelled by Cancel ends normally with a GenerateFinal whose reason is
+    FINISH_REASON_ABORT (status OK); a cancelled call has no final, of course.
     """
 
     @_abc_1.abstractmethod
@@ -137,9 +197,11 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_inference_pb2.GenerateResponse], _abc.AsyncIterator[_inference_pb2.GenerateResponse]]:
         """Token stream: TokenDelta messages (only the new tokens, with indices),
         then exactly one GenerateFinal.
-        Fails with: INVALID_ARGUMENT (field named), RESOURCE_EXHAUSTED
-        (ALL_SLOTS_BUSY with slots_total/slots_busy; WORKER_DRAINING), UNAVAILABLE
-        (MODEL_LOADING), ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL, UNAUTHENTICATED.
+        Fails with: INVALID_ARGUMENT (details "field" names the field),
+        RESOURCE_EXHAUSTED (ALL_SLOTS_BUSY with slots_total/slots_busy;
+        WORKER_DRAINING), UNAVAILABLE (MODEL_LOADING), ALREADY_EXISTS
+        (DUPLICATE_REQUEST_ID), INTERNAL (the engine failed mid-stream),
+        UNAUTHENTICATED.
         """
 
     @_abc_1.abstractmethod
@@ -148,8 +210,9 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.CancelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.CancelResponse, _abc.Awaitable[_inference_pb2.CancelResponse]]:
-        """Idempotent: cancelling twice, or an unknown or finished id, is not an error.
-        Fails with: UNAUTHENTICATED.
+        """Aborts running requests (see the cancellation contract above).
+        Idempotent: cancelling twice, or an unknown or finished id, is not an error.
+        Fails with: INVALID_ARGUMENT (no id given), UNAUTHENTICATED.
         """
 
     @_abc_1.abstractmethod
@@ -160,6 +223,27 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_inference_pb2.ShutdownResponse, _abc.Awaitable[_inference_pb2.ShutdownResponse]]:
         """Graceful shutdown: state DRAINING, new requests refused, in-flight ones
         may finish (at most drain_timeout_s, default 30), then the worker exits 0.
+        Fails with: UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def GetModelInfo(
+        self,
+        request: _inference_pb2.GetModelInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.GetModelInfoResponse, _abc.Awaitable[_inference_pb2.GetModelInfoResponse]]:
+        """The loaded model's limits, special tokens and defaults.
+        Fails with: UNAVAILABLE (MODEL_LOADING), FAILED_PRECONDITION
+        (MODEL_LOAD_FAILED), UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def GetLoad(
+        self,
+        request: _inference_pb2.GetLoadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.GetLoadResponse, _abc.Awaitable[_inference_pb2.GetLoadResponse]]:
+        """How loaded the worker is right now. Answers in every state.
         Fails with: UNAUTHENTICATED.
         """
 

@@ -364,6 +364,8 @@ class WorkerManager:
         if info.slots_total:
             record.slots_total = info.slots_total
             record.slots_available = info.slots_available
+        if info.HasField("load"):
+            record.load = info.load
         if request.HasField("error") and request.error.code:
             record.failure = RbeeError.from_detail(request.error)
         self.set_state(record, info.state or State.WORKER_STATE_LOADING)

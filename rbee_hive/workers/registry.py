@@ -54,6 +54,8 @@ class WorkerRecord:
     stopping: bool = False
     # What the worker reported when its loading failed.
     failure: RbeeError | None = None
+    # The worker's load as it last reported it (None before its first report of it).
+    load: common_pb2.WorkerLoad | None = None
     # Set by the first callback: the spawn is waiting for it.
     called_back: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -83,6 +85,7 @@ class WorkerRecord:
             slots_available=self.slots_available,
             last_activity_unix_ms=self.last_activity_unix_ms,
             pid=self.pid,
+            load=self.load,
         )
 
 

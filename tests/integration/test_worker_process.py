@@ -63,7 +63,7 @@ async def test_greedy_generate_streams_contiguous_tokens(real_worker):
         expected += len(d.token_ids)
     assert final.tokens_generated == expected
     assert 1 <= final.tokens_generated <= 12
-    assert final.finish_reason in ("stop", "length")
+    assert final.reason in (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
     assert final.prompt_tokens > 3  # the chat template adds a system turn
     assert final.request_id == "it-greedy"
     assert "".join(d.text for d in deltas).strip()
@@ -75,7 +75,7 @@ async def test_greedy_generate_streams_contiguous_tokens(real_worker):
 
 async def test_max_tokens_limit_ends_with_length(real_worker):
     deltas, final = await _generate(real_worker, prompt="Count from one to fifty.", max_tokens=3, temperature=0.0, ignore_eos=True)
-    assert final.finish_reason == "length"
+    assert final.reason == inference_pb2.FINISH_REASON_LENGTH
     assert final.tokens_generated == 3 == sum(len(d.token_ids) for d in deltas)
 
 
@@ -132,7 +132,7 @@ async def test_cancel_ends_the_stream_with_cancelled(real_worker):
         while (msg := await call.read()) is not grpc.aio.EOF:
             rest.append(msg)
         assert rest[-1].WhichOneof("kind") == "final"
-        assert rest[-1].final.finish_reason == "cancelled"
+        assert rest[-1].final.reason == inference_pb2.FINISH_REASON_ABORT
         assert rest[-1].final.tokens_generated < 400
         again = await stub.Cancel(inference_pb2.CancelRequest(request_id="it-cancel"), metadata=real_worker.metadata)
         assert not again.cancelled
@@ -177,7 +177,7 @@ async def test_own_worker_busy_then_shutdown_drains_and_exits_0(start_worker):
         while (msg := await call.read()) is not grpc.aio.EOF:
             rest.append(msg)
     final = rest[-1].final
-    assert final.finish_reason == "length"
+    assert final.reason == inference_pb2.FINISH_REASON_LENGTH
     assert final.tokens_generated == 24
 
     assert await asyncio.to_thread(worker.proc.wait, 120) == 0

@@ -100,10 +100,10 @@ class FakeWorker(inference_pb2_grpc.InferenceServiceServicer):
                     await asyncio.wait_for(cancelled.wait(), script.token_delay_s)
                 except TimeoutError:
                     pass
-        reason = "cancelled" if cancelled.is_set() else script.final_reason
+        reason = "abort" if cancelled.is_set() else script.final_reason
         yield inference_pb2.GenerateResponse(
             final=inference_pb2.GenerateFinal(
-                finish_reason=reason, tokens_generated=sent, request_id=request.request_id, duration_ms=1
+                reason=inference_pb2.FinishReason.Value(f"FINISH_REASON_{reason.upper()}"), tokens_generated=sent, request_id=request.request_id, duration_ms=1
             )
         )
 

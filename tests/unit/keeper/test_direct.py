@@ -155,7 +155,7 @@ async def test_refusal_before_tokens_is_reported_as_the_worker_said(tmp_path):
 
 
 async def test_request_cancelled_elsewhere_is_an_error(tmp_path):
-    async with Run(Script(final_reason="cancelled"), tmp_path) as run:
+    async with Run(Script(final_reason="abort"), tmp_path) as run:
         with pytest.raises(RbeeError) as caught:
             await run.session.run()
     assert caught.value.code == "CANCELLED"

@@ -5,8 +5,15 @@ Each request is driven by ``FakeEngine.mode``:
   (no await between them), then the loop is yielded to;
 - "gated": one token per permit (``release(n)``), so a test holds requests in flight;
 - "slow": one token every ``delay`` seconds;
-- "hang": the engine never produces anything (stuck mid-step).
-A request ends with "length" after max_tokens, or "stop" after ``stop_after``.
+- "hang": the engine never produces anything (stuck mid-step);
+- "engine": like a real engine, steps run on their own (one every ``delay``
+  seconds) whether or not anyone reads them, until abort() or the end; the
+  steps taken are counted per request in ``steps``.
+A request ends with "length" after max_tokens, or "stop" after ``stop_after``
+(the matched stop is ``stop_reason``: a stop string, a token id, or None for EOS).
+Token k (1-based) of completion c is id 1000 + k + 100 * c, text "t{k} ".
+With logprobs K: the chosen token has logprob -0.1 * k and rank 1; the top K
+are the chosen one and K-1 others with lower logprobs.
 """
 
 from __future__ import annotations
@@ -16,7 +23,17 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 
 from rbee.errors import RbeeError
-from rbee_worker.engine import Delta, Engine, EngineInfo, LoadProgress, ProgressCallback, SamplingOptions
+from rbee_worker.engine import (
+    Delta,
+    Engine,
+    EngineInfo,
+    EngineLoad,
+    LoadProgress,
+    PositionLogprobs,
+    ProgressCallback,
+    SamplingOptions,
+    TokenLogprob,
+)
 
 STAGES = ("tokenizer", "engine_start", "weights", "ready")
 
@@ -33,7 +50,14 @@ class FakeEngine(Engine):
         hold_load: bool = False,
         delay: float = 0.01,
         die_after_requests: int | None = None,
+        stop_reason: str | int | None = None,
+        info: dict | None = None,
     ) -> None:
+        self.stop_reason = stop_reason
+        self.info_fields = info or {}
+        self.steps: dict[str, int] = defaultdict(int)
+        self.chats: list[list[dict]] = []
+        self.engine_load: EngineLoad | None = None
         self.die_after_requests = die_after_requests
         self.mode = mode
         self.delay = delay
@@ -52,6 +76,7 @@ class FakeEngine(Engine):
         self.options: dict[str, SamplingOptions] = {}
         self.encoded: list[tuple[str, bool]] = []
         self.shutdown_called = False
+        self._cores: set[asyncio.Task] = set()
 
     def release(self, n: int = 1) -> None:
         if self.permits is None:
@@ -66,7 +91,12 @@ class FakeEngine(Engine):
         if self.load_error is not None:
             raise self.load_error
         progress(LoadProgress("ready", len(STAGES), len(STAGES), "fake ready"))
-        return EngineInfo(max_model_len=self.max_model_len, engine_version="fake-1.0", max_num_seqs=8)
+        fields = dict(
+            max_model_len=self.max_model_len, engine_version="fake-1.0", max_num_seqs=8, vocab_size=5000,
+            eos_token_ids=(2,), bos_token_id=1, has_chat_template=True, tokenizer_sha256="ab" * 32,
+        )
+        fields.update(self.info_fields)
+        return EngineInfo(**fields)
 
     def encode(self, prompt: str, raw_prompt: bool) -> list[int]:
         if self.encode_error is not None:
@@ -76,7 +106,57 @@ class FakeEngine(Engine):
         words = [100 + len(w) for w in prompt.split()]
         return words if raw_prompt else [1, 2, *words]
 
+    def encode_chat(self, messages) -> list[int]:
+        self.chats.append([dict(m) for m in messages])
+        # Two template tokens per message, one per word, and two for the generation prompt.
+        ids: list[int] = []
+        for m in messages:
+            ids += [3, 4, *[100 + len(w) for w in m["content"].split()]]
+        return [*ids, 5, 6]
+
+    def load_stats(self) -> EngineLoad | None:
+        return self.engine_load
+
+    @staticmethod
+    def _logprobs(token_id: int, k: int, n: int) -> PositionLogprobs:
+        chosen = TokenLogprob(token_id, -0.1 * n, 1, f"t{n}")
+        others = tuple(TokenLogprob(token_id + 500 + j, -0.1 * n - j, 1 + j, f"o{j}") for j in range(1, k))
+        return PositionLogprobs(chosen, (chosen, *others)[:k] if k else ())
+
+    def _delta(self, options: SamplingOptions, prompt: list[int], c: int, n: int, last: bool, reason: str, first: bool) -> Delta:
+        token_id = 1000 + n + 100 * c
+        return Delta(
+            token_ids=[token_id],
+            text=f"t{n} ",
+            finished=last,
+            finish_reason=reason if last else None,
+            stop_reason=self.stop_reason if last and reason == "stop" else None,
+            prompt_tokens=len(prompt),
+            completion=c,
+            cached_tokens=1,
+            logprobs=[self._logprobs(token_id, options.logprobs, n)] if options.logprobs is not None else None,
+            prompt_logprobs=(
+                [None, *(self._logprobs(t, options.prompt_logprobs, 1) for t in prompt[1:])]
+                if first and options.prompt_logprobs is not None else None
+            ),
+            queue_time_s=0.002 if first else None,
+        )
+
     async def generate(self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions) -> AsyncIterator[Delta]:
+        if self.mode == "engine":
+            async for d in self._engine_loop(request_id, prompt_token_ids, options):
+                yield d
+            return
+        if options.n > 1:
+            # Completions interleave token by token, as a batching engine's do.
+            self.options[request_id] = options
+            self.started[request_id].set()
+            limit = options.max_tokens
+            for n in range(1, limit + 1):
+                for c in range(options.n):
+                    yield self._delta(options, prompt_token_ids, c, n, n == limit, "length", n == 1 and c == 0)
+                await asyncio.sleep(0)
+            return
         self.options[request_id] = options
         self.started[request_id].set()
         limit = options.max_tokens if self.stop_after is None else min(options.max_tokens, self.stop_after)
@@ -95,17 +175,33 @@ class FakeEngine(Engine):
                 step = min(self.burst, limit - n)
             for _ in range(step):
                 n += 1
-                yield Delta(
-                    token_ids=[1000 + n],
-                    text=f"t{n} ",
-                    finished=n == limit,
-                    finish_reason=reason if n == limit else None,
-                    prompt_tokens=prompt_tokens,
-                )
+                yield self._delta(options, prompt_token_ids, 0, n, n == limit, reason, n == 1)
             if self.mode == "fast":
                 await asyncio.sleep(0)
             elif self.mode == "slow":
                 await asyncio.sleep(self.delay)
+
+    async def _engine_loop(self, request_id: str, prompt: list[int], options: SamplingOptions) -> AsyncIterator[Delta]:
+        """Steps run in their own task, like an engine core: they go on until
+        abort() reaches the engine, read or not."""
+        self.options[request_id] = options
+        self.started[request_id].set()
+        out: asyncio.Queue[Delta | None] = asyncio.Queue()
+
+        async def core() -> None:
+            for n in range(1, options.max_tokens + 1):
+                await asyncio.sleep(self.delay)
+                if self.aborted[request_id].is_set():
+                    break
+                self.steps[request_id] += 1
+                out.put_nowait(self._delta(options, prompt, 0, n, n == options.max_tokens, "length", n == 1))
+            out.put_nowait(None)
+
+        task = asyncio.get_running_loop().create_task(core())
+        self._cores.add(task)
+        task.add_done_callback(self._cores.discard)
+        while (d := await out.get()) is not None:
+            yield d
 
     async def abort(self, request_id: str) -> None:
         self.aborted_ids.append(request_id)

@@ -64,8 +64,10 @@ class Harness:
         return first.status
 
     def generate(self, **fields) -> grpc.aio.UnaryStreamCall:
+        # None leaves a field unset (e.g. prompt=None to send chat or token_ids).
         fields.setdefault("max_tokens", 5)
         fields.setdefault("prompt", "hello there")
+        fields = {k: v for k, v in fields.items() if v is not None}
         return self.stub.Generate(inference_pb2.GenerateRequest(**fields), metadata=MD)
 
     async def collect(self, **fields) -> tuple[list[inference_pb2.TokenDelta], list[inference_pb2.GenerateFinal]]:

@@ -37,7 +37,7 @@ async def test_cancel_is_idempotent_and_ends_the_stream_with_cancelled():
         assert reply.cancelled
         assert engine.aborted_ids.count("c1") >= 1
         rest = await _read_all(call)
-        assert rest[-1].final.finish_reason == "cancelled"
+        assert rest[-1].final.reason == inference_pb2.FINISH_REASON_ABORT
         assert rest[-1].final.tokens_generated < 50
         assert sum(1 for m in rest if m.HasField("final")) == 1
         assert await call.code() == grpc.StatusCode.OK
@@ -51,7 +51,7 @@ async def test_cancel_is_idempotent_and_ends_the_stream_with_cancelled():
 async def test_cancel_of_a_finished_request_is_ok():
     async with worker_harness() as h:
         _, finals = await h.collect(request_id="done", max_tokens=2)
-        assert finals[0].finish_reason == "length"
+        assert finals[0].reason == inference_pb2.FINISH_REASON_LENGTH
         reply = await _cancel(h, "done")
         assert not reply.cancelled
         assert h.engine.aborted_ids == []
@@ -108,7 +108,7 @@ async def test_drain_lets_in_flight_requests_finish():
 
         engine.release(3)
         messages = await _read_all(call)
-        assert messages[-1].final.finish_reason == "length"
+        assert messages[-1].final.reason == inference_pb2.FINISH_REASON_LENGTH
         assert messages[-1].final.tokens_generated == 3
         assert await drain == 0
         assert engine.aborted_ids == []
@@ -124,7 +124,7 @@ async def test_drain_timeout_cancels_what_is_left():
         assert cut == 2
         for call in calls:
             messages = await _read_all(call)
-            assert messages[-1].final.finish_reason == "cancelled"
+            assert messages[-1].final.reason == inference_pb2.FINISH_REASON_ABORT
         assert sorted(engine.aborted_ids) == ["stuck0", "stuck1"]
         assert h.servicer.slots_busy == 0
         assert "Drain timeout" in h.log.getvalue()

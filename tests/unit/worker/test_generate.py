@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from rbee.errors import from_rpc_error
+from rbee.v1 import inference_pb2
 from tests.unit.worker.fakes import FakeEngine
 from tests.unit.worker.harness import worker_harness
 
@@ -26,12 +27,12 @@ async def test_stream_then_exactly_one_final():
         final = finals[0]
         assert _contiguous(deltas) == 3 == final.tokens_generated
         assert "".join(d.text for d in deltas) == "t1 t2 t3 "
-        assert final.finish_reason == "stop"
+        assert final.reason == inference_pb2.FINISH_REASON_STOP
         assert final.prompt_tokens == 5  # 3 words + the fake's 2 template tokens
         assert final.request_id == "abc"
         assert final.duration_ms >= final.time_to_first_token_ms
         opts = h.engine.options["abc"]
-        assert (opts.max_tokens, opts.temperature, opts.top_p) == (10, 0.0, 1.0)
+        assert (opts.max_tokens, opts.temperature, opts.top_p) == (10, 0.0, None)  # unset stays unset
         assert h.engine.encoded == [("say three words", False)]
         assert "Request abc: 3 tokens" in h.log.getvalue()
 
@@ -41,11 +42,11 @@ async def test_max_tokens_gives_length_and_sampling_options_pass_through():
         deltas, finals = await h.collect(
             request_id="r", max_tokens=4, top_p=0.5, top_k=7, seed=42, stop=["\n"], raw_prompt=True, ignore_eos=True
         )
-        assert finals[0].finish_reason == "length"
+        assert finals[0].reason == inference_pb2.FINISH_REASON_LENGTH
         assert _contiguous(deltas) == 4
         opts = h.engine.options["r"]
         assert (opts.top_p, opts.top_k, opts.seed, tuple(opts.stop), opts.ignore_eos) == (0.5, 7, 42, ("\n",), True)
-        assert opts.temperature == pytest.approx(0.7)  # unset → the documented default
+        assert opts.temperature is None  # unset → the model's default, applied by the engine
         assert h.engine.encoded[-1] == ("hello there", True)
 
 
@@ -89,7 +90,7 @@ async def test_all_slots_busy_answers_at_once_with_the_figures():
         assert len(engine.encoded) == 2  # ... and before the tokenizer
         engine.release(10)
         for call in calls:
-            assert [m async for m in call][-1].final.finish_reason == "length"
+            assert [m async for m in call][-1].final.reason == inference_pb2.FINISH_REASON_LENGTH
         # Slots are free again.
         engine.mode = "fast"
         _, finals = await h.collect(request_id="r4", max_tokens=1)

@@ -242,7 +242,7 @@ async def test_signal_drains_in_flight_request_then_exits_0(tmp_path, sig):
                 rest = []
                 while (msg := await call.read()) is not grpc.aio.EOF:
                     rest.append(msg)
-            assert rest[-1].final.finish_reason == "length"
+            assert rest[-1].final.reason == inference_pb2.FINISH_REASON_LENGTH
             assert rest[-1].final.tokens_generated == 40
             assert await asyncio.wait_for(worker.proc.wait(), 60) == 0
             await hive.until(WS.WORKER_STATE_STOPPED)
@@ -342,3 +342,23 @@ async def test_real_engine_load_failure_exits_1(tmp_path):
     assert "MODEL_LOAD_FAILED" in text
     assert "[model-loader] 📦 Loading model" in text
     assert "Traceback" not in text
+
+
+async def test_reports_to_the_hive_carry_the_load(tmp_path):
+    async with fake_hive() as (hive, hive_address):
+        async with fake_worker(
+            tmp_path, "--callback", hive_address, "--slots", "2", FAKE_ENGINE_MODE="slow", FAKE_ENGINE_DELAY="0.02",
+        ) as worker:
+            idle = (await hive.until(WS.WORKER_STATE_IDLE)).worker.load
+            assert (idle.slots_total, idle.slots_busy, idle.running_requests) == (2, 0, 0)
+            async with grpc.aio.insecure_channel(worker.address) as channel:
+                stub = inference_pb2_grpc.InferenceServiceStub(channel)
+                call = stub.Generate(inference_pb2.GenerateRequest(prompt="hi", max_tokens=20), metadata=auth_metadata(KEY))
+                await call.read()
+                busy = (await hive.until(WS.WORKER_STATE_BUSY)).worker.load
+                assert (busy.slots_total, busy.slots_busy, busy.running_requests) == (2, 1, 1)
+                assert busy.window_s > 0 and busy.unix_ms > 0
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            after = (await hive.until(WS.WORKER_STATE_IDLE)).worker.load
+            assert after.slots_busy == 0 and after.generation_tokens_per_s > 0

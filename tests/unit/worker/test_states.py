@@ -81,7 +81,7 @@ async def test_busy_while_a_request_runs_then_idle():
         assert await h.health_status() == SERVING  # busy with free slots still serves
         engine.release(2)
         messages = [m async for m in call]
-        assert messages[-1].final.finish_reason == "length"
+        assert messages[-1].final.reason == inference_pb2.FINISH_REASON_LENGTH
         ready = await h.readiness()
         assert ready.state == WS.WORKER_STATE_IDLE
         assert ready.slots_busy == 0

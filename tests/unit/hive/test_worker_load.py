@@ -1,0 +1,38 @@
+"""A worker's reported load reaches the hive's listing (WorkerInfo.load)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rbee.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from rbee_hive.workers.events import EventLog
+from rbee_hive.workers.registry import WorkerRecord
+from tests.unit.hive.test_servicers import call, hive  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+BUSY = common_pb2.WORKER_STATE_BUSY
+
+
+async def test_reported_load_shows_in_list_workers(hive, tmp_path):  # noqa: F811
+    ctx, channel = hive
+    record = WorkerRecord(
+        id="worker-load", host="127.0.0.1", port=1, model_ref="file:///m", model_path="/m", backend="cpu", device=0,
+        api_key="worker-key", callback_key="cb-key", log_path=tmp_path / "w.log", events=EventLog(),
+    )
+    ctx.manager._pending[record.id] = record
+    callback = registry_pb2_grpc.WorkerCallbackServiceStub(channel)
+    listing = registry_pb2_grpc.HiveWorkerServiceStub(channel)
+
+    await call(callback.ReportWorker, registry_pb2.ReportWorkerRequest(
+        worker=common_pb2.WorkerInfo(id=record.id, state=common_pb2.WORKER_STATE_IDLE, slots_total=4, slots_available=4)
+    ), key="cb-key")
+    before = (await call(listing.ListWorkers, registry_pb2.ListWorkersRequest())).workers[0]
+    assert not before.HasField("load")  # nothing reported yet
+
+    load = common_pb2.WorkerLoad(running_requests=2, waiting_requests=1, slots_total=4, slots_busy=3,
+                                 kv_cache_usage=0.5, generation_tokens_per_s=41.5, window_s=10, unix_ms=1)
+    await call(callback.ReportWorker, registry_pb2.ReportWorkerRequest(
+        worker=common_pb2.WorkerInfo(id=record.id, state=BUSY, slots_total=4, slots_available=1, load=load)
+    ), key="cb-key")
+    listed = (await call(listing.ListWorkers, registry_pb2.ListWorkersRequest())).workers[0]
+    assert listed.state == BUSY and listed.load == load
