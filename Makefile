@@ -50,3 +50,9 @@ bench: model
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Many more fuzz examples than `make test` runs (tests/fuzz), with a random
+# seed; RBEE_FUZZ_SCALE=N multiplies the examples of every fuzz test.
+.PHONY: fuzz
+fuzz: setup
+	RBEE_FUZZ_SCALE=$${RBEE_FUZZ_SCALE:-25} $(BIN)/python -m pytest tests/fuzz -p no:cacheprovider $(PYTEST_ARGS)

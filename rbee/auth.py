@@ -182,10 +182,8 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, err: RbeeError) -> grpc.R
         await context.abort_with_status(status)
         yield  # pragma: no cover - makes this an async generator
 
-    kw = dict(
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    # The refusal never reads the request: its bytes stay unparsed.
+    kw = dict(request_deserializer=None, response_serializer=handler.response_serializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(reject_unary, **kw)
     if handler.unary_stream:

@@ -126,6 +126,14 @@ _FALLBACK: dict[grpc.StatusCode, str] = {
 }
 
 
+# Characters an error may put in a status (see RbeeError._bounded).
+_STATUS_BUDGET = 6000
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 class RbeeError(Exception):
     """A failure with a stable code; what every layer raises and reports."""
 
@@ -166,17 +174,39 @@ class RbeeError(Exception):
 
     def to_status(self) -> grpc.Status:
         """The gRPC status (with google.rpc details) that carries this error."""
-        info = error_details_pb2.ErrorInfo(reason=self.code, domain=DOMAIN, metadata=self.details)
+        err = self._bounded()
+        info = error_details_pb2.ErrorInfo(reason=err.code, domain=DOMAIN, metadata=err.details)
         packed_info = any_pb2.Any()
         packed_info.Pack(info)
         packed_detail = any_pb2.Any()
-        packed_detail.Pack(self.to_detail())
+        packed_detail.Pack(err.to_detail())
         proto = status_pb2.Status(
-            code=self.status_code.value[0],
-            message=self.message,
+            code=err.status_code.value[0],
+            message=err.message,
             details=[packed_info, packed_detail],
         )
         return rpc_status.to_status(proto)
+
+    def _bounded(self) -> "RbeeError":
+        """This error cut to what fits in a status. A status travels in HTTP/2
+        trailers, which peers cap at a few KB: an error that echoes a 10 MB
+        request field would reach the client as a bare RESOURCE_EXHAUSTED
+        instead of itself. Ordinary errors (log lines included) are untouched."""
+
+        def size(message: str, details: dict[str, str], suggestions: list[str]) -> int:
+            # The message travels three times, the details twice (ErrorInfo and ErrorDetail).
+            return 3 * len(message) + 2 * sum(len(k) + len(v) for k, v in details.items()) + sum(map(len, suggestions))
+
+        message, details, suggestions = self.message, self.details, self.suggestions
+        if size(message, details, suggestions) <= _STATUS_BUDGET:
+            return self
+        for limit in (2048, 512, 128):
+            message = _clip(message, limit)
+            details = {_clip(k, 64): _clip(v, limit) for k, v in list(details.items())[:16]}
+            suggestions = [_clip(s, limit) for s in suggestions[:8]]
+            if size(message, details, suggestions) <= _STATUS_BUDGET:
+                break
+        return RbeeError(self.code, message, details, suggestions)
 
 
 def from_rpc_error(err: grpc.RpcError, target: str = "") -> RbeeError:

@@ -72,3 +72,75 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             await context.abort_with_status(internal_error(exc, fn.__qualname__).to_status())
 
     return unary_wrapper
+
+
+class _Malformed:
+    """Stands for a request whose bytes did not parse as its message type."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def _malformed_request(method: str, size: int) -> RbeeError:
+    return RbeeError(
+        "INVALID_ARGUMENT",
+        f"The request to {method} is not a valid message of its type ({size} bytes that do not parse)",
+        {"rpc": method, "field": "request", "bytes": size},
+        ["Use a client built from protos/rbee/v1 of this rbee version"],
+    )
+
+
+def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    parse = handler.request_deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data) if parse is not None else data
+        except Exception:  # noqa: BLE001 - any parse failure is the client's malformed request
+            return _Malformed(len(data))
+
+    kw = dict(request_deserializer=deserialize, response_serializer=handler.response_serializer)
+    if handler.unary_unary is not None and inspect.iscoroutinefunction(handler.unary_unary):
+        behavior = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Malformed):
+                await context.abort_with_status(_malformed_request(method, request.size).to_status())
+            return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, **kw)
+    if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+        stream_behavior = handler.unary_stream
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Malformed):
+                await context.abort_with_status(_malformed_request(method, request.size).to_status())
+                return
+            responses = stream_behavior(request, context)
+            try:
+                async for item in responses:
+                    yield item
+            finally:
+                await responses.aclose()
+
+        return grpc.unary_stream_rpc_method_handler(stream, **kw)
+    return handler
+
+
+class RequestGuard(grpc.aio.ServerInterceptor):
+    """Bytes that do not parse as the RPC's request message are answered as an
+    rbee INVALID_ARGUMENT, not with gRPC's UNKNOWN and the parser's exception
+    text. rbee's services only (health is grpc's own)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.request_streaming or not method.startswith("/rbee."):
+            return handler
+        return _guarded(handler, method)

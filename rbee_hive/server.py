@@ -13,7 +13,7 @@ from grpc_health.v1 import _async as health, health_pb2, health_pb2_grpc
 from rbee.auth import KeyRing, ScopedKeyInterceptor
 from rbee.channel import SERVER_OPTIONS
 from rbee.errors import RbeeError
-from rbee.rpc import set_log_location
+from rbee.rpc import RequestGuard, set_log_location
 from rbee.scopes import Scope
 from rbee.v1 import preflight_pb2_grpc, registry_pb2_grpc
 
@@ -81,7 +81,7 @@ class HiveServer:
                 ["Pass --api-key KEY, or set RBEE_HIVE_API_KEY, or api_key in the [hive] config section"],
             )
         server = grpc.aio.server(
-            interceptors=[ScopedKeyInterceptor(hive_key_ring(key, self.ctx))], options=SERVER_OPTIONS
+            interceptors=[ScopedKeyInterceptor(hive_key_ring(key, self.ctx)), RequestGuard()], options=SERVER_OPTIONS
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         add_core_services(server, self.ctx)

@@ -19,7 +19,7 @@ from rbee.channel import SERVER_OPTIONS
 from rbee.config import API_VERSION, VERSION
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
-from rbee.rpc import set_log_location
+from rbee.rpc import RequestGuard, set_log_location
 from rbee.scopes import Scope
 from rbee.v1 import nodes_pb2_grpc, tasks_pb2_grpc
 
@@ -93,7 +93,7 @@ class QueenServer:
     async def start(self) -> int:
         s = self.settings
         key, source = s.api_key_value()
-        server = grpc.aio.server(interceptors=[ScopedKeyInterceptor(queen_key_ring(key, self.store))], options=SERVER_OPTIONS)
+        server = grpc.aio.server(interceptors=[ScopedKeyInterceptor(queen_key_ring(key, self.store)), RequestGuard()], options=SERVER_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.nodes, self.narrate, self.watchers), server)
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.tasks, self.narrate), server)

@@ -16,6 +16,7 @@ from grpc_health.v1.health import aio as health_aio
 from rbee.auth import ScopedKeyInterceptor, static_ring
 from rbee.channel import SERVER_OPTIONS
 from rbee.errors import RbeeError
+from rbee.rpc import RequestGuard
 from rbee.scopes import Scope
 from rbee.v1 import inference_pb2, inference_pb2_grpc
 from rbee_worker.servicer import InferenceServicer
@@ -77,7 +78,7 @@ async def create_server(
     ring = static_ring(
         (Scope.INFERENCE, api_key), (Scope.ADMIN, admin_key or api_key), (Scope.CALLBACK, callback_key or "")
     )
-    server = grpc.aio.server(interceptors=[ScopedKeyInterceptor(ring)], options=SERVER_OPTIONS)
+    server = grpc.aio.server(interceptors=[ScopedKeyInterceptor(ring), RequestGuard()], options=SERVER_OPTIONS)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     for name in ("", SERVICE_NAME):
