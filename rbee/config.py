@@ -182,3 +182,12 @@ def keeper_settings(env: dict[str, str] | None = None) -> KeeperSettings:
             keeper[name] = env[var]
             sources[name] = var
     return KeeperSettings(**keeper, remote=RemoteSettings(**remote), path=path, sources=tuple(sources.items()))
+
+
+def remote_settings(env: dict[str, str] | None = None) -> RemoteSettings:
+    """``[remote]`` of the config file alone (the queen's defaults for nodes
+    registered without their own paths); INVALID_CONFIG when it is bad."""
+    config, path = load_config(env)
+    if path is None:
+        return RemoteSettings()
+    return RemoteSettings(**_section(config, path, "remote", RemoteSettings))

@@ -35,9 +35,10 @@ DEFAULT_CONFIG = """\
 # hive = "127.0.0.1:7900"
 
 [remote]
-# Where rbee lives on the nodes (absolute paths there).
-# hive_program = "/opt/rbee/.venv/bin/rbee-hive"
+# Where rbee lives on the nodes (absolute paths there): the queen installs to
+# repo_dir on nodes added without --install-path.
 # repo_dir = "/opt/rbee"
+# hive_program = "/opt/rbee/.venv/bin/rbee-hive"
 
 [queen]
 # port = 7800

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from rbee.auth import new_api_key
+from rbee.config import remote_settings
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.v1 import nodes_pb2, preflight_pb2
@@ -121,9 +122,12 @@ class NodeManager:
         name = req.name.strip()
         if not NAME.match(name):
             raise _invalid("name", f"Invalid node name {req.name!r}: use letters, digits, '.', '_' or '-' (up to 64)")
-        install_path = req.install_path.strip() or (own_installation() if req.local else "")
+        # Without --install-path: this installation for a local node, else the
+        # repo_dir of the config file's [remote] section (where rbee lives on nodes).
+        install_path = req.install_path.strip() or (own_installation() if req.local else remote_settings().repo_dir)
         if not install_path:
-            raise _invalid("install_path", "A node needs --install-path (where rbee is installed on it)")
+            raise _invalid("install_path", "A node needs --install-path (where rbee is installed on it)",
+                           "Or set repo_dir in the [remote] section of the config file for every node")  # fmt: skip
         if not install_path.startswith("/"):
             raise _invalid("install_path", f"--install-path must be absolute on the node: {install_path}")
         if req.rbee_home and not req.rbee_home.startswith("/"):
