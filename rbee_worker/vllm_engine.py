@@ -187,6 +187,7 @@ class VllmEngine(Engine):
         self._sampling: Any = None  # (SamplingParams, RequestOutputKind, StructuredOutputsParams)
         self._defaults: dict[str, Any] = {}
         self._scheduler_stats: Any = None
+        self._client_errors: tuple[type[BaseException], ...] = (ValueError,)
 
     # -- loading -------------------------------------------------------------
 
@@ -266,7 +267,11 @@ class VllmEngine(Engine):
         from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from vllm.exceptions import VLLMClientError
+
         self._sampling = (SamplingParams, RequestOutputKind, StructuredOutputsParams)
+        # Raised for the request's own faults (vLLM also raises ValueError for some).
+        self._client_errors = (ValueError, VLLMClientError)
         # The stat logger is how the engine's queue and KV cache use reach GetLoad.
         return AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger(self._on_scheduler_stats)])
 
@@ -326,7 +331,7 @@ class VllmEngine(Engine):
             kw["structured_outputs"] = structured_cls(**kw["structured_outputs"])
         try:
             return params_cls(output_kind=kind.DELTA, **kw)
-        except ValueError as exc:
+        except self._client_errors as exc:
             field = options.constraint.kind if options.constraint else getattr(exc, "parameter", None) or "sampling"
             raise RbeeError("INVALID_ARGUMENT", f"Invalid {field}: {exc}", {"field": field}) from None
 
@@ -344,7 +349,7 @@ class VllmEngine(Engine):
                 out = await anext(stream)
             except StopAsyncIteration:
                 return
-            except ValueError as exc:
+            except self._client_errors as exc:
                 # Refused while the engine prepared the request (e.g. a grammar
                 # or schema its backend cannot compile): the request's fault.
                 if not first:
