@@ -119,6 +119,9 @@ async def start_hive(
         f"--host {bind_host(record)} --port {record.hive_port} --api-key-file {shlex.quote(key_file)}"
     )
     narrate("🚀", f"Starting rbee-hive on {record.name} ({transport.target}), port {record.hive_port}, log {log_file}")
+    # Where this start's lines begin in the (appended) log, so a failure shows only them.
+    size = await transport.run(f"stat -c %s {shlex.quote(log_file)} 2>/dev/null || echo 0", timeout=10)
+    offset = int(size.stdout.strip() or 0) if size.stdout.strip().isdigit() else 0
     pid = await transport.start_detached(command, log_file, cwd=record.install_path)
     link = HiveLink(record)
     try:
@@ -130,23 +133,45 @@ async def start_hive(
             alive = await transport.run(f"kill -0 {pid} 2>/dev/null", timeout=10)
             if not alive.ok:
                 waiter.cancel()
-                raise await _start_failed(transport, record, log_file, "exited before answering")
+                raise await _start_failed(transport, record, log_file, "exited before answering", offset)
         if not waiter.result():
-            raise await _start_failed(transport, record, log_file, f"did not answer within {timeout:g}s")
+            raise await _start_failed(transport, record, log_file, f"did not answer within {timeout:g}s", offset)
     finally:
         await link.close()
     narrate("✅", f"rbee-hive on {record.name} is up at {record.hive_address} (pid {pid})")
     return pid
 
 
-async def _start_failed(transport: NodeTransport, record: NodeRecord, log_file: str, why: str) -> RbeeError:
-    tail = await transport.run(f"tail -n {LOG_TAIL_LINES} {shlex.quote(log_file)}", timeout=10)
+async def _start_failed(transport: NodeTransport, record: NodeRecord, log_file: str, why: str, offset: int = 0) -> RbeeError:
+    tail = await transport.run(f"tail -c +{offset + 1} {shlex.quote(log_file)} | tail -n {LOG_TAIL_LINES}", timeout=10)
+    lines = tail.stdout.strip()
+    suggestions = [f"Read the hive's log on the node ({log_file})"]
+    if "PORT_IN_USE" in lines:
+        suggestions.append(f"Port {record.hive_port} is taken on the node: stop what holds it, or move the hive with "
+                           f"`rbee-keeper setup update-node --name {record.name} --hive-port PORT`")  # fmt: skip
+    else:
+        suggestions.append(f"If the hive program is broken, reinstall with `rbee-keeper setup install --node {record.name}`")
     return RbeeError(
         "HIVE_START_FAILED",
         f"rbee-hive on node {record.name} {why}",
-        {"node": record.name, "hive": record.hive_address, "log": log_file, "last_lines": tail.stdout.strip() or "(empty)"},
-        [f"Read the hive's log on the node ({log_file})", f"Reinstall with `rbee-keeper setup install --node {record.name}`"],
+        {"node": record.name, "hive": record.hive_address, "log": log_file, "last_lines": lines or "(empty)"},
+        suggestions,
     )
+
+
+async def port_answers(address: str, timeout: float = 1.0) -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    host, _, port = address.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), timeout)
+    except (OSError, asyncio.TimeoutError, ValueError):
+        return False
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+    return True
 
 
 async def stop_hive(transport: NodeTransport, pid: int, timeout: float = 40.0) -> bool:

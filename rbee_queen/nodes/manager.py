@@ -18,7 +18,7 @@ from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.v1 import nodes_pb2, preflight_pb2
 
-from rbee_queen.hives import HiveLink, hive_preflight, node_home, start_hive, stop_hive
+from rbee_queen.hives import HiveLink, hive_preflight, node_home, port_answers, start_hive, stop_hive
 from rbee_queen.nodes.install import Installer
 from rbee_queen.nodes.local import LocalTransport
 from rbee_queen.nodes.relay import EventRelay, NodeEventRelay
@@ -303,6 +303,15 @@ class NodeManager:
             if await link.serving():
                 relay.check("hive_running", True, f"rbee-hive answers at {record.hive_address}")
                 return
+        if await port_answers(record.hive_address):
+            raise RbeeError(
+                "HIVE_UNREACHABLE",
+                f"Something listens at {record.hive_address} on node {record.name} but does not answer as a hive "
+                "(a stopped or hung rbee-hive, or another program on its port)",
+                {"node": record.name, "hive": record.hive_address},
+                [f"Check the process that holds port {record.hive_port} on the node (a stopped hive resumes with SIGCONT)",
+                 f"Or move the hive with `rbee-keeper setup update-node --name {record.name} --hive-port PORT`"],
+            )  # fmt: skip
         relay.narrate("💤", f"No hive answers at {record.hive_address}")
         pid = await start_hive(transport, record, relay.narrate, self.settings.hive_start_timeout.total_seconds())
         self.started_hives[record.name] = pid

@@ -3,17 +3,22 @@ worker on every node, S6.2)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import grpc
 
+from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.rpc import handle_errors
-from rbee.v1 import tasks_pb2, tasks_pb2_grpc
+from rbee.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
 
 from rbee_queen.nodes.relay import TaskRelay
 from rbee_queen.tasks import TaskRunner
 from rbee_queen.workers import ClusterWorkers
+
+
+CAPABILITY = re.compile(r"^(cpu|cuda|metal)(:\d{1,4})?$")
 
 
 class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
@@ -34,5 +39,11 @@ class ClusterWorkerServicer(tasks_pb2_grpc.ClusterWorkerServiceServicer):
 
     @handle_errors
     async def ListClusterWorkers(self, request: tasks_pb2.ListClusterWorkersRequest, context: grpc.aio.ServicerContext) -> tasks_pb2.ListClusterWorkersResponse:
-        workers = self._registry.list(request.node, request.model_ref, request.capability.strip().lower(), request.state)
+        cap = request.capability.strip().lower()
+        if cap and not CAPABILITY.match(cap):
+            raise RbeeError("INVALID_ARGUMENT", f"Unknown capability {request.capability!r}: use cpu, cuda, metal, or BACKEND:DEVICE such as cuda:1",
+                            {"field": "capability"}, ["Pass --capability cpu or --capability cuda:0"])  # fmt: skip
+        if request.state not in common_pb2.WorkerState.values():
+            raise RbeeError("INVALID_ARGUMENT", f"Unknown worker state {request.state}", {"field": "state"})
+        workers = self._registry.list(request.node, request.model_ref, cap, request.state)
         return tasks_pb2.ListClusterWorkersResponse(workers=workers)

@@ -224,3 +224,27 @@ async def test_the_worker_key_opens_that_worker_only(queen_factory, node_env, tm
             await worker.close()
     finally:
         kill_node_hives(home)
+
+
+async def test_a_hung_hive_is_named_not_restarted(queen_factory, node_env, tmp_path: Path) -> None:
+    """A hive that holds its port but does not answer (SIGSTOP): the queen says
+    so instead of starting a second hive that could not bind."""
+    queen = await queen_factory(**node_env)
+    home = tmp_path / "node"
+    try:
+        await local_node(queen, home)
+        code, out, err = await infer(queen)
+        assert code == 0, err
+        [hive_pid] = node_hive_pids(home)
+        psutil.Process(hive_pid).suspend()
+        try:
+            code, out, err = await infer(queen)
+        finally:
+            psutil.Process(hive_pid).resume()
+        assert code == 1
+        assert "HIVE_UNREACHABLE" in err and "does not answer as a hive" in err and "SIGCONT" in err
+        assert "Starting rbee-hive" not in err and node_hive_pids(home) == [hive_pid]
+        code, out, err = await queen.keeper("workers", "list", "--capability", "gpu")
+        assert code == 1 and "INVALID_ARGUMENT" in err and "--capability cpu" in err
+    finally:
+        kill_node_hives(home)
