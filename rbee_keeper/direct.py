@@ -62,7 +62,22 @@ def build_request(args: SamplingArgs, request_id: str) -> inference_pb2.Generate
         req.top_k = args.top_k
     if args.seed is not None:
         req.seed = args.seed
+    if args.messages:
+        req.chat.messages.extend(inference_pb2.ChatMessage(role=r, content=c) for r, c in args.messages)
+    if args.json_schema is not None:
+        req.json_schema = args.json_schema
+    if args.logprobs is not None:
+        req.logprobs = args.logprobs
+    if args.n is not None:
+        req.n = args.n
     return req
+
+
+def _logprob_entry(p: inference_pb2.PositionLogprobs) -> dict:
+    def one(t: inference_pb2.TokenLogprob) -> dict:
+        return {"token_id": t.token_id, "token": t.token, "logprob": round(t.logprob, 4)}
+
+    return {**one(p.chosen), "top": [one(t) for t in p.top]}
 
 
 def _slots(err: RbeeError) -> str:
@@ -94,6 +109,10 @@ class DirectInference:
         self._expect = (expect_backend, expect_device)
         self._partial_folder = partial_folder
         self.request_id = ""
+        # With --n: the other answers, printed after the first one has streamed.
+        self.others: dict[int, list[inference_pb2.TokenDelta]] = {}
+        # With --logprobs: the first answer's tokens with their log probabilities.
+        self.logprobs: list[dict] = []
 
     @property
     def worker(self) -> str:
@@ -117,14 +136,45 @@ class DirectInference:
         except Interrupted:
             self.printer.end_line()
             return EXIT_INTERRUPTED
+        extra = self._after_answer()
         self.printer.end_line()
         elapsed = time.monotonic() - started
         ttft = (first_token_at - started) * 1000 if first_token_at is not None else None
-        self.printer.finished(final, self.worker, elapsed, ttft)
+        self.printer.finished(final, self.worker, elapsed, ttft, extra=extra)
         self.narrate("✅", summary_line(self.printer.tokens, elapsed, ttft, finish_reason(final)))
         return 0
 
     # -- generation --------------------------------------------------------
+
+    def _take(self, delta: inference_pb2.TokenDelta) -> None:
+        """The first answer streams; the others (--n) wait for it to end."""
+        if delta.completion:
+            self.others.setdefault(delta.completion, []).append(delta)
+            return
+        self.logprobs.extend(_logprob_entry(p) for p in delta.logprobs)
+        self.printer.write(delta)
+
+    def _after_answer(self) -> dict:
+        """Print the other answers and the log probabilities; what --json adds."""
+        extra: dict = {}
+        if self.others:
+            texts = [self.printer.text]
+            for c in sorted(self.others):
+                texts.append("".join(d.text for d in self.others[c]))
+                if not self.printer.json:
+                    self.narrate("🐝", f"Answer {c + 1} of {len(self.others) + 1} follows")
+                    sep = "" if self.printer.text.endswith("\n") else "\n"
+                    self.printer.write(inference_pb2.TokenDelta(text=sep + "\n"))
+                    for d in self.others[c]:
+                        self.printer.write(d)
+            extra["completions"] = texts
+        if self.args.logprobs is not None:
+            extra["logprobs"] = self.logprobs
+            if not self.printer.json:
+                for e in self.logprobs:
+                    alts = ", ".join(f"{t['token']!r} {t['logprob']:.3f}" for t in e["top"] if t["token_id"] != e["token_id"])
+                    self.narrate("🔢", f"{e['token']!r} {e['logprob']:.3f}" + (f" (alternatives: {alts})" if alts else ""))
+        return extra
 
     async def _generate_with_retries(self) -> tuple[inference_pb2.GenerateFinal, float | None]:
         delays = list(self.t.busy_delays_s)
@@ -189,7 +239,7 @@ class DirectInference:
                     if first_token_at is None:
                         first_token_at = time.monotonic()
                     try:
-                        self.printer.write(msg.delta)
+                        self._take(msg.delta)
                     except OutputClosed:
                         raise await self._output_closed() from None
                     last_activity = time.monotonic()
@@ -328,7 +378,7 @@ class DirectInference:
             if msg is grpc.aio.EOF:
                 stream_open = False
             elif msg.WhichOneof("kind") == "delta":
-                self.printer.write(msg.delta)
+                self._take(msg.delta)
             elif msg.WhichOneof("kind") == "final":
                 final = msg.final
                 stream_open = False

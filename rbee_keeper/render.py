@@ -96,7 +96,9 @@ class TokenPrinter:
     def text(self) -> str:
         return "".join(self._parts)
 
-    def finished(self, final: inference_pb2.GenerateFinal, worker: str, elapsed_s: float, ttft_ms: float | None) -> None:
+    def finished(
+        self, final: inference_pb2.GenerateFinal, worker: str, elapsed_s: float, ttft_ms: float | None, extra: dict | None = None
+    ) -> None:
         """With --json: the answer as one object on stdout (text, finish reason,
         token counts, timings); nothing otherwise (the tokens are already out)."""
         if not self.json:
@@ -114,6 +116,7 @@ class TokenPrinter:
             "keeper_time_to_first_token_ms": round(ttft_ms, 1) if ttft_ms is not None else None,
             "worker": worker,
             "request_id": final.request_id,
+            **(extra or {}),
         }
         try:
             self._stdout.write(json.dumps(answer) + "\n")

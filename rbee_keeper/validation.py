@@ -6,8 +6,11 @@ and exit code 1 instead of the argument parser's usage error.
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rbee.config import DEFAULT_HIVE_PORT, DEFAULT_QUEEN_PORT, DEFAULT_WORKER_PORT_START
 from rbee.errors import RbeeError
@@ -16,6 +19,10 @@ BACKENDS = ("cpu", "cuda", "metal")
 MAX_TEMPERATURE = 2.0
 # The wire field is a signed 32-bit integer; the worker checks the model's own limit.
 MAX_TOKENS_LIMIT = 2**31 - 1
+# The worker's own limits (GetModelInfo.max_logprobs, max_n) are checked there.
+MAX_LOGPROBS = 20
+MAX_N = 256
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 # The examples in hints, and --hive's default: the daemons on this machine.
 LOCAL_WORKER = f"127.0.0.1:{DEFAULT_WORKER_PORT_START}"
 LOCAL_HIVE = f"127.0.0.1:{DEFAULT_HIVE_PORT}"
@@ -33,6 +40,11 @@ class SamplingArgs:
     stop: tuple[str, ...] = field(default_factory=tuple)
     raw_prompt: bool = False
     ignore_eos: bool = False
+    # A conversation ((role, content), ...) instead of the prompt (--chat, --system).
+    messages: tuple[tuple[str, str], ...] = ()
+    json_schema: str | None = None
+    logprobs: int | None = None
+    n: int | None = None
 
 
 def invalid_argument(option: str, value: object, message: str, hint: str) -> RbeeError:
@@ -75,8 +87,40 @@ def validate_sampling(
     stop: tuple[str, ...] | list[str] = (),
     raw_prompt: bool = False,
     ignore_eos: bool = False,
+    *,
+    system: str | None = None,
+    chat: str | None = None,
+    json_schema: str | None = None,
+    logprobs: str | int | None = None,
+    n: str | int | None = None,
 ) -> SamplingArgs:
-    if prompt is None or not prompt.strip():
+    n_option = n  # `n` below is the max-tokens figure
+    messages = load_chat(chat) if chat is not None else []
+    if raw_prompt and (messages or system is not None):
+        raise RbeeError(
+            "INVALID_ARGUMENT",
+            "--raw-prompt sends text as-is and cannot be combined with --chat or --system",
+            {"option": "--raw-prompt"},
+            ["Leave out --raw-prompt, or send the text alone with --prompt"],
+        )
+    if system is not None and not system.strip():
+        raise invalid_argument("--system", system, "must not be empty", 'Pass the instructions, e.g. --system "Answer in one sentence."')
+    if messages or system is not None:
+        # --prompt adds a user turn after the file's; --system goes first.
+        turns = [("system", system)] if system is not None else []
+        turns += messages
+        if prompt is not None and prompt.strip():
+            turns.append(("user", prompt))
+        if not any(role == "user" for role, _ in turns):
+            raise RbeeError(
+                "INVALID_ARGUMENT",
+                "The conversation (--chat, --system) has no user message",
+                {"option": "--chat"},
+                ['Add --prompt "your question", or a {"role": "user", ...} message to the --chat file'],
+            )
+        messages = turns
+        prompt = prompt or ""
+    elif prompt is None or not prompt.strip():
         raise RbeeError(
             "INVALID_ARGUMENT",
             "--prompt is required and must not be empty",
@@ -102,7 +146,21 @@ def validate_sampling(
     s = parse_int("--seed", seed, s_hint)
     if s is not None and not 0 <= s < 2**63:
         raise invalid_argument("--seed", seed, "must be between 0 and 2^63-1", s_hint)
+    lp_hint = f"Use --logprobs N with N from 0 to {MAX_LOGPROBS} (alternatives shown per token)"
+    lp = parse_int("--logprobs", logprobs, lp_hint)
+    if lp is not None and not 0 <= lp <= MAX_LOGPROBS:
+        raise invalid_argument("--logprobs", logprobs, f"must be between 0 and {MAX_LOGPROBS}", lp_hint)
+    n_hint = "Use --n COUNT with COUNT ≥ 1 (at most the worker's slots), and a temperature above 0"
+    count = parse_int("--n", n_option, n_hint)
+    if count is not None and not 1 <= count <= MAX_N:
+        raise invalid_argument("--n", n_option, f"must be between 1 and {MAX_N}", n_hint)
+    if count is not None and count > 1 and t == 0:
+        raise invalid_argument("--n", n_option, "needs sampling: greedy decoding (--temperature 0) gives one answer", n_hint)
     return SamplingArgs(
+        messages=tuple(messages),
+        json_schema=load_json_schema(json_schema) if json_schema is not None else None,
+        logprobs=lp,
+        n=count,
         prompt=prompt,
         max_tokens=n,
         temperature=t,
@@ -113,6 +171,62 @@ def validate_sampling(
         raw_prompt=raw_prompt,
         ignore_eos=ignore_eos,
     )
+
+
+def _read(option: str, source: str) -> str:
+    """A file's text, or stdin's for "-"."""
+    if source == "-":
+        return sys.stdin.read()
+    path = Path(source).expanduser()
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise RbeeError(
+            "INVALID_ARGUMENT",
+            f"{option}: cannot read {source}: {exc.strerror or exc}",
+            {"option": option, "path": str(path)},
+            [f"Check the path given to {option}" + (" (or pass - to read stdin)" if option == "--chat" else "")],
+        ) from None
+
+
+def load_chat(source: str) -> list[tuple[str, str]]:
+    """--chat FILE|-: a JSON list of {"role", "content"} messages (or an
+    object with such a "messages" list)."""
+    hint = 'The --chat file holds JSON like [{"role": "user", "content": "Why do bees dance?"}]'
+    text = _read("--chat", source)
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise RbeeError("INVALID_ARGUMENT", f"--chat {source} is not JSON: {exc}", {"option": "--chat"}, [hint]) from None
+    if isinstance(data, dict):
+        data = data.get("messages")
+    if not isinstance(data, list) or not data:
+        raise RbeeError("INVALID_ARGUMENT", f"--chat {source} holds no list of messages", {"option": "--chat"}, [hint])
+    out = []
+    for i, m in enumerate(data):
+        ok = isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        if not ok or m["role"] not in CHAT_ROLES:
+            raise RbeeError(
+                "INVALID_ARGUMENT",
+                f"--chat {source}: message {i} needs a role ({', '.join(CHAT_ROLES)}) and a text content",
+                {"option": "--chat", "index": i},
+                [hint],
+            )
+        out.append((m["role"], m["content"]))
+    return out
+
+
+def load_json_schema(path: str) -> str:
+    """--json-schema FILE: the schema's text, checked to be a JSON object."""
+    hint = 'The file holds a JSON Schema object, e.g. {"type": "object", "properties": {"name": {"type": "string"}}}'
+    text = _read("--json-schema", path)
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise RbeeError("INVALID_ARGUMENT", f"--json-schema {path} is not JSON: {exc}", {"option": "--json-schema"}, [hint]) from None
+    if not isinstance(schema, dict):
+        raise RbeeError("INVALID_ARGUMENT", f"--json-schema {path} must hold a JSON object", {"option": "--json-schema"}, [hint])
+    return text
 
 
 def validate_address(address: str, option: str = "--worker", example: str = LOCAL_WORKER) -> str:

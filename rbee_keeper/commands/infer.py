@@ -60,12 +60,17 @@ def register(app: typer.Typer) -> None:
 def infer(
     prompt: str = typer.Option(None, "--prompt", "-p", help="Text to complete (sent through the model's chat template)."),
     max_tokens: str = typer.Option(str(DEFAULT_MAX_TOKENS), "--max-tokens", "-n", metavar="N", help="Most tokens to generate (≥ 1)."),
-    temperature: str = typer.Option(None, "--temperature", "-t", metavar="T", help="0 = greedy; up to 2 (default: the worker's, 0.7)."),
+    temperature: str = typer.Option(None, "--temperature", "-t", metavar="T", help="0 = greedy; up to 2 (default: the model's, else 1)."),
     top_p: str = typer.Option(None, "--top-p", metavar="P", help="Nucleus sampling, in (0, 1]."),
     top_k: str = typer.Option(None, "--top-k", metavar="K", help="Sample among the K likeliest tokens (≥ 1)."),
     seed: str = typer.Option(None, "--seed", metavar="SEED", help="Seed for reproducible sampling."),
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text is generated (repeatable)."),
     raw_prompt: bool = typer.Option(False, "--raw-prompt", help="Send the prompt as-is, without the chat template."),
+    system: str = typer.Option(None, "--system", metavar="TEXT", help="A system message before the prompt (instructions for the model)."),
+    chat: str = typer.Option(None, "--chat", metavar="FILE|-", help='Messages as JSON, [{"role": "user", "content": "..."}, ...], from FILE or stdin (-); --prompt adds a user turn.'),
+    json_schema: str = typer.Option(None, "--json-schema", metavar="FILE", help="Constrain the answer to JSON valid against the JSON Schema in FILE."),
+    logprobs: str = typer.Option(None, "--logprobs", metavar="N", help="Log probabilities of each token and its N likeliest alternatives (0-20), on stderr (in the object with --json)."),
+    n: str = typer.Option(None, "--n", metavar="COUNT", help="Generate COUNT answers (needs a temperature above 0); the first streams, the others follow."),
     worker: str = typer.Option(None, "--worker", "-w", metavar="HOST:PORT", help="Send the request straight to this worker."),
     api_key: str = typer.Option(None, "--api-key", help="Queen mode: the queen's key (else RBEE_QUEEN_API_KEY, config, $RBEE_HOME/queen.key). Direct mode: the worker's key (else $RBEE_API_KEY, then the config file)."),
     node: str = typer.Option(None, "--node", help="Node to run on (queen mode; default: RBEE_NODE, \\[keeper] node; see `rbee-keeper setup list-nodes`)."),
@@ -87,6 +92,7 @@ def infer(
             prompt, max_tokens, temperature, top_p, top_k, seed, tuple(stop), raw_prompt,
             worker, api_key, node, model, queen, slots, backend, device, ignore_eos,
             stall_timeout, loading_timeout, connect_timeout,
+            contract=dict(system=system, chat=chat, json_schema=json_schema, logprobs=logprobs, n=n),
         )
     )
 
@@ -112,9 +118,11 @@ async def _infer(
     stall_timeout: str | None,
     loading_timeout: str | None,
     connect_timeout: str | None,
+    contract: dict | None = None,
 ) -> int:
-    # Everything is checked before anything is contacted.
-    args = validate_sampling(prompt, max_tokens, temperature, top_p, top_k, seed, stop, raw_prompt, ignore_eos)
+    # Everything is checked before anything is contacted (files named by
+    # --chat and --json-schema are read and checked here too).
+    args = validate_sampling(prompt, max_tokens, temperature, top_p, top_k, seed, stop, raw_prompt, ignore_eos, **(contract or {}))
     backend_name = validate_backend(backend)
     device_index = validate_device(device)
     if model is not None:
