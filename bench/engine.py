@@ -30,6 +30,7 @@ import psutil
 from rbee.auth import auth_metadata, new_api_key
 from rbee.config import default_model_path
 from rbee.v1 import inference_pb2, inference_pb2_grpc
+from rbee_worker.engine import SamplingOptions
 from rbee_worker.vllm_engine import VllmEngine
 
 PROMPT = "Write a short story about a bee who learns to fly at night."
@@ -119,8 +120,8 @@ class WorkerProcess:
 
 async def inprocess_stream(engine: VllmEngine, ids: list[int], max_tokens: int) -> Run:
     """AsyncLLM directly: the engine the worker wraps, with nothing around it."""
-    sampling_cls, kind = engine._sampling  # the same SamplingParams the worker builds
-    params = sampling_cls(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=kind.DELTA)
+    # The same SamplingParams the worker builds for this request.
+    params = engine.sampling_params(SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     start = time.perf_counter()
     first = None
     tokens = 0

@@ -46,6 +46,14 @@ def _worker_dict(w: common_pb2.WorkerInfo) -> dict:
         "slots_total": w.slots_total,
         "slots_available": w.slots_available,
         "pid": w.pid,
+        # As the worker last reported it to its hive (None before its first report).
+        "load": {
+            "running": w.load.running_requests,
+            "waiting": w.load.waiting_requests,
+            "kv_cache_usage": round(w.load.kv_cache_usage, 4),
+            "tokens_per_s": round(w.load.generation_tokens_per_s, 1),
+            "unix_ms": w.load.unix_ms,
+        } if w.HasField("load") else None,
     }
 
 

@@ -9,10 +9,10 @@ from rbee_hive.workers.events import EventLog
 from rbee_hive.workers.registry import WorkerRecord
 from tests.unit.hive.test_servicers import call, hive  # noqa: F401 - the fixture
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
 BUSY = common_pb2.WORKER_STATE_BUSY
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_reported_load_shows_in_list_workers(hive, tmp_path):  # noqa: F811
     ctx, channel = hive
     record = WorkerRecord(
@@ -36,3 +36,12 @@ async def test_reported_load_shows_in_list_workers(hive, tmp_path):  # noqa: F81
     ), key="cb-key")
     listed = (await call(listing.ListWorkers, registry_pb2.ListWorkersRequest())).workers[0]
     assert listed.state == BUSY and listed.load == load
+
+
+def test_keeper_listing_json_carries_the_load():
+    from rbee_keeper.commands.workers import _worker_dict
+
+    info = common_pb2.WorkerInfo(id="w", load=common_pb2.WorkerLoad(running_requests=2, waiting_requests=1,
+                                                                    kv_cache_usage=0.25, generation_tokens_per_s=12.34))
+    assert _worker_dict(info)["load"] == {"running": 2, "waiting": 1, "kv_cache_usage": 0.25, "tokens_per_s": 12.3, "unix_ms": 0}
+    assert _worker_dict(common_pb2.WorkerInfo(id="w"))["load"] is None
