@@ -62,6 +62,12 @@ class Narrator:
 
     def emit(self, ev: common_pb2.NarrationEvent) -> None:
         stream = self._stream if self._stream is not None else sys.stdout
-        print(format_line(ev), file=stream, flush=True)
+        try:
+            print(format_line(ev), file=stream, flush=True)
+        except (OSError, ValueError):
+            # The reader is gone (a worker whose hive died: its stdout is a
+            # broken pipe). Narration must not stop what it narrates, e.g. the
+            # shutdown that the hive's death started.
+            pass
         for sink in list(self._sinks):
             sink(ev)

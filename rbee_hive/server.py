@@ -98,6 +98,8 @@ class HiveServer:
                 {"address": address},
                 [f"Stop whatever listens on {address} (another rbee-hive?) or pass --port"],
             )
+        # Bound, so this is the hive of this port: stop what a hive that died left.
+        self.ctx.manager.ledger.reap(self.ctx.narrate)
         host = callback_host(settings.host)
         self.ctx.callback_address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         await server.start()

@@ -318,6 +318,11 @@ class WorkerProvisioner:
         # hive's keys or tokens: a source's build backend runs in this process.
         env = without_secrets(os.environ)
         env.pop("PYTHONPATH", None)  # the new environment must not see the hive's path tweaks
+        if sys.platform == "linux":
+            # Through the workers' launcher: pip (and a build backend it runs)
+            # gets SIGTERM should the hive die, instead of writing on into an
+            # environment the next hive rebuilds.
+            cmd = [sys.executable, "-m", "rbee_hive.workers.launch", *cmd]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env

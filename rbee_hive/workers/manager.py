@@ -29,6 +29,7 @@ from rbee_hive.workers.binary import WorkerBinaryResolver
 from rbee_hive.workers.client import WorkerClient
 from rbee_hive.workers.environment import worker_environment
 from rbee_hive.workers.events import EventLog
+from rbee_hive.workers.leftovers import WorkerLedger
 from rbee_hive.workers.ports import PortAllocator, port_is_free
 from rbee_hive.workers.process import ExitInfo, WorkerProcess
 from rbee_hive.workers.registry import READY_STATES, Registry, State, WorkerRecord, state_name
@@ -103,6 +104,8 @@ class WorkerManager:
         self._clients: dict[str, WorkerClient] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stops: dict[str, asyncio.Task[StopResult]] = {}
+        # Running workers on disk, for the next hive should this one die.
+        self.ledger = WorkerLedger(settings.rbee_home / "run")
         self.closing = False
 
     # -- lookups --------------------------------------------------------------
@@ -265,6 +268,7 @@ class WorkerManager:
         record.called_back.clear()
         process = await WorkerProcess.start(program, self._worker_args(record, spec), env, lambda line: self._on_output(record, line))
         record.process = process
+        self.ledger.record(record.id, process.pid)
         exited = asyncio.ensure_future(process.wait())
         called = asyncio.ensure_future(record.called_back.wait())
         timeout = self.settings.callback_timeout.total_seconds()
@@ -279,12 +283,14 @@ class WorkerManager:
             return True
         if exited in done:
             info = exited.result()
+            self.ledger.forget(record.id)
             if info.returncode == EXIT_PORT_IN_USE or any("PORT_IN_USE" in line for line in process.tail(5)):
                 self.logbook.write(record.id, f"# port {record.port} in use, retrying on the next port")
                 return False
             raise self.startup_error(record, info)
         self._say(record, "⏰", f"{record.id} did not call back within {timeout:g}s; stopping it", "error")
         await process.terminate(self.settings.kill_wait.total_seconds(), self.settings.kill_wait.total_seconds())
+        self.ledger.forget(record.id)
         raise RbeeError(
             "WORKER_STARTUP_FAILED",
             f"Worker startup failed: {record.id} did not call back within {timeout:g}s",
@@ -298,6 +304,7 @@ class WorkerManager:
         self.registry.remove(record.id)
         if record.process is not None and record.process.running:
             await record.process.kill(self.settings.kill_wait.total_seconds())
+        self.ledger.forget(record.id)
         if record.port:
             self.ports.release(record.port)
         self._say(record, "❌", f"Spawn of {record.id} failed: {err.code}: {err.message}", "error")
@@ -426,6 +433,7 @@ class WorkerManager:
     async def _watch_exit(self, record: WorkerRecord) -> None:
         assert record.process is not None
         info = await record.process.wait()
+        self.ledger.forget(record.id)
         self.ports.release(record.port)
         self._pending.pop(record.id, None)
         was_registered = self.registry.remove(record.id) is not None
