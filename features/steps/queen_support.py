@@ -117,7 +117,13 @@ class QueenWorld:
         """Several keeper commands at once (each its own process)."""
         assert self.queen is not None, "no queen started"
         started = time.monotonic()
-        results = self.run(asyncio.gather(*(self.queen.keeper(*args, timeout=KEEPER_TIMEOUT_S) for args in commands)))
+        queen = self.queen
+
+        async def together() -> list[tuple[int, str, str]]:
+            # gather inside the loop: outside it, asyncio would look for a current loop.
+            return await asyncio.gather(*(queen.keeper(*args, timeout=KEEPER_TIMEOUT_S) for args in commands))
+
+        results = self.run(together())
         took = time.monotonic() - started
         return [KeeperRun(tuple(args), *result, took) for args, result in zip(commands, results)]
 
