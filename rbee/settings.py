@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-from rbee.config import load_config
+from rbee.config import load_config, rbee_home
 from rbee.errors import RbeeError
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -61,3 +62,32 @@ def build_settings(cls: type[T], env_prefix: str, section: str, program: str, **
             {"setting": name, "env": f"{env_prefix}{name.upper()}"},
             [f"Fix the command-line option, the {env_prefix}* variable or the [{section}] section of the config file"],
         ) from None
+
+
+class DaemonSettings(BaseSettings):
+    """A daemon's settings: keyword arguments (the command line) over the
+    environment over the ``[SECTION]`` table of the config file; ``home``
+    (RBEE_HOME) with its logs folder. Subclasses set ``config_section``."""
+
+    config_section: ClassVar[str] = ""
+    # RBEE_HOME; None = RBEE_HOME from the environment, else ~/.rbee.
+    home: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, config_section_source(cls.config_section)(settings_cls))
+
+    @property
+    def rbee_home(self) -> Path:
+        return self.home.expanduser() if self.home else rbee_home()
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.rbee_home / "logs"

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-from rbee.config import DEFAULT_HIVE_PORT, DEFAULT_WORKER_PORT_END, DEFAULT_WORKER_PORT_START, rbee_home
+from rbee.config import DEFAULT_HIVE_PORT, DEFAULT_WORKER_PORT_END, DEFAULT_WORKER_PORT_START
 from rbee.auth import read_key_file
-from rbee.settings import build_settings, config_section_source, parse_duration
+from rbee.settings import DaemonSettings, build_settings, parse_duration
 
 
-_ConfigFileSource = config_section_source("hive")
 
 
-class HiveSettings(BaseSettings):
+class HiveSettings(DaemonSettings):
+    config_section: ClassVar[str] = "hive"
     model_config = SettingsConfigDict(env_prefix="RBEE_HIVE_", extra="ignore", frozen=True)
 
     host: str = "127.0.0.1"
@@ -32,8 +32,6 @@ class HiveSettings(BaseSettings):
     # A file holding the key (mode 0600): how the queen hands a hive its key,
     # keeping it out of argv and the environment. Used when api_key is unset.
     api_key_file: Path | None = None
-    # RBEE_HOME for logs and the model store; None = RBEE_HOME / ~/.rbee.
-    home: Path | None = None
 
     # Workers
     worker_host: str = "127.0.0.1"
@@ -97,25 +95,6 @@ class HiveSettings(BaseSettings):
                 f"worker_port_end ({self.worker_port_end}) is below worker_port_start ({self.worker_port_start})"
             )
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _ConfigFileSource(settings_cls))
-
-    @property
-    def rbee_home(self) -> Path:
-        return self.home.expanduser() if self.home else rbee_home()
-
-    @property
-    def logs_dir(self) -> Path:
-        return self.rbee_home / "logs"
 
     @property
     def models_dir(self) -> Path:

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from rbee.auth import new_api_key, read_key_file, write_key_file
-from rbee.config import DEFAULT_QUEEN_PORT, rbee_home
-from rbee.settings import build_settings, config_section_source, parse_duration
+from rbee.config import DEFAULT_QUEEN_PORT
+from rbee.settings import DaemonSettings, build_settings, parse_duration
 
 QUEEN_KEY_FILE = "queen.key"
-_ConfigFileSource = config_section_source("queen")
 
 
-class QueenSettings(BaseSettings):
+class QueenSettings(DaemonSettings):
+    config_section: ClassVar[str] = "queen"
     model_config = SettingsConfigDict(env_prefix="RBEE_QUEEN_", extra="ignore", frozen=True)
 
     host: str = "127.0.0.1"
@@ -30,8 +30,6 @@ class QueenSettings(BaseSettings):
     api_key: SecretStr | None = None
     # A file holding the key (mode 0600), used when api_key is unset.
     api_key_file: Path | None = None
-    # RBEE_HOME for beehives.db, known_hosts, logs; None = RBEE_HOME / ~/.rbee.
-    home: Path | None = None
 
     # SSH (S3): per-attempt connect timeout and attempts.
     ssh_connect_timeout: timedelta = timedelta(seconds=10)
@@ -55,25 +53,6 @@ class QueenSettings(BaseSettings):
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _ConfigFileSource(settings_cls))
-
-    @property
-    def rbee_home(self) -> Path:
-        return self.home.expanduser() if self.home else rbee_home()
-
-    @property
-    def logs_dir(self) -> Path:
-        return self.rbee_home / "logs"
 
     @property
     def db_path(self) -> Path:
