@@ -37,3 +37,21 @@ def open_channel(address: str) -> grpc.aio.Channel:
 
 def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return auth_metadata(api_key)
+
+
+def bind_port(server: grpc.aio.Server, address: str, program: str) -> int:
+    """Bind ``server`` to host:port; PORT_IN_USE naming the program when taken."""
+    from rbee.errors import RbeeError
+
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise RbeeError(
+            "PORT_IN_USE",
+            f"{program} cannot listen on {address}: the port is in use (or the address is not one of this machine's)",
+            {"address": address},
+            [f"Stop whatever listens on {address} (another {program}?) or pass --port; --host must be an address of this machine"],
+        )
+    return port

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from rbee.config import VERSION
 
@@ -117,3 +118,25 @@ def run_app(app: "typer.Typer", actor: str, prepare=None) -> NoReturn:
         print_error(RbeeError("INVALID_ARGUMENT", exc.format_message()), actor)
         sys.exit(EXIT_ERROR)
     sys.exit(result if isinstance(result, int) else EXIT_OK)
+
+
+def run_daemon(actor: str, serve: "Callable[[], Coroutine[Any, Any, int]]") -> NoReturn:
+    """Run a daemon's main coroutine with the project's exit codes: RbeeError →
+    its message and exit 1; anything unexpected → INTERNAL with the exception's
+    type (the traceback stays in the log), exit 1; else the coroutine's code."""
+    import asyncio
+    import logging
+
+    from rbee.errors import RbeeError
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code = asyncio.run(serve())
+    except RbeeError as err:
+        print_error(err, actor)
+        sys.exit(EXIT_ERROR)
+    except Exception as exc:  # noqa: BLE001 - the log keeps the traceback, the user gets a message
+        logging.getLogger(actor).debug("%s failed", actor, exc_info=True)
+        print_error(RbeeError("INTERNAL", f"{actor} stopped on an unexpected error: {type(exc).__name__}"), actor)
+        sys.exit(EXIT_ERROR)
+    sys.exit(code)

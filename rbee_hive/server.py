@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import _async as health, health_pb2, health_pb2_grpc
 
 from rbee.auth import KeyRing, ScopedKeyInterceptor
-from rbee.channel import SERVER_OPTIONS
+from rbee.channel import SERVER_OPTIONS, bind_port
 from rbee.errors import RbeeError
 from rbee.rpc import RequestGuard, set_log_location
 from rbee.scopes import Scope
@@ -87,17 +87,7 @@ class HiveServer:
         add_core_services(server, self.ctx)
         add_extra_services(server, self.ctx)
         address = f"{settings.host}:{settings.port}"
-        try:
-            self.port = server.add_insecure_port(address)
-        except RuntimeError:
-            self.port = 0
-        if not self.port:
-            raise RbeeError(
-                "PORT_IN_USE",
-                f"rbee-hive cannot listen on {address}: the port is in use",
-                {"address": address},
-                [f"Stop whatever listens on {address} (another rbee-hive?) or pass --port"],
-            )
+        self.port = bind_port(server, address, "rbee-hive")
         # Bound, so this is the hive of this port: stop what a hive that died left.
         self.ctx.manager.ledger.reap(self.ctx.narrate)
         host = callback_host(settings.host)

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import sys
 from pathlib import Path
 
 import typer
 
-from rbee.cli_common import EXIT_ERROR, make_app, print_error, run_app
-from rbee.errors import RbeeError
+from rbee.cli_common import make_app, run_app, run_daemon
 
 ACTOR = "queen-rbee"
 
@@ -39,23 +35,16 @@ def daemon(
     from rbee_queen.server import serve
     from rbee_queen.settings import load_settings
 
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if api_key:
         from rbee.auth import argv_key_warning
         from rbee.narration import Narrator
 
         Narrator(ACTOR)("⚠️", argv_key_warning("RBEE_QUEEN_API_KEY", "--api-key-file or $RBEE_HOME/queen.key"), "warn")
-    try:
-        settings = load_settings(port=port, host=host, api_key=api_key, api_key_file=api_key_file)
-        code = asyncio.run(serve(settings))
-    except RbeeError as err:
-        print_error(err, ACTOR)
-        raise typer.Exit(EXIT_ERROR) from None
-    except Exception as exc:  # noqa: BLE001 - the log keeps the traceback, the user gets a message
-        logging.getLogger(__name__).debug("queen-rbee failed", exc_info=True)
-        print_error(RbeeError("INTERNAL", f"queen-rbee stopped on an unexpected error: {type(exc).__name__}"), ACTOR)
-        raise typer.Exit(EXIT_ERROR) from None
-    raise typer.Exit(code)
+
+    async def main() -> int:
+        return await serve(load_settings(port=port, host=host, api_key=api_key, api_key_file=api_key_file))
+
+    run_daemon(ACTOR, main)
 
 
 def main() -> None:

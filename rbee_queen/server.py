@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import _async as health, health_pb2, health_pb2_grpc
 
 from rbee.auth import KeyRing, ScopedKeyInterceptor
-from rbee.channel import SERVER_OPTIONS
+from rbee.channel import SERVER_OPTIONS, bind_port
 from rbee.config import API_VERSION, VERSION
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
@@ -99,17 +99,7 @@ class QueenServer:
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.tasks, self.narrate), server)
         tasks_pb2_grpc.add_ClusterWorkerServiceServicer_to_server(ClusterWorkerServicer(self.registry), server)
         address = f"{s.host}:{s.port}"
-        try:
-            self.port = server.add_insecure_port(address)
-        except RuntimeError:
-            self.port = 0
-        if not self.port:
-            raise RbeeError(
-                "PORT_IN_USE",
-                f"queen-rbee cannot listen on {address}: the port is in use",
-                {"address": address},
-                [f"Stop whatever listens on {address} (another queen-rbee?) or pass --port"],
-            )
+        self.port = bind_port(server, address, "queen-rbee")
         await server.start()
         self._server = server
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)

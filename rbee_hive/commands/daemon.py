@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import os
-import sys
 from pathlib import Path
 
 import typer
 
-from rbee.cli_common import EXIT_ERROR, print_error
+from rbee.cli_common import EXIT_ERROR, print_error, run_daemon
 from rbee.errors import RbeeError
 
 ACTOR = "rbee-hive"
@@ -32,7 +29,6 @@ def daemon(
     from rbee_hive.server import serve
     from rbee_hive.settings import load_settings
 
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     # Whatever the hive and its workers create (models, environments, logs,
     # catalogs) is the hive user's alone (S13); the named files are also
     # created 0600/0700 explicitly, this covers the rest.
@@ -42,17 +38,11 @@ def daemon(
         from rbee.narration import Narrator
 
         Narrator(ACTOR)("⚠️", argv_key_warning("RBEE_HIVE_API_KEY", "--api-key-file"), "warn")
-    try:
+    async def main() -> int:
         settings = load_settings(port=port, host=host, api_key=api_key, api_key_file=api_key_file, worker_binary=worker_binary)
-        code = asyncio.run(serve(settings))
-    except RbeeError as err:
-        print_error(err, ACTOR)
-        raise typer.Exit(EXIT_ERROR) from None
-    except Exception as exc:  # noqa: BLE001 - the log keeps the traceback, the user gets a message
-        logging.getLogger(__name__).debug("rbee-hive failed", exc_info=True)
-        print_error(RbeeError("INTERNAL", f"rbee-hive stopped on an unexpected error: {type(exc).__name__}: {exc}"), ACTOR)
-        raise typer.Exit(EXIT_ERROR) from None
-    raise typer.Exit(code)
+        return await serve(settings)
+
+    run_daemon(ACTOR, main)
 
 
 def detect_cmd(
