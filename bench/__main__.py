@@ -5,10 +5,14 @@
   (d)     bench.downloads  downloads through the hive vs plain hf_hub_download; resume after a cut
           bench.ssh_preflight  `setup add-node` and `setup check-node --ssh-only` against sshd on
                            127.0.0.1, split into keeper start-up, SSH connection setup, remote commands, our code
+          bench.contract   worker vs in-process vLLM with logprobs, with a JSON schema, and 32 concurrent
+                           streams: median ratios with bootstrap 95 % intervals over 30 alternating rounds
           bench.queen      warm start through the queen (keeper start-up, queen, worker TTFT) vs
                            straight to the worker; cold-start overhead on top of the engine start
           bench.keeper     the keeper's own cost: `rbee-keeper --version` and `infer --worker … -n 1`
                            against a bare gRPC client, whole processes, one loaded worker
+          bench.soak       64 concurrent streams for 60 s against one CPU worker with 8 slots
+                           (`python -m bench.soak --minutes 10` for the issue's figure)
 
 Pick some with `make bench BENCH_ARGS="transport ssh_preflight"`.
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-ALL = ("transport", "downloads", "ssh_preflight", "queen", "keeper", "engine")
+ALL = ("transport", "downloads", "ssh_preflight", "queen", "keeper", "engine", "soak", "contract")
 
 
 def main(argv: list[str]) -> int:
