@@ -209,3 +209,31 @@ def test_constraints_the_engine_cannot_compile_are_invalid_arguments(stub, worke
         generate(stub, worker, **fields)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert field in info.value.details()
+
+
+def test_regex_constrains_the_output(stub, worker):
+    r = generate(stub, worker, prompt="Pick a number.", regex="[0-9]{3}", temperature=0.0, max_tokens=10)
+    assert len(r.text()) == 3 and r.text().isdigit()
+
+
+def test_logit_bias_bans_the_greedy_token(stub, worker):
+    free = generate(stub, worker, temperature=0.0, max_tokens=4, ignore_eos=True)
+    first = free.ids()[0]
+    banned = generate(stub, worker, temperature=0.0, max_tokens=4, ignore_eos=True, logit_bias={first: -100.0})
+    assert banned.ids()[0] != first and first not in banned.ids()
+
+
+def test_stop_string_kept_when_asked_and_special_tokens_shown(stub, worker):
+    free = generate(stub, worker, temperature=0.0, max_tokens=30, ignore_eos=True)
+    text = free.text()
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    kept = generate(stub, worker, temperature=0.0, max_tokens=30, ignore_eos=True, stop=[stop],
+                    include_stop_str_in_output=True)
+    assert kept.text() == text[: text.index(stop) + len(stop)] and kept.final.stop_string == stop
+    # A short greedy answer ends with end-of-sequence: its text shows only with skip_special_tokens off.
+    question = chat(("user", "Say yes."))
+    hidden = generate(stub, worker, chat=question, temperature=0.0, max_tokens=40)
+    shown = generate(stub, worker, chat=question, temperature=0.0, max_tokens=40, skip_special_tokens=False)
+    assert hidden.ids() == shown.ids()
+    if hidden.final.reason == pb.FINISH_REASON_STOP:
+        assert shown.text().endswith("<|im_end|>") and not hidden.text().endswith("<|im_end|>")

@@ -246,6 +246,8 @@ async def test_model_info():
         assert m.has_chat_template and m.max_logprobs == 5 and m.max_n == 3
         assert m.defaults.temperature == pytest.approx(0.6) and m.defaults.top_p == pytest.approx(0.9)
         assert m.defaults.repetition_penalty == 1.0 and m.defaults.top_k == 0
+        d = m.defaults
+        assert (d.min_p, d.presence_penalty, d.frequency_penalty, d.max_tokens) == (0.0, 0.0, 0.0, 0)
         assert m.engine_version == "fake-1.0" and m.worker_version and m.tokenizer_sha256 == "ab" * 32
         # The model's max_logprobs bounds the request.
         code, err = await _refused(h, logprobs=6)
