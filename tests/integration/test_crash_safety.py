@@ -12,6 +12,8 @@ import multiprocessing
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import psutil
 import pytest
 
 from rbee.v1 import common_pb2, provisioning_pb2, provisioning_pb2_grpc
+from tests.fixtures.common import REPO
 from tests.fixtures.hive import HiveProc, start_hive_process
 from tests.fixtures.models import HOLD_ENV, HiveModels, hive_env
 from tests.hubserver import HubServer, make_blob
@@ -140,6 +143,68 @@ async def test_the_workers_of_a_hive_killed_mid_spawn_are_gone_within_60_s(tmp_p
         assert items[-1].worker.state == common_pb2.WORKER_STATE_IDLE, "the retry completes"
     finally:
         await hive.close()
+
+
+def real_worker_program(folder: Path) -> Path:
+    """llm-worker-rbee's own code (flags, signals, narration, shutdown) with
+    the fake engine, as a program a hive can run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    program = folder / "llm-worker-rbee"
+    program.write_text(f'#!/bin/sh\ncd "{REPO}"\nexec "{sys.executable}" -m tests.unit.worker.fake_worker_main "$@"\n')
+    program.chmod(0o755)
+    return program
+
+
+@ASYNC
+async def test_the_real_worker_program_stops_when_its_hive_is_killed(tmp_path, model):
+    """Its SIGTERM handler narrates first, to the dead hive's pipe: that must
+    not stop the shutdown (it did: BrokenPipeError, and the worker stayed)."""
+    hive = await start_hive_process(tmp_path / "home", worker_binary=real_worker_program(tmp_path / "bin"))
+    try:
+        worker = await spawn_loading(hive, model)
+        items = await hive.follow(worker.id)
+        assert items[-1].worker.state == common_pb2.WORKER_STATE_IDLE
+        kill9(hive)
+        assert await asyncio.to_thread(gone_within, [worker.pid], 45) == [], "the worker outlived its hive"
+    finally:
+        await hive.close()
+
+
+PARENT = """
+import os, subprocess, sys
+worker = subprocess.Popen(
+    [sys.executable, "-m", "rbee_hive.workers.launch", sys.executable, "-m", "tests.unit.worker.fake_worker_main",
+     "--model", sys.argv[1], "--port", "0", "--backend", "cpu"],
+    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    env=dict(os.environ, RBEE_WORKER_API_KEY="k", PYTHONUNBUFFERED="1"),
+)
+print(worker.pid, flush=True)
+for line in worker.stdout:
+    if b"Ready" in line:
+        print("ready", flush=True)
+        break
+sys.stdin.read()  # until killed
+"""
+
+
+def test_a_worker_whose_parent_died_shuts_down_although_its_output_pipe_is_broken(tmp_path, model):
+    """The worker's SIGTERM handler narrates to the dead parent's pipe first;
+    BrokenPipeError there used to abort the handler, and the worker ran on."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(model)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              cwd=str(REPO))  # fmt: skip
+    try:
+        assert parent.stdout is not None
+        worker_pid = int(parent.stdout.readline())
+        assert parent.stdout.readline().strip() == b"ready"
+        parent.kill()
+        parent.wait(10)
+        assert gone_within([worker_pid], 30) == [], "the worker ran on after its parent died"
+    finally:
+        parent.kill()
+        try:
+            os.killpg(worker_pid, signal.SIGKILL)
+        except (OSError, UnboundLocalError):
+            pass
 
 
 @ASYNC
