@@ -75,6 +75,7 @@ class ActiveRequest:
         self._first_token: float | None = None
         self._queue_time_s = 0.0
         self._prompt_logprobs_sent = False
+        self._pending_prompt_logprobs: list | None = None
 
     def start(self) -> None:
         self._producer = asyncio.get_running_loop().create_task(self._produce(), name=f"generate-{self.request_id}")
@@ -139,7 +140,6 @@ class ActiveRequest:
     async def messages(self) -> AsyncIterator[inference_pb2.GenerateResponse]:
         """TokenDelta messages, then exactly one GenerateFinal."""
         queue = self._queue
-        self._pending_prompt_logprobs = None
         while True:
             items = [queue.get_nowait() if not queue.empty() else await queue.get()]
             if self._coalesce:
