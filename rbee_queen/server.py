@@ -16,7 +16,7 @@ from grpc_health.v1 import _async as health, health_pb2, health_pb2_grpc
 
 from rbee.auth import KeyRing, ScopedKeyInterceptor
 from rbee.channel import SERVER_OPTIONS, bind_port
-from rbee.config import API_VERSION, VERSION
+from rbee.config import API_VERSION, VERSION, remote_settings
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.rpc import RequestGuard, set_log_location
@@ -81,7 +81,7 @@ class QueenServer:
     def __init__(self, settings: QueenSettings, narrator: Narrator) -> None:
         self.settings = settings
         self.narrate = narrator
-        self.store = NodeStore(settings.db_path)
+        self.store = NodeStore(settings.db_path, remote_settings().hive_program)
         self.nodes = NodeManager(settings, self.store, narrator)
         self.registry = ClusterWorkers(settings.worker_stale_after.total_seconds())
         self.watchers = HiveWatchers(self.store, self.registry, narrator)

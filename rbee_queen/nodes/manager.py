@@ -144,6 +144,7 @@ class NodeManager:
             git_branch=req.git_branch.strip() or "main",
             rbee_home=req.rbee_home.strip().rstrip("/"),
             hive_port=hive_port,
+            remote_hive_program=self.store.hive_program,
         )
         if not req.local:
             record.ssh_host = req.ssh_host.strip()

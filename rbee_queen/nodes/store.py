@@ -93,6 +93,8 @@ class NodeRecord:
     backends: dict[str, int] = field(default_factory=dict)
     hive_version: str = ""
     created_at_unix: int = 0
+    # Not stored: the queen's [remote] hive_program, set by the store on every record it returns.
+    remote_hive_program: str = field(default="", compare=False)
 
     @property
     def is_local(self) -> bool:
@@ -110,13 +112,17 @@ class NodeRecord:
 
     @property
     def hive_program(self) -> str:
+        """The node's rbee-hive: [remote] hive_program for SSH nodes when the
+        queen's config sets it, else the one in install_path's environment."""
+        if self.remote_hive_program and not self.is_local:
+            return self.remote_hive_program
         return f"{self.install_path.rstrip('/')}/.venv/bin/rbee-hive"
 
 
-def _to_record(row: _NodeRow) -> NodeRecord:
+def _to_record(row: _NodeRow, hive_program: str = "") -> NodeRecord:
     values = {c: getattr(row, c) for c in _NodeRow.__table__.columns.keys()}
     values["backends"] = json.loads(values["backends"] or "{}")
-    return NodeRecord(**values)
+    return NodeRecord(**values, remote_hive_program=hive_program)
 
 
 def node_not_found(name: str) -> RbeeError:
@@ -133,8 +139,9 @@ def node_not_found(name: str) -> RbeeError:
 
 
 class NodeStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, hive_program: str = "") -> None:
         self.path = Path(path)
+        self.hive_program = hive_program
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not self.path.exists():
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -157,6 +164,7 @@ class NodeStore:
     def add(self, record: NodeRecord) -> NodeRecord:
         record.created_at_unix = record.created_at_unix or int(time.time())
         values = asdict(record)
+        values.pop("remote_hive_program", None)
         values["backends"] = json.dumps(record.backends, sort_keys=True)
         try:
             with self._session() as session, session.begin():
@@ -173,7 +181,7 @@ class NodeStore:
                 row = session.get(_NodeRow, name)
                 if row is None:
                     raise node_not_found(name)
-                return _to_record(row)
+                return _to_record(row, self.hive_program)
         except SQLAlchemyError as exc:
             raise self._fail(exc) from None
 
@@ -187,7 +195,7 @@ class NodeStore:
     def list(self) -> list[NodeRecord]:
         try:
             with self._session() as session:
-                return [_to_record(r) for r in session.scalars(select(_NodeRow).order_by(_NodeRow.name))]
+                return [_to_record(r, self.hive_program) for r in session.scalars(select(_NodeRow).order_by(_NodeRow.name))]
         except SQLAlchemyError as exc:
             raise self._fail(exc) from None
 
@@ -204,7 +212,7 @@ class NodeStore:
                         raise ValueError(f"unknown node field {key}")
                     setattr(row, key, value)
                 session.flush()
-                return _to_record(row)
+                return _to_record(row, self.hive_program)
         except SQLAlchemyError as exc:
             raise self._fail(exc) from None
 
@@ -214,7 +222,7 @@ class NodeStore:
                 row = session.get(_NodeRow, name)
                 if row is None:
                     raise node_not_found(name)
-                record = _to_record(row)
+                record = _to_record(row, self.hive_program)
                 session.delete(row)
                 return record
         except SQLAlchemyError as exc:

@@ -58,3 +58,22 @@ def test_a_bad_remote_section_names_the_file_and_the_key(manager, tmp_path, monk
         manager._record_from(request())
     assert caught.value.code == "INVALID_CONFIG"
     assert str(path) in caught.value.message and "[remote] repo_dir" in caught.value.message
+
+
+def test_hive_program_is_the_program_ssh_nodes_run_and_local_nodes_ignore(tmp_path) -> None:
+    from rbee_queen.nodes.store import NodeRecord
+
+    store = NodeStore(tmp_path / "remote.db", hive_program="/srv/rbee/bin/rbee-hive")
+    try:
+        store.add(NodeRecord(name="box", transport="ssh", install_path="/opt/rbee", hive_key="k", ssh_host="192.0.2.10"))
+        store.add(NodeRecord(name="here", transport="local", install_path="/opt/local-rbee", hive_key="k"))
+        assert store.get("box").hive_program == "/srv/rbee/bin/rbee-hive"
+        assert store.get("here").hive_program == "/opt/local-rbee/.venv/bin/rbee-hive"
+        assert {n.name: n.hive_program for n in store.list()}["box"] == "/srv/rbee/bin/rbee-hive"
+    finally:
+        store.close()
+    plain = NodeStore(tmp_path / "remote.db")
+    try:
+        assert plain.get("box").hive_program == "/opt/rbee/.venv/bin/rbee-hive"
+    finally:
+        plain.close()
