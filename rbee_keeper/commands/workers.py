@@ -57,6 +57,13 @@ def _worker_dict(w: common_pb2.WorkerInfo) -> dict:
     }
 
 
+def _load(w) -> str:
+    """Running/waiting requests and recent tokens/s, as the worker last reported them."""
+    if not w.HasField("load"):
+        return "-"
+    return f"{w.load.running_requests} run · {w.load.waiting_requests} wait · {w.load.generation_tokens_per_s:.1f} tok/s"
+
+
 @workers_app.command("list")
 def list_cmd(
     hive: str = typer.Option(None, "--hive", metavar="HOST:PORT", help="List one hive's workers directly; leave it out to ask the queen for every node's."),
@@ -90,9 +97,9 @@ def list_cmd(
             workers = await client.list(model, wanted)
         return show_listing(
             workers, as_json, _worker_dict, f"No workers on {client.address}",
-            ("ID", "STATE", "MODEL", "BACKEND", "ADDRESS", "SLOTS FREE", "PID"),
+            ("ID", "STATE", "MODEL", "BACKEND", "ADDRESS", "SLOTS FREE", "LOAD", "PID"),
             lambda w: (w.id, _state(w.state), w.model_ref, f"{w.backend}:{w.device}", w.address,
-                       f"{w.slots_available}/{w.slots_total}", str(w.pid)),
+                       f"{w.slots_available}/{w.slots_total}", _load(w), str(w.pid)),
         )  # fmt: skip
 
     run(go())
@@ -109,9 +116,9 @@ async def _list_cluster(queen: str, api_key: str | None, node: str, capability: 
     return show_listing(
         workers, as_json, lambda c: {"node": c.node, "capability": c.capability, "hive": c.hive_address, **_worker_dict(c.worker)},
         f"No workers on any node known to the queen at {client.address}",
-        ("NODE", "ID", "STATE", "MODEL", "DEVICE", "ADDRESS", "SLOTS FREE"),
+        ("NODE", "ID", "STATE", "MODEL", "DEVICE", "ADDRESS", "SLOTS FREE", "LOAD"),
         lambda c: (c.node, c.worker.id, _state(c.worker.state), c.worker.model_ref, c.capability, c.worker.address,
-                   f"{c.worker.slots_available}/{c.worker.slots_total}"),
+                   f"{c.worker.slots_available}/{c.worker.slots_total}", _load(c.worker)),
     )  # fmt: skip
 
 
