@@ -188,6 +188,7 @@ async def test_the_worker_key_opens_that_worker_only(queen_factory, node_env, tm
 
     from rbee.auth import auth_metadata
     from rbee.channel import open_channel
+    from rbee.errors import from_rpc_error
     from rbee.v1 import inference_pb2, inference_pb2_grpc, nodes_pb2, nodes_pb2_grpc, registry_pb2, registry_pb2_grpc
     from rbee.v1 import tasks_pb2, tasks_pb2_grpc
 
@@ -214,7 +215,9 @@ async def test_the_worker_key_opens_that_worker_only(queen_factory, node_env, tm
         try:
             with pytest.raises(grpc.RpcError) as refused:
                 await registry_pb2_grpc.HiveWorkerServiceStub(hive).ListWorkers(registry_pb2.ListWorkersRequest(), metadata=auth_metadata(worker_key))
-            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # The hive knows the key as that worker's inference key: the wrong scope.
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "WRONG_KEY_SCOPE" in str(from_rpc_error(refused.value).code)
             ready = await inference_pb2_grpc.InferenceServiceStub(worker).GetReadiness(
                 inference_pb2.GetReadinessRequest(), metadata=auth_metadata(worker_key), timeout=30
             )
