@@ -15,7 +15,7 @@ from packaging.version import InvalidVersion, Version
 from rbee.channel import metadata, open_channel
 from rbee.config import API_VERSION, HIVE_VERSION_REQUIREMENT, VERSION
 from rbee.errors import RbeeError, from_rpc_error
-from rbee.v1 import preflight_pb2, preflight_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
+from rbee.v1 import preflight_pb2, preflight_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc, registry_pb2_grpc
 
 from rbee_queen.nodes.store import NodeRecord
 from rbee_queen.nodes.transport import NodeTransport
@@ -39,11 +39,8 @@ class HiveLink:
         self.md = metadata(record.hive_key)
         self.preflight = preflight_pb2_grpc.PreflightServiceStub(self._channel)
         self.provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(self._channel)
+        self.workers = registry_pb2_grpc.HiveWorkerServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    @property
-    def channel(self) -> grpc.aio.Channel:
-        return self._channel
 
     async def close(self) -> None:
         await self._channel.close(grace=None)

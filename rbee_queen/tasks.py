@@ -18,7 +18,7 @@ import grpc
 
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.modelref import parse_model_ref
-from rbee.v1 import common_pb2, registry_pb2, registry_pb2_grpc, tasks_pb2
+from rbee.v1 import common_pb2, registry_pb2, tasks_pb2
 
 from rbee_queen.hives import HiveLink, hive_preflight
 from rbee_queen.nodes.manager import NodeManager
@@ -60,8 +60,7 @@ class TaskRunner:
         await self.nodes.ensure_ready(record, relay)
         self.watchers.ensure(record.name)
         async with HiveLink(record) as link:
-            workers = registry_pb2_grpc.HiveWorkerServiceStub(link.channel)
-            listed = await link.call(workers.ListWorkers, registry_pb2.ListWorkersRequest())
+            listed = await link.call(link.workers.ListWorkers, registry_pb2.ListWorkersRequest())
             matching = [w for w in listed.workers
                         if _same_model(w.model_ref, ref) and w.backend == backend and w.device == req.device]  # fmt: skip
             usable = [w for w in matching if w.state in (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY) and w.slots_available > 0]
@@ -70,11 +69,11 @@ class TaskRunner:
                 chosen = max(usable, key=lambda w: w.slots_available)
                 relay.narrate("♻️", f"Warm start: worker {chosen.id} at {chosen.address} already serves {ref} "
                               f"({chosen.slots_available}/{chosen.slots_total} slots free)")  # fmt: skip
-                access = await self._access(link, workers, chosen.id)
+                access = await self._access(link, chosen.id)
                 return self._assignment(record, access, warm=True, started=started)
             if loading:
                 relay.narrate("⏳", f"Worker {loading[0].id} is already loading {ref}: joining it")
-                access = await self._access(link, workers, loading[0].id)
+                access = await self._access(link, loading[0].id)
                 return self._assignment(record, access, warm=False, started=started)
             busy = [w for w in matching if w.state in (State.WORKER_STATE_BUSY, State.WORKER_STATE_IDLE, State.WORKER_STATE_DRAINING)]
             if busy:
@@ -87,17 +86,17 @@ class TaskRunner:
                 )
             relay.narrate("🧊", f"Cold start: no worker serves {ref} on {record.name} yet")
             await hive_preflight(link, record, relay.check)
-            access = await self._start(link, workers, record, ref, backend, req, relay)
+            access = await self._start(link, record, ref, backend, req, relay)
             return self._assignment(record, access, warm=False, started=started)
 
-    async def _access(self, link: HiveLink, workers, worker_id: str) -> registry_pb2.WorkerAccess:
-        reply = await link.call(workers.GetWorkerAccess, registry_pb2.GetWorkerAccessRequest(worker_id=worker_id))
+    async def _access(self, link: HiveLink, worker_id: str) -> registry_pb2.WorkerAccess:
+        reply = await link.call(link.workers.GetWorkerAccess, registry_pb2.GetWorkerAccessRequest(worker_id=worker_id))
         return reply.access
 
-    async def _start(self, link: HiveLink, workers, record: NodeRecord, ref: str, backend: str,
+    async def _start(self, link: HiveLink, record: NodeRecord, ref: str, backend: str,
                      req: tasks_pb2.SubmitInferenceRequest, relay: EventRelay) -> registry_pb2.WorkerAccess:  # fmt: skip
         request = registry_pb2.StartWorkerRequest(model_ref=ref, backend=backend, device=req.device, slots=req.slots)
-        call = workers.StartWorker(request, metadata=link.md, timeout=START_WORKER_TIMEOUT_S)
+        call = link.workers.StartWorker(request, metadata=link.md, timeout=START_WORKER_TIMEOUT_S)
         access = None
         try:
             async for msg in call:

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from rbee.channel import metadata, open_channel
 from rbee.narration import Narrator
-from rbee.v1 import common_pb2, registry_pb2, registry_pb2_grpc, tasks_pb2
+from rbee.v1 import common_pb2, registry_pb2, tasks_pb2
 
+from rbee_queen.hives import HiveLink
 from rbee_queen.nodes.store import NodeRecord, NodeStore
 
 log = logging.getLogger(__name__)
@@ -183,12 +183,11 @@ class HiveWatchers:
                 record = self.store.get(name)
             except Exception:  # noqa: BLE001 - removed meanwhile
                 return
-            channel = open_channel(record.hive_address)
+            link = HiveLink(record)
             try:
-                stub = registry_pb2_grpc.HiveWorkerServiceStub(channel)
                 instance, seq = self.registry.resume_point(name)
-                call = stub.WatchWorkers(registry_pb2.WatchWorkersRequest(hive_instance=instance, after_seq=seq),
-                                         metadata=metadata(record.hive_key))  # fmt: skip
+                call = link.workers.WatchWorkers(registry_pb2.WatchWorkersRequest(hive_instance=instance, after_seq=seq),
+                                                 metadata=link.md)  # fmt: skip
                 async for msg in call:
                     if not was_connected:
                         was_connected = True
@@ -201,6 +200,6 @@ class HiveWatchers:
                     log.info("lost the worker stream of %s: %s", name, err.code())
                 was_connected = False
             finally:
-                await channel.close(grace=None)
+                await link.close()
             await asyncio.sleep(delay)
             delay = min(self.retry_max_s, delay * 2)

@@ -18,21 +18,18 @@ from rbee.modelref import parse_model_ref
 from rbee.narration import event
 from rbee.v1 import common_pb2, registry_pb2
 
+from rbee_hive.provisioner.engines import validate_backend
 from rbee_hive.workers.manager import SpawnSpec, WorkerManager
 from rbee_hive.workers.registry import WorkerRecord
 
 ACTOR = "rbee-hive"
-BACKENDS = ("cpu", "cuda", "metal")
 
 Emit = Callable[[common_pb2.Event], None]
 
 
 async def start_worker(manager: WorkerManager, models, request: registry_pb2.StartWorkerRequest, emit: Emit) -> WorkerRecord:
     ref = str(parse_model_ref(request.model_ref))
-    backend = (request.backend or "cpu").strip().lower()
-    if backend not in BACKENDS:
-        raise RbeeError("INVALID_BACKEND", f"Unknown backend {request.backend!r}: choose one of {', '.join(BACKENDS)}",
-                        {"backend": request.backend}, ["Pass --backend cpu, --backend cuda or --backend metal"])  # fmt: skip
+    backend = validate_backend(request.backend or "cpu")
     if models is None:
         raise RbeeError("NOT_FOUND", "This hive has no model catalog to start workers from")
 
