@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
 
 from rbee.auth import auth_metadata
+
+if TYPE_CHECKING:
+    from rbee.errors import RbeeError
+    from rbee.tls import TlsIdentity
 
 # Streams can be long and quiet (loading, stalls are detected by the clients).
 CHANNEL_OPTIONS = (
@@ -30,21 +36,52 @@ SERVER_OPTIONS = (
 )
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    """An insecure aio channel to host:port (loopback/LAN; keys guard the RPCs)."""
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def open_channel(address: str, tls: "TlsIdentity | None" = None, options: tuple = ()) -> grpc.aio.Channel:
+    """An aio channel to host:port: mutual TLS against the cluster CA when
+    ``tls`` is given (every link that leaves loopback, S13), else plain."""
+    if tls is not None:
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=(*CHANNEL_OPTIONS, *options))
+    return grpc.aio.insecure_channel(address, options=(*CHANNEL_OPTIONS, *options))
 
 
 def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return auth_metadata(api_key)
 
 
-def bind_port(server: grpc.aio.Server, address: str, program: str) -> int:
-    """Bind ``server`` to host:port; PORT_IN_USE naming the program when taken."""
+def tls_required(program: str, address: str, flags: str) -> "RbeeError":
     from rbee.errors import RbeeError
 
+    return RbeeError(
+        "TLS_REQUIRED",
+        f"{program} will not listen on {address} without TLS: keys and tokens would cross the network in clear",
+        {"address": address},
+        [
+            f"Give it a certificate ({flags}); a node the queen registers gets one from its CA",
+            "Or listen on loopback only (--host 127.0.0.1)",
+            "Or pass --insecure to accept clear-text links on a network you trust",
+        ],
+    )
+
+
+def bind_port(
+    server: grpc.aio.Server,
+    address: str,
+    program: str,
+    tls: "TlsIdentity | None" = None,
+    insecure: bool = False,
+    tls_flags: str = "--tls-cert, --tls-key and --tls-ca",
+) -> int:
+    """Bind ``server`` to host:port; PORT_IN_USE naming the program when taken.
+    With ``tls`` the port speaks mutual TLS; without it an address beyond
+    loopback is refused (TLS_REQUIRED) unless ``insecure``."""
+    from rbee.errors import RbeeError
+    from rbee.tls import is_loopback
+
+    host = address.rpartition(":")[0]
+    if tls is None and not insecure and not is_loopback(host):
+        raise tls_required(program, address, tls_flags)
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
     except RuntimeError:
         port = 0
     if not port:

@@ -88,12 +88,15 @@ def load_config(env: dict[str, str] | None = None) -> tuple[dict[str, Any], Path
 
 # -- the keeper's settings ---------------------------------------------------------------
 
+TLS_MODES = ("", "auto", "on", "off")
+
 KEEPER_ENV = {
     "node": "RBEE_NODE",
     "queen": "RBEE_QUEEN",
     "hive": "RBEE_HIVE",
     "api_key": "RBEE_API_KEY",
     "queen_api_key": "RBEE_QUEEN_API_KEY",
+    "tls": "RBEE_TLS",
 }
 
 
@@ -120,6 +123,9 @@ class KeeperSettings:
     hive: str = ""
     api_key: str = ""
     queen_api_key: str = ""
+    # TLS to a daemon the queen has not described (--hive, --worker, the
+    # queen): "auto" (or "") = when its address is beyond loopback, "on", "off".
+    tls: str = ""
     remote: RemoteSettings = RemoteSettings()
     # The config file read (None = none found) and where each value came from.
     path: Path | None = None
@@ -159,6 +165,8 @@ def _section(config: dict[str, Any], path: Path, name: str, cls: type) -> dict[s
             raise _bad_config(path, f"[{name}] {key}", "an absolute path on the nodes", value)
         if key in ("queen", "hive") and value and ":" not in value:
             raise _bad_config(path, f"[{name}] {key}", "HOST:PORT", value)
+        if key == "tls" and value not in TLS_MODES:
+            raise _bad_config(path, f"[{name}] {key}", f"one of {', '.join(m for m in TLS_MODES if m)}", value)
         out[key] = value
     return out
 

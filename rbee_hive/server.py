@@ -15,6 +15,7 @@ from rbee.channel import SERVER_OPTIONS, bind_port
 from rbee.errors import RbeeError
 from rbee.rpc import RequestGuard, set_log_location
 from rbee.scopes import Scope
+from rbee.tls import is_loopback
 from rbee.v1 import preflight_pb2_grpc, registry_pb2_grpc
 
 from rbee_hive.context import HiveContext, build_context
@@ -87,7 +88,9 @@ class HiveServer:
         add_core_services(server, self.ctx)
         add_extra_services(server, self.ctx)
         address = f"{settings.host}:{settings.port}"
-        self.port = bind_port(server, address, "rbee-hive")
+        self.port = bind_port(server, address, "rbee-hive", self.ctx.manager.tls, settings.insecure)
+        if self.ctx.manager.tls is None and not is_loopback(settings.host):
+            self.ctx.narrate("⚠️", f"Listening on {settings.host} without TLS (--insecure): keys and tokens cross the network in clear", "warn")
         # Bound, so this is the hive of this port: stop what a hive that died left.
         self.ctx.manager.ledger.reap(self.ctx.narrate)
         host = callback_host(settings.host)
@@ -136,7 +139,8 @@ async def serve(settings: HiveSettings) -> int:
         port = await server.start()
         ctx.narrate(
             "🐝",
-            f"rbee-hive {ctx.version} (API {ctx.api_version}) listening on {settings.host}:{port}; "
+            f"rbee-hive {ctx.version} (API {ctx.api_version}) listening on {settings.host}:{port} "
+            f"({'mutual TLS' if ctx.manager.tls else 'plain gRPC'}); "
             f"worker ports {settings.worker_port_start}-{settings.worker_port_end}; logs in {settings.logs_dir}",
         )
         if settings.resource_overrides:

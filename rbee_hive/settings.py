@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from rbee.config import DEFAULT_HIVE_PORT, DEFAULT_WORKER_PORT_END, DEFAULT_WORKER_PORT_START
 from rbee.auth import read_key_file
+from rbee.errors import RbeeError
 from rbee.settings import DaemonSettings, build_settings, parse_duration
+
+if TYPE_CHECKING:
+    from rbee.tls import TlsIdentity
 
 
 
@@ -32,6 +36,18 @@ class HiveSettings(DaemonSettings):
     # A file holding the key (mode 0600): how the queen hands a hive its key,
     # keeping it out of argv and the environment. Used when api_key is unset.
     api_key_file: Path | None = None
+
+    # Mutual TLS (S13): the hive's certificate chain and key, the cluster CA
+    # its clients and workers chain to, and the issuing certificate and key it
+    # signs its workers' certificates with (without one, workers serve with
+    # the hive's own certificate). The queen delivers all five to its nodes.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_issuer_cert: Path | None = None
+    tls_issuer_key: Path | None = None
+    # Listen beyond loopback without TLS (narrated as a warning at start).
+    insecure: bool = False
 
     # Workers
     worker_host: str = "127.0.0.1"
@@ -111,6 +127,23 @@ class HiveSettings(DaemonSettings):
         if self.api_key_file:
             return read_key_file(self.api_key_file, "api_key_file")
         return None
+
+
+    def tls_identity(self) -> "TlsIdentity | None":
+        """The hive's TLS identity, or None when it serves plain gRPC."""
+        from rbee.tls import TlsIdentity
+
+        if not (self.tls_cert or self.tls_key or self.tls_ca):
+            return None
+        if not (self.tls_cert and self.tls_key and self.tls_ca):
+            missing = [f"--{n.replace('_', '-')}" for n in ("tls_cert", "tls_key", "tls_ca") if not getattr(self, n)]
+            raise RbeeError(
+                "TLS_FILE_INVALID",
+                f"TLS needs a certificate, its key and the cluster CA; missing {', '.join(missing)}",
+                {"missing": ", ".join(missing)},
+                ["Pass --tls-cert, --tls-key and --tls-ca together (or RBEE_HIVE_TLS_CERT, _KEY, _CA)"],
+            )
+        return TlsIdentity.load(self.tls_cert, self.tls_key, self.tls_ca)
 
 
 def load_settings(**overrides: Any) -> HiveSettings:

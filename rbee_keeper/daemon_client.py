@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 
-from rbee.channel import CHANNEL_OPTIONS, metadata
+from rbee.channel import metadata, open_channel as rbee_open_channel
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.retry import backoff_delays
+
+if TYPE_CHECKING:
+    from rbee.tls import TlsIdentity
 
 from rbee_keeper.common import explain_auth
 
@@ -32,11 +35,50 @@ CONNECT_ATTEMPT_TIMEOUT_S = 10.0
 _C = grpc.ChannelConnectivity
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
+def open_channel(address: str, tls: TlsIdentity | None = None) -> grpc.aio.Channel:
     """rbee's client channel with a subchannel of its own: gRPC shares
     subchannels between channels by default, and a fresh channel would then
-    inherit the failed one's reconnect backoff."""
-    return grpc.aio.insecure_channel(address, options=(*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)))
+    inherit the failed one's reconnect backoff. Mutual TLS with ``tls``."""
+    return rbee_open_channel(address, tls, (("grpc.use_local_subchannel_pool", 1),))
+
+
+def keeper_tls(address: str, served: bool | None = None) -> TlsIdentity | None:
+    """The keeper's TLS identity for ``address``, or None for plain gRPC.
+
+    ``served`` is what the queen or a hive said of that daemon (Node.tls,
+    WorkerInfo.tls). Otherwise RBEE_TLS / ``[keeper] tls`` decides: "on",
+    "off", or "auto" (the default) = TLS when the address is beyond loopback,
+    where daemons refuse to listen without it unless told --insecure.
+
+    The identity: on the queen's machine the queen's cluster CA issues the
+    client certificate ($RBEE_HOME/tls); elsewhere copies of ca.crt,
+    client.crt and client.key placed there."""
+    from rbee.config import keeper_settings, rbee_home
+    from rbee.tls import CA_CERT, CA_KEY, CLIENT_CERT, CLIENT_KEY, TLS_DIR, ClusterCA, is_loopback
+
+    if served is None:
+        mode = keeper_settings().tls or "auto"
+        served = mode == "on" or (mode == "auto" and not is_loopback(address.rpartition(":")[0]))
+    if not served:
+        return None
+    home = rbee_home()
+    folder = home / TLS_DIR
+    if (folder / CA_KEY).exists():
+        return ClusterCA(home).client_identity()
+    if not all((folder / name).exists() for name in (CA_CERT, CLIENT_CERT, CLIENT_KEY)):
+        raise RbeeError(
+            "TLS_CLIENT_MISSING",
+            f"{address} serves mutual TLS, and this machine has no certificate of the cluster CA in {folder}",
+            {"address": address, "folder": str(folder)},
+            [
+                f"Copy ca.crt, client.crt and client.key from the queen's machine ($RBEE_HOME/tls) to {folder} "
+                f"(then `chmod 600 {folder}/client.key`)",
+                "Or run rbee-keeper on the queen's machine, where they are created",
+            ],
+        )
+    from rbee.tls import TlsIdentity
+
+    return TlsIdentity.load(folder / CLIENT_CERT, folder / CLIENT_KEY, folder / CA_CERT)
 
 
 async def connect_once(channel: grpc.aio.Channel, timeout: float) -> str | None:
@@ -70,10 +112,12 @@ class DaemonClient:
     # What the daemon is called in messages ("the hive at HOST:PORT").
     what = "the daemon"
 
-    def __init__(self, address: str, api_key: str, key_source: str) -> None:
+    def __init__(self, address: str, api_key: str, key_source: str, tls: bool | None = None) -> None:
         self.address = address
         self.key_source = key_source
-        self._channel = open_channel(address)
+        # None: decided by the address (keeper_tls); True/False: as the queen or hive said.
+        self._tls = keeper_tls(address, tls)
+        self._channel = open_channel(address, self._tls)
         self._md = metadata(api_key)
         self._connected = False
         self.attempts = CONNECT_ATTEMPTS
@@ -110,7 +154,7 @@ class DaemonClient:
         for attempt in range(1, self.attempts + 1):
             if attempt > 1:
                 await self._channel.close(grace=None)
-                self._channel = open_channel(self.address)
+                self._channel = open_channel(self.address, self._tls)
                 self._bind(self._channel)
             why = await connect_once(self._channel, attempt_timeout)
             if why is None:

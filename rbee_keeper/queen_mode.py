@@ -20,12 +20,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rbee.channel import open_channel
 from rbee.config import logs_dir
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.v1 import tasks_pb2
 
+from rbee_keeper.daemon_client import keeper_tls, open_channel
 from rbee_keeper.queen_client import QueenClient, resolve_queen_key
 
 PROBE_TIMEOUT_S = 1.0
@@ -35,7 +35,10 @@ BUSY_RETRY_DELAYS_S = (1.0, 2.0, 4.0)
 
 
 async def queen_answers(address: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    channel = open_channel(address)
+    try:
+        channel = open_channel(address, keeper_tls(address))
+    except RbeeError:
+        return False
     try:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -25,6 +25,11 @@ def daemon(
     api_key_file: Path = typer.Option(
         None, "--api-key-file", help="Read the key from this file (mode 600; RBEE_QUEEN_API_KEY_FILE)."
     ),
+    insecure: bool = typer.Option(
+        None, "--insecure",
+        help="With --host beyond loopback, serve plain gRPC instead of mutual TLS with a certificate of the "
+        "queen's cluster CA: keys cross the network in clear (RBEE_QUEEN_INSECURE).",
+    ),  # fmt: skip
 ) -> None:
     """Run the queen in the foreground until SIGTERM or Ctrl+C.
 
@@ -42,7 +47,7 @@ def daemon(
         Narrator(ACTOR)("⚠️", argv_key_warning("RBEE_QUEEN_API_KEY", "--api-key-file or $RBEE_HOME/queen.key"), "warn")
 
     async def main() -> int:
-        return await serve(load_settings(port=port, host=host, api_key=api_key, api_key_file=api_key_file))
+        return await serve(load_settings(port=port, host=host, api_key=api_key, api_key_file=api_key_file, insecure=insecure))
 
     run_daemon(ACTOR, main)
 

@@ -13,8 +13,9 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from rbee.channel import metadata, open_channel
-from rbee.config import API_VERSION, HIVE_VERSION_REQUIREMENT, VERSION
+from rbee.config import API_VERSION, HIVE_VERSION_REQUIREMENT, VERSION, rbee_home
 from rbee.errors import RbeeError, from_rpc_error
+from rbee.tls import CA_CERT, HIVE_CERT, HIVE_KEY, ISSUER_CERT, ISSUER_KEY, TLS_DIR, ClusterCA, TlsIdentity
 from rbee.v1 import preflight_pb2, preflight_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc, registry_pb2_grpc
 
 from rbee_queen.nodes.store import NodeRecord
@@ -29,13 +30,54 @@ LOG_TAIL_LINES = 20
 Check = Callable[..., None]  # check(name, passed, message, warning=False, **details)
 
 
+_CLUSTER: dict[str, ClusterCA] = {}
+
+
+def use_cluster_ca(ca: ClusterCA) -> None:
+    """The queen's CA (set once by the queen at start)."""
+    _CLUSTER["ca"] = ca
+    _CLUSTER.pop("client", None)
+
+
+def cluster_ca() -> ClusterCA:
+    if "ca" not in _CLUSTER:
+        _CLUSTER["ca"] = ClusterCA(rbee_home())
+    return _CLUSTER["ca"]
+
+
+def client_tls(record: NodeRecord) -> TlsIdentity | None:
+    """What the queen presents to a node's hive: its client certificate when the node serves TLS."""
+    if not record.tls:
+        return None
+    if "client" not in _CLUSTER:
+        _CLUSTER["client"] = cluster_ca().client_identity()  # type: ignore[assignment]
+    return _CLUSTER["client"]  # type: ignore[return-value]
+
+
+async def deliver_tls(transport: NodeTransport, record: NodeRecord, home: str, narrate: Callable[..., None]) -> list[str]:
+    """Issue the node's hive certificate and issuing certificate with the
+    cluster CA and write them to the node over ``transport`` (a link whose host
+    key the queen verified). Returns the hive's TLS flags."""
+    folder = f"{home}/{TLS_DIR}"
+    hosts = [h for h in {record.ssh_host, record.hive_host} if h]
+    bundle = await asyncio.to_thread(cluster_ca().node_bundle, record.name, hosts)
+    for name, (data, mode) in bundle.items():
+        await transport.write_file(f"{folder}/{name}", data.decode(), mode)
+    narrate("🔐", f"Issued {record.name}'s hive certificate ({', '.join(hosts)}) with the cluster CA; written to {folder}")
+    return [
+        "--tls-cert", f"{folder}/{HIVE_CERT}", "--tls-key", f"{folder}/{HIVE_KEY}", "--tls-ca", f"{folder}/{CA_CERT}",
+        "--tls-issuer-cert", f"{folder}/{ISSUER_CERT}", "--tls-issuer-key", f"{folder}/{ISSUER_KEY}",
+    ]  # fmt: skip
+
+
 class HiveLink:
-    """A gRPC channel to a node's hive with the node's key on every call."""
+    """A gRPC channel to a node's hive with the node's key on every call
+    (mutual TLS when the node has a certificate of the cluster CA)."""
 
     def __init__(self, record: NodeRecord) -> None:
         self.record = record
         self.address = record.hive_address
-        self._channel = open_channel(self.address)
+        self._channel = open_channel(self.address, client_tls(record))
         self.md = metadata(record.hive_key)
         self.preflight = preflight_pb2_grpc.PreflightServiceStub(self._channel)
         self.provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(self._channel)
@@ -111,9 +153,16 @@ async def start_hive(
     key_file = f"{home}/{HIVE_KEY_FILE}"
     log_file = f"{home}/{HIVE_LOG}"
     await transport.write_file(key_file, record.hive_key + "\n", 0o600)
+    if record.tls:
+        flags = await deliver_tls(transport, record, home, narrate)
+    else:
+        # A node registered without TLS whose hive listens beyond loopback:
+        # the operator chose clear text (`setup add-node --no-tls`).
+        flags = ["--insecure"] if bind_host(record) != "127.0.0.1" else []
     command = (
         f"env RBEE_HOME={shlex.quote(home)} RBEE_HIVE_WORKER_HOST={bind_host(record)} {shlex.quote(record.hive_program)} daemon "
         f"--host {bind_host(record)} --port {record.hive_port} --api-key-file {shlex.quote(key_file)}"
+        + "".join(f" {shlex.quote(f)}" for f in flags)
     )
     narrate("🚀", f"Starting rbee-hive on {record.name} ({transport.target}), port {record.hive_port}, log {log_file}")
     # Where this start's lines begin in the (appended) log, so a failure shows only them.

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import TextIO
 
@@ -23,7 +24,8 @@ from rbee.rpc import RequestGuard, set_log_location
 from rbee.scopes import Scope
 from rbee.v1 import nodes_pb2_grpc, tasks_pb2_grpc
 
-from rbee_queen.hives import stop_hive
+from rbee.tls import ClusterCA, is_loopback
+from rbee_queen.hives import cluster_ca, stop_hive, use_cluster_ca
 from rbee_queen.nodes.manager import NodeManager
 from rbee_queen.nodes.relay import ACTOR, NodeEventRelay
 from rbee_queen.nodes.store import NodeStore
@@ -82,6 +84,8 @@ class QueenServer:
         self.settings = settings
         self.narrate = narrator
         self.store = NodeStore(settings.db_path, remote_settings().hive_program)
+        # The cluster's certificate authority (S13): $RBEE_HOME/tls, created on first use.
+        use_cluster_ca(ClusterCA(settings.rbee_home))
         self.nodes = NodeManager(settings, self.store, narrator)
         self.registry = ClusterWorkers(settings.worker_stale_after.total_seconds())
         self.watchers = HiveWatchers(self.store, self.registry, narrator)
@@ -99,7 +103,16 @@ class QueenServer:
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.tasks, self.narrate), server)
         tasks_pb2_grpc.add_ClusterWorkerServiceServicer_to_server(ClusterWorkerServicer(self.registry), server)
         address = f"{s.host}:{s.port}"
-        self.port = bind_port(server, address, "queen-rbee")
+        tls = None
+        if not is_loopback(s.host) and not s.insecure:
+            # Beyond loopback the queen serves mutual TLS with its own CA.
+            hosts = [s.host, socket.gethostname()]
+            tls = await asyncio.to_thread(cluster_ca().server_identity, "queen-rbee", hosts)
+        self.port = bind_port(server, address, "queen-rbee", tls, s.insecure)
+        if tls is not None:
+            self.narrate("🔐", f"Serving mutual TLS: clients need a certificate of the cluster CA ({cluster_ca().ca_path})")
+        elif not is_loopback(s.host):
+            self.narrate("⚠️", f"Listening on {s.host} without TLS (--insecure): keys cross the network in clear", "warn")
         await server.start()
         self._server = server
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)

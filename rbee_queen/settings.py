@@ -30,6 +30,9 @@ class QueenSettings(DaemonSettings):
     api_key: SecretStr | None = None
     # A file holding the key (mode 0600), used when api_key is unset.
     api_key_file: Path | None = None
+    # Listen beyond loopback without TLS (by default the queen then serves
+    # mutual TLS with a certificate of its own cluster CA).
+    insecure: bool = False
 
     # SSH (S3): per-attempt connect timeout and attempts.
     ssh_connect_timeout: timedelta = timedelta(seconds=10)

@@ -14,10 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from rbee.auth import ScopedKeyInterceptor, static_ring
-from rbee.channel import SERVER_OPTIONS
+from rbee.channel import SERVER_OPTIONS, tls_required
 from rbee.errors import RbeeError
 from rbee.rpc import RequestGuard
 from rbee.scopes import Scope
+from rbee.tls import TlsIdentity, is_loopback
 from rbee.v1 import inference_pb2, inference_pb2_grpc
 from rbee_worker.servicer import InferenceServicer
 from rbee_worker.status import BUSY, IDLE, WorkerStatus
@@ -68,13 +69,16 @@ async def create_server(
     port: int = 0,
     admin_key: str | None = None,
     callback_key: str | None = None,
+    tls: TlsIdentity | None = None,
+    insecure: bool = False,
 ) -> WorkerServer:
     """Bind and start; raises RbeeError(PORT_IN_USE) when the port is taken.
 
     ``api_key`` opens inference (rbee/scopes.py); ``admin_key`` opens Shutdown.
     A hive passes a separate admin key it alone holds; a worker started by hand
     without one takes its inference key for both (its operator holds it anyway).
-    The callback key (for the hive) opens nothing here."""
+    The callback key (for the hive) opens nothing here. With ``tls`` the port
+    speaks mutual TLS; without it a host beyond loopback needs ``insecure``."""
     ring = static_ring(
         (Scope.INFERENCE, api_key), (Scope.ADMIN, admin_key or api_key), (Scope.CALLBACK, callback_key or "")
     )
@@ -85,8 +89,11 @@ async def create_server(
         await health.set(name, NOT_SERVING)
     health_follows(status, health)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if tls is None and not insecure and not is_loopback(host):
+        raise tls_required("llm-worker-rbee", address, "--tls-cert, --tls-key and --tls-ca")
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
     except RuntimeError as exc:
         raise port_in_use(host, port) from exc
     if not bound:

@@ -17,6 +17,7 @@ from rbee.channel import metadata, open_channel
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import Narrator
 from rbee.retry import backoff_delays
+from rbee.tls import TlsIdentity
 from rbee.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,9 @@ class HiveReporter:
         narrator: Narrator,
         busy: Callable[[], bool] = lambda: False,
         busy_interval_s: float = BUSY_REPORT_INTERVAL_S,
+        tls: "TlsIdentity | None" = None,
     ) -> None:
+        self._tls = tls
         self._busy = busy
         self._busy_interval_s = busy_interval_s
         self._ticker: asyncio.Task | None = None
@@ -52,7 +55,7 @@ class HiveReporter:
         self.reports_sent = 0
 
     def start(self) -> None:
-        self._channel = open_channel(self.address)
+        self._channel = open_channel(self.address, self._tls)
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run(), name="hive-reporter")
         self._ticker = loop.create_task(self._tick(), name="hive-reporter-load")

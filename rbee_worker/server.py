@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help=f"key clients must present (or set {ENV_API_KEY}; keeps it out of ps)")
     p.add_argument("--api-key-file", help="read the key from this file (mode 600; RBEE_WORKER_API_KEY_FILE)")
     p.add_argument("--callback", metavar="HOST:PORT", help="the hive's WorkerCallbackService")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve mutual TLS with this certificate chain (PEM); the hive issues one per worker")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM, mode 600)")
+    p.add_argument("--tls-ca", metavar="FILE", help="the cluster CA that clients' and the hive's certificates must chain to")
+    p.add_argument("--insecure", action="store_true", help="allow listening beyond loopback without TLS (keys cross the network in clear)")
     p.add_argument("--worker-id", help="default: generated")
     p.add_argument("--model-ref", help="what the hive calls the model (default: the path)")
     p.add_argument("--slots", type=int, help=f"concurrent requests, 1 to {MAX_SLOTS} (default 8 on cpu, 32 on cuda)")
@@ -112,6 +116,11 @@ class Settings:
     engine_check_interval_s: float = ENGINE_CHECK_INTERVAL_S
     # Empty: the inference key opens Shutdown too (a worker started by hand).
     admin_key: str = ""
+    # Mutual TLS (S13): certificate chain, key and cluster CA files; empty = plain.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    insecure: bool = False
 
 
 def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
@@ -167,7 +176,23 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         dtype=args.dtype,
         engine_check_interval_s=args.engine_check_interval,
         admin_key=env.get(ENV_ADMIN_KEY, ""),
+        tls_cert=args.tls_cert or "",
+        tls_key=args.tls_key or "",
+        tls_ca=args.tls_ca or "",
+        insecure=args.insecure,
     )
+
+
+def worker_tls(s: Settings) -> "TlsIdentity | None":
+    """The worker's TLS identity from its flags, or None (plain)."""
+    from rbee.tls import TlsIdentity
+
+    if not (s.tls_cert or s.tls_key or s.tls_ca):
+        return None
+    if not s.tls_ca:
+        raise RbeeError("TLS_FILE_INVALID", "--tls-ca is needed with --tls-cert: clients are checked against it",
+                        {"flag": "--tls-ca"}, ["Pass --tls-ca FILE (the cluster CA certificate)"])  # fmt: skip
+    return TlsIdentity.load(Path(s.tls_cert) if s.tls_cert else None, Path(s.tls_key) if s.tls_key else None, Path(s.tls_ca))
 
 
 def _fail(err: RbeeError) -> int:
@@ -268,6 +293,7 @@ class Worker:
 
     async def run(self) -> int:
         from rbee.v1 import common_pb2
+        from rbee.tls import is_loopback
         from rbee_worker.app import create_server
         from rbee_worker.callback import HiveReporter
         from rbee_worker.servicer import InferenceServicer
@@ -284,11 +310,15 @@ class Worker:
         identity = Identity(s.worker_id, s.model_ref, s.model_path, s.backend, s.device, s.host, s.port, os.getpid())
         servicer = InferenceServicer(engine, status, identity, s.slots, self.narrate, on_shutdown=self.request_shutdown)
         try:
+            tls = worker_tls(s)
             ws = await create_server(
-                servicer, status, s.api_key, s.host, s.port, admin_key=s.admin_key, callback_key=s.callback_key
+                servicer, status, s.api_key, s.host, s.port, admin_key=s.admin_key, callback_key=s.callback_key,
+                tls=tls, insecure=s.insecure,
             )
         except RbeeError as err:
             return _fail(err)
+        if tls is None and s.insecure and not is_loopback(s.host):
+            self.narrate("⚠️", f"Listening on {s.host} without TLS (--insecure): keys and tokens cross the network in clear", level="warn")
         identity = Identity(s.worker_id, s.model_ref, s.model_path, s.backend, s.device, s.host, ws.port, os.getpid())
         self.narrate("👂", f"Listening on {identity.address} (gRPC; health open, other RPCs need the API key)")
 
@@ -310,13 +340,16 @@ class Worker:
                 last_activity_unix_ms=servicer.last_activity_unix_ms,
                 pid=identity.pid,
                 load=servicer.load(),
+                tls=tls is not None,
             )
             return info, (status.error if status.state == FAILED else None)
 
         reporter = None
         if s.callback:
             # While busy the load changes without a state change: report it every few seconds.
-            reporter = HiveReporter(s.callback, s.callback_key, snapshot, self.narrate, busy=lambda: status.state == BUSY)
+            reporter = HiveReporter(
+                s.callback, s.callback_key, snapshot, self.narrate, busy=lambda: status.state == BUSY, tls=tls
+            )
             reporter.start()
             status.on_state(lambda _state: reporter.notify())
             reporter.notify()

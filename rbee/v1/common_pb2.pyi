@@ -225,6 +225,7 @@ class WorkerInfo(_message.Message):
     LAST_ACTIVITY_UNIX_MS_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     address: _builtins.str
     """host:port of the worker's gRPC server."""
@@ -237,6 +238,10 @@ class WorkerInfo(_message.Message):
     slots_available: _builtins.int
     last_activity_unix_ms: _builtins.int
     pid: _builtins.int
+    tls: _builtins.bool
+    """The worker serves mutual TLS: connect with a client certificate of the
+    cluster CA and check the worker's against it (S13).
+    """
     @_builtins.property
     def load(self) -> Global___WorkerLoad:
         """The worker's load as last reported to the hive (on its state changes and
@@ -258,10 +263,11 @@ class WorkerInfo(_message.Message):
         last_activity_unix_ms: _builtins.int = ...,
         pid: _builtins.int = ...,
         load: Global___WorkerLoad | None = ...,
+        tls: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "device", b"device", "id", b"id", "last_activity_unix_ms", b"last_activity_unix_ms", "load", b"load", "model_path", b"model_path", "model_ref", b"model_ref", "pid", b"pid", "slots_available", b"slots_available", "slots_total", b"slots_total", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "device", b"device", "id", b"id", "last_activity_unix_ms", b"last_activity_unix_ms", "load", b"load", "model_path", b"model_path", "model_ref", b"model_ref", "pid", b"pid", "slots_available", b"slots_available", "slots_total", b"slots_total", "state", b"state", "tls", b"tls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -84,6 +84,7 @@ class Node(_message.Message):
     HIVE_VERSION_FIELD_NUMBER: _builtins.int
     HIVE_RUNNING_FIELD_NUMBER: _builtins.int
     HIVE_STARTED_BY_QUEEN_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     transport: _builtins.str
     """"ssh", or "local" for the queen's own machine (no SSH)."""
@@ -108,6 +109,10 @@ class Node(_message.Message):
     hive_running: _builtins.bool
     """Whether the node's hive answers now and whether this queen started it."""
     hive_started_by_queen: _builtins.bool
+    tls: _builtins.bool
+    """The node's hive (and its workers) serve mutual TLS with certificates of
+    the queen's cluster CA, delivered over the node's SSH link.
+    """
     @_builtins.property
     def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackendDevices]: ...
     def __init__(
@@ -131,10 +136,11 @@ class Node(_message.Message):
         hive_version: _builtins.str = ...,
         hive_running: _builtins.bool = ...,
         hive_started_by_queen: _builtins.bool = ...,
+        tls: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "git_branch", b"git_branch", "git_repo_url", b"git_repo_url", "hive_port", b"hive_port", "hive_running", b"hive_running", "hive_started_by_queen", b"hive_started_by_queen", "hive_version", b"hive_version", "install_path", b"install_path", "last_connected_unix", b"last_connected_unix", "last_error", b"last_error", "name", b"name", "rbee_home", b"rbee_home", "ssh_host", b"ssh_host", "ssh_key_path", b"ssh_key_path", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user", "status", b"status", "transport", b"transport"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "git_branch", b"git_branch", "git_repo_url", b"git_repo_url", "hive_port", b"hive_port", "hive_running", b"hive_running", "hive_started_by_queen", b"hive_started_by_queen", "hive_version", b"hive_version", "install_path", b"install_path", "last_connected_unix", b"last_connected_unix", "last_error", b"last_error", "name", b"name", "rbee_home", b"rbee_home", "ssh_host", b"ssh_host", "ssh_key_path", b"ssh_key_path", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user", "status", b"status", "tls", b"tls", "transport", b"transport"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -252,6 +258,7 @@ class AddNodeRequest(_message.Message):
     HIVE_PORT_FIELD_NUMBER: _builtins.int
     LOCAL_FIELD_NUMBER: _builtins.int
     TRUST_HOST_KEY_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     ssh_host: _builtins.str
     """Connection over SSH (ignored when local is set)."""
@@ -273,6 +280,10 @@ class AddNodeRequest(_message.Message):
     """Accept and record the node's host key when none is recorded for it. A
     changed key is refused all the same.
     """
+    tls: _builtins.bool
+    """Mutual TLS for the node's hive and workers; unset = on when the node's
+    address is not loopback (its links leave this machine).
+    """
     def __init__(
         self,
         *,
@@ -288,12 +299,15 @@ class AddNodeRequest(_message.Message):
         hive_port: _builtins.int = ...,
         local: _builtins.bool = ...,
         trust_host_key: _builtins.bool = ...,
+        tls: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_tls", b"_tls", "tls", b"tls"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["git_branch", b"git_branch", "git_repo_url", b"git_repo_url", "hive_port", b"hive_port", "install_path", b"install_path", "local", b"local", "name", b"name", "rbee_home", b"rbee_home", "ssh_host", b"ssh_host", "ssh_key_path", b"ssh_key_path", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user", "trust_host_key", b"trust_host_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tls", b"_tls", "git_branch", b"git_branch", "git_repo_url", b"git_repo_url", "hive_port", b"hive_port", "install_path", b"install_path", "local", b"local", "name", b"name", "rbee_home", b"rbee_home", "ssh_host", b"ssh_host", "ssh_key_path", b"ssh_key_path", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user", "tls", b"tls", "trust_host_key", b"trust_host_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__tls: _TypeAlias = _typing.Literal["tls"]  # noqa: Y015
+    _WhichOneofArgType__tls: _TypeAlias = _typing.Literal["_tls", b"_tls"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tls) -> _WhichOneofReturnType__tls | None: ...
 
 Global___AddNodeRequest: _TypeAlias = AddNodeRequest  # noqa: Y015
 
@@ -312,6 +326,7 @@ class UpdateNodeRequest(_message.Message):
     RBEE_HOME_FIELD_NUMBER: _builtins.int
     HIVE_PORT_FIELD_NUMBER: _builtins.int
     TRUST_HOST_KEY_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     ssh_host: _builtins.str
     """Only the fields that are set change."""
@@ -324,6 +339,7 @@ class UpdateNodeRequest(_message.Message):
     rbee_home: _builtins.str
     hive_port: _builtins.int
     trust_host_key: _builtins.bool
+    tls: _builtins.bool
     def __init__(
         self,
         *,
@@ -338,10 +354,11 @@ class UpdateNodeRequest(_message.Message):
         rbee_home: _builtins.str | None = ...,
         hive_port: _builtins.int | None = ...,
         trust_host_key: _builtins.bool = ...,
+        tls: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_git_branch", b"_git_branch", "_git_repo_url", b"_git_repo_url", "_hive_port", b"_hive_port", "_install_path", b"_install_path", "_rbee_home", b"_rbee_home", "_ssh_host", b"_ssh_host", "_ssh_key_path", b"_ssh_key_path", "_ssh_port", b"_ssh_port", "_ssh_user", b"_ssh_user", "git_branch", b"git_branch", "git_repo_url", b"git_repo_url", "hive_port", b"hive_port", "install_path", b"install_path", "rbee_home", b"rbee_home", "ssh_host", b"ssh_host", "ssh_key_path", b"ssh_key_path", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_git_branch", b"_git_branch", "_git_repo_url", b"_git_repo_url", "_hive_port", b"_hive_port", "_install_path", b"_install_path", "_rbee_home", b"_rbee_home", "_ssh_host", b"_ssh_host", "_ssh_key_path", b"_ssh_key_path", "_ssh_port", b"_ssh_port", "_ssh_user", b"_ssh_user", "_tls", b"_tls", "git_branch", b"git_branch", "git_repo_url", b"git_repo_url", "hive_port", b"hive_port", "install_path", b"install_path", "rbee_home", b"rbee_home", "ssh_host", b"ssh_host", "ssh_key_path", b"ssh_key_path", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user", "tls", b"tls"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_git_branch", b"_git_branch", "_git_repo_url", b"_git_repo_url", "_hive_port", b"_hive_port", "_install_path", b"_install_path", "_rbee_home", b"_rbee_home", "_ssh_host", b"_ssh_host", "_ssh_key_path", b"_ssh_key_path", "_ssh_port", b"_ssh_port", "_ssh_user", b"_ssh_user", "git_branch", b"git_branch", "git_repo_url", b"git_repo_url", "hive_port", b"hive_port", "install_path", b"install_path", "name", b"name", "rbee_home", b"rbee_home", "ssh_host", b"ssh_host", "ssh_key_path", b"ssh_key_path", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user", "trust_host_key", b"trust_host_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_git_branch", b"_git_branch", "_git_repo_url", b"_git_repo_url", "_hive_port", b"_hive_port", "_install_path", b"_install_path", "_rbee_home", b"_rbee_home", "_ssh_host", b"_ssh_host", "_ssh_key_path", b"_ssh_key_path", "_ssh_port", b"_ssh_port", "_ssh_user", b"_ssh_user", "_tls", b"_tls", "git_branch", b"git_branch", "git_repo_url", b"git_repo_url", "hive_port", b"hive_port", "install_path", b"install_path", "name", b"name", "rbee_home", b"rbee_home", "ssh_host", b"ssh_host", "ssh_key_path", b"ssh_key_path", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user", "tls", b"tls", "trust_host_key", b"trust_host_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__git_branch: _TypeAlias = _typing.Literal["git_branch"]  # noqa: Y015
     _WhichOneofArgType__git_branch: _TypeAlias = _typing.Literal["_git_branch", b"_git_branch"]  # noqa: Y015
@@ -361,6 +378,8 @@ class UpdateNodeRequest(_message.Message):
     _WhichOneofArgType__ssh_port: _TypeAlias = _typing.Literal["_ssh_port", b"_ssh_port"]  # noqa: Y015
     _WhichOneofReturnType__ssh_user: _TypeAlias = _typing.Literal["ssh_user"]  # noqa: Y015
     _WhichOneofArgType__ssh_user: _TypeAlias = _typing.Literal["_ssh_user", b"_ssh_user"]  # noqa: Y015
+    _WhichOneofReturnType__tls: _TypeAlias = _typing.Literal["tls"]  # noqa: Y015
+    _WhichOneofArgType__tls: _TypeAlias = _typing.Literal["_tls", b"_tls"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__git_branch) -> _WhichOneofReturnType__git_branch | None: ...
     @_typing.overload
@@ -379,6 +398,8 @@ class UpdateNodeRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ssh_port) -> _WhichOneofReturnType__ssh_port | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ssh_user) -> _WhichOneofReturnType__ssh_user | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tls) -> _WhichOneofReturnType__tls | None: ...
 
 Global___UpdateNodeRequest: _TypeAlias = UpdateNodeRequest  # noqa: Y015
 

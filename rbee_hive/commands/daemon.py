@@ -23,6 +23,12 @@ def daemon(
     api_key_file: Path = typer.Option(
         None, "--api-key-file", help="Read the key from this file (mode 600; RBEE_HIVE_API_KEY_FILE). How the queen starts hives."
     ),
+    tls_cert: Path = typer.Option(None, "--tls-cert", help="Serve mutual TLS with this certificate chain (PEM; RBEE_HIVE_TLS_CERT). A node the queen registers gets one from its CA."),
+    tls_key: Path = typer.Option(None, "--tls-key", help="The certificate's private key (PEM, mode 600; RBEE_HIVE_TLS_KEY)."),
+    tls_ca: Path = typer.Option(None, "--tls-ca", help="The cluster CA: clients' and workers' certificates must chain to it (RBEE_HIVE_TLS_CA)."),
+    tls_issuer_cert: Path = typer.Option(None, "--tls-issuer-cert", help="A CA certificate below the cluster CA to sign each worker's certificate with (RBEE_HIVE_TLS_ISSUER_CERT); without it workers serve with the hive's own."),
+    tls_issuer_key: Path = typer.Option(None, "--tls-issuer-key", help="The issuing certificate's key (mode 600; RBEE_HIVE_TLS_ISSUER_KEY)."),
+    insecure: bool = typer.Option(None, "--insecure", help="Allow listening beyond loopback without TLS: keys and tokens cross the network in clear (RBEE_HIVE_INSECURE)."),
     worker_binary: Path = typer.Option(None, "--worker-binary", help="Use this worker program instead of a provisioned worker environment (default: the environment for the backend in $RBEE_HOME/workers, installed on first use; RBEE_HIVE_WORKER_BINARY)."),
 ) -> None:
     """Run the hive: preflight, worker spawning and supervision over gRPC. Stops its workers on SIGTERM."""
@@ -39,7 +45,11 @@ def daemon(
 
         Narrator(ACTOR)("⚠️", argv_key_warning("RBEE_HIVE_API_KEY", "--api-key-file"), "warn")
     async def main() -> int:
-        settings = load_settings(port=port, host=host, api_key=api_key, api_key_file=api_key_file, worker_binary=worker_binary)
+        settings = load_settings(
+            port=port, host=host, api_key=api_key, api_key_file=api_key_file, worker_binary=worker_binary,
+            tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, tls_issuer_cert=tls_issuer_cert,
+            tls_issuer_key=tls_issuer_key, insecure=insecure,
+        )
         return await serve(settings)
 
     run_daemon(ACTOR, main)

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rbee.channel import metadata, open_channel
 from rbee.errors import from_rpc_error
+from rbee.tls import TlsIdentity, is_wildcard
 from rbee.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -21,10 +22,18 @@ class HealthResult:
     latency_ms: int
 
 
+def local_address(host: str, port: int) -> str:
+    """Where the hive reaches a worker of its own: a wildcard bind on loopback
+    (an address its certificate names)."""
+    if is_wildcard(host):
+        host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class WorkerClient:
-    def __init__(self, address: str, api_key: str, admin_key: str | None = None) -> None:
+    def __init__(self, address: str, api_key: str, admin_key: str | None = None, tls: TlsIdentity | None = None) -> None:
         self.address = address
-        self._channel = open_channel(address)
+        self._channel = open_channel(address, tls)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._md = metadata(api_key)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from rbee.auth import check_key, new_api_key
 from rbee.config import MAX_SLOTS
 from rbee.errors import RbeeError
 from rbee.narration import parse_line
+from rbee.tls import CA_CERT, TLS_DIR, Issued, san_hosts, write_identity
 from rbee.v1 import common_pb2, registry_pb2
 
 from rbee_hive.detect import detect
@@ -26,7 +28,7 @@ from rbee_hive.preflight import MB, check_worker, model_size
 from rbee_hive.resources import ResourceSource
 from rbee_hive.settings import HiveSettings
 from rbee_hive.workers.binary import WorkerBinaryResolver
-from rbee_hive.workers.client import WorkerClient
+from rbee_hive.workers.client import WorkerClient, local_address
 from rbee_hive.workers.environment import worker_environment
 from rbee_hive.workers.events import EventLog
 from rbee_hive.workers.leftovers import WorkerLedger
@@ -107,6 +109,11 @@ class WorkerManager:
         # Running workers on disk, for the next hive should this one die.
         self.ledger = WorkerLedger(settings.rbee_home / "run")
         self.closing = False
+        # Mutual TLS (S13): the hive's identity (its calls to workers present
+        # it) and what signs each worker's certificate (the hive's issuing
+        # certificate, or the hive's own certificate reused without one).
+        self.tls = settings.tls_identity()
+        self.worker_issuer = self.tls.issuer_from(settings.tls_issuer_cert, settings.tls_issuer_key) if self.tls else None
 
     # -- lookups --------------------------------------------------------------
     def find(self, worker_id: str) -> WorkerRecord | None:
@@ -130,7 +137,9 @@ class WorkerManager:
     def client(self, record: WorkerRecord) -> WorkerClient:
         client = self._clients.get(record.id)
         if client is None:
-            client = self._clients[record.id] = WorkerClient(record.address, record.api_key, record.admin_key)
+            client = self._clients[record.id] = WorkerClient(
+                local_address(record.host, record.port), record.api_key, record.admin_key, self.tls
+            )
         return client
 
     # -- narration ------------------------------------------------------------
@@ -197,6 +206,7 @@ class WorkerManager:
             raise
         self._pending[worker_id] = record
         try:
+            self._issue_worker_tls(record)
             await self._start_on_some_port(record, program, spec)
         except BaseException as exc:
             err = exc if isinstance(exc, RbeeError) else RbeeError("WORKER_STARTUP_FAILED", f"Spawn of {worker_id} interrupted: {exc!r}")
@@ -239,7 +249,33 @@ class WorkerManager:
         ]  # fmt: skip
         if spec.slots:
             args += ["--slots", str(spec.slots)]
+        if record.tls_dir is not None:
+            args += [
+                "--tls-cert", str(record.tls_dir / "tls.crt"),
+                "--tls-key", str(record.tls_dir / "tls.key"),
+                "--tls-ca", str(record.tls_dir / CA_CERT),
+            ]  # fmt: skip
+        elif self.settings.insecure:
+            args.append("--insecure")
         return args
+
+    def _issue_worker_tls(self, record: WorkerRecord) -> None:
+        """The worker's own certificate (signed by the hive's issuing certificate),
+        valid for the hive's names, in a 0700 folder only the hive user reads."""
+        if self.tls is None:
+            return
+        folder = self.settings.rbee_home / TLS_DIR / "workers" / record.id
+        if self.worker_issuer is not None:
+            hosts = [*san_hosts(self.tls.certificate()), record.host]
+            issued = self.worker_issuer.issue_leaf(f"llm-worker-rbee {record.id}", hosts)
+        else:
+            issued = Issued(self.tls.cert, self.tls.key)
+        write_identity(folder, issued, self.tls.ca)
+        record.tls_dir = folder
+
+    def _drop_worker_tls(self, record: WorkerRecord) -> None:
+        if record.tls_dir is not None:
+            shutil.rmtree(record.tls_dir, ignore_errors=True)
 
     async def _launch(self, record: WorkerRecord, program: Path, spec: SpawnSpec) -> bool:
         """Start the process on record.port and wait for its first callback.
@@ -305,6 +341,7 @@ class WorkerManager:
         if record.process is not None and record.process.running:
             await record.process.kill(self.settings.kill_wait.total_seconds())
         self.ledger.forget(record.id)
+        self._drop_worker_tls(record)
         if record.port:
             self.ports.release(record.port)
         self._say(record, "❌", f"Spawn of {record.id} failed: {err.code}: {err.message}", "error")
@@ -434,6 +471,7 @@ class WorkerManager:
         assert record.process is not None
         info = await record.process.wait()
         self.ledger.forget(record.id)
+        self._drop_worker_tls(record)
         self.ports.release(record.port)
         self._pending.pop(record.id, None)
         was_registered = self.registry.remove(record.id) is not None

@@ -58,6 +58,8 @@ class WorkerRecord:
     load: common_pb2.WorkerLoad | None = None
     # Set by the first callback: the spawn is waiting for it.
     called_back: asyncio.Event = field(default_factory=asyncio.Event)
+    # The folder of the worker's certificate and key (mutual TLS), if any.
+    tls_dir: Path | None = None
 
     @property
     def address(self) -> str:
@@ -86,6 +88,7 @@ class WorkerRecord:
             last_activity_unix_ms=self.last_activity_unix_ms,
             pid=self.pid,
             load=self.load,
+            tls=self.tls_dir is not None,
         )
 
 

@@ -184,7 +184,9 @@ async def _infer_with_queen(args, node: str | None, model: str | None, queen: st
 
     async def use_worker(assignment) -> int:
         interrupts = Interrupts(narrate)
-        async with WorkerClient(assignment.worker.address, assignment.api_key, f"the queen's task on {assignment.node}") as client:
+        async with WorkerClient(
+            assignment.worker.address, assignment.api_key, f"the queen's task on {assignment.node}", tls=assignment.worker.tls
+        ) as client:
             interrupts.install()
             try:
                 session = DirectInference(client, args, narrate, TokenPrinter(), interrupts, timeouts,

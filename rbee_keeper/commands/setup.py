@@ -54,6 +54,7 @@ def _node_dict(n: nodes_pb2.Node) -> dict:
         "backends": {b.name: b.device_count for b in n.backends},
         "hive_version": n.hive_version,
         "hive_running": n.hive_running,
+        "tls": n.tls,
         "hive_started_by_queen": n.hive_started_by_queen,
     }
 
@@ -114,6 +115,11 @@ def add_node_cmd(
     trust_host_key: bool = typer.Option(
         False, "--trust-host-key", help="Accept and record the node's SSH host key if none is recorded yet (check its fingerprint first)."
     ),
+    tls: bool = typer.Option(
+        None, "--tls/--no-tls",
+        help="Mutual TLS for the node's hive and workers, with certificates the queen's CA issues and writes to the "
+        "node over SSH (default: on when the node's address is not loopback). --no-tls on such a node sends keys in clear.",
+    ),  # fmt: skip
     as_json: bool = typer.Option(False, "--json", help="Print the saved node as JSON on stdout."),
     queen: str = QUEEN_OPTION,
     api_key: str = QUEEN_KEY_OPTION,
@@ -130,7 +136,7 @@ def add_node_cmd(
         request = nodes_pb2.AddNodeRequest(
             name=name, ssh_host=ssh_host, ssh_port=ssh_port, ssh_user=ssh_user, ssh_key_path=key_path,
             git_repo_url=git_repo, git_branch=git_branch, install_path=install_path, rbee_home=rbee_home,
-            hive_port=hive_port, local=local, trust_host_key=trust_host_key,
+            hive_port=hive_port, local=local, trust_host_key=trust_host_key, tls=tls,
         )  # fmt: skip
         async with QueenClient.connect(resolve_queen(queen), api_key) as client:
             node = await _follow(client.add_node(request), as_json)
@@ -154,6 +160,7 @@ def update_node_cmd(
     rbee_home: str = typer.Option(None, "--rbee-home", metavar="PATH"),
     hive_port: int = typer.Option(None, "--hive-port", min=1, max=65535),
     trust_host_key: bool = typer.Option(False, "--trust-host-key", help="Accept and record the host key if none is recorded."),
+    tls: bool = typer.Option(None, "--tls/--no-tls", help="Turn mutual TLS for the node's hive and workers on or off (from the hive's next start)."),
     as_json: bool = typer.Option(False, "--json", help="Print the node as JSON on stdout."),
     queen: str = QUEEN_OPTION,
     api_key: str = QUEEN_KEY_OPTION,
@@ -165,7 +172,7 @@ def update_node_cmd(
 
     async def go() -> int:
         fields = dict(ssh_host=ssh_host, ssh_port=ssh_port, ssh_user=ssh_user, git_repo_url=git_repo,
-                      git_branch=git_branch, install_path=install_path, rbee_home=rbee_home, hive_port=hive_port)  # fmt: skip
+                      git_branch=git_branch, install_path=install_path, rbee_home=rbee_home, hive_port=hive_port, tls=tls)  # fmt: skip
         if ssh_key is not None:
             fields["ssh_key_path"] = _check_key_file(ssh_key)
         request = nodes_pb2.UpdateNodeRequest(name=name, trust_host_key=trust_host_key, **{k: v for k, v in fields.items() if v is not None})
@@ -218,7 +225,7 @@ def list_nodes_cmd(
             lambda n: (n.name, _host(n), STATUS.get(n.status, "unknown"), _when(n.last_connected_unix), n.install_path,
                        ", ".join(f"{b.name}×{b.device_count}" for b in n.backends) or "-",
                        (f"up :{n.hive_port}" if n.hive_running else f"down :{n.hive_port}")
-                       + (f" ({n.hive_version})" if n.hive_version else "")),
+                       + (f" ({n.hive_version})" if n.hive_version else "") + (" TLS" if n.tls else "")),
         )  # fmt: skip
 
     run(go())

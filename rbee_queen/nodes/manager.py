@@ -18,7 +18,8 @@ from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.v1 import nodes_pb2, preflight_pb2
 
-from rbee_queen.hives import HiveLink, hive_preflight, node_home, port_answers, start_hive, stop_hive
+from rbee.tls import is_loopback
+from rbee_queen.hives import HiveLink, deliver_tls, hive_preflight, node_home, port_answers, start_hive, stop_hive
 from rbee_queen.nodes.install import Installer
 from rbee_queen.nodes.local import LocalTransport
 from rbee_queen.nodes.relay import EventRelay, NodeEventRelay
@@ -157,6 +158,8 @@ class NodeManager:
                                    "Or register this machine with --local")  # fmt: skip
             if not 1 <= record.ssh_port <= 65535:
                 raise _invalid("ssh_port", f"SSH port {record.ssh_port} is outside 1-65535")
+        # TLS unless told otherwise whenever the node's links leave this machine (S13).
+        record.tls = req.tls if req.HasField("tls") else not is_loopback(record.hive_host)
         return record
 
     def _check_key(self, record: NodeRecord) -> None:
@@ -174,6 +177,8 @@ class NodeManager:
             try:
                 await self._echo(transport, relay)
                 record.backends, record.hive_version = await self._detect(transport, record, relay)
+                if record.tls:
+                    await deliver_tls(transport, record, await node_home(transport, record), relay.narrate)
             finally:
                 await transport.close()
             record.status = "reachable"
@@ -187,7 +192,7 @@ class NodeManager:
             record = self.store.get(req.name)
             changes: dict[str, object] = {}
             for field in ("ssh_host", "ssh_port", "ssh_user", "ssh_key_path", "git_repo_url", "git_branch",
-                          "install_path", "rbee_home", "hive_port"):  # fmt: skip
+                          "install_path", "rbee_home", "hive_port", "tls"):  # fmt: skip
                 if req.HasField(field):
                     value = getattr(req, field)
                     changes[field] = value.strip() if isinstance(value, str) else value
@@ -210,6 +215,9 @@ class NodeManager:
                 finally:
                     await transport.close()
                 changes.update(status="reachable", last_connected_unix=int(time.time()), last_error="")
+            if "tls" in changes and changes["tls"] != record.tls and self.started_hives.get(req.name):
+                relay.narrate("⚠️", f"The hive running on {req.name} keeps its old setting until it restarts: "
+                              f"stop that hive, or `rbee-keeper setup remove-node --name {req.name}` (which stops it) and add it again", "warn")  # fmt: skip
             record = self.store.update(req.name, **changes)
             relay.narrate("✅", f"Node {req.name} updated: {', '.join(sorted(k for k in changes if k in nodes_pb2.UpdateNodeRequest.DESCRIPTOR.fields_by_name))}")
             return await self.to_proto(record)
@@ -392,4 +400,5 @@ class NodeManager:
             hive_version=record.hive_version,
             hive_running=running,
             hive_started_by_queen=record.name in self.started_hives,
+            tls=record.tls,
         )

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sqlalchemy import BigInteger, Integer, String, Text, select
+from sqlalchemy import BigInteger, Boolean, Integer, String, Text, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -40,6 +40,8 @@ MIGRATIONS: list[list[str]] = [
             created_at_unix BIGINT NOT NULL
         )""",
     ],
+    # Mutual TLS for the node's hive and workers (S13).
+    ["ALTER TABLE nodes ADD COLUMN tls INTEGER NOT NULL DEFAULT 0"],
 ]
 
 STATUSES = ("unknown", "reachable", "unreachable")
@@ -70,6 +72,7 @@ class _NodeRow(_Base):
     backends: Mapped[str] = mapped_column(Text, default="{}")
     hive_version: Mapped[str] = mapped_column(String(64), default="")
     created_at_unix: Mapped[int] = mapped_column(BigInteger)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 @dataclass
@@ -93,6 +96,8 @@ class NodeRecord:
     backends: dict[str, int] = field(default_factory=dict)
     hive_version: str = ""
     created_at_unix: int = 0
+    # The node's hive and workers serve mutual TLS (certificates of the queen's CA).
+    tls: bool = False
     # Not stored: the queen's [remote] hive_program, set by the store on every record it returns.
     remote_hive_program: str = field(default="", compare=False)
 
@@ -122,6 +127,7 @@ class NodeRecord:
 def _to_record(row: _NodeRow, hive_program: str = "") -> NodeRecord:
     values = {c: getattr(row, c) for c in _NodeRow.__table__.columns.keys()}
     values["backends"] = json.loads(values["backends"] or "{}")
+    values["tls"] = bool(values["tls"])
     return NodeRecord(**values, remote_hive_program=hive_program)
 
 

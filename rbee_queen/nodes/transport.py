@@ -109,7 +109,7 @@ class NodeTransport(abc.ABC):
         umask = 0o777 & ~mode
         folder = path.rsplit("/", 1)[0] or "/"
         cmd = (
-            f"umask {umask:03o} && mkdir -p {shlex.quote(folder)} && "
+            f"(umask 077 && mkdir -p {shlex.quote(folder)}) && umask {umask:03o} && "
             f"cat > {shlex.quote(path)}.tmp && chmod {mode:o} {shlex.quote(path)}.tmp && "
             f"mv -f {shlex.quote(path)}.tmp {shlex.quote(path)}"
         )
