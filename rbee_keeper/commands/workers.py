@@ -46,6 +46,8 @@ def _worker_dict(w: common_pb2.WorkerInfo) -> dict:
         "slots_total": w.slots_total,
         "slots_available": w.slots_available,
         "pid": w.pid,
+        # Serves mutual TLS (certificates of the cluster CA).
+        "tls": w.tls,
         # As the worker last reported it to its hive (None before its first report).
         "load": {
             "running": w.load.running_requests,

@@ -10,8 +10,12 @@ import asyncio
 import re
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rbee.channel import open_channel
 
 from tests.fixtures.models import hive_env
 from tests.fixtures.queen import KEEPER_BIN, kill_node_hives
@@ -30,7 +34,9 @@ async def test_cold_warm_busy_and_a_worker_killed_mid_stream(queen_factory, hub,
     home = tmp_path / "node"
     holder = None
     try:
-        await local_node(queen, home)
+        # Mutual TLS on every link (queen → hive, hive ⇄ worker, keeper → worker),
+        # asked for here since this node is on loopback.
+        await local_node(queen, home, "here", "--tls")
         args = ("infer", "--node", "here", "--model", REF, "--prompt", PROMPT, "--temperature", "0")
         code, cold_out, err = await queen.keeper(*args, "--max-tokens", "8", "--slots", "1", timeout=900)
         assert code == 0, err
@@ -45,7 +51,11 @@ async def test_cold_warm_busy_and_a_worker_killed_mid_stream(queen_factory, hub,
         assert warm_out == cold_out  # greedy: the same answer from the same worker
         assert len(hub.body_requests()) == downloads
         [listed] = await cluster(queen)
-        assert listed["id"] == worker_id and listed["slots_total"] == 1
+        assert listed["id"] == worker_id and listed["slots_total"] == 1 and listed["tls"] is True
+        assert "(mutual TLS)" in (home / "logs" / "hive.log").read_text()
+        async with open_channel(listed["address"]) as channel:  # clear text is refused
+            with pytest.raises(grpc.RpcError):
+                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
 
         # One long stream holds the only slot.
         holder = await asyncio.create_subprocess_exec(

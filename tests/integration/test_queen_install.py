@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rbee.channel import open_channel
 
 from tests.fixtures.hive import free_port_block
 from tests.fixtures.queen import QueenProc, kill_node_hives, make_repo, node_hive_pids
@@ -180,12 +186,26 @@ async def test_a_queen_stops_only_the_hives_it_started(queen_factory, tmp_path: 
 async def test_main_path_over_openssh_sshd(queen: QueenProc, sshd_node, repo_snapshot: Path, tmp_path: Path) -> None:
     base = tmp_path / "node-sshd"
     try:
-        code, out, err = await queen.keeper(*add_args(sshd_node, "box", base, repo_snapshot, free_port_block(1), "--json"))
+        # With --tls (the node is on loopback here, where TLS is not the default):
+        # the queen's CA issues the hive's certificates and writes them over SSH.
+        code, out, err = await queen.keeper(*add_args(sshd_node, "box", base, repo_snapshot, free_port_block(1), "--json", "--tls"))
         assert code == 0, err
-        assert json.loads(out)["status"] == "reachable"
+        node = json.loads(out)
+        assert node["status"] == "reachable" and node["tls"] is True
+        assert "Issued box's hive certificate" in err
+        tls_dir = base / "home" / "tls"
+        assert stat.S_IMODE(os.stat(tls_dir).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(tls_dir / "hive.key").st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(tls_dir / "hive-issuer.key").st_mode) == 0o600
         install_err, check_err = await install_and_check(queen, "box")
         assert "rbee installed on box" in install_err
+        # The hive preflight went over mutual TLS; the hive refuses clear text.
         assert "Node box is ready" in check_err and "Backends: cpu" in check_err
+        assert "(mutual TLS)" in (base / "home" / "logs" / "hive.log").read_text()
+        hive_address = f"127.0.0.1:{node['hive_port']}"
+        async with open_channel(hive_address) as channel:
+            with pytest.raises(grpc.RpcError):
+                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         code, out, err = await queen.keeper("setup", "remove-node", "--name", "box")
         assert code == 0 and "Stopped the hive this queen had started on box" in err
     finally:

@@ -32,9 +32,9 @@ def node_env(tmp_path: Path, hub) -> dict[str, str]:
     return hive_env(hub, RBEE_HIVE_WORKER_BINARY=str(program), RBEE_HIVE_WATCH_HEARTBEAT="0.3s", STANDIN_LOAD_S="0.3")
 
 
-async def local_node(queen: QueenProc, home: Path, name: str = "here") -> int:
+async def local_node(queen: QueenProc, home: Path, name: str = "here", *extra: str) -> int:
     port = free_port_block(1)
-    code, out, err = await queen.keeper("setup", "add-node", "--name", name, "--local", "--rbee-home", str(home), "--hive-port", str(port))
+    code, out, err = await queen.keeper("setup", "add-node", "--name", name, "--local", "--rbee-home", str(home), "--hive-port", str(port), *extra)
     assert code == 0, err
     return port
 

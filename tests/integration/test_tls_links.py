@@ -1,0 +1,120 @@
+"""Encrypted links (S13) through real processes: a hive refuses to listen
+beyond loopback without TLS unless --insecure (and then says so); a hive
+started by hand with certificates of a cluster CA serves mutual TLS and signs
+a certificate for each worker it starts, which serves mutual TLS too (the
+stand-in worker speaks the real worker's TLS flags)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rbee.channel import open_channel
+from rbee.tls import CA_CERT, HIVE_CERT, HIVE_KEY, ISSUER_CERT, ISSUER_KEY, ClusterCA, TlsIdentity
+from tests.fixtures.common import VENV_BIN, proc_env
+from tests.fixtures.hive import HIVE_KEY as KEY, free_port_block
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def _hive(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "c.toml").write_text("")
+    return subprocess.run(
+        [str(VENV_BIN / "rbee-hive"), "daemon", *args], capture_output=True, text=True, timeout=timeout,
+        env=proc_env(RBEE_HOME=str(home), RBEE_CONFIG=str(home / "c.toml"), RBEE_HIVE_API_KEY=KEY),
+    )  # fmt: skip
+
+
+async def _health(address: str, tls: TlsIdentity | None) -> str:
+    async with open_channel(address, tls) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        except grpc.RpcError as err:
+            return f"refused: {err.code().name}"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+async def test_a_hive_beyond_loopback_needs_tls_or_insecure(tmp_path: Path) -> None:
+    port = free_port_block(1)
+    out = _hive(tmp_path / "plain", "--host", "0.0.0.0", "--port", str(port))
+    assert out.returncode == 1
+    text = out.stdout + out.stderr
+    assert "TLS_REQUIRED" in text and f"0.0.0.0:{port}" in text and "--insecure" in text and "Traceback" not in text
+
+    # --insecure: it listens, and says at start that keys cross the network in clear.
+    home = tmp_path / "insecure"
+    home.mkdir()
+    (home / "c.toml").write_text("")
+    log = (home / "out.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        str(VENV_BIN / "rbee-hive"), "daemon", "--host", "0.0.0.0", "--port", str(port), "--insecure",
+        stdout=log, stderr=asyncio.subprocess.STDOUT,
+        env=proc_env(RBEE_HOME=str(home), RBEE_CONFIG=str(home / "c.toml"), RBEE_HIVE_API_KEY=KEY),
+    )  # fmt: skip
+    try:
+        async with open_channel(f"127.0.0.1:{port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        text = (home / "out.log").read_text()
+        assert "without TLS (--insecure)" in text and "plain gRPC" in text
+    finally:
+        proc.terminate()
+        await proc.wait()
+        log.close()
+
+
+async def test_a_hive_given_certificates_serves_mutual_tls_and_signs_its_workers(start_hive, standin_program, tmp_path: Path) -> None:
+    ca = ClusterCA(tmp_path / "queen")
+    tls_dir = tmp_path / "node-tls"
+    tls_dir.mkdir(mode=0o700)
+    for name, (data, mode) in ca.node_bundle("box", ["127.0.0.1"]).items():
+        (tls_dir / name).write_bytes(data)
+        (tls_dir / name).chmod(mode)
+    client = ca.client_identity()
+    model = tmp_path / "models" / "tiny"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"\0" * 4096)
+    hive = await start_hive(
+        worker_binary=standin_program, model_dirs=[model.parent], tls=client,
+        args=["--tls-cert", str(tls_dir / HIVE_CERT), "--tls-key", str(tls_dir / HIVE_KEY), "--tls-ca", str(tls_dir / CA_CERT),
+              "--tls-issuer-cert", str(tls_dir / ISSUER_CERT), "--tls-issuer-key", str(tls_dir / ISSUER_KEY)],
+    )  # fmt: skip
+    assert "(mutual TLS)" in hive.text()
+    # Clear text, or TLS without a certificate of the cluster CA, gets nowhere.
+    assert await _health(hive.address, None) == "refused: UNAVAILABLE"
+    assert await _health(hive.address, ClusterCA(tmp_path / "stranger").client_identity()) == "refused: UNAVAILABLE"
+    assert await _health(hive.address, client) == "SERVING"
+
+    reply = await hive.spawn(model_path=str(model), backend="cpu", device=0)
+    items = await hive.follow(reply.worker.id)  # the worker's callbacks reached the hive over mutual TLS
+    worker = items[-1].worker
+    assert worker.tls and worker.state == 2  # IDLE
+    # Its own certificate, signed by the hive's issuing certificate, in a folder only the hive's user reads.
+    folder = hive.home / "tls" / "workers" / worker.id
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(folder / "tls.key").st_mode) == 0o600
+    chain = x509.load_pem_x509_certificates((folder / "tls.crt").read_bytes())
+    issuer = x509.load_pem_x509_certificates((tls_dir / ISSUER_CERT).read_bytes())[0]
+    assert chain[0].issuer == issuer.subject and chain[0].subject != issuer.subject
+    assert await _health(worker.address, None) == "refused: UNAVAILABLE"
+    assert await _health(worker.address, client) == "SERVING"
+
+    # The hive's calls to the worker (shutdown) go over mutual TLS too; its certificate goes with it.
+    from rbee.v1 import registry_pb2
+
+    await hive.call(hive.workers.ShutdownWorker, registry_pb2.ShutdownWorkerRequest(worker_id=worker.id))
+    for _ in range(100):
+        if not folder.exists():
+            break
+        await asyncio.sleep(0.1)
+    assert not folder.exists()
+    assert "Shutdown requested" in (hive.home / "logs" / f"{worker.id}.log").read_text()
