@@ -103,6 +103,11 @@ CODES: dict[str, grpc.StatusCode] = {
     "INTERNAL": S.INTERNAL,
     "WORKER_STARTUP_FAILED": S.INTERNAL,
     "WORKER_OOM_KILLED": S.INTERNAL,
+    # vLLM's engine process under a loaded worker died: killed by the kernel's
+    # OOM killer (on the kernel's own evidence), or anything else. The worker
+    # cannot serve any more, so not RESOURCE_EXHAUSTED: no retry helps there.
+    "ENGINE_OOM_KILLED": S.INTERNAL,
+    "ENGINE_DIED": S.INTERNAL,
     "WORKER_BUILD_FAILED": S.INTERNAL,
     "BINARY_VERIFICATION_FAILED": S.INTERNAL,
     "DOWNLOAD_FAILED": S.INTERNAL,
@@ -209,6 +214,10 @@ class RbeeError(Exception):
         return RbeeError(self.code, message, details, suggestions)
 
 
+# What gRPC says when TLS itself failed (a certificate of another CA, none, or clear text against TLS).
+_TLS_FAILURES = ("handshake", "CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "PEER_DID_NOT_RETURN_A_CERTIFICATE", "ssl_transport_security")
+
+
 def from_rpc_error(err: grpc.RpcError, target: str = "") -> RbeeError:
     """Turn a failed call back into an RbeeError (the client side of the map)."""
     code_fn = getattr(err, "code", None)
@@ -233,6 +242,16 @@ def from_rpc_error(err: grpc.RpcError, target: str = "") -> RbeeError:
     details = {"grpc_status": status_code.name}
     if target:
         details["target"] = target
+    if status_code == S.UNAVAILABLE and any(m in message for m in _TLS_FAILURES):
+        return RbeeError(
+            "TLS_HANDSHAKE_FAILED",
+            f"The TLS handshake with {target or 'the daemon'} failed: {message}",
+            details,
+            [
+                "Both ends need certificates of the same cluster CA (the queen's $RBEE_HOME/tls/ca.crt)",
+                "A daemon started with --insecure speaks clear text: set RBEE_TLS=off for the keeper, or restart it with TLS",
+            ],
+        )
     if status_code == S.UNAVAILABLE and target:
         return RbeeError(
             "UNAVAILABLE",

@@ -174,11 +174,21 @@ class DaemonClient:
             "CONNECTION_TIMEOUT",
             f"Cannot reach {self.what} at {self.address} after {self.attempts} attempts ({why})",
             {"address": self.address, "attempts": self.attempts, "last_error": why},
-            self.unreachable_hints(),
+            [*self.unreachable_hints(), *self.tls_hints()],
         )
 
     def unreachable_hints(self) -> list[str]:
         return [f"Check that the daemon at {self.address} is running and the address is right"]
+
+    def tls_hints(self) -> list[str]:
+        """A refused connection can be TLS on one end and clear text on the other."""
+        from rbee.tls import is_loopback
+
+        if self._tls is not None:
+            return ["This client spoke mutual TLS: if the daemon runs with --insecure, set RBEE_TLS=off"]
+        if not is_loopback(self.address.rpartition(":")[0]):
+            return ["This client spoke clear text: if the daemon serves TLS, set RBEE_TLS=on"]
+        return []
 
     def translate(self, err: RbeeError) -> RbeeError:
         """A subclass's chance to name its daemon in a transport failure."""

@@ -116,7 +116,8 @@ def test_loopback_addresses(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
 
-def test_a_server_beyond_loopback_without_tls_is_refused() -> None:
+@pytest.mark.asyncio
+async def test_a_server_beyond_loopback_without_tls_is_refused() -> None:
     server = grpc.aio.server()
     with pytest.raises(RbeeError) as err:
         bind_port(server, "0.0.0.0:0", "rbee-hive")
