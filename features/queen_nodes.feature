@@ -149,3 +149,16 @@ Feature: The queen keeps a registry of nodes and reaches them over SSH
     Then the keeper exits 0
     And the narration says the hive this queen had started on "box" was stopped, naming its pid
     And no hive runs for the node
+
+  Scenario: A node registered with TLS gets its hive's certificates over SSH, and its hive speaks only mutual TLS
+    Given an SSH node where rbee is installed, whose host key the queen knows
+    And the node "box" is registered with rbee installed and TLS
+    When I check node "box"
+    Then the keeper exits 0
+    And the queen narrated, in order, "Issued box's hive certificate", "Starting rbee-hive on box", "Hive health: ok", "Node box is ready"
+    And the node's certificates are in its RBEE_HOME, the keys readable by their owner only
+    And the node's hive answers a client of the cluster CA and refuses clear text and strangers
+    And node "box" is listed with TLS
+    When I remove node "box"
+    Then the keeper exits 0
+    And no hive runs for the node

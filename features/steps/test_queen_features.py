@@ -117,6 +117,14 @@ def _registered_installed(world, name):
     assert f"Detected on {name}: cpu" in run.err, run
 
 
+@given(parsers.parse('the node "{name}" is registered with rbee installed and TLS'))
+def _registered_tls(world, name):
+    assert world.install_path is not None
+    run = world.keeper(*world.add_args(name), "--tls")
+    assert run.code == 0, run
+    assert f"Issued {name}'s hive certificate" in run.err, run
+
+
 @when("the node starts presenting another host key")
 def _rekey(world):
     world.known_hosts_before = world.known_hosts.read_text()
@@ -508,3 +516,44 @@ def _hive_stopped(world, name):
 def _no_hive(world):
     gone = [pid for pid in node_hive_pids(world.node_home) if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert gone == []
+
+
+@then("the node's certificates are in its RBEE_HOME, the keys readable by their owner only")
+def _node_certs(world):
+    folder = world.node_home / "tls"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for name in ("ca.crt", "hive.crt", "hive-issuer.crt"):
+        assert (folder / name).read_text().startswith("-----BEGIN CERTIFICATE-----")
+    for name in ("hive.key", "hive-issuer.key"):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600
+    # The node's CA is the queen's.
+    assert (folder / "ca.crt").read_bytes() == (world.queen.home / "tls" / "ca.crt").read_bytes()
+
+
+@then("the node's hive answers a client of the cluster CA and refuses clear text and strangers")
+def _hive_mtls(world):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from rbee.channel import open_channel
+    from rbee.tls import ClusterCA
+
+    address = f"127.0.0.1:{world.hive_port}"
+
+    async def health(tls) -> bool:
+        async with open_channel(address, tls) as channel:
+            try:
+                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            except Exception:  # noqa: BLE001 - any failure is a refusal here
+                return False
+        return True
+
+    assert world.run(health(ClusterCA(world.queen.home).client_identity()))
+    assert not world.run(health(None))
+    assert not world.run(health(ClusterCA(world.tmp / "stranger").client_identity()))
+
+
+@then(parsers.parse('node "{name}" is listed with TLS'))
+def _listed_tls(world, name):
+    assert _node(world, name)["tls"] is True
+    run = world.keeper("setup", "list-nodes")
+    assert run.code == 0 and " TLS" in run.out, run
