@@ -84,12 +84,18 @@ CODES: dict[str, grpc.StatusCode] = {
     # 0/200/400 ms backoff): unreachable, whatever the last attempt's reason.
     "CONNECTION_TIMEOUT": S.UNAVAILABLE,
     "STREAM_BROKEN": S.UNAVAILABLE,
+    "TLS_HANDSHAKE_FAILED": S.UNAVAILABLE,
     # preconditions
     "BACKEND_UNAVAILABLE": S.FAILED_PRECONDITION,
     "CUDA_NOT_AVAILABLE": S.FAILED_PRECONDITION,
     "MODEL_LOAD_FAILED": S.FAILED_PRECONDITION,
     "VERSION_MISMATCH": S.FAILED_PRECONDITION,
     "HIVE_NOT_INSTALLED": S.FAILED_PRECONDITION,
+    # Mutual TLS (S13): listening beyond loopback without it, unusable
+    # certificate files, no client certificate on this machine.
+    "TLS_REQUIRED": S.FAILED_PRECONDITION,
+    "TLS_FILE_INVALID": S.FAILED_PRECONDITION,
+    "TLS_CLIENT_MISSING": S.FAILED_PRECONDITION,
     "SSH_COMMAND_FAILED": S.FAILED_PRECONDITION,
     # HF_HUB_OFFLINE is set and the model is not in the catalog.
     "HUB_OFFLINE": S.FAILED_PRECONDITION,

@@ -132,3 +132,22 @@ async def test_update_refuses_bad_values_before_connecting(world: World) -> None
 
     assert "Testing the new connection" not in world.log.getvalue()
     assert world.store.get("box").install_path == "/opt/rbee"
+
+
+@pytest.mark.parametrize(
+    "fields, tls",
+    [
+        (dict(ssh_host="192.0.2.10"), True),  # beyond loopback: TLS by default
+        (dict(ssh_host="box.example"), True),
+        (dict(ssh_host="127.0.0.1"), False),  # stays on this machine
+        (dict(ssh_host="localhost"), False),
+        (dict(ssh_host="192.0.2.10", tls=False), False),  # --no-tls
+        (dict(ssh_host="127.0.0.1", tls=True), True),  # --tls
+    ],
+)
+async def test_tls_is_on_by_default_for_nodes_beyond_loopback(tmp_path: Path, fields: dict, tls: bool) -> None:
+    world = World(tmp_path)
+    record = world.manager._record_from(world.request(**fields))
+    assert record.tls is tls
+    local = world.manager._record_from(world.request(local=True, ssh_host=""))
+    assert local.tls is False

@@ -127,3 +127,24 @@ def test_hive_address_and_program_follow_the_row() -> None:
     assert record(transport="local").hive_address == "127.0.0.1:7900"
     assert record(ssh_host="::1").hive_address == "127.0.0.1:7900"
     assert "key-of" not in repr(record())
+
+
+def test_a_registry_of_the_first_schema_gains_the_tls_column(tmp_path: Path) -> None:
+    # A beehives.db written before TLS existed: its nodes read as plain, and keep their rows.
+    path = tmp_path / "beehives.db"
+    with sqlite3.connect(path) as db:
+        for statement in MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute(
+            "INSERT INTO nodes (name, transport, install_path, hive_key, created_at_unix) VALUES ('old', 'ssh', '/opt/rbee', 'k', 1)"
+        )
+        db.execute("PRAGMA user_version=1")
+    store = NodeStore(path)
+    try:
+        assert store.get("old").tls is False
+        store.update("old", tls=True)
+        assert store.get("old").tls is True
+    finally:
+        store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
