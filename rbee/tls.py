@@ -159,15 +159,23 @@ class Issuer:
         )
         return Issued(cert_pem(cert) + self.chain, key_pem(key))
 
-    def issue_issuer(self, subject: str, days: int = CA_DAYS) -> Issued:
-        """A CA one level below this one, that may sign leaves only (a hive's, for its workers)."""
+    def issue_issuer(self, subject: str, hosts: list[str] | None = None, days: int = CA_DAYS) -> Issued:
+        """A CA one level below this one, that may sign leaves only (a hive's,
+        for its workers). With ``hosts``, host names it may vouch for are
+        limited to the node's own and localhost, so one node's issuing
+        certificate cannot pass for another node's name. (Addresses cannot be
+        limited the same way: the TLS library under gRPC refuses address name
+        constraints outright.)"""
         key = _new_key()
-        cert = (
+        builder = (
             self._builder(subject, key.public_key(), days)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
-            .sign(self.key, hashes.SHA256())
         )
+        if hosts is not None:
+            permitted = [n for n in _names([*hosts, *LOOPBACK_NAMES]) if isinstance(n, x509.DNSName)]
+            builder = builder.add_extension(x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=None), critical=True)
+        cert = builder.sign(self.key, hashes.SHA256())
         return Issued(cert_pem(cert) + self.chain, key_pem(key))
 
 
@@ -251,7 +259,7 @@ class ClusterCA:
         """What a node's hive needs, by file name below its tls folder, with modes."""
         issuer = self.issuer()
         hive = issuer.issue_leaf(f"rbee-hive {node}", hosts)
-        signer = issuer.issue_issuer(f"rbee-hive {node} issuer")
+        signer = issuer.issue_issuer(f"rbee-hive {node} issuer", hosts)
         return {
             CA_CERT: (self.ca_pem(), 0o644),
             HIVE_CERT: (hive.chain, 0o644),

@@ -74,6 +74,10 @@ def test_a_node_bundle_chains_hive_and_worker_certificates_to_the_cluster_ca(tmp
     worker = issuer.issue_leaf("llm-worker-rbee w1", san_hosts(leaf))
     path = _verify(worker.chain, ca.ca_pem(), "192.0.2.10")
     assert len(path) == 3
+    # ... and only for its node's host names: not for another node's.
+    impostor = issuer.issue_leaf("not box", ["other.example"])
+    with pytest.raises(Exception):
+        _verify(impostor.chain, ca.ca_pem(), "other.example")
     # The issuing certificate may sign leaves only: a CA it signed is refused.
     sub = issuer.issue_issuer("a CA below the hive's")
     sub_issuer = Issuer.from_pem(sub.chain, sub.key)
