@@ -13,6 +13,8 @@
                            against a bare gRPC client, whole processes, one loaded worker
           bench.soak       64 concurrent streams for 60 s against one CPU worker with 8 slots
                            (`python -m bench.soak --minutes 10` for the issue's figure)
+          bench.tls        mutual TLS vs plain: the stream ceiling (flood engine), and on two real workers
+                           tokens/s, TTFT and a fresh channel's handshake over 20 alternating rounds
 
 Pick some with `make bench BENCH_ARGS="transport ssh_preflight"`.
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-ALL = ("transport", "downloads", "ssh_preflight", "queen", "keeper", "engine", "soak", "contract")
+ALL = ("transport", "downloads", "ssh_preflight", "queen", "keeper", "engine", "soak", "contract", "tls")
 
 
 def main(argv: list[str]) -> int:

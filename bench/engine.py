@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,9 @@ import grpc
 import psutil
 
 from rbee.auth import auth_metadata, new_api_key
+from rbee.channel import open_channel
 from rbee.config import default_model_path
+from rbee.tls import TlsIdentity
 from rbee.v1 import inference_pb2, inference_pb2_grpc
 from rbee_worker.engine import SamplingOptions
 from rbee_worker.vllm_engine import VllmEngine
@@ -54,7 +56,10 @@ def _free_port() -> int:
 
 
 class WorkerProcess:
-    def __init__(self, model: Path, slots: int) -> None:
+    """A real llm-worker-rbee on 127.0.0.1; ``args`` are more flags for it, and
+    ``tls`` the client identity its channel presents when it serves mutual TLS."""
+
+    def __init__(self, model: Path, slots: int, args: Sequence[str] = (), tls: TlsIdentity | None = None) -> None:
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.api_key = new_api_key()
@@ -64,10 +69,11 @@ class WorkerProcess:
         exe = Path(sys.executable).with_name("llm-worker-rbee")
         self.proc = subprocess.Popen(
             [str(exe), "--model", str(model), "--backend", "cpu", "--device", "0",
-             "--port", str(self.port), "--slots", str(slots)],
+             "--port", str(self.port), "--slots", str(slots), *args],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        self.channel = grpc.aio.insecure_channel(self.address)
+        self.tls = tls
+        self.channel = open_channel(self.address, tls) if tls else grpc.aio.insecure_channel(self.address)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.md = auth_metadata(self.api_key)
 

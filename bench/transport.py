@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -32,6 +34,9 @@ from rbee.auth import auth_metadata
 from rbee.narration import Narrator
 from rbee.v1 import inference_pb2, inference_pb2_grpc
 from rbee_worker.engine import Delta, Engine, EngineInfo, ProgressCallback, SamplingOptions
+
+if TYPE_CHECKING:
+    from rbee.tls import TlsIdentity
 
 KEY = "bench-transport-key"
 MODES = ("coalesced", "per-token")
@@ -117,45 +122,75 @@ async def bench_disconnect(runs: int = 5) -> dict:
 # -- server process ------------------------------------------------------------------
 
 
-async def _serve() -> None:
+async def flood_server(name: str, coalesce: bool = True, tls: "TlsIdentity | None" = None):
+    """The real InferenceServicer and grpc.aio server (with auth) over a
+    FloodEngine on 127.0.0.1, an ephemeral port; mutual TLS with ``tls``."""
     from rbee_worker.app import create_server
     from rbee_worker.servicer import InferenceServicer
     from rbee_worker.status import Identity, WorkerStatus
 
-    servers = []
-    for mode in MODES:
-        engine = FloodEngine()
-        status = WorkerStatus()
-        identity = Identity(f"bench-{mode}", "flood", "-", "cpu", 0, "127.0.0.1", 0, os.getpid())
-        servicer = InferenceServicer(
-            engine, status, identity, slots=4, narrator=Narrator("llm-worker-rbee", stream=io.StringIO()),
-            coalesce=mode == "coalesced",
-        )
-        status.loaded(await engine.load(lambda p: None))
-        servers.append(await create_server(servicer, status, KEY))
+    engine = FloodEngine()
+    status = WorkerStatus()
+    identity = Identity(name, "flood", "-", "cpu", 0, "127.0.0.1", 0, os.getpid())
+    servicer = InferenceServicer(
+        engine, status, identity, slots=4, narrator=Narrator("llm-worker-rbee", stream=io.StringIO()), coalesce=coalesce
+    )
+    status.loaded(await engine.load(lambda p: None))
+    return await create_server(servicer, status, KEY, tls=tls)
+
+
+async def serve_until_stdin_closes(servers: list) -> None:
+    """Announce the servers' ports on stdout, serve until the parent closes our stdin."""
     print("PORTS " + " ".join(str(s.port) for s in servers), flush=True)
-    # Serve until the parent closes our stdin.
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.read)
     for s in servers:
         await s.server.stop(None)
 
 
-def serve(use_uvloop: bool) -> None:
+async def _serve() -> None:
+    servers = [await flood_server(f"bench-{mode}", coalesce=mode == "coalesced") for mode in MODES]
+    await serve_until_stdin_closes(servers)
+
+
+def serve(use_uvloop: bool, main: Callable[[], Awaitable[None]] = _serve) -> None:
     loop_factory = None
     if use_uvloop:
         import uvloop
 
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve())
+        runner.run(main())
+
+
+@contextlib.contextmanager
+def server_process(module: str, *args: str) -> Iterator[list[str]]:
+    """Run ``python -m module --serve *args`` (which serves until its stdin
+    closes) and yield the addresses it announced."""
+    cmd = [sys.executable, "-m", module, "--serve", *args]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        line = proc.stdout.readline()
+        if not line.startswith("PORTS "):
+            raise RuntimeError(f"bench server did not start (got {line!r})")
+        yield [f"127.0.0.1:{port}" for port in line.split()[1:]]
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # -- client ----------------------------------------------------------------------------
 
 
-async def _stream(address: str, tokens: int) -> dict:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def stream(address: str, tokens: int, tls: "TlsIdentity | None" = None) -> dict:
+    """One Generate stream of ``tokens`` tokens on a channel of its own (mutual TLS with ``tls``)."""
+    channel = grpc.aio.secure_channel(address, tls.channel_credentials()) if tls else grpc.aio.insecure_channel(address)
+    async with channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         request = inference_pb2.GenerateRequest(prompt="bench", max_tokens=tokens, ignore_eos=True)
         messages = received = 0
@@ -193,28 +228,14 @@ async def _stream(address: str, tokens: int) -> dict:
 async def bench_transport(tokens: int = 100_000, runs: int = 3, use_uvloop: bool = True) -> dict:
     """Median figures per mode over ``runs`` streams of ``tokens`` tokens each,
     the modes interleaved run by run so machine noise hits both alike."""
-    cmd = [sys.executable, "-m", "bench.transport", "--serve"] + ([] if use_uvloop else ["--no-uvloop"])
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        line = await asyncio.to_thread(proc.stdout.readline)
-        if not line.startswith("PORTS "):
-            raise RuntimeError(f"bench server did not start (got {line!r})")
-        ports = dict(zip(MODES, line.split()[1:]))
-        addresses = {mode: f"127.0.0.1:{port}" for mode, port in ports.items()}
+    with server_process("bench.transport", *([] if use_uvloop else ["--no-uvloop"])) as listed:
+        addresses = dict(zip(MODES, listed))
         for mode in MODES:  # warm up connections and code paths
-            await _stream(addresses[mode], 2_000)
+            await stream(addresses[mode], 2_000)
         samples: dict[str, list[dict]] = {mode: [] for mode in MODES}
         for _ in range(runs):
             for mode in MODES:
-                samples[mode].append(await _stream(addresses[mode], tokens))
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+                samples[mode].append(await stream(addresses[mode], tokens))
     result: dict = {"tokens_per_stream": tokens, "runs": runs, "server_loop": "uvloop" if use_uvloop else "asyncio"}
     for mode in MODES:
         result[mode] = {
