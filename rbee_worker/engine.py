@@ -203,6 +203,11 @@ class Engine(abc.ABC):
     async def health(self) -> None:
         """Raise RbeeError when the engine can no longer serve."""
 
+    def on_death(self, listener: Callable[[RbeeError], None]) -> None:
+        """Call ``listener`` once with the error that says why, when the
+        engine's own processes die after loading (ENGINE_OOM_KILLED or
+        ENGINE_DIED). Engines without processes of their own never call it."""
+
     @abc.abstractmethod
     async def shutdown(self) -> None:
         """Release the model and the engine's processes."""

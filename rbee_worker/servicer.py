@@ -67,6 +67,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.token_rate = TokenRate()
         # Wall-clock on purpose: reported to the hive as a timestamp.
         self.last_activity_unix_ms = int(time.time() * 1000)
+        engine.on_death(self._engine_died)
 
     @property
     def slots_busy(self) -> int:
@@ -134,11 +135,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     f"This worker failed to load its model: {reason}",
                     {"model_path": self._identity.model_path},
                 )
+            # The engine died after loading: every later request gets the
+            # same error (ENGINE_OOM_KILLED, ENGINE_DIED, ...), code and all.
             raise RbeeError(
-                "INTERNAL",
+                err.code if err else "INTERNAL",
                 f"This worker's engine has stopped: {reason}",
-                {"worker_id": self._identity.worker_id},
-                ["Start a new worker for this model"],
+                {**(err.details if err else {}), "worker_id": self._identity.worker_id},
+                (err.suggestions if err else []) or ["Start a new worker for this model"],
             )
         if state in (DRAINING, STOPPED):
             raise RbeeError(
@@ -147,6 +150,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 {"slots_total": self.slots_total, "slots_busy": self.slots_busy},
                 ["Retry on another worker, or start a new one"],
             )
+
+    def _engine_died(self, err: RbeeError) -> None:
+        """The engine's process is gone (the engine says why): say so in the
+        log, end the streams in flight with the error, and turn FAILED, which
+        refuses later requests with it and reports it to the hive."""
+        details = ", ".join(f"{k} {v}" for k, v in err.details.items() if k != "evidence")
+        self._narrate("💀", f"{err.code}: {err.message} ({details})", level="error")
+        if "evidence" in err.details:
+            self._narrate("🔎", f"Evidence: {err.details['evidence']}", level="error")
+        for suggestion in err.suggestions:
+            self._narrate("💡", suggestion, level="error")
+        for active in list(self._active.values()):
+            active.fail(RbeeError(err.code, err.message, err.details, err.suggestions))
+        self._status.failed(err)
 
     def _max_tokens(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """The request's max_tokens, or what the context leaves after the prompt."""

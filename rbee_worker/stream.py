@@ -114,6 +114,13 @@ class ActiveRequest:
         self._producer.cancel()
         return True
 
+    def fail(self, err: RbeeError) -> None:
+        """End the stream with ``err`` (the engine died under it): the writer
+        sends what it already has, then the error; the producer stops."""
+        self._queue.put_nowait(err)
+        if self._producer is not None and not self._producer.done():
+            self._producer.cancel()
+
     def _take(self, delta: Delta, batches: dict[int, _Batch]) -> None:
         if delta.prompt_tokens:
             self.prompt_tokens = delta.prompt_tokens

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from rbee_worker.engine import (
     encode_prompt,
     load_failed,
 )
+from rbee_worker.engine_death import EngineWatch, Remedies, watch_processes
 from rbee_worker.load_stages import StageListener
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ DEFAULT_CPU_KVCACHE_GIB = "1"
 # On CPU vLLM reads this as a fraction of RAM; the KV cache size above is what counts.
 CPU_MEMORY_UTILIZATION = 0.3
 CUDA_MEMORY_UTILIZATION = 0.85
+# When a request fails because the engine died, how long to wait for the
+# watch to confirm that its process is gone and to say why.
+DEATH_VERDICT_WAIT_S = 5.0
 
 STAGES = ("tokenizer", "engine_config", "engine_start", "weights", "kv_cache", "ready")
 _STAGE_INDEX = {name: i for i, name in enumerate(STAGES)}
@@ -188,6 +192,8 @@ class VllmEngine(Engine):
         self._defaults: dict[str, Any] = {}
         self._scheduler_stats: Any = None
         self._client_errors: tuple[type[BaseException], ...] = (ValueError,)
+        self._watch: EngineWatch | None = None
+        self._death_listeners: list[Callable[[RbeeError], None]] = []
 
     # -- loading -------------------------------------------------------------
 
@@ -234,6 +240,7 @@ class VllmEngine(Engine):
             # weights and sized its cache; a thread keeps the gRPC server answering.
             self._llm = await asyncio.to_thread(self._start_engine, args)
             info = await asyncio.to_thread(self._info)
+            self._start_watch(info)
             report("ready", f"Model ready (max_model_len {info.max_model_len})")
             return info
         except Exception as exc:  # noqa: BLE001 - every failure becomes MODEL_LOAD_FAILED
@@ -274,6 +281,44 @@ class VllmEngine(Engine):
         self._client_errors = (ValueError, VLLMClientError)
         # The stat logger is how the engine's queue and KV cache use reach GetLoad.
         return AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger(self._on_scheduler_stats)])
+
+    def _start_watch(self, info: EngineInfo) -> None:
+        """Follow the engine core's process, to say why if it dies (engine_death.py)."""
+        try:
+            candidates = list(self._llm.engine_core.resources.engine_manager.processes)
+        except AttributeError:  # the engine runs in this process: nothing to watch
+            candidates = []
+        procs = watch_processes(candidates)
+        if not procs:
+            log.info("no engine process to watch")
+            return
+        pid, name, exitcode = procs[0]
+        remedies = Remedies(
+            backend=self.backend,
+            slots=self.max_num_seqs,
+            max_model_len=info.max_model_len,
+            kv_cache_gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE") if self.backend == "cpu" else None,
+        )
+        self._watch = EngineWatch(pid, name or "EngineCore", exitcode, remedies)
+        self._watch.start()
+        self._watch.on_death(self._engine_died)
+
+    def _engine_died(self, err: RbeeError) -> None:
+        for listener in list(self._death_listeners):
+            listener(err)
+
+    def on_death(self, listener: Callable[[RbeeError], None]) -> None:
+        self._death_listeners.append(listener)
+
+    async def _failure(self, exc: BaseException, dead: bool) -> BaseException:
+        """Why a call to the engine failed: the engine's death, named, when
+        its process is gone; otherwise the exception itself."""
+        watch = self._watch
+        if watch is None:
+            return exc
+        dead = dead or type(exc).__name__ == "EngineDeadError" or bool(getattr(self._llm, "errored", False))
+        verdict = await watch.wait_verdict(DEATH_VERDICT_WAIT_S) if dead else watch.verdict
+        return verdict or exc
 
     def _on_scheduler_stats(self, stats: Any) -> None:
         self._scheduler_stats = stats
@@ -343,6 +388,8 @@ class VllmEngine(Engine):
         params = self.sampling_params(options)
         prompt_tokens = len(prompt_token_ids)
         first = True
+        if self._watch is not None and self._watch.verdict is not None:
+            raise self._watch.verdict
         stream = self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id)
         while True:
             try:
@@ -356,6 +403,11 @@ class VllmEngine(Engine):
                     raise
                 field = options.constraint.kind if options.constraint else "sampling"
                 raise RbeeError("INVALID_ARGUMENT", f"Invalid {field}: {exc}", {"field": field}) from None
+            except Exception as exc:  # noqa: BLE001 - the engine's death is named; the rest goes on up
+                failure = await self._failure(exc, dead=False)
+                if failure is exc:
+                    raise
+                raise failure from None
             queue_s = None
             metrics = getattr(out, "metrics", None)
             if first and metrics is not None and getattr(metrics, "scheduled_ts", 0) and metrics.queued_ts:
@@ -396,14 +448,22 @@ class VllmEngine(Engine):
             await self._llm.abort(request_id)
 
     async def health(self) -> None:
+        if self._watch is not None and self._watch.verdict is not None:
+            raise self._watch.verdict
         if self._llm is None:
             raise RbeeError("MODEL_LOADING", "The engine is not started yet")
         try:
             await self._llm.check_health()
         except Exception as exc:  # noqa: BLE001
+            failure = await self._failure(exc, dead=True)
+            if isinstance(failure, RbeeError):
+                raise failure from None
             raise RbeeError("INTERNAL", f"vLLM engine is not healthy: {type(exc).__name__}: {exc}") from exc
 
     async def shutdown(self) -> None:
+        # Stopping the engine on purpose is no death to report.
+        if self._watch is not None:
+            await self._watch.stop()
         llm, self._llm = self._llm, None
         if llm is None:
             return

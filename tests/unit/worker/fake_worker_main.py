@@ -5,6 +5,8 @@ Run: python -m tests.unit.worker.fake_worker_main <worker flags>
 FAKE_ENGINE_MODE (fast|slow|gated|hang), FAKE_ENGINE_DELAY (s, slow mode),
 FAKE_ENGINE_LOAD_ERROR (message: loading fails with it),
 FAKE_ENGINE_DIE_AFTER (requests: health checks fail after that many),
+FAKE_ENGINE_DEATH (a code, e.g. ENGINE_OOM_KILLED: with FAKE_ENGINE_DIE_AFTER,
+the engine's processes "die" with it after that many requests, as VllmEngine reports),
 FAKE_ENGINE_HOLD_LOAD=1 (loading never finishes).
 """
 
@@ -21,12 +23,14 @@ from tests.unit.worker.fakes import FakeEngine
 def fake_engine(settings: Settings) -> FakeEngine:
     error = os.environ.get("FAKE_ENGINE_LOAD_ERROR")
     die_after = os.environ.get("FAKE_ENGINE_DIE_AFTER")
+    death = os.environ.get("FAKE_ENGINE_DEATH")
     return FakeEngine(
         mode=os.environ.get("FAKE_ENGINE_MODE", "fast"),
         delay=float(os.environ.get("FAKE_ENGINE_DELAY", "0.01")),
         max_model_len=settings.max_model_len,
         load_error=RbeeError("MODEL_LOAD_FAILED", error, {"model_path": settings.model_path}) if error else None,
         die_after_requests=int(die_after) if die_after else None,
+        death=RbeeError(death, f"fake engine process {death}", {"pid": "4242"}, ["Give the worker fewer slots"]) if death else None,
         hold_load=os.environ.get("FAKE_ENGINE_HOLD_LOAD") == "1",
     )
 

@@ -50,6 +50,7 @@ class FakeEngine(Engine):
         hold_load: bool = False,
         delay: float = 0.01,
         die_after_requests: int | None = None,
+        death: RbeeError | None = None,
         stop_reason: str | int | None = None,
         info: dict | None = None,
     ) -> None:
@@ -59,6 +60,11 @@ class FakeEngine(Engine):
         self.chats: list[list[dict]] = []
         self.engine_load: EngineLoad | None = None
         self.die_after_requests = die_after_requests
+        # With die_after_requests: the engine's processes "die" with this error
+        # (on_death listeners hear it, health raises it) once that many requests ended.
+        self.death = death
+        self.death_listeners: list = []
+        self._dead: RbeeError | None = None
         self.mode = mode
         self.delay = delay
         self.burst = burst
@@ -175,6 +181,8 @@ class FakeEngine(Engine):
                 step = min(self.burst, limit - n)
             for _ in range(step):
                 n += 1
+                if n == limit:
+                    self._maybe_die()
                 yield self._delta(options, prompt_token_ids, 0, n, n == limit, reason, n == 1)
             if self.mode == "fast":
                 await asyncio.sleep(0)
@@ -207,8 +215,25 @@ class FakeEngine(Engine):
         self.aborted_ids.append(request_id)
         self.aborted[request_id].set()
 
+    def _maybe_die(self) -> None:
+        n = self.die_after_requests
+        if self.death is not None and n is not None and len(self.options) >= n and self._dead is None:
+            # Just after this request's final has gone out.
+            asyncio.get_running_loop().call_later(0.05, self.die, self.death)
+
+    def on_death(self, listener) -> None:
+        self.death_listeners.append(listener)
+
+    def die(self, err: RbeeError) -> None:
+        """The engine's processes are gone: tell the listeners, as VllmEngine's watch does."""
+        self._dead = err
+        for listener in list(self.death_listeners):
+            listener(err)
+
     async def health(self) -> None:
-        if self.die_after_requests is not None and len(self.options) >= self.die_after_requests:
+        if self._dead is not None:
+            raise RbeeError(self._dead.code, self._dead.message, self._dead.details, self._dead.suggestions)
+        if self.death is None and self.die_after_requests is not None and len(self.options) >= self.die_after_requests:
             raise RbeeError("INTERNAL", "fake engine process died")
 
     async def shutdown(self) -> None:

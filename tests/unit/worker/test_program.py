@@ -23,6 +23,7 @@ import grpc
 import pytest
 
 from rbee.auth import ApiKeyInterceptor, auth_metadata
+from rbee.errors import from_rpc_error
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.fixtures.common import REPO, VENV_BIN, proc_env
 from tests.fixtures.worker import free_port
@@ -307,6 +308,30 @@ async def test_engine_death_after_loading_fails_the_worker(tmp_path):
             assert "fake engine process died" in failed.error.message
             assert await asyncio.wait_for(worker.proc.wait(), 60) == 1
             assert "fake engine process died" in worker.text()
+
+
+async def test_engine_oom_kill_reaches_the_hive_and_later_requests_with_its_code(tmp_path):
+    # The engine says its process was OOM-killed (VllmEngine's watch; here the
+    # fake): the hive hears FAILED with the code at once, not at the next
+    # health check (an hour away here), and so do later requests.
+    async with fake_hive() as (hive, hive_address):
+        async with fake_worker(
+            tmp_path, "--callback", hive_address, "--engine-check-interval", "3600",
+            FAKE_ENGINE_DIE_AFTER="1", FAKE_ENGINE_DEATH="ENGINE_OOM_KILLED",
+        ) as worker:  # fmt: skip
+            await hive.until(WS.WORKER_STATE_IDLE)
+            async with grpc.aio.insecure_channel(worker.address) as channel:
+                stub = inference_pb2_grpc.InferenceServiceStub(channel)
+                md = auth_metadata(KEY)
+                msgs = [m async for m in stub.Generate(inference_pb2.GenerateRequest(prompt="hi", max_tokens=2), metadata=md)]
+                assert msgs[-1].final.tokens_generated == 2
+                failed = await hive.until(WS.WORKER_STATE_FAILED)
+                assert failed.error.code == "ENGINE_OOM_KILLED"
+                assert failed.error.details["pid"] == "4242"
+                with pytest.raises(grpc.aio.AioRpcError) as later:
+                    await stub.Generate(inference_pb2.GenerateRequest(prompt="hi", max_tokens=2), metadata=md).read()
+                assert from_rpc_error(later.value).code == "ENGINE_OOM_KILLED"
+            assert "💀 ENGINE_OOM_KILLED: fake engine process ENGINE_OOM_KILLED" in worker.text()
 
 
 async def test_unreachable_hive_is_narrated_once_and_not_fatal(tmp_path):
