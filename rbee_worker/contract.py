@@ -28,6 +28,14 @@ ENGINE_DEFAULTS: dict[str, float] = {
     "repetition_penalty": 1.0,
 }
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+# Request ids (GenerateRequest.request_id, CancelRequest.request_id(s)) are
+# echoed in replies and written to the log: 1 to 128 characters of printable
+# ASCII without spaces ('!' to '~'), so no id can forge log lines, hide in
+# look-alike characters or fill the log.
+MAX_REQUEST_ID_LEN = 128
+REQUEST_ID_CHARS = "printable ASCII without spaces ('!' to '~')"
+# Ids in one CancelRequest (a worker runs at most 256 requests at once).
+MAX_CANCEL_IDS = 1024
 MAX_TEMPERATURE = 2.0
 MAX_LOGIT_BIAS = 100.0
 
@@ -54,6 +62,36 @@ class ParsedRequest:
     max_tokens: int | None = None
     # Options with max_tokens 0 until resolved.
     options: SamplingOptions = SamplingOptions(max_tokens=0)
+
+
+def check_request_id(value: str, field: str = "request_id", **details: object) -> str:
+    """``value`` if it is a valid request id; else INVALID_ARGUMENT naming ``field``.
+    The empty string passes (the caller decides what empty means)."""
+    if len(value) > MAX_REQUEST_ID_LEN:
+        raise invalid(
+            field, f"{len(value)} characters; at most {MAX_REQUEST_ID_LEN}",
+            length=len(value), max_length=MAX_REQUEST_ID_LEN, **details,
+        )  # fmt: skip
+    for i, ch in enumerate(value):
+        if not "!" <= ch <= "~":
+            raise invalid(
+                field, f"character {i} is {ch!r} (U+{ord(ch):04X}); use {REQUEST_ID_CHARS}",
+                position=i, allowed=REQUEST_ID_CHARS, **details,
+            )  # fmt: skip
+    return value
+
+
+def check_cancel_ids(request_id: str, request_ids: Sequence[str]) -> list[str]:
+    """CancelRequest's ids, each checked, without duplicates or empties."""
+    if len(request_ids) > MAX_CANCEL_IDS:
+        raise invalid(
+            "request_ids", f"{len(request_ids)} ids; at most {MAX_CANCEL_IDS} in one Cancel",
+            count=len(request_ids), max_count=MAX_CANCEL_IDS,
+        )  # fmt: skip
+    check_request_id(request_id, "request_id")
+    for i, rid in enumerate(request_ids):
+        check_request_id(rid, "request_ids", index=i)
+    return list(dict.fromkeys(i for i in (request_id, *request_ids) if i))
 
 
 def defaults(info: EngineInfo | None) -> dict[str, float]:
@@ -134,6 +172,7 @@ def _constraint(request: inference_pb2.GenerateRequest) -> Constraint | None:
 
 def parse_request(request: inference_pb2.GenerateRequest, info: EngineInfo | None, slots: int) -> ParsedRequest:
     """Every check that needs no tokenizer; each error names its field."""
+    check_request_id(request.request_id)
     source = _input(request, info)
 
     max_tokens = _opt(request, "max_tokens")

@@ -17,7 +17,7 @@ from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.rpc import handle_errors
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from rbee_worker.contract import ParsedRequest, defaults, invalid, parse_request
+from rbee_worker.contract import ParsedRequest, check_cancel_ids, defaults, invalid, parse_request
 from rbee_worker.engine import Engine
 from rbee_worker.load import TokenRate, worker_load
 from rbee_worker.status import (
@@ -358,7 +358,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @handle_errors
     async def Cancel(self, request: inference_pb2.CancelRequest, context) -> inference_pb2.CancelResponse:
-        ids = list(dict.fromkeys(i for i in (request.request_id, *request.request_ids) if i))
+        ids = check_cancel_ids(request.request_id, request.request_ids)
         if not ids:
             raise invalid("request_ids", "give at least one request id")
         reason = request.reason or "cancelled by a client"

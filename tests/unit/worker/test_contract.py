@@ -333,6 +333,68 @@ async def test_cancel_without_ids_is_refused():
         assert from_rpc_error(info.value).details["field"] == "request_ids"
 
 
+# -- request ids ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_id", "what"),
+    [
+        ("x" * 129, "129 characters; at most 128"),
+        ("x" * 5000, "5000 characters; at most 128"),
+        ("two words", "character 3 is ' '"),
+        ("line\nbreak", "character 4 is '\\n'"),
+        ("nul\x00", "character 3 is '\\x00'"),
+        ("caf\u00e9", "character 3 is 'é' (U+00E9)"),
+        ("tab\there", "character 3 is '\\t'"),
+    ],
+)
+async def test_request_ids_are_bounded(request_id, what):
+    async with worker_harness() as h:
+        code, err = await _refused(h, request_id=request_id)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.details["field"] == "request_id"
+        assert err.message.startswith("Invalid request_id: ") and what in err.message
+        # The refusal never echoes the id itself.
+        assert request_id not in err.message or len(request_id) < 20
+        assert h.engine.started == {} and h.servicer.slots_busy == 0
+
+
+async def test_request_ids_at_the_bound_are_accepted():
+    async with worker_harness() as h:
+        for rid in ("a", "x" * 128, "keeper-0123456789abcdef", "tenant/7:job.3@eu+retry=2~!", "\"'`{}[]|<>?#$%^&*()"):
+            _, finals = await h.collect(request_id=rid, max_tokens=1)
+            assert finals[0].request_id == rid
+        # Empty: the worker makes one.
+        _, finals = await h.collect(request_id="", max_tokens=1)
+        assert finals[0].request_id.startswith("req-")
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "what"),
+    [
+        (dict(request_id="y" * 129), "request_id", "129 characters"),
+        (dict(request_ids=["ok", "bad id"]), "request_ids", "character 3 is ' '"),
+        (dict(request_ids=["ok", "z" * 200]), "request_ids", "200 characters"),
+        (dict(request_ids=[f"r{i}" for i in range(1025)]), "request_ids", "1025 ids; at most 1024"),
+    ],
+)
+async def test_cancel_ids_are_bounded_the_same_way(fields, field, what):
+    async with worker_harness() as h:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await h.stub.Cancel(pb.CancelRequest(**fields), metadata=MD)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        err = from_rpc_error(info.value)
+        assert err.details["field"] == field and what in err.message
+        if "bad id" in fields.get("request_ids", []):
+            assert err.details["index"] == "1"
+
+
+async def test_cancel_of_1024_unknown_ids_is_fine():
+    async with worker_harness() as h:
+        reply = await h.stub.Cancel(pb.CancelRequest(request_ids=[f"r{i}" for i in range(1024)]), metadata=MD)
+        assert not reply.cancelled and list(reply.cancelled_ids) == []
+
+
 async def test_after_cancel_the_engine_takes_at_most_one_more_step():
     # The fake's steps run on their own like an engine core's, read or not;
     # only abort() stops them. Counted, not timed.
