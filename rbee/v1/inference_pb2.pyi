@@ -320,7 +320,10 @@ class GenerateRequest(_message.Message):
     LOGPROBS_FIELD_NUMBER: _builtins.int
     PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen id (used by Cancel); the worker makes one when empty."""
+    """Client-chosen id (used by Cancel); the worker makes one when empty.
+    At most 128 characters, each printable ASCII other than space ('!' to
+    '~'); INVALID_ARGUMENT (field "request_id") otherwise.
+    """
     prompt: _builtins.str
     """Text. Goes through the model's chat template as one user turn unless
     raw_prompt is set or the model has no template.
@@ -770,11 +773,15 @@ class CancelRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     REQUEST_IDS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """One id; the same as listing it in request_ids (kept for older clients)."""
+    """One id; the same as listing it in request_ids (kept for older clients).
+    Bounded as GenerateRequest.request_id.
+    """
     reason: _builtins.str
     """Free text, logged and sent back in the cancelled streams' GenerateFinal.abort_reason."""
     @_builtins.property
-    def request_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def request_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At most 1024 ids, each bounded as GenerateRequest.request_id."""
+
     def __init__(
         self,
         *,

@@ -27,9 +27,10 @@ if _version_not_supported:
 
 class InferenceServiceStub:
     """Served by llm-worker-rbee. Every RPC requires "authorization: Bearer KEY"
-    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise); the
-    stock grpc.health.v1 service is open and answers NOT_SERVING until the
-    model is loaded.
+    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise): the
+    worker's inference key for every RPC but Shutdown, which needs its admin
+    key (rbee/scopes.py, S13). The stock grpc.health.v1 service is open and
+    answers NOT_SERVING until the model is loaded.
 
     Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and
     an rbee.v1.ErrorDetail; INVALID_ARGUMENT details carry "field" = the
@@ -42,6 +43,20 @@ class InferenceServiceStub:
     at most the engine step that was already under way completes. A stream
     cancelled by Cancel ends normally with a GenerateFinal whose reason is
     FINISH_REASON_ABORT (status OK); a cancelled call has no final, of course.
+
+    Request ids (GenerateRequest.request_id, CancelRequest.request_id and
+    request_ids) are 1 to 128 characters of printable ASCII without spaces,
+    '!' (0x21) to '~' (0x7E): the worker echoes them and writes them to its
+    log. A longer id, or one with any other character (space, control
+    character, non-ASCII), is refused with INVALID_ARGUMENT naming the field.
+
+    Engine death: when vLLM's engine process dies under a loaded worker, the
+    streams in flight and every later Generate fail with INTERNAL and code
+    ENGINE_OOM_KILLED (the kernel's OOM killer killed it, on the kernel's own
+    evidence; details name the pid, the memory figures known and the cgroup;
+    suggestions name --slots, --max-model-len and VLLM_CPU_KVCACHE_SPACE) or
+    ENGINE_DIED (anything else; details carry the signal or exit code). The
+    worker turns FAILED, reports the error to its hive and exits.
     """
 
     def __init__(self, channel):
@@ -89,9 +104,10 @@ class InferenceServiceStub:
 
 class InferenceServiceServicer:
     """Served by llm-worker-rbee. Every RPC requires "authorization: Bearer KEY"
-    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise); the
-    stock grpc.health.v1 service is open and answers NOT_SERVING until the
-    model is loaded.
+    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise): the
+    worker's inference key for every RPC but Shutdown, which needs its admin
+    key (rbee/scopes.py, S13). The stock grpc.health.v1 service is open and
+    answers NOT_SERVING until the model is loaded.
 
     Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and
     an rbee.v1.ErrorDetail; INVALID_ARGUMENT details carry "field" = the
@@ -104,6 +120,20 @@ class InferenceServiceServicer:
     at most the engine step that was already under way completes. A stream
     cancelled by Cancel ends normally with a GenerateFinal whose reason is
     FINISH_REASON_ABORT (status OK); a cancelled call has no final, of course.
+
+    Request ids (GenerateRequest.request_id, CancelRequest.request_id and
+    request_ids) are 1 to 128 characters of printable ASCII without spaces,
+    '!' (0x21) to '~' (0x7E): the worker echoes them and writes them to its
+    log. A longer id, or one with any other character (space, control
+    character, non-ASCII), is refused with INVALID_ARGUMENT naming the field.
+
+    Engine death: when vLLM's engine process dies under a loaded worker, the
+    streams in flight and every later Generate fail with INTERNAL and code
+    ENGINE_OOM_KILLED (the kernel's OOM killer killed it, on the kernel's own
+    evidence; details name the pid, the memory figures known and the cgroup;
+    suggestions name --slots, --max-model-len and VLLM_CPU_KVCACHE_SPACE) or
+    ENGINE_DIED (anything else; details carry the signal or exit code). The
+    worker turns FAILED, reports the error to its hive and exits.
     """
 
     def GetReadiness(self, request, context):
@@ -127,10 +157,11 @@ class InferenceServiceServicer:
     def Generate(self, request, context):
         """Token stream: TokenDelta messages (only the new tokens, with indices),
         then exactly one GenerateFinal.
-        Fails with: INVALID_ARGUMENT (details "field" names the field),
-        RESOURCE_EXHAUSTED (ALL_SLOTS_BUSY with slots_total/slots_busy;
-        WORKER_DRAINING), UNAVAILABLE (MODEL_LOADING), ALREADY_EXISTS
-        (DUPLICATE_REQUEST_ID), INTERNAL (the engine failed mid-stream),
+        Fails with: INVALID_ARGUMENT (details "field" names the field, e.g.
+        "request_id" beyond its bound), RESOURCE_EXHAUSTED (ALL_SLOTS_BUSY with
+        slots_total/slots_busy; WORKER_DRAINING), UNAVAILABLE (MODEL_LOADING),
+        ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL (the engine failed
+        mid-stream; ENGINE_OOM_KILLED or ENGINE_DIED when its process died),
         UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -140,7 +171,9 @@ class InferenceServiceServicer:
     def Cancel(self, request, context):
         """Aborts running requests (see the cancellation contract above).
         Idempotent: cancelling twice, or an unknown or finished id, is not an error.
-        Fails with: INVALID_ARGUMENT (no id given), UNAUTHENTICATED.
+        Fails with: INVALID_ARGUMENT (no id given; an id beyond the bound above,
+        field "request_id" or "request_ids" with its index; more than 1024 ids),
+        UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,7 +182,12 @@ class InferenceServiceServicer:
     def Shutdown(self, request, context):
         """Graceful shutdown: state DRAINING, new requests refused, in-flight ones
         may finish (at most drain_timeout_s, default 30), then the worker exits 0.
-        Fails with: UNAUTHENTICATED.
+        Needs the worker's admin key, which only its hive holds (the hive makes
+        it at spawn and passes it in RBEE_WORKER_ADMIN_KEY; a worker started by
+        hand without that variable takes its inference key as admin key too).
+        The inference key a client is handed cannot stop the worker: it gets
+        PERMISSION_DENIED with code WRONG_KEY_SCOPE (so does the callback key).
+        Fails with: UNAUTHENTICATED, PERMISSION_DENIED (WRONG_KEY_SCOPE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,9 +258,10 @@ def add_InferenceServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
     """Served by llm-worker-rbee. Every RPC requires "authorization: Bearer KEY"
-    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise); the
-    stock grpc.health.v1 service is open and answers NOT_SERVING until the
-    model is loaded.
+    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise): the
+    worker's inference key for every RPC but Shutdown, which needs its admin
+    key (rbee/scopes.py, S13). The stock grpc.health.v1 service is open and
+    answers NOT_SERVING until the model is loaded.
 
     Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and
     an rbee.v1.ErrorDetail; INVALID_ARGUMENT details carry "field" = the
@@ -235,6 +274,20 @@ class InferenceService:
     at most the engine step that was already under way completes. A stream
     cancelled by Cancel ends normally with a GenerateFinal whose reason is
     FINISH_REASON_ABORT (status OK); a cancelled call has no final, of course.
+
+    Request ids (GenerateRequest.request_id, CancelRequest.request_id and
+    request_ids) are 1 to 128 characters of printable ASCII without spaces,
+    '!' (0x21) to '~' (0x7E): the worker echoes them and writes them to its
+    log. A longer id, or one with any other character (space, control
+    character, non-ASCII), is refused with INVALID_ARGUMENT naming the field.
+
+    Engine death: when vLLM's engine process dies under a loaded worker, the
+    streams in flight and every later Generate fail with INTERNAL and code
+    ENGINE_OOM_KILLED (the kernel's OOM killer killed it, on the kernel's own
+    evidence; details name the pid, the memory figures known and the cgroup;
+    suggestions name --slots, --max-model-len and VLLM_CPU_KVCACHE_SPACE) or
+    ENGINE_DIED (anything else; details carry the signal or exit code). The
+    worker turns FAILED, reports the error to its hive and exits.
     """
 
     @staticmethod

@@ -28,9 +28,10 @@ GRPC_VERSION: str
 
 class InferenceServiceStub:
     """Served by llm-worker-rbee. Every RPC requires "authorization: Bearer KEY"
-    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise); the
-    stock grpc.health.v1 service is open and answers NOT_SERVING until the
-    model is loaded.
+    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise): the
+    worker's inference key for every RPC but Shutdown, which needs its admin
+    key (rbee/scopes.py, S13). The stock grpc.health.v1 service is open and
+    answers NOT_SERVING until the model is loaded.
 
     Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and
     an rbee.v1.ErrorDetail; INVALID_ARGUMENT details carry "field" = the
@@ -43,6 +44,20 @@ class InferenceServiceStub:
     at most the engine step that was already under way completes. A stream
     cancelled by Cancel ends normally with a GenerateFinal whose reason is
     FINISH_REASON_ABORT (status OK); a cancelled call has no final, of course.
+
+    Request ids (GenerateRequest.request_id, CancelRequest.request_id and
+    request_ids) are 1 to 128 characters of printable ASCII without spaces,
+    '!' (0x21) to '~' (0x7E): the worker echoes them and writes them to its
+    log. A longer id, or one with any other character (space, control
+    character, non-ASCII), is refused with INVALID_ARGUMENT naming the field.
+
+    Engine death: when vLLM's engine process dies under a loaded worker, the
+    streams in flight and every later Generate fail with INTERNAL and code
+    ENGINE_OOM_KILLED (the kernel's OOM killer killed it, on the kernel's own
+    evidence; details name the pid, the memory figures known and the cgroup;
+    suggestions name --slots, --max-model-len and VLLM_CPU_KVCACHE_SPACE) or
+    ENGINE_DIED (anything else; details carry the signal or exit code). The
+    worker turns FAILED, reports the error to its hive and exits.
     """
 
     @_typing.overload
@@ -62,21 +77,29 @@ class InferenceServiceStub:
     Generate: _grpc.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]
     """Token stream: TokenDelta messages (only the new tokens, with indices),
     then exactly one GenerateFinal.
-    Fails with: INVALID_ARGUMENT (details "field" names the field),
-    RESOURCE_EXHAUSTED (ALL_SLOTS_BUSY with slots_total/slots_busy;
-    WORKER_DRAINING), UNAVAILABLE (MODEL_LOADING), ALREADY_EXISTS
-    (DUPLICATE_REQUEST_ID), INTERNAL (the engine failed mid-stream),
+    Fails with: INVALID_ARGUMENT (details "field" names the field, e.g.
+    "request_id" beyond its bound), RESOURCE_EXHAUSTED (ALL_SLOTS_BUSY with
+    slots_total/slots_busy; WORKER_DRAINING), UNAVAILABLE (MODEL_LOADING),
+    ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL (the engine failed
+    mid-stream; ENGINE_OOM_KILLED or ENGINE_DIED when its process died),
     UNAUTHENTICATED.
     """
     Cancel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CancelRequest, _inference_pb2.CancelResponse]
     """Aborts running requests (see the cancellation contract above).
     Idempotent: cancelling twice, or an unknown or finished id, is not an error.
-    Fails with: INVALID_ARGUMENT (no id given), UNAUTHENTICATED.
+    Fails with: INVALID_ARGUMENT (no id given; an id beyond the bound above,
+    field "request_id" or "request_ids" with its index; more than 1024 ids),
+    UNAUTHENTICATED.
     """
     Shutdown: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ShutdownRequest, _inference_pb2.ShutdownResponse]
     """Graceful shutdown: state DRAINING, new requests refused, in-flight ones
     may finish (at most drain_timeout_s, default 30), then the worker exits 0.
-    Fails with: UNAUTHENTICATED.
+    Needs the worker's admin key, which only its hive holds (the hive makes
+    it at spawn and passes it in RBEE_WORKER_ADMIN_KEY; a worker started by
+    hand without that variable takes its inference key as admin key too).
+    The inference key a client is handed cannot stop the worker: it gets
+    PERMISSION_DENIED with code WRONG_KEY_SCOPE (so does the callback key).
+    Fails with: UNAUTHENTICATED, PERMISSION_DENIED (WRONG_KEY_SCOPE).
     """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetModelInfoRequest, _inference_pb2.GetModelInfoResponse]
     """The loaded model's limits, special tokens and defaults.
@@ -91,9 +114,10 @@ class InferenceServiceStub:
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
     """Served by llm-worker-rbee. Every RPC requires "authorization: Bearer KEY"
-    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise); the
-    stock grpc.health.v1 service is open and answers NOT_SERVING until the
-    model is loaded.
+    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise): the
+    worker's inference key for every RPC but Shutdown, which needs its admin
+    key (rbee/scopes.py, S13). The stock grpc.health.v1 service is open and
+    answers NOT_SERVING until the model is loaded.
 
     Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and
     an rbee.v1.ErrorDetail; INVALID_ARGUMENT details carry "field" = the
@@ -106,6 +130,20 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     at most the engine step that was already under way completes. A stream
     cancelled by Cancel ends normally with a GenerateFinal whose reason is
     FINISH_REASON_ABORT (status OK); a cancelled call has no final, of course.
+
+    Request ids (GenerateRequest.request_id, CancelRequest.request_id and
+    request_ids) are 1 to 128 characters of printable ASCII without spaces,
+    '!' (0x21) to '~' (0x7E): the worker echoes them and writes them to its
+    log. A longer id, or one with any other character (space, control
+    character, non-ASCII), is refused with INVALID_ARGUMENT naming the field.
+
+    Engine death: when vLLM's engine process dies under a loaded worker, the
+    streams in flight and every later Generate fail with INTERNAL and code
+    ENGINE_OOM_KILLED (the kernel's OOM killer killed it, on the kernel's own
+    evidence; details name the pid, the memory figures known and the cgroup;
+    suggestions name --slots, --max-model-len and VLLM_CPU_KVCACHE_SPACE) or
+    ENGINE_DIED (anything else; details carry the signal or exit code). The
+    worker turns FAILED, reports the error to its hive and exits.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -122,21 +160,29 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     Generate: _aio.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]  # type: ignore[assignment]
     """Token stream: TokenDelta messages (only the new tokens, with indices),
     then exactly one GenerateFinal.
-    Fails with: INVALID_ARGUMENT (details "field" names the field),
-    RESOURCE_EXHAUSTED (ALL_SLOTS_BUSY with slots_total/slots_busy;
-    WORKER_DRAINING), UNAVAILABLE (MODEL_LOADING), ALREADY_EXISTS
-    (DUPLICATE_REQUEST_ID), INTERNAL (the engine failed mid-stream),
+    Fails with: INVALID_ARGUMENT (details "field" names the field, e.g.
+    "request_id" beyond its bound), RESOURCE_EXHAUSTED (ALL_SLOTS_BUSY with
+    slots_total/slots_busy; WORKER_DRAINING), UNAVAILABLE (MODEL_LOADING),
+    ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL (the engine failed
+    mid-stream; ENGINE_OOM_KILLED or ENGINE_DIED when its process died),
     UNAUTHENTICATED.
     """
     Cancel: _aio.UnaryUnaryMultiCallable[_inference_pb2.CancelRequest, _inference_pb2.CancelResponse]  # type: ignore[assignment]
     """Aborts running requests (see the cancellation contract above).
     Idempotent: cancelling twice, or an unknown or finished id, is not an error.
-    Fails with: INVALID_ARGUMENT (no id given), UNAUTHENTICATED.
+    Fails with: INVALID_ARGUMENT (no id given; an id beyond the bound above,
+    field "request_id" or "request_ids" with its index; more than 1024 ids),
+    UNAUTHENTICATED.
     """
     Shutdown: _aio.UnaryUnaryMultiCallable[_inference_pb2.ShutdownRequest, _inference_pb2.ShutdownResponse]  # type: ignore[assignment]
     """Graceful shutdown: state DRAINING, new requests refused, in-flight ones
     may finish (at most drain_timeout_s, default 30), then the worker exits 0.
-    Fails with: UNAUTHENTICATED.
+    Needs the worker's admin key, which only its hive holds (the hive makes
+    it at spawn and passes it in RBEE_WORKER_ADMIN_KEY; a worker started by
+    hand without that variable takes its inference key as admin key too).
+    The inference key a client is handed cannot stop the worker: it gets
+    PERMISSION_DENIED with code WRONG_KEY_SCOPE (so does the callback key).
+    Fails with: UNAUTHENTICATED, PERMISSION_DENIED (WRONG_KEY_SCOPE).
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetModelInfoRequest, _inference_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """The loaded model's limits, special tokens and defaults.
@@ -150,9 +196,10 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by llm-worker-rbee. Every RPC requires "authorization: Bearer KEY"
-    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise); the
-    stock grpc.health.v1 service is open and answers NOT_SERVING until the
-    model is loaded.
+    (UNAUTHENTICATED with MISSING_API_KEY / INVALID_API_KEY otherwise): the
+    worker's inference key for every RPC but Shutdown, which needs its admin
+    key (rbee/scopes.py, S13). The stock grpc.health.v1 service is open and
+    answers NOT_SERVING until the model is loaded.
 
     Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and
     an rbee.v1.ErrorDetail; INVALID_ARGUMENT details carry "field" = the
@@ -165,6 +212,20 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     at most the engine step that was already under way completes. A stream
     cancelled by Cancel ends normally with a GenerateFinal whose reason is
     FINISH_REASON_ABORT (status OK); a cancelled call has no final, of course.
+
+    Request ids (GenerateRequest.request_id, CancelRequest.request_id and
+    request_ids) are 1 to 128 characters of printable ASCII without spaces,
+    '!' (0x21) to '~' (0x7E): the worker echoes them and writes them to its
+    log. A longer id, or one with any other character (space, control
+    character, non-ASCII), is refused with INVALID_ARGUMENT naming the field.
+
+    Engine death: when vLLM's engine process dies under a loaded worker, the
+    streams in flight and every later Generate fail with INTERNAL and code
+    ENGINE_OOM_KILLED (the kernel's OOM killer killed it, on the kernel's own
+    evidence; details name the pid, the memory figures known and the cgroup;
+    suggestions name --slots, --max-model-len and VLLM_CPU_KVCACHE_SPACE) or
+    ENGINE_DIED (anything else; details carry the signal or exit code). The
+    worker turns FAILED, reports the error to its hive and exits.
     """
 
     @_abc_1.abstractmethod
@@ -197,10 +258,11 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_inference_pb2.GenerateResponse], _abc.AsyncIterator[_inference_pb2.GenerateResponse]]:
         """Token stream: TokenDelta messages (only the new tokens, with indices),
         then exactly one GenerateFinal.
-        Fails with: INVALID_ARGUMENT (details "field" names the field),
-        RESOURCE_EXHAUSTED (ALL_SLOTS_BUSY with slots_total/slots_busy;
-        WORKER_DRAINING), UNAVAILABLE (MODEL_LOADING), ALREADY_EXISTS
-        (DUPLICATE_REQUEST_ID), INTERNAL (the engine failed mid-stream),
+        Fails with: INVALID_ARGUMENT (details "field" names the field, e.g.
+        "request_id" beyond its bound), RESOURCE_EXHAUSTED (ALL_SLOTS_BUSY with
+        slots_total/slots_busy; WORKER_DRAINING), UNAVAILABLE (MODEL_LOADING),
+        ALREADY_EXISTS (DUPLICATE_REQUEST_ID), INTERNAL (the engine failed
+        mid-stream; ENGINE_OOM_KILLED or ENGINE_DIED when its process died),
         UNAUTHENTICATED.
         """
 
@@ -212,7 +274,9 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_inference_pb2.CancelResponse, _abc.Awaitable[_inference_pb2.CancelResponse]]:
         """Aborts running requests (see the cancellation contract above).
         Idempotent: cancelling twice, or an unknown or finished id, is not an error.
-        Fails with: INVALID_ARGUMENT (no id given), UNAUTHENTICATED.
+        Fails with: INVALID_ARGUMENT (no id given; an id beyond the bound above,
+        field "request_id" or "request_ids" with its index; more than 1024 ids),
+        UNAUTHENTICATED.
         """
 
     @_abc_1.abstractmethod
@@ -223,7 +287,12 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_inference_pb2.ShutdownResponse, _abc.Awaitable[_inference_pb2.ShutdownResponse]]:
         """Graceful shutdown: state DRAINING, new requests refused, in-flight ones
         may finish (at most drain_timeout_s, default 30), then the worker exits 0.
-        Fails with: UNAUTHENTICATED.
+        Needs the worker's admin key, which only its hive holds (the hive makes
+        it at spawn and passes it in RBEE_WORKER_ADMIN_KEY; a worker started by
+        hand without that variable takes its inference key as admin key too).
+        The inference key a client is handed cannot stop the worker: it gets
+        PERMISSION_DENIED with code WRONG_KEY_SCOPE (so does the callback key).
+        Fails with: UNAUTHENTICATED, PERMISSION_DENIED (WRONG_KEY_SCOPE).
         """
 
     @_abc_1.abstractmethod
