@@ -431,7 +431,9 @@ class WorkerManager:
         if state == State.WORKER_STATE_FAILED and previous != state:
             failure = record.failure
             why = f": {failure.code}: {failure.message}" if failure else ""
-            self._say(record, "❌", f"{record.id} reports that loading failed{why}", "error")
+            # After loading it is the engine under the worker that failed (e.g. ENGINE_OOM_KILLED).
+            what = "its engine failed" if record.ready else "loading failed"
+            self._say(record, "❌", f"{record.id} reports that {what}{why}", "error")
             self._spawn_task(self._reap_failed(record))
         self.registry.updated(record)
 
@@ -487,6 +489,8 @@ class WorkerManager:
             record.events.finish(err)
         else:
             what = "was killed by the OOM killer" if info.oom_killed else f"died ({info.describe()})"
+            if record.failure is not None and not info.oom_killed:
+                what += f" after reporting {record.failure.code}"
             self._say(record, "💀", f"{record.id} {what}; removed from the registry" if was_registered else f"{record.id} {what}", "warn")
         self.logbook.write(record.id, f"# {record.id} {info.describe()} after {info.runtime_s:.1f}s")
         self.logbook.close(record.id)

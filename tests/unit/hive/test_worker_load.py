@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from rbee.narration import event
 from rbee.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from rbee_hive.workers.events import EventLog
 from rbee_hive.workers.registry import WorkerRecord
@@ -36,6 +37,36 @@ async def test_reported_load_shows_in_list_workers(hive, tmp_path):  # noqa: F81
     ), key="cb-key")
     listed = (await call(listing.ListWorkers, registry_pb2.ListWorkersRequest())).workers[0]
     assert listed.state == BUSY and listed.load == load
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_loaded_worker_reporting_its_engine_oom_killed_is_narrated_as_such(hive, tmp_path, monkeypatch):  # noqa: F811
+    ctx, channel = hive
+    said: list[str] = []
+
+    def narrate(emoji: str, message: str, level: str = "info"):
+        said.append(message)
+        return event("rbee-hive", emoji, message, level)
+
+    monkeypatch.setattr(ctx.manager, "_narrate", narrate)
+    record = WorkerRecord(
+        id="worker-oom", host="127.0.0.1", port=2, model_ref="file:///m", model_path="/m", backend="cpu", device=0,
+        api_key="worker-key-2", callback_key="cb-key-2", log_path=tmp_path / "w.log", events=EventLog(),
+    )
+    ctx.manager._pending[record.id] = record
+    callback = registry_pb2_grpc.WorkerCallbackServiceStub(channel)
+    await call(callback.ReportWorker, registry_pb2.ReportWorkerRequest(
+        worker=common_pb2.WorkerInfo(id=record.id, state=common_pb2.WORKER_STATE_IDLE, slots_total=4, slots_available=4)
+    ), key="cb-key-2")
+    error = common_pb2.ErrorDetail(code="ENGINE_OOM_KILLED", message="The kernel's OOM killer killed vLLM's engine process")
+    await call(callback.ReportWorker, registry_pb2.ReportWorkerRequest(
+        worker=common_pb2.WorkerInfo(id=record.id, state=common_pb2.WORKER_STATE_FAILED), error=error
+    ), key="cb-key-2")
+    assert record.failure is not None and record.failure.code == "ENGINE_OOM_KILLED"
+    out = "\n".join(said)
+    assert "worker-oom reports that its engine failed: ENGINE_OOM_KILLED: The kernel's OOM killer" in out
+    assert "loading failed" not in out
+    ctx.manager.registry.remove(record.id)
 
 
 def test_keeper_listing_json_carries_the_load():
