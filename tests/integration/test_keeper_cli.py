@@ -30,7 +30,8 @@ def free_port() -> int:
 
 def keeper(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     environment = proc_env(HOME=str(home), RBEE_HOME=str(home / ".rbee"), NO_COLOR="", COLUMNS="200")
-    for name in ("RBEE_CONFIG", "RBEE_API_KEY", "RBEE_QUEEN_API_KEY", "RBEE_NODE", "RBEE_QUEEN", "RBEE_HIVE"):
+    for name in ("RBEE_CONFIG", "RBEE_API_KEY", "RBEE_QUEEN_API_KEY", "RBEE_NODE", "RBEE_QUEEN", "RBEE_HIVE", "RBEE_TLS",
+                 "_RBEE_KEEPER_COMPLETE"):  # fmt: skip
         environment.pop(name, None)
     environment.update(env)
     return subprocess.run([KEEPER, *args], capture_output=True, text=True, env=environment, timeout=120)
