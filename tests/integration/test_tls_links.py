@@ -12,14 +12,13 @@ import stat
 import subprocess
 from pathlib import Path
 
-import grpc
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rbee.channel import open_channel
-from rbee.tls import CA_CERT, HIVE_CERT, HIVE_KEY, ISSUER_CERT, ISSUER_KEY, ClusterCA, TlsIdentity
-from tests.fixtures.common import VENV_BIN, proc_env
+from rbee.tls import CA_CERT, HIVE_CERT, HIVE_KEY, ISSUER_CERT, ISSUER_KEY, ClusterCA
+from tests.fixtures.common import VENV_BIN, health_status, proc_env
 from tests.fixtures.hive import HIVE_KEY as KEY, free_port_block
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -34,13 +33,6 @@ def _hive(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedPr
     )  # fmt: skip
 
 
-async def _health(address: str, tls: TlsIdentity | None) -> str:
-    async with open_channel(address, tls) as channel:
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
-        except grpc.RpcError as err:
-            return f"refused: {err.code().name}"
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 async def test_a_hive_beyond_loopback_needs_tls_or_insecure(tmp_path: Path) -> None:
@@ -90,9 +82,9 @@ async def test_a_hive_given_certificates_serves_mutual_tls_and_signs_its_workers
     )  # fmt: skip
     assert "(mutual TLS)" in hive.text()
     # Clear text, or TLS without a certificate of the cluster CA, gets nowhere.
-    assert await _health(hive.address, None) == "refused: UNAVAILABLE"
-    assert await _health(hive.address, ClusterCA(tmp_path / "stranger").client_identity()) == "refused: UNAVAILABLE"
-    assert await _health(hive.address, client) == "SERVING"
+    assert await health_status(hive.address, None) == "refused: UNAVAILABLE"
+    assert await health_status(hive.address, ClusterCA(tmp_path / "stranger").client_identity()) == "refused: UNAVAILABLE"
+    assert await health_status(hive.address, client) == "SERVING"
 
     reply = await hive.spawn(model_path=str(model), backend="cpu", device=0)
     items = await hive.follow(reply.worker.id)  # the worker's callbacks reached the hive over mutual TLS
@@ -105,8 +97,8 @@ async def test_a_hive_given_certificates_serves_mutual_tls_and_signs_its_workers
     chain = x509.load_pem_x509_certificates((folder / "tls.crt").read_bytes())
     issuer = x509.load_pem_x509_certificates((tls_dir / ISSUER_CERT).read_bytes())[0]
     assert chain[0].issuer == issuer.subject and chain[0].subject != issuer.subject
-    assert await _health(worker.address, None) == "refused: UNAVAILABLE"
-    assert await _health(worker.address, client) == "SERVING"
+    assert await health_status(worker.address, None) == "refused: UNAVAILABLE"
+    assert await health_status(worker.address, client) == "SERVING"
 
     # The hive's calls to the worker (shutdown) go over mutual TLS too; its certificate goes with it.
     from rbee.v1 import registry_pb2

@@ -14,11 +14,12 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from rbee.channel import bind_port, open_channel
+from rbee.channel import bind_port
 from rbee.errors import RbeeError
+from tests.fixtures.common import health_status
 from rbee.tls import (
     CA_KEY,
     ISSUER_CERT,
@@ -130,13 +131,6 @@ async def test_a_server_beyond_loopback_without_tls_is_refused() -> None:
     assert bind_port(server, "0.0.0.0:0", "rbee-hive", insecure=True) > 0
 
 
-async def _health(address: str, tls: TlsIdentity | None) -> str:
-    async with open_channel(address, tls) as channel:
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        except grpc.RpcError as err:
-            return f"refused: {err.code().name}"
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 @pytest.mark.asyncio
@@ -153,13 +147,13 @@ async def test_mutual_tls_admits_only_clients_of_the_cluster_ca(tmp_path: Path) 
     await server.start()
     address = f"127.0.0.1:{port}"
     try:
-        assert await _health(address, ca.client_identity()) == "SERVING"
+        assert await health_status(address, ca.client_identity()) == "SERVING"
         # The hive's own certificate is a client certificate too (its calls to its workers).
-        assert await _health(address, TlsIdentity(ca.ca_pem(), bundle[HIVE_CERT][0], bundle[HIVE_KEY][0])) == "SERVING"
-        assert await _health(address, TlsIdentity(ca.ca_pem())) == "refused: UNAVAILABLE"  # no client certificate
+        assert await health_status(address, TlsIdentity(ca.ca_pem(), bundle[HIVE_CERT][0], bundle[HIVE_KEY][0])) == "SERVING"
+        assert await health_status(address, TlsIdentity(ca.ca_pem())) == "refused: UNAVAILABLE"  # no client certificate
         stranger = ClusterCA(tmp_path / "other").client_identity()
-        assert await _health(address, stranger) == "refused: UNAVAILABLE"  # another CA's
-        assert await _health(address, None) == "refused: UNAVAILABLE"  # clear text
+        assert await health_status(address, stranger) == "refused: UNAVAILABLE"  # another CA's
+        assert await health_status(address, None) == "refused: UNAVAILABLE"  # clear text
     finally:
         await server.stop(None)
 
@@ -185,7 +179,7 @@ async def test_a_client_checks_the_servers_name(tmp_path: Path) -> None:
     port = bind_port(server, "127.0.0.1:0", "x", TlsIdentity(ca.ca_pem(), cert_pem(cert), key_pem(key)))
     await server.start()
     try:
-        assert await _health(f"127.0.0.1:{port}", ca.client_identity()) == "refused: UNAVAILABLE"
+        assert await health_status(f"127.0.0.1:{port}", ca.client_identity()) == "refused: UNAVAILABLE"
     finally:
         await server.stop(None)
 
