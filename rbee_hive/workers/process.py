@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from rbee_hive.workers.oom import killed_by_oom
+from rbee_hive.workers.oom import kernel_log_mark, killed_by_oom
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,12 @@ LineSink = Callable[[str], None]
 
 
 class WorkerProcess:
-    def __init__(self, popen: subprocess.Popen, reader: asyncio.StreamReader, started: float, on_line: LineSink) -> None:
+    def __init__(
+        self, popen: subprocess.Popen, reader: asyncio.StreamReader, started: float, on_line: LineSink, kernel_mark: int = -1
+    ) -> None:
         self._popen = popen
+        # The kernel log's newest record at the start: only kills after it are this worker's.
+        self._kernel_mark = kernel_mark
         self._reader = reader
         self.pid = popen.pid
         self.started = started
@@ -84,6 +88,7 @@ class WorkerProcess:
     ) -> "WorkerProcess":
         # Through the launcher on Linux, so the worker gets SIGTERM if the hive dies.
         launcher = [sys.executable, "-m", "rbee_hive.workers.launch"] if sys.platform == "linux" else []
+        mark = await asyncio.to_thread(kernel_log_mark)
         # Popen rather than asyncio's subprocess: there, wait() only returns once
         # every holder of the output pipe has closed it, and an engine subprocess
         # that outlives a killed worker holds it. The exit is watched on its own.
@@ -100,7 +105,7 @@ class WorkerProcess:
         reader = asyncio.StreamReader(limit=1024 * 1024, loop=loop)
         assert popen.stdout is not None
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), popen.stdout)
-        return cls(popen, reader, time.monotonic(), on_line)
+        return cls(popen, reader, time.monotonic(), on_line, mark)
 
     # -- output -----------------------------------------------------------
     async def _read_output(self) -> None:
@@ -152,7 +157,9 @@ class WorkerProcess:
         except (asyncio.TimeoutError, asyncio.CancelledError):
             pass
         runtime = time.monotonic() - self.started
-        oom = code == -signal.SIGKILL and not self._stop_requested and killed_by_oom(self.pid)
+        oom = code == -signal.SIGKILL and not self._stop_requested and await asyncio.to_thread(
+            killed_by_oom, self.pid, self._kernel_mark
+        )
         self._exit = ExitInfo(code, runtime, self._stop_requested, oom)
         # Anything the worker left in its group goes with it.
         self._signal_tree(signal.SIGKILL)

@@ -4,7 +4,7 @@ import socket
 import pytest
 
 from rbee_hive.logbook import HIVE_SOURCE, LogBook
-from rbee_hive.workers.oom import killed_by_oom, mentions_oom_kill, read_kernel_log
+from rbee_hive.workers.oom import kernel_log_mark, killed_by_oom, mentions_oom_kill
 from rbee_hive.workers.ports import PortAllocator, port_is_free
 
 
@@ -57,5 +57,18 @@ def test_oom_kill_is_recognised_by_pid():
 
 
 def test_kernel_log_unreadable_means_unknown(tmp_path):
-    assert read_kernel_log(tmp_path / "no-such-device") == []
-    assert not killed_by_oom(4242, tmp_path / "no-such-device")
+    assert kernel_log_mark(tmp_path / "no-such-device") == -1
+    assert not killed_by_oom(4242, path=tmp_path / "no-such-device")
+
+
+def test_only_kills_after_the_workers_start_count(tmp_path):
+    # An old kill of pid 4242 (seq 7), then the worker with that pid reused starts (mark 9).
+    kmsg = tmp_path / "kmsg"
+    kmsg.write_text("".join(f"6,{seq},0,-;{line}\n" for seq, line in ((7, KERNEL_LINES[2]), (9, "boot of something"))))
+    mark = kernel_log_mark(kmsg)
+    assert mark == 9
+    assert killed_by_oom(4242, path=kmsg)  # the whole log names it
+    assert not killed_by_oom(4242, mark, kmsg)  # but not since the start
+    with kmsg.open("a") as f:
+        f.write(f"6,12,0,-;{KERNEL_LINES[2]}\n")
+    assert killed_by_oom(4242, mark, kmsg)

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from rbee.errors import RbeeError, from_rpc_error
+from rbee.kernel_log import OomKill, oom_kills, read_kernel_log
 from rbee.v1 import common_pb2
 from rbee_worker.engine_death import (
     DIED_CODE,
@@ -22,14 +23,11 @@ from rbee_worker.engine_death import (
     EngineDeath,
     EngineWatch,
     MemoryCgroup,
-    OomKill,
     ProcessEvidence,
     Remedies,
     classify,
     is_alive,
     memory_cgroup,
-    oom_kills,
-    read_kernel_log,
 )
 from tests.unit.worker.fakes import FakeEngine
 from tests.unit.worker.harness import worker_harness
