@@ -17,9 +17,12 @@ machine uses the client certificate the queen keeps next to its CA.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,8 +203,22 @@ class ClusterCA:
 
     def issuer(self) -> Issuer:
         if self._issuer is None:
-            self._issuer = self._load_or_create()
+            with self._locked():
+                self._issuer = self._load_or_create()
         return self._issuer
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One process at a time creates the CA or the client certificate (a
+        queen and a keeper of the same home may both get there first)."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.dir, 0o700)
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def ca_pem(self) -> bytes:
         return cert_pem(self.issuer().cert)
@@ -244,10 +261,11 @@ class ClusterCA:
         """The certificate the queen (and a keeper on its machine) present to daemons."""
         cert_file, key_file = self.dir / CLIENT_CERT, self.dir / CLIENT_KEY
         issuer = self.issuer()
-        if not (cert_file.exists() and key_file.exists()):
-            issued = issuer.issue_leaf("rbee client", [socket_hostname()])
-            _write_private(key_file, issued.key)
-            _write_private(cert_file, issued.chain, 0o644)
+        with self._locked():
+            if not (cert_file.exists() and key_file.exists()):
+                issued = issuer.issue_leaf("rbee client", [socket_hostname()])
+                _write_private(key_file, issued.key)
+                _write_private(cert_file, issued.chain, 0o644)
         return TlsIdentity.load(cert_file, key_file, self.ca_path)
 
     def server_identity(self, subject: str, hosts: list[str]) -> "TlsIdentity":

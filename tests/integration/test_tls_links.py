@@ -110,3 +110,50 @@ async def test_a_hive_given_certificates_serves_mutual_tls_and_signs_its_workers
         await asyncio.sleep(0.1)
     assert not folder.exists()
     assert "Shutdown requested" in (hive.home / "logs" / f"{worker.id}.log").read_text()
+
+
+async def test_a_worker_beyond_loopback_needs_tls_or_insecure(default_model: Path, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [str(VENV_BIN / "llm-worker-rbee"), "--model", str(default_model), "--host", "0.0.0.0", "--port", str(free_port_block(1))],
+        capture_output=True, text=True, timeout=120,
+        env=proc_env(RBEE_WORKER_API_KEY="k", RBEE_HOME=str(tmp_path)),
+    )  # fmt: skip
+    # Refused before the model is loaded, with the ways out.
+    assert out.returncode == 1
+    assert "TLS_REQUIRED" in out.stdout and "--tls-cert" in out.stdout and "--insecure" in out.stdout
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+async def test_a_queen_beyond_loopback_serves_mutual_tls_with_its_own_ca(tmp_path: Path) -> None:
+    home = tmp_path / "queen-home"
+    home.mkdir()
+    (tmp_path / "c.toml").write_text("")
+    port = free_port_block(1)
+    env = proc_env(RBEE_HOME=str(home), HOME=str(tmp_path), RBEE_CONFIG=str(tmp_path / "c.toml"))
+    log = (tmp_path / "queen.out").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        str(VENV_BIN / "queen-rbee"), "daemon", "--host", "0.0.0.0", "--port", str(port),
+        stdout=log, stderr=asyncio.subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    try:
+        client = None
+        for _ in range(300):
+            assert proc.returncode is None, (tmp_path / "queen.out").read_text()
+            if (home / "tls" / "ca.crt").exists() and (home / "tls" / "ca.key").exists():
+                client = client or ClusterCA(home).client_identity()
+                if await health_status(address, client) == "SERVING":
+                    break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError((tmp_path / "queen.out").read_text())
+        assert "Serving mutual TLS" in (home / "logs" / "queen.log").read_text()
+        assert await health_status(address, None) == "refused: UNAVAILABLE"
+        # The keeper on the queen's machine: told to use TLS, it presents the CA's client certificate.
+        keeper = [str(VENV_BIN / "rbee-keeper"), "setup", "list-nodes", "--queen", address]
+        run = await asyncio.to_thread(subprocess.run, keeper, capture_output=True, text=True, timeout=120, env={**env, "RBEE_TLS": "on"})
+        assert run.returncode == 0 and "No nodes registered" in run.stderr + run.stdout, run
+    finally:
+        proc.terminate()
+        await proc.wait()
+        log.close()
