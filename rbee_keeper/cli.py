@@ -40,7 +40,8 @@ Exit codes: 0 success, 1 error (with a stable code and what to do next), 130 int
 Settings: a command-line option beats the environment, which beats the config file.
 Config file (TOML), the first found of: $RBEE_CONFIG, ~/.config/rbee/config.toml,
 /etc/rbee/config.toml. Section \\[keeper]: node (RBEE_NODE), queen (RBEE_QUEEN),
-hive (RBEE_HIVE), api_key (RBEE_API_KEY), queen_api_key (RBEE_QUEEN_API_KEY).
+hive (RBEE_HIVE), api_key (RBEE_API_KEY), queen_api_key (RBEE_QUEEN_API_KEY),
+tls (RBEE_TLS: auto = mutual TLS to addresses beyond loopback, on, off).
 Section \\[remote]: hive_program and repo_dir, where rbee lives on the nodes.
 `rbee-keeper install` writes a commented default file.
 

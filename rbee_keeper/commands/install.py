@@ -33,6 +33,8 @@ DEFAULT_CONFIG = """\
 # queen = "127.0.0.1:7800"
 # The hive for direct use as HOST:PORT (RBEE_HIVE); default 127.0.0.1:7900.
 # hive = "127.0.0.1:7900"
+# Mutual TLS to a daemon named by hand (RBEE_TLS): auto (beyond loopback), on, off.
+# tls = "auto"
 
 [remote]
 # Where rbee lives on the nodes (absolute paths there): the queen installs to
