@@ -320,7 +320,7 @@ class Worker:
         if tls is None and s.insecure and not is_loopback(s.host):
             self.narrate("⚠️", f"Listening on {s.host} without TLS (--insecure): keys and tokens cross the network in clear", level="warn")
         identity = Identity(s.worker_id, s.model_ref, s.model_path, s.backend, s.device, s.host, ws.port, os.getpid())
-        self.narrate("👂", f"Listening on {identity.address} (gRPC; health open, other RPCs need the API key)")
+        self.narrate("👂", f"Listening on {identity.address} ({'gRPC over mutual TLS' if tls else 'gRPC'}; health open, other RPCs need the API key)")
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
