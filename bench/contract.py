@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.engine import WorkerProcess, frozen
+from bench.engine import Run, WorkerProcess, frozen
 from rbee.config import default_model_path
 from rbee.v1 import inference_pb2 as pb
 from rbee_worker.engine import Constraint, SamplingOptions
@@ -42,17 +42,6 @@ SCHEMA = {
     "properties": {"name": {"type": "string"}, "legs": {"type": "integer"}, "colours": {"type": "array", "items": {"type": "string"}}},
     "required": ["name", "legs", "colours"],
 }
-
-
-@dataclass
-class Run:
-    ttft_s: float
-    tokens: int
-    total_s: float
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.total_s if self.total_s > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import psutil
 
 from rbee.auth import auth_metadata, new_api_key
@@ -73,7 +72,7 @@ class WorkerProcess:
             env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.tls = tls
-        self.channel = open_channel(self.address, tls) if tls else grpc.aio.insecure_channel(self.address)
+        self.channel = open_channel(self.address, tls)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.md = auth_metadata(self.api_key)
 

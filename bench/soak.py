@@ -14,25 +14,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import socket
-import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import psutil
 
-from rbee.auth import auth_metadata, new_api_key
-from rbee.channel import CHANNEL_OPTIONS
+from bench.engine import WorkerProcess
 from rbee.config import default_model_path
 from rbee.errors import from_rpc_error
-from rbee.v1 import inference_pb2, inference_pb2_grpc
+from rbee.v1 import inference_pb2
 
 PROMPTS = [
     "Write a haiku about bees.",
@@ -53,12 +48,6 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def tree_rss(pid: int) -> int:
     """Resident memory of a process and everything it started, in bytes."""
     try:
@@ -75,50 +64,7 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-class Worker:
-    def __init__(self, model: Path, slots: int) -> None:
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.key = new_api_key()
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"rbee-soak-worker-{self.port}.log"
-        self._log = self.log_path.open("w")
-        exe = Path(sys.executable).with_name("llm-worker-rbee")
-        env = dict(os.environ, RBEE_WORKER_API_KEY=self.key, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [str(exe), "--model", str(model), "--backend", "cpu", "--port", str(self.port), "--slots", str(slots)],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        self.channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
-        self.md = auth_metadata(self.key)
-
-    async def wait_loaded(self) -> None:
-        async def follow() -> None:
-            async for _ in self.stub.StreamLoadingProgress(
-                inference_pb2.StreamLoadingProgressRequest(), metadata=self.md, wait_for_ready=True
-            ):
-                pass
-
-        exited = asyncio.ensure_future(asyncio.to_thread(self.proc.wait))
-        loaded = asyncio.ensure_future(follow())
-        await asyncio.wait({exited, loaded}, return_when=asyncio.FIRST_COMPLETED)
-        if exited.done():
-            loaded.cancel()
-            raise SystemExit(f"worker exited with {self.proc.returncode}; log: {self.log_path}")
-        await loaded
-
-    async def close(self) -> None:
-        await self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                await asyncio.to_thread(self.proc.wait, 60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-        self._log.close()
-
-
-async def client(worker: Worker, tally: Tally, until: float, stall_s: float, max_tokens: int) -> None:
+async def client(worker: WorkerProcess, tally: Tally, until: float, stall_s: float, max_tokens: int) -> None:
     """One stream after another until ``until``; busy → retry after a jittered, growing pause."""
     rng = random.Random()
     busy_in_a_row = 0
@@ -161,7 +107,7 @@ async def soak(seconds: float, streams: int, slots: int, max_tokens: int, stall_
     model = default_model_path()
     if not (model / "config.json").is_file():
         raise SystemExit(f"default model missing at {model}: run `make model`")
-    worker = Worker(model, slots)
+    worker = WorkerProcess(model, slots)
     try:
         print(f"loading {model.name} in a CPU worker ({slots} slots); log {worker.log_path}", flush=True)
         await worker.wait_loaded()
