@@ -112,14 +112,6 @@ async def spawn_loading(hive: HiveProc, model: Path) -> common_pb2.WorkerInfo:
     return reply.worker
 
 
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
-    folder = tmp_path / "tiny-model"
-    folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"\0" * 4096)
-    return folder
-
-
 @ASYNC
 async def test_the_workers_of_a_hive_killed_mid_spawn_are_gone_within_60_s(tmp_path, standin_program, model):
     """Decided: gone, not re-adopted. The registry and the workers' keys die

@@ -21,14 +21,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 IDLE = common_pb2.WORKER_STATE_IDLE
 
 
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
-    folder = tmp_path / "tiny-model"
-    folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"\0" * 4096)
-    return folder
-
-
 async def spawn_loaded(hive: HiveProc, model: Path, **fields) -> common_pb2.WorkerInfo:
     reply = await hive.spawn(model_path=str(model), backend="cpu", device=0, **fields)
     assert reply.worker.state == common_pb2.WORKER_STATE_LOADING

@@ -19,14 +19,6 @@ from tests.fixtures.hive import HIVE_KEY
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
-    folder = tmp_path / "tiny-model"
-    folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"\0" * 4096)
-    return folder
-
-
 async def refused(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call

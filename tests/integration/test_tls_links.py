@@ -64,7 +64,7 @@ async def test_a_hive_beyond_loopback_needs_tls_or_insecure(tmp_path: Path) -> N
         log.close()
 
 
-async def test_a_hive_given_certificates_serves_mutual_tls_and_signs_its_workers(start_hive, standin_program, tmp_path: Path) -> None:
+async def test_a_hive_given_certificates_serves_mutual_tls_and_signs_its_workers(start_hive, standin_program, model: Path, tmp_path: Path) -> None:
     ca = ClusterCA(tmp_path / "queen")
     tls_dir = tmp_path / "node-tls"
     tls_dir.mkdir(mode=0o700)
@@ -72,9 +72,6 @@ async def test_a_hive_given_certificates_serves_mutual_tls_and_signs_its_workers
         (tls_dir / name).write_bytes(data)
         (tls_dir / name).chmod(mode)
     client = ca.client_identity()
-    model = tmp_path / "models" / "tiny"
-    model.mkdir(parents=True)
-    (model / "model.safetensors").write_bytes(b"\0" * 4096)
     hive = await start_hive(
         worker_binary=standin_program, model_dirs=[model.parent], tls=client,
         args=["--tls-cert", str(tls_dir / HIVE_CERT), "--tls-key", str(tls_dir / HIVE_KEY), "--tls-ca", str(tls_dir / CA_CERT),
