@@ -9,6 +9,8 @@ import grpc
 from rbee.auth import auth_metadata
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rbee.errors import RbeeError
     from rbee.tls import TlsIdentity
 
@@ -70,10 +72,12 @@ def bind_port(
     tls: "TlsIdentity | None" = None,
     insecure: bool = False,
     tls_flags: str = "--tls-cert, --tls-key and --tls-ca",
+    in_use: "Callable[[], RbeeError] | None" = None,
 ) -> int:
-    """Bind ``server`` to host:port; PORT_IN_USE naming the program when taken.
-    With ``tls`` the port speaks mutual TLS; without it an address beyond
-    loopback is refused (TLS_REQUIRED) unless ``insecure``."""
+    """Bind ``server`` to host:port; PORT_IN_USE naming the program when taken
+    (or ``in_use()``, a program's own wording of it). With ``tls`` the port
+    speaks mutual TLS; without it an address beyond loopback is refused
+    (TLS_REQUIRED) unless ``insecure``."""
     from rbee.errors import RbeeError
     from rbee.tls import is_loopback
 
@@ -85,6 +89,8 @@ def bind_port(
     except RuntimeError:
         port = 0
     if not port:
+        if in_use is not None:
+            raise in_use()
         raise RbeeError(
             "PORT_IN_USE",
             f"{program} cannot listen on {address}: the port is in use (or the address is not one of this machine's)",

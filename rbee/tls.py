@@ -132,6 +132,18 @@ class Issuer:
         chain = b"" if leaf.issuer == leaf.subject else b"".join(cert_pem(c) for c in certs)
         return cls(leaf, private, chain)
 
+    @classmethod
+    def load(cls, cert: Path, key: Path) -> "Issuer":
+        """An issuing certificate and its key from files (a hive's --tls-issuer-cert/-key)."""
+        try:
+            return cls.from_pem(Path(cert).expanduser().read_bytes(), Path(key).expanduser().read_bytes())
+        except (OSError, ValueError) as exc:
+            raise RbeeError(
+                "TLS_FILE_INVALID",
+                f"The TLS issuing certificate {cert} or key {key} cannot be used: {exc}",
+                {"cert": str(cert), "key": str(key)},
+            ) from None
+
     def _builder(self, subject: str, public_key, days: int) -> x509.CertificateBuilder:
         now = _now()
         return (
@@ -196,6 +208,7 @@ class ClusterCA:
     def __init__(self, home: Path) -> None:
         self.dir = Path(home) / TLS_DIR
         self._issuer: Issuer | None = None
+        self._client: TlsIdentity | None = None
 
     @property
     def ca_path(self) -> Path:
@@ -258,7 +271,10 @@ class ClusterCA:
         return Issuer(cert, key)
 
     def client_identity(self) -> "TlsIdentity":
-        """The certificate the queen (and a keeper on its machine) present to daemons."""
+        """The certificate the queen (and a keeper on its machine) present to
+        daemons: created once, read once per ClusterCA."""
+        if self._client is not None:
+            return self._client
         cert_file, key_file = self.dir / CLIENT_CERT, self.dir / CLIENT_KEY
         issuer = self.issuer()
         with self._locked():
@@ -266,7 +282,8 @@ class ClusterCA:
                 issued = issuer.issue_leaf("rbee client", [socket_hostname()])
                 _write_private(key_file, issued.key)
                 _write_private(cert_file, issued.chain, 0o644)
-        return TlsIdentity.load(cert_file, key_file, self.ca_path)
+        self._client = TlsIdentity.load(cert_file, key_file, self.ca_path)
+        return self._client
 
     def server_identity(self, subject: str, hosts: list[str]) -> "TlsIdentity":
         """A fresh certificate for a daemon on this machine (the queen beyond loopback)."""
@@ -367,18 +384,6 @@ class TlsIdentity:
     def certificate(self) -> x509.Certificate | None:
         return x509.load_pem_x509_certificates(self.cert)[0] if self.cert else None
 
-    def issuer_from(self, cert: Path | None, key: Path | None) -> Issuer | None:
-        """The hive's issuing certificate, if it has one."""
-        if cert is None or key is None:
-            return None
-        try:
-            return Issuer.from_pem(Path(cert).expanduser().read_bytes(), Path(key).expanduser().read_bytes())
-        except (OSError, ValueError) as exc:
-            raise RbeeError(
-                "TLS_FILE_INVALID",
-                f"The TLS issuing certificate {cert} or key {key} cannot be used: {exc}",
-                {"cert": str(cert), "key": str(key)},
-            ) from None
 
 
 def write_identity(folder: Path, issued: Issued, ca: bytes) -> tuple[Path, Path, Path]:

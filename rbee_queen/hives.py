@@ -36,7 +36,6 @@ _CLUSTER: dict[str, ClusterCA] = {}
 def use_cluster_ca(ca: ClusterCA) -> None:
     """The queen's CA (set once by the queen at start)."""
     _CLUSTER["ca"] = ca
-    _CLUSTER.pop("client", None)
 
 
 def cluster_ca() -> ClusterCA:
@@ -47,11 +46,7 @@ def cluster_ca() -> ClusterCA:
 
 def client_tls(record: NodeRecord) -> TlsIdentity | None:
     """What the queen presents to a node's hive: its client certificate when the node serves TLS."""
-    if not record.tls:
-        return None
-    if "client" not in _CLUSTER:
-        _CLUSTER["client"] = cluster_ca().client_identity()  # type: ignore[assignment]
-    return _CLUSTER["client"]  # type: ignore[return-value]
+    return cluster_ca().client_identity() if record.tls else None
 
 
 async def deliver_tls(transport: NodeTransport, record: NodeRecord, home: str, narrate: Callable[..., None]) -> list[str]:

@@ -14,11 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from rbee.auth import ScopedKeyInterceptor, static_ring
-from rbee.channel import SERVER_OPTIONS, tls_required
+from rbee.channel import SERVER_OPTIONS, bind_port
 from rbee.errors import RbeeError
 from rbee.rpc import RequestGuard
 from rbee.scopes import Scope
-from rbee.tls import TlsIdentity, is_loopback
+from rbee.tls import TlsIdentity
 from rbee.v1 import inference_pb2, inference_pb2_grpc
 from rbee_worker.servicer import InferenceServicer
 from rbee_worker.status import BUSY, IDLE, WorkerStatus
@@ -90,13 +90,6 @@ async def create_server(
     health_follows(status, health)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if tls is None and not insecure and not is_loopback(host):
-        raise tls_required("llm-worker-rbee", address, "--tls-cert, --tls-key and --tls-ca")
-    try:
-        bound = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise port_in_use(host, port) from exc
-    if not bound:
-        raise port_in_use(host, port)
+    bound = bind_port(server, address, "llm-worker-rbee", tls, insecure, in_use=lambda: port_in_use(host, port))
     await server.start()
     return WorkerServer(server=server, port=bound, health=health)

@@ -18,7 +18,7 @@ from rbee.auth import check_key, new_api_key
 from rbee.config import MAX_SLOTS
 from rbee.errors import RbeeError
 from rbee.narration import parse_line
-from rbee.tls import CA_CERT, TLS_DIR, Issued, san_hosts, write_identity
+from rbee.tls import CA_CERT, TLS_DIR, Issued, Issuer, san_hosts, write_identity
 from rbee.v1 import common_pb2, registry_pb2
 
 from rbee_hive.detect import detect
@@ -113,7 +113,11 @@ class WorkerManager:
         # it) and what signs each worker's certificate (the hive's issuing
         # certificate, or the hive's own certificate reused without one).
         self.tls = settings.tls_identity()
-        self.worker_issuer = self.tls.issuer_from(settings.tls_issuer_cert, settings.tls_issuer_key) if self.tls else None
+        self.worker_issuer = (
+            Issuer.load(settings.tls_issuer_cert, settings.tls_issuer_key)
+            if self.tls and settings.tls_issuer_cert and settings.tls_issuer_key
+            else None
+        )
 
     # -- lookups --------------------------------------------------------------
     def find(self, worker_id: str) -> WorkerRecord | None:
