@@ -137,6 +137,9 @@ class KeeperSettings:
 
 _SECTIONS: dict[str, tuple[type, str]] = {"keeper": (KeeperSettings, "keeper"), "remote": (RemoteSettings, "remote")}
 _NOT_FROM_FILE = {"remote", "path", "sources"}
+# The original design's names for the [remote] keys, accepted as aliases
+# (docs/queen.md, "Remote paths").
+_ALIASES: dict[str, dict[str, str]] = {"remote": {"binary_path": "hive_program", "git_repo_dir": "repo_dir"}}
 
 
 def _bad_config(path: Path, key: str, expected: str, got: Any):
@@ -155,10 +158,16 @@ def _section(config: dict[str, Any], path: Path, name: str, cls: type) -> dict[s
     if not isinstance(values, dict):
         raise _bad_config(path, f"[{name}]", "a table", values)
     known = [f.name for f in fields(cls) if f.name not in _NOT_FROM_FILE]
-    out = {}
+    aliases = _ALIASES.get(name, {})
+    out: dict[str, str] = {}
     for key, value in values.items():
-        if key not in known:
-            raise _bad_config(path, f"[{name}] {key}", f"one of the known keys ({', '.join(known)})", key)
+        if key in aliases:
+            canonical = aliases[key]
+            if canonical in values and values[canonical] != value:
+                raise _bad_config(path, f"[{name}] {key}", f"the same as {canonical} (an alias of it), or left out",
+                                  value)
+        elif key not in known:
+            raise _bad_config(path, f"[{name}] {key}", f"one of the known keys ({', '.join([*known, *aliases])})", key)
         if not isinstance(value, str):
             raise _bad_config(path, f"[{name}] {key}", "a string", value)
         if name == "remote" and value and not value.startswith("/"):
@@ -167,7 +176,7 @@ def _section(config: dict[str, Any], path: Path, name: str, cls: type) -> dict[s
             raise _bad_config(path, f"[{name}] {key}", "HOST:PORT", value)
         if key == "tls" and value not in TLS_MODES:
             raise _bad_config(path, f"[{name}] {key}", f"one of {', '.join(m for m in TLS_MODES if m)}", value)
-        out[key] = value
+        out[aliases.get(key, key)] = value
     return out
 
 

@@ -77,3 +77,27 @@ def test_hive_program_is_the_program_ssh_nodes_run_and_local_nodes_ignore(tmp_pa
         assert plain.get("box").hive_program == "/opt/rbee/.venv/bin/rbee-hive"
     finally:
         plain.close()
+
+
+def test_the_design_names_of_the_remote_keys_are_aliases(manager, tmp_path, monkeypatch) -> None:
+    config(tmp_path, monkeypatch, '[remote]\ngit_repo_dir = "/srv/rbee"\nbinary_path = "/srv/rbee/.venv/bin/rbee-hive"\n')
+    from rbee.config import remote_settings
+
+    settings = remote_settings()
+    assert settings.repo_dir == "/srv/rbee" and settings.hive_program == "/srv/rbee/.venv/bin/rbee-hive"
+    assert manager._record_from(request()).install_path == "/srv/rbee"
+
+
+def test_an_alias_that_disagrees_with_its_key_is_refused(manager, tmp_path, monkeypatch) -> None:
+    path = config(tmp_path, monkeypatch, '[remote]\nrepo_dir = "/srv/a"\ngit_repo_dir = "/srv/b"\n')
+    with pytest.raises(RbeeError) as caught:
+        manager._record_from(request())
+    assert caught.value.code == "INVALID_CONFIG"
+    assert str(path) in caught.value.message and "git_repo_dir" in caught.value.message
+
+
+def test_an_alias_is_checked_like_its_key(manager, tmp_path, monkeypatch) -> None:
+    config(tmp_path, monkeypatch, '[remote]\nbinary_path = "bin/rbee-hive"\n')
+    with pytest.raises(RbeeError) as caught:
+        manager._record_from(request())
+    assert caught.value.code == "INVALID_CONFIG" and "binary_path" in caught.value.message
