@@ -9,7 +9,7 @@ Feature: A hive says what it has and refuses workers that do not fit
   Scenario: The hive answers health with its version and API version
     Given a running hive
     When I ask the hive for its health
-    Then it answers status "ok", version "0.1.0" and API version "v1"
+    Then it answers status "healthy", version "0.1.0" and API version "v1"
     And the same call without the API key is refused with MISSING_API_KEY
 
   Scenario: rbee-hive detect prints the backends in human and registry form

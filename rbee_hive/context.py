@@ -33,7 +33,7 @@ class HiveContext:
     supervisor: Supervisor
     # host:port the workers call back on; set once the server is bound.
     callback_address: str = ""
-    status: str = "ok"
+    status: str = "healthy"
     version: str = VERSION
     api_version: str = API_VERSION
     hostname: str = field(default_factory=socket.gethostname)

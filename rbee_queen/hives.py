@@ -122,6 +122,37 @@ def compatible(version: str, api_version: str) -> str | None:
     return None
 
 
+def hive_is_newer(version: str, api_version: str) -> bool:
+    """Whether a hive this queen refuses is the newer side (a later API or a
+    version past the requirement), so the queen is what needs updating."""
+    if api_version != API_VERSION:
+        try:
+            return int(api_version.lstrip("v")) > int(API_VERSION.lstrip("v"))
+        except ValueError:
+            return False
+    try:
+        return Version(version) > Version(VERSION) and Version(version) not in SpecifierSet(HIVE_VERSION_REQUIREMENT)
+    except (InvalidVersion, InvalidSpecifier):
+        return False
+
+
+def mismatch_advice(node: str, version: str, api_version: str) -> list[str]:
+    """What to do about a hive of another release: update this machine's rbee
+    when the hive is newer, reinstall the node when it is older."""
+    if hive_is_newer(version, api_version):
+        return [
+            f"The hive on {node} is newer than this queen ({VERSION}): update rbee on this machine "
+            "(in its checkout: `git pull && make setup`), then restart the queen (`queen-rbee daemon`)",
+            f"Or put this release on the node: `rbee-keeper setup install --node {node}`",
+        ]
+    return [f"The hive on {node} is older than this queen: update it with `rbee-keeper setup install --node {node}`"]
+
+
+def hive_is_healthy(status: str) -> bool:
+    """The design's word is "healthy"; hives of the first release say "ok"."""
+    return status in ("healthy", "ok")
+
+
 async def node_home(transport: NodeTransport, record: NodeRecord) -> str:
     """RBEE_HOME of the hive on the node (the node user's ~/.rbee unless set)."""
     if record.rbee_home:
@@ -229,9 +260,9 @@ async def hive_preflight(link: HiveLink, record: NodeRecord, check: Check) -> pr
     """S4.2 from the queen: health, version compatibility, backends, resources,
     worker environments. The first failure raises."""
     health = await link.call(link.preflight.GetHiveHealth, preflight_pb2.GetHiveHealthRequest())
-    check("hive_health", health.status == "ok", f"Hive health: {health.status} (rbee-hive {health.version}, API {health.api_version}, "
+    check("hive_health", hive_is_healthy(health.status), f"Hive health: {health.status} (rbee-hive {health.version}, API {health.api_version}, "
           f"up {health.uptime_s}s, {health.workers} workers)", version=health.version, api_version=health.api_version)
-    if health.status != "ok":
+    if not hive_is_healthy(health.status):
         raise RbeeError("HIVE_UNREACHABLE", f"The hive on {record.name} is {health.status}", {"node": record.name, "status": health.status})
     problem = compatible(health.version, health.api_version)
     if problem:
@@ -242,7 +273,7 @@ async def hive_preflight(link: HiveLink, record: NodeRecord, check: Check) -> pr
             f"this queen is {VERSION} (API {API_VERSION}) and needs {HIVE_VERSION_REQUIREMENT}",
             {"node": record.name, "hive_version": health.version, "hive_api_version": health.api_version,
              "queen_version": VERSION, "queen_api_version": API_VERSION},
-            [f"Update the node with `rbee-keeper setup install --node {record.name}`"],
+            mismatch_advice(record.name, health.version, health.api_version),
         )  # fmt: skip
     check("hive_version", True, f"Hive version {health.version} is compatible ({HIVE_VERSION_REQUIREMENT}, API {health.api_version})")
     backends = await link.call(link.preflight.GetBackends, preflight_pb2.GetBackendsRequest())

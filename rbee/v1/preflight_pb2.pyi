@@ -44,7 +44,9 @@ class GetHiveHealthResponse(_message.Message):
     UPTIME_S_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     status: _builtins.str
-    """"ok" while serving, "shutting_down" once SIGTERM arrived."""
+    """"healthy" while serving, "shutting_down" once SIGTERM arrived (hives of
+    the first release said "ok"; the queen accepts both).
+    """
     version: _builtins.str
     api_version: _builtins.str
     hostname: _builtins.str

@@ -41,3 +41,30 @@ def test_the_api_version_is_checked_before_the_program_version() -> None:
 @pytest.mark.parametrize("version", ["", "not-a-version", "0.1.x"])
 def test_a_version_that_does_not_parse_is_refused_not_raised(version: str) -> None:
     assert compatible(version, API_VERSION) == f"version {version!r} (not a version this queen understands)"
+
+
+@pytest.mark.parametrize("version, api", [("0.2.0", API_VERSION), ("1.0.0", API_VERSION), (VERSION, "v2")])
+def test_a_newer_hive_asks_to_update_this_machine(version: str, api: str) -> None:
+    from rbee_queen.hives import hive_is_newer, mismatch_advice
+
+    assert compatible(version, api) is not None and hive_is_newer(version, api)
+    advice = mismatch_advice("box", version, api)
+    assert "newer than this queen" in advice[0] and "make setup" in advice[0]
+    assert "rbee-keeper setup install --node box" in advice[1]
+
+
+@pytest.mark.parametrize("version, api", [("0.0.9", API_VERSION), (VERSION, "v0"), ("not-a-version", API_VERSION)])
+def test_an_older_or_unreadable_hive_asks_to_reinstall_the_node(version: str, api: str) -> None:
+    from rbee_queen.hives import hive_is_newer, mismatch_advice
+
+    assert not hive_is_newer(version, api)
+    assert mismatch_advice("box", version, api) == [
+        "The hive on box is older than this queen: update it with `rbee-keeper setup install --node box`"
+    ]
+
+
+@pytest.mark.parametrize("status, healthy", [("healthy", True), ("ok", True), ("shutting_down", False), ("", False)])
+def test_the_design_word_and_the_first_release_word_both_mean_healthy(status: str, healthy: bool) -> None:
+    from rbee_queen.hives import hive_is_healthy
+
+    assert hive_is_healthy(status) is healthy
