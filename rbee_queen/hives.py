@@ -22,6 +22,9 @@ from rbee_queen.nodes.store import NodeRecord
 from rbee_queen.nodes.transport import NodeTransport
 
 HEALTH_PROBE_TIMEOUT_S = 2.0
+# Before the queen decides a node's hive is down (and starts it), it asks
+# three times, 200 ms and then 400 ms apart (docs/queen.md, "Reaching a hive").
+PROBE_BACKOFF_S = (0.2, 0.4)
 CALL_TIMEOUT_S = 30.0
 HIVE_KEY_FILE = "hive.key"
 HIVE_LOG = "logs/hive.log"
@@ -94,6 +97,38 @@ class HiveLink:
             reply = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=wait)
         except grpc.RpcError:
             return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def reachable(self, narrate: Callable[..., None], backoff: tuple[float, ...] = PROBE_BACKOFF_S) -> bool:
+        """``serving`` tried 1 + len(backoff) times, each retry narrated with
+        its delay; False only when every attempt failed. Each retry opens a
+        fresh channel: one whose connection was refused waits out its own
+        reconnect backoff (about a second) and would fail the retry unasked."""
+        attempts = len(backoff) + 1
+        for attempt in range(1, attempts + 1):
+            if attempt == 1:
+                if await self.serving():
+                    return True
+            elif await self._fresh_probe():
+                return True
+            if attempt < attempts:
+                delay = backoff[attempt - 1]
+                narrate("🔁", f"Cannot connect to rbee-hive at {self.address} (attempt {attempt}/{attempts}); "
+                        f"trying again in {delay * 1000:.0f} ms")  # fmt: skip
+                await asyncio.sleep(delay)
+        narrate("⚠️", f"Cannot connect to rbee-hive at {self.address} after {attempts} attempts")
+        return False
+
+    async def _fresh_probe(self) -> bool:
+        # A subchannel of its own: gRPC shares subchannels between channels
+        # of one target, and the shared one may still be backing off.
+        channel = open_channel(self.address, client_tls(self.record), options=(("grpc.use_local_subchannel_pool", 1),))
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_PROBE_TIMEOUT_S)
+        except grpc.RpcError:
+            return False
+        finally:
+            await channel.close(grace=None)
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def call(self, method, request, timeout: float = CALL_TIMEOUT_S):

@@ -295,7 +295,7 @@ class NodeManager:
         runs and the hive is started over the transport."""
         async with self.lock(record.name):
             async with HiveLink(record) as link:
-                if await link.serving():
+                if await link.reachable(relay.narrate):
                     relay.narrate("✅", f"rbee-hive on {record.name} answers at {record.hive_address}")
                     return
             transport = await self._connect(record, relay)
