@@ -20,6 +20,7 @@ from rbee.errors import RbeeError, from_rpc_error
 from rbee.modelref import parse_model_ref
 from rbee.v1 import common_pb2, registry_pb2, tasks_pb2
 
+from rbee_queen.activity import Activity, Tracked
 from rbee_queen.hives import HiveLink, hive_preflight
 from rbee_queen.nodes.manager import NodeManager
 from rbee_queen.nodes.relay import EventRelay
@@ -40,12 +41,23 @@ def _same_model(a: str, b: str) -> bool:
 
 
 class TaskRunner:
-    def __init__(self, store: NodeStore, nodes: NodeManager, watchers: HiveWatchers) -> None:
+    def __init__(self, store: NodeStore, nodes: NodeManager, watchers: HiveWatchers, activity: Activity | None = None) -> None:
         self.store = store
         self.nodes = nodes
         self.watchers = watchers
+        # Every task's lines and outcome, for the web page (docs/web.md).
+        self.activity = activity if activity is not None else Activity()
 
     async def submit(self, req: tasks_pb2.SubmitInferenceRequest, relay: EventRelay) -> tasks_pb2.WorkerAssignment:
+        entry = self.activity.begin("task", f"Task {req.model_ref} on {req.node or '?'}", req.node, req.model_ref)
+        tracked = Tracked(relay, self.activity, entry)
+
+        def outcome(a: tasks_pb2.WorkerAssignment) -> str:
+            return f"{'warm' if a.warm else 'cold'} start: worker {a.worker.id} at {a.worker.address}"
+
+        return await self.activity.run(entry, self._submit(req, tracked), outcome)  # type: ignore[arg-type]
+
+    async def _submit(self, req: tasks_pb2.SubmitInferenceRequest, relay: EventRelay) -> tasks_pb2.WorkerAssignment:
         started = time.monotonic()
         ref = str(parse_model_ref(req.model_ref))
         backend = (req.backend or "cpu").strip().lower()

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -64,6 +65,25 @@ class ClusterWorkers:
         self.stale_after_s = stale_after_s
         self._nodes: dict[str, NodeWorkers] = {}
         self.changed = asyncio.Event()
+        # One event per watcher of changes (the web page's streams, docs/web.md).
+        self._listeners: set[asyncio.Event] = set()
+        # When this queen first heard of each worker (unix ms): its age on the web page.
+        self.first_seen: dict[str, int] = {}
+
+    def _notify(self) -> None:
+        self.changed.set()
+        for listener in list(self._listeners):
+            listener.set()
+
+    @contextlib.contextmanager
+    def listen(self) -> Iterator[asyncio.Event]:
+        """An event set on every change from now on; the listener clears it."""
+        listener = asyncio.Event()
+        self._listeners.add(listener)
+        try:
+            yield listener
+        finally:
+            self._listeners.discard(listener)
 
     def resume_point(self, node: str) -> tuple[str, int]:
         entry = self._nodes.get(node)
@@ -80,7 +100,7 @@ class ClusterWorkers:
         if msg.hive_instance != entry.instance and not msg.snapshot:
             entry.workers.clear()  # another hive process, or swept: what we knew is void
             entry.instance, entry.seq = "", 0
-            self.changed.set()
+            self._notify()
             return False
         entry.instance = msg.hive_instance
         if msg.snapshot:
@@ -91,12 +111,18 @@ class ClusterWorkers:
             if msg.removed_id:
                 entry.workers.pop(msg.removed_id, None)
         entry.seq = max(entry.seq, msg.seq) if not msg.snapshot else msg.seq
-        self.changed.set()
+        now_ms = int(time.time() * 1000)
+        for w in msg.workers:
+            self.first_seen.setdefault(w.id, now_ms)
+        live = {w for e in self._nodes.values() for w in e.workers}
+        for gone in set(self.first_seen) - live:
+            del self.first_seen[gone]
+        self._notify()
         return True
 
     def forget(self, node: str) -> None:
         self._nodes.pop(node, None)
-        self.changed.set()
+        self._notify()
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Drop the workers of nodes not heard from within stale_after; their names."""
@@ -108,7 +134,7 @@ class ClusterWorkers:
                 entry.instance, entry.seq = "", 0
                 dropped.append(name)
         if dropped:
-            self.changed.set()
+            self._notify()
         return dropped
 
     def list(self, node: str = "", model_ref: str = "", cap: str = "", state: int = 0) -> list[tasks_pb2.ClusterWorker]:
