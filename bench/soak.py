@@ -1,5 +1,5 @@
 """Soak: 64 concurrent streams against one CPU worker with fewer slots, for a
-while (issue 10's benchmark). Every stream client loops: Generate, and on
+while (the soak benchmark of docs/security.md). Every stream client loops: Generate, and on
 ALL_SLOTS_BUSY back off (0.25 s doubling to 2 s, jittered) and try again
 (busy retries are the point: the worker has fewer slots than clients). Counted: streams started, finished,
 failed by code, busy retries, hung (no message for --stall seconds: must be

@@ -1,4 +1,4 @@
-"""Fuzzing the hive and the queen as real processes (issue 10, item 6): every
+"""Fuzzing the hive and the queen as real processes (docs/security.md): every
 RPC of every service they serve, with a valid key, gets hostile messages and
 raw bytes (tests/fuzz/wire.py). After each one the daemon is alive and its
 health answers; every reply is a success or a typed rbee error."""

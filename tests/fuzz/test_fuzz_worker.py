@@ -1,4 +1,4 @@
-"""Fuzzing the worker (issue 10, item 6): its real servicer and gRPC server
+"""Fuzzing the worker (docs/security.md): its real servicer and gRPC server
 with the fake engine (no vLLM), in-process on a loop of its own; every RPC of
 InferenceService gets hostile messages and raw bytes with the right key. The
 server keeps answering, health included; every reply is a success or a typed

@@ -1,4 +1,4 @@
-"""Hostile hub answers (issue 10, confinement): file names from the hub's
+"""Hostile hub answers (confinement, docs/security.md): file names from the hub's
 file list that would leave the model's folder are refused with
 INVALID_HUB_FILE before a byte is written, and nothing is registered."""
 

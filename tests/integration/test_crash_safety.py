@@ -1,4 +1,4 @@
-"""Crash safety (issue 10, item 5): a hive killed with SIGKILL mid-download,
+"""Crash safety (docs/security.md): a hive killed with SIGKILL mid-download,
 mid-provision and mid-spawn, then restarted on the same RBEE_HOME: every
 catalog passes `PRAGMA integrity_check`, nothing half-done is registered,
 the retry completes, and no worker of the dead hive is left holding memory

@@ -1,4 +1,4 @@
-"""A real hive against issue 10's attacks on the hive side: what a spawn may
+"""A real hive against the attacks on the hive side in docs/security.md: what a spawn may
 load, what a worker inherits, and who may read what the hive writes."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def tiny_model(folder: Path) -> Path:
 
 
 async def test_spawn_of_the_filesystem_root_is_refused_at_once_and_the_hive_stays_healthy(start_hive, standin_program, tmp_path):
-    """Issue 10: SpawnWorker on "/" walked the filesystem to size it and
+    """An attack found in review: SpawnWorker on "/" walked the filesystem to size it and
     answered INTERNAL with a PermissionError on /proc in the reply."""
     hive = await start_hive(worker_binary=standin_program, model_dirs=[])
     for path in ("/", "/proc/self", str(tmp_path)):

@@ -216,7 +216,7 @@ def in_tree_backend_project(folder: Path, marker: Path) -> Path:
 
 
 async def test_a_source_the_operator_did_not_configure_is_refused_and_its_build_backend_never_runs(start_hive, tmp_path):
-    """Issue 10's attack: ProvisionWorker naming a folder (e.g. one a model
+    """An attack found in review: ProvisionWorker naming a folder (e.g. one a model
     download created) whose pyproject declares an in-tree build backend. pip
     would import that backend, i.e. run the client's code on the node."""
     marker = tmp_path / "planted-backend-ran"

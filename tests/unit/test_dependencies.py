@@ -1,5 +1,5 @@
 """Every third-party package the programs import is declared in pyproject.toml
-(issue 10): found by walking the packages' syntax trees, so an import added
+(docs/security.md): found by walking the packages' syntax trees, so an import added
 anywhere (inside a function too) is seen; mapped to its distribution through
 the installed metadata. Nothing may arrive only because another package
 happens to pull it in."""

@@ -147,7 +147,7 @@ async def test_spawn_loads_only_catalog_models_or_paths_under_the_model_folders(
     (outside / "w").write_bytes(b"x" * 100)
     (tmp_path / "models").mkdir(exist_ok=True)
     (tmp_path / "models" / "linked").symlink_to(outside)
-    # The filesystem root (issue 10: the preflight walked it and answered INTERNAL
+    # The filesystem root (found in review: the preflight walked it and answered INTERNAL
     # with a PermissionError on /proc), a folder outside, a link leading out.
     for path in ("/", "/proc", str(outside), str(tmp_path / "models" / "linked"), f"{tmp_path}/models/../elsewhere/model"):
         err = await spawn_refusal(channel, model_path=path, backend="cpu")
