@@ -226,6 +226,7 @@ class WorkerInfo(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
     TLS_FIELD_NUMBER: _builtins.int
+    TLS_NAME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     address: _builtins.str
     """host:port of the worker's gRPC server."""
@@ -241,6 +242,10 @@ class WorkerInfo(_message.Message):
     tls: _builtins.bool
     """The worker serves mutual TLS: connect with a client certificate of the
     cluster CA and check the worker's against it (S13).
+    """
+    tls_name: _builtins.str
+    """The identity name the worker's certificate carries (docs/security.md),
+    checked instead of the address; empty: the address is checked.
     """
     @_builtins.property
     def load(self) -> Global___WorkerLoad:
@@ -264,10 +269,11 @@ class WorkerInfo(_message.Message):
         pid: _builtins.int = ...,
         load: Global___WorkerLoad | None = ...,
         tls: _builtins.bool = ...,
+        tls_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "device", b"device", "id", b"id", "last_activity_unix_ms", b"last_activity_unix_ms", "load", b"load", "model_path", b"model_path", "model_ref", b"model_ref", "pid", b"pid", "slots_available", b"slots_available", "slots_total", b"slots_total", "state", b"state", "tls", b"tls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "device", b"device", "id", b"id", "last_activity_unix_ms", b"last_activity_unix_ms", "load", b"load", "model_path", b"model_path", "model_ref", b"model_ref", "pid", b"pid", "slots_available", b"slots_available", "slots_total", b"slots_total", "state", b"state", "tls", b"tls", "tls_name", b"tls_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -85,6 +85,7 @@ class Node(_message.Message):
     HIVE_RUNNING_FIELD_NUMBER: _builtins.int
     HIVE_STARTED_BY_QUEEN_FIELD_NUMBER: _builtins.int
     TLS_FIELD_NUMBER: _builtins.int
+    TLS_NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     transport: _builtins.str
     """"ssh", or "local" for the queen's own machine (no SSH)."""
@@ -113,6 +114,10 @@ class Node(_message.Message):
     """The node's hive (and its workers) serve mutual TLS with certificates of
     the queen's cluster CA, delivered over the node's SSH link.
     """
+    tls_name: _builtins.str
+    """The identity name the hive's certificate carries (docs/security.md):
+    clients check it instead of the address.
+    """
     @_builtins.property
     def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackendDevices]: ...
     def __init__(
@@ -137,10 +142,11 @@ class Node(_message.Message):
         hive_running: _builtins.bool = ...,
         hive_started_by_queen: _builtins.bool = ...,
         tls: _builtins.bool = ...,
+        tls_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "git_branch", b"git_branch", "git_repo_url", b"git_repo_url", "hive_port", b"hive_port", "hive_running", b"hive_running", "hive_started_by_queen", b"hive_started_by_queen", "hive_version", b"hive_version", "install_path", b"install_path", "last_connected_unix", b"last_connected_unix", "last_error", b"last_error", "name", b"name", "rbee_home", b"rbee_home", "ssh_host", b"ssh_host", "ssh_key_path", b"ssh_key_path", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user", "status", b"status", "tls", b"tls", "transport", b"transport"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "git_branch", b"git_branch", "git_repo_url", b"git_repo_url", "hive_port", b"hive_port", "hive_running", b"hive_running", "hive_started_by_queen", b"hive_started_by_queen", "hive_version", b"hive_version", "install_path", b"install_path", "last_connected_unix", b"last_connected_unix", "last_error", b"last_error", "name", b"name", "rbee_home", b"rbee_home", "ssh_host", b"ssh_host", "ssh_key_path", b"ssh_key_path", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user", "status", b"status", "tls", b"tls", "tls_name", b"tls_name", "transport", b"transport"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
