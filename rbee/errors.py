@@ -36,6 +36,8 @@ CODES: dict[str, grpc.StatusCode] = {
     "DEVICE_NOT_AVAILABLE": S.INVALID_ARGUMENT,
     "DUPLICATE_REQUEST_ID": S.ALREADY_EXISTS,
     "NODE_EXISTS": S.ALREADY_EXISTS,
+    # An application key of that name exists already (rbee-keeper keys create).
+    "APP_KEY_EXISTS": S.ALREADY_EXISTS,
     # auth
     "MISSING_API_KEY": S.UNAUTHENTICATED,
     "INVALID_API_KEY": S.UNAUTHENTICATED,
@@ -55,6 +57,7 @@ CODES: dict[str, grpc.StatusCode] = {
     "MODEL_NOT_FOUND": S.NOT_FOUND,
     "WORKER_NOT_FOUND": S.NOT_FOUND,
     "NODE_NOT_FOUND": S.NOT_FOUND,
+    "APP_KEY_NOT_FOUND": S.NOT_FOUND,
     "WORKER_BINARY_NOT_FOUND": S.NOT_FOUND,
     "SSH_KEY_NOT_FOUND": S.NOT_FOUND,
     # busy / memory / quota
@@ -67,6 +70,8 @@ CODES: dict[str, grpc.StatusCode] = {
     "DISK_FULL": S.RESOURCE_EXHAUSTED,
     "NO_FREE_PORT": S.RESOURCE_EXHAUSTED,
     "PORT_IN_USE": S.RESOURCE_EXHAUSTED,
+    # The queen holds at most this many application keys (each request checks them all).
+    "APP_KEY_LIMIT": S.RESOURCE_EXHAUSTED,
     # timeouts
     "DEADLINE_EXCEEDED": S.DEADLINE_EXCEEDED,
     "DOWNLOAD_TIMEOUT": S.DEADLINE_EXCEEDED,

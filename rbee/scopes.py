@@ -78,6 +78,9 @@ METHOD_SCOPES: dict[str, Scope] = {
     "/rbee.v1.NodeService/GetNodeAccess": A,
     "/rbee.v1.TaskService/SubmitInference": A,
     "/rbee.v1.ClusterWorkerService/ListClusterWorkers": A,
+    "/rbee.v1.AppKeyService/CreateAppKey": A,
+    "/rbee.v1.AppKeyService/ListAppKeys": A,
+    "/rbee.v1.AppKeyService/RevokeAppKey": A,
 }
 
 # Which program serves which service (the table's tests start each one).
@@ -90,6 +93,7 @@ SERVICES: dict[str, str] = {
     "rbee.v1.NodeService": "queen",
     "rbee.v1.TaskService": "queen",
     "rbee.v1.ClusterWorkerService": "queen",
+    "rbee.v1.AppKeyService": "queen",
 }
 
 

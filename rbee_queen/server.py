@@ -22,13 +22,15 @@ from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.rpc import RequestGuard, set_log_location
 from rbee.scopes import Scope
-from rbee.v1 import nodes_pb2_grpc, tasks_pb2_grpc
+from rbee.v1 import keys_pb2_grpc, nodes_pb2_grpc, tasks_pb2_grpc
 
 from rbee.tls import ClusterCA, is_loopback
+from rbee_queen.appkeys import AppKeyStore
 from rbee_queen.hives import cluster_ca, stop_hive, use_cluster_ca
 from rbee_queen.nodes.manager import NodeManager
 from rbee_queen.nodes.relay import ACTOR, NodeEventRelay
 from rbee_queen.nodes.store import NodeStore
+from rbee_queen.servicers.keys import AppKeyServicer
 from rbee_queen.servicers.nodes import NodeServicer
 from rbee_queen.servicers.tasks import ClusterWorkerServicer, TaskServicer
 from rbee_queen.tasks import TaskRunner
@@ -84,6 +86,9 @@ class QueenServer:
         self.settings = settings
         self.narrate = narrator
         self.store = NodeStore(settings.db_path, remote_settings().hive_program)
+        # Keys for applications on the HTTP API (same beehives.db); verify() is the HTTP auth's verifier.
+        self.app_keys = AppKeyStore(settings.db_path)
+        self._flusher: asyncio.Task | None = None
         # The cluster's certificate authority (S13): $RBEE_HOME/tls, created on first use.
         use_cluster_ca(ClusterCA(settings.rbee_home))
         self.nodes = NodeManager(settings, self.store, narrator)
@@ -102,6 +107,7 @@ class QueenServer:
         nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.nodes, self.narrate, self.watchers), server)
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.tasks, self.narrate), server)
         tasks_pb2_grpc.add_ClusterWorkerServiceServicer_to_server(ClusterWorkerServicer(self.registry), server)
+        keys_pb2_grpc.add_AppKeyServiceServicer_to_server(AppKeyServicer(self.app_keys, self.narrate), server)
         address = f"{s.host}:{s.port}"
         tls = None
         if not is_loopback(s.host) and not s.insecure:
@@ -119,6 +125,7 @@ class QueenServer:
         self.narrate("🔑", f"API key from {source}")
         # Rebuild the worker registry from every registered node's hive.
         self.watchers.start()
+        self._flusher = asyncio.ensure_future(self.app_keys.keep_last_used())
         return self.port
 
     async def stop(self) -> None:
@@ -142,6 +149,9 @@ class QueenServer:
             self.nodes.started_hives.pop(name, None)
         if self._server is not None:
             await self._server.stop(SERVER_STOP_GRACE_S)
+        if self._flusher is not None:
+            self._flusher.cancel()
+        self.app_keys.close()
         self.store.close()
         self.narrate("👋", "queen-rbee stopped")
 

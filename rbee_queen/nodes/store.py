@@ -42,6 +42,17 @@ MIGRATIONS: list[list[str]] = [
     ],
     # Mutual TLS for the node's hive and workers (S13).
     ["ALTER TABLE nodes ADD COLUMN tls INTEGER NOT NULL DEFAULT 0"],
+    # Keys for applications on the queen's HTTP API (rbee_queen/appkeys.py):
+    # SHA-256 of the key only, never the key.
+    [
+        """CREATE TABLE app_keys (
+            name VARCHAR(64) PRIMARY KEY,
+            key_hash BLOB NOT NULL UNIQUE,
+            scope VARCHAR(16) NOT NULL,
+            created_at_unix BIGINT NOT NULL,
+            last_used_unix BIGINT NOT NULL DEFAULT 0
+        )""",
+    ],
 ]
 
 STATUSES = ("unknown", "reachable", "unreachable")
