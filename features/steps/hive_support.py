@@ -20,7 +20,7 @@ from rbee.auth import auth_metadata
 from rbee.channel import CHANNEL_OPTIONS
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.v1 import common_pb2, preflight_pb2_grpc, registry_pb2, registry_pb2_grpc
-from tests.fixtures.common import REPO, VENV_BIN, proc_env
+from tests.fixtures.common import REPO, STARTING_DAEMON_OPTIONS, VENV_BIN, proc_env
 from tests.fixtures.hive import HIVE_KEY, alive_pids, confinement_env, free_port_block, kill_pids
 
 MB = 1024 * 1024
@@ -151,7 +151,7 @@ def start_hive(home: Path, worker_binary: Path | None = None, env: dict[str, str
             [str(VENV_BIN / "rbee-hive"), "daemon", "--port", str(base)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=variables, cwd=str(REPO),
         )  # fmt: skip
-    channel = grpc.insecure_channel(f"127.0.0.1:{base}", options=CHANNEL_OPTIONS)
+    channel = grpc.insecure_channel(f"127.0.0.1:{base}", options=(*CHANNEL_OPTIONS, *STARTING_DAEMON_OPTIONS))
     hive = Hive(proc, base, home, output, (base + 1, base + block), channel)
     ready = grpc.channel_ready_future(channel)
     deadline = time.monotonic() + 60

@@ -17,7 +17,7 @@ from rbee.auth import auth_metadata
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import format_line
 from rbee.v1 import provisioning_pb2, provisioning_pb2_grpc
-from tests.fixtures.common import REPO, VENV_BIN, proc_env
+from tests.fixtures.common import REPO, STARTING_DAEMON_OPTIONS, VENV_BIN, proc_env
 from tests.fixtures.hive import confinement_env, free_port_block
 from tests.fixtures.keeper import KeeperProcess
 from tests.fixtures.models import TEST_STALL_S
@@ -53,7 +53,7 @@ class SyncHive:
                 [str(VENV_BIN / "rbee-hive"), "daemon", "--port", str(base)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(REPO),
             )  # fmt: skip
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = grpc.insecure_channel(self.address, options=STARTING_DAEMON_OPTIONS)
         try:
             health_pb2_grpc.HealthStub(self.channel).Check(
                 health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60

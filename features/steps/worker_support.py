@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from rbee_worker.vllm_engine import STAGES
+from tests.fixtures.common import STARTING_DAEMON_OPTIONS
 from tests.fixtures.worker import WorkerProcess
 
 WS = common_pb2.WorkerState
@@ -38,7 +39,7 @@ def the_shared_worker(real_worker: WorkerProcess) -> WorkerProcess:
 
 
 def stub(worker: WorkerProcess) -> tuple[grpc.Channel, inference_pb2_grpc.InferenceServiceStub]:
-    channel = grpc.insecure_channel(worker.address)
+    channel = grpc.insecure_channel(worker.address, options=STARTING_DAEMON_OPTIONS)
     return channel, inference_pb2_grpc.InferenceServiceStub(channel)
 
 
@@ -54,7 +55,7 @@ def readiness(worker: WorkerProcess, metadata=None, wait_for_ready: bool = False
 
 
 def health(worker: WorkerProcess, wait_for_ready: bool = False) -> int:
-    with grpc.insecure_channel(worker.address) as channel:
+    with grpc.insecure_channel(worker.address, options=STARTING_DAEMON_OPTIONS) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=""), timeout=SETTLE_S if wait_for_ready else 10,
             wait_for_ready=wait_for_ready,

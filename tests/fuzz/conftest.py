@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, settings
 
-from tests.fixtures.common import REPO, VENV_BIN, proc_env
+from tests.fixtures.common import REPO, STARTING_DAEMON_OPTIONS, VENV_BIN, proc_env
 from tests.fixtures.hive import confinement_env, free_port_block, kill_pids, write_standin_program
 
 SCALE = max(1, int(os.environ.get("RBEE_FUZZ_SCALE", "1")))
@@ -70,7 +70,7 @@ def _start(name: str, argv: list[str], env: dict[str, str], port: int, key: str,
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 cwd=str(REPO), start_new_session=True)  # fmt: skip
     daemon = Daemon(name, proc, port, key, home, output)
-    with grpc.insecure_channel(daemon.address) as channel:
+    with grpc.insecure_channel(daemon.address, options=STARTING_DAEMON_OPTIONS) as channel:
         deadline = time.monotonic() + 60
         while True:
             daemon.assert_alive()

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rbee.channel import open_channel
 from rbee.tls import CA_CERT, HIVE_CERT, HIVE_KEY, ISSUER_CERT, ISSUER_KEY, ClusterCA
-from tests.fixtures.common import VENV_BIN, health_status, proc_env
+from tests.fixtures.common import STARTING_DAEMON_OPTIONS, VENV_BIN, health_status, proc_env
 from tests.fixtures.hive import HIVE_KEY as KEY, free_port_block
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -53,7 +53,7 @@ async def test_a_hive_beyond_loopback_needs_tls_or_insecure(tmp_path: Path) -> N
         env=proc_env(RBEE_HOME=str(home), RBEE_CONFIG=str(home / "c.toml"), RBEE_HIVE_API_KEY=KEY),
     )  # fmt: skip
     try:
-        async with open_channel(f"127.0.0.1:{port}") as channel:
+        async with open_channel(f"127.0.0.1:{port}", options=STARTING_DAEMON_OPTIONS) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         text = (home / "out.log").read_text()

@@ -25,7 +25,7 @@ import pytest
 from rbee.auth import ApiKeyInterceptor, auth_metadata
 from rbee.errors import from_rpc_error
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
-from tests.fixtures.common import REPO, VENV_BIN, proc_env
+from tests.fixtures.common import REPO, STARTING_DAEMON_OPTIONS, VENV_BIN, proc_env
 from tests.fixtures.worker import free_port
 
 WORKER = str(VENV_BIN / "llm-worker-rbee")
@@ -182,7 +182,7 @@ class FakeWorkerProcess:
         return self.log.read_text()
 
     async def wait_loaded(self) -> None:
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        async with grpc.aio.insecure_channel(self.address, options=STARTING_DAEMON_OPTIONS) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             stream = stub.StreamLoadingProgress(
                 inference_pb2.StreamLoadingProgressRequest(), metadata=auth_metadata(KEY), timeout=60, wait_for_ready=True
