@@ -26,6 +26,7 @@ COMMANDS = {
     "models": "models",
     "logs": "logs",
     "setup": "setup",
+    "keys": "keys",
     "status": "status",
     "install": "install",
 }

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 from rbee.auth import read_key_file
 from rbee.config import keeper_settings, rbee_home
 from rbee.errors import RbeeError
-from rbee.v1 import nodes_pb2, nodes_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from rbee.v1 import keys_pb2, keys_pb2_grpc, nodes_pb2, nodes_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
+from rbee.tls_identity import QUEEN_NAME
 from rbee_keeper.daemon_client import DaemonClient
 from rbee_keeper.validation import validate_queen_address
 
@@ -39,11 +40,13 @@ def resolve_queen_key(cli_value: str | None, address: str) -> tuple[str, str]:
 
 class QueenClient(DaemonClient):
     what = "the queen"
+    identity = QUEEN_NAME
 
     def _bind(self, channel) -> None:
         self._nodes = nodes_pb2_grpc.NodeServiceStub(channel)
         self._tasks = tasks_pb2_grpc.TaskServiceStub(channel)
         self._cluster = tasks_pb2_grpc.ClusterWorkerServiceStub(channel)
+        self._keys = keys_pb2_grpc.AppKeyServiceStub(channel)
 
     def unreachable_hints(self) -> list[str]:
         return [f"Start it with `queen-rbee daemon --port {self.address.rpartition(':')[2]}`, or pass --queen HOST:PORT"]
@@ -90,3 +93,12 @@ class QueenClient(DaemonClient):
 
     async def cluster_workers(self, request: tasks_pb2.ListClusterWorkersRequest) -> list[tasks_pb2.ClusterWorker]:
         return list((await self._unary(self._cluster.ListClusterWorkers, request)).workers)
+
+    async def create_app_key(self, name: str, scope: str) -> keys_pb2.CreateAppKeyResponse:
+        return await self._unary(self._keys.CreateAppKey, keys_pb2.CreateAppKeyRequest(name=name, scope=scope))
+
+    async def list_app_keys(self) -> list[keys_pb2.AppKey]:
+        return list((await self._unary(self._keys.ListAppKeys, keys_pb2.ListAppKeysRequest())).keys)
+
+    async def revoke_app_key(self, name: str) -> keys_pb2.AppKey:
+        return (await self._unary(self._keys.RevokeAppKey, keys_pb2.RevokeAppKeyRequest(name=name))).key

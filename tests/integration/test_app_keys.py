@@ -1,0 +1,89 @@
+"""Keys for applications through the real programs: a queen process, the
+keeper's console script creating, listing (never showing a key), refusing
+duplicates and bad names, revoking; the key opens the queen's HTTP API and
+nothing of its gRPC (docs/security.md)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import grpc
+import pytest
+
+from rbee.auth import auth_metadata
+from rbee.channel import open_channel
+from rbee.errors import from_rpc_error
+from rbee.v1 import nodes_pb2, nodes_pb2_grpc
+
+from tests.fixtures.queen import QueenProc
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+KEY = re.compile(r"rbee_[A-Za-z0-9_-]{43}")
+
+
+async def create(queen: QueenProc, name: str, *args: str) -> str:
+    code, out, err = await queen.keeper("keys", "create", "--name", name, *args)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1 and KEY.fullmatch(lines[0]), out  # the key alone on stdout
+    assert "shown this once" in err and lines[0] not in err
+    return lines[0]
+
+
+async def grpc_status(queen: QueenProc, key: str) -> tuple[grpc.StatusCode, str]:
+    channel = open_channel(queen.address)
+    try:
+        await nodes_pb2_grpc.NodeServiceStub(channel).ListNodes(nodes_pb2.ListNodesRequest(), metadata=auth_metadata(key), timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), from_rpc_error(exc).code
+    finally:
+        await channel.close()
+    return grpc.StatusCode.OK, ""
+
+
+async def test_create_list_revoke_through_the_keeper(queen: QueenProc) -> None:
+    key = await create(queen, "webui")
+    admin = await create(queen, "ops", "--scope", "admin")
+    assert key != admin
+
+    code, out, err = await queen.keeper("keys", "list")
+    assert code == 0, err
+    assert "webui" in out and "inference" in out and "ops" in out and "admin" in out and "never" in out
+    assert key not in out + err and admin not in out + err
+    code, out, err = await queen.keeper("keys", "list", "--json")
+    assert code == 0, err
+    listed = [json.loads(line) for line in out.splitlines()]
+    assert [(k["name"], k["scope"]) for k in listed] == [("ops", "admin"), ("webui", "inference")]
+    assert all(k["created_at_unix"] > 0 and k["last_used_unix"] == 0 for k in listed)
+    assert key not in out
+
+    # A taken name: a stable code and both ways out; the first key is untouched.
+    code, out, err = await queen.keeper("keys", "create", "--name", "webui")
+    assert code == 1 and out == ""
+    assert "APP_KEY_EXISTS" in err and "rbee-keeper keys revoke webui" in err and "Traceback" not in err
+    # Bad names and scopes are the queen's INVALID_ARGUMENT naming the field.
+    for args in (["--name", "bad name"], ["--name", "x" * 65], ["--name", "ok", "--scope", "root"]):
+        code, out, err = await queen.keeper("keys", "create", *args)
+        assert code == 1 and out == "" and "INVALID_ARGUMENT" in err and "Traceback" not in err, (args, err)
+
+    # An application key opens nothing of the queen's gRPC: it is for the HTTP API.
+    assert await grpc_status(queen, key) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY")
+    assert await grpc_status(queen, admin) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY")
+
+    code, out, err = await queen.keeper("keys", "revoke", "webui")
+    assert code == 0, err
+    assert "revoked" in err and out == ""
+    code, out, err = await queen.keeper("keys", "revoke", "webui")
+    assert code == 1 and "APP_KEY_NOT_FOUND" in err and "rbee-keeper keys list" in err
+    code, out, err = await queen.keeper("keys", "list", "--json")
+    assert [json.loads(line)["name"] for line in out.splitlines()] == ["ops"]
+    assert "Application key 'webui' revoked" in queen.text() and key not in queen.text()
+
+
+async def test_the_keys_commands_need_the_queens_key(queen: QueenProc) -> None:
+    code, out, err = await queen.keeper("keys", "create", "--name", "webui", "--api-key", "not-the-key")
+    assert code == 1 and out == "" and "INVALID_API_KEY" in err
+    code, out, err = await queen.keeper("keys", "list", "--json")
+    assert code == 0 and out == "", err
