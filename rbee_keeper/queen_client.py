@@ -13,7 +13,6 @@ from rbee.config import keeper_settings, rbee_home
 from rbee.errors import RbeeError
 from rbee.v1 import keys_pb2, keys_pb2_grpc, nodes_pb2, nodes_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
-from rbee.tls_identity import QUEEN_NAME
 from rbee_keeper.daemon_client import DaemonClient
 from rbee_keeper.validation import validate_queen_address
 
@@ -40,7 +39,6 @@ def resolve_queen_key(cli_value: str | None, address: str) -> tuple[str, str]:
 
 class QueenClient(DaemonClient):
     what = "the queen"
-    identity = QUEEN_NAME
 
     def _bind(self, channel) -> None:
         self._nodes = nodes_pb2_grpc.NodeServiceStub(channel)
