@@ -8,6 +8,8 @@
 #   4. a warm-start `infer` (the idle worker is reused),
 #   5. both timings, then the queen stopped: it stops the hive it started,
 #      which stops its worker; nothing is left running.
+# The answers go to stdout; narration and the timings to stderr, as
+# "[make-run] ..." lines; `make run > run.log 2>&1` keeps the whole run.
 # (The Makefile has set up .venv and fetched the model before this runs.)
 #
 # Overridable: RBEE_RUN_PROMPT, RBEE_RUN_MAX_TOKENS, RBEE_RUN_MODEL, RBEE_HOME.
@@ -101,6 +103,10 @@ else
     keeper setup add-node --name "$NODE" --local --hive-port "$hive_port" >/dev/null || die "could not register node $NODE"
 fi
 
+# The answer streams to stdout; narration and the timing go to stderr as
+# narration lines. No `tee /dev/stderr`: reopening stderr's file truncates a
+# log redirected with `> run.log 2>&1`.
+elapsed=""
 run_infer() {
     local label=$1 started ended
     say "💬 $label: $PROMPT"
@@ -108,13 +114,15 @@ run_infer() {
     keeper infer --node "$NODE" --model "file://$MODEL" --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" --temperature 0.7 || return $?
     echo
     ended=$(date +%s.%N)
-    "$PY" -c "print(f'{$ended - $started:.1f}')"
+    elapsed="$("$PY" -c "print(f'{$ended - $started:.1f}')")"
 }
 
-cold_s="$(run_infer "cold start (hive, model registration, worker environment, engine start)" | tee /dev/stderr | tail -n 1)" \
+run_infer "cold start (hive, model registration, worker environment, engine start)" \
     || die "the cold-start infer failed; the queen's log is $queen_log"
-warm_s="$(run_infer "warm start (the idle worker is reused)" | tee /dev/stderr | tail -n 1)" \
+cold_s=$elapsed
+run_infer "warm start (the idle worker is reused)" \
     || die "the warm-start infer failed; the queen's log is $queen_log"
+warm_s=$elapsed
 
 keeper workers list >&2
 say "⏱️  cold start: ${cold_s}s end to end · warm start: ${warm_s}s end to end"
