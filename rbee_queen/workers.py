@@ -58,6 +58,8 @@ class NodeWorkers:
     # The resume point: which hive process, and the last change applied.
     instance: str = ""
     seq: int = 0
+    # The change stream is open (False from its failure until the next message).
+    streaming: bool = False
 
 
 class ClusterWorkers:
@@ -97,6 +99,7 @@ class ClusterWorkers:
         entry.hive_address = hive_address
         entry.last_heard = time.monotonic()
         entry.last_heard_unix_ms = int(time.time() * 1000)
+        entry.streaming = True
         if msg.hive_instance != entry.instance and not msg.snapshot:
             entry.workers.clear()  # another hive process, or swept: what we knew is void
             entry.instance, entry.seq = "", 0
@@ -119,6 +122,20 @@ class ClusterWorkers:
             del self.first_seen[gone]
         self._notify()
         return True
+
+    def stream_lost(self, node: str) -> None:
+        entry = self._nodes.get(node)
+        if entry is not None:
+            entry.streaming = False
+
+    def heard_from(self, node: str, now: float | None = None) -> bool:
+        """Whether the node's hive is followed now: its change stream open and
+        heard from (a change or a heartbeat) within stale_after."""
+        entry = self._nodes.get(node)
+        if entry is None or not entry.instance or not entry.streaming:
+            return False
+        now = time.monotonic() if now is None else now
+        return now - entry.last_heard <= self.stale_after_s
 
     def forget(self, node: str) -> None:
         self._nodes.pop(node, None)
@@ -225,6 +242,7 @@ class HiveWatchers:
                 if was_connected:
                     log.info("lost the worker stream of %s: %s", name, err.code())
                 was_connected = False
+                self.registry.stream_lost(name)
             finally:
                 await link.close()
             await asyncio.sleep(delay)
