@@ -40,8 +40,14 @@ SERVER_OPTIONS = (
 
 def open_channel(address: str, tls: "TlsIdentity | None" = None, options: tuple = ()) -> grpc.aio.Channel:
     """An aio channel to host:port: mutual TLS against the cluster CA when
-    ``tls`` is given (every link that leaves loopback, S13), else plain."""
+    ``tls`` is given (every link that leaves loopback, S13), else plain. With
+    ``tls.peer`` the server must prove that identity name, not the address."""
     if tls is not None:
+        if tls.peer:
+            # The server's certificate must carry this identity name
+            # (rbee/tls_identity.py): an address proves nothing, any node's
+            # issuing certificate could name it.
+            options = (*options, ("grpc.ssl_target_name_override", tls.peer))
         return grpc.aio.secure_channel(address, tls.channel_credentials(), options=(*CHANNEL_OPTIONS, *options))
     return grpc.aio.insecure_channel(address, options=(*CHANNEL_OPTIONS, *options))
 

@@ -46,6 +46,9 @@ ISSUER_KEY = "hive-issuer.key"
 
 CA_DAYS = 3650
 LEAF_DAYS = 397
+# A node's hive and issuing certificates: short, renewed at each hive start
+# (the queen issues and delivers them again then).
+NODE_DAYS = 30
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
@@ -188,6 +191,8 @@ class Issuer:
             .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
         )
         if hosts is not None:
+            # The node's identity name (rbee/tls_identity.py) is among ``hosts``:
+            # its workers' certificates carry names below it.
             permitted = [n for n in _names([*hosts, *LOOPBACK_NAMES]) if isinstance(n, x509.DNSName)]
             builder = builder.add_extension(x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=None), critical=True)
         cert = builder.sign(self.key, hashes.SHA256())
@@ -286,15 +291,23 @@ class ClusterCA:
         return self._client
 
     def server_identity(self, subject: str, hosts: list[str]) -> "TlsIdentity":
-        """A fresh certificate for a daemon on this machine (the queen beyond loopback)."""
-        issued = self.issuer().issue_leaf(subject, hosts)
+        """A fresh certificate for a daemon on this machine (the queen beyond
+        loopback), with the queen's identity name (rbee/tls_identity.py)."""
+        from rbee.tls_identity import QUEEN_NAME
+
+        issued = self.issuer().issue_leaf(subject, [*hosts, QUEEN_NAME])
         return TlsIdentity(ca=self.ca_pem(), cert=issued.chain, key=issued.key)
 
-    def node_bundle(self, node: str, hosts: list[str]) -> dict[str, tuple[bytes, int]]:
-        """What a node's hive needs, by file name below its tls folder, with modes."""
+    def node_bundle(self, node: str, hosts: list[str], identity: str | None = None) -> dict[str, tuple[bytes, int]]:
+        """What a node's hive needs, by file name below its tls folder, with
+        modes: certificates valid for ``hosts`` and the node's ``identity``
+        name (rbee/tls_identity.py; by default that of the node's name alone)."""
+        from rbee.tls_identity import node_identity
+
+        names = [*hosts, identity or node_identity(node)]
         issuer = self.issuer()
-        hive = issuer.issue_leaf(f"rbee-hive {node}", hosts)
-        signer = issuer.issue_issuer(f"rbee-hive {node} issuer", hosts)
+        hive = issuer.issue_leaf(f"rbee-hive {node}", names, NODE_DAYS)
+        signer = issuer.issue_issuer(f"rbee-hive {node} issuer", names, NODE_DAYS)
         return {
             CA_CERT: (self.ca_pem(), 0o644),
             HIVE_CERT: (hive.chain, 0o644),
@@ -319,6 +332,15 @@ class TlsIdentity:
     ca: bytes
     cert: bytes | None = None
     key: bytes | None = None
+    # The identity name (rbee/tls_identity.py) the server must prove, checked
+    # instead of the address dialled; None: the address is checked.
+    peer: str | None = None
+
+    def for_peer(self, name: str | None) -> "TlsIdentity":
+        """This identity, checking that the server is ``name`` whatever its address."""
+        import dataclasses
+
+        return dataclasses.replace(self, peer=name)
 
     @classmethod
     def load(cls, cert: Path | None, key: Path | None, ca: Path, flag: str = "--tls") -> "TlsIdentity":

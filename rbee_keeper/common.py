@@ -73,7 +73,8 @@ async def hive_for(hive: str | None, node: str | None, api_key: str | None, quee
     async with QueenClient.connect(resolve_queen(queen), api_key) as client:
         access = await client.node_access(name)
     debug(f"node {name} ({'--node' if node else settings.source('node')}): hive at {access.hive_address}")
-    return HiveClient(access.hive_address, access.hive_api_key, f"the queen's record of node {name}", tls=access.node.tls)
+    return HiveClient(access.hive_address, access.hive_api_key, f"the queen's record of node {name}", tls=access.node.tls,
+                      tls_name=access.node.tls_name)
 
 
 def resolve_api_key(cli_value: str | None, address: str) -> tuple[str, str]:

@@ -111,12 +111,18 @@ def _narrate_retry(line: str) -> None:
 class DaemonClient:
     # What the daemon is called in messages ("the hive at HOST:PORT").
     what = "the daemon"
+    # The identity name (rbee/tls_identity.py) every daemon of this kind proves.
+    identity: str | None = None
 
-    def __init__(self, address: str, api_key: str, key_source: str, tls: bool | None = None) -> None:
+    def __init__(self, address: str, api_key: str, key_source: str, tls: bool | None = None, tls_name: str = "") -> None:
         self.address = address
         self.key_source = key_source
         # None: decided by the address (keeper_tls); True/False: as the queen or hive said.
         self._tls = keeper_tls(address, tls)
+        # Over TLS the daemon proves who it is (the queen said which node's
+        # hive or worker it is); without a name only its address is checked.
+        if self._tls is not None and (tls_name or self.identity):
+            self._tls = self._tls.for_peer(tls_name or self.identity)
         self._channel = open_channel(address, self._tls)
         self._md = metadata(api_key)
         self._connected = False

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from rbee.auth import read_key_file
 from rbee.config import keeper_settings, rbee_home
 from rbee.errors import RbeeError
+from rbee.tls_identity import QUEEN_NAME
 from rbee.v1 import keys_pb2, keys_pb2_grpc, nodes_pb2, nodes_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 from rbee_keeper.daemon_client import DaemonClient
@@ -39,6 +40,7 @@ def resolve_queen_key(cli_value: str | None, address: str) -> tuple[str, str]:
 
 class QueenClient(DaemonClient):
     what = "the queen"
+    identity = QUEEN_NAME
 
     def _bind(self, channel) -> None:
         self._nodes = nodes_pb2_grpc.NodeServiceStub(channel)

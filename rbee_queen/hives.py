@@ -16,6 +16,7 @@ from rbee.channel import metadata, open_channel
 from rbee.config import API_VERSION, HIVE_VERSION_REQUIREMENT, VERSION, rbee_home
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.tls import CA_CERT, HIVE_CERT, HIVE_KEY, ISSUER_CERT, ISSUER_KEY, TLS_DIR, ClusterCA, TlsIdentity
+from rbee.tls_identity import node_identity
 from rbee.v1 import preflight_pb2, preflight_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc, registry_pb2_grpc
 
 from rbee_queen.nodes.store import NodeRecord
@@ -47,9 +48,16 @@ def cluster_ca() -> ClusterCA:
     return _CLUSTER["ca"]
 
 
+def tls_name(record: NodeRecord) -> str:
+    """The identity name of this registration's hive (rbee/tls_identity.py):
+    a node removed and added again gets another."""
+    return node_identity(record.name, record.created_at_unix)
+
+
 def client_tls(record: NodeRecord) -> TlsIdentity | None:
-    """What the queen presents to a node's hive: its client certificate when the node serves TLS."""
-    return cluster_ca().client_identity() if record.tls else None
+    """What the queen presents to a node's hive: its client certificate when
+    the node serves TLS, checking that the hive proves the node's identity."""
+    return cluster_ca().client_identity().for_peer(tls_name(record)) if record.tls else None
 
 
 async def deliver_tls(transport: NodeTransport, record: NodeRecord, home: str, narrate: Callable[..., None]) -> list[str]:
@@ -58,7 +66,7 @@ async def deliver_tls(transport: NodeTransport, record: NodeRecord, home: str, n
     key the queen verified). Returns the hive's TLS flags."""
     folder = f"{home}/{TLS_DIR}"
     hosts = [h for h in {record.ssh_host, record.hive_host} if h]
-    bundle = await asyncio.to_thread(cluster_ca().node_bundle, record.name, hosts)
+    bundle = await asyncio.to_thread(cluster_ca().node_bundle, record.name, hosts, tls_name(record))
     for name, (data, mode) in bundle.items():
         await transport.write_file(f"{folder}/{name}", data.decode(), mode)
     narrate("🔐", f"Issued {record.name}'s hive certificate ({', '.join(hosts)}) with the cluster CA; written to {folder}")

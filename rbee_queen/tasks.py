@@ -18,10 +18,11 @@ import grpc
 
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.modelref import parse_model_ref
+from rbee.tls_identity import worker_identity
 from rbee.v1 import common_pb2, registry_pb2, tasks_pb2
 
 from rbee_queen.activity import Activity, Tracked
-from rbee_queen.hives import HiveLink, hive_preflight
+from rbee_queen.hives import HiveLink, hive_preflight, tls_name
 from rbee_queen.nodes.manager import NodeManager
 from rbee_queen.nodes.relay import EventRelay
 from rbee_queen.nodes.store import NodeRecord, NodeStore
@@ -129,6 +130,9 @@ class TaskRunner:
         worker = common_pb2.WorkerInfo()
         worker.CopyFrom(access.worker)
         worker.address = reachable_address(record, worker.address)
+        # The name the keeper checks the worker's certificate against: below
+        # this node's identity, whatever the hive said (rbee/tls_identity.py).
+        worker.tls_name = worker_identity(tls_name(record), worker.id) if worker.tls and record.tls else ""
         return tasks_pb2.WorkerAssignment(
             node=record.name, worker=worker, api_key=access.api_key, warm=warm,
             queen_ms=int((time.monotonic() - started) * 1000),

@@ -294,6 +294,7 @@ class Worker:
     async def run(self) -> int:
         from rbee.v1 import common_pb2
         from rbee.tls import is_loopback
+        from rbee.tls_identity import hive_identity_of
         from rbee_worker.app import create_server
         from rbee_worker.callback import HiveReporter
         from rbee_worker.servicer import InferenceServicer
@@ -348,7 +349,9 @@ class Worker:
         if s.callback:
             # While busy the load changes without a state change: report it every few seconds.
             reporter = HiveReporter(
-                s.callback, s.callback_key, snapshot, self.narrate, busy=lambda: status.state == BUSY, tls=tls
+                s.callback, s.callback_key, snapshot, self.narrate, busy=lambda: status.state == BUSY,
+                # The hive proves its identity, the parent of this worker's own name.
+                tls=tls.for_peer(hive_identity_of(tls.certificate())) if tls is not None else None,
             )
             reporter.start()
             status.on_state(lambda _state: reporter.notify())

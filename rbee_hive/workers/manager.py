@@ -18,7 +18,8 @@ from rbee.auth import check_key, new_api_key
 from rbee.config import MAX_SLOTS
 from rbee.errors import RbeeError
 from rbee.narration import parse_line
-from rbee.tls import CA_CERT, TLS_DIR, Issued, Issuer, san_hosts, write_identity
+from rbee.tls import CA_CERT, TLS_DIR, Issuer, is_loopback, san_hosts, write_identity
+from rbee.tls_identity import identity_of, worker_identity
 from rbee.v1 import common_pb2, registry_pb2
 
 from rbee_hive.detect import detect
@@ -110,14 +111,28 @@ class WorkerManager:
         self.ledger = WorkerLedger(settings.rbee_home / "run")
         self.closing = False
         # Mutual TLS (S13): the hive's identity (its calls to workers present
-        # it) and what signs each worker's certificate (the hive's issuing
-        # certificate, or the hive's own certificate reused without one).
+        # it) and what signs each worker's certificate of its own (the hive's
+        # issuing certificate). Never the hive's own certificate: a worker
+        # holding hive.key could pass for its hive.
         self.tls = settings.tls_identity()
         self.worker_issuer = (
             Issuer.load(settings.tls_issuer_cert, settings.tls_issuer_key)
             if self.tls and settings.tls_issuer_cert and settings.tls_issuer_key
             else None
         )
+        if self.tls and self.worker_issuer is None and not is_loopback(settings.worker_host) and not settings.insecure:
+            raise RbeeError(
+                "TLS_REQUIRED",
+                f"Workers would listen on {settings.worker_host} without TLS: the hive has no issuing certificate to give each its own",
+                {"worker_host": settings.worker_host},
+                [
+                    "Pass --tls-issuer-cert and --tls-issuer-key (a node the queen registers gets them from its CA)",
+                    "Or keep workers on loopback (RBEE_HIVE_WORKER_HOST=127.0.0.1)",
+                    "Or pass --insecure to accept clear-text links to workers",
+                ],
+            )
+        # Worker certificates carry a name below the hive's identity (rbee/tls_identity.py).
+        self.identity = identity_of(self.tls.certificate()) if self.tls else None
 
     # -- lookups --------------------------------------------------------------
     def find(self, worker_id: str) -> WorkerRecord | None:
@@ -141,8 +156,11 @@ class WorkerManager:
     def client(self, record: WorkerRecord) -> WorkerClient:
         client = self._clients.get(record.id)
         if client is None:
+            tls = None
+            if self.tls is not None and record.tls_dir is not None:
+                tls = self.tls.for_peer(record.tls_name or None)
             client = self._clients[record.id] = WorkerClient(
-                local_address(record.host, record.port), record.api_key, record.admin_key, self.tls
+                local_address(record.host, record.port), record.api_key, record.admin_key, tls
             )
         return client
 
@@ -265,15 +283,16 @@ class WorkerManager:
 
     def _issue_worker_tls(self, record: WorkerRecord) -> None:
         """The worker's own certificate (signed by the hive's issuing certificate),
-        valid for the hive's names, in a 0700 folder only the hive user reads."""
-        if self.tls is None:
+        valid for the hive's addresses and a name of its own below the hive's
+        identity. Without an issuing certificate the worker serves no TLS (on
+        loopback, or with --insecure; refused at start otherwise)."""
+        if self.tls is None or self.worker_issuer is None:
             return
         folder = self.settings.rbee_home / TLS_DIR / "workers" / record.id
-        if self.worker_issuer is not None:
-            hosts = [*san_hosts(self.tls.certificate()), record.host]
-            issued = self.worker_issuer.issue_leaf(f"llm-worker-rbee {record.id}", hosts)
-        else:
-            issued = Issued(self.tls.cert, self.tls.key)
+        hosts = [h for h in san_hosts(self.tls.certificate()) if h != self.identity]
+        if self.identity:
+            record.tls_name = worker_identity(self.identity, record.id)
+        issued = self.worker_issuer.issue_leaf(f"llm-worker-rbee {record.id}", [*hosts, record.host, record.tls_name])
         write_identity(folder, issued, self.tls.ca)
         record.tls_dir = folder
 

@@ -60,6 +60,8 @@ class WorkerRecord:
     called_back: asyncio.Event = field(default_factory=asyncio.Event)
     # The folder of the worker's certificate and key (mutual TLS), if any.
     tls_dir: Path | None = None
+    # The identity name its certificate carries (rbee/tls_identity.py), if any.
+    tls_name: str = ""
 
     @property
     def address(self) -> str:
@@ -89,6 +91,7 @@ class WorkerRecord:
             pid=self.pid,
             load=self.load,
             tls=self.tls_dir is not None,
+            tls_name=self.tls_name,
         )
 
 

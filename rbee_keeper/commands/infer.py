@@ -185,7 +185,8 @@ async def _infer_with_queen(args, node: str | None, model: str | None, queen: st
     async def use_worker(assignment) -> int:
         interrupts = Interrupts(narrate)
         async with WorkerClient(
-            assignment.worker.address, assignment.api_key, f"the queen's task on {assignment.node}", tls=assignment.worker.tls
+            assignment.worker.address, assignment.api_key, f"the queen's task on {assignment.node}", tls=assignment.worker.tls,
+            tls_name=assignment.worker.tls_name,
         ) as client:
             interrupts.install()
             try:

@@ -35,7 +35,8 @@ async def _node_models(client, node) -> tuple[str, list, str]:
         return node.name, [], "hive not running"
     try:
         access = await client.node_access(node.name)
-        hive = HiveClient(access.hive_address, access.hive_api_key, f"the queen's record of node {node.name}", tls=access.node.tls)
+        hive = HiveClient(access.hive_address, access.hive_api_key, f"the queen's record of node {node.name}", tls=access.node.tls,
+                          tls_name=access.node.tls_name)
         hive.attempts = 1  # the queen just saw it answer; no retries for a summary
         async with hive:
             return node.name, await hive.list_models(), ""

@@ -19,7 +19,7 @@ from rbee.narration import Narrator
 from rbee.v1 import nodes_pb2, preflight_pb2
 
 from rbee.tls import is_loopback
-from rbee_queen.hives import HiveLink, deliver_tls, hive_preflight, node_home, port_answers, start_hive, stop_hive
+from rbee_queen.hives import HiveLink, deliver_tls, hive_preflight, node_home, port_answers, start_hive, stop_hive, tls_name
 from rbee_queen.nodes.install import Installer
 from rbee_queen.nodes.local import LocalTransport
 from rbee_queen.nodes.relay import EventRelay, NodeEventRelay
@@ -178,6 +178,8 @@ class NodeManager:
                 await self._echo(transport, relay)
                 record.backends, record.hive_version = await self._detect(transport, record, relay)
                 if record.tls:
+                    # The registration's time is part of the node's identity name.
+                    record.created_at_unix = int(time.time())
                     await deliver_tls(transport, record, await node_home(transport, record), relay.narrate)
             finally:
                 await transport.close()
@@ -401,4 +403,5 @@ class NodeManager:
             hive_running=running,
             hive_started_by_queen=record.name in self.started_hives,
             tls=record.tls,
+            tls_name=tls_name(record) if record.tls else "",
         )
