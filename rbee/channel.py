@@ -15,9 +15,15 @@ if TYPE_CHECKING:
     from rbee.tls import TlsIdentity
 
 # Streams can be long and quiet (loading, stalls are detected by the clients).
+# A ping every 2 s answered within 3 s: a link that drops silently mid-stream
+# (a cable, a black-holing firewall) is noticed within 5 s (docs/behaviour.md S9),
+# long before the 60 s stall timeout.
 CHANNEL_OPTIONS = (
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_time_ms", 2_000),
+    ("grpc.keepalive_timeout_ms", 3_000),
+    # gRPC waits this long for any ping's answer (60 s by default, whatever
+    # the keepalive timeout says, when another ping is in flight).
+    ("grpc.http2.ping_timeout_ms", 3_000),
     ("grpc.keepalive_permit_without_calls", 1),
     # Keep pinging through long quiet stretches (a model loading, a stall).
     ("grpc.http2.max_pings_without_data", 0),
@@ -26,7 +32,7 @@ CHANNEL_OPTIONS = (
 
 # Every rbee daemon accepts the clients' keepalive pings: gRPC's server
 # defaults (one ping per 5 min, none without a call) would answer a client
-# pinging every 10 s through a quiet stream with GOAWAY "too_many_pings",
+# pinging every 2 s through a quiet stream with GOAWAY "too_many_pings",
 # ending every call on that connection.
 SERVER_OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 1),
