@@ -6,6 +6,12 @@ import { bytes, clock, duration, el, show, usage } from "./format.js";
 
 const $ = (id) => document.getElementById(id);
 
+// Each cell carries its column's name, so a phone shows rows as labelled cards (style.css).
+function label(tbody) {
+  const names = [...tbody.closest("table").querySelectorAll("thead th")].map((th) => th.textContent);
+  for (const row of tbody.rows) [...row.cells].forEach((cell, i) => { cell.dataset.label = names[i] || ""; });
+}
+
 export function renderNodes(state) {
   const rows = state.nodes.map((n) => {
     const r = n.resources;
@@ -25,6 +31,7 @@ export function renderNodes(state) {
       el("td", { text: n.hive_version || "–" }));
   });
   $("nodes").replaceChildren(...rows);
+  label($("nodes"));
   show($("nodes-empty"), !state.nodes.length);
   for (const id of ["download-node", "logs-node"]) fillSelect($(id), state.nodes.map((n) => [n.name, n.name]));
 }
@@ -50,6 +57,7 @@ export function renderWorkers(state, onStop) {
       el("td", {}, stop));
   });
   $("worker-rows").replaceChildren(...rows);
+  label($("worker-rows"));
   show($("workers-empty"), !state.workers.length);
   const sources = [["rbee-hive", "hive log"], ...state.workers.filter((w) => w.node === $("logs-node").value).map((w) => [w.id, `worker ${w.id}`])];
   fillSelect($("logs-source"), sources);
@@ -71,6 +79,7 @@ export function renderModels(state) {
     }
   }
   $("model-rows").replaceChildren(...rows);
+  label($("model-rows"));
   // The playground offers what is loaded first, then what is on disk.
   const warm = state.workers.filter((w) => w.state === "idle" || w.state === "busy").map((w) => w.model);
   const ordered = [...new Set([...warm, ...choices.keys()])];
