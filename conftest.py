@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.queen",
     "tests.fixtures.ssh",
+    "tests.fixtures.browser",
 ]
