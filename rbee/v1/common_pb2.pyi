@@ -227,6 +227,10 @@ class WorkerInfo(_message.Message):
     LOAD_FIELD_NUMBER: _builtins.int
     TLS_FIELD_NUMBER: _builtins.int
     TLS_NAME_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    DTYPE_REASON_FIELD_NUMBER: _builtins.int
+    CPU_SET_FIELD_NUMBER: _builtins.int
+    CPU_THREADS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     address: _builtins.str
     """host:port of the worker's gRPC server."""
@@ -247,6 +251,16 @@ class WorkerInfo(_message.Message):
     """The identity name the worker's certificate carries (docs/security.md),
     checked instead of the address; empty: the address is checked.
     """
+    dtype: _builtins.str
+    """The dtype the worker's engine runs in and why (GetModelInfo has the same);
+    empty until the model is loaded.
+    """
+    dtype_reason: _builtins.str
+    cpu_set: _builtins.str
+    """The cores the worker may run on ("0-1"; empty: not known) and its
+    engine's OpenMP threads on them (CPU backend).
+    """
+    cpu_threads: _builtins.int
     @_builtins.property
     def load(self) -> Global___WorkerLoad:
         """The worker's load as last reported to the hive (on its state changes and
@@ -270,10 +284,14 @@ class WorkerInfo(_message.Message):
         load: Global___WorkerLoad | None = ...,
         tls: _builtins.bool = ...,
         tls_name: _builtins.str = ...,
+        dtype: _builtins.str = ...,
+        dtype_reason: _builtins.str = ...,
+        cpu_set: _builtins.str = ...,
+        cpu_threads: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "device", b"device", "id", b"id", "last_activity_unix_ms", b"last_activity_unix_ms", "load", b"load", "model_path", b"model_path", "model_ref", b"model_ref", "pid", b"pid", "slots_available", b"slots_available", "slots_total", b"slots_total", "state", b"state", "tls", b"tls", "tls_name", b"tls_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "cpu_set", b"cpu_set", "cpu_threads", b"cpu_threads", "device", b"device", "dtype", b"dtype", "dtype_reason", b"dtype_reason", "id", b"id", "last_activity_unix_ms", b"last_activity_unix_ms", "load", b"load", "model_path", b"model_path", "model_ref", b"model_ref", "pid", b"pid", "slots_available", b"slots_available", "slots_total", b"slots_total", "state", b"state", "tls", b"tls", "tls_name", b"tls_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

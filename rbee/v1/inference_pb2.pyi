@@ -949,6 +949,11 @@ class GetModelInfoResponse(_message.Message):
     WORKER_VERSION_FIELD_NUMBER: _builtins.int
     TOKENIZER_SHA256_FIELD_NUMBER: _builtins.int
     MAX_N_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    DTYPE_REASON_FIELD_NUMBER: _builtins.int
+    CPU_THREADS_FIELD_NUMBER: _builtins.int
+    CPU_SET_FIELD_NUMBER: _builtins.int
+    KV_CACHE_BYTES_FIELD_NUMBER: _builtins.int
     model_ref: _builtins.str
     max_model_len: _builtins.int
     """Most tokens (prompt + completion) the model accepts."""
@@ -969,6 +974,19 @@ class GetModelInfoResponse(_message.Message):
     """
     max_n: _builtins.int
     """Largest GenerateRequest.n (the worker's slots)."""
+    dtype: _builtins.str
+    """The dtype the engine runs the model in ("float32", "bfloat16", "float16")
+    and why the worker chose it, e.g. "this CPU has no native bfloat16" or
+    "set by --dtype" (docs/inference-api.md, "dtype and threads").
+    """
+    dtype_reason: _builtins.str
+    cpu_threads: _builtins.int
+    """CPU backend: the engine's OpenMP threads and the cores they are bound to
+    ("0-3"), from the worker's CPU affinity and cgroup quota; 0 and "" on GPUs.
+    """
+    cpu_set: _builtins.str
+    kv_cache_bytes: _builtins.int
+    """CPU backend: the KV cache reserved, in bytes (0 when set by the environment)."""
     @_builtins.property
     def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """End-of-sequence ids (the tokenizer's and the generation config's)."""
@@ -992,10 +1010,15 @@ class GetModelInfoResponse(_message.Message):
         worker_version: _builtins.str = ...,
         tokenizer_sha256: _builtins.str = ...,
         max_n: _builtins.int = ...,
+        dtype: _builtins.str = ...,
+        dtype_reason: _builtins.str = ...,
+        cpu_threads: _builtins.int = ...,
+        cpu_set: _builtins.str = ...,
+        kv_cache_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "_pad_token_id", b"_pad_token_id", "bos_token_id", b"bos_token_id", "defaults", b"defaults", "pad_token_id", b"pad_token_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "_pad_token_id", b"_pad_token_id", "bos_token_id", b"bos_token_id", "defaults", b"defaults", "engine_version", b"engine_version", "eos_token_ids", b"eos_token_ids", "has_chat_template", b"has_chat_template", "max_input_len", b"max_input_len", "max_logprobs", b"max_logprobs", "max_model_len", b"max_model_len", "max_n", b"max_n", "model_ref", b"model_ref", "pad_token_id", b"pad_token_id", "tokenizer_sha256", b"tokenizer_sha256", "vocab_size", b"vocab_size", "worker_version", b"worker_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "_pad_token_id", b"_pad_token_id", "bos_token_id", b"bos_token_id", "cpu_set", b"cpu_set", "cpu_threads", b"cpu_threads", "defaults", b"defaults", "dtype", b"dtype", "dtype_reason", b"dtype_reason", "engine_version", b"engine_version", "eos_token_ids", b"eos_token_ids", "has_chat_template", b"has_chat_template", "kv_cache_bytes", b"kv_cache_bytes", "max_input_len", b"max_input_len", "max_logprobs", b"max_logprobs", "max_model_len", b"max_model_len", "max_n", b"max_n", "model_ref", b"model_ref", "pad_token_id", b"pad_token_id", "tokenizer_sha256", b"tokenizer_sha256", "vocab_size", b"vocab_size", "worker_version", b"worker_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__bos_token_id: _TypeAlias = _typing.Literal["bos_token_id"]  # noqa: Y015
     _WhichOneofArgType__bos_token_id: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id"]  # noqa: Y015
