@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from rbee.errors import from_rpc_error
@@ -222,6 +223,32 @@ def test_all_slots_busy_and_keeper_retries(solo_worker, keeper):
         assert busy.stdout == ""
     finally:
         holder.close()
+
+
+def engine_processes(worker: WorkerProcess) -> list[psutil.Process]:
+    """vLLM's engine process(es) under the worker (everything it spawned)."""
+    return psutil.Process(worker.pid).children(recursive=True)
+
+
+def test_a_hung_engine_is_a_stall_after_the_stall_timeout(solo_worker, keeper):
+    """The engine stops mid-answer (SIGSTOP: frozen, not dead); the keeper,
+    with its stall timeout shortened to 3 s, cancels and names the stall."""
+    solo_worker.wait_loaded()
+    engines = engine_processes(solo_worker)
+    assert engines, "the worker has no engine process to stop"
+    run = keeper(*infer_args(solo_worker, "--max-tokens", LONG, "--ignore-eos", "--stall-timeout", "3"),
+                 env=key_env(solo_worker))
+    try:
+        run.wait_for_stdout(10)
+        for engine in engines:
+            engine.send_signal(signal.SIGSTOP)
+        code = run.finish()
+    finally:
+        for engine in engines:
+            engine.send_signal(signal.SIGCONT)
+    assert code == 1, run.describe()
+    assert "❌ STREAM_STALLED" in run.stderr and "sent no token for 3s" in run.stderr, run.describe()
+    assert "partial result:" in run.stderr and run.stdout.strip(), run.describe()
 
 
 def test_worker_killed_mid_stream_leaves_a_partial_result(solo_worker, keeper, tmp_path):
