@@ -95,7 +95,7 @@ class Cluster:
     def start(self) -> None:
         self.home.mkdir(parents=True)
         log = open(self.root / "queen.log", "wb")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen([str(BIN / "queen-rbee"), "daemon", "--port", str(self.port)], env=self.env,
+        self.proc = subprocess.Popen([str(BIN / "queen-rbee"), "daemon", "--port", str(self.port), "--http-port", "0"], env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + 60
         while subprocess.run(self.keeper("setup", "list-nodes"), env=self.env, capture_output=True).returncode != 0:

@@ -30,6 +30,10 @@ CODES: dict[str, grpc.StatusCode] = {
     # A config file with a key of the wrong type or an unknown key.
     "INVALID_CONFIG": S.INVALID_ARGUMENT,
     "INVALID_MODEL_REF": S.INVALID_ARGUMENT,
+    # A node's git source that git could take for an option or a program
+    # (a branch starting with '-', an ext:: or http:// repository).
+    "INVALID_GIT_REF": S.INVALID_ARGUMENT,
+    "INVALID_GIT_URL": S.INVALID_ARGUMENT,
     "INVALID_MODEL_FORMAT": S.INVALID_ARGUMENT,
     "INVALID_BACKEND": S.INVALID_ARGUMENT,
     "INVALID_DEVICE": S.INVALID_ARGUMENT,

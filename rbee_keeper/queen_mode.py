@@ -71,7 +71,8 @@ class EphemeralQueen:
         narrate("👑", f"No queen answers at {address}: starting one for this command (ephemeral; log {log})")
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                [str(program), "daemon", "--host", host.strip("[]"), "--port", port],
+                # One command's queen serves no HTTP (a long-lived queen may hold the port).
+                [str(program), "daemon", "--host", host.strip("[]"), "--port", port, "--http-port", "0"],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         queen = cls(proc, address, log)

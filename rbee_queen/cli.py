@@ -30,12 +30,28 @@ def daemon(
         help="With --host beyond loopback, serve plain gRPC instead of mutual TLS with a certificate of the "
         "queen's cluster CA: keys cross the network in clear (RBEE_QUEEN_INSECURE).",
     ),  # fmt: skip
+    http_port: int = typer.Option(
+        None, "--http-port",
+        help="Port of the OpenAI-compatible HTTP API (default 8080; 0 = off; RBEE_QUEEN_HTTP_PORT).",
+    ),  # fmt: skip
+    http_host: str = typer.Option(None, "--http-host", help="Address of the HTTP API (default: --host; RBEE_QUEEN_HTTP_HOST)."),
+    http_cert: Path = typer.Option(
+        None, "--http-cert",
+        help="Certificate (PEM) the HTTP API serves beyond loopback, one browsers trust (default: one of the "
+        "cluster CA's; RBEE_QUEEN_HTTP_CERT). Needs --http-key.",
+    ),  # fmt: skip
+    http_key: Path = typer.Option(None, "--http-key", help="Private key (PEM) of --http-cert (RBEE_QUEEN_HTTP_KEY)."),
+    http_cold_start_wait: str = typer.Option(
+        None, "--http-cold-start-wait",
+        help="How long an HTTP request waits for a model to load before 503 with Retry-After (default 300s; "
+        "RBEE_QUEEN_HTTP_COLD_START_WAIT).",
+    ),  # fmt: skip
 ) -> None:
     """Run the queen in the foreground until SIGTERM or Ctrl+C.
 
     On stop it shuts down the hives it started, and only those.
 
-    Example: queen-rbee daemon --port 7800
+    Example: queen-rbee daemon --port 7800 --http-port 8080
     """
     from rbee_queen.server import serve
     from rbee_queen.settings import load_settings
@@ -47,7 +63,11 @@ def daemon(
         Narrator(ACTOR)("⚠️", argv_key_warning("RBEE_QUEEN_API_KEY", "--api-key-file or $RBEE_HOME/queen.key"), "warn")
 
     async def main() -> int:
-        return await serve(load_settings(port=port, host=host, api_key=api_key, api_key_file=api_key_file, insecure=insecure))
+        return await serve(load_settings(
+            port=port, host=host, api_key=api_key, api_key_file=api_key_file, insecure=insecure,
+            http_port=http_port, http_host=http_host, http_cert=http_cert, http_key=http_key,
+            http_cold_start_wait=http_cold_start_wait,
+        ))  # fmt: skip
 
     run_daemon(ACTOR, main)
 

@@ -98,6 +98,8 @@ class QueenServer:
         self.port = 0
         self._health = health.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        # The OpenAI-compatible HTTP front door (rbee_queen/http), when http_port is set.
+        self.http = None
 
     async def start(self) -> int:
         s = self.settings
@@ -123,6 +125,13 @@ class QueenServer:
         self._server = server
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.narrate("🔑", f"API key from {source}")
+        from rbee_queen.http.server import start_front_door
+
+        try:
+            self.http = await start_front_door(self)
+        except BaseException:
+            await server.stop(None)
+            raise
         # Rebuild the worker registry from every registered node's hive.
         self.watchers.start()
         self._flusher = asyncio.ensure_future(self.app_keys.keep_last_used())
@@ -131,6 +140,9 @@ class QueenServer:
     async def stop(self) -> None:
         """Stop the hives this queen started (each stops its workers), then the server."""
         await self._health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
+            await self.http.app.state.router.close()
         await self.watchers.close()
         relay = NodeEventRelay(self.narrate)
         for name, pid in list(self.nodes.started_hives.items()):

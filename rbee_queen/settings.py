@@ -18,6 +18,8 @@ from rbee.config import DEFAULT_QUEEN_PORT
 from rbee.settings import DaemonSettings, build_settings, parse_duration
 
 QUEEN_KEY_FILE = "queen.key"
+# The original design's queen port, now the HTTP front door's.
+DEFAULT_HTTP_PORT = 8080
 
 
 class QueenSettings(DaemonSettings):
@@ -33,6 +35,16 @@ class QueenSettings(DaemonSettings):
     # Listen beyond loopback without TLS (by default the queen then serves
     # mutual TLS with a certificate of its own cluster CA).
     insecure: bool = False
+
+    # The OpenAI-compatible HTTP front door (docs/openai-api.md): its port
+    # (0 = off), its address (default: the gRPC one) and, beyond loopback, a
+    # certificate browsers trust (default: one of the cluster CA's).
+    http_port: int = Field(DEFAULT_HTTP_PORT, ge=0, le=65535)
+    http_host: str | None = None
+    http_cert: Path | None = None
+    http_key: Path | None = None
+    # How long an HTTP request waits for a cold start before 503 + Retry-After.
+    http_cold_start_wait: timedelta = timedelta(seconds=300)
 
     # SSH (S3): per-attempt connect timeout and attempts.
     ssh_connect_timeout: timedelta = timedelta(seconds=10)
@@ -52,7 +64,7 @@ class QueenSettings(DaemonSettings):
     install_engine_site: str | None = None
 
     @field_validator("ssh_connect_timeout", "latency_warning", "hive_start_timeout", "install_step_timeout",
-                     "worker_stale_after", mode="before")
+                     "worker_stale_after", "http_cold_start_wait", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value)

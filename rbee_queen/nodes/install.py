@@ -16,6 +16,7 @@ from rbee.errors import RbeeError
 
 from rbee_queen.nodes.store import NodeRecord
 from rbee_queen.nodes.transport import CommandResult, NodeTransport
+from rbee_queen.nodes.validation import GIT_ALLOW_PROTOCOL, check_git_source
 
 Narrate = Callable[..., None]
 
@@ -57,6 +58,11 @@ class Installer:
         path = shlex.quote(r.install_path)
         started = time.monotonic()
         self.narrate("🐝", f"Installing rbee on {r.name} ({self.t.target}) at {r.install_path}")
+        # Checked again here: a registry of an older version stored sources
+        # unchecked. Then `--` before every positional argument and git held
+        # to the allowed transports, so no value can read as an option or
+        # reach for a remote helper (docs/security.md, "Commands on nodes").
+        check_git_source(r.git_repo_url, r.git_branch or "main", r.name)
         await self._step(
             "Checking git and python3",
             "command -v git >/dev/null || { echo 'git is not installed'; exit 1; }; "
@@ -73,15 +79,17 @@ class Installer:
                 {"node": r.name},
                 [f"Set one with `rbee-keeper setup update-node --name {r.name} --git-repo URL`"],
             )
+        # `--` before every positional argument, git held to the allowed transports.
         repo, branch = shlex.quote(r.git_repo_url), shlex.quote(r.git_branch or "main")
+        git = f"env GIT_ALLOW_PROTOCOL={GIT_ALLOW_PROTOCOL} GIT_TERMINAL_PROMPT=0 git"
         await self._step(
             f"Fetching {r.git_repo_url} ({r.git_branch or 'main'})",
             f"if [ -d {path}/.git ]; then "
-            f"git -C {path} fetch --quiet {repo} {branch} && git -C {path} checkout --quiet -B {branch} FETCH_HEAD; "
-            f"elif [ -e {path} ] && [ -n \"$(ls -A {path} 2>/dev/null)\" ]; then "
+            f"{git} -C {path} fetch --quiet -- {repo} {branch} && {git} -C {path} checkout --quiet -B {branch} FETCH_HEAD --; "
+            f"elif [ -e {path} ] && [ -n \"$(ls -A -- {path} 2>/dev/null)\" ]; then "
             f"echo 'the install path exists and is not a git checkout'; exit 1; "
-            f"else mkdir -p \"$(dirname {path})\" && git clone --quiet --branch {branch} {repo} {path}; fi "
-            f"&& git -C {path} log -1 --format='%h %s'",
+            f"else mkdir -p -- \"$(dirname -- {path})\" && {git} clone --quiet --branch {branch} -- {repo} {path}; fi "
+            f"&& {git} -C {path} log -1 --format='%h %s' --",
             [f"Check the repository and branch with `rbee-keeper setup update-node --name {r.name} --git-repo URL --git-branch BRANCH`",
              "A local change in the node's checkout blocks the update: commit or discard it there"],  # fmt: skip
             timeout=600,

@@ -25,6 +25,7 @@ from rbee_queen.nodes.local import LocalTransport
 from rbee_queen.nodes.relay import EventRelay, NodeEventRelay
 from rbee_queen.nodes.store import NodeRecord, NodeStore, node_exists
 from rbee_queen.nodes.transport import NodeTransport
+from rbee_queen.nodes.validation import check_node_fields
 from rbee_queen.settings import QueenSettings
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -158,6 +159,7 @@ class NodeManager:
                                    "Or register this machine with --local")  # fmt: skip
             if not 1 <= record.ssh_port <= 65535:
                 raise _invalid("ssh_port", f"SSH port {record.ssh_port} is outside 1-65535")
+        check_node_fields(record.__dict__, record.is_local)
         # TLS unless told otherwise whenever the node's links leave this machine (S13).
         record.tls = req.tls if req.HasField("tls") else not is_loopback(record.hive_host)
         return record
@@ -201,10 +203,8 @@ class NodeManager:
             if not changes:
                 raise _invalid("fields", f"Nothing to change for node {req.name}: pass at least one option to change")
             candidate = NodeRecord(**{**record.__dict__, **changes})
-            for field in ("install_path", "rbee_home"):
-                value = getattr(candidate, field)
-                if value and not value.startswith("/"):
-                    raise _invalid(field, f"--{field.replace('_', '-')} must be absolute on the node: {value}")
+            # What add-node would refuse, update-node refuses too.
+            check_node_fields(candidate.__dict__, candidate.is_local)
             if record.is_local and any(k.startswith("ssh_") for k in changes):
                 raise _invalid("ssh_host", f"Node {req.name} is this machine (local): it has no SSH settings",
                                f"Remove it and add it again without --local: `rbee-keeper setup remove-node --name {req.name}`")  # fmt: skip

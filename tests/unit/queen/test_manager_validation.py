@@ -151,3 +151,40 @@ async def test_tls_is_on_by_default_for_nodes_beyond_loopback(tmp_path: Path, fi
     assert record.tls is tls
     local = world.manager._record_from(world.request(local=True, ssh_host=""))
     assert local.tls is False
+
+
+def saved_box(world: World) -> None:
+    world.store.add(NodeRecord(name="box", transport="ssh", install_path="/opt/rbee", hive_key="k", ssh_host="192.0.2.10",
+                               ssh_user="me", ssh_key_path=str(world.key), hive_port=7900))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "field"),
+    [
+        (dict(hive_port=0), "INVALID_ARGUMENT", "hive_port"),  # add-node takes 0 for "the default"; a stored 0 is no port
+        (dict(hive_port=70000), "INVALID_ARGUMENT", "hive_port"),
+        (dict(ssh_port=0), "INVALID_ARGUMENT", "ssh_port"),
+        (dict(git_branch="--upload-pack=touch /tmp/x;git-upload-pack"), "INVALID_GIT_REF", "git_branch"),
+        (dict(git_repo_url="ext::sh -c touch% /tmp/x"), "INVALID_GIT_URL", "git_repo_url"),
+        (dict(git_repo_url="--upload-pack=x"), "INVALID_GIT_URL", "git_repo_url"),
+        (dict(ssh_host="-oProxyCommand=x"), "INVALID_ARGUMENT", "ssh_host"),
+    ],
+)
+async def test_update_refuses_what_add_refuses(world: World, fields: dict, code: str, field: str) -> None:
+    """One validator for both: update-node cannot store what add-node refuses."""
+    saved_box(world)
+    err = await update(world, name="box", **fields)
+    assert err.code == code and err.details["field"] == field, err
+    stored = world.store.get("box")
+    assert (stored.hive_port, stored.ssh_port, stored.git_branch, stored.git_repo_url, stored.ssh_host) == (7900, 22, "main", "", "192.0.2.10")
+    assert "Testing the new connection" not in world.log.getvalue()
+    if fields != dict(hive_port=0) and fields != dict(ssh_port=0):  # on add, 0 means the default port
+        err = await world.add(**fields)
+        assert err.code == code and err.details["field"] == field, err
+
+
+@pytest.mark.parametrize("fields", [dict(git_branch="--upload-pack=x"), dict(git_repo_url="http://example.org/rbee.git")])
+async def test_add_refuses_git_sources_git_could_misuse(world: World, fields: dict) -> None:
+    err = await world.add(**fields)
+    assert err.code in ("INVALID_GIT_REF", "INVALID_GIT_URL")
+    nothing_happened(world)

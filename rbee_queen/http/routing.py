@@ -1,0 +1,292 @@
+"""Which worker serves an HTTP request (docs/openai-api.md, routing).
+
+1. A warm worker of the model anywhere in the cluster (the global worker
+   registry), the one with the most free slots; with ``X-Rbee-Node`` only
+   on that node.
+2. Otherwise a cold start through the queen's task flow on a node: the one
+   ``X-Rbee-Node`` names, else the first registered node that holds the
+   model, else the default node (``[keeper] node``), else the first node.
+   Concurrent requests for one model on one node share one cold start; the
+   waiters see its stages; a waiter gives up after ``cold_start_wait``
+   (503 with Retry-After) while the start goes on for the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from rbee.config import keeper_settings
+from rbee.errors import RbeeError, from_rpc_error
+from rbee.narration import format_line
+from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, tasks_pb2
+
+from rbee_queen.hives import HiveLink
+from rbee_queen.http.errors import ApiError
+from rbee_queen.http.models import ModelDirectory, canonical
+from rbee_queen.http.upstream import WorkerChannels, WorkerLease
+from rbee_queen.nodes.relay import EventRelay
+from rbee_queen.nodes.store import NodeStore
+from rbee_queen.tasks import TaskRunner
+from rbee_queen.workers import ClusterWorkers, reachable_address
+
+log = logging.getLogger(__name__)
+State = common_pb2.WorkerState
+COLD_RETRY_AFTER_S = 5
+LOAD_WAIT_S = 3600.0
+
+
+class _Stages(EventRelay):
+    """The task flow's events as short lines for everyone waiting on one cold start."""
+
+    def __init__(self, narrate, start: "ColdStart") -> None:
+        super().__init__(narrate)
+        self._start = start
+
+    def _wrap_event(self, ev: common_pb2.Event) -> str:
+        if ev.HasField("narration"):
+            return format_line(ev.narration)
+        if ev.HasField("progress"):
+            p = ev.progress
+            pct = f" {p.current * 100 // p.total}%" if p.total else ""
+            return f"{p.stage}{pct} {p.message}".strip()
+        return ""
+
+    def _wrap_result(self, result):  # pragma: no cover - run() is not used here
+        return result
+
+    def narrate(self, emoji: str, message: str, level: str = "info", actor: str = "queen-rbee") -> None:
+        super().narrate(emoji, message, level, actor)
+        self._flush()
+
+    def relay(self, ev: common_pb2.Event) -> None:
+        super().relay(ev)
+        self._flush()
+
+    def check(self, *args, **kwargs) -> None:
+        super().check(*args, **kwargs)
+        self._flush()
+
+    def _flush(self) -> None:
+        while not self._queue.empty():
+            line = self._queue.get_nowait()
+            if line:
+                self._start.publish(line)
+
+
+@dataclass
+class ColdStart:
+    node: str
+    ref: str
+    task: asyncio.Task | None = None
+    stages: list[str] = field(default_factory=list)
+    listeners: list[asyncio.Queue] = field(default_factory=list)
+
+    def publish(self, line: str) -> None:
+        line = " ".join(line.split())[:300]
+        self.stages.append(line)
+        del self.stages[:-50]
+        for q in self.listeners:
+            q.put_nowait(line)
+
+
+@dataclass
+class _Cached:
+    lease: WorkerLease
+    in_flight: int = 0
+
+
+class Router:
+    def __init__(self, store: NodeStore, registry: ClusterWorkers, tasks: TaskRunner, narrate,
+                 cold_start_wait_s: float, channels: WorkerChannels | None = None) -> None:  # fmt: skip
+        self.store = store
+        self.registry = registry
+        self.tasks = tasks
+        self.narrate = narrate
+        self.cold_start_wait_s = cold_start_wait_s
+        self.models = ModelDirectory(store, registry)
+        self.channels = channels or WorkerChannels()
+        self._access: dict[str, _Cached] = {}
+        self._cold: dict[tuple[str, str], ColdStart] = {}
+        # Observers of routing decisions (metrics): called with (event, **labels).
+        self.observers: list[Callable[..., None]] = []
+
+    def _observe(self, event: str, **labels) -> None:
+        for fn in self.observers:
+            with contextlib.suppress(Exception):
+                fn(event, **labels)
+
+    # -- warm ----------------------------------------------------------------------
+
+    def warm(self, ref: str, node: str | None) -> list[tuple[int, str, common_pb2.WorkerInfo]]:
+        """(free slots, node, worker) of every worker serving ``ref`` with a free slot, most free first."""
+        out = []
+        for cw in self.registry.list(node=node or ""):
+            w = cw.worker
+            if canonical(w.model_ref) != ref or w.state not in (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY):
+                continue
+            mine = self._access[w.id].in_flight if w.id in self._access else 0
+            free = w.slots_total - max(mine, w.slots_total - w.slots_available)
+            out.append((free, cw.node, w))
+        out.sort(key=lambda t: -t[0])
+        return out
+
+    async def _lease_for(self, node: str, worker: common_pb2.WorkerInfo) -> WorkerLease:
+        cached = self._access.get(worker.id)
+        if cached is not None:
+            return cached.lease
+        record = self.store.get(node)
+        async with HiveLink(record) as link:
+            reply = await link.call(link.workers.GetWorkerAccess, registry_pb2.GetWorkerAccessRequest(worker_id=worker.id))
+        access = reply.access
+        lease = WorkerLease(node, access.worker.id, reachable_address(record, access.worker.address), access.api_key,
+                            access.worker.tls, canonical(access.worker.model_ref))  # fmt: skip
+        self._access[worker.id] = _Cached(lease)
+        return lease
+
+    def forget(self, lease: WorkerLease) -> None:
+        """A worker that failed a call is looked up afresh next time."""
+        self._access.pop(lease.worker_id, None)
+
+    @contextlib.asynccontextmanager
+    async def using(self, lease: WorkerLease) -> AsyncIterator[WorkerLease]:
+        cached = self._access.setdefault(lease.worker_id, _Cached(lease))
+        cached.in_flight += 1
+        try:
+            yield lease
+        finally:
+            cached.in_flight -= 1
+
+    # -- the decision ----------------------------------------------------------------
+
+    async def pick(self, ref: str, node: str | None) -> WorkerLease | None:
+        """A warm worker's lease, or None when the model needs a cold start.
+        Every matching worker busy: 429 (ALL_SLOTS_BUSY)."""
+        if node:
+            self.store.get(node)  # NODE_NOT_FOUND → 404
+        candidates = self.warm(ref, node)
+        if not candidates:
+            return None
+        free, name, worker = candidates[0]
+        if free <= 0:
+            total = sum(w.slots_total for _, _, w in candidates)
+            raise RbeeError("ALL_SLOTS_BUSY", f"Every worker serving {ref} is busy ({total}/{total} slots busy)",
+                            {"model": ref, "slots_total": total})  # fmt: skip
+        self._observe("warm", model=ref, node=name)
+        return await self._lease_for(name, worker)
+
+    async def cold_node(self, ref: str, node: str | None) -> str:
+        if node:
+            return node
+        try:
+            records = self.store.list()
+        except RbeeError:
+            records = []
+        if not records:
+            raise RbeeError("NODE_NOT_FOUND", "No node is registered with the queen: there is nowhere to load the model",
+                            {"model": ref}, ["Register one: `rbee-keeper setup add-node --name NAME --local`"])  # fmt: skip
+        downloaded = await self.models.downloaded()
+        holders = downloaded.get(ref, ([], 0))[0]
+        for record in records:
+            if record.name in holders:
+                return record.name
+        default = keeper_settings().node
+        if default and any(r.name == default for r in records):
+            return default
+        return records[0].name
+
+    def cold_start(self, ref: str, node: str) -> ColdStart:
+        """The cold start of ``ref`` on ``node``: the running one, or a new one."""
+        key = (node, ref)
+        start = self._cold.get(key)
+        if start is not None and start.task is not None and not start.task.done():
+            return start
+        start = ColdStart(node, ref)
+        start.task = asyncio.ensure_future(self._run_cold(start))
+        start.task.add_done_callback(lambda t, k=key, s=start: self._cold_done(k, s, t))
+        self._cold[key] = start
+        self._observe("cold_start", model=ref, node=node)
+        return start
+
+    def _cold_done(self, key, start: ColdStart, task: asyncio.Task) -> None:
+        if self._cold.get(key) is start:
+            del self._cold[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.info("cold start of %s on %s failed: %s", start.ref, start.node, task.exception())
+
+    async def _run_cold(self, start: ColdStart) -> WorkerLease:
+        relay = _Stages(self.narrate, start)
+        request = tasks_pb2.SubmitInferenceRequest(node=start.node, model_ref=start.ref, backend="cpu")
+        assignment = await self.tasks.submit(request, relay)
+        worker = assignment.worker
+        lease = WorkerLease(assignment.node, worker.id, worker.address, assignment.api_key, worker.tls, start.ref)
+        await self._wait_loaded(lease, start)
+        self._access[worker.id] = _Cached(lease)
+        start.publish(f"worker {worker.id} ready on {assignment.node}")
+        return lease
+
+    async def _wait_loaded(self, lease: WorkerLease, start: ColdStart) -> None:
+        stub = inference_pb2_grpc.InferenceServiceStub(self.channels.get(lease))
+        call = stub.StreamLoadingProgress(inference_pb2.StreamLoadingProgressRequest(), metadata=lease.metadata,
+                                          timeout=LOAD_WAIT_S, wait_for_ready=True)  # fmt: skip
+        try:
+            async for msg in call:
+                if msg.HasField("progress") and msg.progress.stage:
+                    p = msg.progress
+                    pct = f" {p.current * 100 // p.total}%" if p.total else ""
+                    start.publish(f"{p.stage}{pct} {p.message}".strip())
+                elif msg.HasField("narration"):
+                    start.publish(format_line(msg.narration))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, lease.address) from None
+        finally:
+            call.cancel()
+
+    async def wait_cold(self, start: ColdStart, on_stage: Callable[[str], None] | None = None) -> WorkerLease:
+        """Wait for ``start`` up to the configured time; 503 COLD_START_TIMEOUT after it."""
+        assert start.task is not None
+        queue: asyncio.Queue = asyncio.Queue()
+        if on_stage is not None:
+            start.listeners.append(queue)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cold_start_wait_s
+        try:
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise RbeeError("COLD_START_TIMEOUT",
+                                    f"{start.ref} is still loading on {start.node}: try again in a moment",
+                                    {"model": start.ref, "node": start.node, "retry_after": COLD_RETRY_AFTER_S})  # fmt: skip
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({start.task, getter}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done and on_stage is not None:
+                    on_stage(getter.result())
+                else:
+                    getter.cancel()
+                if start.task in done:
+                    return start.task.result()
+        finally:
+            if queue in start.listeners:
+                start.listeners.remove(queue)
+
+    async def route(self, model: str, node: str | None) -> tuple[str, WorkerLease | None, ColdStart | None]:
+        """(model reference, a warm lease or None, the cold start it waits on or None)."""
+        ref = await self.models.resolve(model)
+        if node is not None and not node.strip():
+            raise ApiError(400, "X-Rbee-Node is empty", "X-Rbee-Node", "invalid_value")
+        lease = await self.pick(ref, node)
+        if lease is not None:
+            return ref, lease, None
+        target = await self.cold_node(ref, node)
+        return ref, None, self.cold_start(ref, target)
+
+    async def close(self) -> None:
+        for start in list(self._cold.values()):
+            if start.task is not None:
+                start.task.cancel()
+        await self.channels.close()

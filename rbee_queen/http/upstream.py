@@ -1,0 +1,71 @@
+"""The queen as a client of workers: one gRPC channel per worker address,
+reused by every HTTP request (mutual TLS with the queen's client certificate
+when the worker serves it), and one Generate call per request whose end, for
+whatever reason (done, client gone, error), cancels it on the worker."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from rbee.channel import metadata, open_channel
+from rbee.errors import from_rpc_error
+from rbee.v1 import inference_pb2, inference_pb2_grpc
+
+from rbee_queen.hives import cluster_ca
+
+
+@dataclass(frozen=True)
+class WorkerLease:
+    node: str
+    worker_id: str
+    address: str
+    api_key: str
+    tls: bool
+    model_ref: str
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return metadata(self.api_key)
+
+
+class WorkerChannels:
+    def __init__(self) -> None:
+        self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
+
+    def get(self, lease: WorkerLease) -> grpc.aio.Channel:
+        key = (lease.address, lease.tls)
+        channel = self._channels.get(key)
+        if channel is None:
+            tls = cluster_ca().client_identity() if lease.tls else None
+            channel = open_channel(lease.address, tls)
+            self._channels[key] = channel
+        return channel
+
+    async def drop(self, lease: WorkerLease) -> None:
+        channel = self._channels.pop((lease.address, lease.tls), None)
+        if channel is not None:
+            await channel.close(grace=None)
+
+    async def close(self) -> None:
+        for channel in list(self._channels.values()):
+            with contextlib.suppress(Exception):
+                await channel.close(grace=None)
+        self._channels.clear()
+
+    async def generate(self, lease: WorkerLease, request: inference_pb2.GenerateRequest) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """The worker's messages for ``request``; its errors as RbeeError. Leaving
+        the iteration early (the HTTP client went away) cancels the call, which
+        the worker takes as a cancel of the request."""
+        stub = inference_pb2_grpc.InferenceServiceStub(self.get(lease))
+        call = stub.Generate(request, metadata=lease.metadata)
+        try:
+            async for msg in call:
+                yield msg
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, lease.address) from None
+        finally:
+            call.cancel()
