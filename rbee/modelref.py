@@ -17,7 +17,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from rbee.errors import RbeeError
 
@@ -59,13 +59,51 @@ class ModelRef:
         return self.provider == "hf"
 
     def slug(self) -> str:
-        """A folder name for this reference (unique per reference)."""
+        """The reference's folder name: its path segments escaped and joined
+        with ``--`` (a revision after ``@``). One reference, one folder, and
+        back (``from_slug``): no two references share a folder, so removing
+        one never takes another's files. A segment keeps its text unless it
+        holds '%', '@' or a '-' that touches another '-' or an end; those are
+        %-escaped, so ``--`` only ever separates segments. Every reference
+        the old mapping kept apart keeps its folder name."""
         if self.provider == "file":
-            return self.reference.strip("/").replace("/", "--") or "root"
-        base = "--".join([*(self.repo_id or "").split("/"), *(self.filename.split("/") if self.filename else [])])
+            return _join(self.reference.strip("/").split("/")) or "root"
+        base = _join([*(self.repo_id or "").split("/"), *(self.filename.split("/") if self.filename else [])])
         if self.revision:
-            base += "@" + self.revision.replace("/", "--")
+            base += "@" + _join(self.revision.split("/"))
         return base
+
+    @classmethod
+    def from_slug(cls, provider: str, slug: str) -> "ModelRef":
+        """The reference a folder name was made from (INVALID_MODEL_REF when none)."""
+        if provider == "file":
+            path = "/" + "/".join(_split(slug))
+            return parse_model_ref("file://" + quote(path, safe="/"))
+        base, at, revision = slug.partition("@")
+        text = f"{provider}:" + "/".join(_split(base)) + (("@" + "/".join(_split(revision))) if at else "")
+        return parse_model_ref(text)
+
+
+def _escape(segment: str) -> str:
+    out = []
+    for i, ch in enumerate(segment):
+        if ch == "%":
+            out.append("%25")
+        elif ch == "@":
+            out.append("%40")
+        elif ch == "-" and (i == 0 or i == len(segment) - 1 or segment[i - 1] == "-" or segment[i + 1] == "-"):
+            out.append("%2D")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _join(segments: list[str]) -> str:
+    return "--".join(_escape(s) for s in segments)
+
+
+def _split(text: str) -> list[str]:
+    return [unquote(s) for s in text.split("--")]
 
 
 def invalid(text: str, reason: str = "") -> RbeeError:

@@ -183,23 +183,34 @@ class ModelCatalog:
                 row = _existing(session, provider, reference)
                 record = _to_record(row)
                 session.delete(row)
+                others = [_to_record(r) for r in session.scalars(select(_ModelRow))]
         except SQLAlchemyError as exc:
             raise _db_error("remove a model", exc) from exc
         if owned_root is not None:
+            # A catalog written before folder names were one per reference may
+            # hold two models in one folder: what another row still uses stays.
+            root = Path(owned_root).resolve()
+            used = [u for other in others for p in _paths(other) if (u := p.resolve()) != root and root in u.parents]
             for path in owned_paths(record, Path(owned_root)):
+                target = path.resolve()
+                shared = [u for u in used if u == target or target in u.parents or u in target.parents]
+                if shared:
+                    log.warning("kept %s: another model of the catalog still uses %s", path, shared[0])
+                    continue
                 _delete(path)
         return record
+
+
+def _paths(record: ModelRecord) -> list[Path]:
+    values = [record.metadata.get("folder"), record.local_path, record.metadata.get("loadable_path")]
+    return [Path(v) for v in values if v]
 
 
 def owned_paths(record: ModelRecord, owned_root: Path) -> list[Path]:
     """The hive's own files for ``record``: its folder under the models root."""
     root = owned_root.resolve()
     out: list[Path] = []
-    candidates = [record.metadata.get("folder"), record.local_path, record.metadata.get("loadable_path")]
-    for value in candidates:
-        if not value:
-            continue
-        path = Path(value)
+    for path in _paths(record):
         try:
             resolved = path.resolve()
         except OSError:

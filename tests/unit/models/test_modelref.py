@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from rbee.errors import RbeeError
-from rbee.modelref import ACCEPTED_FORMS, is_valid_model_ref, parse_model_ref
+from rbee.modelref import ACCEPTED_FORMS, ModelRef, is_valid_model_ref, parse_model_ref
 
 
 @pytest.mark.parametrize(
@@ -60,3 +63,54 @@ def test_slugs_are_distinct_per_reference():
     slugs = {parse_model_ref(r).slug() for r in refs}
     assert len(slugs) == len(refs)
     assert all("/" not in s for s in slugs)
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ("hf:o/r/x/y.gguf", "hf:o/r/x--y.gguf"),
+        ("hf:o/r@v/1", "hf:o/r@v--1"),
+        ("file:///a--b", "file:///a/b"),
+        ("file:///x-/y", "file:///x/-y"),
+        ("hf:o/r/a-/b.gguf", "hf:o/r/a/-b.gguf"),
+    ],
+)
+def test_references_the_old_folder_names_merged_get_folders_of_their_own(one: str, other: str) -> None:
+    assert parse_model_ref(one).slug() != parse_model_ref(other).slug()
+
+
+def test_folder_names_of_plain_references_are_unchanged():
+    """Catalogs and staging folders of earlier versions keep working."""
+    assert parse_model_ref("hf:HuggingFaceTB/SmolLM2-135M-Instruct").slug() == "HuggingFaceTB--SmolLM2-135M-Instruct"
+    assert parse_model_ref("hf:org/repo/sub/w.Q4_K-M.gguf@v1.0").slug() == "org--repo--sub--w.Q4_K-M.gguf@v1.0"
+    assert parse_model_ref("hf:org/repo@refs/pr/1").slug() == "org--repo@refs--pr--1"
+    assert parse_model_ref("file:///srv/models/tiny-model").slug() == "srv--models--tiny-model"
+
+
+_SEGMENT = st.text(alphabet="ab-.%@_~ 1", min_size=1, max_size=6).filter(lambda s: s not in (".", ".."))
+_HUB_SEGMENT = st.text(alphabet="ab-._1", min_size=1, max_size=6).filter(lambda s: s not in (".", ".."))
+
+
+@st.composite
+def references(draw) -> str:
+    if draw(st.booleans()):
+        return "file:///" + "/".join(quote(s) for s in draw(st.lists(_SEGMENT, min_size=1, max_size=4)))
+    org, repo = draw(st.sampled_from(["o", "o-p", "o.q"])), draw(st.sampled_from(["r", "r-s", "r_t"]))
+    files = draw(st.lists(_HUB_SEGMENT, max_size=3))
+    revision = draw(st.one_of(st.none(), st.lists(st.sampled_from(["v", "v-", "-x", "1", "a--b", "r.c"]), min_size=1, max_size=3)))
+    text = f"hf:{org}/{repo}" + "".join(f"/{f}" for f in files)
+    if revision and not any(part.startswith("-") and i == 0 for i, part in enumerate(revision)):
+        text += "@" + "/".join(revision)
+    return text
+
+
+@settings(max_examples=300, deadline=None)
+@given(references(), references())
+def test_a_folder_name_belongs_to_exactly_one_reference(one: str, other: str) -> None:
+    try:
+        a, b = parse_model_ref(one), parse_model_ref(other)
+    except RbeeError:
+        return
+    assert (a.slug() == b.slug()) == (a == b)
+    for ref in (a, b):
+        assert "/" not in ref.slug() and ModelRef.from_slug(ref.provider, ref.slug()) == ref
