@@ -4,7 +4,9 @@ workers' callback; supervision; graceful SIGTERM (the worker cascade, S8)."""
 from __future__ import annotations
 
 import asyncio
+import getpass
 import logging
+import os
 import signal
 
 import grpc
@@ -25,6 +27,8 @@ from rbee_hive.servicers.preflight import PreflightServicer
 from rbee_hive.servicers.provisioning import add_provisioning_service
 from rbee_hive.servicers.workers import HiveWorkerServicer
 from rbee_hive.settings import HiveSettings
+from rbee_hive.workers.environment import is_secret
+from rbee_hive.workers.sandbox import describe, scrub_environ_block
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,11 @@ class HiveServer:
         self.port = bind_port(server, address, "rbee-hive", self.ctx.manager.tls, settings.insecure)
         if self.ctx.manager.tls is None and not is_loopback(settings.host):
             self.ctx.narrate("⚠️", f"Listening on {settings.host} without TLS (--insecure): keys and tokens cross the network in clear", "warn")
+        # What a worker's code can reach of this hive, said plainly (docs/security.md).
+        blanked = scrub_environ_block(is_secret)
+        self.ctx.narrate("🛡️", describe(self.ctx.manager.sandbox_abi, getpass.getuser())
+                         + (f" (blanked from /proc/{os.getpid()}/environ: {', '.join(blanked)})" if blanked else ""),
+                         "info" if self.ctx.manager.sandbox_abi > 0 else "warn")  # fmt: skip
         # Bound, so this is the hive of this port: stop what a hive that died left.
         self.ctx.manager.ledger.reap(self.ctx.narrate)
         host = callback_host(settings.host)

@@ -1,8 +1,9 @@
 """Exec a worker program so that it dies with the hive.
 
 Runs as ``python -m rbee_hive.workers.launch PROGRAM ARGS...``: asks Linux to
-send SIGTERM to this process when its parent (the hive) dies, then execs the
-program in place (same pid). Done here rather than between fork and exec in
+send SIGTERM to this process when its parent (the hive) dies, restricts itself
+to the hive's Landlock policy when given one (``RBEE_WORKER_SANDBOX``,
+rbee_hive/workers/sandbox.py), then execs the program in place (same pid). Done here rather than between fork and exec in
 the hive, where a multi-threaded gRPC process must not run Python code.
 """
 
@@ -27,6 +28,16 @@ def main() -> None:
             pass  # the hive still stops its workers itself; this only covers its own sudden death
         if os.getppid() == 1:  # the hive died before we got here
             sys.exit(1)
+    policy = os.environ.pop("RBEE_WORKER_SANDBOX", None)
+    if policy:
+        from rbee_hive.workers.sandbox import restrict
+
+        try:
+            restrict(policy)
+        except (OSError, ValueError, KeyError) as exc:
+            # Never run a worker with less protection than the hive announced.
+            print(f"[rbee-hive] ❌ cannot sandbox the worker (Landlock): {exc}", flush=True)
+            sys.exit(126)
     program = sys.argv[1]
     try:
         os.execv(program, [program, *sys.argv[2:]])

@@ -28,6 +28,7 @@ from rbee_hive.model_access import ModelAccess
 from rbee_hive.preflight import MB, check_worker, model_size
 from rbee_hive.resources import ResourceSource
 from rbee_hive.settings import HiveSettings
+from rbee_hive.workers import sandbox
 from rbee_hive.workers.binary import WorkerBinaryResolver
 from rbee_hive.workers.client import WorkerClient, local_address
 from rbee_hive.workers.environment import worker_environment
@@ -131,6 +132,8 @@ class WorkerManager:
                     "Or pass --insecure to accept clear-text links to workers",
                 ],
             )
+        # What keeps code in a worker from the hive's keys (docs/security.md).
+        self.sandbox_abi = sandbox.landlock_abi()
         # Worker certificates carry a name below the hive's identity (rbee/tls_identity.py).
         self.identity = identity_of(self.tls.certificate()) if self.tls else None
 
@@ -299,6 +302,26 @@ class WorkerManager:
     def _drop_worker_tls(self, record: WorkerRecord) -> None:
         if record.tls_dir is not None:
             shutil.rmtree(record.tls_dir, ignore_errors=True)
+        shutil.rmtree(self._worker_tmp(record), ignore_errors=True)
+
+    def _worker_tmp(self, record: WorkerRecord) -> Path:
+        return self.settings.rbee_home / "run" / f"{record.id}.tmp"
+
+    def _sandbox(self, record: WorkerRecord) -> dict[str, str]:
+        """The worker's Landlock policy (rbee_hive/workers/sandbox.py), for the
+        launcher to apply before it execs; nothing where the kernel has none."""
+        if self.sandbox_abi <= 0:
+            return {}
+        tmp = None
+        deny, _ = sandbox.worker_paths(self.settings, record.tls_dir, None)
+        if sandbox.temp_is_closed(deny):
+            tmp = self._worker_tmp(record)
+            tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        deny, allow = sandbox.worker_paths(self.settings, record.tls_dir, tmp)
+        env = {sandbox.ENV: sandbox.policy(deny, allow)}
+        if tmp is not None:
+            env.update(TMPDIR=str(tmp), TMP=str(tmp), TEMP=str(tmp))
+        return env
 
     async def _launch(self, record: WorkerRecord, program: Path, spec: SpawnSpec) -> bool:
         """Start the process on record.port and wait for its first callback.
@@ -317,6 +340,7 @@ class WorkerManager:
             },
             self.settings.worker_env,
         )
+        env.update(self._sandbox(record))
         self._say(
             record,
             "🚀",

@@ -8,6 +8,10 @@ FAKE_ENGINE_DIE_AFTER (requests: health checks fail after that many),
 FAKE_ENGINE_DEATH (a code, e.g. ENGINE_OOM_KILLED: with FAKE_ENGINE_DIE_AFTER,
 the engine's processes "die" with it after that many requests, as VllmEngine reports),
 FAKE_ENGINE_HOLD_LOAD=1 (loading never finishes).
+FAKE_WORKER_PROBE (paths joined by "|", "{ppid}" for the hive's pid): before
+anything else, the worker tries to read each and prints "probe PATH: read"
+(with "marker found" when FAKE_WORKER_PROBE_MARKER, in hex, is in it) or "probe PATH:
+denied ERRNO": what code in a worker can reach of its hive.
 """
 
 from __future__ import annotations
@@ -35,5 +39,24 @@ def fake_engine(settings: Settings) -> FakeEngine:
     )
 
 
+def probe() -> None:
+    import errno
+
+    marker = bytes.fromhex(os.environ.get("FAKE_WORKER_PROBE_MARKER", ""))
+    for path in filter(None, os.environ.get("FAKE_WORKER_PROBE", "").split("|")):
+        path = path.replace("{ppid}", str(os.getppid()))
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read(1 << 20)
+        except OSError as exc:
+            print(f"probe {path}: denied {errno.errorcode.get(exc.errno or 0, exc.errno)}", flush=True)
+            continue
+        found = " marker found" if marker and marker in data else ""
+        print(f"probe {path}: read{found}", flush=True)
+    names = [n for n in ("HF_TOKEN", "RBEE_HIVE_API_KEY") if n in os.environ]
+    print(f"probe environment: {', '.join(names) or 'no secrets'}", flush=True)
+
+
 if __name__ == "__main__":
+    probe()
     sys.exit(main(sys.argv[1:], engine_factory=fake_engine))
