@@ -68,7 +68,8 @@ def load_config(env: dict[str, str] | None = None) -> tuple[dict[str, Any], Path
             found = False
         if found:
             try:
-                return tomllib.loads(path.read_text()), path
+                config = tomllib.loads(path.read_text())
+                mode = path.stat().st_mode & 0o777
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise RbeeError(
                     "INVALID_ARGUMENT",
@@ -76,6 +77,8 @@ def load_config(env: dict[str, str] | None = None) -> tuple[dict[str, Any], Path
                     {"path": str(path)},
                     ["Fix the TOML syntax or point RBEE_CONFIG at another file"],
                 ) from exc
+            _check_secrets_private(config, path, mode)
+            return config, path
         if env.get("RBEE_CONFIG") and path == Path(env["RBEE_CONFIG"]).expanduser():
             raise RbeeError(
                 "NOT_FOUND",
@@ -84,6 +87,32 @@ def load_config(env: dict[str, str] | None = None) -> tuple[dict[str, Any], Path
                 ["Unset RBEE_CONFIG or create the file"],
             )
     return {}, None
+
+
+# Settings whose value is a secret (an API key, a token): a config file that
+# holds one must be as private as a key file (rbee/auth.py read_key_file).
+SECRET_SUFFIXES = ("api_key", "token", "secret", "password")
+
+
+def is_secret_setting(name: str) -> bool:
+    return name.lower().endswith(SECRET_SUFFIXES)
+
+
+def _check_secrets_private(config: dict[str, Any], path: Path, mode: int) -> None:
+    if not mode & 0o077:
+        return
+    secrets = [f"[{section}] {key}" for section, values in config.items() if isinstance(values, dict)
+               for key, value in values.items() if is_secret_setting(key) and value]  # fmt: skip
+    if not secrets:
+        return
+    from rbee.errors import RbeeError
+
+    raise RbeeError(
+        "INVALID_CONFIG",
+        f"Config file {path} holds a secret ({', '.join(secrets)}) and is readable by other users (mode {mode:03o})",
+        {"file": str(path), "mode": f"{mode:03o}", "keys": ", ".join(secrets)},
+        [f"Run `chmod 600 {path}`", "Or keep the key in a file of its own (mode 600) or the environment"],
+    )
 
 
 # -- the keeper's settings ---------------------------------------------------------------
