@@ -111,7 +111,14 @@ async def test_write_file_is_owner_only_and_atomic(local: LocalTransport, tmp_pa
 
 async def test_start_detached_returns_the_programs_pid_and_the_program_outlives_the_call(local: LocalTransport, tmp_path: Path) -> None:
     log = tmp_path / "logs" / "program.log"
-    script = "import os, sys, time; print('started', os.getpid(), flush=True); time.sleep(60)"
+    # The program answers one line on a FIFO after the link has gone: proof it
+    # still runs then (a signal sent by close() arrives before it runs again).
+    fifo = tmp_path / "ask"
+    os.mkfifo(fifo)
+    script = (
+        "import os, sys, time; print('started', os.getpid(), flush=True); "
+        f"line = open({str(fifo)!r}).readline(); print('answered', line.strip(), flush=True); time.sleep(60)"
+    )
     command = f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}"
     pid = await local.start_detached(command, str(log), cwd=str(tmp_path))
     try:
@@ -127,7 +134,19 @@ async def test_start_detached_returns_the_programs_pid_and_the_program_outlives_
         assert proc.cwd() == str(tmp_path)
         assert os.getsid(pid) == pid  # its own session: no terminal, no parent's signals
         await local.close()  # the link goes; the program stays
-        await asyncio.sleep(0.2)
+        for _ in range(600):  # until the program has the FIFO open for reading (ENXIO before)
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        os.write(fd, b"still there?\n")
+        os.close(fd)
+        for _ in range(600):
+            if "answered" in log.read_text() or not proc.is_running():
+                break
+            await asyncio.sleep(0.05)
+        assert log.read_text() == f"started {pid}\nanswered still there?\n"
         assert proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     finally:
         try:

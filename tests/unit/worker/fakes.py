@@ -211,6 +211,12 @@ class FakeEngine(Engine):
         while (d := await out.get()) is not None:
             yield d
 
+    async def steps_ended(self) -> None:
+        """Until every request's steps have stopped ("engine" mode): after this,
+        ``steps`` cannot grow for any request started so far."""
+        while self._cores:
+            await asyncio.wait(set(self._cores))
+
     async def abort(self, request_id: str) -> None:
         self.aborted_ids.append(request_id)
         self.aborted[request_id].set()

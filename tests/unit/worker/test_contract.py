@@ -405,7 +405,8 @@ async def test_after_cancel_the_engine_takes_at_most_one_more_step():
         await h.stub.Cancel(pb.CancelRequest(request_ids=["s"]), metadata=MD)
         at_reply = engine.steps["s"]
         await _read_until_end(call)
-        await asyncio.sleep(0.1)  # twenty more step times: none may run
+        # Until the engine's steps for it have stopped (they only stop at abort()).
+        await asyncio.wait_for(engine.steps_ended(), 30)
         assert engine.steps["s"] - at_reply <= 1
         assert engine.steps["s"] < 1000
 
@@ -418,7 +419,7 @@ async def test_after_a_disconnect_the_engine_takes_at_most_two_more_steps():
         at_cancel = engine.steps["d"]
         call.cancel()
         await asyncio.wait_for(engine.aborted["d"].wait(), 10)
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(engine.steps_ended(), 30)
         assert engine.steps["d"] - at_cancel <= 2
         assert h.servicer.slots_busy == 0
 

@@ -227,6 +227,31 @@ def test_crash_with_exit_code():
 # -- the watch -------------------------------------------------------------------------
 
 
+class counted_looks:
+    """Counts a watch's looks at the engine's processes (each round of its loop
+    checks whether the child is gone), so a test waits for rounds, not time."""
+
+    def __init__(self, watch: EngineWatch) -> None:
+        self.count = 0
+        self._changed = asyncio.Event()
+        real = watch._child_gone
+
+        def counting() -> bool:
+            self.count += 1
+            self._changed.set()
+            return real()
+
+        watch._child_gone = counting
+
+    async def after(self, n: int, timeout: float = 30) -> None:
+        """Until ``n`` more looks have been taken."""
+        target = self.count + n
+        async with asyncio.timeout(timeout):
+            while self.count < target:
+                self._changed.clear()
+                await self._changed.wait()
+
+
 async def test_watch_follows_a_move_to_another_cgroup_and_counts_its_oom_kill(tmp_path):
     proc, fs, kmsg = tmp_path / "proc", tmp_path / "cgroup", tmp_path / "kmsg"
     kmsg.write_text("")  # readable, and never names the engine
@@ -237,14 +262,15 @@ async def test_watch_follows_a_move_to_another_cgroup_and_counts_its_oom_kill(tm
     exit_code: list[int | None] = [None]
     watch = EngineWatch(4242, "VLLM::EngineCore", lambda: exit_code[0], REMEDIES, 0.02, kmsg, proc, fs)
     heard: list[RbeeError] = []
+    looks = counted_looks(watch)
     watch.start()
     watch.on_death(heard.append)
     try:
-        await asyncio.sleep(0.1)
+        await looks.after(2)
         assert watch.verdict is None
         # An operator (or systemd) moves the engine into another cgroup while it runs.
         (proc / "4242" / "cgroup").write_text("4:memory:/job/engine\n")
-        await asyncio.sleep(0.1)
+        await looks.after(2)  # seen in its new cgroup before the kill
         # The kernel kills it there; vLLM reaps it.
         (moved / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
         (proc / "4242" / "stat").write_text("4242 (VLLM::EngineCore) Z 1 4242 4242 0 -1\n")
@@ -300,14 +326,24 @@ async def test_watch_names_a_real_process_the_kernel_log_says_was_oom_killed(tmp
 async def test_a_stopped_watch_reports_nothing(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     watch = EngineWatch(child.pid, "VLLM::EngineCore", child.poll, REMEDIES, 0.05, tmp_path / "kmsg")
+    # A second watch of the same child, left running: it names the death, so the
+    # stopped one had every chance to.
+    witness = EngineWatch(child.pid, "VLLM::EngineCore", child.poll, REMEDIES, 0.05, tmp_path / "kmsg")
     heard: list[RbeeError] = []
+    looks = counted_looks(watch)
     watch.start()
+    witness.start()
     watch.on_death(heard.append)
     await watch.stop()  # a shutdown on purpose
+    looked = looks.count
     child.kill()
     child.wait()
-    await asyncio.sleep(0.2)
+    try:
+        assert await witness.wait_verdict(30) is not None
+    finally:
+        await witness.stop()
     assert heard == [] and watch.verdict is None
+    assert looks.count == looked, "the stopped watch kept looking"
 
 
 # -- the worker's answer to the verdict (servicer, FakeEngine) --------------------------

@@ -50,10 +50,19 @@ async def test_records_travel_to_the_listener_and_files_are_cleaned_up():
     assert not Path(env["VLLM_LOGGING_CONFIG_PATH"]).exists()
 
 
-def test_handler_without_a_listener_stays_quiet(tmp_path):
+def test_handler_without_a_listener_stays_quiet(tmp_path, capsys):
+    """No worker listening (gone, or never there): the stage is dropped; the
+    engine's logging neither raises nor reports a handler error."""
+    errors: list[logging.LogRecord] = []
     handler = StageHandler(address=str(tmp_path / "nobody.sock"))
-    handler.handle(logging.LogRecord("vllm.x", logging.INFO, __file__, 1, "Loading weights took %.2f seconds", (1.0,), None))
+    handler.handleError = errors.append  # what logging calls when emit raises
+    record = logging.LogRecord("vllm.x", logging.INFO, __file__, 1, "Loading weights took %.2f seconds", (1.0,), None)
+    handler.handle(record)
+    assert handler._sock is not None, "a stage record is sent (and the send fails), not skipped"
+    handler.handle(record)  # the same socket, failing again, quietly
     handler.close()
+    assert errors == [] and capsys.readouterr().err == ""
+    assert not (tmp_path / "nobody.sock").exists()
 
 
 def test_logging_config_keeps_vllm_console_output():
