@@ -21,12 +21,12 @@ export function renderNodes(state) {
     const backends = Object.entries(n.backends || {}).map(([b, count]) => `${b} ×${count}`).join(", ") || "–";
     return el("tr", { "data-node": n.name },
       el("th", { scope: "row", text: n.name }),
-      el("td", {}, el("span", { class: `state state-${n.state.replace(" ", "-")}`, text: n.state }),
-        n.last_error && n.state !== "up" ? el("div", { class: "sub error", text: n.last_error }) : null),
-      el("td", {}, n.where, el("div", { class: "sub", text: `hive ${n.hive_address}` })),
+      el("td", {}, el("div", {}, el("span", { class: `state state-${n.state.replace(" ", "-")}`, text: n.state }),
+        n.last_error && n.state !== "up" ? el("div", { class: "sub error", text: n.last_error }) : null)),
+      el("td", {}, el("div", {}, n.where, el("div", { class: "sub", text: `hive ${n.hive_address}` }))),
       el("td", { text: n.tls ? "on" : "off" }),
       el("td", { text: backends }),
-      el("td", {}, r ? usage(r.ram_used, r.ram_total) : "–", gpus),
+      el("td", {}, el("div", {}, r ? usage(r.ram_used, r.ram_total) : "–", gpus)),
       el("td", { text: r ? usage(r.disk_used, r.disk_total) : "–" }),
       el("td", { text: n.hive_version || "–" }));
   });

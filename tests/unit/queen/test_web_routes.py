@@ -21,7 +21,6 @@ from rbee_queen.activity import Activity, Tracked
 from rbee_queen.http import events
 from rbee_queen.http.app import create_app
 from rbee_queen.http.auth import Authenticator
-from rbee_queen.http.web import router as web_router
 from rbee_queen.nodes.store import NodeStore
 from rbee_queen.workers import ClusterWorkers
 
@@ -44,7 +43,6 @@ def queen(tmp_path: Path):
 def client(queen):
     auth = Authenticator(ADMIN, lambda token: "inference" if token == APP else None)
     app = create_app(auth, None, queen)
-    app.include_router(web_router)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://queen")
 
 
