@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from rbee.cpus import read_cpu_flags
+from rbee.dtype import AUTO, BYTES, DtypeChoice, choose_dtype, model_facts, normalize, weights_bytes
 from rbee.errors import RbeeError
 from rbee_hive.detect import BACKEND_NAMES, Detection
 from rbee_hive.resources import Resources
@@ -34,6 +36,8 @@ class Check:
     required_mb: int = 0
     available_mb: int = 0
     message: str = ""
+    # What the figure assumed (the ram check: the dtype the worker will run in, and why).
+    note: str = ""
 
 
 def model_size(path: Path) -> int:
@@ -107,13 +111,54 @@ def check_disk(res: Resources, model_size_bytes: int) -> Check:
     return Check("disk", True, to_mb(need), free // MB, f"{free // MB} MB free at {res.disk_path}")
 
 
-def check_ram(res: Resources, model_size_bytes: int) -> Check:
-    need, have = required_memory_bytes(model_size_bytes), res.ram_available_bytes
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The model's weights in memory in the dtype its worker will run (rbee/dtype.py)."""
+
+    bytes: int
+    # None where the dtype is not known before the worker starts (a GPU's own choice).
+    dtype: DtypeChoice | None = None
+
+    def describe(self, model_size_bytes: int) -> str:
+        if self.dtype is None or self.bytes == model_size_bytes:
+            what = f"model {to_mb(model_size_bytes)} MB"
+        else:
+            what = f"model {to_mb(model_size_bytes)} MB on disk, {to_mb(self.bytes)} MB in {self.dtype.dtype}"
+        return f"{what} × {MEMORY_FACTOR}"
+
+
+def estimate_memory(
+    model_path: Path, backend: str, model_size_bytes: int, ram_available: int,
+    override: str = AUTO, cpu_flags: frozenset[str] | None = None,
+) -> MemoryEstimate:  # fmt: skip
+    """What the worker will hold: on CPU the dtype chosen as the worker will
+    choose it (float32 doubles a bfloat16 model's weights; bfloat16 where
+    float32 would not fit). Sizes scale only when config.json names the dtype."""
+    facts = model_facts(model_path)
+    known = facts.dtype_known
+    if backend != "cpu":
+        chosen = normalize(override)
+        if chosen == AUTO or not known:
+            return MemoryEstimate(model_size_bytes)
+        return MemoryEstimate(weights_bytes(model_size_bytes, facts.dtype, chosen), DtypeChoice(chosen, "set by worker_dtype"))
+    flags = read_cpu_flags() if cpu_flags is None else cpu_flags
+    need = {d: required_memory_bytes(weights_bytes(model_size_bytes, facts.dtype, d) if known else model_size_bytes) for d in BYTES}
+    choice = choose_dtype(
+        "cpu", facts.dtype, cpu_flags=flags, override=override, override_source="the hive's worker_dtype",
+        need_bytes=need if known else None, available_bytes=ram_available,
+    )  # fmt: skip
+    size = weights_bytes(model_size_bytes, facts.dtype, choice.dtype) if known else model_size_bytes
+    return MemoryEstimate(size, choice)
+
+
+def check_ram(res: Resources, model_size_bytes: int, memory: MemoryEstimate | None = None) -> Check:
+    memory = memory or MemoryEstimate(model_size_bytes)
+    need, have = required_memory_bytes(memory.bytes), res.ram_available_bytes
     if have < need:
         raise RbeeError(
             "INSUFFICIENT_RAM",
             f"Not enough RAM for the model: requires {to_mb(need)} MB "
-            f"(model {to_mb(model_size_bytes)} MB × {MEMORY_FACTOR}), {have // MB} MB available",
+            f"({memory.describe(model_size_bytes)}), {have // MB} MB available",
             {
                 "required_mb": to_mb(need),
                 "available_mb": have // MB,
@@ -122,7 +167,9 @@ def check_ram(res: Resources, model_size_bytes: int) -> Check:
             },
             ["Stop other workers on this node (rbee-keeper workers shutdown --id ID)", "Or use a smaller model or another node"],
         )
-    return Check("ram", True, to_mb(need), have // MB, f"{have // MB} MB available")
+    note = f"dtype {memory.dtype.line()}" if memory.dtype is not None else ""
+    message = f"{have // MB} MB available" + (f"; {note}" if note else "")
+    return Check("ram", True, to_mb(need), have // MB, message, note)
 
 
 def check_vram(res: Resources, device: int, model_size_bytes: int) -> Check:
@@ -154,12 +201,17 @@ def check_worker(
     device: int,
     model_size_bytes: int,
     needs_download: bool = False,
+    memory: MemoryEstimate | None = None,
 ) -> list[Check]:
-    """Every check in order; raises the first failure."""
+    """Every check in order; raises the first failure. ``memory``: the model's
+    size in the dtype the worker will run (estimate_memory), else its files'."""
     checks = [check_backend(detection, backend), check_device(detection, backend, device)]
     if needs_download:
         checks.append(check_disk(res, model_size_bytes))
-    checks.append(check_ram(res, model_size_bytes))
+    if backend == "cpu":
+        checks.append(check_ram(res, model_size_bytes, memory))
+    else:
+        checks.append(check_ram(res, model_size_bytes))
     if backend == "cuda":
-        checks.append(check_vram(res, device, model_size_bytes))
+        checks.append(check_vram(res, device, memory.bytes if memory is not None else model_size_bytes))
     return checks

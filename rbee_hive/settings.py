@@ -87,6 +87,13 @@ class HiveSettings(DaemonSettings):
     # Variables passed to workers beyond the ones the engine needs: names, or
     # prefixes ending in '*'. Secrets (*KEY*, *TOKEN*, *SECRET*, ...) never are.
     worker_env: Annotated[list[str], NoDecode] = []
+    # The dtype workers run their models in: "auto" lets each worker choose
+    # from the hardware (docs/hive.md); float32, bfloat16 or float16 is passed
+    # to every worker as --dtype.
+    worker_dtype: str = "auto"
+    # Cores each CPU worker gets for itself (its CPU affinity); 0 = every core
+    # no other worker holds.
+    worker_cores: int = Field(0, ge=0)
 
     @field_validator("model_dirs", "worker_sources", "worker_env", mode="before")
     @classmethod
@@ -103,6 +110,16 @@ class HiveSettings(DaemonSettings):
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value)
+
+    @field_validator("worker_dtype", mode="before")
+    @classmethod
+    def _dtype(cls, value: Any) -> Any:
+        from rbee.dtype import normalize
+
+        try:
+            return normalize(str(value))
+        except RbeeError as err:
+            raise ValueError(err.message) from None
 
     @model_validator(mode="after")
     def _check_range(self) -> "HiveSettings":

@@ -33,6 +33,9 @@ class DeviceSource(Protocol):
 
     def torch_cuda(self) -> TorchCuda: ...
 
+    def capability(self, device: int) -> tuple[int, int]:
+        """The device's CUDA compute capability (major, minor); raises when it cannot be read."""
+
 
 class SystemDevices:
     """The machine's own answers: NVML (nvidia-ml-py), /proc, torch."""
@@ -69,6 +72,32 @@ class SystemDevices:
             return TorchCuda(False, 0, f"torch {torch.__version__} (CUDA {built}) sees no usable GPU")
         count = torch.cuda.device_count()
         return TorchCuda(True, count, f"torch {torch.__version__} (CUDA {built}) sees {count} GPU(s)")
+
+
+    def capability(self, device: int) -> tuple[int, int]:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            try:
+                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(device))
+                return int(major), int(minor)
+            finally:
+                pynvml.nvmlShutdown()
+        except Exception as nvml_exc:  # noqa: BLE001 - try torch next
+            try:
+                import torch
+
+                major, minor = torch.cuda.get_device_capability(device)
+                return int(major), int(minor)
+            except Exception as exc:  # noqa: BLE001
+                raise RbeeError(
+                    "CUDA_NOT_AVAILABLE",
+                    f"Cannot read the compute capability of CUDA device {device}: "
+                    f"NVML: {type(nvml_exc).__name__}: {nvml_exc}; torch.cuda: {type(exc).__name__}: {exc}",
+                    {"device": device},
+                    ["Use --backend cpu on this machine", "Or pass --dtype float16 or --dtype bfloat16 explicitly"],
+                ) from None
 
 
 def _describe(names: list[str]) -> str:

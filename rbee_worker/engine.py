@@ -35,6 +35,13 @@ class EngineInfo:
     defaults: Mapping[str, float] = field(default_factory=dict)
     max_logprobs: int = 20
     tokenizer_sha256: str = ""
+    # What the engine runs in and why (engine_plan.py): "float32", "this CPU has no native bfloat16".
+    dtype: str = ""
+    dtype_reason: str = ""
+    # CPU: the engine's OpenMP threads, the cores they are bound to ("0-1") and its KV cache.
+    cpu_threads: int = 0
+    cpu_set: str = ""
+    kv_cache_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-ref", help="what the hive calls the model (default: the path)")
     p.add_argument("--slots", type=int, help=f"concurrent requests, 1 to {MAX_SLOTS} (default 8 on cpu, 32 on cuda)")
     p.add_argument("--max-model-len", type=int, default=2048, help="context cap (default min(model's, 2048))")
-    p.add_argument("--dtype", default="auto", help="weights dtype passed to vLLM (default auto)")
+    p.add_argument(
+        "--dtype", default="auto",
+        help="auto (default: chosen from the hardware, docs/hive.md), float32, bfloat16 or float16",
+    )  # fmt: skip
     p.add_argument(
         "--engine-check-interval", type=float, default=ENGINE_CHECK_INTERVAL_S, metavar="S",
         help=f"seconds between engine liveness checks (default {ENGINE_CHECK_INTERVAL_S:g})",
@@ -158,6 +161,12 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         raise bad("--max-model-len", f"must be at least 1 (got {args.max_model_len})", "Use a positive length")
     if not args.engine_check_interval > 0:
         raise bad("--engine-check-interval", "must be more than 0", "Use e.g. --engine-check-interval 10")
+    from rbee.dtype import normalize as normalize_dtype
+
+    try:
+        normalize_dtype(args.dtype)
+    except RbeeError as err:
+        raise bad("--dtype", err.message, err.suggestions[0]) from None
     if args.device < 0:
         raise bad("--device", f"must be 0 or more (got {args.device})", "Use --device 0")
     return Settings(
@@ -173,7 +182,7 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         model_ref=args.model_ref or args.model,
         slots=slots,
         max_model_len=args.max_model_len,
-        dtype=args.dtype,
+        dtype=normalize_dtype(args.dtype),
         engine_check_interval_s=args.engine_check_interval,
         admin_key=env.get(ENV_ADMIN_KEY, ""),
         tls_cert=args.tls_cert or "",
@@ -258,6 +267,18 @@ def vllm_engine(settings: Settings) -> Engine:
     )
 
 
+def engine_figures(info, budget) -> dict:
+    """WorkerInfo's dtype and CPU fields: the loaded engine's, else the process's own cores."""
+    from rbee.cpus import format_cpu_list
+
+    if info is not None and info.dtype:
+        return {
+            "dtype": info.dtype, "dtype_reason": info.dtype_reason,
+            "cpu_set": info.cpu_set or format_cpu_list(budget.cores), "cpu_threads": info.cpu_threads,
+        }  # fmt: skip
+    return {"cpu_set": format_cpu_list(budget.cores)}
+
+
 class Worker:
     """One worker process: server first, then the model, then serve until shutdown."""
 
@@ -299,6 +320,7 @@ class Worker:
         from rbee_worker.callback import HiveReporter
         from rbee_worker.servicer import InferenceServicer
         from rbee_worker.status import BUSY, FAILED, STOPPED, Identity, WorkerStatus
+        from rbee.cpus import cpu_budget
         s = self.s
         self.narrate(
             "🌅",
@@ -327,6 +349,8 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
 
+        budget = cpu_budget()
+
         def snapshot() -> tuple[common_pb2.WorkerInfo, RbeeError | None]:
             info = common_pb2.WorkerInfo(
                 id=identity.worker_id,
@@ -342,6 +366,7 @@ class Worker:
                 pid=identity.pid,
                 load=servicer.load(),
                 tls=tls is not None,
+                **engine_figures(status.info, budget),
             )
             return info, (status.error if status.state == FAILED else None)
 
@@ -449,7 +474,7 @@ class Worker:
         self.loader(
             "✅",
             f"Model loaded in {time.monotonic() - started:.1f} s (vllm {info.engine_version}, "
-            f"max_model_len {info.max_model_len})",
+            f"max_model_len {info.max_model_len}" + (f", {info.dtype}: {info.dtype_reason}" if info.dtype else "") + ")",
         )
         self.narrate("🐝", f"Ready: {self.s.slots} slots on {self.s.host}:{self.s.port}")
 

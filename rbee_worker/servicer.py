@@ -339,6 +339,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             worker_version=VERSION,
             tokenizer_sha256=info.tokenizer_sha256,
             max_n=self.slots_total,
+            dtype=info.dtype,
+            dtype_reason=info.dtype_reason,
+            cpu_threads=info.cpu_threads,
+            cpu_set=info.cpu_set,
+            kv_cache_bytes=info.kv_cache_bytes,
         )
         if info.bos_token_id is not None:
             reply.bos_token_id = info.bos_token_id

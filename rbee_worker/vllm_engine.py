@@ -32,15 +32,14 @@ from rbee_worker.engine import (
     load_failed,
 )
 from rbee_worker.engine_death import EngineWatch, Remedies, watch_processes
+from rbee_worker.engine_plan import EnginePlan, machine_plan, plan_fields
 from rbee_worker.load_stages import StageListener
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 2048
-# On CPU the KV cache is plain RAM reserved up front; 1 GiB holds thousands of
-# tokens for a small model without starving the other processes on the node.
-DEFAULT_CPU_KVCACHE_GIB = "1"
-# On CPU vLLM reads this as a fraction of RAM; the KV cache size above is what counts.
+# On CPU the KV cache is plain RAM reserved up front, sized from slots ×
+# context length (engine_plan.py). On CPU vLLM reads this as a fraction of RAM; the KV cache size above is what counts.
 CPU_MEMORY_UTILIZATION = 0.3
 CUDA_MEMORY_UTILIZATION = 0.85
 # When a request fails because the engine died, how long to wait for the
@@ -186,6 +185,7 @@ class VllmEngine(Engine):
         self.max_num_seqs = max_num_seqs
         self.max_model_len_cap = max_model_len
         self.dtype = dtype
+        self.plan: EnginePlan | None = None
         self._llm: Any = None
         self._tokenizer: Any = None
         self._sampling: Any = None  # (SamplingParams, RequestOutputKind, StructuredOutputsParams)
@@ -198,11 +198,8 @@ class VllmEngine(Engine):
     # -- loading -------------------------------------------------------------
 
     def _engine_env(self) -> dict[str, str]:
-        env: dict[str, str] = {}
-        if self.backend == "cpu":
-            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-                env["VLLM_CPU_KVCACHE_SPACE"] = DEFAULT_CPU_KVCACHE_GIB
-        elif self.backend == "cuda":
+        env: dict[str, str] = dict(self.plan.env) if self.plan is not None else {}
+        if self.backend == "cuda":
             # The engine runs in spawned processes that read this at start:
             # they see only the chosen GPU, as device 0.
             env["CUDA_VISIBLE_DEVICES"] = str(self.device)
@@ -229,6 +226,9 @@ class VllmEngine(Engine):
             self._tokenizer = await asyncio.to_thread(self._load_tokenizer)
 
             report("engine_config", "Preparing the engine configuration")
+            self.plan = await asyncio.to_thread(self._plan)
+            for line in self.plan.stage_lines():
+                report("engine_config", line)
             # The engine's processes inherit these; this process is the worker
             # and serves one engine, so its own environment is the right place.
             os.environ.update(self._engine_env())
@@ -256,13 +256,27 @@ class VllmEngine(Engine):
 
         return AutoTokenizer.from_pretrained(self.model_path)
 
+    def _max_model_len(self) -> int:
+        return bounded_max_model_len(self.model_path, self.max_model_len_cap) or DEFAULT_MAX_MODEL_LEN
+
+    def _plan(self) -> EnginePlan:
+        return machine_plan(
+            self.model_path, self.backend, self.device,
+            slots=self.max_num_seqs, max_model_len=self._max_model_len(), override=self.dtype,
+        )  # fmt: skip
+
     def _engine_args(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
+        plan = self.plan
+        extra: dict[str, Any] = {}
+        if plan is not None and plan.kv_cache_bytes is not None:
+            extra["kv_cache_memory_bytes"] = plan.kv_cache_bytes
         return AsyncEngineArgs(
             model=self.model_path,
             tokenizer=self.model_path,
-            dtype=self.dtype,
+            dtype=plan.dtype.dtype if plan is not None else self.dtype,
+            **extra,
             max_model_len=bounded_max_model_len(self.model_path, self.max_model_len_cap),
             max_num_seqs=self.max_num_seqs,
             enforce_eager=True,
@@ -297,11 +311,16 @@ class VllmEngine(Engine):
             backend=self.backend,
             slots=self.max_num_seqs,
             max_model_len=info.max_model_len,
-            kv_cache_gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE") if self.backend == "cpu" else None,
+            kv_cache_gib=self._kv_cache_gib() if self.backend == "cpu" else None,
         )
         self._watch = EngineWatch(pid, name or "EngineCore", exitcode, remedies)
         self._watch.start()
         self._watch.on_death(self._engine_died)
+
+    def _kv_cache_gib(self) -> str | None:
+        if self.plan is not None and self.plan.kv_cache_bytes is not None:
+            return f"{self.plan.kv_cache_bytes / 2**30:.2f}"
+        return os.environ.get("VLLM_CPU_KVCACHE_SPACE")
 
     def _engine_died(self, err: RbeeError) -> None:
         for listener in list(self._death_listeners):
@@ -343,6 +362,7 @@ class VllmEngine(Engine):
             defaults=dict(self._defaults),
             max_logprobs=int(mc.max_logprobs),
             tokenizer_sha256=tokenizer_sha256(self.model_path),
+            **plan_fields(self.plan, str(mc.dtype).removeprefix("torch.")),
         )
 
     @staticmethod

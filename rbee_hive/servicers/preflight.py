@@ -12,7 +12,7 @@ from rbee.v1 import preflight_pb2, preflight_pb2_grpc
 
 from rbee_hive.context import HiveContext
 from rbee_hive.detect import detect
-from rbee_hive.preflight import check_worker, model_size
+from rbee_hive.preflight import check_worker, estimate_memory, model_size
 
 
 class PreflightServicer(preflight_pb2_grpc.PreflightServiceServicer):
@@ -62,6 +62,7 @@ class PreflightServicer(preflight_pb2_grpc.PreflightServiceServicer):
     @handle_errors
     async def CheckWorkerResources(self, request, context: grpc.aio.ServicerContext) -> preflight_pb2.CheckWorkerResourcesResponse:
         size = request.model_size_bytes
+        path = None
         if not size:
             if not request.model_path:
                 raise RbeeError(
@@ -75,7 +76,13 @@ class PreflightServicer(preflight_pb2_grpc.PreflightServiceServicer):
             size = await asyncio.to_thread(model_size, path)
         detection = await asyncio.to_thread(detect, self._ctx.resources)
         res = await asyncio.to_thread(self._ctx.resources.snapshot, self._ctx.settings.models_dir)
-        checks = check_worker(detection, res, request.backend.strip().lower(), request.device, size, request.needs_download)
+        backend = request.backend.strip().lower()
+        memory = None
+        if path is not None:  # the dtype the worker would choose, from the model's config.json
+            memory = await asyncio.to_thread(
+                estimate_memory, path, backend, size, res.ram_available_bytes, self._ctx.settings.worker_dtype
+            )
+        checks = check_worker(detection, res, backend, request.device, size, request.needs_download, memory)
         return preflight_pb2.CheckWorkerResourcesResponse(
             checks=[
                 preflight_pb2.ResourceCheck(

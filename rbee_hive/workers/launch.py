@@ -28,6 +28,14 @@ def main() -> None:
             pass  # the hive still stops its workers itself; this only covers its own sudden death
         if os.getppid() == 1:  # the hive died before we got here
             sys.exit(1)
+    cpus = os.environ.pop("RBEE_WORKER_CPUS", None)
+    if cpus:  # the cores the hive gave this worker (rbee_hive/workers/cores.py)
+        from rbee.cpus import parse_cpu_list
+
+        try:
+            os.sched_setaffinity(0, parse_cpu_list(cpus))
+        except (ValueError, OSError, AttributeError) as exc:
+            print(f"[rbee-hive] ⚠️ cannot restrict the worker to cores {cpus}: {exc}", flush=True)
     policy = os.environ.pop("RBEE_WORKER_SANDBOX", None)
     if policy:
         from rbee_hive.workers.sandbox import restrict

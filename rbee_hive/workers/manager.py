@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee.auth import check_key, new_api_key
+from rbee.cpus import format_cpu_list
 from rbee.config import MAX_SLOTS
 from rbee.errors import RbeeError
 from rbee.narration import parse_line
@@ -25,12 +26,13 @@ from rbee.v1 import common_pb2, registry_pb2
 from rbee_hive.detect import detect
 from rbee_hive.logbook import LogBook
 from rbee_hive.model_access import ModelAccess
-from rbee_hive.preflight import MB, check_worker, model_size
+from rbee_hive.preflight import MB, check_worker, estimate_memory, model_size
 from rbee_hive.resources import ResourceSource
 from rbee_hive.settings import HiveSettings
 from rbee_hive.workers import sandbox
 from rbee_hive.workers.binary import WorkerBinaryResolver
 from rbee_hive.workers.client import WorkerClient, local_address
+from rbee_hive.workers.cores import hive_cores
 from rbee_hive.workers.environment import worker_environment
 from rbee_hive.workers.events import EventLog
 from rbee_hive.workers.leftovers import WorkerLedger
@@ -101,6 +103,8 @@ class WorkerManager:
         self.logbook = logbook
         self._narrate = narrate
         self._callback_address = callback_address
+        # Each CPU worker's own cores (rbee_hive/workers/cores.py).
+        self.cores = hive_cores(settings.worker_cores)
         self.ports = PortAllocator(settings.worker_host, settings.worker_port_start, settings.worker_port_end)
         # What a spawn may load; the provisioning service adds the catalog.
         self.models = ModelAccess(settings.model_roots)
@@ -186,7 +190,10 @@ class WorkerManager:
             size = await asyncio.to_thread(model_size, Path(spec.model_path))
         detection = await asyncio.to_thread(detect, self.resources)
         res = await asyncio.to_thread(self.resources.snapshot, self.settings.models_dir)
-        return check_worker(detection, res, spec.backend, spec.device, size, needs_download), size
+        memory = await asyncio.to_thread(
+            estimate_memory, Path(spec.model_path), spec.backend, size, res.ram_available_bytes, self.settings.worker_dtype
+        )
+        return check_worker(detection, res, spec.backend, spec.device, size, needs_download, memory), size
 
     async def spawn(self, spec: SpawnSpec) -> WorkerRecord:
         if self.closing:
@@ -219,7 +226,8 @@ class WorkerManager:
             events=EventLog(),
         )
         summary = ", ".join(
-            f"{c.name} {c.required_mb} MB needed, {c.available_mb} MB available" if c.required_mb else c.name
+            (f"{c.name} {c.required_mb} MB needed, {c.available_mb} MB available" if c.required_mb else c.name)
+            + (f" ({c.note})" if c.note else "")
             for c in checks
         )
         self._say(record, "✅", f"Preflight passed for {ref} ({size / MB:.0f} MB) on {spec.backend}:{spec.device}: {summary}")
@@ -274,6 +282,8 @@ class WorkerManager:
         ]  # fmt: skip
         if spec.slots:
             args += ["--slots", str(spec.slots)]
+        if self.settings.worker_dtype != "auto":
+            args += ["--dtype", self.settings.worker_dtype]
         if record.tls_dir is not None:
             args += [
                 "--tls-cert", str(record.tls_dir / "tls.crt"),
@@ -298,6 +308,10 @@ class WorkerManager:
         issued = self.worker_issuer.issue_leaf(f"llm-worker-rbee {record.id}", [*hosts, record.host, record.tls_name])
         write_identity(folder, issued, self.tls.ca)
         record.tls_dir = folder
+
+    def _release_cores(self, record: WorkerRecord) -> None:
+        if self.cores is not None:
+            self.cores.release(record.id)
 
     def _drop_worker_tls(self, record: WorkerRecord) -> None:
         if record.tls_dir is not None:
@@ -341,6 +355,11 @@ class WorkerManager:
             self.settings.worker_env,
         )
         env.update(self._sandbox(record))
+        if self.cores is not None and record.backend == "cpu":
+            given = self.cores.assign(record.id)
+            record.cpu_set = format_cpu_list(given.cores)
+            env["RBEE_WORKER_CPUS"] = record.cpu_set
+            self._say(record, "🧮" if given.exclusive else "⚠️", f"{record.id} runs on {given.note}", "info" if given.exclusive else "warn")
         self._say(
             record,
             "🚀",
@@ -389,6 +408,7 @@ class WorkerManager:
             await record.process.kill(self.settings.kill_wait.total_seconds())
         self.ledger.forget(record.id)
         self._drop_worker_tls(record)
+        self._release_cores(record)
         if record.port:
             self.ports.release(record.port)
         self._say(record, "❌", f"Spawn of {record.id} failed: {err.code}: {err.message}", "error")
@@ -457,6 +477,8 @@ class WorkerManager:
             record.slots_available = info.slots_available
         if info.HasField("load"):
             record.load = info.load
+        if info.dtype:
+            record.dtype, record.dtype_reason, record.cpu_threads = info.dtype, info.dtype_reason, info.cpu_threads
         if request.HasField("error") and request.error.code:
             record.failure = RbeeError.from_detail(request.error)
         self.set_state(record, info.state or State.WORKER_STATE_LOADING)
@@ -521,6 +543,7 @@ class WorkerManager:
         info = await record.process.wait()
         self.ledger.forget(record.id)
         self._drop_worker_tls(record)
+        self._release_cores(record)
         self.ports.release(record.port)
         self._pending.pop(record.id, None)
         was_registered = self.registry.remove(record.id) is not None

@@ -60,6 +60,12 @@ class WorkerRecord:
     called_back: asyncio.Event = field(default_factory=asyncio.Event)
     # The folder of the worker's certificate and key (mutual TLS), if any.
     tls_dir: Path | None = None
+    # The cores the hive gave it (rbee_hive/workers/cores.py; "" = not restricted),
+    # and what the worker reports of its engine: dtype, why, OpenMP threads.
+    cpu_set: str = ""
+    dtype: str = ""
+    dtype_reason: str = ""
+    cpu_threads: int = 0
     # The identity name its certificate carries (rbee/tls_identity.py), if any.
     tls_name: str = ""
 
@@ -92,6 +98,10 @@ class WorkerRecord:
             load=self.load,
             tls=self.tls_dir is not None,
             tls_name=self.tls_name,
+            dtype=self.dtype,
+            dtype_reason=self.dtype_reason,
+            cpu_set=self.cpu_set,
+            cpu_threads=self.cpu_threads,
         )
 
 

@@ -48,6 +48,11 @@ def _worker_dict(w: common_pb2.WorkerInfo) -> dict:
         "pid": w.pid,
         # Serves mutual TLS (certificates of the cluster CA).
         "tls": w.tls,
+        # The dtype its engine runs in and why; the cores it runs on and its engine's threads.
+        "dtype": w.dtype,
+        "dtype_reason": w.dtype_reason,
+        "cpu_set": w.cpu_set,
+        "cpu_threads": w.cpu_threads,
         # As the worker last reported it to its hive (None before its first report).
         "load": {
             "running": w.load.running_requests,
@@ -57,6 +62,16 @@ def _worker_dict(w: common_pb2.WorkerInfo) -> dict:
             "unix_ms": w.load.unix_ms,
         } if w.HasField("load") else None,
     }
+
+
+def _engine(w) -> str:
+    """e.g. "float32 · 2 thr on 0-1" ("-" before the model is loaded)."""
+    parts = [w.dtype or "-"]
+    if w.cpu_threads:
+        parts.append(f"{w.cpu_threads} thr on {w.cpu_set}")
+    elif w.cpu_set:
+        parts.append(f"cores {w.cpu_set}")
+    return " · ".join(parts)
 
 
 def _load(w) -> str:
@@ -99,8 +114,8 @@ def list_cmd(
             workers = await client.list(model, wanted)
         return show_listing(
             workers, as_json, _worker_dict, f"No workers on {client.address}",
-            ("ID", "STATE", "MODEL", "BACKEND", "ADDRESS", "SLOTS FREE", "LOAD", "PID"),
-            lambda w: (w.id, _state(w.state), w.model_ref, f"{w.backend}:{w.device}", w.address,
+            ("ID", "STATE", "MODEL", "BACKEND", "ENGINE", "ADDRESS", "SLOTS FREE", "LOAD", "PID"),
+            lambda w: (w.id, _state(w.state), w.model_ref, f"{w.backend}:{w.device}", _engine(w), w.address,
                        f"{w.slots_available}/{w.slots_total}", _load(w), str(w.pid)),
         )  # fmt: skip
 
@@ -118,8 +133,8 @@ async def _list_cluster(queen: str, api_key: str | None, node: str, capability: 
     return show_listing(
         workers, as_json, lambda c: {"node": c.node, "capability": c.capability, "hive": c.hive_address, **_worker_dict(c.worker)},
         f"No workers on any node known to the queen at {client.address}",
-        ("NODE", "ID", "STATE", "MODEL", "DEVICE", "ADDRESS", "SLOTS FREE", "LOAD"),
-        lambda c: (c.node, c.worker.id, _state(c.worker.state), c.worker.model_ref, c.capability, c.worker.address,
+        ("NODE", "ID", "STATE", "MODEL", "DEVICE", "ENGINE", "ADDRESS", "SLOTS FREE", "LOAD"),
+        lambda c: (c.node, c.worker.id, _state(c.worker.state), c.worker.model_ref, c.capability, _engine(c.worker), c.worker.address,
                    f"{c.worker.slots_available}/{c.worker.slots_total}", _load(c.worker)),
     )  # fmt: skip
 
