@@ -57,6 +57,9 @@ RBEE_STATUS = {
     "MODEL_LOAD_FAILED": 503,
     "SSH_CONNECTION_FAILED": 503,
     "CONNECTION_TIMEOUT": 503,
+    "STREAM_BROKEN": 503,
+    "ENGINE_DIED": 503,
+    "ENGINE_OOM_KILLED": 503,
 }
 # Seconds a client should wait before retrying a 429/503.
 RETRY_AFTER_S = 1

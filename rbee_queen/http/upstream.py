@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from rbee.channel import metadata, open_channel
-from rbee.errors import from_rpc_error
+from rbee.errors import RbeeError, from_rpc_error
 from rbee.v1 import inference_pb2, inference_pb2_grpc
 
 from rbee_queen.hives import cluster_ca
@@ -62,10 +62,16 @@ class WorkerChannels:
         the worker takes as a cancel of the request."""
         stub = inference_pb2_grpc.InferenceServiceStub(self.get(lease))
         call = stub.Generate(request, metadata=lease.metadata)
+        began = False
         try:
             async for msg in call:
+                began = True
                 yield msg
         except grpc.RpcError as err:
-            raise from_rpc_error(err, lease.address) from None
+            error = from_rpc_error(err, lease.address)
+            if began and error.code in ("UNAVAILABLE", "CANCELLED", "WORKER_UNREACHABLE"):
+                raise RbeeError("STREAM_BROKEN", f"Worker {lease.worker_id} on {lease.node} stopped answering mid-stream",
+                                {"worker": lease.worker_id, "node": lease.node}) from None  # fmt: skip
+            raise error from None
         finally:
             call.cancel()
