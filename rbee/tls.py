@@ -48,7 +48,7 @@ CA_DAYS = 3650
 LEAF_DAYS = 397
 # A node's hive and issuing certificates: short, renewed at each hive start
 # (the queen issues and delivers them again then).
-NODE_DAYS = 30
+NODE_DAYS = 90
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
