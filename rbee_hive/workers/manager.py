@@ -479,6 +479,8 @@ class WorkerManager:
             record.load = info.load
         if info.dtype:
             record.dtype, record.dtype_reason, record.cpu_threads = info.dtype, info.dtype_reason, info.cpu_threads
+        if info.cpu_set:  # the cores the worker found itself on (the hive's assignment, or all of them)
+            record.cpu_set = info.cpu_set
         if request.HasField("error") and request.error.code:
             record.failure = RbeeError.from_detail(request.error)
         self.set_state(record, info.state or State.WORKER_STATE_LOADING)
