@@ -46,6 +46,11 @@ def daemon(
         help="How long an HTTP request waits for a model to load before 503 with Retry-After (default 300s; "
         "RBEE_QUEEN_HTTP_COLD_START_WAIT).",
     ),  # fmt: skip
+    metrics_public: bool = typer.Option(
+        None, "--metrics-public",
+        help="Serve GET /metrics (Prometheus) without a key; by default it needs the queen's key or one from "
+        "`rbee-keeper keys create` (RBEE_QUEEN_METRICS_PUBLIC).",
+    ),  # fmt: skip
 ) -> None:
     """Run the queen in the foreground until SIGTERM or Ctrl+C.
 
@@ -66,7 +71,7 @@ def daemon(
         return await serve(load_settings(
             port=port, host=host, api_key=api_key, api_key_file=api_key_file, insecure=insecure,
             http_port=http_port, http_host=http_host, http_cert=http_cert, http_key=http_key,
-            http_cold_start_wait=http_cold_start_wait,
+            http_cold_start_wait=http_cold_start_wait, metrics_public=metrics_public,
         ))  # fmt: skip
 
     run_daemon(ACTOR, main)

@@ -45,6 +45,8 @@ class QueenSettings(DaemonSettings):
     http_key: Path | None = None
     # How long an HTTP request waits for a cold start before 503 + Retry-After.
     http_cold_start_wait: timedelta = timedelta(seconds=300)
+    # GET /metrics without a key (for a Prometheus on a trusted network).
+    metrics_public: bool = False
 
     # SSH (S3): per-attempt connect timeout and attempts.
     ssh_connect_timeout: timedelta = timedelta(seconds=10)

@@ -168,6 +168,7 @@ async def _whole(request: Request, r: Router, call: _Call, lease: WorkerLease | 
     status = 500
     collected = Collected(call.n, call.kind == "completion")
     seen = False
+    last = 0.0
     try:
         if lease is None:
             assert cold is not None
@@ -176,9 +177,13 @@ async def _whole(request: Request, r: Router, call: _Call, lease: WorkerLease | 
             try:
                 async for msg in r.channels.generate(lease, call.generate):
                     if msg.HasField("delta"):
+                        at = time.monotonic()
                         if not seen:
                             seen = True
-                            observer.first_token(call.route, call.ref, call.node, time.monotonic() - call.arrived)
+                            observer.first_token(call.route, call.ref, call.node, at - call.arrived)
+                        else:
+                            observer.tokens(call.route, call.ref, call.node, len(msg.delta.token_ids), at - last)
+                        last = at
                         collected.add(msg.delta)
                     else:
                         collected.final = msg.final
@@ -252,6 +257,7 @@ async def _stream(r: Router, call: _Call, lease: WorkerLease | None, cold: ColdS
             began: set[int] = set()
             offsets = [0] * call.n
             last = time.monotonic()
+            first = True
             try:
                 async for msg in r.channels.generate(lease, call.generate):
                     if msg.HasField("final"):
@@ -271,7 +277,8 @@ async def _stream(r: Router, call: _Call, lease: WorkerLease | None, cold: ColdS
                         return
                     d = msg.delta
                     at = time.monotonic()
-                    if not committed:
+                    if first:  # also after a cold start's comment lines
+                        first = False
                         observer.first_token(call.route, call.ref, call.node, at - call.arrived)
                     else:
                         observer.tokens(call.route, call.ref, call.node, len(d.token_ids), at - last)

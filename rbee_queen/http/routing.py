@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -86,6 +87,9 @@ class ColdStart:
     task: asyncio.Task | None = None
     stages: list[str] = field(default_factory=list)
     listeners: list[asyncio.Queue] = field(default_factory=list)
+    began: float = field(default_factory=time.monotonic)
+    # Requests waiting on it now (the metrics' rbee_requests_queued).
+    waiting: int = 0
 
     def publish(self, line: str) -> None:
         line = " ".join(line.split())[:300]
@@ -218,6 +222,20 @@ class Router:
             del self._cold[key]
         if not task.cancelled() and task.exception() is not None:
             log.info("cold start of %s on %s failed: %s", start.ref, start.node, task.exception())
+        outcome = "cancelled" if task.cancelled() else "failed" if task.exception() is not None else "ready"
+        self._observe("cold_start_done", model=start.ref, node=start.node, seconds=time.monotonic() - start.began, outcome=outcome)
+
+    def load(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Requests on a worker now and requests waiting on a cold start now, per model."""
+        running: dict[str, int] = {}
+        for cached in list(self._access.values()):
+            if cached.in_flight > 0:
+                running[cached.lease.model_ref] = running.get(cached.lease.model_ref, 0) + cached.in_flight
+        queued: dict[str, int] = {}
+        for start in list(self._cold.values()):
+            if start.waiting > 0:
+                queued[start.ref] = queued.get(start.ref, 0) + start.waiting
+        return running, queued
 
     async def _run_cold(self, start: ColdStart) -> WorkerLease:
         relay = _Stages(self.narrate, start)
@@ -255,6 +273,7 @@ class Router:
             start.listeners.append(queue)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cold_start_wait_s
+        start.waiting += 1
         try:
             while True:
                 left = deadline - loop.time()
@@ -271,6 +290,7 @@ class Router:
                 if start.task in done:
                     return start.task.result()
         finally:
+            start.waiting -= 1
             if queue in start.listeners:
                 start.listeners.remove(queue)
 

@@ -127,6 +127,24 @@ def tls_files(host: str, insecure: bool, cert: Path | None, key: Path | None, ca
 
 
 
+def install_metrics(app: Any, router: Any, queen: Any, public: bool) -> None:
+    """GET /metrics over the queen's registry, nodes and router; the proxy
+    and the router report to it."""
+    from rbee_queen.http.metrics import ClusterCollector, QueenMetrics, metrics_router
+
+    def nodes() -> list[str]:
+        try:
+            return [r.name for r in queen.store.list()]
+        except RbeeError:
+            return []
+
+    metrics = QueenMetrics(ClusterCollector(queen.registry.list, nodes, queen.registry.heard_from, router.load))
+    app.state.metrics = metrics
+    app.state.observer = metrics.proxy_observer()
+    router.observers.append(metrics.observer())
+    app.include_router(metrics_router(metrics, public))
+
+
 async def start_front_door(queen: Any) -> HttpServer | None:
     """The queen's HTTP front door on ``http_port`` (None when it is 0):
     the app with its router over the queen's registry and task flow."""
@@ -142,7 +160,9 @@ async def start_front_door(queen: Any) -> HttpServer | None:
     cert, key = await asyncio.to_thread(tls_files, host, s.insecure, s.http_cert, s.http_key, cluster_ca(), s.rbee_home / "tls")
     admin, _source = s.api_key_value()
     router = Router(queen.store, queen.registry, queen.tasks, queen.narrate, s.http_cold_start_wait.total_seconds())
-    app = create_app(Authenticator(admin), router, queen)
+    # Keys made with `rbee-keeper keys create` open the API beside the queen's own.
+    app = create_app(Authenticator(admin, queen.app_keys.verify), router, queen)
+    install_metrics(app, router, queen, s.metrics_public)
     server = HttpServer(app)
     port = await server.start(host, s.http_port, cert, key)
     shown = f"[{host}]" if ":" in host else host
