@@ -8,6 +8,7 @@ This module is the one place that maps codes to gRPC status codes and back.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -74,6 +75,11 @@ CODES: dict[str, grpc.StatusCode] = {
     "DISK_FULL": S.RESOURCE_EXHAUSTED,
     "NO_FREE_PORT": S.RESOURCE_EXHAUSTED,
     "PORT_IN_USE": S.RESOURCE_EXHAUSTED,
+    # A message beyond gRPC's size limit (grpc's own RESOURCE_EXHAUSTED,
+    # named with the limit; not a busy worker: no retry helps).
+    "MESSAGE_TOO_LARGE": S.RESOURCE_EXHAUSTED,
+    # A bare RESOURCE_EXHAUSTED from a peer that said nothing more.
+    "RESOURCE_EXHAUSTED": S.RESOURCE_EXHAUSTED,
     # The queen holds at most this many application keys (each request checks them all).
     "APP_KEY_LIMIT": S.RESOURCE_EXHAUSTED,
     # timeouts
@@ -94,6 +100,10 @@ CODES: dict[str, grpc.StatusCode] = {
     "CONNECTION_TIMEOUT": S.UNAVAILABLE,
     "STREAM_BROKEN": S.UNAVAILABLE,
     "TLS_HANDSHAKE_FAILED": S.UNAVAILABLE,
+    # Enrolment of a keeper (rbee_queen/enrol.py): a token unknown, used or
+    # expired; a queen whose CA is not the token's.
+    "ENROL_TOKEN_INVALID": S.PERMISSION_DENIED,
+    "ENROL_CA_MISMATCH": S.FAILED_PRECONDITION,
     # preconditions
     "BACKEND_UNAVAILABLE": S.FAILED_PRECONDITION,
     "CUDA_NOT_AVAILABLE": S.FAILED_PRECONDITION,
@@ -141,7 +151,8 @@ _FALLBACK: dict[grpc.StatusCode, str] = {
     S.NOT_FOUND: "NOT_FOUND",
     S.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
     S.CANCELLED: "CANCELLED",
-    S.RESOURCE_EXHAUSTED: "ALL_SLOTS_BUSY",
+    # Only a worker's own ErrorDetail says ALL_SLOTS_BUSY (and is retried).
+    S.RESOURCE_EXHAUSTED: "RESOURCE_EXHAUSTED",
     S.UNAVAILABLE: "UNAVAILABLE",
 }
 
@@ -233,6 +244,31 @@ class RbeeError(Exception):
 _TLS_FAILURES = ("handshake", "CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "PEER_DID_NOT_RETURN_A_CERTIFICATE", "ssl_transport_security")
 
 
+# grpc's own wording when a message passes a size limit, on either side
+# ("SERVER: Received message larger than max (62914565 vs. 4194304)").
+_TOO_LARGE = re.compile(r"(Received|Sent) message larger than max \((\d+) vs\. (\d+)\)")
+
+
+def _too_large(message: str, details: dict[str, str], target: str) -> RbeeError | None:
+    found = _TOO_LARGE.search(message)
+    if found is None:
+        return None
+    direction, size, limit = found.group(1), int(found.group(2)), int(found.group(3))
+    who = target or "the daemon"
+    if direction == "Sent":
+        text = f"The request is {size} bytes; this client sends at most {limit} bytes in one message"
+    elif message.startswith("SERVER:") or target:
+        text = f"The request is {size} bytes; {who} accepts at most {limit} bytes in one message"
+    else:
+        text = f"A reply of {size} bytes passed this client's limit of {limit} bytes in one message"
+    return RbeeError(
+        "MESSAGE_TOO_LARGE",
+        text,
+        {**details, "size_bytes": size, "limit_bytes": limit},
+        ["Send less in one request: the bound of each field is in docs/inference-api.md"],
+    )
+
+
 def from_rpc_error(err: grpc.RpcError, target: str = "") -> RbeeError:
     """Turn a failed call back into an RbeeError (the client side of the map)."""
     code_fn = getattr(err, "code", None)
@@ -257,6 +293,8 @@ def from_rpc_error(err: grpc.RpcError, target: str = "") -> RbeeError:
     details = {"grpc_status": status_code.name}
     if target:
         details["target"] = target
+    if status_code == S.RESOURCE_EXHAUSTED and (too_large := _too_large(message, details, target)) is not None:
+        return too_large
     if status_code == S.UNAVAILABLE and any(m in message for m in _TLS_FAILURES):
         return RbeeError(
             "TLS_HANDSHAKE_FAILED",

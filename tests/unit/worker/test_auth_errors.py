@@ -123,7 +123,8 @@ async def test_engine_failure_mid_stream_is_an_internal_status():
 @pytest.mark.parametrize(
     ("status", "code"),
     [
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, "ALL_SLOTS_BUSY"),
+        # Only a worker's own ErrorDetail means ALL_SLOTS_BUSY (retried by the keeper).
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
         (grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY"),
         (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
         (grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE"),
