@@ -1,7 +1,8 @@
 """Keys for applications through the real programs: a queen process, the
 keeper's console script creating, listing (never showing a key), refusing
-duplicates and bad names, revoking; the key opens the queen's HTTP API and
-nothing of its gRPC (docs/security.md)."""
+duplicates and bad names, revoking; the key opens the queen's HTTP API (the
+official `openai` client and /metrics) and nothing of its gRPC, and a revoked
+key is refused by the very next request (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import re
 
 import grpc
+import httpx
+import openai
 import pytest
 
 from rbee.auth import auth_metadata
@@ -16,6 +19,7 @@ from rbee.channel import open_channel
 from rbee.errors import from_rpc_error
 from rbee.v1 import nodes_pb2, nodes_pb2_grpc
 
+from tests.fixtures.hive import free_port_block
 from tests.fixtures.queen import QueenProc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -87,3 +91,39 @@ async def test_the_keys_commands_need_the_queens_key(queen: QueenProc) -> None:
     assert code == 1 and out == "" and "INVALID_API_KEY" in err
     code, out, err = await queen.keeper("keys", "list", "--json")
     assert code == 0 and out == "", err
+
+
+async def test_a_key_opens_the_http_api_until_it_is_revoked(queen_factory) -> None:
+    http_port = free_port_block(1)
+    queen = await queen_factory(RBEE_QUEEN_HTTP_PORT=str(http_port))
+    root = f"http://127.0.0.1:{http_port}"
+    key = await create(queen, "webui")
+    ops = await create(queen, "ops", "--scope", "admin")
+    client = openai.AsyncOpenAI(base_url=f"{root}/v1", api_key=key, max_retries=0, timeout=30)
+    try:
+        assert (await client.models.list()).data == []  # accepted: no node, so no model yet
+        async with httpx.AsyncClient(timeout=30) as http:
+            for who in (key, ops):
+                resp = await http.get(f"{root}/metrics", headers={"Authorization": f"Bearer {who}"})
+                assert resp.status_code == 200 and "rbee_requests_total" in resp.text
+            assert (await http.get(f"{root}/metrics")).status_code == 401
+        # An inference key on an admin route of the HTTP API.
+        with pytest.raises(openai.PermissionDeniedError):
+            await client.post(f"{root}/api/web/workers/stop", body={"node": "here", "worker_id": "w-1"}, cast_to=object)
+        # Last use shows in the listing at once.
+        code, out, err = await queen.keeper("keys", "list", "--json")
+        used = {k["name"]: k["last_used_unix"] for k in map(json.loads, out.splitlines())}
+        assert used["webui"] > 0 and used["ops"] > 0, out
+
+        code, out, err = await queen.keeper("keys", "revoke", "webui")
+        assert code == 0, err
+        with pytest.raises(openai.AuthenticationError):
+            await client.models.list()
+        # The other key and the queen's own are untouched.
+        admin = (queen.home / "queen.key").read_text().strip()
+        for other in (ops, admin):
+            async with openai.AsyncOpenAI(base_url=f"{root}/v1", api_key=other, max_retries=0, timeout=30) as c:
+                assert (await c.models.list()).data == []
+    finally:
+        await client.close()
+    assert key not in queen.text() and ops not in queen.text()
