@@ -78,6 +78,7 @@ def _config(cli: Cli, where: str, docstring: str) -> None:
     path = cli.path(where)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(cli.fill(docstring) + "\n")
+    path.chmod(0o600)  # it may hold a key: rbee refuses one other users can read
 
 
 @given("a gRPC server that starts listening on a free port after 300 ms", target_fixture="late_port")

@@ -2,10 +2,17 @@
 folders and write a default config file (S11).
 
 User install: ~/.local/bin, ~/.config/rbee/, ~/.local/share/rbee/models/.
-System install: /usr/local/bin, /etc/rbee/, /var/lib/rbee/models/ (needs root).
-The programs are linked, not copied, to this installation, so an update of
-the installation updates them. An existing config file is never overwritten;
-running install again changes nothing that is already right.
+The programs are linked to this installation, so an update of the
+installation updates them.
+System install: /usr/local/bin, /etc/rbee/ (config.toml 0640), /var/lib/rbee/
+(needs root). Root runs these programs, so they are root-owned launchers of a
+root-owned copy of this environment in /usr/local/lib/rbee
+(rbee_keeper/system_install.py), never links into a user's environment; run
+it again after an update (it copies what changed).
+``--prefix DIR`` puts everything under DIR (DIR/usr/local/bin, ...), where it
+runs as it is: a staging root, and how the tests install into a temporary folder.
+An existing config file is never overwritten (one every user could read loses
+that); running install again changes nothing that is already right.
 """
 
 from __future__ import annotations
@@ -67,7 +74,7 @@ class Layout:
 
 def layout(system: bool, prefix: Path | None = None, home: Path | None = None) -> Layout:
     """Where things go. ``prefix`` is prepended to the system paths (a staging
-    root, as DESTDIR); a user install follows HOME."""
+    root whose programs run from there); a user install follows HOME."""
     if system:
         root = prefix or Path("/")
         return Layout(root / "usr/local/bin", root / "etc/rbee", root / "var/lib/rbee")
@@ -133,17 +140,32 @@ def do_install(system: bool, prefix: Path | None) -> int:
         else:
             folder.mkdir(parents=True, mode=mode)
             say("📁", f"Created {folder}")
-    programs = Path(sys.executable).parent
-    for name in PROGRAMS:
-        target = programs / name
-        if target.exists():
-            _link(target, where.bin / name, say)
-        else:
-            say("⚠️", f"{target} not found: {name} not linked")
+    if system:
+        from rbee_keeper.system_install import copy_environment, write_launchers
+
+        if os.geteuid() != 0:
+            say("⚠️", f"Not running as root: the files under {where.bin.parent.parent} are yours, not root's; "
+                "chown them to root before root runs them")  # fmt: skip
+        write_launchers(where.bin, copy_environment(where.bin.parents[2], say), PROGRAMS, say)
+    else:
+        programs = Path(sys.executable).parent
+        for name in PROGRAMS:
+            target = programs / name
+            if target.exists():
+                _link(target, where.bin / name, say)
+            else:
+                say("⚠️", f"{target} not found: {name} not linked")
+    # A system config file is root's, readable by root's group: 0640 (0600
+    # once it holds a key: rbee/config.py refuses a key others can read).
+    config_mode = 0o640 if system else 0o600
     if where.config_file.exists():
         say("✅", f"Kept the existing config file {where.config_file}")
+        mode = where.config_file.stat().st_mode & 0o777
+        if mode & 0o007:
+            os.chmod(where.config_file, mode & 0o770)
+            say("🔒", f"{where.config_file} was readable by every user (mode {mode:03o}): now {mode & 0o770:03o}")
     else:
-        fd = os.open(where.config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(where.config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, config_mode)
         with os.fdopen(fd, "w") as out:
             out.write(DEFAULT_CONFIG.format(data=where.data))
         say("📝", f"Wrote the default config file {where.config_file}")
@@ -154,7 +176,7 @@ def do_install(system: bool, prefix: Path | None) -> int:
 
 
 def install(
-    system: bool = typer.Option(False, "--system", help="System paths (/usr/local/bin, /etc/rbee/, /var/lib/rbee/): needs root."),
+    system: bool = typer.Option(False, "--system", help="System paths (/usr/local/bin, /etc/rbee/, /var/lib/rbee/), programs copied into a root-owned /usr/local/lib/rbee: needs root."),
     prefix: Path = typer.Option(None, "--prefix", metavar="DIR", help="Install under DIR instead (staging root for --system, HOME-like folder otherwise)."),
 ) -> None:
     """Put rbee's programs on PATH, create its folders and write a default config file (never overwriting one).

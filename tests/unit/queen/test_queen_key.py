@@ -70,6 +70,7 @@ def test_a_configured_key_wins_and_no_file_is_written(env: Path, monkeypatch: py
 
 def test_the_config_files_queen_section_sets_the_key(env: Path, tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text('[queen]\napi_key = "from-the-config"\n')
+    (tmp_path / "config.toml").chmod(0o600)
     assert QueenSettings().api_key_value() == ("from-the-config", "configured")
 
 
@@ -84,6 +85,7 @@ def test_the_keeper_looks_for_the_key_flag_then_env_then_config_then_the_queens_
 
     config = tmp_path / "config.toml"
     config.write_text('[keeper]\nqueen_api_key = "from-the-config"\n')
+    config.chmod(0o600)
     assert resolve_queen_key(None, ADDRESS) == ("from-the-config", f"{config} [keeper] queen_api_key")
 
     monkeypatch.setenv("RBEE_QUEEN_API_KEY", "from-the-environment")
@@ -95,6 +97,7 @@ def test_the_keeper_looks_for_the_key_flag_then_env_then_config_then_the_queens_
 def test_the_hives_key_settings_are_not_taken_for_the_queens(env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RBEE_API_KEY", "a-hive-key")
     (tmp_path / "config.toml").write_text('[keeper]\napi_key = "a-hive-key"\n')
+    (tmp_path / "config.toml").chmod(0o600)
     with pytest.raises(RbeeError) as caught:
         resolve_queen_key(None, ADDRESS)
     assert caught.value.code == "MISSING_API_KEY"
