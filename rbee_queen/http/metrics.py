@@ -19,11 +19,13 @@ Two kinds of figures:
   start. Nothing is kept between scrapes: a worker that is gone has no
   series any more, and no gauge can drift from a missed decrement.
 
-Labels are bounded: ``model`` is a model reference only once a request's
-``model`` resolved to a model the cluster knows (else ``unresolved``), so a
-client cannot mint series by sending made-up names; ``node`` is a registered
-node or ``none``; ``status`` is the HTTP status of the reply (``499`` when
-the client went away first).
+Labels are bounded: ``model`` is a model reference only once the cluster
+served that model (a worker answered for it, or a cold start of it got a
+worker) or a worker of it is live; anything else, a made-up name or a
+well-formed reference whose download fails, is ``unresolved``. So a client
+cannot mint series by sending names. ``node`` is a registered node or
+``none``; ``status`` is the HTTP status of the reply (``499`` when the client
+went away first).
 """
 
 from __future__ import annotations
@@ -108,7 +110,11 @@ class ClusterCollector(Collector):
 
 
 class QueenMetrics:
-    def __init__(self, collector: Collector | None = None) -> None:
+    def __init__(self, collector: Collector | None = None, loaded: Callable[[], Iterable[str]] | None = None) -> None:
+        """``loaded()``: the references of the models with a live worker now."""
+        self._loaded = loaded
+        # References the cluster served: real models, so bounded by what the nodes can hold.
+        self._served: set[str] = set()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("rbee_requests", "HTTP inference requests by model, node and reply status.",
@@ -133,8 +139,20 @@ class QueenMetrics:
         """For ``app.state.observer``: what the proxy reports of each request."""
         return MetricsObserver(self)
 
+    def model_label(self, ref: str, served: bool = False) -> str:
+        """``ref`` when the cluster served it (now, with ``served``) or has a
+        live worker of it, else ``unresolved``."""
+        if served:
+            self._served.add(ref)
+        if ref in self._served:
+            return ref
+        if self._loaded is not None and ref in set(self._loaded()):
+            return ref
+        return UNRESOLVED
+
     def cold_start_done(self, model: str, node: str, seconds: float, outcome: str) -> None:
         """``outcome``: ready, failed, or cancelled (the queen stopped)."""
+        model = self.model_label(model, served=outcome == "ready")
         self.cold_starts.labels(model, node or NO_NODE, outcome).inc()
         self.cold_start_duration.labels(model, node or NO_NODE, outcome).observe(max(0.0, seconds))
 
@@ -161,7 +179,7 @@ class MetricsObserver(ProxyObserver):
         self._m.requests.labels(UNRESOLVED, NO_NODE, str(status)).inc()
 
     def first_token(self, route: str, model: str, node: str, seconds: float) -> None:
-        self._m.ttft.labels(model).observe(max(0.0, seconds))
+        self._m.ttft.labels(self._m.model_label(model, served=True)).observe(max(0.0, seconds))
 
     def tokens(self, route: str, model: str, node: str, count: int, seconds_since_last: float) -> None:
         """The gap since the previous message spread over the tokens this one
@@ -169,13 +187,14 @@ class MetricsObserver(ProxyObserver):
         if count <= 0:
             return
         gap = max(0.0, seconds_since_last) / count
-        itl = self._m.itl.labels(model)
+        itl = self._m.itl.labels(self._m.model_label(model, served=True))
         for _ in range(count):
             itl.observe(gap)
 
     def request_finished(self, route: str, model: str, node: str, status: int, seconds: float,
                          prompt_tokens: int, completion_tokens: int) -> None:  # fmt: skip
         m = self._m
+        model = m.model_label(model, served=200 <= status < 300 or completion_tokens > 0)
         m.requests.labels(model, node or NO_NODE, str(status)).inc()
         m.e2e.labels(model).observe(max(0.0, seconds))
         if prompt_tokens > 0:

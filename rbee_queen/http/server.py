@@ -138,7 +138,8 @@ def install_metrics(app: Any, router: Any, queen: Any, public: bool) -> None:
         except RbeeError:
             return []
 
-    metrics = QueenMetrics(ClusterCollector(queen.registry.list, nodes, queen.registry.heard_from, router.load))
+    collector = ClusterCollector(queen.registry.list, nodes, queen.registry.heard_from, router.load)
+    metrics = QueenMetrics(collector, router.models.loaded)
     app.state.metrics = metrics
     app.state.observer = metrics.proxy_observer()
     router.observers.append(metrics.observer())

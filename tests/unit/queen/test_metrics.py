@@ -81,6 +81,26 @@ def test_unknown_models_never_become_labels() -> None:
     assert "made-up" not in text and "etc" not in text
 
 
+def test_a_well_formed_reference_nobody_has_is_no_label_either() -> None:
+    # Any well-formed reference routes to a cold start (a download): until the
+    # cluster serves it, it is not a label, or names would mint series.
+    live = {"hf:org/loaded"}
+    m = QueenMetrics(loaded=lambda: live)
+    o = m.proxy_observer()
+    for i in range(3):
+        o.request_finished(ROUTE, f"hf:nobody/thing-{i}", "box", 404, 0.1, 0, 0)
+        m.observer()("cold_start_done", model=f"hf:nobody/thing-{i}", node="box", seconds=1.0, outcome="failed")
+    o.request_finished(ROUTE, "hf:org/loaded", "box", 429, 0.01, 0, 0)  # busy, but its worker is live
+    assert value(m, "rbee_requests_total", model=UNRESOLVED, node="box", status="404") == 3
+    assert value(m, "rbee_cold_starts_total", model=UNRESOLVED, node="box", outcome="failed") == 3
+    assert value(m, "rbee_requests_total", model="hf:org/loaded", node="box", status="429") == 1
+    assert "nobody" not in m.exposition().decode()
+    # Once served (a cold start that got its worker), the reference is a label for good.
+    m.observer()("cold_start_done", model="hf:nobody/thing-0", node="box", seconds=9.0, outcome="ready")
+    o.request_finished(ROUTE, "hf:nobody/thing-0", "box", 503, 0.1, 0, 0)
+    assert value(m, "rbee_requests_total", model="hf:nobody/thing-0", node="box", status="503") == 1
+
+
 def test_cold_starts_and_their_duration_by_outcome() -> None:
     m = QueenMetrics()
     observe = m.observer()
