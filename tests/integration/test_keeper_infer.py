@@ -108,10 +108,14 @@ def _reference_main(model: str, prompt: str, max_tokens: int) -> None:
 
     async def generate() -> dict:
         # The settings the worker documents for CPU: eager mode, 2048-token
-        # context, automatic dtype; greedy output depends on none of the others.
+        # context, the dtype the worker chooses on this machine (greedy output
+        # differs between float32 and bfloat16); it depends on none of the others.
+        from rbee_worker.engine_plan import machine_plan
+
+        dtype = machine_plan(model, "cpu", 0, slots=8, max_model_len=2048).dtype.dtype
         llm = AsyncLLM.from_engine_args(
             AsyncEngineArgs(
-                model=model, dtype="auto", max_model_len=2048, enforce_eager=True,
+                model=model, dtype=dtype, max_model_len=2048, enforce_eager=True,
                 gpu_memory_utilization=0.3, disable_log_stats=True,
             )
         )
