@@ -7,6 +7,7 @@ pytest_plugins = [
     "tests.fixtures.hive",
     "tests.fixtures.models",
     "tests.fixtures.queen",
+    "tests.fixtures.cluster",
     "tests.fixtures.ssh",
     "tests.fixtures.browser",
 ]

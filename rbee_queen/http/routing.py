@@ -53,9 +53,7 @@ class _Stages(EventRelay):
         if ev.HasField("narration"):
             return format_line(ev.narration)
         if ev.HasField("progress"):
-            p = ev.progress
-            pct = f" {p.current * 100 // p.total}%" if p.total else ""
-            return f"{p.stage}{pct} {p.message}".strip()
+            return self._start.progress_line(ev.progress)
         return ""
 
     def _wrap_result(self, result):  # pragma: no cover - run() is not used here
@@ -90,6 +88,19 @@ class ColdStart:
     began: float = field(default_factory=time.monotonic)
     # Requests waiting on it now (the metrics' rbee_requests_queued).
     waiting: int = 0
+
+    _last_progress: tuple[str, int] = ("", -1)
+
+    def progress_line(self, p: common_pb2.ProgressEvent) -> str:
+        """A progress event as a line, or "" when it says little new (same
+        stage, less than 10 % further): downloads report often."""
+        pct = int(p.done * 100 // p.total) if p.total else -1
+        key = (p.stage, pct // 10)
+        if key == self._last_progress:
+            return ""
+        self._last_progress = key
+        shown = f" {pct}%" if pct >= 0 else ""
+        return f"{p.stage}{shown} {p.message}".strip()
 
     def publish(self, line: str) -> None:
         line = " ".join(line.split())[:300]
@@ -255,9 +266,9 @@ class Router:
         try:
             async for msg in call:
                 if msg.HasField("progress") and msg.progress.stage:
-                    p = msg.progress
-                    pct = f" {p.current * 100 // p.total}%" if p.total else ""
-                    start.publish(f"{p.stage}{pct} {p.message}".strip())
+                    line = start.progress_line(msg.progress)
+                    if line:
+                        start.publish(line)
                 elif msg.HasField("narration"):
                     start.publish(format_line(msg.narration))
         except grpc.RpcError as err:
