@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.rbee-setup
 PYTEST_ARGS ?=
 
-.PHONY: help setup model run test test-deps test-unit protos protos-check bench clean
+.PHONY: help setup model run test test-deps test-unit protos protos-check protos-freeze bench clean
 
 help:
 	@echo "make run           set up, fetch the default model, start rbee locally and stream an answer"
@@ -14,7 +14,8 @@ help:
 	@echo "make setup         create $(VENV) and install rbee with the engine for this machine"
 	@echo "make model         obtain the default model (SmolLM2-135M-Instruct) into \$$RBEE_HOME/models"
 	@echo "make protos        regenerate rbee/v1 stubs from protos/"
-	@echo "make protos-check  fail if the committed stubs differ from protos/"
+	@echo "make protos-check  fail if the committed stubs differ from protos/ or protos/ breaks the released contracts"
+	@echo "make protos-freeze make protos/ the released contracts (protos/baseline.json) that protos-check holds to"
 	@echo "make test-deps     system programs the suite needs (OpenSSH sshd, with apt when missing)"
 	@echo "make bench         benchmarks (not part of the tests)"
 
@@ -35,6 +36,12 @@ protos: setup
 
 protos-check: setup
 	scripts/gen_protos.sh --check
+	$(BIN)/python scripts/protos_breaking.py check
+
+# At a release: the contracts as they are become the baseline that
+# protos-check holds later changes to (additions only).
+protos-freeze: setup
+	$(BIN)/python scripts/protos_breaking.py freeze
 
 test-deps:
 	scripts/test-deps.sh
