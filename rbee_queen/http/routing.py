@@ -88,6 +88,8 @@ class ColdStart:
     began: float = field(default_factory=time.monotonic)
     # Requests waiting on it now (the metrics' rbee_requests_queued).
     waiting: int = 0
+    # The task flow handed out a worker that was already there (the registry had not heard of it yet).
+    warm: bool = False
 
     _last_progress: tuple[str, int] = ("", -1)
 
@@ -234,7 +236,9 @@ class Router:
         if not task.cancelled() and task.exception() is not None:
             log.info("cold start of %s on %s failed: %s", start.ref, start.node, task.exception())
         outcome = "cancelled" if task.cancelled() else "failed" if task.exception() is not None else "ready"
-        self._observe("cold_start_done", model=start.ref, node=start.node, seconds=time.monotonic() - start.began, outcome=outcome)
+        if not start.warm:  # a worker that was there already is no cold start
+            self._observe("cold_start_done", model=start.ref, node=start.node, seconds=time.monotonic() - start.began,
+                          outcome=outcome)  # fmt: skip
 
     def load(self) -> tuple[dict[str, int], dict[str, int]]:
         """Requests on a worker now and requests waiting on a cold start now, per model."""
@@ -252,6 +256,7 @@ class Router:
         relay = _Stages(self.narrate, start)
         request = tasks_pb2.SubmitInferenceRequest(node=start.node, model_ref=start.ref, backend="cpu")
         assignment = await self.tasks.submit(request, relay)
+        start.warm = assignment.warm
         worker = assignment.worker
         lease = WorkerLease(assignment.node, worker.id, worker.address, assignment.api_key, worker.tls, start.ref)
         await self._wait_loaded(lease, start)
