@@ -11,10 +11,14 @@
                            straight to the worker; cold-start overhead on top of the engine start
           bench.keeper     the keeper's own cost: `rbee-keeper --version` and `infer --worker … -n 1`
                            against a bare gRPC client, whole processes, one loaded worker
+          bench.engine_config  dtype × thread settings for the default model (TTFT, 1-stream and 32-stream
+                           tokens/s) vs the worker with no flags, alternating rounds, bootstrap intervals
           bench.soak       64 concurrent streams for 60 s against one CPU worker with 8 slots
                            (`python -m bench.soak --minutes 10` for the issue's figure)
           bench.tls        mutual TLS vs plain: the stream ceiling (flood engine), and on two real workers
                            tokens/s, TTFT and a fresh channel's handshake over 20 alternating rounds
+          bench.limits     hostile clients: daemon memory under 16 unauthenticated 60 MB calls (hive, queen,
+                           worker); a worker's health while a 16 MB prompt is in flight
 
 Pick some with `make bench BENCH_ARGS="transport ssh_preflight"`.
 """
@@ -24,7 +28,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-ALL = ("transport", "downloads", "ssh_preflight", "queen", "keeper", "engine", "soak", "contract", "tls")
+ALL = ("transport", "downloads", "ssh_preflight", "queen", "keeper", "engine", "engine_config", "soak", "contract", "tls")
 
 
 def main(argv: list[str]) -> int:

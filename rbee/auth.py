@@ -173,24 +173,27 @@ def authorize(metadata: Iterable[tuple[str, Any]] | None, method: str, ring: Key
 
 
 def _rejecting_handler(handler: grpc.RpcMethodHandler, err: RbeeError) -> grpc.RpcMethodHandler:
+    """A handler that refuses with ``err`` without reading the request.
+
+    grpc's asyncio server reads a unary request whole before it calls the
+    handler, whatever the handler does with it: a refusal declared unary would
+    still take in every byte an unauthenticated client sends (up to the
+    receive limit, per call). Declared as request-streaming, the handler is
+    called at once, never reads, and the call ends with the status; the
+    client sees the same status either way (bench/limits.py measures it)."""
     status = err.to_status()
 
-    async def reject_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def reject_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort_with_status(status)
 
-    async def reject_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def reject_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort_with_status(status)
         yield  # pragma: no cover - makes this an async generator
 
-    # The refusal never reads the request: its bytes stay unparsed.
     kw = dict(request_deserializer=None, response_serializer=handler.response_serializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(reject_unary, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(reject_stream, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(reject_unary, **kw)
-    return grpc.stream_stream_rpc_method_handler(reject_stream, **kw)
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(reject_stream, **kw)
+    return grpc.stream_unary_rpc_method_handler(reject_unary, **kw)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):

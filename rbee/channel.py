@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from rbee.auth import auth_metadata
+from rbee.bounds import DAEMON_RECEIVE_LIMIT
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -40,8 +41,18 @@ SERVER_OPTIONS = (
     # Without this gRPC binds with SO_REUSEPORT, and a second daemon on the
     # same port would silently share it instead of failing.
     ("grpc.so_reuseport", 0),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # grpc refuses a larger message from its length prefix, before reading
+    # it (RESOURCE_EXHAUSTED, which clients name MESSAGE_TOO_LARGE): the
+    # queen's and the hive's requests are a few KB. A worker's limit follows
+    # from its context (server_options, rbee/bounds.py).
+    ("grpc.max_receive_message_length", DAEMON_RECEIVE_LIMIT),
 )
+
+
+def server_options(receive_limit: int = DAEMON_RECEIVE_LIMIT) -> tuple[tuple[str, int], ...]:
+    """SERVER_OPTIONS with another receive limit (bytes in one message)."""
+    kept = tuple(o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length")
+    return (*kept, ("grpc.max_receive_message_length", receive_limit))
 
 
 def open_channel(address: str, tls: "TlsIdentity | None" = None, options: tuple = ()) -> grpc.aio.Channel:

@@ -14,7 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from rbee.auth import ScopedKeyInterceptor, static_ring
-from rbee.channel import SERVER_OPTIONS, bind_port
+from rbee.bounds import worker_receive_limit
+from rbee.channel import bind_port, server_options
 from rbee.errors import RbeeError
 from rbee.rpc import RequestGuard
 from rbee.scopes import Scope
@@ -71,6 +72,7 @@ async def create_server(
     callback_key: str | None = None,
     tls: TlsIdentity | None = None,
     insecure: bool = False,
+    max_model_len: int | None = None,
 ) -> WorkerServer:
     """Bind and start; raises RbeeError(PORT_IN_USE) when the port is taken.
 
@@ -78,11 +80,16 @@ async def create_server(
     A hive passes a separate admin key it alone holds; a worker started by hand
     without one takes its inference key for both (its operator holds it anyway).
     The callback key (for the hive) opens nothing here. With ``tls`` the port
-    speaks mutual TLS; without it a host beyond loopback needs ``insecure``."""
+    speaks mutual TLS; without it a host beyond loopback needs ``insecure``.
+    grpc refuses a message larger than the largest valid request for a
+    context of ``max_model_len`` tokens (rbee/bounds.py) before reading it."""
     ring = static_ring(
         (Scope.INFERENCE, api_key), (Scope.ADMIN, admin_key or api_key), (Scope.CALLBACK, callback_key or "")
     )
-    server = grpc.aio.server(interceptors=[ScopedKeyInterceptor(ring), RequestGuard()], options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        interceptors=[ScopedKeyInterceptor(ring), RequestGuard()],
+        options=server_options(worker_receive_limit(max_model_len)),
+    )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     for name in ("", SERVICE_NAME):

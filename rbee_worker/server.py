@@ -316,6 +316,7 @@ class Worker:
         from rbee.v1 import common_pb2
         from rbee.tls import is_loopback
         from rbee.tls_identity import hive_identity_of
+        from rbee.bounds import worker_receive_limit
         from rbee_worker.app import create_server
         from rbee_worker.callback import HiveReporter
         from rbee_worker.servicer import InferenceServicer
@@ -336,14 +337,15 @@ class Worker:
             tls = worker_tls(s)
             ws = await create_server(
                 servicer, status, s.api_key, s.host, s.port, admin_key=s.admin_key, callback_key=s.callback_key,
-                tls=tls, insecure=s.insecure,
+                tls=tls, insecure=s.insecure, max_model_len=s.max_model_len,
             )
         except RbeeError as err:
             return _fail(err)
         if tls is None and s.insecure and not is_loopback(s.host):
             self.narrate("⚠️", f"Listening on {s.host} without TLS (--insecure): keys and tokens cross the network in clear", level="warn")
         identity = Identity(s.worker_id, s.model_ref, s.model_path, s.backend, s.device, s.host, ws.port, os.getpid())
-        self.narrate("👂", f"Listening on {identity.address} ({'gRPC over mutual TLS' if tls else 'gRPC'}; health open, other RPCs need the API key)")
+        self.narrate("👂", f"Listening on {identity.address} ({'gRPC over mutual TLS' if tls else 'gRPC'}; health open, other RPCs need the API key; "
+                     f"requests up to {worker_receive_limit(s.max_model_len) >> 20} MiB)")
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
