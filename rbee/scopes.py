@@ -12,8 +12,8 @@ Every RPC of every rbee service needs a key of one scope:
   task: that worker's readiness, loading progress, Generate and Cancel.
 - ``callback``: the key a hive gives one worker to report to it.
 
-Health (``grpc.health.v1``) is open. A method missing from the table is
-refused whatever the key (default deny); tests/unit/test_scopes.py walks the
+Health (``grpc.health.v1``) and the queen's enrolment (``EnrolService``) are
+open. A method missing from the table is refused whatever the key (default deny); tests/unit/test_scopes.py walks the
 generated service descriptors so a new RPC cannot be left out.
 """
 
@@ -33,7 +33,9 @@ class Scope(StrEnum):
     OTHER_ADMIN = "admin of another daemon"
 
 
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+# Enrolment is open too: a one-time token's secret is its credential; the
+# queen serves it alone on a TLS port of its own (rbee_queen/enrol.py).
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/rbee.v1.EnrolService/")
 
 A, I, C = Scope.ADMIN, Scope.INFERENCE, Scope.CALLBACK
 

@@ -164,9 +164,13 @@ class Issuer:
     def issue_leaf(self, subject: str, hosts: list[str], days: int = LEAF_DAYS) -> Issued:
         """A certificate for a daemon: server and client use, valid for ``hosts`` (and loopback)."""
         key = _new_key()
+        return Issued(self.sign_leaf(subject, key.public_key(), hosts, days), key_pem(key))
+
+    def sign_leaf(self, subject: str, public_key, hosts: list[str], days: int = LEAF_DAYS) -> bytes:
+        """A leaf certificate (with this issuer's chain) for someone else's key."""
         names = _names([*hosts, *LOOPBACK_NAMES])
         cert = (
-            self._builder(subject, key.public_key(), days)
+            self._builder(subject, public_key, days)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
@@ -175,7 +179,7 @@ class Issuer:
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .sign(self.key, hashes.SHA256())
         )
-        return Issued(cert_pem(cert) + self.chain, key_pem(key))
+        return cert_pem(cert) + self.chain
 
     def issue_issuer(self, subject: str, hosts: list[str] | None = None, days: int = CA_DAYS) -> Issued:
         """A CA one level below this one, that may sign leaves only (a hive's,
@@ -335,6 +339,9 @@ class TlsIdentity:
     # The identity name (rbee/tls_identity.py) the server must prove, checked
     # instead of the address dialled; None: the address is checked.
     peer: str | None = None
+    # A server that asks no client certificate: the queen's enrolment port
+    # alone (rbee_queen/enrol.py), where a joining keeper has none yet.
+    client_optional: bool = False
 
     def for_peer(self, name: str | None) -> "TlsIdentity":
         """This identity, checking that the server is ``name`` whatever its address."""
@@ -396,7 +403,9 @@ class TlsIdentity:
 
         if not (self.cert and self.key):
             raise RbeeError("TLS_FILE_INVALID", "A TLS server needs a certificate and its key")
-        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca, require_client_auth=True)
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=not self.client_optional
+        )
 
     def channel_credentials(self):
         import grpc

@@ -71,7 +71,9 @@ def keeper_tls(address: str, served: bool | None = None) -> TlsIdentity | None:
             f"{address} serves mutual TLS, and this machine has no certificate of the cluster CA in {folder}",
             {"address": address, "folder": str(folder)},
             [
-                f"Copy ca.crt, client.crt and client.key from the queen's machine ($RBEE_HOME/tls) to {folder} "
+                "Join the cluster: `rbee-keeper setup join QUEEN_HOST:PORT --token TOKEN` "
+                "(a token from `rbee-keeper setup enrol-token` on the queen's machine)",
+                f"Or copy ca.crt, client.crt and client.key from the queen's machine ($RBEE_HOME/tls) to {folder} "
                 f"(then `chmod 600 {folder}/client.key`)",
                 "Or run rbee-keeper on the queen's machine, where they are created",
             ],

@@ -26,6 +26,7 @@ from rbee.v1 import keys_pb2_grpc, nodes_pb2_grpc, tasks_pb2_grpc
 
 from rbee.tls import ClusterCA, is_loopback
 from rbee_queen.appkeys import AppKeyStore
+from rbee_queen.enrol import start_enrolment
 from rbee_queen.hives import cluster_ca, stop_hive, use_cluster_ca
 from rbee_queen.nodes.manager import NodeManager
 from rbee_queen.nodes.relay import ACTOR, NodeEventRelay
@@ -98,12 +99,15 @@ class QueenServer:
         self.port = 0
         self._health = health.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        # The enrolment port (queen port + 1) beside a TLS queen (rbee_queen/enrol.py).
+        self._enrol: grpc.aio.Server | None = None
         # The OpenAI-compatible HTTP front door (rbee_queen/http), when http_port is set.
         self.http = None
 
     async def start(self) -> int:
         s = self.settings
         key, source = s.api_key_value()
+        serve_tls = not is_loopback(s.host) and not s.insecure
         server = grpc.aio.server(interceptors=[ScopedKeyInterceptor(queen_key_ring(key, self.store)), RequestGuard()], options=SERVER_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.nodes, self.narrate, self.watchers), server)
@@ -112,9 +116,9 @@ class QueenServer:
         keys_pb2_grpc.add_AppKeyServiceServicer_to_server(AppKeyServicer(self.app_keys, self.narrate), server)
         address = f"{s.host}:{s.port}"
         tls = None
-        if not is_loopback(s.host) and not s.insecure:
-            # Beyond loopback the queen serves mutual TLS with its own CA.
+        if serve_tls:
             hosts = [s.host, socket.gethostname()]
+            # Beyond loopback the queen serves mutual TLS with its own CA.
             tls = await asyncio.to_thread(cluster_ca().server_identity, "queen-rbee", hosts)
         self.port = bind_port(server, address, "queen-rbee", tls, s.insecure)
         if tls is not None:
@@ -123,6 +127,8 @@ class QueenServer:
             self.narrate("⚠️", f"Listening on {s.host} without TLS (--insecure): keys cross the network in clear", "warn")
         await server.start()
         self._server = server
+        if tls is not None:
+            self._enrol = await start_enrolment(s.host, self.port, tls, cluster_ca(), self.narrate)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.narrate("🔑", f"API key from {source}")
         from rbee_queen.http.server import start_front_door
@@ -159,6 +165,8 @@ class QueenServer:
             except RbeeError as err:
                 self.narrate("⚠️", f"Could not stop the hive on {name}: {err.code}: {err.message}", "warn")
             self.nodes.started_hives.pop(name, None)
+        if self._enrol is not None:
+            await self._enrol.stop(None)
         if self._server is not None:
             await self._server.stop(SERVER_STOP_GRACE_S)
         if self._flusher is not None:

@@ -1,4 +1,5 @@
-"""`rbee-keeper setup add-node|update-node|remove-node|list-nodes|install|check-node`:
+"""`rbee-keeper setup add-node|update-node|remove-node|list-nodes|install|check-node`
+(and join|enrol-token, rbee_keeper/commands/join.py):
 the queen's node registry (S3) and what the queen does on nodes, reached with
 --queen HOST:PORT (default: the queen on this machine)."""
 
@@ -277,4 +278,6 @@ def check_node_cmd(
 
 
 def register(app: typer.Typer) -> None:
+    from rbee_keeper.commands import join  # noqa: F401 - `setup join` and `setup enrol-token`
+
     app.add_typer(setup_app, name="setup")

@@ -196,7 +196,8 @@ def test_keeper_tls_follows_what_it_is_told_and_the_address(tmp_path: Path, monk
     # Beyond loopback, with no certificate on this machine: named, with what to copy.
     with pytest.raises(RbeeError) as err:
         keeper_tls("192.0.2.10:7900")
-    assert err.value.code == "TLS_CLIENT_MISSING" and "client.crt" in err.value.suggestions[0]
+    assert err.value.code == "TLS_CLIENT_MISSING" and "setup join" in err.value.suggestions[0]
+    assert "client.crt" in err.value.suggestions[1]
     # On the queen's machine the CA is there: the keeper gets the client certificate.
     ClusterCA(tmp_path / "home").ca_pem()
     ident = keeper_tls("192.0.2.10:7900")
