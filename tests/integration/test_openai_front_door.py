@@ -158,3 +158,24 @@ async def test_raw_sse_lines(cluster: Cluster) -> None:
     assert data[-1] == "[DONE]"
     for item in data[:-1]:
         assert json.loads(item)["object"] == "chat.completion.chunk"
+
+
+async def test_an_application_key_chats_is_refused_admin_routes_and_revoked_at_once(cluster: Cluster) -> None:
+    code, key, err = await cluster.queen.keeper("keys", "create", "--name", "front-door-test")
+    assert code == 0, err
+    key = key.strip()
+    app = client(cluster, key=key)
+    reply = await app.chat.completions.create(model=cluster.model, messages=CHAT, max_tokens=2)
+    assert reply.choices[0].message.content is not None
+    code, listed, err = await cluster.queen.keeper("keys", "list", "--json")
+    assert code == 0 and key not in listed and "front-door-test" in listed
+    # An inference key may not act as an admin (stop a worker through the web page's routes).
+    root = openai.AsyncOpenAI(base_url=cluster.root_url, api_key=key, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError):
+        await root.post("/api/web/workers/stop", cast_to=object, body={"node": cluster.node, "worker_id": "nobody"})
+    code, _out, err = await cluster.queen.keeper("keys", "revoke", "front-door-test")
+    assert code == 0, err
+    with pytest.raises(openai.AuthenticationError):
+        await app.chat.completions.create(model=cluster.model, messages=CHAT, max_tokens=2)
+    await root.close()
+    await app.close()
