@@ -171,7 +171,7 @@ async def test_the_queen_refuses_every_method_without_its_key(tmp_path) -> None:
     from rbee_queen.server import QueenServer
     from rbee_queen.settings import QueenSettings
 
-    settings = QueenSettings(port=0, api_key=QUEEN_KEY, home=tmp_path)
+    settings = QueenSettings(port=0, http_port=0, api_key=QUEEN_KEY, home=tmp_path)
     server = QueenServer(settings, Narrator("queen-rbee", stream=io.StringIO()))
     # A node whose hive key the queen keeps: presented to the queen it is
     # another daemon's admin key. Its hive is never reachable (port 1).
