@@ -35,7 +35,7 @@ async def test_a_keeper_elsewhere_joins_with_a_one_time_token(tmp_path: Path) ->
     elsewhere = {**base, "RBEE_HOME": str(other_home), "RBEE_QUEEN_API_KEY": "", "HOME": str(other_home)}
     log = (tmp_path / "queen.out").open("wb")
     proc = await asyncio.create_subprocess_exec(
-        str(VENV_BIN / "queen-rbee"), "daemon", "--host", "0.0.0.0", "--port", str(port),
+        str(VENV_BIN / "queen-rbee"), "daemon", "--host", "0.0.0.0", "--port", str(port), "--http-port", "0",
         stdout=log, stderr=asyncio.subprocess.STDOUT, env=on_queen,
     )  # fmt: skip
     try:
