@@ -75,6 +75,9 @@ CODES: dict[str, grpc.StatusCode] = {
     "DISK_FULL": S.RESOURCE_EXHAUSTED,
     "NO_FREE_PORT": S.RESOURCE_EXHAUSTED,
     "PORT_IN_USE": S.RESOURCE_EXHAUSTED,
+    # A follower of a stream (logs, worker changes, loading progress) that
+    # fell its queue's bound behind and was dropped (rbee/fanout.py).
+    "SLOW_FOLLOWER": S.RESOURCE_EXHAUSTED,
     # A message beyond gRPC's size limit (grpc's own RESOURCE_EXHAUSTED,
     # named with the limit; not a busy worker: no retry helps).
     "MESSAGE_TOO_LARGE": S.RESOURCE_EXHAUSTED,

@@ -73,7 +73,7 @@ def build_context(
     """Must run inside the event loop (the registry and logs use asyncio)."""
     home_warning = prepare_home(settings)
     narrate = narrator or Narrator(ACTOR)
-    logbook = LogBook(settings.logs_dir)
+    logbook = LogBook(settings.logs_dir, settings.log_max_bytes, settings.log_backups)
     narrate.add_sink(lambda ev: logbook.write(HIVE_SOURCE, format_line(ev)))
     resources = resources or resource_source(settings.resource_overrides)
     registry = Registry(settings.watch_heartbeat.total_seconds())

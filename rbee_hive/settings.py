@@ -49,6 +49,12 @@ class HiveSettings(DaemonSettings):
     # Listen beyond loopback without TLS (narrated as a warning at start).
     insecure: bool = False
 
+    # Log files under logs/ (the hive's, each worker's): one that would pass
+    # log_max_bytes is renamed to NAME.log.1 (older ones to .2 ...), keeping
+    # log_backups of them, so logs never fill the disk.
+    log_max_bytes: int = Field(64 * 1024 * 1024, ge=4096)
+    log_backups: int = Field(2, ge=0, le=100)
+
     # Workers
     worker_host: str = "127.0.0.1"
     worker_port_start: int = Field(DEFAULT_WORKER_PORT_START, ge=1, le=65535)

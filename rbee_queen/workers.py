@@ -30,6 +30,18 @@ log = logging.getLogger(__name__)
 
 State = common_pb2.WorkerState
 
+# What one hive may put in this registry (a hostile or broken hive must not
+# grow the queen without end): workers per node (a hive's worker port range
+# is 90 ports by default), the size of one worker's entry and of its id.
+# What passes them is left out, and said once per node in the queen's log.
+MAX_WORKERS_PER_HIVE = 512
+MAX_WORKER_INFO_BYTES = 16 * 1024
+MAX_WORKER_ID = 128
+
+
+def _admissible(info: common_pb2.WorkerInfo) -> bool:
+    return 0 < len(info.id) <= MAX_WORKER_ID and info.ByteSize() <= MAX_WORKER_INFO_BYTES
+
 
 def capability(info: common_pb2.WorkerInfo) -> str:
     """``cpu`` for the CPU backend, ``BACKEND:DEVICE`` otherwise (``cuda:1``)."""
@@ -60,6 +72,8 @@ class NodeWorkers:
     seq: int = 0
     # The change stream is open (False from its failure until the next message).
     streaming: bool = False
+    # Worker entries left out for passing a cap (MAX_WORKERS_PER_HIVE, ...).
+    refused: int = 0
 
 
 class ClusterWorkers:
@@ -106,13 +120,20 @@ class ClusterWorkers:
             self._notify()
             return False
         entry.instance = msg.hive_instance
+        refused = entry.refused
         if msg.snapshot:
-            entry.workers = {w.id: w for w in msg.workers}
-        else:
-            for w in msg.workers:
-                entry.workers[w.id] = w
-            if msg.removed_id:
-                entry.workers.pop(msg.removed_id, None)
+            entry.workers = {}
+        for w in msg.workers:
+            if not _admissible(w) or (w.id not in entry.workers and len(entry.workers) >= MAX_WORKERS_PER_HIVE):
+                entry.refused += 1
+                continue
+            entry.workers[w.id] = w
+        if msg.removed_id:
+            entry.workers.pop(msg.removed_id, None)
+        if refused == 0 and entry.refused:
+            log.warning("the hive of %s reports workers beyond the queen's caps (%d per node, %d bytes and a %d-character "
+                        "id each): those are left out of the registry", node, MAX_WORKERS_PER_HIVE, MAX_WORKER_INFO_BYTES,
+                        MAX_WORKER_ID)  # fmt: skip
         entry.seq = max(entry.seq, msg.seq) if not msg.snapshot else msg.seq
         now_ms = int(time.time() * 1000)
         for w in msg.workers:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from rbee.errors import RbeeError
+from rbee.fanout import Subscription
 from rbee.v1 import common_pb2
 from rbee_worker.engine import EngineInfo, LoadProgress
 
@@ -26,6 +27,8 @@ BUSY = WS.WORKER_STATE_BUSY
 DRAINING = WS.WORKER_STATE_DRAINING
 FAILED = WS.WORKER_STATE_FAILED
 STOPPED = WS.WORKER_STATE_STOPPED
+# Updates one loading-progress subscriber may have unread before it is dropped.
+SUBSCRIBER_LIMIT = 1000
 
 _ALLOWED: dict[int, set[int]] = {
     LOADING: {IDLE, FAILED, DRAINING},
@@ -73,7 +76,7 @@ class WorkerStatus:
         self.error: RbeeError | None = None
         self.info: EngineInfo | None = None
         self._state_listeners: list[Callable[[int], None]] = []
-        self._subscribers: set[asyncio.Queue[Update]] = set()
+        self._subscribers: set[Subscription[Update]] = set()
 
     # -- state ---------------------------------------------------------------
 
@@ -122,14 +125,15 @@ class WorkerStatus:
 
     # -- subscribers (StreamLoadingProgress) -----------------------------------
 
-    def subscribe(self) -> asyncio.Queue[Update]:
-        q: asyncio.Queue[Update] = asyncio.Queue()
+    def subscribe(self) -> Subscription[Update]:
+        # Bounded: a subscriber that stops reading is dropped with SLOW_FOLLOWER.
+        q: Subscription[Update] = Subscription(SUBSCRIBER_LIMIT, "loading-progress subscriber")
         self._subscribers.add(q)
         return q
 
-    def unsubscribe(self, q: asyncio.Queue[Update]) -> None:
+    def unsubscribe(self, q: Subscription[Update]) -> None:
         self._subscribers.discard(q)
 
     def _publish(self, item: Update) -> None:
         for q in list(self._subscribers):
-            q.put_nowait(item)
+            q.offer(item)

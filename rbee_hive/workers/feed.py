@@ -14,9 +14,12 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
+from rbee.fanout import Subscription
 from rbee.v1 import common_pb2, registry_pb2
 
 HISTORY = 1024
+# Changes one watcher may have unread before it is dropped (SLOW_FOLLOWER).
+WATCHER_LIMIT = 4096
 HEARTBEAT_S = 10.0
 
 
@@ -27,14 +30,14 @@ class ChangeFeed:
         self._snapshot = snapshot
         self._heartbeat_s = heartbeat_s
         self._history: deque[registry_pb2.WatchWorkersResponse] = deque(maxlen=HISTORY)
-        self._watchers: set[asyncio.Queue[registry_pb2.WatchWorkersResponse]] = set()
+        self._watchers: set[Subscription[registry_pb2.WatchWorkersResponse]] = set()
 
     def _publish(self, **fields) -> None:
         self.seq += 1
         msg = registry_pb2.WatchWorkersResponse(hive_instance=self.instance, seq=self.seq, **fields)
         self._history.append(msg)
         for queue in self._watchers:
-            queue.put_nowait(msg)
+            queue.offer(msg)
 
     def upsert(self, info: common_pb2.WorkerInfo) -> None:
         self._publish(workers=[info])
@@ -50,7 +53,9 @@ class ChangeFeed:
                                                   workers=self._snapshot())]  # fmt: skip
 
     async def watch(self, instance: str, after_seq: int) -> AsyncIterator[registry_pb2.WatchWorkersResponse]:
-        queue: asyncio.Queue[registry_pb2.WatchWorkersResponse] = asyncio.Queue()
+        # Bounded: a watcher that stops reading is dropped with SLOW_FOLLOWER
+        # (a queen reconnects and resumes from its last sequence number).
+        queue: Subscription[registry_pb2.WatchWorkersResponse] = Subscription(WATCHER_LIMIT, "worker watcher")
         # Subscribed before the catch-up is built: nothing falls in between.
         self._watchers.add(queue)
         try:
