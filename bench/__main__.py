@@ -20,6 +20,9 @@
           bench.limits     hostile clients: daemon memory under 16 unauthenticated 60 MB calls (hive, queen,
                            worker); a worker's health while a 16 MB prompt is in flight
 
+          bench.openai     the openai client against the queen's front door vs vLLM's own OpenAI server (added
+                           TTFT, tokens/s ratios at 1 and 32 streams) and the proxy's ceiling (flood engine)
+
 Pick some with `make bench BENCH_ARGS="transport ssh_preflight"`.
 """
 
@@ -28,7 +31,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-ALL = ("transport", "downloads", "ssh_preflight", "queen", "keeper", "engine", "engine_config", "soak", "contract", "tls", "limits")
+ALL = ("transport", "downloads", "ssh_preflight", "queen", "keeper", "engine", "engine_config", "soak", "contract", "tls", "limits", "openai")
 
 
 def main(argv: list[str]) -> int:

@@ -122,7 +122,7 @@ async def bench_disconnect(runs: int = 5) -> dict:
 # -- server process ------------------------------------------------------------------
 
 
-async def flood_server(name: str, coalesce: bool = True, tls: "TlsIdentity | None" = None):
+async def flood_server(name: str, coalesce: bool = True, tls: "TlsIdentity | None" = None, slots: int = 4):
     """The real InferenceServicer and grpc.aio server (with auth) over a
     FloodEngine on 127.0.0.1, an ephemeral port; mutual TLS with ``tls``."""
     from rbee_worker.app import create_server
@@ -133,7 +133,7 @@ async def flood_server(name: str, coalesce: bool = True, tls: "TlsIdentity | Non
     status = WorkerStatus()
     identity = Identity(name, "flood", "-", "cpu", 0, "127.0.0.1", 0, os.getpid())
     servicer = InferenceServicer(
-        engine, status, identity, slots=4, narrator=Narrator("llm-worker-rbee", stream=io.StringIO()), coalesce=coalesce
+        engine, status, identity, slots=slots, narrator=Narrator("llm-worker-rbee", stream=io.StringIO()), coalesce=coalesce
     )
     status.loaded(await engine.load(lambda p: None))
     return await create_server(servicer, status, KEY, tls=tls)

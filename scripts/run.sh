@@ -6,7 +6,9 @@
 #      queen starts the node's hive, which registers the model in its catalog,
 #      prepares the worker environment and spawns a worker),
 #   4. a warm-start `infer` (the idle worker is reused),
-#   5. both timings, then the queen stopped: it stops the hive it started,
+#   5. one streamed chat completion through the queen's OpenAI-compatible
+#      HTTP port (curl, the queen's key), as any OpenAI client would ask,
+#   6. the timings, then the queen stopped: it stops the hive it started,
 #      which stops its worker; nothing is left running.
 # The answers go to stdout; narration and the timings to stderr, as
 # "[make-run] ..." lines; `make run > run.log 2>&1` keeps the whole run.
@@ -50,6 +52,7 @@ EOF
 
 queen_port="$(free_port 7800)" || die "no free port for the queen from 7800"
 hive_port="$(free_port 7900)" || die "no free port for the hive from 7900"
+http_port="$(free_port 8080)" || die "no free port for the queen's HTTP API from 8080"
 QUEEN="127.0.0.1:$queen_port"
 queen_log="$LOGS/make-run-queen.log"
 queen_pid=""
@@ -79,8 +82,8 @@ on_exit() {
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 
-say "👑 starting a persistent queen on $QUEEN (log: $queen_log)"
-setsid "$BIN/queen-rbee" daemon --port "$queen_port" >"$queen_log" 2>&1 </dev/null &
+say "👑 starting a persistent queen on $QUEEN, its OpenAI-compatible API on http://127.0.0.1:$http_port/v1 (log: $queen_log)"
+setsid "$BIN/queen-rbee" daemon --port "$queen_port" --http-port "$http_port" >"$queen_log" 2>&1 </dev/null &
 queen_pid=$!
 for _ in $(seq 100); do
     "$PY" - "$QUEEN" <<'EOF' && break
@@ -123,6 +126,19 @@ cold_s=$elapsed
 run_infer "warm start (the idle worker is reused)" \
     || die "the warm-start infer failed; the queen's log is $queen_log"
 warm_s=$elapsed
+
+# The same worker through the queen's HTTP front door, as an OpenAI client
+# (a chat UI, the openai library) would ask: SSE chunks, then [DONE].
+HOME_DIR="$("$PY" -c 'from rbee.config import rbee_home; print(rbee_home())')"
+say "🌐 one streamed chat completion through http://127.0.0.1:$http_port/v1/chat/completions (curl)"
+"$PY" -c 'import json, sys; print(json.dumps({"model": "file://" + sys.argv[1], "stream": True, "temperature": 0.7,
+    "max_tokens": int(sys.argv[3]), "messages": [{"role": "user", "content": sys.argv[2]}]}))' \
+    "$MODEL" "$PROMPT" "$MAX_TOKENS" >"$LOGS/make-run-chat.json"
+curl -sS -N --fail-with-body "http://127.0.0.1:$http_port/v1/chat/completions" \
+    -H "Authorization: Bearer $(cat "$HOME_DIR/queen.key")" -H "Content-Type: application/json" \
+    --data @"$LOGS/make-run-chat.json" \
+    || die "the streamed chat completion through the HTTP API failed; the queen's log is $queen_log"
+echo
 
 keeper workers list >&2
 say "⏱️  cold start: ${cold_s}s end to end · warm start: ${warm_s}s end to end"
