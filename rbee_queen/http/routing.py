@@ -25,9 +25,10 @@ import grpc
 from rbee.config import keeper_settings
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import format_line
+from rbee.tls_identity import worker_identity
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, tasks_pb2
 
-from rbee_queen.hives import HiveLink
+from rbee_queen.hives import HiveLink, tls_name
 from rbee_queen.http.errors import ApiError
 from rbee_queen.http.models import ModelDirectory, canonical
 from rbee_queen.http.upstream import WorkerChannels, WorkerLease
@@ -162,7 +163,8 @@ class Router:
             reply = await link.call(link.workers.GetWorkerAccess, registry_pb2.GetWorkerAccessRequest(worker_id=worker.id))
         access = reply.access
         lease = WorkerLease(node, access.worker.id, reachable_address(record, access.worker.address), access.api_key,
-                            access.worker.tls, canonical(access.worker.model_ref))  # fmt: skip
+                            access.worker.tls, canonical(access.worker.model_ref),
+                            worker_identity(tls_name(record), access.worker.id) if access.worker.tls and record.tls else "")  # fmt: skip
         self._access[worker.id] = _Cached(lease)
         return lease
 
@@ -258,7 +260,7 @@ class Router:
         assignment = await self.tasks.submit(request, relay)
         start.warm = assignment.warm
         worker = assignment.worker
-        lease = WorkerLease(assignment.node, worker.id, worker.address, assignment.api_key, worker.tls, start.ref)
+        lease = WorkerLease(assignment.node, worker.id, worker.address, assignment.api_key, worker.tls, start.ref, worker.tls_name)
         await self._wait_loaded(lease, start)
         self._access[worker.id] = _Cached(lease)
         start.publish(f"worker {worker.id} ready on {assignment.node}")

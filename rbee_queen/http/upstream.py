@@ -26,6 +26,8 @@ class WorkerLease:
     api_key: str
     tls: bool
     model_ref: str
+    # The identity name the worker's certificate carries (rbee/tls_identity.py).
+    tls_name: str = ""
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -34,19 +36,19 @@ class WorkerLease:
 
 class WorkerChannels:
     def __init__(self) -> None:
-        self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, bool, str], grpc.aio.Channel] = {}
 
     def get(self, lease: WorkerLease) -> grpc.aio.Channel:
-        key = (lease.address, lease.tls)
+        key = (lease.address, lease.tls, lease.tls_name)
         channel = self._channels.get(key)
         if channel is None:
-            tls = cluster_ca().client_identity() if lease.tls else None
+            tls = cluster_ca().client_identity().for_peer(lease.tls_name or None) if lease.tls else None
             channel = open_channel(lease.address, tls)
             self._channels[key] = channel
         return channel
 
     async def drop(self, lease: WorkerLease) -> None:
-        channel = self._channels.pop((lease.address, lease.tls), None)
+        channel = self._channels.pop((lease.address, lease.tls, lease.tls_name), None)
         if channel is not None:
             await channel.close(grace=None)
 
