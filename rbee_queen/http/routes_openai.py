@@ -11,6 +11,7 @@ cancels the request on the worker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ router = APIRouter()
 MAX_BODY_BYTES = 8 * 1024 * 1024
 # While a cold start runs, a streaming client hears from us at least this often.
 KEEPALIVE_S = 10.0
+# How often a non-streaming request looks whether its client is still there.
+DISCONNECT_POLL_S = 0.25
+# X-Rbee-Node names a node (node names are short).
+MAX_NODE_HEADER = 128
 # Codes after which a worker's cached address and key are looked up again.
 STALE_WORKER = {"WORKER_UNREACHABLE", "INVALID_API_KEY", "MISSING_API_KEY", "STREAM_BROKEN", "CONNECTION_TIMEOUT"}
 
@@ -135,7 +140,10 @@ async def _serve(request: Request, kind: str) -> Any:
             rid = new_request_id("cmpl")
             generate = completion_request(body, rid)
         r = _router(request)
-        ref, lease, cold = await r.route(body.model, request.headers.get("x-rbee-node"))
+        node = request.headers.get("x-rbee-node")
+        if node is not None and len(node) > MAX_NODE_HEADER:
+            raise ApiError(400, f"X-Rbee-Node: at most {MAX_NODE_HEADER} characters", "X-Rbee-Node", "invalid_value")
+        ref, lease, cold = await r.route(body.model, node)
     except ApiError as err:
         observer.request_refused(route, err.status)
         raise
@@ -173,20 +181,26 @@ async def _whole(request: Request, r: Router, call: _Call, lease: WorkerLease | 
         if lease is None:
             assert cold is not None
             lease = await r.wait_cold(cold)
+        async def collect() -> None:
+            nonlocal seen, last
+            async for msg in r.channels.generate(lease, call.generate):
+                if msg.HasField("delta"):
+                    at = time.monotonic()
+                    if not seen:
+                        seen = True
+                        observer.first_token(call.route, call.ref, call.node, at - call.arrived)
+                    else:
+                        observer.tokens(call.route, call.ref, call.node, len(msg.delta.token_ids), at - last)
+                    last = at
+                    collected.add(msg.delta)
+                else:
+                    collected.final = msg.final
+
         async with r.using(lease):
             try:
-                async for msg in r.channels.generate(lease, call.generate):
-                    if msg.HasField("delta"):
-                        at = time.monotonic()
-                        if not seen:
-                            seen = True
-                            observer.first_token(call.route, call.ref, call.node, at - call.arrived)
-                        else:
-                            observer.tokens(call.route, call.ref, call.node, len(msg.delta.token_ids), at - last)
-                        last = at
-                        collected.add(msg.delta)
-                    else:
-                        collected.final = msg.final
+                if not await _unless_gone(request, collect()):
+                    status = 499  # the client went away: the Generate call was cancelled on the worker
+                    return JSONResponse({}, status_code=499)
             except RbeeError as err:
                 if err.code in STALE_WORKER:
                     r.forget(lease)
@@ -206,6 +220,31 @@ async def _whole(request: Request, r: Router, call: _Call, lease: WorkerLease | 
         final = collected.final
         observer.request_finished(call.route, call.ref, call.node, status, time.monotonic() - call.arrived,
                                   final.prompt_tokens if final else 0, final.tokens_generated if final else 0)  # fmt: skip
+
+
+async def _unless_gone(request: Request, work) -> bool:
+    """Run ``work`` unless the client disconnects first (then it is cancelled,
+    which ends its Generate call and so the request on the worker). True
+    when ``work`` finished."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return False
+    task.result()
+    return True
 
 
 async def _wait_cold(r: Router, call: _Call, cold: ColdStart) -> AsyncIterator[str | WorkerLease]:

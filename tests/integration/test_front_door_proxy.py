@@ -179,3 +179,23 @@ async def test_an_unexpected_failure_is_a_500_naming_only_an_error_id(tmp_path: 
         assert resp.status_code == 500
         error = resp.json()["error"]
         assert "secret" not in json.dumps(error) and error["message"].startswith("Internal error (id ")
+
+
+async def test_a_client_that_stops_waiting_for_a_whole_answer_cancels_on_the_worker(tmp_path: Path) -> None:
+    engine = FakeEngine(mode="engine", delay=0.02, max_model_len=4096)
+    async with worker_harness(engine, slots=2) as h, front_door(tmp_path, h.address, KEY, 2) as door:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 2000}
+        async with httpx.AsyncClient(timeout=1.0) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post(f"{door.base_url}/completions", json=body, headers={"Authorization": f"Bearer {ADMIN}"})
+        for _ in range(500):
+            if engine.aborted_ids:
+                break
+            await asyncio.sleep(0.02)
+        [rid] = engine.aborted_ids
+        assert rid.startswith("cmpl-") and engine.steps[rid] < 2000
+        for _ in range(100):
+            if h.servicer.slots_busy == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert h.servicer.slots_busy == 0
