@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from rbee.errors import RbeeError
+from rbee.hosts import is_loopback  # noqa: F401 - part of this module's interface
 
 TLS_DIR = "tls"
 CA_CERT = "ca.crt"
@@ -50,17 +51,6 @@ LEAF_DAYS = 397
 # (the queen issues and delivers them again then).
 NODE_DAYS = 90
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or name, brackets allowed) stays on this machine."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def is_wildcard(host: str) -> bool:

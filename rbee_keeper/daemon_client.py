@@ -54,13 +54,14 @@ def keeper_tls(address: str, served: bool | None = None) -> TlsIdentity | None:
     client certificate ($RBEE_HOME/tls); elsewhere copies of ca.crt,
     client.crt and client.key placed there."""
     from rbee.config import keeper_settings, rbee_home
-    from rbee.tls import CA_CERT, CA_KEY, CLIENT_CERT, CLIENT_KEY, TLS_DIR, ClusterCA, is_loopback
+    from rbee.hosts import is_loopback
 
     if served is None:
         mode = keeper_settings().tls or "auto"
         served = mode == "on" or (mode == "auto" and not is_loopback(address.rpartition(":")[0]))
     if not served:
-        return None
+        return None  # a plain call: the cryptography package is not even imported
+    from rbee.tls import CA_CERT, CA_KEY, CLIENT_CERT, CLIENT_KEY, TLS_DIR, ClusterCA
     home = rbee_home()
     folder = home / TLS_DIR
     if (folder / CA_KEY).exists():
@@ -190,7 +191,7 @@ class DaemonClient:
 
     def tls_hints(self) -> list[str]:
         """A refused connection can be TLS on one end and clear text on the other."""
-        from rbee.tls import is_loopback
+        from rbee.hosts import is_loopback
 
         if self._tls is not None:
             return ["This client spoke mutual TLS: if the daemon runs with --insecure, set RBEE_TLS=off"]
