@@ -55,6 +55,7 @@ async def test_the_real_cluster_and_the_playground(cluster: Cluster, browser: Pa
     assert int(figures.get_attribute("data-ttft-ms")) >= 0 and int(figures.get_attribute("data-tokens")) >= 2
 
     browser.screenshot("web-playground", 1280, 800)
+    browser.screenshot("web-overview", 1280, 1560)  # the whole page (docs/img/web.png is one of these)
     browser.screenshot("web-playground", 390, 844, at="#playground")
     assert browser.overflows() == 0
     assert browser.console_errors() == []
