@@ -1,7 +1,7 @@
 """Code in a worker cannot read its hive's secrets (docs/security.md): a real
 hive with the node's certificates spawns the real worker program (its own
-servicer on the fake engine), which tries to read the hive's key files, its
-environment and its memory."""
+servicer on the fake engine) behind a probe (tests/fixtures/worker_probe.py)
+that tries to read the hive's key files, its environment and its memory."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from rbee.tls import CA_CERT, HIVE_CERT, HIVE_KEY, ISSUER_CERT, ISSUER_KEY, ClusterCA
+from rbee.tls_identity import node_identity, worker_identity
 from rbee_hive.workers.sandbox import landlock_abi
-from tests.fixtures.common import REPO
+from tests.fixtures.common import REPO, health_status
 from tests.fixtures.hive import HIVE_KEY as HIVE_API_KEY
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -23,7 +24,7 @@ MARKER = "hf_secret_marker_4242"
 def real_worker_program(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     program = folder / "llm-worker-rbee"
-    program.write_text(f'#!/bin/sh\ncd "{REPO}"\nexec "{sys.executable}" -m tests.unit.worker.fake_worker_main "$@"\n')
+    program.write_text(f'#!/bin/sh\ncd "{REPO}"\nexec "{sys.executable}" -m tests.fixtures.worker_probe "$@"\n')
     program.chmod(0o755)
     return program
 
@@ -53,8 +54,8 @@ async def test_a_worker_cannot_read_its_hives_keys_environment_or_memory(start_h
     hive = await start_hive(
         home=home, worker_binary=real_worker_program(tmp_path / "bin"), model_dirs=[model.parent], tls=ca.client_identity(),
         extra_env={
-            "HF_TOKEN": MARKER, "RBEE_HIVE_WORKER_ENV": "FAKE_*", "FAKE_WORKER_PROBE_MARKER": f"HF_TOKEN={MARKER}".encode().hex(),
-            "FAKE_WORKER_PROBE": "|".join([*map(str, targets), "/proc/{ppid}/environ", "/proc/{ppid}/mem"]),
+            "HF_TOKEN": MARKER, "RBEE_HIVE_WORKER_ENV": "WORKER_PROBE*", "WORKER_PROBE_MARKER": f"HF_TOKEN={MARKER}".encode().hex(),
+            "WORKER_PROBE": "|".join([*map(str, targets), "/proc/{ppid}/environ", "/proc/{ppid}/mem"]),
         },
         args=["--tls-cert", str(tls_dir / HIVE_CERT), "--tls-key", str(tls_dir / HIVE_KEY), "--tls-ca", str(tls_dir / CA_CERT),
               "--tls-issuer-cert", str(tls_dir / ISSUER_CERT), "--tls-issuer-key", str(tls_dir / ISSUER_KEY)],
@@ -80,3 +81,8 @@ async def test_a_worker_cannot_read_its_hives_keys_environment_or_memory(start_h
     own = (home / "tls" / "workers" / worker.id / "tls.crt").read_bytes()
     assert own.split(b"-----END CERTIFICATE-----")[0] != (tls_dir / HIVE_CERT).read_bytes().split(b"-----END CERTIFICATE-----")[0]
     assert os.path.exists(home / "tls" / "workers" / worker.id / "tls.key")
+    # It proves a name of its own below its node's identity (rbee/tls_identity.py), which the hive reports.
+    assert worker.tls_name == worker_identity(node_identity("box"), worker.id)
+    client = ca.client_identity()
+    assert await health_status(worker.address, client.for_peer(worker.tls_name)) == "SERVING"
+    assert await health_status(worker.address, client.for_peer(node_identity("box"))) == "refused: UNAVAILABLE"
