@@ -317,24 +317,24 @@ async def bench_ceiling(runs: int) -> dict:
     with server_process("bench.openai", "flood") as [worker]:
         with server_process("bench.openai", "door", worker) as [door]:
             base = f"http://{door}/v1"
-            async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as http:
-                for label, streams, tokens in (("1 stream", 1, CEILING_ONE), ("32 streams", SLOTS, CEILING_MANY)):
-                    http_runs, grpc_runs = [], []
-                    for _ in range(runs):
+            for label, streams, tokens in (("1 stream", 1, CEILING_ONE), ("32 streams", SLOTS, CEILING_MANY)):
+                http_runs, grpc_runs = [], []
+                for _ in range(runs):
+                    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as http:
                         start = time.perf_counter()
                         got = await asyncio.gather(*(sse_stream(http, base, tokens) for _ in range(streams)))
                         wall = time.perf_counter() - start
-                        http_runs.append((sum(g[0] for g in got) / wall, sum(g[1] for g in got) / wall))
-                        start = time.perf_counter()
-                        direct = await asyncio.gather(*(stream(worker, tokens) for _ in range(streams)))
-                        wall = time.perf_counter() - start
-                        grpc_runs.append((sum(d["messages"] for d in direct) / wall, sum(d["tokens"] for d in direct) / wall))
-                    out[label] = {
-                        "front_door_chunks_per_s": statistics.median(r[0] for r in http_runs),
-                        "front_door_tokens_per_s": statistics.median(r[1] for r in http_runs),
-                        "grpc_messages_per_s": statistics.median(r[0] for r in grpc_runs),
-                        "grpc_tokens_per_s": statistics.median(r[1] for r in grpc_runs),
-                    }
+                    http_runs.append((sum(g[0] for g in got) / wall, sum(g[1] for g in got) / wall))
+                    start = time.perf_counter()
+                    direct = await asyncio.gather(*(stream(worker, tokens) for _ in range(streams)))
+                    wall = time.perf_counter() - start
+                    grpc_runs.append((sum(d["messages"] for d in direct) / wall, sum(d["tokens"] for d in direct) / wall))
+                out[label] = {
+                    "front_door_chunks_per_s": statistics.median(r[0] for r in http_runs),
+                    "front_door_tokens_per_s": statistics.median(r[1] for r in http_runs),
+                    "grpc_messages_per_s": statistics.median(r[0] for r in grpc_runs),
+                    "grpc_tokens_per_s": statistics.median(r[1] for r in grpc_runs),
+                }
     return out
 
 

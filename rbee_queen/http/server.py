@@ -24,6 +24,10 @@ from rbee.tls import is_loopback
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 5
+# An idle keep-alive connection is closed after this long. Longer than
+# uvicorn's 5 s: a client that reuses a connection the server is closing at
+# that moment sees a reset, and clients pause longer than 5 s between requests.
+KEEP_ALIVE_S = 75
 
 
 class _Server(uvicorn.Server):
@@ -85,7 +89,7 @@ class HttpServer:
         config = uvicorn.Config(
             self.app, log_config=None, access_log=False, lifespan="off", server_header=False,
             ssl_certfile=str(cert) if cert else None, ssl_keyfile=str(key) if key else None,
-            timeout_graceful_shutdown=STOP_GRACE_S, loop="none",
+            timeout_graceful_shutdown=STOP_GRACE_S, loop="none", timeout_keep_alive=KEEP_ALIVE_S,
         )  # fmt: skip
         self.scheme = "https" if cert else "http"
         self._server = _Server(config)
