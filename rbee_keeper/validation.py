@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rbee.bounds import CHAT_MESSAGES, STOP, STOP_BYTES, check_json_schema_text, check_stops
 from rbee.config import DEFAULT_HIVE_PORT, DEFAULT_QUEEN_PORT, DEFAULT_WORKER_PORT_START
 from rbee.errors import RbeeError
 
@@ -156,6 +157,8 @@ def validate_sampling(
         raise invalid_argument("--n", n_option, f"must be between 1 and {MAX_N}", n_hint)
     if count is not None and count > 1 and t == 0:
         raise invalid_argument("--n", n_option, "needs sampling: greedy decoding (--temperature 0) gives one answer", n_hint)
+    # The worker's own bounds (rbee/bounds.py), checked before anything is sent.
+    check_stops(tuple(stop), "--stop", f"Give at most {STOP.limit} --stop strings of at most {STOP_BYTES.limit} bytes each")
     return SamplingArgs(
         messages=tuple(messages),
         json_schema=load_json_schema(json_schema) if json_schema is not None else None,
@@ -202,6 +205,7 @@ def load_chat(source: str) -> list[tuple[str, str]]:
         data = data.get("messages")
     if not isinstance(data, list) or not data:
         raise RbeeError("INVALID_ARGUMENT", f"--chat {source} holds no list of messages", {"option": "--chat"}, [hint])
+    CHAT_MESSAGES.check(len(data), "--chat", f"Keep the conversation in {source} to at most {CHAT_MESSAGES.limit} messages")
     out = []
     for i, m in enumerate(data):
         ok = isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -220,6 +224,8 @@ def load_json_schema(path: str) -> str:
     """--json-schema FILE: the schema's text, checked to be a JSON object."""
     hint = 'The file holds a JSON Schema object, e.g. {"type": "object", "properties": {"name": {"type": "string"}}}'
     text = _read("--json-schema", path)
+    # Size and depth first: json.loads recurses into whatever nesting it is given.
+    check_json_schema_text(text, "--json-schema", hint)
     try:
         schema = json.loads(text)
     except ValueError as exc:

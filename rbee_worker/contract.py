@@ -12,6 +12,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rbee.bounds import (
+    CANCEL_IDS, CHAT_MESSAGES, CHOICE_BYTES, CHOICES, DEFAULT_CONTEXT, GRAMMAR_BYTES, LOGIT_BIAS, REGEX_BYTES, REQUEST_ID,
+    STOP_TOKEN_IDS, Bound, check_json_schema_text, check_stops, prompt_bound, utf8_len,
+)  # fmt: skip
 from rbee.errors import RbeeError
 from rbee.v1 import inference_pb2
 from rbee_worker.engine import ABORT, LENGTH, STOP, Constraint, EngineInfo, PositionLogprobs, SamplingOptions, TokenLogprob
@@ -31,11 +35,10 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 # Request ids (GenerateRequest.request_id, CancelRequest.request_id(s)) are
 # echoed in replies and written to the log: 1 to 128 characters of printable
 # ASCII without spaces ('!' to '~'), so no id can forge log lines, hide in
-# look-alike characters or fill the log.
-MAX_REQUEST_ID_LEN = 128
+# look-alike characters or fill the log. Every bound: rbee/bounds.py.
+MAX_REQUEST_ID_LEN = REQUEST_ID.limit
 REQUEST_ID_CHARS = "printable ASCII without spaces ('!' to '~')"
-# Ids in one CancelRequest (a worker runs at most 256 requests at once).
-MAX_CANCEL_IDS = 1024
+MAX_CANCEL_IDS = CANCEL_IDS.limit
 MAX_TEMPERATURE = 2.0
 MAX_LOGIT_BIAS = 100.0
 
@@ -83,11 +86,7 @@ def check_request_id(value: str, field: str = "request_id", **details: object) -
 
 def check_cancel_ids(request_id: str, request_ids: Sequence[str]) -> list[str]:
     """CancelRequest's ids, each checked, without duplicates or empties."""
-    if len(request_ids) > MAX_CANCEL_IDS:
-        raise invalid(
-            "request_ids", f"{len(request_ids)} ids; at most {MAX_CANCEL_IDS} in one Cancel",
-            count=len(request_ids), max_count=MAX_CANCEL_IDS,
-        )  # fmt: skip
+    CANCEL_IDS.check(len(request_ids), suggestion="Cancel them in several calls")
     check_request_id(request_id, "request_id")
     for i, rid in enumerate(request_ids):
         check_request_id(rid, "request_ids", index=i)
@@ -125,7 +124,12 @@ def _input(request: inference_pb2.GenerateRequest, info: EngineInfo | None) -> d
         raise invalid("prompt", "give the input as prompt, chat or token_ids")
     if request.raw_prompt and kind != "prompt":
         raise invalid("raw_prompt", f"applies to prompt only, not to {kind}")
+    context = info.max_model_len if info and info.max_model_len else DEFAULT_CONTEXT
+    # Text that cannot fit the context is refused before anything tokenizes it.
+    text_bound = prompt_bound(context)
+    too_long = f"Shorten it: the model's context of {context} tokens holds at most {text_bound.limit} bytes of text"
     if kind == "prompt":
+        text_bound.check(utf8_len(request.prompt), suggestion=too_long, max_model_len=context)
         if not request.prompt.strip():
             raise invalid("prompt", "the prompt is empty")
         return {"input_kind": kind, "prompt": request.prompt, "raw_prompt": request.raw_prompt}
@@ -133,15 +137,20 @@ def _input(request: inference_pb2.GenerateRequest, info: EngineInfo | None) -> d
         messages = request.chat.messages
         if not messages:
             raise invalid("chat", "the conversation has no messages")
+        CHAT_MESSAGES.check(len(messages))
+        total = sum(utf8_len(m.content) for m in messages)
+        text_bound.check(total, "chat", too_long, max_model_len=context)
         for i, m in enumerate(messages):
             if m.role not in CHAT_ROLES:
                 raise invalid("chat", f"message {i} has role {m.role!r}; use one of {', '.join(CHAT_ROLES)}", index=i)
         if info is not None and not info.has_chat_template:
             raise invalid("chat", "this model has no chat template; send prompt (raw) or token_ids")
         return {"input_kind": kind, "messages": tuple({"role": m.role, "content": m.content} for m in messages)}
-    ids = tuple(request.token_ids.ids)
+    ids = request.token_ids.ids
     if not ids:
         raise invalid("token_ids", "no token ids")
+    Bound("token_ids", context - 1, "ids", "the context").check(len(ids), max_model_len=context)
+    ids = tuple(ids)
     _vocab_check("token_ids", ids, info)
     return {"input_kind": kind, "token_ids": ids}
 
@@ -151,13 +160,23 @@ def _constraint(request: inference_pb2.GenerateRequest) -> Constraint | None:
     if kind is None:
         return None
     if kind == "choice":
+        CHOICES.check(len(request.choice.choices))
         choices = tuple(request.choice.choices)
+        for i, c in enumerate(choices):
+            CHOICE_BYTES.check(utf8_len(c), index=i)
         if not choices:
             raise invalid("choice", "give at least one choice")
         if any(not c for c in choices):
             raise invalid("choice", "choices must not be empty strings")
         return Constraint(kind, choices)
     value = getattr(request, kind)
+    if kind == "regex":
+        REGEX_BYTES.check(utf8_len(value))
+    elif kind == "grammar":
+        GRAMMAR_BYTES.check(utf8_len(value))
+    elif kind == "json_schema":
+        # Size, then depth, before json.loads recurses into it.
+        check_json_schema_text(value)
     if not value.strip():
         raise invalid(kind, "is empty")
     if kind == "json_schema":
@@ -213,6 +232,9 @@ def parse_request(request: inference_pb2.GenerateRequest, info: EngineInfo | Non
         if effective == 0:
             raise invalid("n", f"{n} completions need sampling: greedy decoding (temperature 0) gives one answer")
 
+    check_stops(request.stop)
+    STOP_TOKEN_IDS.check(len(request.stop_token_ids))
+    LOGIT_BIAS.check(len(request.logit_bias))
     if any(not s for s in request.stop):
         raise invalid("stop", "stop strings must not be empty")
     _vocab_check("stop_token_ids", request.stop_token_ids, info)

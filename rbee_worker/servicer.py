@@ -9,6 +9,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -60,6 +61,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._on_shutdown = on_shutdown
         self._coalesce = coalesce
         self._active: dict[str, ActiveRequest] = {}
+        # Requests being tokenized: they hold a slot, not yet an engine request.
+        self._tokenizing: set[str] = set()
+        # The chat template and the tokenizer run here, never on the event
+        # loop: a long prompt would stall every other call, health included.
+        # One thread: a tokenizer is not safe for concurrent use, and one long
+        # prompt at a time bounds the CPU and memory they take.
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
         self._idle = asyncio.Event()
         self._idle.set()
         self._background: set[asyncio.Task] = set()
@@ -71,7 +79,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @property
     def slots_busy(self) -> int:
-        return len(self._active)
+        return len(self._active) + len(self._tokenizing)
 
     # -- readiness -----------------------------------------------------------
 
@@ -199,18 +207,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             )
 
     def _check_capacity(self, request_id: str) -> None:
-        if request_id in self._active:
+        if request_id in self._active or request_id in self._tokenizing:
             raise RbeeError(
                 "DUPLICATE_REQUEST_ID",
                 f"A request with id {request_id!r} is already running on this worker",
                 {"request_id": request_id},
                 ["Use a fresh request id (or leave it empty to get one)"],
             )
-        if len(self._active) >= self.slots_total:
+        if self.slots_busy >= self.slots_total:
             raise RbeeError(
                 "ALL_SLOTS_BUSY",
                 f"All {self.slots_total} slots are busy",
-                {"slots_total": self.slots_total, "slots_busy": len(self._active)},
+                {"slots_total": self.slots_total, "slots_busy": self.slots_busy},
                 ["Retry in a few seconds", "Start another worker for this model"],
             )
 
@@ -258,12 +266,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_failure)
 
-    def _prompt_ids(self, parsed: ParsedRequest) -> list[int]:
+    def _encode(self, parsed: ParsedRequest) -> list[int]:
         if parsed.input_kind == "chat":
             return self._engine.encode_chat(parsed.messages)
+        return self._engine.encode(parsed.prompt, parsed.raw_prompt)
+
+    async def _prompt_ids(self, request_id: str, parsed: ParsedRequest) -> list[int]:
+        """The prompt's token ids, tokenized off the event loop while the
+        request holds a slot (so a full worker refuses before tokenizing)."""
         if parsed.input_kind == "token_ids":
             return list(parsed.token_ids)
-        return self._engine.encode(parsed.prompt, parsed.raw_prompt)
+        self._tokenizing.add(request_id)
+        try:
+            return await self._loop.run_in_executor(self._tokenizer_pool, self._encode, parsed)
+        finally:
+            self._tokenizing.discard(request_id)
 
     @handle_errors
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -271,10 +288,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._check_accepting()
         parsed = parse_request(request, self._status.info, self.slots_total)
         request_id = request.request_id or f"req-{uuid.uuid4().hex[:12]}"
-        # A full worker answers before spending time on the tokenizer. No await
-        # from here to _acquire, so the check and the slot taken are one step.
+        # A full worker answers before spending time on the tokenizer.
         self._check_capacity(request_id)
-        prompt_ids = self._prompt_ids(parsed)
+        prompt_ids = await self._prompt_ids(request_id, parsed)
+        # The worker may have begun draining (or failed) meanwhile. No await
+        # from here to _acquire, so the checks and the slot taken are one step.
+        self._check_accepting()
+        self._check_capacity(request_id)
         max_tokens = self._max_tokens(len(prompt_ids), parsed.max_tokens)
         if parsed.options.min_tokens > max_tokens:
             raise invalid("min_tokens", f"{parsed.options.min_tokens} is more than max_tokens {max_tokens}")
