@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rbee.cpus import CpuBudget, cpu_budget, format_cpu_list, read_cpu_flags
+from rbee.cpus import CpuBudget, cpu_budget, format_cpu_list, parse_cpu_list, read_cpu_flags
 from rbee.dtype import AUTO, DTYPES, MB, ModelFacts, DtypeChoice, choose_dtype, model_facts, weights_bytes
 
 # Loading takes more than the weights: runtime buffers, activations.
@@ -67,6 +67,9 @@ class EnginePlan:
     kv_cache_note: str = ""
     # What the engine's processes need in their environment.
     env: Mapping[str, str] = field(default_factory=dict)
+    # The cores the OpenMP threads are bound to; None: the worker's budget.
+    # () when the environment leaves the binding to vLLM ("auto", "nobind").
+    bound: tuple[int, ...] | None = None
 
     @property
     def threads(self) -> int:
@@ -74,6 +77,8 @@ class EnginePlan:
 
     @property
     def cores(self) -> tuple[int, ...]:
+        if self.bound is not None:
+            return self.bound
         return self.budget.cores if self.budget is not None else ()
 
     @property
@@ -116,8 +121,13 @@ def plan_engine(
     env: dict[str, str] = {}
     budget = budget or cpu_budget()
     bind = environ.get(ENV_THREADS_BIND, "")
+    bound = None
     if bind:
         threads_note = f"{ENV_THREADS_BIND}={bind} (set in the environment)"
+        try:
+            bound = tuple(parse_cpu_list(bind))
+        except ValueError:  # "auto", "nobind" or per-rank lists: vLLM's own binding
+            bound = ()
     else:
         env[ENV_THREADS_BIND] = format_cpu_list(budget.cores)
         threads_note = budget.describe()
@@ -130,7 +140,7 @@ def plan_engine(
         per = facts.kv_bytes_per_token(choice.dtype)
         how = f"{slots} slots × {max_model_len} tokens × {per} bytes" if per else "the model's config gives no figures"
         kv_note = f"{kv_bytes / MB:.0f} MiB ({how})"
-    return EnginePlan(backend, choice, budget, threads_note, kv_bytes, kv_note, env)
+    return EnginePlan(backend, choice, budget, threads_note, kv_bytes, kv_note, env, bound)
 
 
 def machine_plan(

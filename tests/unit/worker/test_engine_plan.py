@@ -57,6 +57,9 @@ def test_kv_cache_floor_and_unknown_models(model: Path, tmp_path: Path):
 def test_the_operators_environment_wins(model: Path):
     p = plan(model, environ={"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "2"})
     assert p.env == {}
+    assert (p.threads, p.cpu_set) == (1, "0")
+    auto = plan(model, environ={"VLLM_CPU_OMP_THREADS_BIND": "auto"})
+    assert (auto.threads, auto.cpu_set) == (0, "")  # vLLM's own binding: not known here
     assert p.kv_cache_bytes is None
     assert "VLLM_CPU_KVCACHE_SPACE=2 GiB (set in the environment)" in p.stage_lines()[2]
 
