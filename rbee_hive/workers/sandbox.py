@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -145,11 +146,13 @@ def restrict(spec: str) -> int:
             except OSError:
                 continue  # gone, or not ours to open: stays closed
             try:
-                allowed = rights if os.path.isdir(path) else rights & _FILE_RIGHTS
+                mode = os.fstat(fd).st_mode
+                if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                    continue  # sockets, pipes, devices beside the closed paths: nothing to read there
+                allowed = rights if stat.S_ISDIR(mode) else rights & _FILE_RIGHTS
                 rule = _PathBeneath(allowed, fd)
-                if libc.syscall(_SYS_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0)) < 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"landlock_add_rule failed for {path}: {os.strerror(err)}")
+                # A path the kernel will not take a rule for stays closed (never more open).
+                libc.syscall(_SYS_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0))
             finally:
                 os.close(fd)
         if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
