@@ -142,13 +142,19 @@ async def models_view(queen: Any) -> dict[str, dict]:
     return {r.name: m for r, m in zip(records, found)}
 
 
-async def stop_worker(queen: Any, node: str, worker_id: str) -> dict:
+async def stop_worker(queen: Any, activity: Activity, node: str, worker_id: str) -> dict:
+    """The hive's graceful shutdown of one worker (force-killed after its grace), recorded as activity."""
     record = await asyncio.to_thread(queen.store.get, node)
     check_worker_id(worker_id)
     queen.narrate("🛑", f"Stopping worker {worker_id} on {node} (asked from the web page)")
-    async with HiveLink(record) as link:
-        reply = await link.call(link.workers.ShutdownWorker, registry_pb2.ShutdownWorkerRequest(worker_id=worker_id),
-                                SHUTDOWN_TIMEOUT_S)  # fmt: skip
+    entry = activity.begin("stop", f"Stop worker {worker_id} on {node}", node, "")
+
+    async def work() -> registry_pb2.ShutdownWorkerResponse:
+        async with HiveLink(record) as link:
+            return await link.call(link.workers.ShutdownWorker, registry_pb2.ShutdownWorkerRequest(worker_id=worker_id),
+                                   SHUTDOWN_TIMEOUT_S)  # fmt: skip
+
+    reply = await activity.run(entry, work(), lambda r: "force-killed" if r.force_killed else f"exited with code {r.exit_code}")
     return {"worker_id": reply.worker_id, "force_killed": reply.force_killed, "exit_code": reply.exit_code}
 
 

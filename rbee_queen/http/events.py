@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -92,9 +93,32 @@ async def cluster_events(queen: Any) -> AsyncIterator[bytes]:
                         await task
 
 
+class _SharedNodes:
+    """One reading of the nodes for every open page: each stream asks every few
+    seconds, the hives are asked at most once per ``max_age``."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.at = 0.0
+        self.value: list[dict] | None = None
+
+
+_shared: dict[int, _SharedNodes] = {}
+
+
+async def shared_nodes(queen: Any, max_age: float = NODES_EVERY_S * 0.8) -> list[dict]:
+    shared = _shared.setdefault(id(queen), _SharedNodes())
+    loop = asyncio.get_running_loop()
+    async with shared.lock:
+        if shared.value is None or loop.time() - shared.at >= max_age:
+            shared.value = await cluster_view.nodes_view(queen)
+            shared.at = loop.time()
+        return copy.deepcopy(shared.value)
+
+
 async def _nodes_later(queen: Any, delay: float) -> list[dict]:
     await asyncio.sleep(delay)
-    nodes = await cluster_view.nodes_view(queen)
+    nodes = await shared_nodes(queen)
     for node in nodes:
         # Uptime changes every time; it is not a change of the node.
         node.pop("hive_uptime_s", None)

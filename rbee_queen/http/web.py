@@ -14,7 +14,9 @@ log, followed), ``workers/stop`` and ``models/download`` (admin).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,8 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-cache",
 }
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Open event and log streams at once, all pages together (each holds hive calls).
+MAX_STREAMS = 64
 
 router = APIRouter()
 
@@ -57,6 +61,25 @@ def _failure(err: RbeeError) -> JSONResponse:
     body = ApiError(status, err.message, err.details.get("field"), err.code.lower()).body()
     body["error"]["rbee"] = error_dict(err)
     return JSONResponse(body, status_code=status)
+
+
+def _stream(request: Request, body: AsyncIterator[bytes]) -> StreamingResponse:
+    """A server-sent event response, counted while it runs; 429 beyond MAX_STREAMS."""
+    state = request.app.state
+    if getattr(state, "web_streams", 0) >= MAX_STREAMS:
+        raise ApiError(429, f"Too many open streams ({MAX_STREAMS}): close a tab of the page or a log", None,
+                       "too_many_streams", retry_after=5)  # fmt: skip
+
+    async def counted() -> AsyncIterator[bytes]:
+        state.web_streams = getattr(state, "web_streams", 0) + 1
+        try:
+            async with contextlib.aclosing(body):  # type: ignore[type-var]
+                async for chunk in body:
+                    yield chunk
+        finally:
+            state.web_streams -= 1
+
+    return StreamingResponse(counted(), media_type="text/event-stream", headers=STREAM_HEADERS)
 
 
 # -- the page ---------------------------------------------------------------------------------
@@ -85,7 +108,7 @@ async def me(scope: str = Depends(inference_key)) -> dict:
 
 @router.get("/api/web/events")
 async def cluster_events(request: Request, _scope: str = Depends(inference_key)) -> StreamingResponse:
-    return StreamingResponse(events.cluster_events(_queen(request)), media_type="text/event-stream", headers=STREAM_HEADERS)
+    return _stream(request, events.cluster_events(_queen(request)))
 
 
 @router.get("/api/web/logs")
@@ -101,7 +124,7 @@ async def logs(request: Request, node: str, worker: str = "", tail: int = cluste
     except RbeeError as err:
         return _failure(err)
     lines = cluster_view.follow_logs(queen, node, worker, tail)
-    return StreamingResponse(events.log_events(lines), media_type="text/event-stream", headers=STREAM_HEADERS)
+    return _stream(request, events.log_events(lines))
 
 
 # -- acting (admin key only) ------------------------------------------------------------------
@@ -123,7 +146,8 @@ class Download(BaseModel):
 @router.post("/api/web/workers/stop")
 async def stop_worker(body: StopWorker, request: Request, _scope: str = Depends(admin_key)) -> Any:
     try:
-        return await cluster_view.stop_worker(_queen(request), body.node, body.worker_id)
+        queen = _queen(request)
+        return await cluster_view.stop_worker(queen, queen.tasks.activity, body.node, body.worker_id)
     except RbeeError as err:
         return _failure(err)
 

@@ -40,9 +40,12 @@ def queen(tmp_path: Path):
 
 
 @pytest.fixture
-def client(queen):
-    auth = Authenticator(ADMIN, lambda token: "inference" if token == APP else None)
-    app = create_app(auth, None, queen)
+def app(queen):
+    return create_app(Authenticator(ADMIN, lambda token: "inference" if token == APP else None), None, queen)
+
+
+@pytest.fixture
+def client(app):
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://queen")
 
 
@@ -62,12 +65,16 @@ async def test_the_page_and_its_files_are_served_and_nothing_else(client) -> Non
         assert (await client.get(f"/ui/{bad}")).status_code == 404, bad
 
 
-async def test_keys_and_scopes(client) -> None:
+async def test_keys_and_scopes(client, app) -> None:
     assert (await client.get("/api/web/me")).status_code == 401
     assert (await client.get("/api/web/me", headers=bearer("wrong"))).status_code == 401
     assert (await client.get("/api/web/events", headers=bearer("wrong"))).status_code == 401
     assert (await client.get("/api/web/me", headers=bearer(APP))).json() == {"scope": "inference", "can_act": False}
     assert (await client.get("/api/web/me", headers=bearer(ADMIN))).json() == {"scope": "admin", "can_act": True}
+    app.state.web_streams = 64  # every stream slot taken
+    crowded = await client.get("/api/web/events", headers=bearer(ADMIN))
+    assert crowded.status_code == 429 and crowded.headers["retry-after"] == "5"
+    app.state.web_streams = 0
     stop = {"node": "n", "worker_id": "w"}
     download = {"node": "n", "model": "hf:org/repo"}
     for path, body in (("/api/web/workers/stop", stop), ("/api/web/models/download", download)):
