@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rbee.config import logs_dir
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
+from rbee.tls_identity import QUEEN_NAME
 from rbee.v1 import tasks_pb2
 
 from rbee_keeper.daemon_client import keeper_tls, open_channel
@@ -36,7 +37,9 @@ BUSY_RETRY_DELAYS_S = (1.0, 2.0, 4.0)
 
 async def queen_answers(address: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     try:
-        channel = open_channel(address, keeper_tls(address))
+        tls = keeper_tls(address)
+        # Over TLS the queen proves its identity name (rbee/tls_identity.py).
+        channel = open_channel(address, tls.for_peer(QUEEN_NAME) if tls else None)
     except RbeeError:
         return False
     try:
