@@ -135,6 +135,57 @@ def test_the_worker_survives_hostile_messages(worker, channel):
     report(seen)
 
 
+@st.composite
+def bounded_request(draw):
+    """A Generate request with one bounded field at, just past or far past
+    its bound (rbee/bounds.py), the rest ordinary; and what it should get."""
+    from rbee.bounds import CHAT_MESSAGES, JSON_SCHEMA_DEPTH, LOGIT_BIAS, STOP, STOP_BYTES, STOP_TOKEN_IDS, prompt_bound
+    from rbee.v1 import inference_pb2
+
+    field = draw(st.sampled_from(["stop", "stop_bytes", "stop_token_ids", "logit_bias", "json_depth", "chat", "prompt"]))
+    over = draw(st.sampled_from([0, 1, 2, 1000]))
+    msg = inference_pb2.GenerateRequest(prompt="hello", max_tokens=2)
+    if field == "stop":
+        msg.stop.extend(["s"] * (STOP.limit + over))
+    elif field == "stop_bytes":
+        msg.stop.append("s" * (STOP_BYTES.limit + over))
+    elif field == "stop_token_ids":
+        msg.stop_token_ids.extend([7] * (STOP_TOKEN_IDS.limit + over))
+    elif field == "logit_bias":
+        msg.logit_bias.update({i: 1.0 for i in range(LOGIT_BIAS.limit + over)})
+    elif field == "json_depth":
+        depth = JSON_SCHEMA_DEPTH.limit + over
+        msg.json_schema = '{"a": ' * (depth - 1) + "{}" + "}" * (depth - 1)
+    elif field == "chat":
+        msg.chat.messages.extend([inference_pb2.ChatMessage(role="user", content="hi")] * (CHAT_MESSAGES.limit + over))
+    else:
+        # The fuzz worker's fake engine has a 64-token context.
+        msg.prompt = "p" * (prompt_bound(64).limit + over)
+    name = {"stop_bytes": "stop", "json_depth": "json_schema"}.get(field, field)
+    return Request("/rbee.v1.InferenceService/Generate", msg.SerializeToString()), name, over > 0
+
+
+def test_the_worker_holds_every_bound(worker, channel):
+    seen: Counter = Counter()
+
+    @settings(max_examples=examples(40))
+    @given(case=bounded_request())
+    def run(case):
+        (method, payload), field, past = case
+        outcome = call(channel, method, METHODS[method], payload, KEY, timeout=30)
+        seen[(field, outcome.rbee_code or outcome.code.name)] += 1
+        if past:
+            assert outcome.rbee_code == "INVALID_ARGUMENT" and f"Invalid {field}:" in outcome.message, outcome
+            assert "at most" in outcome.message
+        else:
+            # At the bound the request gets past it (to the context check, or an answer).
+            assert "at most" not in outcome.message, outcome
+        worker.assert_serving(channel)
+
+    run()
+    report(seen)
+
+
 def test_the_worker_survives_raw_bytes(worker, channel):
     seen: Counter = Counter()
 
@@ -154,3 +205,4 @@ def test_the_worker_survives_hostile_shutdowns_last(worker, channel):
     for method in SERVING:
         fuzz(worker, channel, seen, method, b"")
     report(seen)
+

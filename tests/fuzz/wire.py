@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import rbee.v1
 from rbee.auth import auth_metadata
+from rbee.errors import from_rpc_error
 from rbee.v1 import common_pb2
 
 BIG = "x" * (10 * 1024 * 1024)
@@ -276,6 +277,12 @@ def typed(method: str, desc: d.MethodDescriptor, err: grpc.RpcError) -> Outcome:
     if code == grpc.StatusCode.CANCELLED or (code == grpc.StatusCode.DEADLINE_EXCEEDED and desc.server_streaming):
         return Outcome(method, code)  # our own cancel, or our deadline on a stream that goes on
     status = rpc_status.from_call(err)
+    if status is None and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        # grpc's own receive limit refused the message before reading it
+        # (rbee/bounds.py); clients name it MESSAGE_TOO_LARGE with the limit.
+        named = from_rpc_error(err)
+        assert named.code == "MESSAGE_TOO_LARGE", f"{method}: bare RESOURCE_EXHAUSTED: {err.details()!r:.300}"
+        return Outcome(method, code, named.code, named.message)
     assert status is not None, f"{method}: {code.name} without rbee details: {err.details()!r:.300}"
     details = [any_ for any_ in status.details if any_.Is(common_pb2.ErrorDetail.DESCRIPTOR)]
     assert details, f"{method}: {code.name} without an ErrorDetail: {err.details()!r:.300}"
