@@ -127,8 +127,8 @@ async def test_the_page_follows_the_cluster_live(queen_factory, hub, browser: Pa
         assert code == 0, err
         task = browser.until(lambda: browser.texts('#activity-list li[data-kind="task"][data-state="done"]'), "the task")[0]
         assert "Cold start: no worker serves" in task
-        second_id = browser.until(lambda: [i for i in (r.get_attribute("data-worker") for r in browser.find_all("tr[data-worker]"))
-                                           if i != first_id], "the second worker")[0]  # fmt: skip
+        second_id = browser.until(lambda: [i for i in browser.driver.execute_script(
+            "return [...document.querySelectorAll('tr[data-worker]')].map(r => r.dataset.worker)") if i != first_id], "the second worker")[0]
         assert browser.texts(f'tr[data-worker="{second_id}"] .model') == [HUB_REF]
 
         # The hive's log, followed live.
@@ -145,6 +145,8 @@ async def test_the_page_follows_the_cluster_live(queen_factory, hub, browser: Pa
         # The admin stops the second worker from the page: it goes, the first stays.
         browser.click(f'button[data-stop="{second_id}"]')
         browser.until(lambda: not worker_row(browser, second_id), "the stopped worker gone")
+        stopped = browser.until(lambda: browser.texts('#activity-list li[data-kind="stop"][data-state="done"]'), "the stop recorded")[0]
+        assert f"Stop worker {second_id} on here" in stopped and "exited with code 0" in stopped
         assert worker_row(browser, first_id)
         code, out, err = await queen.keeper("workers", "list", "--json")
         assert [json.loads(line)["id"] for line in out.splitlines()] == [first_id], err
