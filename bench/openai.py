@@ -120,17 +120,20 @@ class Queen(Side):
         if add.returncode:
             raise SystemExit(add.stderr)
         warm = self.keeper("infer", "--node", "bench", "--model", self.model, "--prompt", "hi", "--max-tokens", "1",
-                           "--slots", str(SLOTS))  # fmt: skip
+                           "--slots", str(SLOTS), "--loading-timeout", "1800")  # fmt: skip
         if warm.returncode:
             raise SystemExit(warm.stderr)
 
     def engine_procs(self) -> list[psutil.Process]:
-        node = str(self.root / "node")
+        """The node's worker and its engine's processes (the queen and hive stay awake: they idle)."""
+        listed = self.keeper("workers", "list", "--json")
         found = []
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = p.info["cmdline"] or []
-            if any("llm-worker-rbee" in c for c in cmd[:2]) and any(node in c for c in cmd):
-                found += [p, *p.children(recursive=True)]
+        for line in listed.stdout.splitlines():
+            try:
+                worker = psutil.Process(json.loads(line)["pid"])
+                found += [worker, *worker.children(recursive=True)]
+            except (psutil.Error, KeyError, ValueError):
+                continue
         return found
 
 
@@ -208,10 +211,10 @@ async def bench_engine(args: argparse.Namespace, root: Path, rng: random.Random)
     plan = machine_plan(str(model), "cpu", 0, slots=SLOTS, max_model_len=2048)
     # Both engines: the same cores and a KV cache of the same size.
     env = dict(os.environ, **plan.env, VLLM_CPU_KVCACHE_SPACE=str(args.kv_gib))
-    queen, vllm = Queen(root, model, env), Vllm(root, model, env, plan.choice.dtype)
+    queen, vllm = Queen(root, model, env), Vllm(root, model, env, plan.dtype.dtype)
     sides: list[Side] = [queen, vllm]
     try:
-        print(f"[bench] starting the queen and a warm worker ({SLOTS} slots, dtype {plan.choice.dtype})", file=sys.stderr)
+        print(f"[bench] starting the queen and a warm worker ({SLOTS} slots, dtype {plan.dtype.dtype})", file=sys.stderr)
         queen.start()
         with frozen(queen.engine_procs()):
             print("[bench] starting vLLM's OpenAI server on the same model", file=sys.stderr)
