@@ -10,7 +10,7 @@ processes from launch to exit:
   rbee-keeper infer --worker … -n 1  the same request through the keeper
 
 and report the medians and keeper − bare (the aim: ≤ 0.1 s). `--stand-in`
-serves the request from the stand-in worker (the real contract, no engine),
+serves the request from the stand-in worker (the real worker on a fake engine),
 which isolates the client side from the engine's own variance.
 
 Run: .venv/bin/python -m bench.keeper [--rounds 9] [--stand-in]
@@ -64,7 +64,9 @@ def start_worker(stand_in: bool) -> tuple[subprocess.Popen, str, str]:
     port, key = free_port(), new_api_key()
     env = dict(os.environ, RBEE_WORKER_API_KEY=key, STANDIN_LOAD_S="0")
     if stand_in:
-        argv = [sys.executable, str(REPO / "tests/fixtures/standin_worker.py"), "--model", "/stand-in", "--port", str(port)]
+        # The real worker program on a fake engine (tests/unit/worker/fake_worker_main.py).
+        argv = [sys.executable, "-m", "tests.unit.worker.fake_worker_main", "--model", str(default_model_path()),
+                "--port", str(port)]  # fmt: skip
         env["PYTHONPATH"] = str(REPO)
     else:
         argv = [str(BIN / "llm-worker-rbee"), "--model", str(default_model_path()), "--backend", "cpu", "--device", "0",

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import psutil
 
 from features.steps.queen_support import KeeperRun, QueenWorld
-from tests.fixtures.hive import free_port_block, write_standin_program
+from tests.fixtures.hive import STANDIN_MODULE, free_port_block, write_standin_program
 from tests.fixtures.models import hive_env
 from tests.fixtures.queen import QueenProc, kill_node_hives, node_hive_pids
 from tests.hubserver import HubServer
@@ -34,7 +34,8 @@ MODEL_REPO = "rbee-test/tiny"
 MODEL_REF = f"hf:{MODEL_REPO}"
 MODEL_FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"\0" * 3_000_000, "tokenizer.json": b"{}"}
 # What the stand-in worker answers to every prompt.
-STANDIN_TEXT = "stand-in"
+# The stand-in worker's fake engine answers token k as "t{k} " (tests/unit/worker/fakes.py): 3 tokens.
+STANDIN_TEXT = "t1 t2 t3 "
 POLL_TIMEOUT_S = 30.0
 
 
@@ -172,7 +173,7 @@ def _procs():
 
 
 def _is_worker(cmd: list[str], home: str) -> bool:
-    return any("standin_worker.py" in c for c in cmd) and any(home in c for c in cmd)
+    return any(STANDIN_MODULE in c for c in cmd) and any(home in c for c in cmd)
 
 
 def _alive(pid: int) -> bool:

@@ -122,7 +122,7 @@ async def test_the_workers_of_a_hive_killed_mid_spawn_are_gone_within_60_s(tmp_p
     try:
         worker = await spawn_loading(hive, model)
         tree = [worker.pid, *(p.pid for p in psutil.Process(worker.pid).children(recursive=True))]
-        assert len(tree) == 2, "the stand-in's child (its 'engine') is running"
+        assert len(tree) == 2, "the stand-in's child (its engine's process) is running"
         kill9(hive)
         started = time.monotonic()
         left = await asyncio.to_thread(gone_within, tree, 60)
@@ -137,21 +137,13 @@ async def test_the_workers_of_a_hive_killed_mid_spawn_are_gone_within_60_s(tmp_p
         await hive.close()
 
 
-def real_worker_program(folder: Path) -> Path:
-    """llm-worker-rbee's own code (flags, signals, narration, shutdown) with
-    the fake engine, as a program a hive can run."""
-    folder.mkdir(parents=True, exist_ok=True)
-    program = folder / "llm-worker-rbee"
-    program.write_text(f'#!/bin/sh\ncd "{REPO}"\nexec "{sys.executable}" -m tests.unit.worker.fake_worker_main "$@"\n')
-    program.chmod(0o755)
-    return program
-
-
 @ASYNC
-async def test_the_real_worker_program_stops_when_its_hive_is_killed(tmp_path, model):
-    """Its SIGTERM handler narrates first, to the dead hive's pipe: that must
-    not stop the shutdown (it did: BrokenPipeError, and the worker stayed)."""
-    hive = await start_hive_process(tmp_path / "home", worker_binary=real_worker_program(tmp_path / "bin"))
+async def test_the_worker_program_stops_when_its_hive_is_killed(tmp_path, standin_program, model):
+    """llm-worker-rbee's own code (flags, signals, narration, shutdown) on a
+    fake engine. Its SIGTERM handler narrates first, to the dead hive's pipe:
+    that must not stop the shutdown (it did: BrokenPipeError, and the worker
+    stayed). With vLLM's engine: test_hive_real_worker.py's cascade."""
+    hive = await start_hive_process(tmp_path / "home", worker_binary=standin_program)
     try:
         worker = await spawn_loading(hive, model)
         items = await hive.follow(worker.id)

@@ -1,7 +1,7 @@
 """One inference through the queen (S1, S6.2, S8) with real processes: a
 queen, this machine as a local node whose hive the queen starts, models
 downloaded from the hub-like server, and the stand-in worker program (the real
-contract without an engine; tests/integration/test_queen_engine.py runs the
+worker program and servicer on a fake engine; tests/integration/test_queen_engine.py runs the
 real engine). The hive inherits the queen's environment, which is how these
 tests configure it."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.fixtures.hive import free_port_block, write_standin_program
+from tests.fixtures.hive import STANDIN_MODULE, free_port_block, write_standin_program
 from tests.fixtures.models import hive_env
 from tests.fixtures.queen import QueenProc, kill_node_hives, node_hive_pids
 
@@ -39,6 +39,10 @@ async def local_node(queen: QueenProc, home: Path, name: str = "here", *extra: s
     return port
 
 
+# The fake engine's answer to --max-tokens 3 (token k is "t{k} ", tests/unit/worker/fakes.py).
+ANSWER = "t1 t2 t3 "
+
+
 async def infer(queen: QueenProc, node: str = "here", *extra: str, queen_flag: bool = True) -> tuple[int, str, str]:
     return await queen.keeper("infer", "--node", node, "--model", REF, "--prompt", "hi", "--max-tokens", "3", *extra, queen=queen_flag)
 
@@ -61,7 +65,7 @@ async def until(predicate, timeout: float = 30.0, step: float = 0.2):
 
 
 def worker_pids(home: Path) -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if any("standin_worker.py" in c for c in (p.info["cmdline"] or []))
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if any(STANDIN_MODULE in c for c in (p.info["cmdline"] or []))
             and any(str(home) in c for c in (p.info["cmdline"] or []))]  # fmt: skip
 
 
@@ -78,7 +82,7 @@ async def test_cold_start_downloads_then_warm_start_reuses(queen_factory, node_e
         await local_node(queen, home)
         code, out, err = await infer(queen)
         assert code == 0, err
-        assert out == "stand-in\n"
+        assert out == ANSWER + "\n"
         for line in ("Task: hf:rbee-test/tiny on here", "Starting rbee-hive on here", "Cold start: no worker serves",
                      "Hive version 0.1.0 is compatible", "[rbee-hive] 📚 Looking up hf:rbee-test/tiny", "⏬",
                      "Preflight passed for hf:rbee-test/tiny", "called back", "Cold start: worker"):  # fmt: skip
@@ -173,7 +177,7 @@ async def test_ephemeral_queen_cascade_leaves_nothing_running(queen_factory, nod
         code, out, err = await persistent.keeper("infer", "--node", "here", "--model", REF, "--prompt", "hi",
                                                  "--max-tokens", "3", "--queen", address, queen=False, **node_env)  # fmt: skip
         assert code == 0, err
-        assert out == "stand-in\n"
+        assert out == ANSWER + "\n"
         assert f"No queen answers at {address}: starting one for this command" in err
         assert "Stopping the queen started for this command" in err
         assert node_hive_pids(home) == [] and worker_pids(home) == []

@@ -1,34 +1,101 @@
-"""The real llm-worker-rbee program (flags, server, signals, callback, exit
-codes) with a FakeEngine instead of vLLM, for fast process-level tests.
+"""The real llm-worker-rbee program (flags, server, servicer, signals,
+callback, exit codes, narration) with a FakeEngine instead of vLLM, for fast
+process-level tests. Hives in tests run it as their worker program (the
+"stand-in worker": tests/fixtures/hive.py write_standin_program), so the
+contract they see is the worker's own and cannot drift from it.
 
 Run: python -m tests.unit.worker.fake_worker_main <worker flags>
-FAKE_ENGINE_MODE (fast|slow|gated|hang), FAKE_ENGINE_DELAY (s, slow mode),
-FAKE_ENGINE_LOAD_ERROR (message: loading fails with it),
-FAKE_ENGINE_DIE_AFTER (requests: health checks fail after that many),
-FAKE_ENGINE_DEATH (a code, e.g. ENGINE_OOM_KILLED: with FAKE_ENGINE_DIE_AFTER,
-the engine's processes "die" with it after that many requests, as VllmEngine reports),
-FAKE_ENGINE_HOLD_LOAD=1 (loading never finishes).
-FAKE_WORKER_PROBE (paths joined by "|", "{ppid}" for the hive's pid): before
-anything else, the worker tries to read each and prints "probe PATH: read"
-(with "marker found" when FAKE_WORKER_PROBE_MARKER, in hex, is in it) or "probe PATH:
-denied ERRNO": what code in a worker can reach of its hive.
+
+The engine (FakeEngine, tests/unit/worker/fakes.py):
+  FAKE_ENGINE_MODE (fast|slow|gated|hang), FAKE_ENGINE_DELAY (s, slow mode),
+  FAKE_ENGINE_LOAD_ERROR (message: loading fails with it),
+  FAKE_ENGINE_DIE_AFTER (requests: health checks fail after that many),
+  FAKE_ENGINE_DEATH (a code, e.g. ENGINE_OOM_KILLED: with FAKE_ENGINE_DIE_AFTER,
+  the engine's processes "die" with it after that many requests, as VllmEngine reports),
+  FAKE_ENGINE_HOLD_LOAD=1 (loading never finishes).
+
+What a hive test needs of its workers (STANDIN_*: the names a test hive lets
+through to its workers, tests/fixtures/hive.py confinement_env):
+  STANDIN_LOAD_S=0.3          seconds the engine takes to load (default 0.3)
+  STANDIN_FAIL_LOAD=1         loading fails (MODEL_LOAD_FAILED): FAILED, exit 1
+  STANDIN_CHILD=1             the engine starts a child process, as vLLM's does
+  STANDIN_PID_DIR=DIR         write <worker-id>.pid (and .child.pid) there
+  STANDIN_OOM_CGROUP=DIR      while loading, join this memory cgroup and allocate
+                              past its limit (the kernel's OOM killer ends it)
+  STANDIN_TAKEN_PORTS=a,b     these ports are held by another process of ours
+                              before the worker binds (so it exits 3, PORT_IN_USE)
+  STANDIN_IGNORE_SHUTDOWN=1   a broken worker: Shutdown and SIGTERM are acknowledged
+                              and ignored
+  STANDIN_IGNORE_SHUTDOWN_FOR=TEXT  the same, only for model paths containing TEXT
+  STANDIN_ENV_DUMP=DIR        write the environment it was started with to
+                              DIR/<worker-id>.env.json
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
 from rbee.errors import RbeeError
+from rbee_worker import server
+from rbee_worker.engine import EngineInfo, LoadProgress, ProgressCallback
 from rbee_worker.server import Settings, main
 from tests.unit.worker.fakes import FakeEngine
+
+LOAD_STEPS = 3
+
+
+class ProgramEngine(FakeEngine):
+    """FakeEngine with what a worker process's engine has: time to load, a
+    child process, memory, a pid on disk."""
+
+    def __init__(self, settings: Settings, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.load_s = float(os.environ.get("STANDIN_LOAD_S", "0.3"))
+        self.child: subprocess.Popen | None = None
+        # Made with the engine, before the server answers: the hive's first
+        # sight of the worker (loading) already has the child.
+        if os.environ.get("STANDIN_CHILD") == "1":
+            self.child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        pid_dir = os.environ.get("STANDIN_PID_DIR")
+        if pid_dir:
+            Path(pid_dir).mkdir(parents=True, exist_ok=True)
+            (Path(pid_dir) / f"{settings.worker_id}.pid").write_text(str(os.getpid()))
+            if self.child is not None:
+                (Path(pid_dir) / f"{settings.worker_id}.child.pid").write_text(str(self.child.pid))
+
+    async def load(self, progress: ProgressCallback) -> EngineInfo:
+        oom_cgroup = os.environ.get("STANDIN_OOM_CGROUP")
+        if oom_cgroup:
+            (Path(oom_cgroup) / "cgroup.procs").write_text(str(os.getpid()))
+            progress(LoadProgress("weights", 0, LOAD_STEPS, "loading weights into memory"))
+            self.hog = b"\x01" * (512 * 1024 * 1024)  # touching the memory is the point
+        for i in range(1, LOAD_STEPS + 1):
+            await asyncio.sleep(self.load_s / LOAD_STEPS)
+            progress(LoadProgress("weights", i, LOAD_STEPS, f"step {i}"))
+        return await super().load(progress)
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        if self.child is not None:
+            self.child.terminate()
+            self.child.wait()
 
 
 def fake_engine(settings: Settings) -> FakeEngine:
     error = os.environ.get("FAKE_ENGINE_LOAD_ERROR")
+    if os.environ.get("STANDIN_FAIL_LOAD") == "1":
+        error = f"Cannot load {settings.model_path}: no weights found"
     die_after = os.environ.get("FAKE_ENGINE_DIE_AFTER")
     death = os.environ.get("FAKE_ENGINE_DEATH")
-    return FakeEngine(
+    return ProgramEngine(
+        settings,
         mode=os.environ.get("FAKE_ENGINE_MODE", "fast"),
         delay=float(os.environ.get("FAKE_ENGINE_DELAY", "0.01")),
         max_model_len=settings.max_model_len,
@@ -39,24 +106,51 @@ def fake_engine(settings: Settings) -> FakeEngine:
     )
 
 
-def probe() -> None:
-    import errno
+def _flag(argv: list[str], name: str) -> str:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return ""
 
-    marker = bytes.fromhex(os.environ.get("FAKE_WORKER_PROBE_MARKER", ""))
-    for path in filter(None, os.environ.get("FAKE_WORKER_PROBE", "").split("|")):
-        path = path.replace("{ppid}", str(os.getppid()))
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read(1 << 20)
-        except OSError as exc:
-            print(f"probe {path}: denied {errno.errorcode.get(exc.errno or 0, exc.errno)}", flush=True)
-            continue
-        found = " marker found" if marker and marker in data else ""
-        print(f"probe {path}: read{found}", flush=True)
-    names = [n for n in ("HF_TOKEN", "RBEE_HIVE_API_KEY") if n in os.environ]
-    print(f"probe environment: {', '.join(names) or 'no secrets'}", flush=True)
+
+def _ignore_shutdown(argv: list[str]) -> bool:
+    only_for = os.environ.get("STANDIN_IGNORE_SHUTDOWN_FOR")
+    return os.environ.get("STANDIN_IGNORE_SHUTDOWN") == "1" or bool(only_for and only_for in _flag(argv, "--model"))
+
+
+def _hold_taken_ports(argv: list[str]) -> list[socket.socket]:
+    """Bind the listed ports first (as another process would), so the worker's
+    own bind meets a taken port."""
+    port = _flag(argv, "--port")
+    taken = {p.strip() for p in os.environ.get("STANDIN_TAKEN_PORTS", "").split(",") if p.strip()}
+    held = []
+    if port in taken:
+        s = socket.socket()
+        s.bind((_flag(argv, "--host") or "127.0.0.1", int(port)))
+        s.listen()
+        held.append(s)
+    return held
+
+
+def run(argv: list[str]) -> int:
+    dump_dir = os.environ.get("STANDIN_ENV_DUMP")
+    if dump_dir:
+        (Path(dump_dir) / f"{_flag(argv, '--worker-id') or 'worker'}.env.json").write_text(json.dumps(dict(os.environ), sort_keys=True))
+    if _ignore_shutdown(argv):
+
+        def ignore(self, timeout_s: float) -> None:
+            self.narrate("🙉", "Shutdown requested; ignoring it (a worker that ignores shutdown)")
+
+        server.Worker.request_shutdown = ignore
+    held = _hold_taken_ports(argv)
+    try:
+        return main(argv, engine_factory=fake_engine)
+    finally:
+        for s in held:
+            s.close()
 
 
 if __name__ == "__main__":
-    probe()
-    sys.exit(main(sys.argv[1:], engine_factory=fake_engine))
+    sys.exit(run(sys.argv[1:]))
