@@ -14,8 +14,8 @@
     python -m bench.limits --memory   # only the first
     python -m bench.limits --health   # only the second
 
-Run it from another checkout to measure that code: the daemons run from
-the current directory's packages (PYTHONPATH), not the installed ones.
+`--source DIR` runs the daemons from another checkout's packages (with
+this file copied there), e.g. the code before a change, for a before/after.
 """
 
 from __future__ import annotations
@@ -38,7 +38,21 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 MB = 1_000_000
-HERE = Path.cwd()
+# Where the daemons' packages come from (--source); None: the installed ones.
+SOURCE: Path | None = None
+# Runs a module from SOURCE: the editable install's import hook would
+# otherwise take the installed packages whatever sys.path says.
+_LAUNCH = (
+    "import runpy, sys; src, mod = sys.argv[1], sys.argv[2]; "
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
+    "sys.path.insert(0, src); sys.argv = [mod, *sys.argv[3:]]; runpy.run_module(mod, run_name='__main__', alter_sys=True)"
+)
+
+
+def python(module: str, *args: str) -> list[str]:
+    if SOURCE is None:
+        return [sys.executable, "-m", module, *args]
+    return [sys.executable, "-c", _LAUNCH, str(SOURCE), module, *args]
 
 
 def free_port() -> int:
@@ -108,7 +122,7 @@ class Daemon:
         self.address = f"127.0.0.1:{port}"
         with log.open("wb") as out:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         cwd=str(HERE), start_new_session=True)  # fmt: skip
+                                         cwd=str(SOURCE or Path.cwd()), start_new_session=True)  # fmt: skip
 
     def wait_health(self, timeout: float = 120) -> None:
         with grpc.insecure_channel(self.address) as channel:
@@ -145,27 +159,27 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
     (home / "no-config.toml").write_text("")
     env = dict(os.environ, RBEE_HOME=str(home), RBEE_CONFIG=str(home / "no-config.toml"), HOME=str(home),
-               PYTHONPATH=str(HERE), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **extra)  # fmt: skip
+               PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **extra)  # fmt: skip
     return env
 
 
 def start_hive(base: Path) -> Daemon:
     port = free_port()
     env = _env(base / "hive", RBEE_HIVE_API_KEY="bench-hive-key")
-    return Daemon("rbee-hive", [sys.executable, "-m", "rbee_hive.cli", "daemon", "--port", str(port)], env, port, base / "hive.log")
+    return Daemon("rbee-hive", python("rbee_hive.cli", "daemon", "--port", str(port)), env, port, base / "hive.log")
 
 
 def start_queen(base: Path) -> Daemon:
     port = free_port()
     env = _env(base / "queen", RBEE_QUEEN_API_KEY="bench-queen-key", RBEE_QUEEN_HTTP_PORT="0")
-    return Daemon("queen-rbee", [sys.executable, "-m", "rbee_queen.cli", "daemon", "--port", str(port)], env, port, base / "queen.log")
+    return Daemon("queen-rbee", python("rbee_queen.cli", "daemon", "--port", str(port)), env, port, base / "queen.log")
 
 
 def start_worker(base: Path, model: Path, *flags: str) -> Daemon:
     """The real worker program with an engine that only tokenizes (no vLLM)."""
     port = free_port()
     env = _env(base / f"worker-{port}", RBEE_WORKER_API_KEY=WORKER_KEY)
-    argv = [sys.executable, "-m", "bench.limits", "--serve-worker", "--model", str(model), "--port", str(port), *flags]
+    argv = python("bench.limits", "--serve-worker", "--model", str(model), "--port", str(port), *flags)
     return Daemon("llm-worker-rbee", argv, env, port, base / f"worker-{port}.log")
 
 
@@ -310,7 +324,10 @@ def main(argv: Sequence[str]) -> None:
     p.add_argument("--memory", action="store_true")
     p.add_argument("--health", action="store_true")
     p.add_argument("--model", type=Path, default=None, help="a model folder with tokenizer files (default: the default model's)")
+    p.add_argument("--source", type=Path, default=None, help="run the daemons from this checkout's packages")
     args = p.parse_args(list(argv))
+    global SOURCE
+    SOURCE = args.source.resolve() if args.source else None
     from rbee.config import default_model_path
 
     model = args.model or default_model_path()
