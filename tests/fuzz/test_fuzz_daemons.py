@@ -17,8 +17,8 @@ from tests.fuzz.conftest import Daemon, examples
 from tests.fuzz.wire import CLIENT_OPTIONS, Request, all_methods, call, edge_messages, message, raw_payload
 
 METHODS = all_methods()
-HIVE = sorted(m for m in METHODS if SERVICES[m.split("/")[1]] == "hive")
-QUEEN = sorted(m for m in METHODS if SERVICES[m.split("/")[1]] == "queen")
+HIVE = sorted(m for m in METHODS if SERVICES.get(m.split("/")[1]) == "hive")
+QUEEN = sorted(m for m in METHODS if SERVICES.get(m.split("/")[1]) == "queen")
 LOOPBACK = ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.1:22", ""]
 BACKENDS = ("cpu", "cuda", "metal")
 
