@@ -43,6 +43,7 @@ class GetHiveHealthResponse(_message.Message):
     HOSTNAME_FIELD_NUMBER: _builtins.int
     UPTIME_S_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
+    IDLE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     status: _builtins.str
     """"healthy" while serving, "shutting_down" once SIGTERM arrived (hives of
     the first release said "ok"; the queen accepts both).
@@ -52,6 +53,11 @@ class GetHiveHealthResponse(_message.Message):
     hostname: _builtins.str
     uptime_s: _builtins.int
     workers: _builtins.int
+    idle_timeout_s: _builtins.int
+    """An idle worker is stopped once it has had no request for this long
+    (the hive's idle_timeout): with WorkerInfo.last_activity_unix_ms, the
+    keep-alive a worker has left.
+    """
     def __init__(
         self,
         *,
@@ -61,10 +67,11 @@ class GetHiveHealthResponse(_message.Message):
         hostname: _builtins.str = ...,
         uptime_s: _builtins.int = ...,
         workers: _builtins.int = ...,
+        idle_timeout_s: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "hostname", b"hostname", "status", b"status", "uptime_s", b"uptime_s", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "hostname", b"hostname", "idle_timeout_s", b"idle_timeout_s", "status", b"status", "uptime_s", b"uptime_s", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

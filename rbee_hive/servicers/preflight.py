@@ -29,6 +29,7 @@ class PreflightServicer(preflight_pb2_grpc.PreflightServiceServicer):
             hostname=ctx.hostname,
             uptime_s=int(ctx.uptime_s()),
             workers=len(ctx.registry),
+            idle_timeout_s=int(ctx.settings.idle_timeout.total_seconds()),
         )
 
     @handle_errors

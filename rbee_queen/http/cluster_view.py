@@ -77,6 +77,7 @@ async def node_view(queen: Any, record: NodeRecord) -> dict:
             else:
                 view["hive_version"] = health.version or record.hive_version
                 view["hive_uptime_s"] = health.uptime_s
+                view["idle_timeout_s"] = health.idle_timeout_s
                 view["resources"] = {
                     "ram_total": res.ram_total_bytes, "ram_used": res.ram_total_bytes - res.ram_available_bytes,
                     "disk_total": res.disk_total_bytes, "disk_used": res.disk_total_bytes - res.disk_available_bytes,

@@ -102,6 +102,8 @@ async def test_the_page_follows_the_cluster_live(queen_factory, hub, browser: Pa
         assert browser.texts(f"{row} .model") == ["hf:rbee-test/folder"]
         assert browser.texts(f"{row} .node") == ["here"]
         assert browser.texts(f"{row} .slots") == ["0/3"]
+        # The hive's idle timeout (5 minutes by default) from the worker's last request.
+        browser.until(lambda: browser.texts(f"{row} .idle")[0].endswith(" left"), "the keep-alive left")
 
         # A download started from the page shows its progress, then the model is in the list.
         browser.select("#download-node", "here")

@@ -36,6 +36,16 @@ export function renderNodes(state) {
   for (const id of ["download-node", "logs-node"]) fillSelect($(id), state.nodes.map((n) => [n.name, n.name]));
 }
 
+// How long an idle worker has before its hive stops it (the hive's idle timeout
+// from its last request); "–" while it works or loads.
+function keepAlive(state, w, now) {
+  if (w.state !== "idle" || !w.last_activity_unix_ms) return "–";
+  const node = state.nodes.find((n) => n.name === w.node);
+  const idle = now - w.last_activity_unix_ms;
+  if (!node || !node.idle_timeout_s) return `idle ${duration(idle)}`;
+  return `${duration(Math.max(0, node.idle_timeout_s * 1000 - idle))} left`;
+}
+
 export function renderWorkers(state, onStop) {
   const now = Date.now() + state.offset;
   const rows = state.workers.map((w) => {
@@ -53,7 +63,7 @@ export function renderWorkers(state, onStop) {
       el("td", { class: "waiting", text: w.waiting ?? "–" }),
       el("td", { class: "tps", text: w.tokens_per_s ?? "–" }),
       el("td", { class: "age", text: w.first_seen_unix_ms ? duration(now - w.first_seen_unix_ms) : "–" }),
-      el("td", { class: "idle", text: w.state === "idle" && w.last_activity_unix_ms ? duration(now - w.last_activity_unix_ms) : "–" }),
+      el("td", { class: "idle", text: keepAlive(state, w, now) }),
       el("td", {}, stop));
   });
   $("worker-rows").replaceChildren(...rows);
@@ -136,6 +146,6 @@ export function updateAges(state) {
     const row = document.querySelector(`tr[data-worker="${CSS.escape(w.id)}"]`);
     if (!row) continue;
     row.querySelector(".age").textContent = w.first_seen_unix_ms ? duration(now - w.first_seen_unix_ms) : "–";
-    row.querySelector(".idle").textContent = w.state === "idle" && w.last_activity_unix_ms ? duration(now - w.last_activity_unix_ms) : "–";
+    row.querySelector(".idle").textContent = keepAlive(state, w, now);
   }
 }

@@ -63,6 +63,7 @@ async def test_health_is_open_and_everything_else_needs_the_key(hive):
         assert exc.value.code == code
     health = await call(stub.GetHiveHealth, preflight_pb2.GetHiveHealthRequest())
     assert (health.status, health.version, health.api_version) == ("healthy", "0.1.0", "v1")
+    assert health.idle_timeout_s == int(hive[0].settings.idle_timeout.total_seconds())
 
 
 async def test_backends_resources_and_checks(hive):
