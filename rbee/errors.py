@@ -267,7 +267,9 @@ def _too_large(message: str, details: dict[str, str], target: str) -> RbeeError 
     return RbeeError(
         "MESSAGE_TOO_LARGE",
         text,
-        {**details, "size_bytes": size, "limit_bytes": limit},
+        # No grpc_status: a named answer, not a bare status of unknown cause
+        # (which the keeper takes for a broken stream).
+        {**{k: v for k, v in details.items() if k != "grpc_status"}, "size_bytes": size, "limit_bytes": limit},
         ["Send less in one request: the bound of each field is in docs/inference-api.md"],
     )
 
