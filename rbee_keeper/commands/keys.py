@@ -44,11 +44,9 @@ def create_cmd(
 
     Applications send it as `Authorization: Bearer KEY` (the openai clients' api_key).
 
-    Examples:
+    Example: rbee-keeper keys create --name webui
 
-      rbee-keeper keys create --name webui
-
-      KEY=$(rbee-keeper keys create --name grafana --scope inference)
+    In a script: KEY=$(rbee-keeper --quiet keys create --name grafana)
     """
 
     async def go() -> int:
@@ -74,11 +72,7 @@ def list_cmd(
 ) -> None:
     """The keys for applications: name, scope, created, last used. Never the keys themselves.
 
-    Examples:
-
-      rbee-keeper keys list
-
-      rbee-keeper keys list --json
+    Example: rbee-keeper keys list --json
     """
 
     async def go() -> int:

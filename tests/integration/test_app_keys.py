@@ -63,6 +63,12 @@ async def test_create_list_revoke_through_the_keeper(queen: QueenProc) -> None:
     assert all(k["created_at_unix"] > 0 and k["last_used_unix"] == 0 for k in listed)
     assert key not in out
 
+    # For scripts: --quiet leaves the key alone on stdout and nothing on stderr.
+    code, out, err = await queen.keeper("--quiet", "keys", "create", "--name", "script")
+    assert code == 0 and KEY.fullmatch(out.strip()) and err == "", (out, err)
+    code, out, err = await queen.keeper("keys", "revoke", "script")
+    assert code == 0, err
+
     # A taken name: a stable code and both ways out; the first key is untouched.
     code, out, err = await queen.keeper("keys", "create", "--name", "webui")
     assert code == 1 and out == ""

@@ -117,6 +117,7 @@ def test_help_documents_the_precedence_and_each_command_has_an_example() -> None
     commands += [["models", c] for c in ("list", "download", "rm")]
     commands += [["workers", c] for c in ("list", "health", "shutdown", "spawn", "envs", "provision")]
     commands += [["setup", c] for c in ("add-node", "update-node", "remove-node", "list-nodes", "install", "check-node")]
+    commands += [["keys", c] for c in ("create", "list", "revoke")]
     for command in commands:
         assert "Example: rbee-keeper" in keeper_help(*command), command
 
