@@ -231,6 +231,7 @@ class WorkerInfo(_message.Message):
     DTYPE_REASON_FIELD_NUMBER: _builtins.int
     CPU_SET_FIELD_NUMBER: _builtins.int
     CPU_THREADS_FIELD_NUMBER: _builtins.int
+    STARTED_UNIX_MS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     address: _builtins.str
     """host:port of the worker's gRPC server."""
@@ -261,6 +262,8 @@ class WorkerInfo(_message.Message):
     engine's OpenMP threads on them (CPU backend).
     """
     cpu_threads: _builtins.int
+    started_unix_ms: _builtins.int
+    """When its hive spawned it (unix ms, the hive's clock; 0 = not known)."""
     @_builtins.property
     def load(self) -> Global___WorkerLoad:
         """The worker's load as last reported to the hive (on its state changes and
@@ -288,10 +291,11 @@ class WorkerInfo(_message.Message):
         dtype_reason: _builtins.str = ...,
         cpu_set: _builtins.str = ...,
         cpu_threads: _builtins.int = ...,
+        started_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "cpu_set", b"cpu_set", "cpu_threads", b"cpu_threads", "device", b"device", "dtype", b"dtype", "dtype_reason", b"dtype_reason", "id", b"id", "last_activity_unix_ms", b"last_activity_unix_ms", "load", b"load", "model_path", b"model_path", "model_ref", b"model_ref", "pid", b"pid", "slots_available", b"slots_available", "slots_total", b"slots_total", "state", b"state", "tls", b"tls", "tls_name", b"tls_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "cpu_set", b"cpu_set", "cpu_threads", b"cpu_threads", "device", b"device", "dtype", b"dtype", "dtype_reason", b"dtype_reason", "id", b"id", "last_activity_unix_ms", b"last_activity_unix_ms", "load", b"load", "model_path", b"model_path", "model_ref", b"model_ref", "pid", b"pid", "slots_available", b"slots_available", "slots_total", b"slots_total", "started_unix_ms", b"started_unix_ms", "state", b"state", "tls", b"tls", "tls_name", b"tls_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

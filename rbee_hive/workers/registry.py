@@ -49,6 +49,8 @@ class WorkerRecord:
     # Liveness and idleness use the monotonic clock; the wall clock is for display.
     last_activity: float = field(default_factory=time.monotonic)
     last_activity_unix_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    # When the hive spawned it (display: a worker's age).
+    started_unix_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     ready: bool = False
     health_failures: int = 0
     stopping: bool = False
@@ -102,6 +104,7 @@ class WorkerRecord:
             dtype_reason=self.dtype_reason,
             cpu_set=self.cpu_set,
             cpu_threads=self.cpu_threads,
+            started_unix_ms=self.started_unix_ms,
         )
 
 

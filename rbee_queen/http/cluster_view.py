@@ -114,7 +114,8 @@ def workers_view(queen: Any) -> list[dict]:
             "running": load.running_requests if load else None,
             "tokens_per_s": round(load.generation_tokens_per_s, 1) if load else None,
             "kv_cache_usage": round(load.kv_cache_usage, 3) if load else None,
-            "first_seen_unix_ms": queen.registry.first_seen.get(w.id, 0),
+            # When its hive spawned it; a hive of an older release does not say: when this queen first heard of it.
+            "started_unix_ms": w.started_unix_ms or queen.registry.first_seen.get(w.id, 0),
             "last_activity_unix_ms": w.last_activity_unix_ms,
             "now_unix_ms": now_ms,
         })  # fmt: skip

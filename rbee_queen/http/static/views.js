@@ -62,7 +62,7 @@ export function renderWorkers(state, onStop) {
       el("td", { class: "slots", text: `${w.slots_busy}/${w.slots_total}` }),
       el("td", { class: "waiting", text: w.waiting ?? "–" }),
       el("td", { class: "tps", text: w.tokens_per_s ?? "–" }),
-      el("td", { class: "age", text: w.first_seen_unix_ms ? duration(now - w.first_seen_unix_ms) : "–" }),
+      el("td", { class: "age", text: w.started_unix_ms ? duration(now - w.started_unix_ms) : "–" }),
       el("td", { class: "idle", text: keepAlive(state, w, now) }),
       el("td", {}, stop));
   });
@@ -145,7 +145,7 @@ export function updateAges(state) {
   for (const w of state.workers) {
     const row = document.querySelector(`tr[data-worker="${CSS.escape(w.id)}"]`);
     if (!row) continue;
-    row.querySelector(".age").textContent = w.first_seen_unix_ms ? duration(now - w.first_seen_unix_ms) : "–";
+    row.querySelector(".age").textContent = w.started_unix_ms ? duration(now - w.started_unix_ms) : "–";
     row.querySelector(".idle").textContent = keepAlive(state, w, now);
   }
 }

@@ -114,13 +114,14 @@ async def test_the_event_stream_sends_a_snapshot_then_changes(queen) -> None:
     assert kind == "snapshot" and snapshot == {"activity": [], "workers": [], "nodes": [], "models": {}}
 
     worker = common_pb2.WorkerInfo(id="w-1", address="127.0.0.1:7910", model_ref="hf:org/m", backend="cpu",
-                                   state=common_pb2.WORKER_STATE_IDLE, slots_total=4, slots_available=3)  # fmt: skip
+                                   state=common_pb2.WORKER_STATE_IDLE, slots_total=4, slots_available=3,
+                                   started_unix_ms=1_700_000_000_000)  # fmt: skip
     queen.registry.apply("here", "127.0.0.1:7900", registry_pb2.WatchWorkersResponse(hive_instance="i", seq=1, snapshot=True, workers=[worker]))
     [(kind, workers)] = parse(await asyncio.wait_for(anext(stream), 5))
     assert kind == "workers"
-    assert workers[0] | {"first_seen_unix_ms": 0, "now_unix_ms": 0} == workers[0] | {
+    assert workers[0] | {"now_unix_ms": 0} == workers[0] | {
         "id": "w-1", "node": "here", "model": "hf:org/m", "state": "idle", "slots_busy": 1, "slots_total": 4,
-        "first_seen_unix_ms": 0, "now_unix_ms": 0}  # fmt: skip
+        "started_unix_ms": 1_700_000_000_000, "now_unix_ms": 0}  # fmt: skip
 
     # A task's lines go to its own client unchanged and to the stream.
     seen = []
