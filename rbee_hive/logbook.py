@@ -12,19 +12,16 @@ import re
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
 
 from rbee.fanout import Subscription
-from rbee.paths import confined, open_private, private_dir
+from rbee.logfiles import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, RotatingFile
+from rbee.paths import confined, private_dir
 
 log = logging.getLogger(__name__)
 
 HIVE_SOURCE = "rbee-hive"
 # Lines one follower may have unread before it is dropped (SLOW_FOLLOWER).
 FOLLOWER_LIMIT = 10_000
-# A log file is rotated before it passes this size; this many old ones are kept.
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-DEFAULT_BACKUPS = 2
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -33,8 +30,7 @@ class LogBook:
         self.dir = Path(logs_dir)
         self.max_bytes = max_bytes
         self.backups = backups
-        self._files: dict[str, TextIO] = {}
-        self._sizes: dict[str, int] = {}
+        self._files: dict[str, RotatingFile] = {}
         self._followers: list[tuple[str | None, Subscription[tuple[str, str]]]] = []
 
     def path_for(self, source: str) -> Path:
@@ -51,44 +47,25 @@ class LogBook:
 
     def write(self, source: str, line: str) -> None:
         line = line.rstrip("\n")
-        size = len(line.encode("utf-8", "replace")) + 1
         try:
             fh = self._open(source)
-            if self._sizes[source] and self._sizes[source] + size > self.max_bytes:
-                fh = self._rotate(source)
             fh.write(line + "\n")
             fh.flush()
-            self._sizes[source] += size
         except OSError as exc:  # a full disk must not take the hive down
             log.warning("cannot write %s log: %s", source, exc)
         for wanted, queue in list(self._followers):
             if wanted is None or wanted == source:
                 queue.offer((source, line))
 
-    def _open(self, source: str) -> TextIO:
+    def _open(self, source: str) -> RotatingFile:
         fh = self._files.get(source)
         if fh is None:
             # Logs hold prompts' effects, paths and errors of the node: the hive user's only.
             private_dir(self.dir, tighten=False)
-            path = self.path_for(source)
-            fh = self._files[source] = open_private(path)
-            self._sizes[source] = path.stat().st_size
-        return fh
-
-    def _rotate(self, source: str) -> TextIO:
-        """NAME.log → NAME.log.1 → ... → NAME.log.BACKUPS (the oldest goes)."""
-        self.close(source)
-        path = self.path_for(source)
-        for n in range(self.backups, 0, -1):
-            older = path.with_name(f"{path.name}.{n - 1}") if n > 1 else path
-            if older.exists():
-                older.replace(path.with_name(f"{path.name}.{n}"))
-        fh = self._files[source] = open_private(path, "w")
-        self._sizes[source] = 0
+            fh = self._files[source] = RotatingFile(self.path_for(source), self.max_bytes, self.backups)
         return fh
 
     def close(self, source: str) -> None:
-        self._sizes.pop(source, None)
         fh = self._files.pop(source, None)
         if fh is not None:
             fh.close()

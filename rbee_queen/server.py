@@ -18,6 +18,7 @@ from grpc_health.v1 import _async as health, health_pb2, health_pb2_grpc
 from rbee.auth import KeyRing, ScopedKeyInterceptor
 from rbee.channel import SERVER_OPTIONS, bind_port
 from rbee.config import API_VERSION, VERSION, remote_settings
+from rbee.logfiles import RotatingFile
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.rpc import RequestGuard, set_log_location
@@ -181,7 +182,8 @@ async def serve(settings: QueenSettings) -> int:
     settings.rbee_home.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(settings.rbee_home, 0o700)
     settings.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    log_file = open(settings.logs_dir / "queen.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the daemon
+    # Rotated at 64 MiB, two old files kept (rbee/logfiles.py); lives as long as the daemon.
+    log_file = RotatingFile(settings.logs_dir / "queen.log")
     set_log_location(str(settings.logs_dir / "queen.log"))
     narrator = Narrator(ACTOR, _Tee(sys.stdout, log_file))
     handler = logging.StreamHandler(log_file)

@@ -86,3 +86,24 @@ async def test_logs_rotate_at_their_size_cap(tmp_path: Path) -> None:
         book.write("worker-1", "y" * 50)
     book.close_all()
     assert all((tmp_path / "logs" / n).stat().st_size <= 4096 for n in files)
+
+
+async def test_a_rotating_file_serves_as_a_stream(tmp_path: Path) -> None:
+    """The queen's log: narration and Python logging write to one RotatingFile."""
+    import logging
+
+    from rbee.logfiles import RotatingFile
+
+    stream = RotatingFile(tmp_path / "queen.log", max_bytes=1024, backups=1)
+    logger = logging.getLogger("rotation-test")
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    try:
+        for i in range(100):
+            logger.warning("record %03d %s", i, "z" * 30)
+    finally:
+        logger.removeHandler(handler)
+        stream.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["queen.log", "queen.log.1"]
+    assert (tmp_path / "queen.log").read_text().splitlines()[-1].startswith("record 099")
+    assert all(p.stat().st_size <= 1024 for p in tmp_path.iterdir())
