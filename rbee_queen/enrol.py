@@ -177,7 +177,7 @@ async def start_enrolment(host: str, queen_port: int, tls: TlsIdentity, ca: Clus
     except RuntimeError:
         bound = 0
     if not bound:
-        narrate("⚠️", f"Enrolment is off: port {port} is in use (keepers elsewhere cannot `rbee-keeper setup join`)", "warn")
+        narrate("⚠️", f"Enrolment is off: port {port} is in use (keepers elsewhere cannot join: `rbee-keeper setup join HOST:PORT --token TOKEN` would not reach it)", "warn")
         return None
     await server.start()
     narrate("🎟️", f"Enrolment on port {port}: a keeper elsewhere joins with `rbee-keeper setup join HOST:{queen_port} --token TOKEN`")

@@ -139,7 +139,7 @@ def join_cmd(
         folder = rbee_home() / TLS_DIR
         if (folder / CA_KEY).exists():
             raise RbeeError("USAGE_ERROR", f"This machine holds the cluster CA ({folder}): its keeper needs no enrolment",
-                            {"folder": str(folder)}, ["Run `rbee-keeper setup join` on the other machine"])  # fmt: skip
+                            {"folder": str(folder)}, ["Run `rbee-keeper setup join QUEEN_HOST:PORT --token TOKEN` on the other machine"])  # fmt: skip
         if (folder / CLIENT_CERT).exists() and not force:
             raise RbeeError("USAGE_ERROR", f"This machine has a client certificate already ({folder / CLIENT_CERT})",
                             {"folder": str(folder)}, ["Pass --force to replace it"])  # fmt: skip
