@@ -133,3 +133,10 @@ async def test_a_key_opens_the_http_api_until_it_is_revoked(queen_factory) -> No
     finally:
         await client.close()
     assert key not in queen.text() and ops not in queen.text()
+    # The last use reaches beehives.db when the queen stops: a new queen of the same home lists it.
+    assert await queen.terminate() == 0
+    again = await queen_factory(RBEE_QUEEN_HTTP_PORT=str(free_port_block(1)))
+    assert again.home == queen.home
+    code, out, err = await again.keeper("keys", "list", "--json")
+    assert code == 0, err
+    assert [(k["name"], k["last_used_unix"] > 0) for k in map(json.loads, out.splitlines())] == [("ops", True)]
