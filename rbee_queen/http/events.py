@@ -23,6 +23,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from rbee.errors import RbeeError
 from rbee_queen.http import cluster_view
 
 NODES_EVERY_S = 3.0
@@ -72,7 +73,10 @@ async def cluster_events(queen: Any) -> AsyncIterator[bytes]:
                         items.append(changes.get_nowait())
                     for kind, data in items:
                         if kind == "models":
-                            record = await asyncio.to_thread(queen.store.get, data["node"])
+                            try:
+                                record = await asyncio.to_thread(queen.store.get, data["node"])
+                            except RbeeError:
+                                continue  # the node was removed meanwhile
                             data = {"node": data["node"], **await cluster_view.node_models(queen, record)}
                         out.append(sse(kind, data))
                     wait_activity = asyncio.ensure_future(changes.get())

@@ -109,6 +109,9 @@ export function renderDownloads(state) {
   $("downloads").replaceChildren(...items);
 }
 
+// Entries a person opened or closed keep that choice across redraws.
+const folded = new Map();
+
 function entryView(e) {
   const summary = el("summary", {},
     el("span", { class: `state state-${e.state}`, text: e.state }), " ",
@@ -120,8 +123,10 @@ function entryView(e) {
       el("div", {}, el("code", { class: "code", text: e.error.code }), " ", e.error.message),
       e.error.suggestions.length ? el("ul", {}, e.error.suggestions.map((s) => el("li", { text: s }))) : null)
     : null;
-  return el("li", { "data-entry": e.id, "data-state": e.state, "data-kind": e.kind },
-    el("details", { open: e.state !== "done" }, summary, error, lines));
+  const open = folded.has(e.id) ? folded.get(e.id) : e.state !== "done";
+  const details = el("details", { open }, summary, error, lines);
+  summary.addEventListener("click", () => folded.set(e.id, !details.open));
+  return el("li", { "data-entry": e.id, "data-state": e.state, "data-kind": e.kind }, details);
 }
 
 export function renderActivity(state) {
