@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,7 +43,6 @@ import psutil
 from rbee.config import default_model_path
 
 from bench.contract import bootstrap_median
-from bench.engine import frozen
 
 BIN = Path(sys.executable).parent
 PROMPT = "Write a short story about honey bees."
@@ -51,6 +52,23 @@ MANY_TOKENS = 32
 CEILING_ONE = 20_000
 CEILING_MANY = 2_000
 KEY = "bench-openai-admin-key"
+
+
+@contextlib.contextmanager
+def frozen(procs: list[psutil.Process]) -> Iterator[None]:
+    """SIGSTOP ``procs`` for the duration; a process that is gone meanwhile
+    (an engine's short-lived helper) is skipped."""
+    stopped = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.suspend()
+            stopped.append(proc)
+    try:
+        yield
+    finally:
+        for proc in stopped:
+            with contextlib.suppress(psutil.Error):
+                proc.resume()
 
 
 def free_port() -> int:
