@@ -1,18 +1,18 @@
 """The inference contract through the real engine (vLLM CPU, default model):
-one worker for the whole module. Each test is written against the generated
+the session's shared worker (``real_worker``, the cpu default of slots). Each test is written against the generated
 stubs only, as a programmatic client would be."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import grpc
 import jsonschema
 import pytest
 
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from tests.fixtures.worker import WorkerProcess, running_worker
+from rbee_worker.server import DEFAULT_SLOTS
+from tests.fixtures.worker import WorkerProcess
 
 pytestmark = pytest.mark.engine
 pb = inference_pb2
@@ -25,10 +25,14 @@ SCHEMA = {
 }
 
 
+SLOTS = DEFAULT_SLOTS["cpu"]
+EOS = 2  # the default model's end-of-sequence token, <|im_end|>
+
+
 @pytest.fixture(scope="module")
-def worker(default_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    with running_worker(default_model, tmp_path_factory.mktemp("contract-worker"), slots=4) as w:
-        yield w
+def worker(real_worker: WorkerProcess) -> WorkerProcess:
+    """Nothing here stops or kills it: the engine start is shared with the other modules."""
+    return real_worker
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +75,7 @@ def test_model_info(stub, worker):
     assert len(info.tokenizer_sha256) == 64 and info.engine_version and info.worker_version
     # SmolLM2's generation config sets no sampling values: vLLM's neutral ones.
     assert (info.defaults.temperature, info.defaults.top_p, info.defaults.repetition_penalty) == (1.0, 1.0, 1.0)
-    assert info.max_logprobs == 20 and info.max_n == 4
+    assert info.max_logprobs == 20 and info.max_n == SLOTS
 
 
 def test_same_seed_same_tokens(stub, worker):
@@ -143,9 +147,12 @@ def test_chat_messages_equal_the_template_applied_by_hand(stub, worker, default_
     by_hand = generate(stub, worker, token_ids=pb.TokenInput(ids=ids), temperature=0.0, max_tokens=40)
     assert by_chat.final.prompt_tokens == len(ids) == by_hand.final.prompt_tokens
     assert by_chat.ids() == by_hand.ids() and by_chat.text() == by_hand.text()
-    # A short answer ends with end-of-sequence, reported as the matched stop token.
-    if by_chat.final.reason == pb.FINISH_REASON_STOP:
-        assert by_chat.final.stop_token_id == 2
+    # An answer that ends with end-of-sequence (made the greedy choice: a free
+    # answer may run past any small max_tokens) reports it as the matched stop token.
+    ended = generate(stub, worker, chat=chat(*turns), temperature=0.0, max_tokens=40, logit_bias={EOS: 100.0})
+    assert ended.final.reason == pb.FINISH_REASON_STOP, ended.text()
+    assert ended.final.WhichOneof("matched_stop") == "stop_token_id" and ended.final.stop_token_id == EOS
+    assert ended.ids() == [EOS] and ended.final.completions[0].stop_token_id == EOS
 
 
 def test_two_completions_are_indexed(stub, worker):
@@ -183,7 +190,7 @@ def test_running_counts_timings_and_load(stub, worker):
     assert f.queue_time_ms <= f.time_to_first_token_ms
     load = stub.GetLoad(pb.GetLoadRequest(), metadata=worker.metadata, timeout=10)
     assert load.state == common_pb2.WORKER_STATE_IDLE
-    assert load.load.slots_total == 4 and load.load.slots_busy == 0
+    assert load.load.slots_total == SLOTS and load.load.slots_busy == 0
     assert load.load.generation_tokens_per_s > 0 and 0.0 <= load.load.kv_cache_usage <= 1.0
 
 
@@ -230,10 +237,16 @@ def test_stop_string_kept_when_asked_and_special_tokens_shown(stub, worker):
     kept = generate(stub, worker, temperature=0.0, max_tokens=30, ignore_eos=True, stop=[stop],
                     include_stop_str_in_output=True)
     assert kept.text() == text[: text.index(stop) + len(stop)] and kept.final.stop_string == stop
-    # A short greedy answer ends with end-of-sequence: its text shows only with skip_special_tokens off.
+    # A special token's text shows only with skip_special_tokens off (end-of-sequence
+    # made the greedy choice and generated past with ignore_eos) ...
     question = chat(("user", "Say yes."))
-    hidden = generate(stub, worker, chat=question, temperature=0.0, max_tokens=40)
-    shown = generate(stub, worker, chat=question, temperature=0.0, max_tokens=40, skip_special_tokens=False)
-    assert hidden.ids() == shown.ids()
-    if hidden.final.reason == pb.FINISH_REASON_STOP:
-        assert shown.text().endswith("<|im_end|>") and not hidden.text().endswith("<|im_end|>")
+    forced = dict(chat=question, temperature=0.0, max_tokens=1, logit_bias={EOS: 100.0}, ignore_eos=True)
+    hidden = generate(stub, worker, **forced)
+    shown = generate(stub, worker, **forced, skip_special_tokens=False)
+    assert hidden.ids() == shown.ids() == [EOS]
+    assert hidden.final.reason == pb.FINISH_REASON_LENGTH == shown.final.reason
+    assert shown.text() == "<|im_end|>" and hidden.text() == ""
+    # ... while the end-of-sequence that ends an answer is no part of its text either way.
+    ended = generate(stub, worker, chat=question, temperature=0.0, max_tokens=40, logit_bias={EOS: 100.0},
+                     skip_special_tokens=False)
+    assert ended.final.reason == pb.FINISH_REASON_STOP and ended.ids() == [EOS] and ended.text() == ""
