@@ -30,6 +30,7 @@ went away first).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -132,8 +133,8 @@ class QueenMetrics:
         self.cold_start_duration = Histogram("rbee_cold_start_duration_seconds",
                                              "From a cold start's beginning to its worker ready, or its failure.",
                                              ["model", "node", "outcome"], buckets=COLD_BUCKETS, registry=r)  # fmt: skip
-        if collector is not None:
-            r.register(collector)
+        # Not registered: it reads the loop's live state, so it runs on the loop (see scrape()).
+        self.cluster = collector
 
     def proxy_observer(self) -> MetricsObserver:
         """For ``app.state.observer``: what the proxy reports of each request."""
@@ -165,8 +166,30 @@ class QueenMetrics:
 
         return observe
 
+    def _cluster_now(self) -> list[Any]:
+        return list(self.cluster.collect()) if self.cluster is not None else []
+
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(_Page(self.registry, self._cluster_now()))  # type: ignore[arg-type]
+
+    async def scrape(self) -> bytes:
+        """The page: the cluster's figures read on the event loop (the registry
+        and router change there), the text written in a thread, so a large
+        page does not hold the token streams up for its whole formatting."""
+        return await asyncio.to_thread(generate_latest, _Page(self.registry, self._cluster_now()))  # type: ignore[arg-type]
+
+
+class _Page:
+    """What one scrape shows: the registry's own metrics (their locks make
+    them safe to read from a thread) and the cluster's, read before."""
+
+    def __init__(self, registry: CollectorRegistry, cluster: list[Any]) -> None:
+        self._registry = registry
+        self._cluster = cluster
+
+    def collect(self) -> Iterable[Any]:
+        yield from self._registry.collect()
+        yield from self._cluster
 
 
 class MetricsObserver(ProxyObserver):
@@ -211,6 +234,6 @@ def metrics_router(metrics: QueenMetrics, public: bool) -> APIRouter:
 
     @router.get("/metrics", dependencies=dependencies, include_in_schema=False)
     async def scrape(request: Request) -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
 
     return router
