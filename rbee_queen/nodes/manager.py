@@ -122,7 +122,7 @@ class NodeManager:
 
     def _record_from(self, req: nodes_pb2.AddNodeRequest) -> NodeRecord:
         name = req.name.strip()
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise _invalid("name", f"Invalid node name {req.name!r}: use letters, digits, '.', '_' or '-' (up to 64)")
         # Without --install-path: this installation for a local node, else the
         # repo_dir of the config file's [remote] section (where rbee lives on nodes).
