@@ -16,7 +16,7 @@ help:
 	@echo "make protos        regenerate rbee/v1 stubs from protos/"
 	@echo "make protos-check  fail if the committed stubs differ from protos/ or protos/ breaks the released contracts"
 	@echo "make protos-freeze make protos/ the released contracts (protos/baseline.json) that protos-check holds to"
-	@echo "make test-deps     system programs the suite needs (OpenSSH sshd, with apt when missing)"
+	@echo "make test-deps     system programs the suite needs (OpenSSH sshd, Chromium and its driver; apt when missing)"
 	@echo "make bench         benchmarks (not part of the tests)"
 
 setup: $(STAMP)
