@@ -115,6 +115,8 @@ def check_node_fields(values: dict[str, object], local: bool) -> None:
     """The fields of a registration as they would be stored (add-node's
     request after its defaults, or a node merged with update-node's changes)."""
     name = str(values.get("name", ""))
+    if not values.get("install_path"):
+        raise invalid("install_path", "A node needs --install-path (where rbee is installed on it)")
     for field in ("install_path", "rbee_home"):
         value = str(values.get(field) or "")
         if value and not value.startswith("/"):
@@ -128,6 +130,9 @@ def check_node_fields(values: dict[str, object], local: bool) -> None:
         if not isinstance(port, int) or not 1 <= port <= 65535:
             raise invalid(field, f"{option} {port} is outside 1-65535")
     if not local:
+        for field, option in (("ssh_host", "--ssh-host"), ("ssh_user", "--ssh-user"), ("ssh_key_path", "--ssh-key")):
+            if not str(values.get(field) or "").strip():
+                raise invalid(field, f"An SSH node needs {option}", "Or register this machine with --local")
         host = str(values.get("ssh_host") or "")
         if host.startswith("-") or _CONTROL.search(host):
             raise invalid("ssh_host", f"Invalid SSH host {host!r}")

@@ -168,6 +168,9 @@ def saved_box(world: World) -> None:
         (dict(git_repo_url="ext::sh -c touch% /tmp/x"), "INVALID_GIT_URL", "git_repo_url"),
         (dict(git_repo_url="--upload-pack=x"), "INVALID_GIT_URL", "git_repo_url"),
         (dict(ssh_host="-oProxyCommand=x"), "INVALID_ARGUMENT", "ssh_host"),
+        (dict(ssh_host=""), "INVALID_ARGUMENT", "ssh_host"),
+        (dict(ssh_user=""), "INVALID_ARGUMENT", "ssh_user"),
+        (dict(install_path=""), "INVALID_ARGUMENT", "install_path"),
     ],
 )
 async def test_update_refuses_what_add_refuses(world: World, fields: dict, code: str, field: str) -> None:
