@@ -19,7 +19,7 @@ from rbee.cpus import format_cpu_list
 from rbee.config import MAX_SLOTS
 from rbee.errors import RbeeError
 from rbee.narration import parse_line
-from rbee.tls import CA_CERT, TLS_DIR, Issuer, is_loopback, san_hosts, write_identity
+from rbee.tls import CA_CERT, TLS_DIR, Issuer, san_hosts, write_identity
 from rbee.tls_identity import identity_of, worker_identity
 from rbee.v1 import common_pb2, registry_pb2
 
@@ -125,15 +125,16 @@ class WorkerManager:
             if self.tls and settings.tls_issuer_cert and settings.tls_issuer_key
             else None
         )
-        if self.tls and self.worker_issuer is None and not is_loopback(settings.worker_host) and not settings.insecure:
+        if self.tls and self.worker_issuer is None:
+            # A worker calls its hive back over the hive's mutual TLS, so it
+            # needs a certificate, and the hive's own is never handed out.
             raise RbeeError(
                 "TLS_REQUIRED",
-                f"Workers would listen on {settings.worker_host} without TLS: the hive has no issuing certificate to give each its own",
-                {"worker_host": settings.worker_host},
+                "rbee-hive serves mutual TLS but has no issuing certificate to give each worker a certificate of its own",
+                {"flag": "--tls-issuer-cert"},
                 [
                     "Pass --tls-issuer-cert and --tls-issuer-key (a node the queen registers gets them from its CA)",
-                    "Or keep workers on loopback (RBEE_HIVE_WORKER_HOST=127.0.0.1)",
-                    "Or pass --insecure to accept clear-text links to workers",
+                    "Or serve without TLS on loopback (leave out --tls-cert, --tls-key and --tls-ca; --host 127.0.0.1)",
                 ],
             )
         # What keeps code in a worker from the hive's keys (docs/security.md).
@@ -297,8 +298,7 @@ class WorkerManager:
     def _issue_worker_tls(self, record: WorkerRecord) -> None:
         """The worker's own certificate (signed by the hive's issuing certificate),
         valid for the hive's addresses and a name of its own below the hive's
-        identity. Without an issuing certificate the worker serves no TLS (on
-        loopback, or with --insecure; refused at start otherwise)."""
+        identity (a hive serving TLS has an issuing certificate: checked at start)."""
         if self.tls is None or self.worker_issuer is None:
             return
         folder = self.settings.rbee_home / TLS_DIR / "workers" / record.id
