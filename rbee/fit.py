@@ -1,0 +1,137 @@
+"""How much memory a worker of a model needs, estimated from the model's files
+and its config.json (docs/queen.md, "Fit").
+
+    weights   the weight files' bytes, rescaled to the dtype the worker will
+              run in (rbee/dtype.py: a bfloat16 model runs in float32 on a CPU
+              without native bfloat16, which doubles it)
+    KV cache  slots × context length × (2 × layers × KV heads × head size ×
+              the dtype's bytes), as the worker sizes its CPU KV cache
+    engine    ENGINE_OVERHEAD_BYTES: what the engine costs before any weight
+              or cache (two Python processes with torch and vLLM imported,
+              their allocator arenas, the tokenizer)
+
+The hive computes the model's figures (``fit_facts``) where its files are and
+hands them to the queen in its model listing; the queen adds them up per node
+(``estimate``). Pure but for reading config.json.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from rbee.dtype import BYTES, ModelFacts, choose_dtype, model_facts, weights_bytes
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+# Measured on this project's CPU machines: a worker of the default model
+# (SmolLM2-135M-Instruct, float32, 8 slots × 2048 tokens) peaks at about
+# 1.9 GiB of resident memory across the worker and its engine process, of
+# which ~0.5 GiB are weights and 0.2 GiB KV cache; the rest is the two
+# processes' runtime. Rounded up so an estimate errs on the side of "short".
+ENGINE_OVERHEAD_BYTES = 1536 * MiB
+# The worker's defaults (rbee_worker/server.py): slots on CPU, context cap.
+DEFAULT_SLOTS = {"cpu": 8, "cuda": 32, "metal": 8}
+DEFAULT_CONTEXT = 2048
+# When config.json gives no figures to size the KV cache: the worker's own fallback.
+KV_CACHE_UNKNOWN = GiB
+KV_CACHE_FLOOR = 64 * MiB
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# The keys of a model listing's metadata that carry these figures.
+PREFIX = "fit."
+
+
+def weight_files_bytes(model_path: str | Path) -> int:
+    root = Path(model_path)
+    if root.is_file():
+        return root.stat().st_size
+    try:
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    except OSError:
+        return 0
+
+
+def _max_context(model_path: Path) -> int:
+    import json
+
+    try:
+        cfg = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(cfg, dict):
+        return 0
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    value = {**cfg, **text}.get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def fit_facts(model_path: str | Path, backend: str = "cpu", cpu_flags: Iterable[str] = ()) -> dict[str, str]:
+    """The figures of a downloaded model the estimate needs, as string
+    metadata: weight bytes on disk, the dtype stored and the one a worker
+    on this machine runs, layers, KV heads, head size, the model's context."""
+    path = Path(model_path)
+    facts = model_facts(path)
+    # On a GPU the worker keeps the model's own dtype where the device allows it.
+    run = choose_dtype("cpu", facts.dtype, cpu_flags=cpu_flags).dtype if backend == "cpu" else facts.dtype
+    return {
+        f"{PREFIX}weights_bytes": str(weight_files_bytes(path)),
+        f"{PREFIX}stored_dtype": facts.dtype if facts.dtype_known else "",
+        f"{PREFIX}dtype": run,
+        f"{PREFIX}layers": str(facts.layers),
+        f"{PREFIX}kv_heads": str(facts.kv_heads),
+        f"{PREFIX}head_dim": str(facts.head_dim),
+        f"{PREFIX}context": str(_max_context(path)),
+    }
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: int
+    kv_cache: int
+    overhead: int
+    dtype: str
+    slots: int
+    context: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.overhead
+
+    def describe(self) -> str:
+        return (f"{gib(self.total)} (weights {gib(self.weights)} in {self.dtype}, KV cache {gib(self.kv_cache)} for "
+                f"{self.slots} slots × {self.context} tokens, engine {gib(self.overhead)})")  # fmt: skip
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {"bytes": self.total, "weights_bytes": self.weights, "kv_cache_bytes": self.kv_cache,
+                "overhead_bytes": self.overhead, "dtype": self.dtype, "slots": self.slots, "context": self.context}  # fmt: skip
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def _int(meta: Mapping[str, str], key: str) -> int:
+    try:
+        return max(0, int(meta.get(PREFIX + key, "0") or 0))
+    except ValueError:
+        return 0
+
+
+def estimate(meta: Mapping[str, str], size_bytes: int, backend: str = "cpu", slots: int = 0, context: int = 0) -> Estimate:
+    """A worker's memory from a model listing's figures (``fit_facts``);
+    ``size_bytes`` (the model's size on disk) stands in for the weights
+    when the listing has no figures."""
+    slots = slots or DEFAULT_SLOTS.get(backend, 8)
+    model_context = _int(meta, "context")
+    context = context or (min(DEFAULT_CONTEXT, model_context) if model_context else DEFAULT_CONTEXT)
+    dtype = meta.get(PREFIX + "dtype", "") or "float32"
+    dtype = dtype if dtype in BYTES else "float32"
+    stored = meta.get(PREFIX + "stored_dtype", "")
+    files = _int(meta, "weights_bytes") or size_bytes
+    weights = weights_bytes(files, stored, dtype) if stored in BYTES else files
+    facts = ModelFacts(dtype=stored or dtype, layers=_int(meta, "layers"), kv_heads=_int(meta, "kv_heads"), head_dim=_int(meta, "head_dim"))
+    per_token = facts.kv_bytes_per_token(dtype)
+    kv = max(KV_CACHE_FLOOR, int(math.ceil(slots * context * per_token / MiB)) * MiB) if per_token else KV_CACHE_UNKNOWN
+    return Estimate(weights, kv if backend == "cpu" else 0, ENGINE_OVERHEAD_BYTES, dtype, slots, context)
