@@ -26,7 +26,7 @@ from tests.fuzz.test_fuzz_daemons import report
 from tests.fuzz.wire import CLIENT_OPTIONS, Request, all_methods, call, edge_messages, message, raw_payload
 
 METHODS = all_methods()
-WORKER = sorted(m for m in METHODS if SERVICES[m.split("/")[1]] == "worker")
+WORKER = sorted(m for m in METHODS if SERVICES.get(m.split("/")[1]) == "worker")
 SHUTDOWN = "/rbee.v1.InferenceService/Shutdown"
 SERVING = sorted(m for m in WORKER if m != SHUTDOWN)
 KEY, ADMIN = "fuzz-worker-key", "fuzz-worker-admin"
