@@ -106,7 +106,8 @@ async def test_a_hive_given_certificates_serves_mutual_tls_and_signs_its_workers
             break
         await asyncio.sleep(0.1)
     assert not folder.exists()
-    assert "Shutdown requested" in (hive.home / "logs" / f"{worker.id}.log").read_text()
+    log = (hive.home / "logs" / f"{worker.id}.log").read_text()
+    assert "Draining" in log and "SIGTERM" not in log  # the Shutdown RPC, not a signal
 
 
 async def test_a_worker_beyond_loopback_needs_tls_or_insecure(default_model: Path, tmp_path: Path) -> None:
