@@ -142,7 +142,7 @@ Feature: The queen keeps a registry of nodes and reaches them over SSH
     And the node "box" is registered with rbee installed
     When I check node "box"
     Then the keeper exits 0
-    And the queen narrated, in order, "Starting rbee-hive on box", "rbee-hive started on box (pid", "Hive health: ok", "Hive version 0.1.0 is compatible", "Backends: cpu (1 device)", "Resources: RAM", "Node box is ready"
+    And the queen narrated, in order, "Starting rbee-hive on box", "rbee-hive started on box (pid", "Hive health: healthy", "Hive version 0.1.0 is compatible", "Backends: cpu (1 device)", "Resources: RAM", "Node box is ready"
     And one hive runs for the node, with its log in the node's RBEE_HOME and its key file readable by its owner only
     And node "box" is listed with its hive up and started by this queen
     When I remove node "box"
@@ -155,7 +155,7 @@ Feature: The queen keeps a registry of nodes and reaches them over SSH
     And the node "box" is registered with rbee installed and TLS
     When I check node "box"
     Then the keeper exits 0
-    And the queen narrated, in order, "Issued box's hive certificate", "Starting rbee-hive on box", "Hive health: ok", "Node box is ready"
+    And the queen narrated, in order, "Issued box's hive certificate", "Starting rbee-hive on box", "Hive health: healthy", "Node box is ready"
     And the node's certificates are in its RBEE_HOME, the keys readable by their owner only
     And the node's hive answers a client of the cluster CA and refuses clear text and strangers
     And node "box" is listed with TLS

@@ -61,7 +61,7 @@ async def test_add_install_check_remove_over_ssh(queen: QueenProc, asyncssh_node
         for step in ("Checking git and python3", "Fetching", "Setting up the Python environment", "Verifying the hive program"):
             assert re.search(rf"✅ {re.escape(step)}.*\(\d+\.\ds\)", install_err), install_err
         assert "rbee installed on a: rbee-hive 0.1.0" in install_err
-        for line in ("SSH latency", "rbee-hive 0.1.0 found at", "Starting rbee-hive on a", "Hive health: ok",
+        for line in ("SSH latency", "rbee-hive 0.1.0 found at", "Starting rbee-hive on a", "Hive health: healthy",
                      "Hive version 0.1.0 is compatible", "Backends: cpu (1 device)", "Resources: RAM", "Node a is ready"):  # fmt: skip
             assert line in check_err, check_err
         [pid] = node_hive_pids(base / "home")
