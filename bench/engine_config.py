@@ -6,8 +6,9 @@ and ``VLLM_CPU_OMP_THREADS_BIND``:
 
 - dtype: float32, bfloat16;
 - threads: ``all`` (one OpenMP thread per core the worker may use, bound to
-  them: what the worker sets itself) and ``auto`` (vLLM's own binding, which
-  keeps one core for its scheduler process when there are several);
+  them) and ``auto`` (vLLM's own binding, which keeps one core for its
+  scheduler process when there are several: the worker does the same within
+  its affinity and cgroup quota);
 
 then the worker with no flags at all (its own choice). Every cell is loaded
 at once; each round measures every cell in turn (a new order each round,

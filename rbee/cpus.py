@@ -145,11 +145,24 @@ class CpuBudget:
 
     @property
     def cores(self) -> tuple[int, ...]:
-        """The cores the engine's threads are bound to: the first ``usable`` allowed ones."""
+        """The cores the process may keep busy: the first ``usable`` allowed ones."""
         return self.allowed[: self.usable]
 
+    @property
+    def omp_cores(self) -> tuple[int, ...]:
+        """The cores for the engine's OpenMP threads: all of ``cores`` but the
+        last, which is left to the engine's scheduler process and the worker's
+        server (as vLLM's own binding does); the one core when there is one.
+        Threads bound to every core stall whenever another process needs one:
+        on a busy 2-core machine that was 5-8x slower (docs/hive.md)."""
+        cores = self.cores
+        return cores[:-1] if len(cores) > 1 else cores
+
     def describe(self) -> str:
-        text = f"{self.usable} thread(s) on cores {format_cpu_list(self.cores)}"
+        omp = self.omp_cores
+        text = f"{len(omp)} thread(s) on cores {format_cpu_list(omp)}"
+        if len(omp) < len(self.cores):
+            text += f", core {format_cpu_list(self.cores[len(omp):])} left to the engine's scheduler and the worker's server"
         limits = [f"affinity {format_cpu_list(self.allowed)}"]
         if self.quota is not None:
             limits.append(f"cgroup quota {self.quota:g} CPUs")

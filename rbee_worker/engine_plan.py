@@ -79,7 +79,7 @@ class EnginePlan:
     def cores(self) -> tuple[int, ...]:
         if self.bound is not None:
             return self.bound
-        return self.budget.cores if self.budget is not None else ()
+        return self.budget.omp_cores if self.budget is not None else ()
 
     @property
     def cpu_set(self) -> str:
@@ -129,7 +129,7 @@ def plan_engine(
         except ValueError:  # "auto", "nobind" or per-rank lists: vLLM's own binding
             bound = ()
     else:
-        env[ENV_THREADS_BIND] = format_cpu_list(budget.cores)
+        env[ENV_THREADS_BIND] = format_cpu_list(budget.omp_cores)
         threads_note = budget.describe()
     space = environ.get(ENV_KV_SPACE, "")
     if space:

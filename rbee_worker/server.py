@@ -268,13 +268,13 @@ def vllm_engine(settings: Settings) -> Engine:
 
 
 def engine_figures(info, budget) -> dict:
-    """WorkerInfo's dtype and CPU fields: the loaded engine's, else the process's own cores."""
+    """WorkerInfo's dtype and threads (the loaded engine's) and the cores the worker may use."""
     from rbee.cpus import format_cpu_list
 
     if info is not None and info.dtype:
         return {
             "dtype": info.dtype, "dtype_reason": info.dtype_reason,
-            "cpu_set": info.cpu_set or format_cpu_list(budget.cores), "cpu_threads": info.cpu_threads,
+            "cpu_set": format_cpu_list(budget.cores), "cpu_threads": info.cpu_threads,
         }  # fmt: skip
     return {"cpu_set": format_cpu_list(budget.cores)}
 

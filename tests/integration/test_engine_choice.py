@@ -32,7 +32,9 @@ async def test_real_worker_reports_its_dtype_threads_and_kv_cache(real_worker):
     else:
         assert info.dtype == "float32"
         assert info.dtype_reason.startswith("this CPU has no native bfloat16")
-    cores = sorted(os.sched_getaffinity(real_worker.pid))
+    allowed = sorted(os.sched_getaffinity(real_worker.pid))
+    # Every core the worker may use but one, left to vLLM's scheduler (the one core when alone).
+    cores = allowed[:-1] if len(allowed) > 1 else allowed
     assert info.cpu_set == format_cpu_list(cores)
     assert info.cpu_threads == len(cores)
     assert info.kv_cache_bytes > 0
@@ -43,4 +45,4 @@ async def test_real_worker_reports_its_dtype_threads_and_kv_cache(real_worker):
     assert "Explicitly set" in log  # the KV cache size came from the worker, not vLLM's default
     # The engine's processes run where the worker may run.
     for child in psutil.Process(real_worker.pid).children(recursive=True):
-        assert set(child.cpu_affinity()) <= set(cores)
+        assert set(child.cpu_affinity()) <= set(allowed)

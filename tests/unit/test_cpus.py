@@ -63,6 +63,11 @@ def test_budget_is_affinity_capped_by_quota(tmp_path: Path):
     budget = cpu_budget({2, 3, 5, 7}, proc, root)
     assert budget == CpuBudget((2, 3, 5, 7), 1.5)
     assert (budget.usable, budget.cores) == (1, (2,))
+    assert budget.omp_cores == (2,)  # one core: the threads share it
     assert budget.describe() == "1 thread(s) on cores 2 (affinity 2-3,5,7, cgroup quota 1.5 CPUs)"
-    assert CpuBudget((0, 1, 2, 3), None).cores == (0, 1, 2, 3)
+    four = CpuBudget((0, 1, 2, 3), None)
+    assert four.cores == (0, 1, 2, 3) and four.omp_cores == (0, 1, 2)
+    assert four.describe() == (
+        "3 thread(s) on cores 0-2, core 3 left to the engine's scheduler and the worker's server (affinity 0-3)"
+    )
     assert CpuBudget((4, 5), 0.2).usable == 1  # a fraction of a core still runs one thread

@@ -31,15 +31,17 @@ def plan(model: Path, **kw):
 
 
 def test_cpu_plan_binds_threads_to_the_affinity_and_sizes_the_kv_cache(model: Path):
-    p = plan(model, budget=CpuBudget((2, 3, 6), 2.0))
+    p = plan(model, budget=CpuBudget((2, 3, 6, 7), 3.0))
     assert p.dtype.line() == "float32: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16)"
+    # The quota pays for 3 of the 4 cores; one of them is left to the scheduler.
     assert (p.threads, p.cpu_set) == (2, "2-3")
     assert p.env == {"VLLM_CPU_OMP_THREADS_BIND": "2-3"}
     per_token = 2 * 30 * 3 * 64 * 4
     assert p.kv_cache_bytes == -(-8 * 2048 * per_token // MB) * MB
     lines = p.stage_lines()
     assert lines[0] == "dtype float32: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16)"
-    assert "2 thread(s) on cores 2-3 (affinity 2-3,6, cgroup quota 2 CPUs)" in lines[1]
+    assert "2 thread(s) on cores 2-3, core 6 left to the engine's scheduler" in lines[1]
+    assert "(affinity 2-3,6-7, cgroup quota 3 CPUs)" in lines[1]
     assert f"8 slots × 2048 tokens × {per_token} bytes" in lines[2]
 
 
