@@ -75,3 +75,4 @@ Feature: A worker's life: loading, serving, refusing, draining
     And a new request is refused with WORKER_DRAINING as busy
     And the streaming request still finishes with finish reason "length"
     And the worker process exits with code 0
+    And its engine processes are gone and its log tells a clean stop

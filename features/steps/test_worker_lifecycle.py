@@ -266,9 +266,14 @@ def _short_stream(worker, ctx, n):
 
 @when("the worker is told to shut down")
 def _shutdown(worker, ctx):
+    import psutil
+
+    ctx["engine_procs"] = psutil.Process(worker.pid).children(recursive=True)
+    assert ctx["engine_procs"], "vLLM runs its engine in child processes"
     channel, s = stub(worker)
     with channel:
-        ctx["shutdown"] = s.Shutdown(inference_pb2.ShutdownRequest(drain_timeout_s=30), metadata=worker.metadata,
+        # The drain bound is not under test: long enough for 60 tokens on a loaded machine.
+        ctx["shutdown"] = s.Shutdown(inference_pb2.ShutdownRequest(drain_timeout_s=600), metadata=worker.metadata,
                                      timeout=10)
     assert ctx["shutdown"].in_flight == 1
 
@@ -301,3 +306,15 @@ def _still_finishes(stream, reason):
 @then(parsers.parse("the worker process exits with code {code:d}"))
 def _exits(worker, code):
     assert worker.proc.wait(timeout=SETTLE_S * 2) == code, worker.log_tail()
+
+
+@then("its engine processes are gone and its log tells a clean stop")
+def _clean_stop(worker, ctx):
+    import psutil
+
+    _gone, alive = psutil.wait_procs(ctx["engine_procs"], timeout=30)
+    assert not alive, f"engine processes left behind: {alive}"
+    log = worker.log_text()
+    assert "Unloading model" in log and "stopped (exit 0)" in log, worker.log_tail()
+    assert "Traceback" not in log and "EngineDeadError" not in log, "a clean shutdown logs no traceback"
+    assert worker.api_key not in log

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
 
@@ -140,51 +138,5 @@ async def test_cancel_ends_the_stream_with_cancelled(real_worker):
         assert ready.slots_busy == 0
 
 
-async def test_own_worker_busy_then_shutdown_drains_and_exits_0(start_worker):
-    """The one extra engine start: slots=1 for ALL_SLOTS_BUSY, then a
-    Shutdown with a request in flight (never on the shared worker)."""
-    import psutil
-
-    worker = start_worker(slots=1)
-    engine_procs = psutil.Process(worker.pid).children(recursive=True)
-    assert engine_procs, "vLLM runs its engine in child processes"
-    async with open_channel(worker.address) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        md = worker.metadata
-        call = stub.Generate(
-            inference_pb2.GenerateRequest(prompt="Tell me about bees.", max_tokens=24, ignore_eos=True, temperature=0.0),
-            metadata=md,
-        )
-        first = await call.read()
-        assert first.WhichOneof("kind") == "delta"
-
-        with pytest.raises(grpc.aio.AioRpcError) as busy:
-            async for _ in stub.Generate(inference_pb2.GenerateRequest(prompt="hi", max_tokens=2), metadata=md):
-                pass
-        err = from_rpc_error(busy.value)
-        assert err.code == "ALL_SLOTS_BUSY"
-        assert (err.details["slots_total"], err.details["slots_busy"]) == ("1", "1")
-
-        reply = await stub.Shutdown(inference_pb2.ShutdownRequest(drain_timeout_s=60), metadata=md)
-        assert reply.state == common_pb2.WORKER_STATE_DRAINING
-        assert reply.in_flight == 1
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            async for _ in stub.Generate(inference_pb2.GenerateRequest(prompt="hi", max_tokens=2), metadata=md):
-                pass
-        assert from_rpc_error(refused.value).code == "WORKER_DRAINING"
-
-        rest = []
-        while (msg := await call.read()) is not grpc.aio.EOF:
-            rest.append(msg)
-    final = rest[-1].final
-    assert final.reason == inference_pb2.FINISH_REASON_LENGTH
-    assert final.tokens_generated == 24
-
-    assert await asyncio.to_thread(worker.proc.wait, 120) == 0
-    _gone, alive = psutil.wait_procs(engine_procs, timeout=30)
-    assert not alive, f"engine processes left behind: {alive}"
-    log = worker.log_text()
-    assert "Unloading model" in log
-    assert "stopped (exit 0)" in log
-    assert "Traceback" not in log and "EngineDeadError" not in log, "a clean shutdown logs no traceback"
-    assert worker.api_key not in log
+# A worker of one slot refusing ALL_SLOTS_BUSY, then draining a request in flight
+# and exiting 0 with its engine processes gone: worker_lifecycle.feature.
