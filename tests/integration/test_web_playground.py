@@ -39,7 +39,7 @@ async def test_the_real_cluster_and_the_playground(cluster: Cluster, browser: Pa
     assert browser.texts(f"{row} .slots")[0].endswith(f"/{SLOTS}")
 
     # The playground: the loaded model is offered first; the answer grows as tokens arrive.
-    browser.until(lambda: browser.attr("#play-model", "value") == cluster.model, "the loaded model in the playground")
+    browser.until(lambda: browser.prop("#play-model", "value") == cluster.model, "the loaded model in the playground")
     browser.driver.execute_script(WATCH_ANSWER)
     browser.fill("#play-max", "48")
     browser.fill("#play-prompt", "Write two sentences about honey bees.")
