@@ -1,4 +1,4 @@
-"""Keys for applications on the queen's HTTP API (``rbee-keeper keys ...``):
+"""Keys for applications on the queen's HTTP API (rbee-keeper's ``keys`` commands):
 named keys of scope ``inference`` or ``admin`` that an admin creates, lists
 and revokes, kept in the queen's ``beehives.db`` (table ``app_keys``).
 
@@ -101,7 +101,7 @@ def validate_scope(scope: str) -> Scope:
             "INVALID_ARGUMENT",
             f"Invalid key scope {scope[:40]!r}: 'inference' (the OpenAI routes) or 'admin' (everything the HTTP API serves)",
             {"field": "scope"},
-            ["Pass --scope inference or --scope admin to `rbee-keeper keys create`"],
+            ["Pass --scope inference or --scope admin: `rbee-keeper keys create --name NAME --scope inference`"],
         )
     return Scope(scope)
 

@@ -49,7 +49,7 @@ def daemon(
     metrics_public: bool = typer.Option(
         None, "--metrics-public",
         help="Serve GET /metrics (Prometheus) without a key; by default it needs the queen's key or one from "
-        "`rbee-keeper keys create` (RBEE_QUEEN_METRICS_PUBLIC).",
+        "`rbee-keeper keys create --name NAME` (RBEE_QUEEN_METRICS_PUBLIC).",
     ),  # fmt: skip
 ) -> None:
     """Run the queen in the foreground until SIGTERM or Ctrl+C.
