@@ -21,7 +21,7 @@ Feature: One keeper command gets tokens from a worker on a node, the queen doing
     When I run infer on node "here" with the model "hf:rbee-test/tiny"
     Then the keeper exits 0
     And stdout is the worker's tokens and nothing else, ending with a newline
-    And stderr holds only narration lines, from the actors queen-rbee, rbee-hive, llm-worker-rbee and rbee-keeper
+    And stderr holds only narration lines, from the actors queen-rbee, rbee-hive, llm-worker-rbee, model-loader and rbee-keeper
     And the narration showed, in order, "[queen-rbee] 📋 Task: hf:rbee-test/tiny on here (cpu:0)", "[queen-rbee] 💤 No hive answers at", "[queen-rbee] 🚀 Starting rbee-hive on here", "rbee-hive started on here (pid", "[queen-rbee] 🧊 Cold start: no worker serves hf:rbee-test/tiny on here yet", "Hive version 0.1.0 is compatible", "[rbee-hive] 📚 Looking up hf:rbee-test/tiny in the model catalog", "[rbee-hive] 📥 Downloading hf:rbee-test/tiny from http://127.0.0.1:", "[rbee-hive] ✅ Downloaded hf:rbee-test/tiny", "[rbee-hive] 📦 hf:rbee-test/tiny is in the catalog at", "[rbee-hive] ✅ Preflight passed for hf:rbee-test/tiny", "[rbee-hive] 🚀 Starting llm-worker-rbee", "[llm-worker-rbee] ", "called back", "[rbee-keeper] 🎯 Cold start: worker", "Model loaded"
     And the download progress was narrated on stderr with percent, bytes and speed
     And the hub-like server was asked for the model's files

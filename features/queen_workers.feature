@@ -25,7 +25,7 @@ Feature: The queen knows every worker on every node
     And listing with "--capability cuda" gives no worker
     When I list the workers through the queen
     Then the keeper exits 0
-    And the table has the columns NODE, ID, STATE, MODEL, DEVICE, ADDRESS, SLOTS FREE and LOAD, and one row: the worker on "here", idle, cpu, 2/2 slots free
+    And the table has the columns NODE, ID, STATE, MODEL, DEVICE, ADDRESS, SLOTS FREE and LOAD, and one row: the worker on "here", idle, cpu, 8/8 slots free
 
   Scenario: A queen without workers says so on stderr and leaves stdout empty
     Given a running queen whose hives run the stand-in worker and download from the hub-like server

@@ -106,41 +106,9 @@ async def test_cold_start_downloads_then_warm_start_reuses(queen_factory, node_e
         kill_node_hives(home)
 
 
-async def test_queen_restart_rebuilds_the_registry_and_stale_workers_are_dropped(queen_factory, node_env, tmp_path: Path) -> None:
-    home = tmp_path / "node"
-    env = {**node_env, "RBEE_QUEEN_WORKER_STALE_AFTER": "2s"}
-    try:
-        first = await queen_factory(name="shared", **env)
-        await local_node(first, home)
-        code, out, err = await infer(first)
-        assert code == 0, err
-        [worker] = await until(lambda: cluster(first))
-        # A crashed queen: its hive and worker stay.
-        first.proc.kill()
-        await first.proc.wait()
-
-        second = await queen_factory(name="shared", **env)
-        rebuilt = await until(lambda: cluster(second))
-        assert [w["id"] for w in rebuilt] == [worker["id"]]
-        assert [w["id"] for w in await cluster(second, "--node", "here", "--capability", "cpu")] == [worker["id"]]
-        assert await cluster(second, "--node", "elsewhere") == []
-
-        # A hive that goes silent (stopped, not dead): its workers leave the registry.
-        [hive_pid] = node_hive_pids(home)
-        psutil.Process(hive_pid).suspend()
-        try:
-            assert await until(lambda: _empty(second), timeout=30)
-            assert "its workers are dropped from the registry" in second.text()
-        finally:
-            psutil.Process(hive_pid).resume()
-        back = await until(lambda: cluster(second), timeout=30)
-        assert [w["id"] for w in back] == [worker["id"]]
-    finally:
-        kill_node_hives(home)
-
-
-async def _empty(queen: QueenProc) -> bool:
-    return await cluster(queen) == []
+# A queen restarted after SIGKILL rebuilding its registry from the hives, and a
+# silent hive's workers dropped after the stale setting and back after it
+# answers: queen_workers.feature.
 
 
 async def test_a_hive_restarted_under_a_running_queen(queen_factory, node_env, tmp_path: Path) -> None:
@@ -167,23 +135,7 @@ async def _other_than(queen: QueenProc, worker_id: str) -> list[dict]:
     return [w for w in await cluster(queen) if w["id"] != worker_id]
 
 
-async def test_ephemeral_queen_cascade_leaves_nothing_running(queen_factory, node_env, tmp_path: Path) -> None:
-    home = tmp_path / "node"
-    try:
-        persistent = await queen_factory(name="eph", **node_env)
-        await local_node(persistent, home)
-        assert await persistent.terminate() == 0  # a registry on disk, nothing running
-        address = persistent.address
-        code, out, err = await persistent.keeper("infer", "--node", "here", "--model", REF, "--prompt", "hi",
-                                                 "--max-tokens", "3", "--queen", address, queen=False, **node_env)  # fmt: skip
-        assert code == 0, err
-        assert out == ANSWER + "\n"
-        assert f"No queen answers at {address}: starting one for this command" in err
-        assert "Stopping the queen started for this command" in err
-        assert node_hive_pids(home) == [] and worker_pids(home) == []
-        assert not [p for p in psutil.process_iter(["cmdline"]) if f"--port {address.rpartition(':')[2]}" in " ".join(p.info["cmdline"] or [])]
-    finally:
-        kill_node_hives(home)
+# The ephemeral queen's cascade (nothing left running): queen_lifecycle.feature.
 
 
 async def test_the_worker_key_opens_that_worker_only(queen_factory, node_env, tmp_path: Path) -> None:
