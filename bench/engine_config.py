@@ -77,8 +77,8 @@ def environment(**values: str | None) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def cells() -> list[Cell]:
-    out = [Cell(f"{d} × threads {t}", d, t) for d in DTYPES for t in THREADS]
+def cells(dtypes: tuple[str, ...] = DTYPES, threads: tuple[str, ...] = THREADS) -> list[Cell]:
+    out = [Cell(f"{d} × threads {t}", d, t) for d in dtypes for t in threads]
     out.append(Cell("worker's own choice (no flags)", None, None))
     return out
 
@@ -117,7 +117,7 @@ async def measure(cell: Cell, others: list[psutil.Process], max_tokens: int, con
 
 async def main_async(args: argparse.Namespace) -> dict:
     model = Path(args.model)
-    matrix = cells()
+    matrix = cells(tuple(args.dtypes.split(",")), tuple(args.threads.split(",")))
     rng = random.Random(args.seed)
     print(f"[bench] {len(matrix)} workers of {model.name} ({args.slots} slots each), on "
           f"{cpu_budget().describe()}; load average {os.getloadavg()[0]:.1f}", file=sys.stderr)  # fmt: skip
@@ -185,6 +185,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--max-model-len", type=int, default=1024, help="keeps five KV caches in RAM at once")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="a part of the matrix: e.g. float32")
+    parser.add_argument("--threads", default=",".join(THREADS), help="a part of the matrix: all, auto or both")
     return parser.parse_args(argv)
 
 
