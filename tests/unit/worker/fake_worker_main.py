@@ -45,9 +45,8 @@ from rbee.errors import RbeeError
 from rbee_worker import server
 from rbee_worker.engine import EngineInfo, LoadProgress, ProgressCallback
 from rbee_worker.server import Settings, main
-from tests.unit.worker.fakes import FakeEngine
+from tests.unit.worker.fakes import STAGES, FakeEngine
 
-LOAD_STEPS = 3
 
 
 class ProgramEngine(FakeEngine):
@@ -71,14 +70,16 @@ class ProgramEngine(FakeEngine):
                 (Path(pid_dir) / f"{settings.worker_id}.child.pid").write_text(str(self.child.pid))
 
     async def load(self, progress: ProgressCallback) -> EngineInfo:
+        # FakeEngine's stages up to the weights at once (as FakeEngine does),
+        # then the weights take their time; FakeEngine.load finishes (or holds).
+        for i, stage in enumerate(STAGES[:-1]):
+            progress(LoadProgress(stage, i, len(STAGES), f"fake {stage}"))
         oom_cgroup = os.environ.get("STANDIN_OOM_CGROUP")
         if oom_cgroup:
             (Path(oom_cgroup) / "cgroup.procs").write_text(str(os.getpid()))
-            progress(LoadProgress("weights", 0, LOAD_STEPS, "loading weights into memory"))
             self.hog = b"\x01" * (512 * 1024 * 1024)  # touching the memory is the point
-        for i in range(1, LOAD_STEPS + 1):
-            await asyncio.sleep(self.load_s / LOAD_STEPS)
-            progress(LoadProgress("weights", i, LOAD_STEPS, f"step {i}"))
+        if self.load_s > 0:
+            await asyncio.sleep(self.load_s)  # the pretend weights loading, not a wait for a condition
         return await super().load(progress)
 
     async def shutdown(self) -> None:
