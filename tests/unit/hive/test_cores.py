@@ -37,3 +37,20 @@ def test_assigning_again_replaces_the_workers_own_cores():
 def test_more_wanted_than_the_hive_has_is_capped():
     cores = CoreAssigner([3], per_worker=8)
     assert cores.assign("worker-a").cores == (3,)
+
+
+def test_hive_settings_worker_dtype_and_cores(tmp_path, monkeypatch):
+    import pytest
+
+    from rbee.errors import RbeeError
+    from rbee_hive.settings import load_settings
+
+    (tmp_path / "config.toml").write_text("")
+    monkeypatch.setenv("RBEE_CONFIG", str(tmp_path / "config.toml"))
+    settings = load_settings(worker_dtype="BF16", worker_cores=2)
+    assert (settings.worker_dtype, settings.worker_cores) == ("bfloat16", 2)
+    assert load_settings().worker_dtype == "auto"
+    for bad in ({"worker_dtype": "int3"}, {"worker_cores": -1}):
+        with pytest.raises(RbeeError) as exc:
+            load_settings(**bad)
+        assert exc.value.code == "INVALID_ARGUMENT" and next(iter(bad)) in exc.value.message

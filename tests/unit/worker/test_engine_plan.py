@@ -90,3 +90,16 @@ def test_plan_fields_say_when_vllm_took_another_dtype(model: Path):
     assert plan_fields(p, "float32")["dtype_reason"].startswith("this CPU has no native bfloat16")
     other = plan_fields(p, "bfloat16")
     assert other["dtype"] == "bfloat16" and other["dtype_reason"].startswith("vLLM took bfloat16 instead of float32")
+
+
+def test_worker_dtype_flag_is_checked_before_anything_loads(model: Path):
+    from rbee.errors import RbeeError
+    from rbee_worker.server import build_parser, settings_from
+
+    argv = ["--model", str(model), "--port", "7910", "--api-key", "k"]
+    assert settings_from(build_parser().parse_args([*argv, "--dtype", "BF16"]), {}).dtype == "bfloat16"
+    assert settings_from(build_parser().parse_args(argv), {}).dtype == "auto"
+    with pytest.raises(RbeeError) as exc:
+        settings_from(build_parser().parse_args([*argv, "--dtype", "int3"]), {})
+    assert exc.value.code == "INVALID_ARGUMENT" and exc.value.details["flag"] == "--dtype"
+    assert "--dtype auto" in exc.value.suggestions[0]
