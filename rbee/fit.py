@@ -26,12 +26,16 @@ from rbee.dtype import BYTES, ModelFacts, choose_dtype, model_facts, weights_byt
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-# Measured on this project's CPU machines: a worker of the default model
-# (SmolLM2-135M-Instruct, float32, 8 slots × 2048 tokens) peaks at about
-# 1.9 GiB of resident memory across the worker and its engine process, of
-# which ~0.5 GiB are weights and 0.2 GiB KV cache; the rest is the two
-# processes' runtime. Rounded up so an estimate errs on the side of "short".
-ENGINE_OVERHEAD_BYTES = 1536 * MiB
+# Measured on this project's CPU machine (2 cores, avx512_bf16): a loaded
+# worker of the default model (SmolLM2-135M-Instruct in bfloat16, 8 slots ×
+# 2048 tokens: 257 MiB of weights, 360 MiB of KV cache) peaks at 2692 MiB
+# resident across the worker, its helper, vLLM's EngineCore and its CPU
+# worker process (sum of each process's VmHWM; 2494 MiB steady). The rest,
+# about 2.0 GiB, is what the engine costs whatever the model: each process
+# imports torch and vLLM and keeps its allocator arenas. Shared library
+# pages count once per process there, as the kernel's RSS does: the figure
+# errs on the side of "short".
+ENGINE_OVERHEAD_BYTES = 2048 * MiB
 # The worker's defaults (rbee_worker/server.py): slots on CPU, context cap.
 DEFAULT_SLOTS = {"cpu": 8, "cuda": 32, "metal": 8}
 DEFAULT_CONTEXT = 2048

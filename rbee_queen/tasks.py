@@ -12,6 +12,7 @@ events relayed. The task ends with the worker's address and its own key.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -26,6 +27,8 @@ from rbee_queen.hives import HiveLink, hive_preflight, tls_name
 from rbee_queen.nodes.manager import NodeManager
 from rbee_queen.nodes.relay import EventRelay
 from rbee_queen.nodes.store import NodeRecord, NodeStore
+from rbee_queen.placement import Placement, place
+from rbee_queen.survey import Dispatched, survey_node, views
 from rbee_queen.workers import HiveWatchers, reachable_address
 
 State = common_pb2.WorkerState
@@ -46,11 +49,13 @@ class TaskRunner:
         self.store = store
         self.nodes = nodes
         self.watchers = watchers
+        # Requests handed to each worker since its last load report (rbee_queen/survey.py).
+        self.dispatched = Dispatched()
         # Every task's lines and outcome, for the web page (docs/web.md).
         self.activity = activity if activity is not None else Activity()
 
     async def submit(self, req: tasks_pb2.SubmitInferenceRequest, relay: EventRelay) -> tasks_pb2.WorkerAssignment:
-        entry = self.activity.begin("task", f"Task {req.model_ref} on {req.node or '?'}", req.node, req.model_ref)
+        entry = self.activity.begin("task", f"Task {req.model_ref} on {req.node or '(placed)'}", req.node, req.model_ref)
         tracked = Tracked(relay, self.activity, entry)
 
         def outcome(a: tasks_pb2.WorkerAssignment) -> str:
@@ -65,12 +70,18 @@ class TaskRunner:
         if backend not in BACKENDS:
             raise RbeeError("INVALID_BACKEND", f"Unknown backend {req.backend!r}: choose one of {', '.join(BACKENDS)}",
                             {"backend": req.backend}, ["Pass --backend cpu, --backend cuda or --backend metal"])  # fmt: skip
-        if not req.node:
-            raise RbeeError("INVALID_ARGUMENT", "A task needs a node", {"field": "node"},
-                            ["Pass --node NAME (see `rbee-keeper setup list-nodes`)"])  # fmt: skip
-        record = self.store.get(req.node)
-        relay.narrate("📋", f"Task: {ref} on {record.name} ({backend}:{req.device})")
-        await self.nodes.ensure_ready(record, relay)
+        if req.node:
+            record = self.store.get(req.node)
+            relay.narrate("📋", f"Task: {ref} on {record.name} ({backend}:{req.device})")
+            await self.nodes.ensure_ready(record, relay)
+        else:
+            relay.narrate("📋", f"Task: {ref}, placed by the queen ({backend}:{req.device})")
+            record, worker = await self._place(ref, backend, req, relay)
+            if worker is not None:
+                async with HiveLink(record) as link:
+                    access = await self._access(link, worker.id)
+                self.dispatched.add(worker)
+                return self._assignment(record, access, warm=True, started=started)
         self.watchers.ensure(record.name)
         async with HiveLink(record) as link:
             listed = await link.call(link.workers.ListWorkers, registry_pb2.ListWorkersRequest())
@@ -79,7 +90,8 @@ class TaskRunner:
             usable = [w for w in matching if w.state in (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY) and w.slots_available > 0]
             loading = [w for w in matching if w.state == State.WORKER_STATE_LOADING]
             if usable:
-                chosen = max(usable, key=lambda w: w.slots_available)
+                chosen = max(usable, key=lambda w: w.slots_available - self.dispatched.pending(w))
+                self.dispatched.add(chosen)
                 relay.narrate("♻️", f"Warm start: worker {chosen.id} at {chosen.address} already serves {ref} "
                               f"({chosen.slots_available}/{chosen.slots_total} slots free)")  # fmt: skip
                 access = await self._access(link, chosen.id)
@@ -98,9 +110,30 @@ class TaskRunner:
                     ["Try again in a moment", f"Or free a worker: `rbee-keeper workers list --node {record.name}`"],
                 )
             relay.narrate("🧊", f"Cold start: no worker serves {ref} on {record.name} yet")
+            if req.node:  # pinned: the node must fit, with the same table as a placement
+                surveyed = [await survey_node(self.nodes, record, ref, relay)]
+                place(ref, *views(surveyed, ref, backend, req.device, req.slots, self.dispatched)[:2], pinned=record.name)
             await hive_preflight(link, record, relay.check)
             access = await self._start(link, record, ref, backend, req, relay)
             return self._assignment(record, access, warm=False, started=started)
+
+    async def placement(self, ref: str, backend: str, device: int, slots: int, relay: EventRelay) -> tuple[Placement, list[NodeRecord], dict]:
+        """Where ``ref`` goes (rbee_queen/placement.py) from every node's figures."""
+        records = self.store.list()
+        if not records:
+            raise RbeeError("NODE_NOT_FOUND", "No node is registered with the queen: there is nowhere to run the model",
+                            {"model": ref}, ["Register one: `rbee-keeper setup add-node --name NAME --local`"])  # fmt: skip
+        surveyed = await asyncio.gather(*(survey_node(self.nodes, r, ref, relay) for r in records))
+        nodes, warm, by_id = views(surveyed, ref, backend, device, slots, self.dispatched)
+        return place(ref, nodes, warm), records, by_id
+
+    async def _place(self, ref: str, backend: str, req: tasks_pb2.SubmitInferenceRequest,
+                     relay: EventRelay) -> tuple[NodeRecord, common_pb2.WorkerInfo | None]:  # fmt: skip
+        """The node (and warm worker, if any) the placement chooses, narrated with its table."""
+        chosen, records, by_id = await self.placement(ref, backend, req.device, req.slots, relay)
+        relay.narrate("🧭", chosen.narration())
+        record = next(r for r in records if r.name == chosen.node)
+        return record, by_id.get(chosen.worker_id) if chosen.worker_id else None
 
     async def _access(self, link: HiveLink, worker_id: str) -> registry_pb2.WorkerAccess:
         reply = await link.call(link.workers.GetWorkerAccess, registry_pb2.GetWorkerAccessRequest(worker_id=worker_id))

@@ -29,7 +29,11 @@ class SubmitInferenceRequest(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
     node: _builtins.str
-    """A registered node."""
+    """A registered node, or "" for the queen to place the request: a warm
+    worker with a free slot anywhere (least loaded), else a node that holds
+    the model where it fits, else any reachable node where it fits; the
+    placement and its reasons are one narration line (docs/queen.md).
+    """
     model_ref: _builtins.str
     """hf:ORG/REPO[/FILE][@REV] or file:///abs/path (on the node)."""
     backend: _builtins.str

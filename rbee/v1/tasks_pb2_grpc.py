@@ -66,7 +66,9 @@ class TaskServiceServicer:
         Fails with: NOT_FOUND (NODE_NOT_FOUND, MODEL_NOT_FOUND), INVALID_ARGUMENT
         (INVALID_MODEL_REF, INVALID_BACKEND, DEVICE_NOT_AVAILABLE),
         RESOURCE_EXHAUSTED (ALL_SLOTS_BUSY with slots_total/slots_busy when a
-        worker for the model exists but every slot is taken; INSUFFICIENT_RAM,
+        worker for the model exists but every slot is taken; NO_NODE_FITS with
+        the per-node table when no node (or not the pinned one) has the memory
+        for a worker of the model; INSUFFICIENT_RAM,
         VRAM_EXHAUSTED, INSUFFICIENT_DISK), FAILED_PRECONDITION
         (BACKEND_UNAVAILABLE, VERSION_MISMATCH, HIVE_NOT_INSTALLED), UNAVAILABLE
         (SSH_CONNECTION_FAILED, HIVE_UNREACHABLE), UNAUTHENTICATED, INTERNAL

@@ -11,7 +11,9 @@ from typing import Any
 
 import grpc
 
+from rbee.cpus import read_cpu_flags
 from rbee.errors import RbeeError
+from rbee.fit import fit_facts
 from rbee.narration import Narrator
 from rbee.rpc import handle_errors
 from rbee.v1 import common_pb2, provisioning_pb2, provisioning_pb2_grpc
@@ -27,6 +29,11 @@ from rbee_hive.provisioner.workers import WorkerProvisioner
 log = logging.getLogger(__name__)
 
 PROVIDERS = ("hf", "file")
+
+
+def _fit_figures(paths: list[str]) -> list[dict[str, str]]:
+    flags = read_cpu_flags()
+    return [fit_facts(p, "cpu", flags) if p else {} for p in paths]
 
 
 def _flat(metadata: dict[str, Any]) -> dict[str, str]:
@@ -97,7 +104,12 @@ class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):
                 {"provider": request.provider, "accepted": ", ".join(PROVIDERS)},
             )
         records = await self.models.list(provider or None)
-        return provisioning_pb2.ListModelsResponse(models=[model_entry(r) for r in records])
+        entries = [model_entry(r) for r in records]
+        # What the queen's fit estimate needs from the files (docs/queen.md, "Fit").
+        figures = await asyncio.to_thread(_fit_figures, [r.local_path for r in records])
+        for entry, extra in zip(entries, figures):
+            entry.metadata.update(extra)
+        return provisioning_pb2.ListModelsResponse(models=entries)
 
     @handle_errors
     async def RemoveModel(self, request: provisioning_pb2.RemoveModelRequest, context: grpc.aio.ServicerContext):

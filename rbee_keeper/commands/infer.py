@@ -1,7 +1,7 @@
 """`rbee-keeper infer`: stream an answer from a model.
 
-Queen mode (``--node NAME --model REF``): the queen finds or starts a worker
-on the node, then the keeper streams from it directly. Direct mode
+Queen mode (``--model REF`` with or without ``--node NAME``): the queen places
+the request or uses the node named, finds or starts a worker, then the keeper streams from it directly. Direct mode
 (``--worker HOST:PORT``) talks to one running worker.
 """
 
@@ -29,9 +29,11 @@ DEFAULT_MAX_TOKENS = 128
 
 HELP = """Stream an answer from a model: tokens on stdout, progress and status on stderr.
 
-Queen mode: --node NAME --model REF asks the queen (--queen, default 127.0.0.1:7800)
-for a worker serving the model on that node: an idle one is reused (warm start), else
-the node's hive downloads the model and starts one (cold start). When no queen answers
+Queen mode: --model REF asks the queen (--queen, default 127.0.0.1:7800) for a worker
+serving the model: without --node (and no default node) the queen places it (a warm
+worker with a free slot anywhere, else a node where it fits, and says why); with
+--node NAME on that node: an idle one is reused (warm start), else the node's hive
+downloads the model and starts one (cold start). When no queen answers
 on this machine, one is started for this command and stopped afterwards.
 
 Example: rbee-keeper infer --node workstation --model hf:HuggingFaceTB/SmolLM2-135M-Instruct --prompt "Why do bees dance?"
@@ -167,20 +169,20 @@ async def _infer_with_queen(args, node: str | None, model: str | None, queen: st
     from rbee_keeper.common import resolve_node, resolve_queen
 
     node, queen = resolve_node(node), resolve_queen(queen)
-    missing = [name for name, value in (("--node", node), ("--model", model)) if not value]
-    if missing:
+    # Without a node (and no default node) the queen places the request (docs/queen.md, "Placement").
+    if not model:
         raise RbeeError(
             "USAGE_ERROR",
-            f"infer needs {' and '.join(missing)} (queen mode) or --worker HOST:PORT (direct mode)",
-            {"missing": ", ".join(missing)},
-            ["Pass --node NAME --model REF (see `rbee-keeper setup list-nodes`), or --worker HOST:PORT"],
+            "infer needs --model (queen mode) or --worker HOST:PORT (direct mode)",
+            {"missing": "--model"},
+            ["Pass --model REF (and --node NAME to pin a node, see `rbee-keeper setup list-nodes`), or --worker HOST:PORT"],
         )
     from rbee.v1 import tasks_pb2
 
     from rbee_keeper.queen_mode import run_with_queen
 
     narrate = narrator()
-    request = tasks_pb2.SubmitInferenceRequest(node=node, model_ref=model, backend=backend or "cpu", device=device or 0, slots=slots)
+    request = tasks_pb2.SubmitInferenceRequest(node=node or "", model_ref=model, backend=backend or "cpu", device=device or 0, slots=slots)
 
     async def use_worker(assignment) -> int:
         interrupts = Interrupts(narrate)

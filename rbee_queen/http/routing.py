@@ -4,8 +4,9 @@
    registry), the one with the most free slots; with ``X-Rbee-Node`` only
    on that node.
 2. Otherwise a cold start through the queen's task flow on a node: the one
-   ``X-Rbee-Node`` names, else the first registered node that holds the
-   model, else the default node (``[keeper] node``), else the first node.
+   ``X-Rbee-Node`` names, else where the queen's placement puts it
+   (rbee_queen/placement.py: a node holding the model where it fits, else
+   any node where it fits; its reasons are one of the start's stages).
    Concurrent requests for one model on one node share one cold start; the
    waiters see its stages; a waiter gives up after ``cold_start_wait``
    (503 with Retry-After) while the start goes on for the next request.
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from rbee.config import keeper_settings
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import format_line
 from rbee.tls_identity import worker_identity
@@ -77,6 +77,16 @@ class _Stages(EventRelay):
             line = self._queue.get_nowait()
             if line:
                 self._start.publish(line)
+
+
+class _LogOnly(EventRelay):
+    """A placement's survey before any cold start exists: its lines go to the queen's log only."""
+
+    def _wrap_event(self, ev: common_pb2.Event) -> None:
+        return None
+
+    def _wrap_result(self, result):  # pragma: no cover - run() is not used here
+        return result
 
 
 @dataclass
@@ -199,33 +209,24 @@ class Router:
         self._observe("warm", model=ref, node=name)
         return await self._lease_for(name, worker)
 
-    async def cold_node(self, ref: str, node: str | None) -> str:
+    async def cold_node(self, ref: str, node: str | None) -> tuple[str, str]:
+        """(node, why): the node ``X-Rbee-Node`` pins, else where the queen's
+        placement puts the start (rbee_queen/placement.py) and its reasons."""
         if node:
-            return node
-        try:
-            records = self.store.list()
-        except RbeeError:
-            records = []
-        if not records:
-            raise RbeeError("NODE_NOT_FOUND", "No node is registered with the queen: there is nowhere to load the model",
-                            {"model": ref}, ["Register one: `rbee-keeper setup add-node --name NAME --local`"])  # fmt: skip
-        downloaded = await self.models.downloaded()
-        holders = downloaded.get(ref, ([], 0))[0]
-        for record in records:
-            if record.name in holders:
-                return record.name
-        default = keeper_settings().node
-        if default and any(r.name == default for r in records):
-            return default
-        return records[0].name
+            return node, ""
+        chosen, _, _ = await self.tasks.placement(ref, "cpu", 0, 0, _LogOnly(self.narrate))
+        return chosen.node, "🧭 " + chosen.narration()
 
-    def cold_start(self, ref: str, node: str) -> ColdStart:
-        """The cold start of ``ref`` on ``node``: the running one, or a new one."""
+    def cold_start(self, ref: str, node: str, why: str = "") -> ColdStart:
+        """The cold start of ``ref`` on ``node``: the running one, or a new one
+        (its first stage ``why`` the placement chose the node, when it did)."""
         key = (node, ref)
         start = self._cold.get(key)
         if start is not None and start.task is not None and not start.task.done():
             return start
         start = ColdStart(node, ref)
+        if why:
+            start.publish(why)
         start.task = asyncio.ensure_future(self._run_cold(start))
         start.task.add_done_callback(lambda t, k=key, s=start: self._cold_done(k, s, t))
         self._cold[key] = start
@@ -320,8 +321,8 @@ class Router:
         lease = await self.pick(ref, node)
         if lease is not None:
             return ref, lease, None
-        target = await self.cold_node(ref, node)
-        return ref, None, self.cold_start(ref, target)
+        target, why = await self.cold_node(ref, node)
+        return ref, None, self.cold_start(ref, target, why)
 
     async def close(self) -> None:
         for start in list(self._cold.values()):

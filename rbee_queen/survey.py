@@ -1,0 +1,109 @@
+"""The cluster's figures for a placement (rbee_queen/placement.py): each
+node's hive made ready and asked for its free memory (GetResources), its
+models (ListModels, with the figures of the fit estimate, rbee/fit.py) and
+its workers; and the requests the queen dispatched to each warm worker since
+its last load report (docs/queen.md, "Placement")."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from rbee.errors import RbeeError
+from rbee.fit import Estimate, estimate
+from rbee.modelref import parse_model_ref
+from rbee.v1 import common_pb2, preflight_pb2, provisioning_pb2, registry_pb2
+
+from rbee_queen.hives import HiveLink
+from rbee_queen.nodes.manager import NodeManager
+from rbee_queen.nodes.relay import EventRelay
+from rbee_queen.nodes.store import NodeRecord
+from rbee_queen.placement import NodeView, WarmView
+
+log = logging.getLogger(__name__)
+State = common_pb2.WorkerState
+SURVEY_CALL_TIMEOUT_S = 10.0
+
+
+def same_model(a: str, b: str) -> bool:
+    try:
+        return str(parse_model_ref(a)) == str(parse_model_ref(b))
+    except RbeeError:
+        return a == b
+
+
+@dataclass
+class NodeFigures:
+    record: NodeRecord
+    error: str = ""
+    free_bytes: int | None = None
+    model: provisioning_pb2.ModelEntry | None = None
+    workers: list[common_pb2.WorkerInfo] = field(default_factory=list)
+
+
+class Dispatched:
+    """Requests handed to each worker since its last load report: a report
+    (free slots, load, last activity) that changed resets the count."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[tuple, int]] = {}
+
+    @staticmethod
+    def _report(w: common_pb2.WorkerInfo) -> tuple:
+        return (w.slots_available, w.last_activity_unix_ms, w.load.running_requests, w.load.slots_busy)
+
+    def pending(self, w: common_pb2.WorkerInfo) -> int:
+        seen = self._seen.get(w.id)
+        return seen[1] if seen is not None and seen[0] == self._report(w) else 0
+
+    def add(self, w: common_pb2.WorkerInfo) -> None:
+        self._seen[w.id] = (self._report(w), self.pending(w) + 1)
+
+
+async def survey_node(nodes: NodeManager, record: NodeRecord, ref: str, relay: EventRelay) -> NodeFigures:
+    figures = NodeFigures(record)
+    try:
+        await nodes.ensure_ready(record, relay)
+        async with HiveLink(record) as link:
+            res, models, listed = await asyncio.gather(
+                link.call(link.preflight.GetResources, preflight_pb2.GetResourcesRequest(), timeout=SURVEY_CALL_TIMEOUT_S),
+                link.call(link.provisioning.ListModels, provisioning_pb2.ListModelsRequest(), timeout=SURVEY_CALL_TIMEOUT_S),
+                link.call(link.workers.ListWorkers, registry_pb2.ListWorkersRequest(), timeout=SURVEY_CALL_TIMEOUT_S),
+            )  # fmt: skip
+    except RbeeError as err:
+        figures.error = err.code
+        log.info("placement: %s not surveyed: %s", record.name, err)
+        return figures
+    figures.free_bytes = res.ram_available_bytes
+    figures.model = next((m for m in models.models if same_model(m.model_ref, ref)), None)
+    figures.workers = list(listed.workers)
+    return figures
+
+
+def model_estimate(surveyed: Sequence[NodeFigures], node: NodeFigures, backend: str, slots: int) -> Estimate | None:
+    """The estimate on ``node``: from its own copy of the model, else another node's."""
+    entry = node.model or next((f.model for f in surveyed if f.model is not None), None)
+    if entry is None:
+        return None
+    return estimate(dict(entry.metadata), entry.size_bytes, backend, slots)
+
+
+def views(surveyed: Sequence[NodeFigures], ref: str, backend: str, device: int, slots: int,
+          dispatched: Dispatched) -> tuple[list[NodeView], list[WarmView], dict[str, common_pb2.WorkerInfo]]:  # fmt: skip
+    nodes: list[NodeView] = []
+    warm: list[WarmView] = []
+    by_id: dict[str, common_pb2.WorkerInfo] = {}
+    for f in surveyed:
+        if f.error:
+            nodes.append(NodeView(f.record.name, False, problem=f.error))
+            continue
+        est = model_estimate(surveyed, f, backend, slots)
+        nodes.append(NodeView(f.record.name, True, f.free_bytes, est.total if est else None, f.model is not None, len(f.workers)))
+        for w in f.workers:
+            if (same_model(w.model_ref, ref) and w.backend == backend and w.device == device
+                    and w.state in (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY) and w.slots_available > 0):  # fmt: skip
+                warm.append(WarmView(f.record.name, w.id, w.slots_total, w.slots_available, dispatched.pending(w)))
+                by_id[w.id] = w
+    return nodes, warm, by_id

@@ -1,0 +1,90 @@
+"""Placement through the real thing (docs/queen.md, "Placement" and "Fit"):
+one queen, two local nodes with their own homes, hive ports and catalogs,
+their hives started by the queen, workers of the stand-in program (the real
+worker program and servicer on a fake engine). Node a's free memory is pinned
+too small with the hive's resource override file, given to a's hive only by
+a launcher in a's install path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.common import VENV_BIN
+from tests.fixtures.hive import free_port_block, write_overrides, write_standin_program
+from tests.fixtures.models import hive_env
+from tests.fixtures.queen import QueenProc, kill_node_hives
+from tests.integration.test_queen_tasks import until
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+REPO = "rbee-test/placed"
+REF = f"hf:{REPO}"
+FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"\0" * 3_000_000, "tokenizer.json": b"{}"}
+GiB = 1024**3
+ANSWER = "t1 t2 t3 "
+
+
+def small_install(folder: Path, overrides: Path) -> Path:
+    """An install path whose rbee-hive is this checkout's, with the override file set."""
+    program = folder / ".venv" / "bin" / "rbee-hive"
+    program.parent.mkdir(parents=True)
+    program.write_text(f"#!/bin/sh\nexport RBEE_HIVE_RESOURCE_OVERRIDES={overrides}\nexec {VENV_BIN / 'rbee-hive'} \"$@\"\n")
+    program.chmod(0o755)
+    return folder
+
+
+async def add_local(queen: QueenProc, name: str, home: Path, *extra: str) -> None:
+    port = free_port_block(1)
+    code, _, err = await queen.keeper("setup", "add-node", "--name", name, "--local", "--rbee-home", str(home), "--hive-port", str(port), *extra)
+    assert code == 0, err
+
+
+async def workers(queen: QueenProc) -> list[dict]:
+    code, out, err = await queen.keeper("workers", "list", "--json")
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+async def infer(queen: QueenProc, *extra: str) -> tuple[int, str, str]:
+    return await queen.keeper("infer", "--model", REF, "--prompt", "hi", "--max-tokens", "3", *extra)
+
+
+async def test_a_model_too_big_for_a_runs_on_b_and_the_narration_names_both(queen_factory, hub, tmp_path: Path) -> None:
+    hub.add_repo(REPO, FILES)
+    program = write_standin_program(tmp_path / "standin")
+    queen = await queen_factory(**hive_env(hub, RBEE_HIVE_WORKER_BINARY=str(program), RBEE_HIVE_WATCH_HEARTBEAT="0.3s", STANDIN_LOAD_S="0.3"))
+    overrides = write_overrides(tmp_path / "a-resources.json", ram_total_bytes=2 * GiB, ram_available_bytes=GiB)
+    homes = {"a": tmp_path / "home-a", "b": tmp_path / "home-b"}
+    try:
+        await add_local(queen, "a", homes["a"], "--install-path", str(small_install(tmp_path / "install-a", overrides)))
+        await add_local(queen, "b", homes["b"])
+        # a holds the model: the placement prefers a holder, but only where it fits.
+        code, _, err = await queen.keeper("setup", "check-node", "--name", "a")
+        assert code == 0, err
+        code, _, err = await queen.keeper("models", "download", REF, "--node", "a")
+        assert code == 0, err
+
+        code, out, err = await infer(queen)
+        assert code == 0, err
+        assert out == ANSWER + "\n"
+        [placed] = [line for line in err.splitlines() if "Placed on" in line]
+        assert "Placed on b: fits, " in placed and "GiB to spare; a: short by 2.0 GiB" in placed, placed
+        [worker] = await until(lambda: workers(queen))
+        assert worker["node"] == "b"
+
+        # Next time the warm worker on b is the placement.
+        code, out, err = await infer(queen)
+        assert code == 0 and out == ANSWER + "\n", err
+        assert f"Placed on b: warm worker {worker['id']}" in err, err
+
+        # Pinned on a: refused with the same table, before any start.
+        code, out, err = await infer(queen, "--node", "a")
+        assert code == 1 and out == ""
+        assert "NO_NODE_FITS" in err and "does not fit on node a: a: short by 2.0 GiB" in err, err
+        assert "rbee-keeper models fit" in err
+    finally:
+        for home in homes.values():
+            kill_node_hives(home)
