@@ -27,7 +27,10 @@ def fake_engine_worker(folder: Path) -> Path:
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to give two workers one each")
 async def test_two_workers_get_disjoint_cores(start_hive, model, tmp_path):
-    hive = await start_hive(worker_binary=fake_engine_worker(tmp_path / "bin"), extra_env={"RBEE_HIVE_WORKER_CORES": "1"})
+    hive = await start_hive(
+        worker_binary=fake_engine_worker(tmp_path / "bin"),
+        extra_env={"RBEE_HIVE_WORKER_CORES": "1", "RBEE_HIVE_WORKER_DTYPE": "float32"},
+    )
     first = await hive.spawn(model_path=str(model), backend="cpu", device=0)
     second = await hive.spawn(model_path=str(model), backend="cpu", device=0)
     workers = {w.id: w for w in await hive.list()}
@@ -41,6 +44,9 @@ async def test_two_workers_get_disjoint_cores(start_hive, model, tmp_path):
     assert os.sched_getaffinity(b.pid) == cores_b
     log = hive.text()
     assert f"{a.id} runs on cores {format_cpu_list(cores_a)} (its own" in log
+    # The hive's worker_dtype reaches each worker as --dtype.
+    worker_log = next(hive.home.rglob(f"{a.id}.log")).read_text()
+    assert "--dtype float32" in worker_log
 
 
 async def test_a_worker_beyond_the_free_cores_shares_and_the_hive_says_why(start_hive, model, tmp_path):
