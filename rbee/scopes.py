@@ -79,6 +79,7 @@ METHOD_SCOPES: dict[str, Scope] = {
     "/rbee.v1.NodeService/CheckNode": A,
     "/rbee.v1.NodeService/GetNodeAccess": A,
     "/rbee.v1.TaskService/SubmitInference": A,
+    "/rbee.v1.TaskService/FitModel": A,
     "/rbee.v1.ClusterWorkerService/ListClusterWorkers": A,
     "/rbee.v1.AppKeyService/CreateAppKey": A,
     "/rbee.v1.AppKeyService/ListAppKeys": A,

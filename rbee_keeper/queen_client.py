@@ -91,6 +91,9 @@ class QueenClient(DaemonClient):
     def submit(self, request: tasks_pb2.SubmitInferenceRequest) -> AsyncIterator[tasks_pb2.TaskEvent]:
         return self._stream(self._tasks.SubmitInference, request)
 
+    async def fit_model(self, request: tasks_pb2.FitModelRequest) -> tasks_pb2.FitModelResponse:
+        return await self._unary(self._tasks.FitModel, request)
+
     async def cluster_workers(self, request: tasks_pb2.ListClusterWorkersRequest) -> list[tasks_pb2.ClusterWorker]:
         return list((await self._unary(self._cluster.ListClusterWorkers, request)).workers)
 

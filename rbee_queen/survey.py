@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from rbee.errors import RbeeError
 from rbee.fit import Estimate, estimate
 from rbee.modelref import parse_model_ref
-from rbee.v1 import common_pb2, preflight_pb2, provisioning_pb2, registry_pb2
+from rbee.v1 import common_pb2, preflight_pb2, provisioning_pb2, registry_pb2, tasks_pb2
 
 from rbee_queen.hives import HiveLink
 from rbee_queen.nodes.manager import NodeManager
@@ -32,6 +32,17 @@ def same_model(a: str, b: str) -> bool:
         return str(parse_model_ref(a)) == str(parse_model_ref(b))
     except RbeeError:
         return a == b
+
+
+class LogRelay(EventRelay):
+    """For a survey no stream follows (the front door before its cold start
+    exists, FitModel): the lines go to the queen's log only."""
+
+    def _wrap_event(self, ev: common_pb2.Event) -> None:
+        return None
+
+    def _wrap_result(self, result):  # pragma: no cover - run() is not used here
+        return result
 
 
 @dataclass
@@ -107,3 +118,18 @@ def views(surveyed: Sequence[NodeFigures], ref: str, backend: str, device: int, 
                 warm.append(WarmView(f.record.name, w.id, w.slots_total, w.slots_available, dispatched.pending(w)))
                 by_id[w.id] = w
     return nodes, warm, by_id
+
+
+def fit_rows(surveyed: Sequence[NodeFigures], nodes: Sequence[NodeView], backend: str, slots: int) -> list[tasks_pb2.NodeFit]:
+    """FitModel's rows: each node's view with the estimate it used."""
+    rows = []
+    for f, v in zip(surveyed, nodes):
+        row = tasks_pb2.NodeFit(node=v.name, reachable=v.reachable, problem=v.problem, fits=v.fits,
+                                holds_model=v.holds_model, line=v.line(), free_bytes=v.free_bytes or 0)  # fmt: skip
+        est = model_estimate(surveyed, f, backend, slots) if v.reachable else None
+        if est is not None:
+            row.estimated = True
+            row.need_bytes, row.weights_bytes, row.kv_cache_bytes, row.overhead_bytes = est.total, est.weights, est.kv_cache, est.overhead
+            row.dtype, row.slots, row.context = est.dtype, est.slots, est.context
+        rows.append(row)
+    return rows

@@ -28,7 +28,7 @@ from rbee_queen.nodes.manager import NodeManager
 from rbee_queen.nodes.relay import EventRelay
 from rbee_queen.nodes.store import NodeRecord, NodeStore
 from rbee_queen.placement import Placement, place
-from rbee_queen.survey import Dispatched, survey_node, views
+from rbee_queen.survey import Dispatched, fit_rows, survey_node, views
 from rbee_queen.workers import HiveWatchers, reachable_address
 
 State = common_pb2.WorkerState
@@ -42,6 +42,14 @@ def _same_model(a: str, b: str) -> bool:
         return str(parse_model_ref(a)) == str(parse_model_ref(b))
     except RbeeError:
         return a == b
+
+
+def _backend(name: str) -> str:
+    backend = (name or "cpu").strip().lower()
+    if backend not in BACKENDS:
+        raise RbeeError("INVALID_BACKEND", f"Unknown backend {name!r}: choose one of {', '.join(BACKENDS)}",
+                        {"backend": name}, ["Pass --backend cpu, --backend cuda or --backend metal"])  # fmt: skip
+    return backend
 
 
 class TaskRunner:
@@ -66,10 +74,7 @@ class TaskRunner:
     async def _submit(self, req: tasks_pb2.SubmitInferenceRequest, relay: EventRelay) -> tasks_pb2.WorkerAssignment:
         started = time.monotonic()
         ref = str(parse_model_ref(req.model_ref))
-        backend = (req.backend or "cpu").strip().lower()
-        if backend not in BACKENDS:
-            raise RbeeError("INVALID_BACKEND", f"Unknown backend {req.backend!r}: choose one of {', '.join(BACKENDS)}",
-                            {"backend": req.backend}, ["Pass --backend cpu, --backend cuda or --backend metal"])  # fmt: skip
+        backend = _backend(req.backend)
         if req.node:
             record = self.store.get(req.node)
             relay.narrate("📋", f"Task: {ref} on {record.name} ({backend}:{req.device})")
@@ -117,12 +122,31 @@ class TaskRunner:
             access = await self._start(link, record, ref, backend, req, relay)
             return self._assignment(record, access, warm=False, started=started)
 
-    async def placement(self, ref: str, backend: str, device: int, slots: int, relay: EventRelay) -> tuple[Placement, list[NodeRecord], dict]:
-        """Where ``ref`` goes (rbee_queen/placement.py) from every node's figures."""
+    async def fit(self, req: tasks_pb2.FitModelRequest, relay: EventRelay) -> tasks_pb2.FitModelResponse:
+        """Each node's estimate, free memory and fit, and where a request would go now."""
+        ref = str(parse_model_ref(req.model_ref))
+        backend = _backend(req.backend)
+        records = self._records(ref)
+        surveyed = await asyncio.gather(*(survey_node(self.nodes, r, ref, relay) for r in records))
+        nodes, warm, _ = views(surveyed, ref, backend, 0, req.slots, self.dispatched)
+        reply = tasks_pb2.FitModelResponse(nodes=fit_rows(surveyed, nodes, backend, req.slots))
+        try:
+            chosen = place(ref, nodes, warm)
+        except RbeeError:
+            return reply
+        reply.placed_node, reply.placement = chosen.node, chosen.narration()
+        return reply
+
+    def _records(self, ref: str) -> list[NodeRecord]:
         records = self.store.list()
         if not records:
             raise RbeeError("NODE_NOT_FOUND", "No node is registered with the queen: there is nowhere to run the model",
                             {"model": ref}, ["Register one: `rbee-keeper setup add-node --name NAME --local`"])  # fmt: skip
+        return records
+
+    async def placement(self, ref: str, backend: str, device: int, slots: int, relay: EventRelay) -> tuple[Placement, list[NodeRecord], dict]:
+        """Where ``ref`` goes (rbee_queen/placement.py) from every node's figures."""
+        records = self._records(ref)
         surveyed = await asyncio.gather(*(survey_node(self.nodes, r, ref, relay) for r in records))
         nodes, warm, by_id = views(surveyed, ref, backend, device, slots, self.dispatched)
         return place(ref, nodes, warm), records, by_id

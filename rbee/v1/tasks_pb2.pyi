@@ -59,6 +59,128 @@ class SubmitInferenceRequest(_message.Message):
 Global___SubmitInferenceRequest: _TypeAlias = SubmitInferenceRequest  # noqa: Y015
 
 @_typing.final
+class FitModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_REF_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    model_ref: _builtins.str
+    """hf:ORG/REPO[/FILE][@REV] or file:///abs/path."""
+    backend: _builtins.str
+    """"cpu", "cuda" or "metal"; "" = cpu."""
+    slots: _builtins.int
+    """Request slots of the worker; 0 = the worker's default."""
+    def __init__(
+        self,
+        *,
+        model_ref: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        slots: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "model_ref", b"model_ref", "slots", b"slots"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FitModelRequest: _TypeAlias = FitModelRequest  # noqa: Y015
+
+@_typing.final
+class NodeFit(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    REACHABLE_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    ESTIMATED_FIELD_NUMBER: _builtins.int
+    NEED_BYTES_FIELD_NUMBER: _builtins.int
+    WEIGHTS_BYTES_FIELD_NUMBER: _builtins.int
+    KV_CACHE_BYTES_FIELD_NUMBER: _builtins.int
+    OVERHEAD_BYTES_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    FREE_BYTES_FIELD_NUMBER: _builtins.int
+    FITS_FIELD_NUMBER: _builtins.int
+    HOLDS_MODEL_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    reachable: _builtins.bool
+    problem: _builtins.str
+    """Why the node could not be asked (an error code), when not reachable."""
+    estimated: _builtins.bool
+    """False when no node holds the model yet: its figures are not known."""
+    need_bytes: _builtins.int
+    """What a worker of the model needs there (weights + KV cache + engine)."""
+    weights_bytes: _builtins.int
+    kv_cache_bytes: _builtins.int
+    overhead_bytes: _builtins.int
+    dtype: _builtins.str
+    """The dtype the node's worker would run the model in."""
+    slots: _builtins.int
+    context: _builtins.int
+    free_bytes: _builtins.int
+    """RAM the node's hive reports available."""
+    fits: _builtins.bool
+    holds_model: _builtins.bool
+    line: _builtins.str
+    """The table line, e.g. "gpu-box: fits, 3.1 GiB to spare"."""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        reachable: _builtins.bool = ...,
+        problem: _builtins.str = ...,
+        estimated: _builtins.bool = ...,
+        need_bytes: _builtins.int = ...,
+        weights_bytes: _builtins.int = ...,
+        kv_cache_bytes: _builtins.int = ...,
+        overhead_bytes: _builtins.int = ...,
+        dtype: _builtins.str = ...,
+        slots: _builtins.int = ...,
+        context: _builtins.int = ...,
+        free_bytes: _builtins.int = ...,
+        fits: _builtins.bool = ...,
+        holds_model: _builtins.bool = ...,
+        line: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dtype", b"dtype", "estimated", b"estimated", "fits", b"fits", "free_bytes", b"free_bytes", "holds_model", b"holds_model", "kv_cache_bytes", b"kv_cache_bytes", "line", b"line", "need_bytes", b"need_bytes", "node", b"node", "overhead_bytes", b"overhead_bytes", "problem", b"problem", "reachable", b"reachable", "slots", b"slots", "weights_bytes", b"weights_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeFit: _TypeAlias = NodeFit  # noqa: Y015
+
+@_typing.final
+class FitModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    PLACED_NODE_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    placed_node: _builtins.str
+    """Where a request would go now ("" when nowhere) and the placement's narration line."""
+    placement: _builtins.str
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeFit]: ...
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___NodeFit] | None = ...,
+        placed_node: _builtins.str = ...,
+        placement: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes", "placed_node", b"placed_node", "placement", b"placement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FitModelResponse: _TypeAlias = FitModelResponse  # noqa: Y015
+
+@_typing.final
 class WorkerAssignment(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -46,6 +46,11 @@ class TaskServiceStub:
                 request_serializer=rbee_dot_v1_dot_tasks__pb2.SubmitInferenceRequest.SerializeToString,
                 response_deserializer=rbee_dot_v1_dot_tasks__pb2.TaskEvent.FromString,
                 _registered_method=True)
+        self.FitModel = channel.unary_unary(
+                '/rbee.v1.TaskService/FitModel',
+                request_serializer=rbee_dot_v1_dot_tasks__pb2.FitModelRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_tasks__pb2.FitModelResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -78,6 +83,18 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FitModel(self, request, context):
+        """Whether a worker of the model fits on each node: the estimate
+        (docs/queen.md, "Fit"), the node's free memory, and where a request
+        would be placed now. Starts the hives that do not answer, as a
+        placement does. Fails with: INVALID_ARGUMENT (INVALID_MODEL_REF,
+        INVALID_BACKEND), NOT_FOUND (NODE_NOT_FOUND when no node is
+        registered), UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -85,6 +102,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.SubmitInference,
                     request_deserializer=rbee_dot_v1_dot_tasks__pb2.SubmitInferenceRequest.FromString,
                     response_serializer=rbee_dot_v1_dot_tasks__pb2.TaskEvent.SerializeToString,
+            ),
+            'FitModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.FitModel,
+                    request_deserializer=rbee_dot_v1_dot_tasks__pb2.FitModelRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_tasks__pb2.FitModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -121,6 +143,33 @@ class TaskService:
             '/rbee.v1.TaskService/SubmitInference',
             rbee_dot_v1_dot_tasks__pb2.SubmitInferenceRequest.SerializeToString,
             rbee_dot_v1_dot_tasks__pb2.TaskEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FitModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rbee.v1.TaskService/FitModel',
+            rbee_dot_v1_dot_tasks__pb2.FitModelRequest.SerializeToString,
+            rbee_dot_v1_dot_tasks__pb2.FitModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,14 @@ class TaskServiceStub:
     (SSH_CONNECTION_FAILED, HIVE_UNREACHABLE), UNAUTHENTICATED, INTERNAL
     (WORKER_STARTUP_FAILED, DOWNLOAD_FAILED, HIVE_START_FAILED).
     """
+    FitModel: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.FitModelRequest, _tasks_pb2.FitModelResponse]
+    """Whether a worker of the model fits on each node: the estimate
+    (docs/queen.md, "Fit"), the node's free memory, and where a request
+    would be placed now. Starts the hives that do not answer, as a
+    placement does. Fails with: INVALID_ARGUMENT (INVALID_MODEL_REF,
+    INVALID_BACKEND), NOT_FOUND (NODE_NOT_FOUND when no node is
+    registered), UNAUTHENTICATED.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -84,6 +92,14 @@ class TaskServiceAsyncStub(TaskServiceStub):
     (BACKEND_UNAVAILABLE, VERSION_MISMATCH, HIVE_NOT_INSTALLED), UNAVAILABLE
     (SSH_CONNECTION_FAILED, HIVE_UNREACHABLE), UNAUTHENTICATED, INTERNAL
     (WORKER_STARTUP_FAILED, DOWNLOAD_FAILED, HIVE_START_FAILED).
+    """
+    FitModel: _aio.UnaryUnaryMultiCallable[_tasks_pb2.FitModelRequest, _tasks_pb2.FitModelResponse]  # type: ignore[assignment]
+    """Whether a worker of the model fits on each node: the estimate
+    (docs/queen.md, "Fit"), the node's free memory, and where a request
+    would be placed now. Starts the hives that do not answer, as a
+    placement does. Fails with: INVALID_ARGUMENT (INVALID_MODEL_REF,
+    INVALID_BACKEND), NOT_FOUND (NODE_NOT_FOUND when no node is
+    registered), UNAUTHENTICATED.
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -116,6 +132,20 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         (BACKEND_UNAVAILABLE, VERSION_MISMATCH, HIVE_NOT_INSTALLED), UNAVAILABLE
         (SSH_CONNECTION_FAILED, HIVE_UNREACHABLE), UNAUTHENTICATED, INTERNAL
         (WORKER_STARTUP_FAILED, DOWNLOAD_FAILED, HIVE_START_FAILED).
+        """
+
+    @_abc_1.abstractmethod
+    def FitModel(
+        self,
+        request: _tasks_pb2.FitModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.FitModelResponse, _abc.Awaitable[_tasks_pb2.FitModelResponse]]:
+        """Whether a worker of the model fits on each node: the estimate
+        (docs/queen.md, "Fit"), the node's free memory, and where a request
+        would be placed now. Starts the hives that do not answer, as a
+        placement does. Fails with: INVALID_ARGUMENT (INVALID_MODEL_REF,
+        INVALID_BACKEND), NOT_FOUND (NODE_NOT_FOUND when no node is
+        registered), UNAUTHENTICATED.
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

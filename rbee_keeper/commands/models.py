@@ -235,5 +235,27 @@ def remove(
     run(main())
 
 
+@models_app.command("fit")
+def fit_cmd(
+    model: str = typer.Argument(..., metavar="MODEL", help="The model reference, hf:ORG/REPO or file:///path."),
+    backend: str = typer.Option(None, "--backend", help="cpu (default), cuda or metal."),
+    slots: int = typer.Option(0, "--slots", min=0, max=256, help="Request slots of the worker (0: the worker's default)."),
+    queen: str = QUEEN_OPTION,
+    api_key: str = typer.Option(None, "--api-key", metavar="KEY", help="The queen's key (or RBEE_API_KEY, \\[keeper] api_key)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """Whether a worker of the model fits on each node: estimate, free memory, fits or short by, and where the queen would place it.
+
+    Example: rbee-keeper models fit hf:HuggingFaceTB/SmolLM2-135M-Instruct --json
+    """
+    from rbee_keeper.commands.model_fit import fit
+
+    async def main() -> int:
+        parse_model_ref(model)
+        return await fit(model, validate_backend(backend) or "cpu", slots, queen, api_key, as_json)
+
+    run(main())
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(models_app, name="models")

@@ -34,6 +34,7 @@ from rbee_queen.http.models import ModelDirectory, canonical
 from rbee_queen.http.upstream import WorkerChannels, WorkerLease
 from rbee_queen.nodes.relay import EventRelay
 from rbee_queen.nodes.store import NodeStore
+from rbee_queen.survey import LogRelay
 from rbee_queen.tasks import TaskRunner
 from rbee_queen.workers import ClusterWorkers, reachable_address
 
@@ -77,16 +78,6 @@ class _Stages(EventRelay):
             line = self._queue.get_nowait()
             if line:
                 self._start.publish(line)
-
-
-class _LogOnly(EventRelay):
-    """A placement's survey before any cold start exists: its lines go to the queen's log only."""
-
-    def _wrap_event(self, ev: common_pb2.Event) -> None:
-        return None
-
-    def _wrap_result(self, result):  # pragma: no cover - run() is not used here
-        return result
 
 
 @dataclass
@@ -214,7 +205,7 @@ class Router:
         placement puts the start (rbee_queen/placement.py) and its reasons."""
         if node:
             return node, ""
-        chosen, _, _ = await self.tasks.placement(ref, "cpu", 0, 0, _LogOnly(self.narrate))
+        chosen, _, _ = await self.tasks.placement(ref, "cpu", 0, 0, LogRelay(self.narrate))
         return chosen.node, "🧭 " + chosen.narration()
 
     def cold_start(self, ref: str, node: str, why: str = "") -> ColdStart:

@@ -14,6 +14,7 @@ from rbee.rpc import handle_errors
 from rbee.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
 
 from rbee_queen.nodes.relay import TaskRelay
+from rbee_queen.survey import LogRelay
 from rbee_queen.tasks import TaskRunner
 from rbee_queen.workers import ClusterWorkers
 
@@ -31,6 +32,10 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         relay = TaskRelay(self._log)
         async for item in relay.run(self._runner.submit(request, relay)):
             yield item
+
+    @handle_errors
+    async def FitModel(self, request: tasks_pb2.FitModelRequest, context: grpc.aio.ServicerContext) -> tasks_pb2.FitModelResponse:
+        return await self._runner.fit(request, LogRelay(self._log))
 
 
 class ClusterWorkerServicer(tasks_pb2_grpc.ClusterWorkerServiceServicer):

@@ -8,6 +8,7 @@ a launcher in a's install path."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,33 @@ async def test_a_model_too_big_for_a_runs_on_b_and_the_narration_names_both(quee
         assert code == 1 and out == ""
         assert "NO_NODE_FITS" in err and "does not fit on node a: a: short by 2.0 GiB" in err, err
         assert "rbee-keeper models fit" in err
+
+        # The table alone: per node the estimate, free memory, fits / short by.
+        code, out, err = await queen.keeper("models", "fit", REF)
+        assert code == 0, err
+        header, *lines = out.splitlines()
+        assert header.split() == ["NODE", "ESTIMATE", "FREE", "FIT"]
+        row_a = next(line for line in lines if line.startswith("a "))
+        row_b = next(line for line in lines if line.startswith("b "))
+        # 3 MB of weights, the worker's KV cache fallback (config.json gives no figures), the engine.
+        # (the dtype is this machine's: bfloat16 where the CPU has it natively)
+        assert re.search(r"3\.0 GiB = weights 0\.0 GiB \((float32|bfloat16)\) \+ KV 1\.0 GiB \(8×2048\) \+ engine 2\.0 GiB", row_a), row_a
+        assert "1.0 GiB" in row_a and row_a.endswith("short by 2.0 GiB") and "to spare" in row_b
+        assert f"Placed on b: warm worker {worker['id']}" in err
+
+        code, out, err = await queen.keeper("models", "fit", REF, "--json", "--slots", "2")
+        assert code == 0, err
+        fit = json.loads(out)
+        assert fit["placed_node"] == "b" and fit["model"] == REF
+        nodes = {n["node"]: n for n in fit["nodes"]}
+        a = nodes["a"]
+        assert a["reachable"] and a["holds_model"] and not a["fits"] and a["free_bytes"] == GiB
+        assert a["estimate"]["slots"] == 2 and a["estimate"]["weights_bytes"] == 3_000_000
+        assert a["estimate"]["bytes"] == 3_000_000 + GiB + 2 * GiB and a["spare_bytes"] == -(2 * GiB + 3_000_000)
+        assert nodes["b"]["fits"] and nodes["b"]["spare_bytes"] > 0
+
+        code, _, err = await queen.keeper("models", "fit", "not a ref")
+        assert code == 1 and "INVALID_MODEL_REF" in err
     finally:
         for home in homes.values():
             kill_node_hives(home)
