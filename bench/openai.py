@@ -5,7 +5,8 @@ Engine rounds: a queen (HTTP port on) with this machine as node `bench` and a
 warm worker of the default model (32 slots), and vLLM's server
 (`python -m vllm.entrypoints.openai.api_server`) on the same model with the
 same dtype, context, 32 sequences and the same CPU cores; rounds alternate,
-the idle side frozen (SIGSTOP on its engine's processes). Per round: one
+vLLM's server frozen (SIGSTOP) while the front door runs; the node's worker
+stays idle, not frozen (its hive would take it for dead). Per round: one
 streaming chat (TTFT, tokens/s) and 32 at once (aggregate tokens/s), greedy,
 `ignore_eos`. Reported: added TTFT (ms, front door − vLLM) and the tokens/s
 ratios (front door / vLLM), medians with bootstrap 95 % intervals.
@@ -26,6 +27,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -146,16 +148,11 @@ class Queen(Side):
         self.slots = max((w.get("slots_total", 0) for w in listed), default=0) or SLOTS
 
     def engine_procs(self) -> list[psutil.Process]:
-        """The node's worker and its engine's processes (the queen and hive stay awake: they idle)."""
-        listed = self.keeper("workers", "list", "--json")
-        found = []
-        for line in listed.stdout.splitlines():
-            try:
-                worker = psutil.Process(json.loads(line)["pid"])
-                found += [worker, *worker.children(recursive=True)]
-            except (psutil.Error, KeyError, ValueError):
-                continue
-        return found
+        """Nothing: the node's worker is left idle, not frozen. Its hive checks
+        its health every few seconds and kills a worker that stops answering,
+        and the queen's keepalive pings give up on it in seconds (an idle
+        engine takes little CPU)."""
+        return []
 
 
 class Vllm(Side):
@@ -419,8 +416,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     if not args.skip_ceiling:
         result["ceiling"] = asyncio.run(bench_ceiling(args.ceiling_runs))
     if not args.skip_engine:
-        with tempfile.TemporaryDirectory(prefix="rbee-bench-openai-") as tmp:
-            result["engine"] = asyncio.run(bench_engine(args, Path(tmp), rng))
+        tmp = tempfile.mkdtemp(prefix="rbee-bench-openai-")
+        result["engine"] = asyncio.run(bench_engine(args, Path(tmp), rng))
+        shutil.rmtree(tmp, ignore_errors=True)  # kept, with the daemons' logs, when the run fails
     report(result)
     return result
 
