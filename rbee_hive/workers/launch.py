@@ -1,8 +1,9 @@
 """Exec a worker program so that it dies with the hive.
 
 Runs as ``python -m rbee_hive.workers.launch PROGRAM ARGS...``: asks Linux to
-send SIGTERM to this process when its parent (the hive) dies, restricts itself
-to the hive's Landlock policy when given one (``RBEE_WORKER_SANDBOX``,
+send SIGTERM to this process when its parent (the hive) dies, keeps to the
+cores the hive gave it (``RBEE_WORKER_CPUS``, rbee_hive/workers/cores.py),
+restricts itself to the hive's Landlock policy when given one (``RBEE_WORKER_SANDBOX``,
 rbee_hive/workers/sandbox.py), then execs the program in place (same pid). Done here rather than between fork and exec in
 the hive, where a multi-threaded gRPC process must not run Python code.
 """
