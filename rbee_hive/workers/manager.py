@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ class WorkerManager:
     ) -> None:
         self.settings = settings
         self.registry = registry
+        self._worker_tmps: dict[str, Path] = {}
         self.resources = resources
         self.resolver = resolver
         self.logbook = logbook
@@ -316,10 +318,20 @@ class WorkerManager:
     def _drop_worker_tls(self, record: WorkerRecord) -> None:
         if record.tls_dir is not None:
             shutil.rmtree(record.tls_dir, ignore_errors=True)
-        shutil.rmtree(self._worker_tmp(record), ignore_errors=True)
+        tmp = self._worker_tmps.pop(record.id, None)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _worker_tmp(self, record: WorkerRecord) -> Path:
-        return self.settings.rbee_home / "run" / f"{record.id}.tmp"
+        """A private temp folder of the worker's own, short: vLLM puts its IPC
+        sockets there, and a Unix socket's path must stay under 108 bytes, which
+        a folder deep in RBEE_HOME can pass. mkdtemp makes it 0700 with a name
+        nobody could have prepared."""
+        tmp = self._worker_tmps.get(record.id)
+        if tmp is None:
+            tmp = Path(tempfile.mkdtemp(prefix=f"rbee-{record.id}-"))
+            self._worker_tmps[record.id] = tmp
+        return tmp
 
     def _sandbox(self, record: WorkerRecord) -> dict[str, str]:
         """The worker's Landlock policy (rbee_hive/workers/sandbox.py), for the
@@ -330,7 +342,6 @@ class WorkerManager:
         deny, _ = sandbox.worker_paths(self.settings, record.tls_dir, None)
         if sandbox.temp_is_closed(deny):
             tmp = self._worker_tmp(record)
-            tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
         deny, allow = sandbox.worker_paths(self.settings, record.tls_dir, tmp)
         env = {sandbox.ENV: sandbox.policy(deny, allow)}
         if tmp is not None:
