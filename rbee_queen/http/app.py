@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from rbee.config import VERSION
 from rbee_queen.http import errors
 from rbee_queen.http.auth import Authenticator
+from rbee_queen.http.guard import RequestGuard
 
 
 def create_app(auth: Authenticator, router: Any = None, queen: Any = None) -> FastAPI:
@@ -20,6 +21,8 @@ def create_app(auth: Authenticator, router: Any = None, queen: Any = None) -> Fa
     app.state.router = router
     app.state.queen = queen
     errors.install(app)
+    # No body read without a key, bodies bounded, browser headers (guard.py).
+    app.add_middleware(RequestGuard)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

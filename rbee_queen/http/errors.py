@@ -173,7 +173,10 @@ async def _http(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
     text = {404: "No such route", 405: "Method not allowed"}.get(status, str(exc.detail))
-    return ApiError(status, text, None, None).response()
+    code = "request_too_large" if status == 413 else None
+    response = ApiError(status, text, None, code).response()
+    response.headers.update(exc.headers or {})
+    return response
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -4,7 +4,9 @@
 package, no build step; only the files in ``static/`` are reachable). Every
 data route needs a key: any key that opens the OpenAI routes reads
 (``inference`` scope), only the admin key acts (stop a worker, start a
-download): 401 without a valid key, 403 for a key of the wrong scope.
+download) and reads logs (as on the hive's gRPC, where logs need its admin
+key): 401 without a valid key, 403 for a key
+of the wrong scope. Event and log streams are bounded in all and per key.
 
 Routes, all under ``/api/web``: ``me`` (the key's scope), ``events`` (the
 live feed, server-sent events, events.py), ``logs`` (a hive's or a worker's
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -42,8 +45,10 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-cache",
 }
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# Open event and log streams at once, all pages together (each holds hive calls).
+# Open event and log streams at once, all pages together (each holds hive calls),
+# and of those at most this many per key, so one key cannot take every slot.
 MAX_STREAMS = 64
+MAX_STREAMS_PER_KEY = 16
 
 router = APIRouter()
 
@@ -63,23 +68,58 @@ def _failure(err: RbeeError) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def _stream(request: Request, body: AsyncIterator[bytes]) -> StreamingResponse:
-    """A server-sent event response, counted while it runs; 429 beyond MAX_STREAMS."""
-    state = request.app.state
-    if getattr(state, "web_streams", 0) >= MAX_STREAMS:
-        raise ApiError(429, f"Too many open streams ({MAX_STREAMS}): close a tab of the page or a log", None,
-                       "too_many_streams", retry_after=5)  # fmt: skip
+def _key_id(request: Request) -> str:
+    """Which key a request presented, as a digest (the key itself is not kept)."""
+    return hashlib.sha256(request.headers.get("authorization", "").encode("latin-1", "replace")).hexdigest()
 
-    async def counted() -> AsyncIterator[bytes]:
-        state.web_streams = getattr(state, "web_streams", 0) + 1
+
+class _CountedStream(StreamingResponse):
+    """Gives its stream slot back however the response ends, also when it never started."""
+
+    def __init__(self, body: AsyncIterator[bytes], release: Any) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=STREAM_HEADERS)
+        self._release = release
+        self._body = body
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            async with contextlib.aclosing(body):  # type: ignore[type-var]
-                async for chunk in body:
-                    yield chunk
+            await super().__call__(scope, receive, send)
         finally:
-            state.web_streams -= 1
+            self._release()
+            with contextlib.suppress(BaseException):
+                await self._body.aclose()  # type: ignore[attr-defined]
 
-    return StreamingResponse(counted(), media_type="text/event-stream", headers=STREAM_HEADERS)
+
+def _stream(request: Request, body: AsyncIterator[bytes]) -> StreamingResponse:
+    """A server-sent event response holding a slot from now until it ends;
+    429 beyond MAX_STREAMS in all or MAX_STREAMS_PER_KEY for the request's key."""
+    state = request.app.state
+    if not hasattr(state, "web_streams_by_key"):
+        state.web_streams, state.web_streams_by_key = getattr(state, "web_streams", 0), {}
+    who = _key_id(request)
+    mine = state.web_streams_by_key.get(who, 0)
+    if state.web_streams >= MAX_STREAMS or mine >= MAX_STREAMS_PER_KEY:
+        limit = f"{MAX_STREAMS_PER_KEY} for one key" if mine >= MAX_STREAMS_PER_KEY else f"{MAX_STREAMS} in all"
+        raise ApiError(429, f"Too many open streams ({limit}): close a tab of the page or a log", None,
+                       "too_many_streams", retry_after=5)  # fmt: skip
+    # Taken before the response is returned: requests arriving together cannot all pass the check.
+    state.web_streams += 1
+    state.web_streams_by_key[who] = mine + 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if released:
+            return
+        released = True
+        state.web_streams -= 1
+        left = state.web_streams_by_key.get(who, 1) - 1
+        if left > 0:
+            state.web_streams_by_key[who] = left
+        else:
+            state.web_streams_by_key.pop(who, None)
+
+    return _CountedStream(body, release)
 
 
 # -- the page ---------------------------------------------------------------------------------
@@ -113,7 +153,7 @@ async def cluster_events(request: Request, _scope: str = Depends(inference_key))
 
 @router.get("/api/web/logs")
 async def logs(request: Request, node: str, worker: str = "", tail: int = cluster_view.LOG_TAIL_LINES,
-               _scope: str = Depends(inference_key)) -> Any:  # fmt: skip
+               _scope: str = Depends(admin_key)) -> Any:  # fmt: skip
     queen = _queen(request)
     if not 1 <= tail <= 5000:
         raise ApiError(400, "tail must be between 1 and 5000 lines", "tail", "invalid_value")

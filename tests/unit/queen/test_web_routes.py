@@ -92,9 +92,9 @@ async def test_admin_actions_name_what_is_wrong(client) -> None:
     assert bad.status_code == 404
     extra = await client.post("/api/web/workers/stop", json={"node": "n", "worker_id": "w", "force": 1}, headers=bearer(ADMIN))
     assert extra.status_code == 400
-    logs = await client.get("/api/web/logs", params={"node": "nowhere"}, headers=bearer(APP))
+    logs = await client.get("/api/web/logs", params={"node": "nowhere"}, headers=bearer(ADMIN))
     assert logs.status_code == 404 and logs.json()["error"]["rbee"]["code"] == "NODE_NOT_FOUND"
-    tail = await client.get("/api/web/logs", params={"node": "n", "tail": 0}, headers=bearer(APP))
+    tail = await client.get("/api/web/logs", params={"node": "n", "tail": 0}, headers=bearer(ADMIN))
     assert tail.status_code == 400
 
 
