@@ -26,6 +26,11 @@ CHANNEL_OPTIONS = (
     # the keepalive timeout says, when another ping is in flight).
     ("grpc.http2.ping_timeout_ms", 3_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A daemon that is starting (a hive the queen just launched) is tried
+    # again at least every second: gRPC's own backoff grows to 2 minutes, and
+    # a hive that starts listening after 45 s was not asked again before 70 s.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
     # Keep pinging through long quiet stretches (a model loading, a stall).
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),

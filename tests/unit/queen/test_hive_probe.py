@@ -75,3 +75,13 @@ async def test_a_port_that_answers_garbage_is_not_a_hive() -> None:
     finally:
         server.close()
     assert served and "after 3 attempts" in lines[-1]
+
+
+def test_a_starting_daemon_is_tried_again_at_least_every_second() -> None:
+    """gRPC's own reconnect backoff grows to 2 minutes: a hive the queen started
+    that listens only after 45 s would not be asked again before 70 s."""
+    from rbee.channel import CHANNEL_OPTIONS
+
+    options = dict(CHANNEL_OPTIONS)
+    assert options["grpc.max_reconnect_backoff_ms"] <= 1_000
+    assert options["grpc.initial_reconnect_backoff_ms"] <= options["grpc.max_reconnect_backoff_ms"]
