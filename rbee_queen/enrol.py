@@ -118,7 +118,8 @@ class EnrolTokens:
         with self.ca._locked():  # noqa: SLF001
             tokens = self._load()
             found = tokens.pop(digest, None) is not None
-            self._save(tokens)
+            if found:  # a wrong secret (anyone can send one) costs no write
+                self._save(tokens)
         return found
 
 
@@ -132,7 +133,7 @@ class EnrolServicer(enrol_pb2_grpc.EnrolServiceServicer):
         return enrol_pb2.GetClusterCAResponse(ca_pem=self.ca.ca_pem())
 
     async def Join(self, request: enrol_pb2.JoinRequest, context: grpc.aio.ServicerContext) -> enrol_pb2.JoinResponse:
-        if not NAME.match(request.name):
+        if not NAME.fullmatch(request.name):  # match() let a trailing newline through into the log and the certificate
             await abort(context, RbeeError("INVALID_ARGUMENT", "The keeper's name must be 1-64 letters, digits, '.', '_' or '-'",
                                            {"field": "name"}))  # fmt: skip
         key = None

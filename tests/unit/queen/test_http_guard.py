@@ -212,3 +212,23 @@ async def test_streams_are_capped_per_key_and_in_all_and_given_back(app, monkeyp
     again, codes = await open_many([APP])
     assert codes == [200]
     await again[0].close()
+
+
+def test_the_admin_key_is_compared_as_digests_of_one_length(monkeypatch) -> None:
+    """hmac.compare_digest on inputs of different lengths returns at once: comparing
+    the keys themselves would say the admin key's length to whoever times it."""
+    from rbee_queen.http import auth
+
+    lengths: list[tuple[int, int]] = []
+    real = auth.hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        lengths.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", recording)
+    checker = Authenticator(ADMIN)
+    for token in ("x", ADMIN[:-1], ADMIN + "x", "y" * 500):
+        assert checker.scope_of(token) is None
+    assert checker.scope_of(ADMIN) == "admin"
+    assert set(lengths) == {(32, 32)}
