@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 
 from tests.fixtures.common import VENV_BIN
@@ -53,20 +55,28 @@ async def infer(queen: QueenProc, *extra: str) -> tuple[int, str, str]:
     return await queen.keeper("infer", "--model", REF, "--prompt", "hi", "--max-tokens", "3", *extra)
 
 
-async def test_a_model_too_big_for_a_runs_on_b_and_the_narration_names_both(queen_factory, hub, tmp_path: Path) -> None:
+async def two_nodes(queen_factory, hub, tmp_path: Path, **env: str) -> tuple[QueenProc, dict[str, Path]]:
+    """A queen with nodes a (1 GiB free, holding the model) and b (this machine's memory)."""
     hub.add_repo(REPO, FILES)
     program = write_standin_program(tmp_path / "standin")
-    queen = await queen_factory(**hive_env(hub, RBEE_HIVE_WORKER_BINARY=str(program), RBEE_HIVE_WATCH_HEARTBEAT="0.3s", STANDIN_LOAD_S="0.3"))
+    queen = await queen_factory(**hive_env(hub, RBEE_HIVE_WORKER_BINARY=str(program), RBEE_HIVE_WATCH_HEARTBEAT="0.3s",
+                                           STANDIN_LOAD_S="0.3", **env))  # fmt: skip
     overrides = write_overrides(tmp_path / "a-resources.json", ram_total_bytes=2 * GiB, ram_available_bytes=GiB)
     homes = {"a": tmp_path / "home-a", "b": tmp_path / "home-b"}
+    await add_local(queen, "a", homes["a"], "--install-path", str(small_install(tmp_path / "install-a", overrides)))
+    await add_local(queen, "b", homes["b"])
+    # a holds the model: the placement prefers a holder, but only where it fits.
+    code, _, err = await queen.keeper("setup", "check-node", "--name", "a")
+    assert code == 0, err
+    code, _, err = await queen.keeper("models", "download", REF, "--node", "a")
+    assert code == 0, err
+    return queen, homes
+
+
+async def test_a_model_too_big_for_a_runs_on_b_and_the_narration_names_both(queen_factory, hub, tmp_path: Path) -> None:
+    homes = {"a": tmp_path / "home-a", "b": tmp_path / "home-b"}
     try:
-        await add_local(queen, "a", homes["a"], "--install-path", str(small_install(tmp_path / "install-a", overrides)))
-        await add_local(queen, "b", homes["b"])
-        # a holds the model: the placement prefers a holder, but only where it fits.
-        code, _, err = await queen.keeper("setup", "check-node", "--name", "a")
-        assert code == 0, err
-        code, _, err = await queen.keeper("models", "download", REF, "--node", "a")
-        assert code == 0, err
+        queen, homes = await two_nodes(queen_factory, hub, tmp_path)
 
         code, out, err = await infer(queen)
         assert code == 0, err
@@ -113,6 +123,37 @@ async def test_a_model_too_big_for_a_runs_on_b_and_the_narration_names_both(quee
 
         code, _, err = await queen.keeper("models", "fit", "not a ref")
         assert code == 1 and "INVALID_MODEL_REF" in err
+    finally:
+        for home in homes.values():
+            kill_node_hives(home)
+
+
+async def test_the_front_door_places_a_cold_start_and_refuses_a_pinned_node_that_cannot_fit(queen_factory, hub, tmp_path: Path) -> None:
+    port = free_port_block(1)
+    homes = {"a": tmp_path / "home-a", "b": tmp_path / "home-b"}
+    try:
+        queen, homes = await two_nodes(queen_factory, hub, tmp_path, RBEE_QUEEN_HTTP_PORT=str(port))
+        key = (queen.home / "queen.key").read_text().strip()
+        body = {"model": REF, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                                     headers={"Authorization": f"Bearer {key}"}) as http:  # fmt: skip
+            async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+                assert resp.status_code == 200, await resp.aread()
+                text = "".join([chunk async for chunk in resp.aiter_text()])
+            comments = [e for e in text.split("\n\n") if e.startswith(": ")]
+            assert any("Placed on b: fits, " in c and "a: short by 2.0 GiB" in c for c in comments), text
+            assert f"loading {REF} on b" in text and text.rstrip().endswith("data: [DONE]")
+            [worker] = await until(lambda: workers(queen))
+            assert worker["node"] == "b"
+
+        # Pinned with X-Rbee-Node on a: the official client's 503 with the table.
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.InternalServerError) as refused:
+            await client.chat.completions.create(model=REF, messages=body["messages"], max_tokens=3,
+                                                 extra_headers={"X-Rbee-Node": "a"})  # fmt: skip
+        assert refused.value.status_code == 503 and refused.value.code == "no_node_fits"
+        assert "does not fit on node a: a: short by 2.0 GiB" in refused.value.message
+        await client.close()
     finally:
         for home in homes.values():
             kill_node_hives(home)
