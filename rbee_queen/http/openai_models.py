@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rbee.bounds import CHAT_MESSAGES
+
 # Bounds that keep one request's size sane (the worker checks its own too).
 MAX_STOP = 16
 MAX_STOP_CHARS = 1024
@@ -95,7 +97,8 @@ class Message(_Body):
 
 
 class ChatCompletionRequest(Sampling):
-    messages: list[Message] = Field(..., min_length=1)
+    # The worker's bound (rbee/bounds.py), checked here before 8 MiB of tiny messages become 300,000 objects.
+    messages: list[Message] = Field(..., min_length=1, max_length=CHAT_MESSAGES.limit)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)

@@ -232,3 +232,13 @@ def test_the_admin_key_is_compared_as_digests_of_one_length(monkeypatch) -> None
         assert checker.scope_of(token) is None
     assert checker.scope_of(ADMIN) == "admin"
     assert set(lengths) == {(32, 32)}
+
+
+async def test_a_chat_of_more_messages_than_the_worker_takes_is_a_400_naming_messages(app) -> None:
+    from rbee.bounds import CHAT_MESSAGES
+
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://queen")
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}] * (CHAT_MESSAGES.limit + 1)}
+    reply = await client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {APP}"})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
+    assert str(CHAT_MESSAGES.limit) in reply.json()["error"]["message"]
