@@ -113,3 +113,21 @@ def test_an_unknown_pinned_node_is_node_not_found() -> None:
 def test_unknown_figures_do_not_rule_a_node_out() -> None:
     chosen = place(MODEL, [NodeView("a", True, None, GiB)])
     assert chosen.node == "a" and chosen.why == "fit unknown"
+
+
+def test_the_dispatched_count_lasts_until_the_workers_next_load_report() -> None:
+    from rbee.v1 import common_pb2
+
+    from rbee_queen.survey import Dispatched
+
+    counts = Dispatched()
+    worker = common_pb2.WorkerInfo(id="w", slots_total=8, slots_available=8, last_activity_unix_ms=1)
+    counts.add(worker)
+    counts.add(worker)
+    assert counts.pending(worker) == 2
+    # The worker reports its load: what was dispatched is in its figures now.
+    reported = common_pb2.WorkerInfo(id="w", slots_total=8, slots_available=6, last_activity_unix_ms=2)
+    assert counts.pending(reported) == 0
+    counts.add(reported)
+    assert counts.pending(reported) == 1
+    assert counts.pending(common_pb2.WorkerInfo(id="other")) == 0
