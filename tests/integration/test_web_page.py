@@ -175,6 +175,7 @@ async def test_an_inference_key_sees_but_cannot_act(queen_factory, browser: Page
     browser.until(lambda: browser.find("#app").is_displayed(), "the page for a read-only key")
     assert "read only" in browser.text("#scope")
     assert not browser.find("#download-form").is_displayed()
+    assert not browser.find("#logs").is_displayed()  # logs are the admin's
     browser.until(lambda: "live" == browser.text("#live"), "the live feed")
     # The server refuses the actions whatever the page shows.
     status = browser.driver.execute_async_script(

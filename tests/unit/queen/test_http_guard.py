@@ -242,3 +242,23 @@ async def test_a_chat_of_more_messages_than_the_worker_takes_is_a_400_naming_mes
     reply = await client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {APP}"})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
     assert str(CHAT_MESSAGES.limit) in reply.json()["error"]["message"]
+
+
+def test_names_and_narration_cannot_forge_server_sent_events() -> None:
+    from rbee_queen.http import events, sse
+
+    forged = 'x\r\n\r\ndata: {"forged": true}\n\nevent: snapshot\rdata: 1'
+    for wire in (sse.data({"model": forged}), sse.comment(forged), events.sse("line", {"line": forged}).decode()):
+        body = wire.removesuffix("\n\n")
+        assert "\n" not in body.replace("event: line\ndata: ", "", 1) and "\r" not in body, wire
+
+
+async def test_no_cross_origin_access_is_granted(app) -> None:
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://queen")
+    origin = {"Origin": "https://elsewhere.example"}
+    preflight = await client.options("/v1/chat/completions", headers={
+        **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})  # fmt: skip
+    reply = await client.get("/api/web/me", headers={**origin, "Authorization": f"Bearer {APP}"})
+    assert reply.status_code == 200
+    for r in (preflight, reply):
+        assert not any(k.startswith("access-control-") for k in r.headers), r.headers
