@@ -326,8 +326,4 @@ async def abort(context: grpc.aio.ServicerContext, err: RbeeError) -> None:
     await context.abort_with_status(err.to_status())
 
 
-def is_code(exc: BaseException, *codes: str) -> bool:
-    return isinstance(exc, RbeeError) and exc.code in codes
-
-
 _ = code_pb2  # google.rpc.code_pb2 documents the numeric values used above

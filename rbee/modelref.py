@@ -54,10 +54,6 @@ class ModelRef:
             return f"file://{self.reference}"
         return f"{self.provider}:{self.reference}"
 
-    @property
-    def is_hub(self) -> bool:
-        return self.provider == "hf"
-
     def slug(self) -> str:
         """The reference's folder name: its path segments escaped and joined
         with ``--`` (a revision after ``@``). One reference, one folder, and

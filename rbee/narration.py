@@ -51,10 +51,6 @@ class Narrator:
     def add_sink(self, sink) -> None:  # sink(NarrationEvent)
         self._sinks.append(sink)
 
-    def remove_sink(self, sink) -> None:
-        if sink in self._sinks:
-            self._sinks.remove(sink)
-
     def __call__(self, emoji: str, message: str, level: str = "info", actor: str | None = None) -> common_pb2.NarrationEvent:
         ev = event(actor or self.actor, emoji, message, level)
         self.emit(ev)

@@ -31,10 +31,6 @@ class Reporter:
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
-    def remove_listener(self, listener: Listener) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-
     def narrate(self, emoji: str, message: str, level: str = "info") -> common_pb2.NarrationEvent:
         if self._narrator is not None:
             ev = self._narrator(emoji, message, level)

@@ -10,17 +10,11 @@ callers say SIGKILL only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
-from rbee.kernel_log import KMSG, KernelRecord, last_kernel_seq, oom_kills, read_kernel_log
+from rbee.kernel_log import KMSG, last_kernel_seq, oom_kills, read_kernel_log
 
-__all__ = ["KMSG", "killed_by_oom", "kernel_log_mark", "mentions_oom_kill"]
-
-
-def mentions_oom_kill(lines: Iterable[str], pid: int) -> bool:
-    """Whether these kernel log messages name ``pid`` as an OOM killer's victim."""
-    return pid in oom_kills((KernelRecord(i, line) for i, line in enumerate(lines)), [pid])
+__all__ = ["KMSG", "killed_by_oom", "kernel_log_mark"]
 
 
 def kernel_log_mark(path: Path = KMSG) -> int:

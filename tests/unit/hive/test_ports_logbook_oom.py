@@ -4,7 +4,8 @@ import socket
 import pytest
 
 from rbee_hive.logbook import HIVE_SOURCE, LogBook
-from rbee_hive.workers.oom import kernel_log_mark, killed_by_oom, mentions_oom_kill
+from rbee.kernel_log import KernelRecord, oom_kills
+from rbee_hive.workers.oom import kernel_log_mark, killed_by_oom
 from rbee_hive.workers.ports import PortAllocator, port_is_free
 
 
@@ -47,6 +48,10 @@ KERNEL_LINES = [
     "oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,mems_allowed=0,oom_memcg=/x,task_memcg=/x,task=python3,pid=4242,uid=0",
     "Memory cgroup out of memory: Killed process 4242 (python3) total-vm:1234kB, anon-rss:999kB",
 ]
+
+
+def mentions_oom_kill(lines: list[str], pid: int) -> bool:
+    return pid in oom_kills((KernelRecord(i, line) for i, line in enumerate(lines)), [pid])
 
 
 def test_oom_kill_is_recognised_by_pid():
