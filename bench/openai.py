@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,6 +44,7 @@ import psutil
 from rbee.config import default_model_path
 
 from bench.contract import bootstrap_median
+from bench.engine import Run
 
 BIN = Path(sys.executable).parent
 PROMPT = "Write a short story about honey bees."
@@ -77,17 +77,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@dataclass
-class Run:
-    ttft_s: float
-    tokens: int
-    total_s: float
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.total_s if self.total_s > 0 else 0.0
 
 
 # -- the two sides ------------------------------------------------------------------------
