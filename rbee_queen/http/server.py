@@ -21,6 +21,7 @@ import uvicorn
 
 from rbee.errors import RbeeError
 from rbee.tls import is_loopback
+from rbee_queen.http.guard import http_protocol
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 5
@@ -90,6 +91,7 @@ class HttpServer:
             self.app, log_config=None, access_log=False, lifespan="off", server_header=False,
             ssl_certfile=str(cert) if cert else None, ssl_keyfile=str(key) if key else None,
             timeout_graceful_shutdown=STOP_GRACE_S, loop="none", timeout_keep_alive=KEEP_ALIVE_S,
+            http=http_protocol(),  # a request's head bounded (guard.py)
         )  # fmt: skip
         self.scheme = "https" if cert else "http"
         self._server = _Server(config)
