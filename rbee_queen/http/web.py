@@ -70,7 +70,9 @@ def _failure(err: RbeeError) -> JSONResponse:
 
 def _key_id(request: Request) -> str:
     """Which key a request presented, as a digest (the key itself is not kept)."""
-    return hashlib.sha256(request.headers.get("authorization", "").encode("latin-1", "replace")).hexdigest()
+    # The token as the key check reads it: "bearer  KEY" and "Bearer KEY" are one key.
+    token = request.headers.get("authorization", "").partition(" ")[2].strip()
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
 
 
 class _CountedStream(StreamingResponse):

@@ -149,7 +149,7 @@ async def test_logs_need_the_admin_key(app) -> None:
 class Opened:
     """A GET held open as a browser holds the page's stream; ``close`` is the client going away."""
 
-    def __init__(self, app, path: str, key: str) -> None:
+    def __init__(self, app, path: str, key: str, scheme: str = "Bearer ") -> None:
         self.gone = asyncio.Event()
         self.started: asyncio.Future = asyncio.get_running_loop().create_future()
         self.body = b""
@@ -167,7 +167,7 @@ class Opened:
         scope = {
             "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-            "headers": [(b"authorization", f"Bearer {key}".encode())], "client": ("127.0.0.1", 5000),
+            "headers": [(b"authorization", f"{scheme}{key}".encode())], "client": ("127.0.0.1", 5000),
             "server": ("127.0.0.1", 8080),
         }  # fmt: skip
         self.task = asyncio.ensure_future(app(scope, receive, send))
@@ -194,6 +194,10 @@ async def test_streams_are_capped_per_key_and_in_all_and_given_back(app, monkeyp
 
     first, codes = await open_many([APP] * (web.MAX_STREAMS_PER_KEY + 8))
     assert codes.count(200) == web.MAX_STREAMS_PER_KEY and codes.count(429) == 8
+    # The same key written another way is still that key.
+    spelled = [Opened(app, "/api/web/events", APP, scheme) for scheme in ("bearer ", "BEARER  ", "Bearer   ")]
+    assert [await o.status() for o in spelled] == [429, 429, 429]
+    first += spelled
     refused = first[codes.index(429)]
     await refused.close()
     assert b'"code":"too_many_streams"' in refused.body and b"one key" in refused.body
