@@ -44,3 +44,48 @@ class RotatingFile:
                 older.replace(self.path.with_name(f"{self.path.name}.{n}"))
         self._fh = open_private(self.path, "w")
         self._size = 0
+
+
+class RedirectedLog:
+    """The file this process's stdout and stderr were pointed at by whoever
+    started it (the queen starts a hive with ``>> logs/hive.log 2>&1``),
+    rotated like RotatingFile: renamed NAME → NAME.1 → …, and a fresh NAME put
+    behind file descriptors 1 and 2. Only while those still write to that very
+    file (same inode), so a process whose output went elsewhere is left alone."""
+
+    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES, backups: int = DEFAULT_BACKUPS) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
+
+    def _ours(self) -> bool:
+        import os
+
+        try:
+            here, out = os.stat(self.path), os.fstat(1)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (out.st_dev, out.st_ino)
+
+    def rotate_if_due(self) -> bool:
+        """Rotate when the file has passed max_bytes; True when it did."""
+        import os
+        import sys
+
+        if not self._ours() or os.fstat(1).st_size <= self.max_bytes:
+            return False
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for n in range(self.backups, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{n - 1}") if n > 1 else self.path
+            if older.exists():
+                older.replace(self.path.with_name(f"{self.path.name}.{n}"))
+        if self.backups == 0:
+            self.path.unlink(missing_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+        finally:
+            os.close(fd)
+        return True

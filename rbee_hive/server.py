@@ -125,6 +125,20 @@ class HiveServer:
         return len(results)
 
 
+STDOUT_LOG_CHECK_S = 5.0
+
+
+async def rotate_stdout_log(settings: HiveSettings, every_s: float = STDOUT_LOG_CHECK_S) -> None:
+    """Keep the file the hive's own output is redirected into (the queen's
+    logs/hive.log) under log_max_bytes, as the logs the hive writes itself."""
+    from rbee.logfiles import RedirectedLog
+
+    log = RedirectedLog(settings.stdout_log, settings.log_max_bytes, settings.log_backups)
+    while True:
+        await asyncio.sleep(every_s)
+        log.rotate_if_due()
+
+
 async def serve(settings: HiveSettings) -> int:
     ctx = build_context(settings)
     set_log_location(str(ctx.logbook.path_for(HIVE_SOURCE)))
@@ -154,7 +168,10 @@ async def serve(settings: HiveSettings) -> int:
         )
         if settings.resource_overrides:
             ctx.narrate("⚠️", f"Resource figures overridden by {settings.resource_overrides}", "warn")
+        rotator = asyncio.ensure_future(rotate_stdout_log(settings)) if settings.stdout_log else None
         await stop.wait()
+        if rotator is not None:
+            rotator.cancel()
         ctx.narrate("🛑", f"{received[0]} received: shutting down")
         await server.stop()
         return 0

@@ -54,6 +54,9 @@ class HiveSettings(DaemonSettings):
     # log_backups of them, so logs never fill the disk.
     log_max_bytes: int = Field(64 * 1024 * 1024, ge=4096)
     log_backups: int = Field(2, ge=0, le=100)
+    # The file the hive's stdout and stderr were redirected into by whoever
+    # started it (the queen: logs/hive.log); rotated the same way.
+    stdout_log: Path | None = None
 
     # Workers
     worker_host: str = "127.0.0.1"

@@ -229,7 +229,10 @@ async def start_hive(
         # the operator chose clear text (`setup add-node --no-tls`).
         flags = ["--insecure"] if bind_host(record) != "127.0.0.1" else []
     command = (
-        f"env RBEE_HOME={shlex.quote(home)} RBEE_HIVE_WORKER_HOST={bind_host(record)} {shlex.quote(record.hive_program)} daemon "
+        # RBEE_HIVE_STDOUT_LOG: the hive rotates the log its output goes to (a
+        # variable, not a flag, which a hive of an older release would refuse).
+        f"env RBEE_HOME={shlex.quote(home)} RBEE_HIVE_WORKER_HOST={bind_host(record)} "
+        f"RBEE_HIVE_STDOUT_LOG={shlex.quote(log_file)} {shlex.quote(record.hive_program)} daemon "
         f"--host {bind_host(record)} --port {record.hive_port} --api-key-file {shlex.quote(key_file)}"
         + "".join(f" {shlex.quote(f)}" for f in flags)
     )

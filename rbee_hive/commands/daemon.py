@@ -29,6 +29,7 @@ def daemon(
     tls_issuer_cert: Path = typer.Option(None, "--tls-issuer-cert", help="A CA certificate below the cluster CA to sign each worker's certificate with (RBEE_HIVE_TLS_ISSUER_CERT); without it workers serve with the hive's own."),
     tls_issuer_key: Path = typer.Option(None, "--tls-issuer-key", help="The issuing certificate's key (mode 600; RBEE_HIVE_TLS_ISSUER_KEY)."),
     insecure: bool = typer.Option(None, "--insecure", help="Allow listening beyond loopback without TLS: keys and tokens cross the network in clear (RBEE_HIVE_INSECURE)."),
+    stdout_log: Path = typer.Option(None, "--stdout-log", help="The file this hive's stdout and stderr are redirected into (as the queen starts hives: logs/hive.log); the hive rotates it at log_max_bytes like its other logs (RBEE_HIVE_STDOUT_LOG)."),
     worker_binary: Path = typer.Option(None, "--worker-binary", help="Use this worker program instead of a provisioned worker environment (default: the environment for the backend in $RBEE_HOME/workers, installed on first use; RBEE_HIVE_WORKER_BINARY)."),
 ) -> None:
     """Run the hive: preflight, worker spawning and supervision over gRPC. Stops its workers on SIGTERM."""
@@ -48,7 +49,7 @@ def daemon(
         settings = load_settings(
             port=port, host=host, api_key=api_key, api_key_file=api_key_file, worker_binary=worker_binary,
             tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, tls_issuer_cert=tls_issuer_cert,
-            tls_issuer_key=tls_issuer_key, insecure=insecure,
+            tls_issuer_key=tls_issuer_key, insecure=insecure, stdout_log=stdout_log,
         )
         return await serve(settings)
 
