@@ -249,7 +249,7 @@ async def _unless_gone(request: Request, work) -> bool:
 
 async def _wait_cold(r: Router, call: _Call, cold: ColdStart) -> AsyncIterator[str | WorkerLease]:
     """Comment lines with the cold start's stages, then the lease."""
-    yield sse.comment(f"rbee: loading {call.ref} on {cold.node}")
+    yield sse.comment(f"rbee: loading {call.ref} on {cold.node}" if cold.node else f"rbee: placing {call.ref}")
     for line in list(cold.stages):
         yield sse.comment(line)
     stages: asyncio.Queue[str] = asyncio.Queue()

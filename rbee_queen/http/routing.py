@@ -6,7 +6,8 @@
 2. Otherwise a cold start through the queen's task flow on a node: the one
    ``X-Rbee-Node`` names, else where the queen's placement puts it
    (rbee_queen/placement.py: a node holding the model where it fits, else
-   any node where it fits; its reasons are one of the start's stages).
+   any node where it fits), decided inside the start, so within the wait;
+   its reasons are the start's first stage.
    Concurrent requests for one model on one node share one cold start; the
    waiters see its stages; a waiter gives up after ``cold_start_wait``
    (503 with Retry-After) while the start goes on for the next request.
@@ -34,7 +35,6 @@ from rbee_queen.http.models import ModelDirectory, canonical
 from rbee_queen.http.upstream import WorkerChannels, WorkerLease
 from rbee_queen.nodes.relay import EventRelay
 from rbee_queen.nodes.store import NodeStore
-from rbee_queen.survey import LogRelay
 from rbee_queen.tasks import TaskRunner
 from rbee_queen.workers import ClusterWorkers, reachable_address
 
@@ -200,24 +200,28 @@ class Router:
         self._observe("warm", model=ref, node=name)
         return await self._lease_for(name, worker)
 
-    async def cold_node(self, ref: str, node: str | None) -> tuple[str, str]:
-        """(node, why): the node ``X-Rbee-Node`` pins, else where the queen's
-        placement puts the start (rbee_queen/placement.py) and its reasons."""
+    def cold_node(self, ref: str, node: str | None) -> str:
+        """The node ``X-Rbee-Node`` pins, else "": the cold start places
+        itself (rbee_queen/placement.py) as its first stage, inside the wait."""
         if node:
-            return node, ""
-        chosen, _, _ = await self.tasks.placement(ref, "cpu", 0, 0, LogRelay(self.narrate))
-        return chosen.node, "🧭 " + chosen.narration()
+            return node
+        try:
+            records = self.store.list()
+        except RbeeError:
+            records = []
+        if not records:
+            raise RbeeError("NODE_NOT_FOUND", "No node is registered with the queen: there is nowhere to load the model",
+                            {"model": ref}, ["Register one: `rbee-keeper setup add-node --name NAME --local`"])  # fmt: skip
+        return ""
 
-    def cold_start(self, ref: str, node: str, why: str = "") -> ColdStart:
-        """The cold start of ``ref`` on ``node``: the running one, or a new one
-        (its first stage ``why`` the placement chose the node, when it did)."""
+    def cold_start(self, ref: str, node: str) -> ColdStart:
+        """The cold start of ``ref`` on ``node`` ("": where the placement puts
+        it): the running one, or a new one."""
         key = (node, ref)
         start = self._cold.get(key)
         if start is not None and start.task is not None and not start.task.done():
             return start
         start = ColdStart(node, ref)
-        if why:
-            start.publish(why)
         start.task = asyncio.ensure_future(self._run_cold(start))
         start.task.add_done_callback(lambda t, k=key, s=start: self._cold_done(k, s, t))
         self._cold[key] = start
@@ -248,6 +252,11 @@ class Router:
 
     async def _run_cold(self, start: ColdStart) -> WorkerLease:
         relay = _Stages(self.narrate, start)
+        if not start.node:
+            chosen, _, _ = await self.tasks.placement(start.ref, "cpu", 0, 0, relay)
+            start.publish("🧭 " + chosen.narration())
+            start.node = chosen.node
+            start.publish(f"loading {start.ref} on {chosen.node}")
         request = tasks_pb2.SubmitInferenceRequest(node=start.node, model_ref=start.ref, backend="cpu")
         assignment = await self.tasks.submit(request, relay)
         start.warm = assignment.warm
@@ -312,8 +321,7 @@ class Router:
         lease = await self.pick(ref, node)
         if lease is not None:
             return ref, lease, None
-        target, why = await self.cold_node(ref, node)
-        return ref, None, self.cold_start(ref, target, why)
+        return ref, None, self.cold_start(ref, self.cold_node(ref, node))
 
     async def close(self) -> None:
         for start in list(self._cold.values()):
