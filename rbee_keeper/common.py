@@ -1,11 +1,10 @@
 """What keeper commands share: the --hive and --api-key options of the
-commands that reach a hive, API-key lookup, and running a coroutine with the
-project's exit codes."""
+commands that reach a hive, the hive a command means, and running a coroutine
+with the project's exit codes. (API-key lookup: rbee_keeper/credentials.py.)"""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -77,33 +76,6 @@ async def hive_for(hive: str | None, node: str | None, api_key: str | None, quee
                       tls_name=access.node.tls_name)
 
 
-def resolve_api_key(cli_value: str | None, address: str) -> tuple[str, str]:
-    """The API key for a daemon and where it came from (for error messages).
-
-    Order: --api-key, RBEE_API_KEY, config file ``[keeper] api_key``.
-    """
-    if cli_value:
-        return cli_value, "--api-key"
-    settings = keeper_settings()
-    if settings.api_key:
-        return settings.api_key, settings.source("api_key")
-    raise RbeeError(
-        "MISSING_API_KEY",
-        f"No API key for {address}",
-        {"address": address},
-        ["Pass --api-key KEY, set RBEE_API_KEY, or set api_key in the [keeper] section of the config file"],
-    )
-
-
-def explain_auth(err: RbeeError, address: str, key_source: str) -> RbeeError:
-    """Add the host and where the key was configured to an auth failure."""
-    if err.code in ("MISSING_API_KEY", "INVALID_API_KEY"):
-        err.details.setdefault("host", address)
-        err.details.setdefault("key_from", key_source)
-        err.suggestions.append(f"Check the key given by {key_source} against the one {address} was started with")
-    return err
-
-
 def run(coro: Coroutine[Any, Any, int | None]) -> None:
     """Run a command's coroutine; RbeeError → message + exit 1, Ctrl+C → 130."""
     try:
@@ -116,8 +88,6 @@ def run(coro: Coroutine[Any, Any, int | None]) -> None:
         code = asyncio.run(coro)
     except RbeeError as err:
         coro.close()
-        print_error(err, ACTOR)
-        sys.exit(EXIT_ERROR)
         print_error(err, ACTOR)
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:

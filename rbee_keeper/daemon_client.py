@@ -24,7 +24,7 @@ from rbee.retry import backoff_delays
 if TYPE_CHECKING:
     from rbee.tls import TlsIdentity
 
-from rbee_keeper.common import explain_auth
+from rbee_keeper.credentials import explain_auth
 
 CALL_TIMEOUT_S = 30.0
 CONNECT_ATTEMPTS = 3

@@ -16,7 +16,7 @@ from rbee.v1 import (
     registry_pb2_grpc,
 )
 
-from rbee_keeper.common import resolve_api_key
+from rbee_keeper.credentials import resolve_api_key
 from rbee_keeper.daemon_client import DaemonClient
 from rbee_keeper.validation import validate_hive_address
 

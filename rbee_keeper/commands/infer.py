@@ -12,7 +12,8 @@ import typer
 from rbee.errors import RbeeError
 from rbee.modelref import parse_model_ref
 
-from rbee_keeper.common import resolve_api_key, run
+from rbee_keeper.common import run
+from rbee_keeper.credentials import resolve_api_key
 from rbee_keeper.direct import DirectInference, Timeouts
 from rbee_keeper.interrupts import Interrupts
 from rbee_keeper.render import TokenPrinter, narrator, set_json_answer
