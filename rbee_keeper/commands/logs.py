@@ -2,20 +2,59 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import sys
 
 import typer
 
-from rbee_keeper.common import HIVE_KEY_OPTION, HIVE_OPTION, NODE_OPTION, QUEEN_OPTION, hive_for, run
+from rbee.cli_common import EXIT_INTERRUPTED
+from rbee_keeper.common import ACTOR, HIVE_KEY_OPTION, HIVE_OPTION, NODE_OPTION, QUEEN_OPTION, hive_for, run
 
 
-async def _logs(node: str | None, hive: str | None, queen: str | None, api_key: str | None, worker: str, tail: int, follow: bool) -> int:
+# After Ctrl+C the stream is cancelled; should it not end within this long,
+# the command exits anyway: Ctrl+C always ends `logs --follow`.
+INTERRUPT_GRACE_S = 2.0
+
+
+async def _print_logs(node: str | None, hive: str | None, queen: str | None, api_key: str | None, worker: str, tail: int,
+                      follow: bool) -> int:  # fmt: skip
     async with await hive_for(hive, node, api_key, queen) as client:
         async for item in client.logs(worker_id=worker, tail_lines=tail, follow=follow):
             # Log lines are the command's output: stdout, one per line, source first.
             sys.stdout.write(f"{item.source} | {item.line.rstrip()}\n")
             sys.stdout.flush()
     return 0
+
+
+async def _logs(*args) -> int:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.ensure_future(_print_logs(*args))
+    pressed: list[bool] = []
+
+    def give_up() -> None:
+        print(f"[{ACTOR}] 🛑 interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+    def on_ctrl_c() -> None:
+        if pressed:
+            give_up()
+        pressed.append(True)
+        reader.cancel()
+        loop.call_later(INTERRUPT_GRACE_S, give_up)
+
+    loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
+    try:
+        return await reader
+    except asyncio.CancelledError:
+        if not pressed:
+            raise
+        print(f"[{ACTOR}] 🛑 interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def logs(
