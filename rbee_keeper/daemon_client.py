@@ -111,9 +111,28 @@ def _narrate_retry(line: str) -> None:
     say("⏳", line)
 
 
+def older_daemon(client: "DaemonClient", err: RbeeError) -> RbeeError:
+    """gRPC's own UNIMPLEMENTED (the daemon has no such RPC at all, not one of
+    rbee's NOT_IMPLEMENTED answers) means the daemon is of an older release
+    than this keeper: say so, and which side to update."""
+    if err.details.get("grpc_status") != "UNIMPLEMENTED" or err.code != "INTERNAL":
+        return err
+    from rbee.config import API_VERSION, VERSION
+
+    return RbeeError(
+        "VERSION_MISMATCH",
+        f"{client.what.capitalize()} at {client.address} does not know this request: it runs an older rbee than "
+        f"this rbee-keeper ({VERSION}, API {API_VERSION})",
+        {"address": client.address, "keeper_version": VERSION, "keeper_api_version": API_VERSION},
+        [client.update_hint, "Or use a keeper of the release that daemon runs"],
+    )
+
+
 class DaemonClient:
     # What the daemon is called in messages ("the hive at HOST:PORT").
     what = "the daemon"
+    # What to do when the daemon is of an older release (older_daemon).
+    update_hint = "Update that daemon to this release and restart it"
     # The identity name (rbee/tls_identity.py) every daemon of this kind proves.
     identity: str | None = None
 
@@ -205,7 +224,8 @@ class DaemonClient:
 
     def error(self, err: grpc.RpcError) -> RbeeError:
         """The RbeeError behind a failed call, with auth failures explained."""
-        return explain_auth(self.translate(from_rpc_error(err, self.address)), self.address, self.key_source)
+        return explain_auth(self.translate(older_daemon(self, from_rpc_error(err, self.address))), self.address,
+                            self.key_source)  # fmt: skip
 
     async def _unary(self, method: Any, request: Any, timeout: float | None = CALL_TIMEOUT_S) -> Any:
         try:

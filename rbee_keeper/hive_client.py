@@ -23,6 +23,7 @@ from rbee_keeper.validation import validate_hive_address
 
 class HiveClient(DaemonClient):
     what = "the hive"
+    update_hint = "Update the node to this release (`rbee-keeper setup install --node NAME`), then restart its hive"
 
     def _bind(self, channel) -> None:
         self._workers = registry_pb2_grpc.HiveWorkerServiceStub(channel)

@@ -40,6 +40,8 @@ def resolve_queen_key(cli_value: str | None, address: str) -> tuple[str, str]:
 
 class QueenClient(DaemonClient):
     what = "the queen"
+    update_hint = ("Update the queen to this release and restart it: in its checkout `git pull && make setup`, "
+                   "then `queen-rbee daemon`")
     identity = QUEEN_NAME
 
     def _bind(self, channel) -> None:
