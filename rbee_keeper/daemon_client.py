@@ -113,7 +113,7 @@ def _narrate_retry(line: str) -> None:
 
 def older_daemon(client: "DaemonClient", err: RbeeError) -> RbeeError:
     """gRPC's own UNIMPLEMENTED (the daemon has no such RPC at all, not one of
-    rbee's NOT_IMPLEMENTED answers) means the daemon is of an older release
+    rbee's own refusals, which carry their code) means the daemon is of an older release
     than this keeper: say so, and which side to update."""
     if err.details.get("grpc_status") != "UNIMPLEMENTED" or err.code != "INTERNAL":
         return err
