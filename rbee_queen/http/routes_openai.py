@@ -181,6 +181,7 @@ async def _whole(request: Request, r: Router, call: _Call, lease: WorkerLease | 
         if lease is None:
             assert cold is not None
             lease = await r.wait_cold(cold)
+            call.node = call.node or lease.node  # placed by the start itself
         async def collect() -> None:
             nonlocal seen, last
             async for msg in r.channels.generate(lease, call.generate):
@@ -289,6 +290,7 @@ async def _stream(r: Router, call: _Call, lease: WorkerLease | None, cold: ColdS
             async for item in _wait_cold(r, call, cold):
                 if isinstance(item, WorkerLease):
                     lease = item
+                    call.node = call.node or lease.node  # placed by the start itself
                 else:
                     yield item
         assert lease is not None
