@@ -357,8 +357,16 @@ class _Tracked:
     name: str
     cgroup: MemoryCgroup | None = None
     oom_kills: int | None = None
+    # The count one look earlier in the same cgroup: the kernel counts a kill
+    # when it sends it, and the victim may still look alive at the next look,
+    # which would otherwise take the raised count as the one before.
+    oom_kills_earlier: int | None = None
     rss_bytes: int | None = None
     alive: bool = True
+
+    @property
+    def oom_kills_before(self) -> int | None:
+        return self.oom_kills_earlier if self.oom_kills_earlier is not None else self.oom_kills
 
 
 class EngineWatch:
@@ -498,6 +506,8 @@ class EngineWatch:
                 t.alive = False
                 continue
             if cg is not None:
+                same = t.cgroup is not None and t.cgroup.name == cg.name
+                t.oom_kills_earlier = t.oom_kills if same else None
                 t.cgroup = cg
                 t.oom_kills = count
             if rss is not None:
@@ -516,7 +526,7 @@ class EngineWatch:
                     name=t.name,
                     cgroup=t.cgroup.name if t.cgroup else None,
                     cgroup_limit_bytes=t.cgroup.limit_bytes() if t.cgroup else None,
-                    oom_kills_before=t.oom_kills,
+                    oom_kills_before=t.oom_kills_before,
                     oom_kills_after=after,
                     rss_bytes=t.rss_bytes,
                 )

@@ -6,6 +6,7 @@ servicer does with the verdict (FakeEngine)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -91,6 +92,14 @@ def fake_proc(root: Path, pid: int, cgroup: str, state: str = "S", name: str = "
     (d / "statm").write_text("300000 25600 1000 1 0 2000 0\n")
     (d / "cmdline").write_bytes(name.encode() + b"\0")
     (d / "task" / str(pid) / "children").write_text(children)
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Change a fake /proc or cgroup file at once, as the kernel does: the
+    watch polls every 20 ms and must never read it half written."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def fake_cgroup_v1(fs: Path, name: str, oom_kill: int | None = 0, limit: int = 1 << 62) -> Path:
@@ -269,11 +278,11 @@ async def test_watch_follows_a_move_to_another_cgroup_and_counts_its_oom_kill(tm
         await looks.after(2)
         assert watch.verdict is None
         # An operator (or systemd) moves the engine into another cgroup while it runs.
-        (proc / "4242" / "cgroup").write_text("4:memory:/job/engine\n")
+        replace_text(proc / "4242" / "cgroup", "4:memory:/job/engine\n")
         await looks.after(2)  # seen in its new cgroup before the kill
         # The kernel kills it there; vLLM reaps it.
-        (moved / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
-        (proc / "4242" / "stat").write_text("4242 (VLLM::EngineCore) Z 1 4242 4242 0 -1\n")
+        replace_text(moved / "memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+        replace_text(proc / "4242" / "stat", "4242 (VLLM::EngineCore) Z 1 4242 4242 0 -1\n")
         exit_code[0] = -signal.SIGKILL
         err = await watch.wait_verdict(5)
     finally:
