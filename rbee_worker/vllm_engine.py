@@ -169,6 +169,26 @@ def bounded_max_model_len(model_path: str, cap: int | None) -> int | None:
     return min(declared, cap) if declared else cap
 
 
+class ForwardStages:
+    """Loading stages reported to ``progress`` in order: done = the stages
+    completed before this one, "ready" completes them all. The engine
+    process's own stage lines come over a socket and may arrive after a later
+    stage (even "ready") was reported; such a late one is dropped, so the
+    stages only move forward."""
+
+    def __init__(self, progress: ProgressCallback) -> None:
+        self._progress = progress
+        self._reached = 0
+
+    def __call__(self, stage: str, message: str) -> None:
+        total = len(STAGES)
+        done = total if stage == "ready" else _STAGE_INDEX[stage]
+        if done < self._reached:
+            return
+        self._reached = done
+        self._progress(LoadProgress(stage=stage, done=done, total=total, message=message))
+
+
 class VllmEngine(Engine):
     def __init__(
         self,
@@ -207,12 +227,7 @@ class VllmEngine(Engine):
 
     async def load(self, progress: ProgressCallback) -> EngineInfo:
         loop = asyncio.get_running_loop()
-        total = len(STAGES)
-
-        def report(stage: str, message: str) -> None:
-            # done = stages completed before this one; "ready" completes them all.
-            done = total if stage == "ready" else _STAGE_INDEX[stage]
-            progress(LoadProgress(stage=stage, done=done, total=total, message=message))
+        report = ForwardStages(progress)
 
         def on_child_stage(marker: str, message: str) -> None:
             # vLLM's own words, e.g. "Loading weights took 0.21 seconds".

@@ -103,3 +103,17 @@ def test_the_stages_step_requires_stages_really_in_order():
         _msg(loading, "ready", 6), _msg(idle, "ready", 6),
     ]  # fmt: skip
     assert loading_stage_problem(good) is None
+
+
+def test_stages_only_move_forward_a_late_engine_line_is_dropped() -> None:
+    """The engine process's stage lines arrive over a socket, possibly after
+    the worker reported a later stage: the stream never goes back."""
+    from rbee_worker.vllm_engine import STAGES, ForwardStages
+
+    seen: list = []
+    report = ForwardStages(seen.append)
+    for stage in ("tokenizer", "engine_config", "engine_config", "engine_start", "weights", "ready", "kv_cache", "weights"):
+        report(stage, f"{stage} line")
+    assert [p.stage for p in seen] == ["tokenizer", "engine_config", "engine_config", "engine_start", "weights", "ready"]
+    assert seen[-1].done == seen[-1].total == len(STAGES)
+    assert [p.done for p in seen] == sorted(p.done for p in seen)
