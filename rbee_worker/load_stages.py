@@ -1,4 +1,6 @@
-"""Loading stages from inside vLLM's engine process.
+"""A worker's loading stages: the ones it reports (STAGES, in order, only
+ever forward: ForwardStages) and the ones it learns from inside vLLM's
+engine process.
 
 vLLM loads the weights and sizes the KV cache in a spawned engine process and
 offers no progress API; it does log each stage. The worker hands that process
@@ -17,6 +19,8 @@ import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from rbee_worker.engine import LoadProgress, ProgressCallback
 
 ENV_SOCKET = "RBEE_WORKER_STAGE_SOCKET"
 
@@ -138,3 +142,36 @@ class StageListener:
             self._dir.rmdir()
         except OSError:
             pass
+
+
+# -- the stages the worker reports -------------------------------------------------
+
+STAGES = ("tokenizer", "engine_config", "engine_start", "weights", "kv_cache", "ready")
+_STAGE_INDEX = {name: i for i, name in enumerate(STAGES)}
+# Child-process markers (MARKERS) -> the stage they belong to.
+CHILD_STAGES = {
+    "weights": "weights",
+    "weights_loaded": "weights",
+    "kv_cache": "kv_cache",
+    "warmup_done": "kv_cache",
+}
+
+
+class ForwardStages:
+    """Loading stages reported to ``progress`` in order: done = the stages
+    completed before this one, "ready" completes them all. The engine
+    process's own stage lines come over a socket and may arrive after a later
+    stage (even "ready") was reported; such a late one is dropped, so the
+    stages only move forward."""
+
+    def __init__(self, progress: ProgressCallback) -> None:
+        self._progress = progress
+        self._reached = 0
+
+    def __call__(self, stage: str, message: str) -> None:
+        total = len(STAGES)
+        done = total if stage == "ready" else _STAGE_INDEX[stage]
+        if done < self._reached:
+            return
+        self._reached = done
+        self._progress(LoadProgress(stage=stage, done=done, total=total, message=message))

@@ -22,7 +22,6 @@ from rbee_worker.engine import (
     Engine,
     EngineInfo,
     EngineLoad,
-    LoadProgress,
     PositionLogprobs,
     ProgressCallback,
     SamplingOptions,
@@ -33,7 +32,7 @@ from rbee_worker.engine import (
 )
 from rbee_worker.engine_death import EngineWatch, Remedies, watch_processes
 from rbee_worker.engine_plan import EnginePlan, machine_plan, plan_fields
-from rbee_worker.load_stages import StageListener
+from rbee_worker.load_stages import CHILD_STAGES, ForwardStages, StageListener
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +45,6 @@ CUDA_MEMORY_UTILIZATION = 0.85
 # watch to confirm that its process is gone and to say why.
 DEATH_VERDICT_WAIT_S = 5.0
 
-STAGES = ("tokenizer", "engine_config", "engine_start", "weights", "kv_cache", "ready")
-_STAGE_INDEX = {name: i for i, name in enumerate(STAGES)}
-# Child-process markers (load_stages.MARKERS) -> the stage they belong to.
-_CHILD_STAGES = {
-    "weights": "weights",
-    "weights_loaded": "weights",
-    "kv_cache": "kv_cache",
-    "warmup_done": "kv_cache",
-}
 _FINISH = {"stop": "stop", "length": "length", "abort": ABORT}
 # Files that make up a Hugging Face tokenizer (whichever the model has).
 TOKENIZER_FILES = (
@@ -169,26 +159,6 @@ def bounded_max_model_len(model_path: str, cap: int | None) -> int | None:
     return min(declared, cap) if declared else cap
 
 
-class ForwardStages:
-    """Loading stages reported to ``progress`` in order: done = the stages
-    completed before this one, "ready" completes them all. The engine
-    process's own stage lines come over a socket and may arrive after a later
-    stage (even "ready") was reported; such a late one is dropped, so the
-    stages only move forward."""
-
-    def __init__(self, progress: ProgressCallback) -> None:
-        self._progress = progress
-        self._reached = 0
-
-    def __call__(self, stage: str, message: str) -> None:
-        total = len(STAGES)
-        done = total if stage == "ready" else _STAGE_INDEX[stage]
-        if done < self._reached:
-            return
-        self._reached = done
-        self._progress(LoadProgress(stage=stage, done=done, total=total, message=message))
-
-
 class VllmEngine(Engine):
     def __init__(
         self,
@@ -231,7 +201,7 @@ class VllmEngine(Engine):
 
         def on_child_stage(marker: str, message: str) -> None:
             # vLLM's own words, e.g. "Loading weights took 0.21 seconds".
-            stage = _CHILD_STAGES.get(marker)
+            stage = CHILD_STAGES.get(marker)
             if stage is not None:
                 report(stage, message)
 

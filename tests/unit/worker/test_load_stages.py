@@ -108,7 +108,7 @@ def test_the_stages_step_requires_stages_really_in_order():
 def test_stages_only_move_forward_a_late_engine_line_is_dropped() -> None:
     """The engine process's stage lines arrive over a socket, possibly after
     the worker reported a later stage: the stream never goes back."""
-    from rbee_worker.vllm_engine import STAGES, ForwardStages
+    from rbee_worker.load_stages import STAGES, ForwardStages
 
     seen: list = []
     report = ForwardStages(seen.append)
