@@ -13,6 +13,17 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_BACKUPS = 2
 
 
+def shift_backups(path: Path, backups: int) -> None:
+    """NAME → NAME.1 → … → NAME.BACKUPS, the oldest overwritten; NAME is gone
+    afterwards (with no backups kept, simply removed)."""
+    for n in range(backups, 0, -1):
+        older = path.with_name(f"{path.name}.{n - 1}") if n > 1 else path
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{n}"))
+    if backups == 0:
+        path.unlink(missing_ok=True)
+
+
 class RotatingFile:
     def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES, backups: int = DEFAULT_BACKUPS) -> None:
         self.path = Path(path)
@@ -38,10 +49,7 @@ class RotatingFile:
 
     def _rotate(self) -> None:
         self._fh.close()
-        for n in range(self.backups, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{n - 1}") if n > 1 else self.path
-            if older.exists():
-                older.replace(self.path.with_name(f"{self.path.name}.{n}"))
+        shift_backups(self.path, self.backups)
         self._fh = open_private(self.path, "w")
         self._size = 0
 
@@ -76,12 +84,7 @@ class RedirectedLog:
             return False
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        for n in range(self.backups, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{n - 1}") if n > 1 else self.path
-            if older.exists():
-                older.replace(self.path.with_name(f"{self.path.name}.{n}"))
-        if self.backups == 0:
-            self.path.unlink(missing_ok=True)
+        shift_backups(self.path, self.backups)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             os.dup2(fd, 1)
