@@ -76,6 +76,14 @@ async def deliver_tls(transport: NodeTransport, record: NodeRecord, home: str, n
     ]  # fmt: skip
 
 
+async def _serving(health: health_pb2_grpc.HealthStub, timeout: float, wait: bool) -> bool:
+    try:
+        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=wait)
+    except grpc.RpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
 class HiveLink:
     """A gRPC channel to a node's hive with the node's key on every call
     (mutual TLS when the node has a certificate of the cluster CA)."""
@@ -101,11 +109,7 @@ class HiveLink:
 
     async def serving(self, timeout: float = HEALTH_PROBE_TIMEOUT_S, wait: bool = False) -> bool:
         """Whether the hive answers its (open) health check as SERVING within ``timeout``."""
-        try:
-            reply = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=wait)
-        except grpc.RpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return await _serving(self._health, timeout, wait)
 
     async def reachable(self, narrate: Callable[..., None], backoff: tuple[float, ...] = PROBE_BACKOFF_S) -> bool:
         """``serving`` tried 1 + len(backoff) times, each retry narrated with
@@ -132,12 +136,9 @@ class HiveLink:
         # of one target, and the shared one may still be backing off.
         channel = open_channel(self.address, client_tls(self.record), options=(("grpc.use_local_subchannel_pool", 1),))
         try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_PROBE_TIMEOUT_S)
-        except grpc.RpcError:
-            return False
+            return await _serving(health_pb2_grpc.HealthStub(channel), HEALTH_PROBE_TIMEOUT_S, wait=False)
         finally:
             await channel.close(grace=None)
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def call(self, method, request, timeout: float = CALL_TIMEOUT_S):
         try:
