@@ -63,6 +63,7 @@ class ModelFacts:
     layers: int = 0
     kv_heads: int = 0
     head_dim: int = 0
+    vocab: int = 0
 
     def kv_bytes_per_token(self, dtype: str) -> int:
         """Keys and values of one token across all layers."""
@@ -102,6 +103,7 @@ def model_facts(model_path: str | Path) -> ModelFacts:
         layers=num("num_hidden_layers", "n_layer", "num_layers"),
         kv_heads=num("num_key_value_heads", "num_kv_heads") or heads,
         head_dim=head_dim,
+        vocab=num("vocab_size", "n_vocab", "padded_vocab_size"),
     )
 
 

@@ -8,7 +8,10 @@ and its config.json (docs/queen.md, "Fit").
               the dtype's bytes), as the worker sizes its CPU KV cache
     engine    ENGINE_OVERHEAD_BYTES: what the engine costs before any weight
               or cache (two Python processes with torch and vLLM imported,
-              their allocator arenas, the tokenizer)
+              their allocator arenas, the tokenizer), plus on a CPU the
+              float32 logits of a full batch (BATCHED_TOKENS × vocabulary)
+              and their copies, which a request for the prompt's logprobs
+              fills
 
 The hive computes the model's figures (``fit_facts``) where its files are and
 hands them to the queen in its model listing; the queen adds them up per node
@@ -36,6 +39,14 @@ GiB = 1024 * MiB
 # pages count once per process there, as the kernel's RSS does: the figure
 # errs on the side of "short".
 ENGINE_OVERHEAD_BYTES = 2048 * MiB
+# At full load the engine also holds float32 logits for a whole batch: up to
+# BATCHED_TOKENS positions when a client asks for the prompt's logprobs, and
+# the log-softmax, top-k and copies made of them. Measured here: 8 slots each
+# with a 1,983-token prompt and logprobs of prompt and tokens at 20 peaked at
+# 3,936 MiB, 1,244 MiB above the idle peak: 3.2 × (2048 positions × 49,152
+# tokens × 4 bytes). tests/integration/test_fit_measured.py drives that load.
+BATCHED_TOKENS = 2048  # the worker's max_num_batched_tokens on CPU (rbee_worker/vllm_engine.py)
+LOGITS_COPIES = 3.5
 # The worker's defaults (rbee_worker/server.py): slots on CPU, context cap.
 DEFAULT_SLOTS = {"cpu": 8, "cuda": 32, "metal": 8}
 DEFAULT_CONTEXT = 2048
@@ -87,6 +98,7 @@ def fit_facts(model_path: str | Path, backend: str = "cpu", cpu_flags: Iterable[
         f"{PREFIX}kv_heads": str(facts.kv_heads),
         f"{PREFIX}head_dim": str(facts.head_dim),
         f"{PREFIX}context": str(_max_context(path)),
+        f"{PREFIX}vocab": str(facts.vocab),
     }
 
 
@@ -138,4 +150,8 @@ def estimate(meta: Mapping[str, str], size_bytes: int, backend: str = "cpu", slo
     facts = ModelFacts(dtype=stored or dtype, layers=_int(meta, "layers"), kv_heads=_int(meta, "kv_heads"), head_dim=_int(meta, "head_dim"))
     per_token = facts.kv_bytes_per_token(dtype)
     kv = max(KV_CACHE_FLOOR, int(math.ceil(slots * context * per_token / MiB)) * MiB) if per_token else KV_CACHE_UNKNOWN
-    return Estimate(weights, kv if backend == "cpu" else 0, ENGINE_OVERHEAD_BYTES, dtype, slots, context)
+    if backend != "cpu":
+        # On a GPU, vLLM profiles its activations inside its own memory budget.
+        return Estimate(weights, 0, ENGINE_OVERHEAD_BYTES, dtype, slots, context)
+    logits = int(BATCHED_TOKENS * _int(meta, "vocab") * 4 * LOGITS_COPIES)
+    return Estimate(weights, kv, ENGINE_OVERHEAD_BYTES + logits, dtype, slots, context)

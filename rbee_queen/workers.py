@@ -204,6 +204,8 @@ class HiveWatchers:
         self.narrate = log
         self.retry_max_s = retry_max_s
         self._tasks: dict[str, asyncio.Task] = {}
+        # Set to cut a watcher's wait before its next attempt short.
+        self._wake: dict[str, asyncio.Event] = {}
         self._sweeper: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -212,12 +214,19 @@ class HiveWatchers:
         self._sweeper = asyncio.ensure_future(self._sweep())
 
     def ensure(self, name: str) -> None:
+        """Follow node ``name``'s hive; one already followed but waiting to
+        reconnect (its hive was down) tries again now: the caller has just
+        made the hive ready, and the registry should not lag its backoff."""
         task = self._tasks.get(name)
         if task is None or task.done():
+            self._wake[name] = asyncio.Event()
             self._tasks[name] = asyncio.ensure_future(self._watch(name))
+        else:
+            self._wake[name].set()
 
     async def stop(self, name: str) -> None:
         task = self._tasks.pop(name, None)
+        self._wake.pop(name, None)
         if task is not None:
             task.cancel()
             with contextlib.suppress(BaseException):
@@ -266,5 +275,8 @@ class HiveWatchers:
                 self.registry.stream_lost(name)
             finally:
                 await link.close()
-            await asyncio.sleep(delay)
+            wake = self._wake[name]
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), delay)
+            wake.clear()
             delay = min(self.retry_max_s, delay * 2)

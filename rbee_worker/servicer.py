@@ -108,15 +108,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         st = self._status
         updates = st.subscribe()
         try:
-            yield inference_pb2.StreamLoadingProgressResponse(state=st.state, progress=st.progress)
-            while st.state == LOADING:
+            # The stream ends after it has sent a state other than LOADING:
+            # looping on st.state instead could end it on a LOADING message
+            # when the state changed while that message was on its way.
+            sent = st.state
+            yield inference_pb2.StreamLoadingProgressResponse(state=sent, progress=st.progress)
+            while sent == LOADING:
                 item = await updates.get()
                 if isinstance(item, int):
+                    sent = item
                     yield inference_pb2.StreamLoadingProgressResponse(state=item, progress=st.progress)
                 elif item.DESCRIPTOR.name == "ProgressEvent":
-                    yield inference_pb2.StreamLoadingProgressResponse(state=st.state, progress=item)
+                    sent = st.state
+                    yield inference_pb2.StreamLoadingProgressResponse(state=sent, progress=item)
                 else:
-                    yield inference_pb2.StreamLoadingProgressResponse(state=st.state, narration=item)
+                    sent = st.state
+                    yield inference_pb2.StreamLoadingProgressResponse(state=sent, narration=item)
             if st.state == FAILED:
                 raise st.error or RbeeError("MODEL_LOAD_FAILED", "Loading the model failed")
         finally:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee.errors import RbeeError
+from rbee.fit import BATCHED_TOKENS
 from rbee_worker.engine import (
     ABORT,
     Delta,
@@ -257,6 +258,10 @@ class VllmEngine(Engine):
         extra: dict[str, Any] = {}
         if plan is not None and plan.kv_cache_bytes is not None:
             extra["kv_cache_memory_bytes"] = plan.kv_cache_bytes
+        if self.backend == "cpu":
+            # Fixed rather than vLLM's default: the fit estimate counts the
+            # logits of this many positions (rbee/fit.py).
+            extra["max_num_batched_tokens"] = BATCHED_TOKENS
         return AsyncEngineArgs(
             model=self.model_path,
             tokenizer=self.model_path,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rbee.config import default_model_path
-from rbee.fit import ENGINE_OVERHEAD_BYTES, KV_CACHE_UNKNOWN, MiB, estimate, fit_facts
+from rbee.fit import BATCHED_TOKENS, ENGINE_OVERHEAD_BYTES, LOGITS_COPIES, KV_CACHE_UNKNOWN, MiB, estimate, fit_facts
 
 NO_BF16 = frozenset({"avx2"})
 BF16 = frozenset({"avx512_bf16"})
@@ -32,7 +32,11 @@ def test_the_default_model_in_float32_on_a_cpu_without_bfloat16(smol: Path) -> N
     assert est.weights == files * 2  # bfloat16 on disk, float32 in memory
     # 8 slots × 2048 tokens × (2 × 30 layers × 3 KV heads × 64 × 4 bytes)
     assert est.kv_cache == 8 * 2048 * 2 * 30 * 3 * 64 * 4 == 720 * MiB
-    assert est.total == est.weights + est.kv_cache + ENGINE_OVERHEAD_BYTES
+    assert meta["fit.vocab"] == "49152"
+    # The engine, and the float32 logits of a full batch with their copies.
+    logits = int(BATCHED_TOKENS * 49152 * 4 * LOGITS_COPIES)
+    assert est.overhead == ENGINE_OVERHEAD_BYTES + logits
+    assert est.total == est.weights + est.kv_cache + est.overhead
     assert "KV cache 0.7 GiB for 8 slots × 2048 tokens" in est.describe()
 
 
