@@ -31,7 +31,8 @@ from rbee_worker.engine import (
     encode_prompt,
     load_failed,
 )
-from rbee_worker.engine_death import EngineWatch, Remedies, watch_processes
+from rbee_worker.engine_death import Remedies
+from rbee_worker.engine_watch import EngineWatch, watch_processes
 from rbee_worker.engine_plan import EnginePlan, machine_plan, plan_fields
 from rbee_worker.load_stages import CHILD_STAGES, ForwardStages, StageListener
 
@@ -287,7 +288,7 @@ class VllmEngine(Engine):
         return AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger(self._on_scheduler_stats)])
 
     def _start_watch(self, info: EngineInfo) -> None:
-        """Follow the engine core's process, to say why if it dies (engine_death.py)."""
+        """Follow the engine core's process, to say why if it dies (engine_watch.py)."""
         try:
             candidates = list(self._llm.engine_core.resources.engine_manager.processes)
         except AttributeError:  # the engine runs in this process: nothing to watch

@@ -25,7 +25,7 @@ import pytest
 
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from rbee_worker.engine_death import memory_cgroup
+from rbee_worker.engine_procs import memory_cgroup
 from tests.fixtures.worker import WorkerProcess
 from tests.unit.worker.test_program import CALLBACK_KEY, fake_hive
 

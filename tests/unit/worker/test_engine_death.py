@@ -1,7 +1,7 @@
-"""Naming the death of vLLM's engine process (rbee_worker/engine_death.py):
-the kernel-log and cgroup readers on fake files, the classifier on fake
-evidence, the watch on a fake /proc and on a real process, and what the
-servicer does with the verdict (FakeEngine)."""
+"""Naming the death of vLLM's engine process (rbee_worker/engine_procs.py,
+engine_watch.py, engine_death.py): the kernel-log and cgroup readers on fake
+files, the classifier on fake evidence, the watch on a fake /proc and on a
+real process, and what the servicer does with the verdict (FakeEngine)."""
 
 from __future__ import annotations
 
@@ -18,18 +18,9 @@ import pytest
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.kernel_log import OomKill, oom_kills, read_kernel_log
 from rbee.v1 import common_pb2
-from rbee_worker.engine_death import (
-    DIED_CODE,
-    OOM_CODE,
-    EngineDeath,
-    EngineWatch,
-    MemoryCgroup,
-    ProcessEvidence,
-    Remedies,
-    classify,
-    is_alive,
-    memory_cgroup,
-)
+from rbee_worker.engine_death import DIED_CODE, OOM_CODE, EngineDeath, ProcessEvidence, Remedies, classify
+from rbee_worker.engine_procs import MemoryCgroup, is_alive, memory_cgroup
+from rbee_worker.engine_watch import EngineWatch
 from tests.unit.worker.fakes import FakeEngine
 from tests.unit.worker.harness import worker_harness
 
