@@ -16,6 +16,7 @@ from pydantic_settings import SettingsConfigDict
 from rbee.auth import new_api_key, read_key_file, write_key_file
 from rbee.config import DEFAULT_QUEEN_PORT
 from rbee.settings import DaemonSettings, build_settings, parse_duration
+from rbee_queen.hive_minimums import GiB, parse_size
 
 QUEEN_KEY_FILE = "queen.key"
 # The original design's queen port, now the HTTP front door's.
@@ -64,12 +65,24 @@ class QueenSettings(DaemonSettings):
     # node) instead of installing one, when it holds a matching engine. For
     # nodes that already carry the engine (a shared image, this machine).
     install_engine_site: str | None = None
+    # Hive preflight (S4.2): the free RAM and disk a node needs before the
+    # queen starts workers of a backend there (rbee_queen/hive_minimums.py
+    # says why these figures). Sizes in bytes or with a unit ("3GiB"); 0 = no check.
+    hive_min_ram_gpu: int = Field(8 * GiB, ge=0)
+    hive_min_disk_gpu: int = Field(50 * GiB, ge=0)
+    hive_min_ram_cpu: int = Field(3 * GiB, ge=0)
+    hive_min_disk_cpu: int = Field(5 * GiB, ge=0)
 
     @field_validator("ssh_connect_timeout", "latency_warning", "hive_start_timeout", "install_step_timeout",
                      "worker_stale_after", "http_cold_start_wait", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value)
+
+    @field_validator("hive_min_ram_gpu", "hive_min_disk_gpu", "hive_min_ram_cpu", "hive_min_disk_cpu", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return parse_size(value)
 
     @property
     def db_path(self) -> Path:

@@ -118,7 +118,7 @@ class TaskRunner:
             if req.node:  # pinned: the node must fit, with the same table as a placement
                 surveyed = [await survey_node(self.nodes, record, ref, relay)]
                 place(ref, *views(surveyed, ref, backend, req.device, req.slots, self.dispatched)[:2], pinned=record.name)
-            await hive_preflight(link, record, relay.check)
+            await hive_preflight(link, record, relay.check, self.nodes.settings, backend)
             access = await self._start(link, record, ref, backend, req, relay)
             return self._assignment(record, access, warm=False, started=started)
 

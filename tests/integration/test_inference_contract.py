@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from rbee_worker.server import DEFAULT_SLOTS
+from rbee_worker.settings import DEFAULT_SLOTS
 from tests.fixtures.worker import WorkerProcess
 
 pytestmark = pytest.mark.engine

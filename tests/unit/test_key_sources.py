@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rbee.errors import RbeeError
-from rbee_worker.server import build_parser, settings_from
+from rbee_worker.settings import build_parser, settings_from
 
 
 def key_file(path: Path, key: str, mode: int = 0o600) -> Path:

@@ -44,7 +44,8 @@ from pathlib import Path
 from rbee.errors import RbeeError
 from rbee_worker import server
 from rbee_worker.engine import EngineInfo, LoadProgress, ProgressCallback
-from rbee_worker.server import Settings, main
+from rbee_worker.server import main
+from rbee_worker.settings import Settings
 from tests.unit.worker.fakes import STAGES, FakeEngine
 
 

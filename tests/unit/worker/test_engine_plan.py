@@ -94,7 +94,7 @@ def test_plan_fields_say_when_vllm_took_another_dtype(model: Path):
 
 def test_worker_dtype_flag_is_checked_before_anything_loads(model: Path):
     from rbee.errors import RbeeError
-    from rbee_worker.server import build_parser, settings_from
+    from rbee_worker.settings import build_parser, settings_from
 
     argv = ["--model", str(model), "--port", "7910", "--api-key", "k"]
     assert settings_from(build_parser().parse_args([*argv, "--dtype", "BF16"]), {}).dtype == "bfloat16"
