@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,6 +20,7 @@ from rbee.tls import CA_CERT, HIVE_CERT, HIVE_KEY, ISSUER_CERT, ISSUER_KEY, TLS_
 from rbee.tls_identity import node_identity
 from rbee.v1 import preflight_pb2, preflight_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc, registry_pb2_grpc
 
+from rbee_queen.hive_minimums import check_minimums
 from rbee_queen.nodes.store import NodeRecord
 from rbee_queen.nodes.transport import NodeTransport
 
@@ -303,9 +305,12 @@ async def stop_hive(transport: NodeTransport, pid: int, timeout: float = 40.0) -
     return waited.ok
 
 
-async def hive_preflight(link: HiveLink, record: NodeRecord, check: Check) -> preflight_pb2.GetHiveHealthResponse:
-    """S4.2 from the queen: health, version compatibility, backends, resources,
-    worker environments. The first failure raises."""
+async def hive_preflight(
+    link: HiveLink, record: NodeRecord, check: Check, settings: Any, backend: str | None = None
+) -> preflight_pb2.GetHiveHealthResponse:
+    """S4.2 from the queen: health, version compatibility, backends, resources
+    above the floor for ``backend`` (any backend the node has when None;
+    rbee_queen/hive_minimums.py), worker environments. The first failure raises."""
     health = await link.call(link.preflight.GetHiveHealth, preflight_pb2.GetHiveHealthRequest())
     check("hive_health", hive_is_healthy(health.status), f"Hive health: {health.status} (rbee-hive {health.version}, API {health.api_version}, "
           f"up {health.uptime_s}s, {health.workers} workers)", version=health.version, api_version=health.api_version)
@@ -339,6 +344,7 @@ async def hive_preflight(link: HiveLink, record: NodeRecord, check: Check) -> pr
         f"disk {res.disk_available_bytes // mb} of {res.disk_total_bytes // mb} MB free at {res.disk_path}" + (f"; {gpus}" if gpus else ""),
         ram_available_mb=res.ram_available_bytes // mb, disk_available_mb=res.disk_available_bytes // mb,
     )  # fmt: skip
+    check_minimums(settings, record.name, res, [b.name for b in available], backend, check)
     envs = await link.call(link.provisioning.ListWorkerEnvironments, provisioning_pb2.ListWorkerEnvironmentsRequest())
     have = sorted({e.backend for e in envs.environments})
     missing = [b.name for b in available if b.name not in have]

@@ -285,7 +285,7 @@ class NodeManager:
             finally:
                 await transport.close()
             async with HiveLink(record) as link:
-                health = await hive_preflight(link, record, relay.check)
+                health = await hive_preflight(link, record, relay.check, self.settings)
                 backends = await self._hive_backends(link)
             record = self.store.update(name, hive_version=health.version, backends=backends)
             relay.narrate("🎉", f"Node {name} is ready: rbee-hive {health.version} at {record.hive_address}")

@@ -59,8 +59,10 @@ async def two_nodes(queen_factory, hub, tmp_path: Path, **env: str) -> tuple[Que
     """A queen with nodes a (1 GiB free, holding the model) and b (this machine's memory)."""
     hub.add_repo(REPO, FILES)
     program = write_standin_program(tmp_path / "standin")
+    # Node a's 1 GiB is below the hive preflight's CPU floor (3 GiB free): lowered here, so that
+    # a passes check-node and the placement is what refuses it (tests/integration/test_hive_minimums.py).
     queen = await queen_factory(**hive_env(hub, RBEE_HIVE_WORKER_BINARY=str(program), RBEE_HIVE_WATCH_HEARTBEAT="0.3s",
-                                           STANDIN_LOAD_S="0.3", **env))  # fmt: skip
+                                           STANDIN_LOAD_S="0.3", RBEE_QUEEN_HIVE_MIN_RAM_CPU="512MiB", **env))  # fmt: skip
     overrides = write_overrides(tmp_path / "a-resources.json", ram_total_bytes=2 * GiB, ram_available_bytes=GiB)
     homes = {"a": tmp_path / "home-a", "b": tmp_path / "home-b"}
     await add_local(queen, "a", homes["a"], "--install-path", str(small_install(tmp_path / "install-a", overrides)))
@@ -101,7 +103,7 @@ async def test_a_model_too_big_for_a_runs_on_b_and_the_narration_names_both(quee
         code, out, err = await queen.keeper("models", "fit", REF)
         assert code == 0, err
         header, *lines = out.splitlines()
-        assert header.split() == ["NODE", "ESTIMATE", "FREE", "FIT"]
+        assert header.split() == ["NODE", "NEED", "FREE", "FIT"]
         row_a = next(line for line in lines if line.startswith("a "))
         row_b = next(line for line in lines if line.startswith("b "))
         # 3 MB of weights, the worker's KV cache fallback (config.json gives no figures), the engine.
