@@ -37,6 +37,8 @@ CODES: dict[str, grpc.StatusCode] = {
     "INVALID_GIT_URL": S.INVALID_ARGUMENT,
     "INVALID_MODEL_FORMAT": S.INVALID_ARGUMENT,
     "INVALID_BACKEND": S.INVALID_ARGUMENT,
+    # A keep-alive that is no duration (rbee_queen/keepalive.py).
+    "INVALID_KEEP_ALIVE": S.INVALID_ARGUMENT,
     "INVALID_DEVICE": S.INVALID_ARGUMENT,
     "DEVICE_NOT_AVAILABLE": S.INVALID_ARGUMENT,
     "DUPLICATE_REQUEST_ID": S.ALREADY_EXISTS,
@@ -112,6 +114,11 @@ CODES: dict[str, grpc.StatusCode] = {
     "BACKEND_UNAVAILABLE": S.FAILED_PRECONDITION,
     "CUDA_NOT_AVAILABLE": S.FAILED_PRECONDITION,
     "MODEL_LOAD_FAILED": S.FAILED_PRECONDITION,
+    # Sleep mode (rbee_worker/sleep.py) where the engine cannot sleep: not on
+    # CUDA (vLLM has it on CUDA only), or started without RBEE_WORKER_SLEEP_MODE=1.
+    "SLEEP_MODE_UNSUPPORTED": S.FAILED_PRECONDITION,
+    # A worker asked to sleep while requests run on it.
+    "WORKER_BUSY": S.FAILED_PRECONDITION,
     "VERSION_MISMATCH": S.FAILED_PRECONDITION,
     "HIVE_NOT_INSTALLED": S.FAILED_PRECONDITION,
     # Mutual TLS (S13): listening beyond loopback without it, unusable

@@ -49,6 +49,8 @@ METHOD_SCOPES: dict[str, Scope] = {
     "/rbee.v1.InferenceService/GetModelInfo": I,
     "/rbee.v1.InferenceService/GetLoad": I,
     "/rbee.v1.InferenceService/Shutdown": A,
+    "/rbee.v1.InferenceService/Sleep": A,
+    "/rbee.v1.InferenceService/WakeUp": A,
     # rbee-hive: its workers' reports
     "/rbee.v1.WorkerCallbackService/ReportWorker": C,
     # rbee-hive: everything else is the node's administration

@@ -219,6 +219,18 @@ class Engine(abc.ABC):
     async def shutdown(self) -> None:
         """Release the model and the engine's processes."""
 
+    def sleep_unsupported(self) -> str:
+        """Why this engine cannot sleep ("" when it can; rbee_worker/sleep.py)."""
+        return "this engine has no sleep mode"
+
+    async def sleep(self, level: int) -> None:
+        """Free the device memory of the model (level 1: weights to CPU memory, KV cache dropped)."""
+        raise NotImplementedError
+
+    async def wake_up(self) -> None:
+        """Bring the weights back and rebuild the KV cache after sleep()."""
+        raise NotImplementedError
+
 
 def load_failed(model: str, exc: BaseException) -> RbeeError:
     if isinstance(exc, RbeeError):

@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None, engine_factory: Callable[[Settings], Eng
 
 
 def vllm_engine(settings: Settings) -> Engine:
+    from rbee_worker.sleep import sleep_mode_wanted
     from rbee_worker.vllm_engine import VllmEngine
 
     return VllmEngine(
@@ -117,6 +118,7 @@ def vllm_engine(settings: Settings) -> Engine:
         max_num_seqs=settings.slots,
         max_model_len=settings.max_model_len,
         dtype=settings.dtype,
+        sleep_mode=sleep_mode_wanted(),
     )
 
 

@@ -21,6 +21,7 @@ from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from rbee_worker.contract import ParsedRequest, check_cancel_ids, defaults, invalid, parse_request
 from rbee_worker.engine import Engine
 from rbee_worker.load import TokenRate, worker_load
+from rbee_worker.sleep import SleepControl
 from rbee_worker.status import (
     BUSY,
     DRAINING,
@@ -76,6 +77,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # Wall-clock on purpose: reported to the hive as a timestamp.
         self.last_activity_unix_ms = int(time.time() * 1000)
         engine.on_death(self._engine_died)
+        # Sleep mode on CUDA (rbee_worker/sleep.py).
+        self.sleep = SleepControl(engine, identity.backend, lambda: self.slots_busy, narrator)
 
     @property
     def slots_busy(self) -> int:
@@ -315,6 +318,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # stream is parked inside a write and its finally has not run yet.
         context.add_done_callback(lambda _ctx: self._release(active, how="disconnected"))
         try:
+            await self.sleep.wake("a request came")
             active.start()
             self._narrate(
                 "🧠",
@@ -412,6 +416,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         in_flight = self.begin_drain()
         self._on_shutdown(timeout)
         return inference_pb2.ShutdownResponse(state=self._status.state, in_flight=in_flight)
+
+    @handle_errors
+    async def Sleep(self, request: inference_pb2.SleepRequest, context) -> inference_pb2.SleepResponse:
+        self.sleep.check()
+        if self._status.info is None:
+            self._check_accepting()
+            raise RbeeError("MODEL_LOADING", "The model is not loaded yet: nothing to put to sleep")
+        level = await self.sleep.sleep(request.level)
+        return inference_pb2.SleepResponse(sleeping=True, level=level)
+
+    @handle_errors
+    async def WakeUp(self, request: inference_pb2.WakeUpRequest, context) -> inference_pb2.WakeUpResponse:
+        self.sleep.check()
+        return inference_pb2.WakeUpResponse(was_sleeping=await self.sleep.wake())
 
     def begin_drain(self) -> int:
         """Refuse new work from now on; returns the requests still in flight."""

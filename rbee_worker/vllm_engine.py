@@ -170,8 +170,11 @@ class VllmEngine(Engine):
         max_num_seqs: int = 8,
         max_model_len: int | None = DEFAULT_MAX_MODEL_LEN,
         dtype: str = "auto",
+        sleep_mode: bool = False,
     ) -> None:
         self.model_path = model_path
+        # vLLM's sleep mode (rbee_worker/sleep.py): CUDA only, asked at engine start.
+        self.sleep_mode = sleep_mode and backend == "cuda"
         self.backend = backend
         self.device = device
         self.max_num_seqs = max_num_seqs
@@ -273,6 +276,7 @@ class VllmEngine(Engine):
             enforce_eager=True,
             gpu_memory_utilization=CPU_MEMORY_UTILIZATION if self.backend == "cpu" else CUDA_MEMORY_UTILIZATION,
             disable_log_stats=True,
+            **({"enable_sleep_mode": True} if self.sleep_mode else {}),
         )
 
     def _start_engine(self, args: Any) -> Any:
@@ -457,6 +461,19 @@ class VllmEngine(Engine):
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
             await self._llm.abort(request_id)
+
+    def sleep_unsupported(self) -> str:
+        if self.backend != "cuda":
+            return f"vLLM has sleep mode on CUDA only, and this engine runs on {self.backend}"
+        if not self.sleep_mode:
+            return "the engine was started without sleep mode (RBEE_WORKER_SLEEP_MODE=1)"
+        return ""
+
+    async def sleep(self, level: int) -> None:
+        await self._llm.sleep(level)
+
+    async def wake_up(self) -> None:
+        await self._llm.wake_up()
 
     async def health(self) -> None:
         if self._watch is not None and self._watch.verdict is not None:

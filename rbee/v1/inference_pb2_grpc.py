@@ -100,6 +100,16 @@ class InferenceServiceStub:
                 request_serializer=rbee_dot_v1_dot_inference__pb2.GetLoadRequest.SerializeToString,
                 response_deserializer=rbee_dot_v1_dot_inference__pb2.GetLoadResponse.FromString,
                 _registered_method=True)
+        self.Sleep = channel.unary_unary(
+                '/rbee.v1.InferenceService/Sleep',
+                request_serializer=rbee_dot_v1_dot_inference__pb2.SleepRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_inference__pb2.SleepResponse.FromString,
+                _registered_method=True)
+        self.WakeUp = channel.unary_unary(
+                '/rbee.v1.InferenceService/WakeUp',
+                request_serializer=rbee_dot_v1_dot_inference__pb2.WakeUpRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_inference__pb2.WakeUpResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -210,6 +220,30 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sleep(self, request, context):
+        """Sleep mode (vLLM's, level 1; docs/queen.md, "Idle memory"): the model's
+        weights move to CPU memory and the KV cache is dropped, freeing the GPU's
+        memory while the worker stays up. The next Generate wakes it first (or
+        WakeUp). Only on CUDA, for a worker started with RBEE_WORKER_SLEEP_MODE=1
+        in its environment. Needs the worker's admin key, as Shutdown.
+        Fails with: FAILED_PRECONDITION (SLEEP_MODE_UNSUPPORTED: not CUDA, or the
+        engine was started without sleep mode; WORKER_BUSY: requests run on it;
+        MODEL_LOADING while loading), INVALID_ARGUMENT (a level other than 1),
+        PERMISSION_DENIED (WRONG_KEY_SCOPE), UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WakeUp(self, request, context):
+        """Wakes a sleeping worker; a worker awake answers at once (was_sleeping false).
+        Fails with: FAILED_PRECONDITION (SLEEP_MODE_UNSUPPORTED), PERMISSION_DENIED
+        (WRONG_KEY_SCOPE), UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +281,16 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=rbee_dot_v1_dot_inference__pb2.GetLoadRequest.FromString,
                     response_serializer=rbee_dot_v1_dot_inference__pb2.GetLoadResponse.SerializeToString,
+            ),
+            'Sleep': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sleep,
+                    request_deserializer=rbee_dot_v1_dot_inference__pb2.SleepRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_inference__pb2.SleepResponse.SerializeToString,
+            ),
+            'WakeUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.WakeUp,
+                    request_deserializer=rbee_dot_v1_dot_inference__pb2.WakeUpRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_inference__pb2.WakeUpResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -469,6 +513,60 @@ class InferenceService:
             '/rbee.v1.InferenceService/GetLoad',
             rbee_dot_v1_dot_inference__pb2.GetLoadRequest.SerializeToString,
             rbee_dot_v1_dot_inference__pb2.GetLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sleep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rbee.v1.InferenceService/Sleep',
+            rbee_dot_v1_dot_inference__pb2.SleepRequest.SerializeToString,
+            rbee_dot_v1_dot_inference__pb2.SleepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WakeUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rbee.v1.InferenceService/WakeUp',
+            rbee_dot_v1_dot_inference__pb2.WakeUpRequest.SerializeToString,
+            rbee_dot_v1_dot_inference__pb2.WakeUpResponse.FromString,
             options,
             channel_credentials,
             insecure,

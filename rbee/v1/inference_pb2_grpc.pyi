@@ -110,6 +110,22 @@ class InferenceServiceStub:
     """How loaded the worker is right now. Answers in every state.
     Fails with: UNAUTHENTICATED.
     """
+    Sleep: _grpc.UnaryUnaryMultiCallable[_inference_pb2.SleepRequest, _inference_pb2.SleepResponse]
+    """Sleep mode (vLLM's, level 1; docs/queen.md, "Idle memory"): the model's
+    weights move to CPU memory and the KV cache is dropped, freeing the GPU's
+    memory while the worker stays up. The next Generate wakes it first (or
+    WakeUp). Only on CUDA, for a worker started with RBEE_WORKER_SLEEP_MODE=1
+    in its environment. Needs the worker's admin key, as Shutdown.
+    Fails with: FAILED_PRECONDITION (SLEEP_MODE_UNSUPPORTED: not CUDA, or the
+    engine was started without sleep mode; WORKER_BUSY: requests run on it;
+    MODEL_LOADING while loading), INVALID_ARGUMENT (a level other than 1),
+    PERMISSION_DENIED (WRONG_KEY_SCOPE), UNAUTHENTICATED.
+    """
+    WakeUp: _grpc.UnaryUnaryMultiCallable[_inference_pb2.WakeUpRequest, _inference_pb2.WakeUpResponse]
+    """Wakes a sleeping worker; a worker awake answers at once (was_sleeping false).
+    Fails with: FAILED_PRECONDITION (SLEEP_MODE_UNSUPPORTED), PERMISSION_DENIED
+    (WRONG_KEY_SCOPE), UNAUTHENTICATED.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -192,6 +208,22 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     GetLoad: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetLoadRequest, _inference_pb2.GetLoadResponse]  # type: ignore[assignment]
     """How loaded the worker is right now. Answers in every state.
     Fails with: UNAUTHENTICATED.
+    """
+    Sleep: _aio.UnaryUnaryMultiCallable[_inference_pb2.SleepRequest, _inference_pb2.SleepResponse]  # type: ignore[assignment]
+    """Sleep mode (vLLM's, level 1; docs/queen.md, "Idle memory"): the model's
+    weights move to CPU memory and the KV cache is dropped, freeing the GPU's
+    memory while the worker stays up. The next Generate wakes it first (or
+    WakeUp). Only on CUDA, for a worker started with RBEE_WORKER_SLEEP_MODE=1
+    in its environment. Needs the worker's admin key, as Shutdown.
+    Fails with: FAILED_PRECONDITION (SLEEP_MODE_UNSUPPORTED: not CUDA, or the
+    engine was started without sleep mode; WORKER_BUSY: requests run on it;
+    MODEL_LOADING while loading), INVALID_ARGUMENT (a level other than 1),
+    PERMISSION_DENIED (WRONG_KEY_SCOPE), UNAUTHENTICATED.
+    """
+    WakeUp: _aio.UnaryUnaryMultiCallable[_inference_pb2.WakeUpRequest, _inference_pb2.WakeUpResponse]  # type: ignore[assignment]
+    """Wakes a sleeping worker; a worker awake answers at once (was_sleeping false).
+    Fails with: FAILED_PRECONDITION (SLEEP_MODE_UNSUPPORTED), PERMISSION_DENIED
+    (WRONG_KEY_SCOPE), UNAUTHENTICATED.
     """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -314,6 +346,34 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_inference_pb2.GetLoadResponse, _abc.Awaitable[_inference_pb2.GetLoadResponse]]:
         """How loaded the worker is right now. Answers in every state.
         Fails with: UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def Sleep(
+        self,
+        request: _inference_pb2.SleepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.SleepResponse, _abc.Awaitable[_inference_pb2.SleepResponse]]:
+        """Sleep mode (vLLM's, level 1; docs/queen.md, "Idle memory"): the model's
+        weights move to CPU memory and the KV cache is dropped, freeing the GPU's
+        memory while the worker stays up. The next Generate wakes it first (or
+        WakeUp). Only on CUDA, for a worker started with RBEE_WORKER_SLEEP_MODE=1
+        in its environment. Needs the worker's admin key, as Shutdown.
+        Fails with: FAILED_PRECONDITION (SLEEP_MODE_UNSUPPORTED: not CUDA, or the
+        engine was started without sleep mode; WORKER_BUSY: requests run on it;
+        MODEL_LOADING while loading), INVALID_ARGUMENT (a level other than 1),
+        PERMISSION_DENIED (WRONG_KEY_SCOPE), UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def WakeUp(
+        self,
+        request: _inference_pb2.WakeUpRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.WakeUpResponse, _abc.Awaitable[_inference_pb2.WakeUpResponse]]:
+        """Wakes a sleeping worker; a worker awake answers at once (was_sleeping false).
+        Fails with: FAILED_PRECONDITION (SLEEP_MODE_UNSUPPORTED), PERMISSION_DENIED
+        (WRONG_KEY_SCOPE), UNAUTHENTICATED.
         """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
