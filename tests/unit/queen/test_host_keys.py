@@ -9,7 +9,7 @@ import asyncssh
 import pytest
 
 from rbee.errors import RbeeError
-from rbee_queen.nodes.ssh import (
+from rbee_queen.nodes.host_keys import (
     HostKey,
     HostKeyVerdict,
     RecordedHostKey,
