@@ -65,6 +65,8 @@ CODES: dict[str, grpc.StatusCode] = {
     "WORKER_NOT_FOUND": S.NOT_FOUND,
     "NODE_NOT_FOUND": S.NOT_FOUND,
     "APP_KEY_NOT_FOUND": S.NOT_FOUND,
+    # No deployment (models deploy) of that model at the queen.
+    "DEPLOYMENT_NOT_FOUND": S.NOT_FOUND,
     "WORKER_BINARY_NOT_FOUND": S.NOT_FOUND,
     "SSH_KEY_NOT_FOUND": S.NOT_FOUND,
     # busy / memory / quota
@@ -88,6 +90,8 @@ CODES: dict[str, grpc.StatusCode] = {
     "RESOURCE_EXHAUSTED": S.RESOURCE_EXHAUSTED,
     # The queen holds at most this many application keys (each request checks them all).
     "APP_KEY_LIMIT": S.RESOURCE_EXHAUSTED,
+    # The queen keeps at most this many deployments (each is reconciled in a loop).
+    "DEPLOYMENT_LIMIT": S.RESOURCE_EXHAUSTED,
     # timeouts
     "DEADLINE_EXCEEDED": S.DEADLINE_EXCEEDED,
     "DOWNLOAD_TIMEOUT": S.DEADLINE_EXCEEDED,

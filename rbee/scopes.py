@@ -86,6 +86,9 @@ METHOD_SCOPES: dict[str, Scope] = {
     "/rbee.v1.AppKeyService/CreateAppKey": A,
     "/rbee.v1.AppKeyService/ListAppKeys": A,
     "/rbee.v1.AppKeyService/RevokeAppKey": A,
+    "/rbee.v1.ReplicaService/DeployModel": A,
+    "/rbee.v1.ReplicaService/UndeployModel": A,
+    "/rbee.v1.ReplicaService/ListDeployments": A,
 }
 
 # Which program serves which service (the table's tests start each one).
@@ -99,6 +102,7 @@ SERVICES: dict[str, str] = {
     "rbee.v1.TaskService": "queen",
     "rbee.v1.ClusterWorkerService": "queen",
     "rbee.v1.AppKeyService": "queen",
+    "rbee.v1.ReplicaService": "queen",
 }
 
 

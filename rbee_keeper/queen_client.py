@@ -12,7 +12,7 @@ from rbee.auth import read_key_file
 from rbee.config import keeper_settings, rbee_home
 from rbee.errors import RbeeError
 from rbee.tls_identity import QUEEN_NAME
-from rbee.v1 import keys_pb2, keys_pb2_grpc, nodes_pb2, nodes_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from rbee.v1 import keys_pb2, keys_pb2_grpc, nodes_pb2, nodes_pb2_grpc, replicas_pb2, replicas_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 from rbee_keeper.daemon_client import DaemonClient
 from rbee_keeper.validation import validate_queen_address
@@ -49,6 +49,7 @@ class QueenClient(DaemonClient):
         self._tasks = tasks_pb2_grpc.TaskServiceStub(channel)
         self._cluster = tasks_pb2_grpc.ClusterWorkerServiceStub(channel)
         self._keys = keys_pb2_grpc.AppKeyServiceStub(channel)
+        self._replicas = replicas_pb2_grpc.ReplicaServiceStub(channel)
 
     def unreachable_hints(self) -> list[str]:
         return [f"Start it with `queen-rbee daemon --port {self.address.rpartition(':')[2]}`, or pass --queen HOST:PORT"]
@@ -107,3 +108,12 @@ class QueenClient(DaemonClient):
 
     async def revoke_app_key(self, name: str) -> keys_pb2.AppKey:
         return (await self._unary(self._keys.RevokeAppKey, keys_pb2.RevokeAppKeyRequest(name=name))).key
+
+    async def deploy_model(self, request: replicas_pb2.DeployModelRequest) -> replicas_pb2.DeployModelResponse:
+        return await self._unary(self._replicas.DeployModel, request)
+
+    async def undeploy_model(self, model_ref: str) -> replicas_pb2.UndeployModelResponse:
+        return await self._unary(self._replicas.UndeployModel, replicas_pb2.UndeployModelRequest(model_ref=model_ref), 120.0)
+
+    async def list_deployments(self) -> list[replicas_pb2.Deployment]:
+        return list((await self._unary(self._replicas.ListDeployments, replicas_pb2.ListDeploymentsRequest())).deployments)

@@ -23,7 +23,7 @@ from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.rpc import RequestGuard, set_log_location
 from rbee.scopes import Scope
-from rbee.v1 import keys_pb2_grpc, nodes_pb2_grpc, tasks_pb2_grpc
+from rbee.v1 import keys_pb2_grpc, nodes_pb2_grpc, replicas_pb2_grpc, tasks_pb2_grpc
 
 from rbee.tls import ClusterCA, is_loopback
 from rbee_queen.appkeys import AppKeyStore
@@ -32,7 +32,10 @@ from rbee_queen.hives import cluster_ca, stop_hive, use_cluster_ca
 from rbee_queen.nodes.manager import NodeManager
 from rbee_queen.nodes.relay import ACTOR, NodeEventRelay
 from rbee_queen.nodes.store import NodeStore
+from rbee_queen.reconcile import Reconciler, ReplicaPolicy
+from rbee_queen.deployments import DeploymentStore
 from rbee_queen.servicers.keys import AppKeyServicer
+from rbee_queen.servicers.replicas import ReplicaServicer
 from rbee_queen.servicers.nodes import NodeServicer
 from rbee_queen.servicers.tasks import ClusterWorkerServicer, TaskServicer
 from rbee_queen.tasks import TaskRunner
@@ -97,6 +100,11 @@ class QueenServer:
         self.registry = ClusterWorkers(settings.worker_stale_after.total_seconds())
         self.watchers = HiveWatchers(self.store, self.registry, narrator)
         self.tasks = TaskRunner(self.store, self.nodes, self.watchers)
+        # Models kept running (docs/queen.md, "Replicas"): the wish in beehives.db, the loop that keeps it.
+        self.deployments = DeploymentStore(settings.db_path)
+        self.replicas = Reconciler(self.deployments, self.store, self.tasks, self.registry, self.watchers, narrator,
+                                   ReplicaPolicy(settings.replica_interval.total_seconds(), settings.replica_backoff_base.total_seconds(),
+                                                 settings.replica_backoff_max.total_seconds()))  # fmt: skip
         self.port = 0
         self._health = health.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -115,6 +123,7 @@ class QueenServer:
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.tasks, self.narrate), server)
         tasks_pb2_grpc.add_ClusterWorkerServiceServicer_to_server(ClusterWorkerServicer(self.registry), server)
         keys_pb2_grpc.add_AppKeyServiceServicer_to_server(AppKeyServicer(self.app_keys, self.narrate), server)
+        replicas_pb2_grpc.add_ReplicaServiceServicer_to_server(ReplicaServicer(self.replicas), server)
         address = f"{s.host}:{s.port}"
         tls = None
         if serve_tls:
@@ -141,6 +150,7 @@ class QueenServer:
             raise
         # Rebuild the worker registry from every registered node's hive.
         self.watchers.start()
+        self.replicas.start()
         self._flusher = asyncio.ensure_future(self.app_keys.keep_last_used())
         return self.port
 
@@ -150,6 +160,7 @@ class QueenServer:
         if self.http is not None:
             await self.http.stop()
             await self.http.app.state.router.close()
+        await self.replicas.close()
         await self.watchers.close()
         relay = NodeEventRelay(self.narrate)
         for name, pid in list(self.nodes.started_hives.items()):
@@ -173,6 +184,7 @@ class QueenServer:
         if self._flusher is not None:
             self._flusher.cancel()
         self.app_keys.close()
+        self.deployments.close()
         self.store.close()
         self.narrate("👋", "queen-rbee stopped")
 

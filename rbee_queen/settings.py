@@ -59,6 +59,12 @@ class QueenSettings(DaemonSettings):
     # Workers of a node whose hive has not been heard from this long are
     # dropped from the global registry (S6.2).
     worker_stale_after: timedelta = timedelta(seconds=120)
+    # Deployments (docs/queen.md, "Replicas"): how often the reconcile loop
+    # looks when nothing changed, and the backoff of a replica's restarts
+    # (the first wait, doubled per restart up to the cap).
+    replica_interval: timedelta = timedelta(seconds=2)
+    replica_backoff_base: timedelta = timedelta(seconds=1)
+    replica_backoff_max: timedelta = timedelta(seconds=60)
     # How long one install step may run on a node (an engine install is long).
     install_step_timeout: timedelta = timedelta(minutes=60)
     # On nodes, link the engine from this site-packages folder (a path on the
@@ -83,6 +89,11 @@ class QueenSettings(DaemonSettings):
     @classmethod
     def _size(cls, value: Any) -> Any:
         return parse_size(value)
+
+    @field_validator("replica_interval", "replica_backoff_base", "replica_backoff_max", mode="before")
+    @classmethod
+    def _replica_duration(cls, value: Any) -> Any:
+        return parse_duration(value)
 
     @property
     def db_path(self) -> Path:

@@ -197,13 +197,18 @@ def list_models(
     provider: str = typer.Option(None, "--provider", help="Only models from this provider: hf or file."),
     api_key: str = HIVE_KEY_OPTION,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per model on stdout."),
+    deployed: bool = typer.Option(False, "--deployed", help="The models the queen keeps running (models deploy) and their replicas, instead of a node's catalog."),
 ) -> None:
-    """List the models in a node's catalog.
+    """List the models in a node's catalog, or with --deployed the queen's deployments.
 
     Example: rbee-keeper models list --node workstation --json
     """
 
     async def main() -> int:
+        if deployed:
+            from rbee_keeper.commands.deploy import list_deployed
+
+            return await list_deployed(queen, api_key, as_json)
         if provider is not None and provider.strip().lower() not in PROVIDERS:
             raise invalid_argument(
                 "--provider", provider, f"must be one of {', '.join(PROVIDERS)}", "Pass --provider hf or --provider file"
@@ -253,6 +258,52 @@ def fit_cmd(
     async def main() -> int:
         parse_model_ref(model)
         return await fit(model, validate_backend(backend) or "cpu", slots, queen, api_key, as_json)
+
+    run(main())
+
+
+QUEEN_KEY_OPTION = typer.Option(None, "--api-key", metavar="KEY", help="The queen's key (or RBEE_QUEEN_API_KEY, \\[keeper] queen_api_key, $RBEE_HOME/queen.key).")
+
+
+@models_app.command("deploy")
+def deploy_cmd(
+    model: str = typer.Argument(..., metavar="MODEL", help="The model reference, hf:ORG/REPO or file:///path."),
+    replicas: int = typer.Option(1, "--replicas", help="Workers to keep running (1 to 64)."),
+    nodes: str = typer.Option(None, "--nodes", metavar="A,B", help="Only these nodes (default: any registered node)."),
+    backend: str = typer.Option(None, "--backend", help="cpu (default), cuda or metal."),
+    queen: str = QUEEN_OPTION,
+    api_key: str = QUEEN_KEY_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="The deployment as one JSON object on stdout."),
+) -> None:
+    """Keep N workers of a model running: the queen places them, restarts crashed ones and moves them off lost nodes.
+
+    Example: rbee-keeper models deploy hf:HuggingFaceTB/SmolLM2-135M-Instruct --replicas 2 --nodes workstation,laptop
+    """
+    from rbee_keeper.commands.deploy import deploy
+
+    async def main() -> int:
+        parse_model_ref(model)
+        return await deploy(model, replicas, nodes, validate_backend(backend) or "cpu", queen, api_key, as_json)
+
+    run(main())
+
+
+@models_app.command("undeploy")
+def undeploy_cmd(
+    model: str = typer.Argument(..., metavar="MODEL", help="The model reference, as deployed."),
+    queen: str = QUEEN_OPTION,
+    api_key: str = QUEEN_KEY_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="The removed deployment and the workers stopped, as one JSON object."),
+) -> None:
+    """Stop keeping a model running: the queen forgets the deployment and stops its workers.
+
+    Example: rbee-keeper models undeploy hf:HuggingFaceTB/SmolLM2-135M-Instruct
+    """
+    from rbee_keeper.commands.deploy import undeploy
+
+    async def main() -> int:
+        parse_model_ref(model)
+        return await undeploy(model, queen, api_key, as_json)
 
     run(main())
 

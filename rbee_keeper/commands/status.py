@@ -1,6 +1,7 @@
 """`rbee-keeper status`: the whole cluster on one screen, as the queen sees
 it: the queen, each node with its hive, every worker (model, device, slots,
-state) and the models each running hive holds."""
+state), the models each running hive holds and the models the queen keeps
+running (models deploy) with their replicas."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def status(
     api_key: str = typer.Option(None, "--api-key", metavar="KEY", help="The queen's key (or RBEE_QUEEN_API_KEY, \\[keeper] queen_api_key, $RBEE_HOME/queen.key)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout: queen, nodes, workers, models."),
 ) -> None:
-    """The queen, each node and its hive, the workers (model, device, slots, state) and the models of each node.
+    """The queen, each node and its hive, the workers (model, device, slots, state), the models of each node and the deployments.
 
     Example: rbee-keeper status --json
     """
@@ -50,6 +51,7 @@ async def _status(queen: str | None, api_key: str | None, as_json: bool) -> int:
 
     from rbee.v1 import tasks_pb2
 
+    from rbee_keeper.commands.deploy import DEPLOYMENT_HEADER, deployment_dict, deployment_rows
     from rbee_keeper.commands.models import model_dict
     from rbee_keeper.commands.setup import STATUS, _node_dict
     from rbee_keeper.commands.workers import _state, _worker_dict
@@ -57,7 +59,9 @@ async def _status(queen: str | None, api_key: str | None, as_json: bool) -> int:
     from rbee_keeper.queen_client import QueenClient
 
     async with QueenClient.connect(resolve_queen(queen), api_key) as client:
-        nodes, workers = await asyncio.gather(client.list_nodes(), client.cluster_workers(tasks_pb2.ListClusterWorkersRequest()))
+        nodes, workers, deployments = await asyncio.gather(
+            client.list_nodes(), client.cluster_workers(tasks_pb2.ListClusterWorkersRequest()), client.list_deployments()
+        )
         models = await asyncio.gather(*(_node_models(client, n) for n in nodes))
     address = client.address
     if as_json:
@@ -67,6 +71,7 @@ async def _status(queen: str | None, api_key: str | None, as_json: bool) -> int:
             "workers": [{"node": c.node, "capability": c.capability, "hive": c.hive_address, **_worker_dict(c.worker)} for c in workers],
             "models": [{"node": name, **model_dict(m)} for name, entries, _ in models for m in entries],
             "models_unavailable": {name: why for name, _, why in models if why},
+            "deployments": [deployment_dict(d) for d in deployments],
         }))  # fmt: skip
         return 0
     from rich import filesize
@@ -98,4 +103,8 @@ async def _status(queen: str | None, api_key: str | None, as_json: bool) -> int:
         if why:
             table.add_row(name, f"({why})", "", "")
     console.print(table if table.row_count else "models: none", markup=False)
+    table = Table(*DEPLOYMENT_HEADER, title="deployments", title_justify="left")
+    for row in deployment_rows(deployments):
+        table.add_row(*row)
+    console.print(table if deployments else "deployments: none (rbee-keeper models deploy MODEL --replicas N)", markup=False)
     return 0

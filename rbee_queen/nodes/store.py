@@ -53,6 +53,16 @@ MIGRATIONS: list[list[str]] = [
             last_used_unix BIGINT NOT NULL DEFAULT 0
         )""",
     ],
+    # Models the queen keeps running (rbee_queen/deployments.py): nodes as a JSON list.
+    [
+        """CREATE TABLE deployments (
+            model_ref VARCHAR(1024) PRIMARY KEY,
+            replicas INTEGER NOT NULL,
+            nodes TEXT NOT NULL DEFAULT '[]',
+            backend VARCHAR(16) NOT NULL DEFAULT 'cpu',
+            created_at_unix BIGINT NOT NULL
+        )""",
+    ],
 ]
 
 STATUSES = ("unknown", "reachable", "unreachable")
