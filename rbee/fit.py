@@ -82,6 +82,13 @@ def _max_context(model_path: Path) -> int:
     return value if isinstance(value, int) and value > 0 else 0
 
 
+def worker_context(model_path: str | Path) -> int:
+    """The context a worker gives the model when the hive names none: the
+    model's own, capped at DEFAULT_CONTEXT (the worker's --max-model-len)."""
+    model_context = _max_context(Path(model_path))
+    return min(DEFAULT_CONTEXT, model_context) if model_context else DEFAULT_CONTEXT
+
+
 def fit_facts(model_path: str | Path, backend: str = "cpu", cpu_flags: Iterable[str] = ()) -> dict[str, str]:
     """The figures of a downloaded model the estimate needs, as string
     metadata: weight bytes on disk, the dtype stored and the one a worker
@@ -155,3 +162,80 @@ def estimate(meta: Mapping[str, str], size_bytes: int, backend: str = "cpu", slo
         return Estimate(weights, 0, ENGINE_OVERHEAD_BYTES, dtype, slots, context)
     logits = int(BATCHED_TOKENS * _int(meta, "vocab") * 4 * LOGITS_COPIES)
     return Estimate(weights, kv, ENGINE_OVERHEAD_BYTES + logits, dtype, slots, context)
+
+
+# What a hive measured (rbee_hive/catalog/fits.py): its model listing's
+# metadata carries a JSON list under this key.
+MEASURED_KEY = PREFIX + "measured"
+MAX_MEASURED = 16
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A worker's peak memory as a hive measured it, with the settings it ran with."""
+
+    bytes: int
+    backend: str
+    dtype: str
+    slots: int
+    context: int
+    device_bytes: int = 0
+    measured_at_unix: int = 0
+
+    def matches(self, est: Estimate, backend: str) -> bool:
+        # The listing's dtype is the one a CPU worker runs; a GPU worker's is the device's choice.
+        same_dtype = self.dtype == est.dtype or backend != "cpu"
+        return self.backend == backend and same_dtype and self.slots == est.slots and self.context == est.context
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {"bytes": self.bytes, "backend": self.backend, "dtype": self.dtype, "slots": self.slots,
+                "context": self.context, "device_bytes": self.device_bytes, "measured_at_unix": self.measured_at_unix}  # fmt: skip
+
+
+def measurements(meta: Mapping[str, str]) -> list[Measured]:
+    """The measurements in a model listing's metadata; what is not well formed
+    (a hive of another release, a broken one) is left out."""
+    import json
+
+    try:
+        items = json.loads(meta.get(MEASURED_KEY, "") or "[]")
+    except ValueError:
+        return []
+    out = []
+    for item in items[:MAX_MEASURED] if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        ints = [item.get(k, 0) for k in ("peak_bytes", "slots", "context", "device_peak_bytes", "measured_at_unix")]
+        texts = [item.get(k) for k in ("backend", "dtype")]
+        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints) and all(isinstance(t, str) for t in texts):
+            peak, slots, context, device, stamp = ints
+            if peak > 0:
+                out.append(Measured(peak, texts[0], texts[1], slots, context, device, stamp))  # type: ignore[arg-type]
+    return out
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a worker needs on a node: the measurement where one matches the
+    estimate's settings (backend, dtype, slots, context), else the estimate."""
+
+    estimate: Estimate
+    measured: Measured | None = None
+
+    @property
+    def total(self) -> int:
+        return self.measured.bytes if self.measured is not None else self.estimate.total
+
+    @property
+    def basis(self) -> str:
+        return "measured" if self.measured is not None else "estimate"
+
+
+def need(est: Estimate, metas: Iterable[Mapping[str, str]], backend: str = "cpu") -> Need:
+    """``est`` replaced by the first matching measurement in ``metas``
+    (listings in order of preference: the node's own first)."""
+    for meta in metas:
+        found = [m for m in measurements(meta) if m.matches(est, backend)]
+        if found:
+            return Need(est, max(found, key=lambda m: m.bytes))
+    return Need(est)

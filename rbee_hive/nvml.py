@@ -72,6 +72,33 @@ class Nvml:
                 except Exception:  # noqa: BLE001 - shutting down is best effort
                     pass
 
+    def process_memory(self, device: int, pids: set[int]) -> int | None:
+        """Device memory the processes ``pids`` hold on GPU ``device`` now
+        (NVML's per-process figure for compute processes); None when NVML
+        cannot say (no driver, an old one, or a process in another PID
+        namespace, whose pid NVML does not report as ours)."""
+        nvml = self._nvml()
+        if nvml is None:
+            return None
+        with self._lock:
+            try:
+                nvml.nvmlInit()
+            except Exception:  # noqa: BLE001 - no driver: nothing to measure
+                return None
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(device)
+                used = [p.usedGpuMemory for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle) if int(p.pid) in pids]
+            except Exception as exc:  # noqa: BLE001
+                log.info("NVML per-process memory of GPU %d not available: %s", device, _describe(exc))
+                return None
+            finally:
+                try:
+                    nvml.nvmlShutdown()
+                except Exception:  # noqa: BLE001 - shutting down is best effort
+                    pass
+        known = [int(u) for u in used if u is not None]
+        return sum(known) if known else None
+
     @staticmethod
     def _read(nvml: Any) -> CudaProbe:
         count = int(nvml.nvmlDeviceGetCount())

@@ -201,7 +201,8 @@ class DirectInference:
         details.update(worker=self.worker, retries=str(retries))
         return RbeeError(
             "ALL_SLOTS_BUSY",
-            f"Worker {self.worker} is still busy after {retries} retries ({_slots(err)})",
+            f"Worker {self.worker} is still busy after {retries} retries ({_slots(err)})" if retries
+            else f"Worker {self.worker} is busy ({_slots(err)})",
             details,
             [
                 "Wait for the running requests to finish, then try again",

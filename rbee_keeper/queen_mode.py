@@ -1,6 +1,12 @@
 """`rbee-keeper infer --node NAME --model REF`: the queen prepares a worker
 (S1 steps 2-9), the keeper then streams from that worker directly (step 10).
 
+When every slot of the model is busy the queen queues the task (docs/queen.md,
+"Admission queue"), so the keeper does not retry the queen's ALL_SLOTS_BUSY: it
+means the queue was full or the wait over. Only a worker taken by another
+client between the assignment and the request (its own ALL_SLOTS_BUSY) sends
+the keeper back to the queen, which queues it again.
+
 When no queen answers at the configured address (a loopback one), the keeper
 starts one for this command (ephemeral mode, S8) and stops it afterwards; that
 queen stops the hives it started, which stop their workers. A persistent queen
@@ -32,7 +38,8 @@ from rbee_keeper.queen_client import QueenClient, resolve_queen_key
 PROBE_TIMEOUT_S = 1.0
 EPHEMERAL_START_TIMEOUT_S = 60.0
 EPHEMERAL_STOP_TIMEOUT_S = 120.0
-BUSY_RETRY_DELAYS_S = (1.0, 2.0, 4.0)
+# How often a worker taken meanwhile sends the keeper back to the queen.
+WORKER_TAKEN_ATTEMPTS = 3
 
 
 async def queen_answers(address: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
@@ -126,26 +133,16 @@ class TaskView:
 
 
 async def submit_task(client: QueenClient, request: tasks_pb2.SubmitInferenceRequest, narrate: Narrator) -> tasks_pb2.WorkerAssignment:
-    """SubmitInference, its events shown; ALL_SLOTS_BUSY retried after 1, 2, 4 s (S9)."""
-    for attempt in range(len(BUSY_RETRY_DELAYS_S) + 1):
-        view = TaskView(request.model_ref, narrate)
-        try:
-            async for item in client.submit(request):
-                if item.HasField("event"):
-                    view.show(item.event)
-                elif item.HasField("assigned"):
-                    return item.assigned
-        except RbeeError as err:
-            if err.code != "ALL_SLOTS_BUSY" or attempt == len(BUSY_RETRY_DELAYS_S):
-                if err.code == "ALL_SLOTS_BUSY":
-                    err.suggestions.append(f"Still busy after {attempt} retries: try again later or start another worker")
-                raise
-            delay = BUSY_RETRY_DELAYS_S[attempt]
-            narrate("⏳", f"All slots busy ({err.details.get('slots_busy', '?')}/{err.details.get('slots_total', '?')}): "
-                    f"retrying in {delay:g}s ({attempt + 1}/{len(BUSY_RETRY_DELAYS_S)})")  # fmt: skip
-            await asyncio.sleep(delay)
-        finally:
-            view.close()
+    """SubmitInference, its events shown (a wait in the queen's queue among them)."""
+    view = TaskView(request.model_ref, narrate)
+    try:
+        async for item in client.submit(request):
+            if item.HasField("event"):
+                view.show(item.event)
+            elif item.HasField("assigned"):
+                return item.assigned
+    finally:
+        view.close()
     raise RbeeError("STREAM_BROKEN", "The queen ended the task without assigning a worker", {"queen": client.address})
 
 
@@ -165,12 +162,21 @@ async def run_with_queen(queen: str, api_key: str | None, request: tasks_pb2.Sub
         ephemeral = await EphemeralQueen.start(address, narrate)
     try:
         key, source = resolve_queen_key(api_key, address)
-        async with QueenClient(address, key, source) as client:
-            assignment = await submit_task(client, request, narrate)
-        w = assignment.worker
-        narrate("🎯", f"{'Warm' if assignment.warm else 'Cold'} start: worker {w.id} at {w.address} on {assignment.node} "
-                f"(queen: {assignment.queen_ms} ms)")  # fmt: skip
-        return await use_worker(assignment)
+        for attempt in range(1, WORKER_TAKEN_ATTEMPTS + 1):
+            async with QueenClient(address, key, source) as client:
+                assignment = await submit_task(client, request, narrate)
+            w = assignment.worker
+            narrate("🎯", f"{'Warm' if assignment.warm else 'Cold'} start: worker {w.id} at {w.address} on {assignment.node} "
+                    f"(queen: {assignment.queen_ms} ms)")  # fmt: skip
+            try:
+                return await use_worker(assignment)
+            except RbeeError as err:
+                # The worker's own refusal comes before any token: nothing was printed.
+                if err.code != "ALL_SLOTS_BUSY" or attempt == WORKER_TAKEN_ATTEMPTS:
+                    raise
+                narrate("🔁", f"Worker {w.id} was taken by another client meanwhile: asking the queen again "
+                        f"({attempt}/{WORKER_TAKEN_ATTEMPTS - 1})")  # fmt: skip
+        raise AssertionError("unreachable")
     finally:
         if ephemeral is not None:
             await ephemeral.stop(narrate)

@@ -85,6 +85,31 @@ class AdmissionQueue:
         """Requests waiting now per model (for the metrics)."""
         return dict(self._depth)
 
+    def refusal(self, model: str, slots_total: int, why: str, waited_s: float, node: str = "") -> RbeeError:
+        """ALL_SLOTS_BUSY for a request the queue cannot take (``why``: "full"
+        or "wait"), with the figures and the settings that bound it."""
+        where = f" on {node}" if node else ""
+        if why == "full":
+            reason = (f"and {self.max_length} requests are queued already (--queue-length {self.max_length})"
+                      if self.max_length else "and the queen queues no requests (--queue-length 0)")  # fmt: skip
+        else:
+            reason = f"and none freed within {waited_s:.0f}s in the queue (--queue-wait {self.max_wait_s:g}s)"
+        details = {"model": model, "slots_total": slots_total, "slots_busy": slots_total, "queued": self.waiting_for(model),
+                   "queue_length": self.max_length, "queue_wait_s": self.max_wait_s, "waited_s": round(waited_s, 3)}  # fmt: skip
+        if node:
+            details["node"] = node
+        return RbeeError(
+            "ALL_SLOTS_BUSY",
+            f"All {slots_total} slots of {model}{where} are busy {reason}",
+            details,
+            ["Try again in a moment",
+             "Let more requests wait: `queen-rbee daemon --queue-length 128 --queue-wait 120s`",
+             f"See the model's workers: `rbee-keeper workers list --model {model}`"],
+        )  # fmt: skip
+
+    def waiting_for(self, model: str) -> int:
+        return self._depth.get(model, 0)
+
     def wake(self, model: str | None = None) -> None:
         """A slot of ``model`` (None: of any model) may have freed: each line's head looks again."""
         for line in list(self._lines.values()):

@@ -46,6 +46,15 @@ def daemon(
         help="How long an HTTP request waits for a model to load before 503 with Retry-After (default 300s; "
         "RBEE_QUEEN_HTTP_COLD_START_WAIT).",
     ),  # fmt: skip
+    queue_length: int = typer.Option(
+        None, "--queue-length",
+        help="Requests that may wait for a slot when every worker of a model is busy, per model (default 64; "
+        "0 = ALL_SLOTS_BUSY at once; RBEE_QUEEN_QUEUE_LENGTH).",
+    ),  # fmt: skip
+    queue_wait: str = typer.Option(
+        None, "--queue-wait",
+        help="How long a request waits in that queue before ALL_SLOTS_BUSY (default 60s; RBEE_QUEEN_QUEUE_WAIT).",
+    ),  # fmt: skip
     metrics_public: bool = typer.Option(
         None, "--metrics-public",
         help="Serve GET /metrics (Prometheus) without a key; by default it needs the queen's key or one from "
@@ -72,6 +81,7 @@ def daemon(
             port=port, host=host, api_key=api_key, api_key_file=api_key_file, insecure=insecure,
             http_port=http_port, http_host=http_host, http_cert=http_cert, http_key=http_key,
             http_cold_start_wait=http_cold_start_wait, metrics_public=metrics_public,
+            queue_length=queue_length, queue_wait=queue_wait,
         ))  # fmt: skip
 
     run_daemon(ACTOR, main)

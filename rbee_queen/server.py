@@ -26,6 +26,7 @@ from rbee.scopes import Scope
 from rbee.v1 import keys_pb2_grpc, nodes_pb2_grpc, replicas_pb2_grpc, tasks_pb2_grpc
 
 from rbee.tls import ClusterCA, is_loopback
+from rbee_queen.admission import AdmissionQueue
 from rbee_queen.appkeys import AppKeyStore
 from rbee_queen.enrol import start_enrolment
 from rbee_queen.hives import cluster_ca, stop_hive, use_cluster_ca
@@ -99,7 +100,9 @@ class QueenServer:
         self.nodes = NodeManager(settings, self.store, narrator)
         self.registry = ClusterWorkers(settings.worker_stale_after.total_seconds())
         self.watchers = HiveWatchers(self.store, self.registry, narrator)
-        self.tasks = TaskRunner(self.store, self.nodes, self.watchers)
+        # Requests waiting for a busy model's slot (rbee_queen/admission.py), task API and front door alike.
+        self.queue = AdmissionQueue(settings.queue_length, settings.queue_wait.total_seconds(), self.registry.listen)
+        self.tasks = TaskRunner(self.store, self.nodes, self.watchers, queue=self.queue)
         # Models kept running (docs/queen.md, "Replicas"): the wish in beehives.db, the loop that keeps it.
         self.deployments = DeploymentStore(settings.db_path)
         self.replicas = Reconciler(self.deployments, self.store, self.tasks, self.registry, self.watchers, narrator,

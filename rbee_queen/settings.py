@@ -48,6 +48,10 @@ class QueenSettings(DaemonSettings):
     http_cold_start_wait: timedelta = timedelta(seconds=300)
     # GET /metrics without a key (for a Prometheus on a trusted network).
     metrics_public: bool = False
+    # The admission queue (docs/queen.md): requests waiting for a busy model's
+    # slot, at most this many per model (0 = refuse at once) and this long.
+    queue_length: int = Field(64, ge=0, le=10000)
+    queue_wait: timedelta = timedelta(seconds=60)
 
     # SSH (S3): per-attempt connect timeout and attempts.
     ssh_connect_timeout: timedelta = timedelta(seconds=10)
@@ -80,7 +84,7 @@ class QueenSettings(DaemonSettings):
     hive_min_disk_cpu: int = Field(5 * GiB, ge=0)
 
     @field_validator("ssh_connect_timeout", "latency_warning", "hive_start_timeout", "install_step_timeout",
-                     "worker_stale_after", "http_cold_start_wait", mode="before")
+                     "worker_stale_after", "http_cold_start_wait", "queue_wait", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rbee.errors import RbeeError
-from rbee.fit import Estimate, estimate
+from rbee.fit import Estimate, Need, estimate, need
 from rbee.modelref import parse_model_ref
 from rbee.v1 import common_pb2, preflight_pb2, provisioning_pb2, registry_pb2, tasks_pb2
 
@@ -101,6 +101,16 @@ def model_estimate(surveyed: Sequence[NodeFigures], node: NodeFigures, backend: 
     return estimate(dict(entry.metadata), entry.size_bytes, backend, slots)
 
 
+def model_need(surveyed: Sequence[NodeFigures], node: NodeFigures, backend: str, slots: int) -> Need | None:
+    """The estimate on ``node``, replaced by what the node's hive measured
+    with the same settings (rbee/fit.py ``need``): another machine's
+    measurement is not this one's."""
+    est = model_estimate(surveyed, node, backend, slots)
+    if est is None:
+        return None
+    return need(est, [dict(node.model.metadata)] if node.model is not None else [], backend)
+
+
 def views(surveyed: Sequence[NodeFigures], ref: str, backend: str, device: int, slots: int,
           dispatched: Dispatched) -> tuple[list[NodeView], list[WarmView], dict[str, common_pb2.WorkerInfo]]:  # fmt: skip
     nodes: list[NodeView] = []
@@ -110,7 +120,7 @@ def views(surveyed: Sequence[NodeFigures], ref: str, backend: str, device: int, 
         if f.error:
             nodes.append(NodeView(f.record.name, False, problem=f.error))
             continue
-        est = model_estimate(surveyed, f, backend, slots)
+        est = model_need(surveyed, f, backend, slots)
         nodes.append(NodeView(f.record.name, True, f.free_bytes, est.total if est else None, f.model is not None, len(f.workers)))
         for w in f.workers:
             if (same_model(w.model_ref, ref) and w.backend == backend and w.device == device
@@ -121,15 +131,18 @@ def views(surveyed: Sequence[NodeFigures], ref: str, backend: str, device: int, 
 
 
 def fit_rows(surveyed: Sequence[NodeFigures], nodes: Sequence[NodeView], backend: str, slots: int) -> list[tasks_pb2.NodeFit]:
-    """FitModel's rows: each node's view with the estimate it used."""
+    """FitModel's rows: each node's view with the estimate or measurement it used."""
     rows = []
     for f, v in zip(surveyed, nodes):
         row = tasks_pb2.NodeFit(node=v.name, reachable=v.reachable, problem=v.problem, fits=v.fits,
                                 holds_model=v.holds_model, line=v.line(), free_bytes=v.free_bytes or 0)  # fmt: skip
-        est = model_estimate(surveyed, f, backend, slots) if v.reachable else None
-        if est is not None:
+        required = model_need(surveyed, f, backend, slots) if v.reachable else None
+        if required is not None:
+            est = required.estimate
             row.estimated = True
-            row.need_bytes, row.weights_bytes, row.kv_cache_bytes, row.overhead_bytes = est.total, est.weights, est.kv_cache, est.overhead
+            row.need_bytes, row.weights_bytes, row.kv_cache_bytes, row.overhead_bytes = required.total, est.weights, est.kv_cache, est.overhead
             row.dtype, row.slots, row.context = est.dtype, est.slots, est.context
+            if required.measured is not None:
+                row.measured, row.measured_device_bytes = True, required.measured.device_bytes
         rows.append(row)
     return rows

@@ -4,8 +4,9 @@ node lookup → the node's hive made ready (answering already: nothing to do;
 else SSH preflight and the hive started over the node's transport) → the
 hive's workers: an idle worker (a free slot) with the same model, backend and
 device is a warm start and is handed out at once; a worker for the model still
-loading is joined; a matching worker with every slot busy is ALL_SLOTS_BUSY →
-otherwise a cold start: hive preflight, then the hive's StartWorker (catalog,
+loading is joined; when every slot of the matching workers is busy the request
+waits in the admission queue (rbee_queen/admission.py) for the first slot that
+frees, ALL_SLOTS_BUSY past its bounds → otherwise a cold start: hive preflight, then the hive's StartWorker (catalog,
 download with progress, worker environment, resource preflight, spawn), its
 events relayed. The task ends with the worker's address and its own key.
 """
@@ -23,12 +24,13 @@ from rbee.tls_identity import worker_identity
 from rbee.v1 import common_pb2, registry_pb2, tasks_pb2
 
 from rbee_queen.activity import Activity, Tracked
+from rbee_queen.admission import AdmissionQueue, Queued
 from rbee_queen.hives import HiveLink, hive_preflight, tls_name
 from rbee_queen.nodes.manager import NodeManager
 from rbee_queen.nodes.relay import EventRelay
 from rbee_queen.nodes.store import NodeRecord, NodeStore
 from rbee_queen.placement import Placement, place
-from rbee_queen.survey import Dispatched, fit_rows, survey_node, views
+from rbee_queen.survey import Dispatched, fit_rows, same_model, survey_node, views
 from rbee_queen.workers import HiveWatchers, reachable_address
 
 State = common_pb2.WorkerState
@@ -44,6 +46,11 @@ def _same_model(a: str, b: str) -> bool:
         return a == b
 
 
+def queue_key(ref: str, node: str, backend: str, device: int) -> str:
+    """The admission queue's line of a task: the model on one node and device."""
+    return f"{ref} on {node} ({backend}:{device})"
+
+
 def _backend(name: str) -> str:
     backend = (name or "cpu").strip().lower()
     if backend not in BACKENDS:
@@ -53,10 +60,13 @@ def _backend(name: str) -> str:
 
 
 class TaskRunner:
-    def __init__(self, store: NodeStore, nodes: NodeManager, watchers: HiveWatchers, activity: Activity | None = None) -> None:
+    def __init__(self, store: NodeStore, nodes: NodeManager, watchers: HiveWatchers, activity: Activity | None = None,
+                 queue: AdmissionQueue | None = None) -> None:  # fmt: skip
         self.store = store
         self.nodes = nodes
         self.watchers = watchers
+        # Requests waiting for a slot of a busy model (shared with the front door).
+        self.queue = queue if queue is not None else AdmissionQueue(changes=watchers.registry.listen)
         # Requests handed to each worker since its last load report (rbee_queen/survey.py).
         self.dispatched = Dispatched()
         # Every task's lines and outcome, for the web page (docs/web.md).
@@ -82,7 +92,7 @@ class TaskRunner:
         else:
             relay.narrate("📋", f"Task: {ref}, placed by the queen ({backend}:{req.device})")
             record, worker = await self._place(ref, backend, req, relay)
-            if worker is not None:
+            if worker is not None and not self.queue.waiting(queue_key(ref, record.name, backend, req.device)):
                 async with HiveLink(record) as link:
                     access = await self._access(link, worker.id)
                 self.dispatched.add(worker)
@@ -94,19 +104,25 @@ class TaskRunner:
                         if _same_model(w.model_ref, ref) and w.backend == backend and w.device == req.device]  # fmt: skip
             usable = [w for w in matching if w.state in (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY) and w.slots_available > 0]
             loading = [w for w in matching if w.state == State.WORKER_STATE_LOADING]
-            if usable:
+            key = queue_key(ref, record.name, backend, req.device)
+            if usable and not self.queue.waiting(key):  # nobody in line before this request
                 chosen = max(usable, key=lambda w: w.slots_available - self.dispatched.pending(w))
                 self.dispatched.add(chosen)
                 relay.narrate("♻️", f"Warm start: worker {chosen.id} at {chosen.address} already serves {ref} "
                               f"({chosen.slots_available}/{chosen.slots_total} slots free)")  # fmt: skip
                 access = await self._access(link, chosen.id)
                 return self._assignment(record, access, warm=True, started=started)
-            if loading:
+            if loading and not usable:
                 relay.narrate("⏳", f"Worker {loading[0].id} is already loading {ref}: joining it")
                 access = await self._access(link, loading[0].id)
                 return self._assignment(record, access, warm=False, started=started)
-            busy = [w for w in matching if w.state in (State.WORKER_STATE_BUSY, State.WORKER_STATE_IDLE, State.WORKER_STATE_DRAINING)]
-            if busy:
+            serving = [w for w in matching if w.state in (State.WORKER_STATE_BUSY, State.WORKER_STATE_IDLE)]
+            if serving:
+                worker, waited = await self._queued(key, record, ref, backend, req.device, serving, relay)
+                access = await self._access(link, worker.id)
+                return self._assignment(record, access, warm=True, started=started)
+            busy = [w for w in matching if w.state == State.WORKER_STATE_DRAINING]
+            if busy:  # draining: its slots never free for a new request
                 total = sum(w.slots_total for w in busy)
                 raise RbeeError(
                     "ALL_SLOTS_BUSY",
@@ -121,6 +137,41 @@ class TaskRunner:
             await hive_preflight(link, record, relay.check, self.nodes.settings, backend)
             access = await self._start(link, record, ref, backend, req, relay)
             return self._assignment(record, access, warm=False, started=started)
+
+    async def _queued(self, key: str, record: NodeRecord, ref: str, backend: str, device: int,
+                      serving: list[common_pb2.WorkerInfo], relay: EventRelay) -> tuple[common_pb2.WorkerInfo, float]:  # fmt: skip
+        """A worker of ``ref`` on the node with a slot for this request, after
+        waiting in line for it (docs/queen.md, "Admission queue"). The slots
+        are read from the global registry, which each worker's load report
+        updates, minus what the queen handed out since that report."""
+        total = sum(w.slots_total for w in serving)
+
+        async def take() -> common_pb2.WorkerInfo | None:
+            best, most = None, 0
+            for cw in self.watchers.registry.list(node=record.name):
+                w = cw.worker
+                if (same_model(w.model_ref, ref) and w.backend == backend and w.device == device
+                        and w.state in (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY)):  # fmt: skip
+                    free = w.slots_available - self.dispatched.pending(w)
+                    if free > most:
+                        best, most = w, free
+            if best is not None:
+                self.dispatched.add(best)
+            return best
+
+        def queued(q: Queued) -> None:
+            relay.narrate("⏳", f"All {total} slots of {ref} on {record.name} are busy: queued, position {q.position} of {q.length}")
+
+        def refuse(why: str, waited_s: float) -> RbeeError:
+            return self.queue.refusal(ref, total, why, waited_s, record.name)
+
+        got = await self.queue.admit(key, ref, take, refuse, queued)
+        w = got.slot
+        if got.queued:
+            relay.narrate("🎟️", f"A slot of {ref} freed after {got.waited_s:.1f}s in the queue: worker {w.id} at {w.address}")
+        else:
+            relay.narrate("♻️", f"Warm start: worker {w.id} at {w.address} already serves {ref}")
+        return w, got.waited_s
 
     async def fit(self, req: tasks_pb2.FitModelRequest, relay: EventRelay) -> tasks_pb2.FitModelResponse:
         """Each node's estimate, free memory and fit, and where a request would go now."""

@@ -105,6 +105,8 @@ class NodeFit(_message.Message):
     FITS_FIELD_NUMBER: _builtins.int
     HOLDS_MODEL_FIELD_NUMBER: _builtins.int
     LINE_FIELD_NUMBER: _builtins.int
+    MEASURED_FIELD_NUMBER: _builtins.int
+    MEASURED_DEVICE_BYTES_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     reachable: _builtins.bool
     problem: _builtins.str
@@ -126,6 +128,13 @@ class NodeFit(_message.Message):
     holds_model: _builtins.bool
     line: _builtins.str
     """The table line, e.g. "gpu-box: fits, 3.1 GiB to spare"."""
+    measured: _builtins.bool
+    """True when need_bytes is what a worker with these settings (dtype, slots,
+    context) was measured to peak at on a hive; the estimate's parts above
+    stay for comparison (their sum is the estimate).
+    """
+    measured_device_bytes: _builtins.int
+    """On CUDA: the device memory that measurement saw (0 = not measured)."""
     def __init__(
         self,
         *,
@@ -144,10 +153,12 @@ class NodeFit(_message.Message):
         fits: _builtins.bool = ...,
         holds_model: _builtins.bool = ...,
         line: _builtins.str = ...,
+        measured: _builtins.bool = ...,
+        measured_device_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dtype", b"dtype", "estimated", b"estimated", "fits", b"fits", "free_bytes", b"free_bytes", "holds_model", b"holds_model", "kv_cache_bytes", b"kv_cache_bytes", "line", b"line", "need_bytes", b"need_bytes", "node", b"node", "overhead_bytes", b"overhead_bytes", "problem", b"problem", "reachable", b"reachable", "slots", b"slots", "weights_bytes", b"weights_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dtype", b"dtype", "estimated", b"estimated", "fits", b"fits", "free_bytes", b"free_bytes", "holds_model", b"holds_model", "kv_cache_bytes", b"kv_cache_bytes", "line", b"line", "measured", b"measured", "measured_device_bytes", b"measured_device_bytes", "need_bytes", b"need_bytes", "node", b"node", "overhead_bytes", b"overhead_bytes", "problem", b"problem", "reachable", b"reachable", "slots", b"slots", "weights_bytes", b"weights_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

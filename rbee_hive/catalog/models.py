@@ -20,6 +20,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from rbee.errors import RbeeError
 from rbee.db import open_engine
+from rbee_hive.catalog.fits import MIGRATION as MEASURED_FITS_MIGRATION
+from rbee_hive.catalog.fits import MeasuredFits
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX ix_models_provider ON models (provider)",
     ],
+    MEASURED_FITS_MIGRATION,
 ]
 
 
@@ -119,6 +122,8 @@ class ModelCatalog:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._engine = open_engine(self.path, MIGRATIONS)
+        # What workers of each model measured (rbee_hive/catalog/fits.py).
+        self.measured = MeasuredFits(self._engine)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -186,6 +191,8 @@ class ModelCatalog:
                 others = [_to_record(r) for r in session.scalars(select(_ModelRow))]
         except SQLAlchemyError as exc:
             raise _db_error("remove a model", exc) from exc
+        # A model fetched again may be another revision: it is measured afresh.
+        self.measured.forget(record.model_ref)
         if owned_root is not None:
             # A catalog written before folder names were one per reference may
             # hold two models in one folder: what another row still uses stays.

@@ -17,6 +17,7 @@ from rbee.fit import fit_facts
 from rbee.narration import Narrator
 from rbee.rpc import handle_errors
 from rbee.v1 import common_pb2, provisioning_pb2, provisioning_pb2_grpc
+from rbee_hive.catalog.fits import listing_metadata
 from rbee_hive.catalog.models import ModelCatalog, ModelRecord
 from rbee_hive.catalog.workers import WorkerCatalog, WorkerEnvRecord
 from rbee_hive.provisioner.engines import validate_backend
@@ -31,9 +32,11 @@ log = logging.getLogger(__name__)
 PROVIDERS = ("hf", "file")
 
 
-def _fit_figures(paths: list[str]) -> list[dict[str, str]]:
+def _fit_figures(catalog: ModelCatalog, records: list[ModelRecord]) -> list[dict[str, str]]:
+    """Per model: the estimate's figures from its files and what its workers measured."""
     flags = read_cpu_flags()
-    return [fit_facts(p, "cpu", flags) if p else {} for p in paths]
+    return [{**(fit_facts(r.local_path, "cpu", flags) if r.local_path else {}), **listing_metadata(catalog.measured.for_model(r.model_ref))}
+            for r in records]  # fmt: skip
 
 
 def _flat(metadata: dict[str, Any]) -> dict[str, str]:
@@ -106,7 +109,7 @@ class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):
         records = await self.models.list(provider or None)
         entries = [model_entry(r) for r in records]
         # What the queen's fit estimate needs from the files (docs/queen.md, "Fit").
-        figures = await asyncio.to_thread(_fit_figures, [r.local_path for r in records])
+        figures = await asyncio.to_thread(_fit_figures, self.models.catalog, records)
         for entry, extra in zip(entries, figures):
             entry.metadata.update(extra)
         return provisioning_pb2.ListModelsResponse(models=entries)
@@ -184,5 +187,7 @@ def add_provisioning_service(server: grpc.aio.Server, ctx: Any) -> Provisioning:
         ctx.manager.resolver = prov.resolver
     # Spawns by catalog reference load what the catalog holds.
     ctx.manager.models.catalog = prov.models
+    # What workers measure goes to the model catalog (docs/queen.md, "Fit").
+    ctx.manager.peaks.sink = prov.models.catalog.measured
     ctx.provisioning = prov
     return prov

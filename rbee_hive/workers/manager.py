@@ -36,6 +36,7 @@ from rbee_hive.workers.client import WorkerClient, local_address
 from rbee_hive.workers.cores import hive_cores
 from rbee_hive.workers.environment import worker_environment
 from rbee_hive.workers.events import EventLog
+from rbee_hive.workers.peak import PeakRecorder
 from rbee_hive.workers.leftovers import WorkerLedger
 from rbee_hive.workers.ports import PortAllocator, port_is_free
 from rbee_hive.workers.process import ExitInfo, WorkerProcess
@@ -116,6 +117,8 @@ class WorkerManager:
         self._stops: dict[str, asyncio.Task[StopResult]] = {}
         # Running workers on disk, for the next hive should this one die.
         self.ledger = WorkerLedger(settings.rbee_home / "run")
+        # Each worker's peak memory, for the model catalog (the provisioning service sets its sink).
+        self.peaks = PeakRecorder()
         self.closing = False
         # Mutual TLS (S13): the hive's identity (its calls to workers present
         # it) and what signs each worker's certificate of its own (the hive's
@@ -538,6 +541,7 @@ class WorkerManager:
     def _watch(self, record: WorkerRecord) -> None:
         self._spawn_task(self._watch_exit(record))
         self._spawn_task(self._relay_progress(record))
+        self._spawn_task(self.peaks.follow(record))
 
     async def _relay_progress(self, record: WorkerRecord) -> None:
         try:
@@ -606,6 +610,7 @@ class WorkerManager:
             self._pending.pop(record.id, None)
             code = process.exit_info.returncode if process and process.exit_info else 0
             return StopResult(record.id, False, code)
+        await self.peaks.sample_now(record)
         try:
             await self.client(record).shutdown(int(grace), timeout=min(5.0, max(grace, 1.0)))
         except RbeeError as err:

@@ -7,6 +7,8 @@ the request or uses the node named, finds or starts a worker, then the keeper st
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import typer
 
 from rbee.errors import RbeeError
@@ -184,6 +186,8 @@ async def _infer_with_queen(args, node: str | None, model: str | None, queen: st
 
     narrate = narrator()
     request = tasks_pb2.SubmitInferenceRequest(node=node or "", model_ref=model, backend=backend or "cpu", device=device or 0, slots=slots)
+    # The queen queues for busy slots: the blind retries are the direct mode's alone (rbee_keeper/queen_mode.py).
+    timeouts = replace(timeouts, busy_delays_s=())
 
     async def use_worker(assignment) -> int:
         interrupts = Interrupts(narrate)

@@ -66,12 +66,15 @@ class ClusterCollector(Collector):
     (``workers()``: the global worker registry's listing); per registered node
     (``nodes()``), whether its hive is followed now (``heard(node)``); and
     the front door's requests running on a worker and waiting on a cold start,
-    per model (``load()``: the router's two counts)."""
+    per model (``load()``: the router's two counts); and the requests waiting
+    in the admission queue for a busy model's slot (``queue()``: its depths)."""
 
     def __init__(self, workers: Callable[[], Iterable[Any]], nodes: Callable[[], Iterable[str]],
                  heard: Callable[[str], bool],
-                 load: Callable[[], tuple[Mapping[str, int], Mapping[str, int]]] | None = None) -> None:  # fmt: skip
+                 load: Callable[[], tuple[Mapping[str, int], Mapping[str, int]]] | None = None,
+                 queue: Callable[[], Mapping[str, int]] | None = None) -> None:  # fmt: skip
         self._workers = workers
+        self._queue = queue
         self._nodes = nodes
         self._heard = heard
         self._load = load
@@ -107,6 +110,12 @@ class ClusterCollector(Collector):
                 for model, count in sorted(counts.items()):
                     family.add_metric([model], count)
                 families.append(family)
+        if self._queue is not None:
+            depth = GaugeMetricFamily("rbee_queue_depth", "Requests waiting in the admission queue for a slot of a busy "
+                                      "model now (task API and HTTP).", labels=["model"])  # fmt: skip
+            for model, count in sorted(self._queue().items()):
+                depth.add_metric([model], count)
+            families.append(depth)
         return families
 
 

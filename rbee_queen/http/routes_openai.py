@@ -143,7 +143,12 @@ async def _serve(request: Request, kind: str) -> Any:
         node = request.headers.get("x-rbee-node")
         if node is not None and len(node) > MAX_NODE_HEADER:
             raise ApiError(400, f"X-Rbee-Node: at most {MAX_NODE_HEADER} characters", "X-Rbee-Node", "invalid_value")
-        ref, lease, cold = await r.route(body.model, node)
+        # A request may wait in the admission queue here: a client that leaves meanwhile leaves the line.
+        routed = asyncio.ensure_future(r.route(body.model, node))
+        if not await _unless_gone(request, routed):
+            observer.request_refused(route, 499)
+            return JSONResponse({}, status_code=499)
+        ref, lease, cold = routed.result()
     except ApiError as err:
         observer.request_refused(route, err.status)
         raise
@@ -283,6 +288,9 @@ async def _stream(r: Router, call: _Call, lease: WorkerLease | None, cold: ColdS
     status = 200
     prompt_tokens = generated = 0
     committed = False
+    # The final message came: the call is read to its end (the worker has freed
+    # the slot then) so a request queued for it finds it free.
+    ended = False
     try:
         if lease is None:
             assert cold is not None
@@ -301,6 +309,8 @@ async def _stream(r: Router, call: _Call, lease: WorkerLease | None, cold: ColdS
             first = True
             try:
                 async for msg in r.channels.generate(lease, call.generate):
+                    if ended:
+                        continue
                     if msg.HasField("final"):
                         final = msg.final
                         prompt_tokens, generated = final.prompt_tokens, final.tokens_generated
@@ -315,7 +325,8 @@ async def _stream(r: Router, call: _Call, lease: WorkerLease | None, cold: ColdS
                             total = usage(final.prompt_tokens, final.tokens_generated, final.cached_tokens)
                             yield sse.data(call.chunk([], total, True))
                         yield sse.DONE
-                        return
+                        ended = True
+                        continue
                     d = msg.delta
                     at = time.monotonic()
                     if first:  # also after a cold start's comment lines
@@ -347,15 +358,19 @@ async def _stream(r: Router, call: _Call, lease: WorkerLease | None, cold: ColdS
                 if err.code in STALE_WORKER:
                     r.forget(lease)
                 raise
+        if ended:
+            return
         raise RbeeError("STREAM_BROKEN", "The worker ended the stream without its final message", {"model": call.ref})
     except (RbeeError, ApiError) as err:
+        if ended:  # the answer is whole: what broke after it is the call's end, not the client's business
+            return
         api = err if isinstance(err, ApiError) else from_rbee(err)
         status = api.status
         if not committed:
             raise
         yield api.sse_data()
     except (asyncio.CancelledError, GeneratorExit):
-        status = 499  # the client went away: the Generate call is cancelled on the way out
+        status = status if ended else 499  # the client went away: the Generate call is cancelled on the way out
         raise
     except Exception as exc:  # noqa: BLE001 - the stream has begun; end it with an error id
         api = internal(exc, call.route)

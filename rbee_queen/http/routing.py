@@ -2,7 +2,10 @@
 
 1. A warm worker of the model anywhere in the cluster (the global worker
    registry), the one with the most free slots; with ``X-Rbee-Node`` only
-   on that node.
+   on that node. When every slot is busy the request waits in the admission
+   queue (rbee_queen/admission.py) for the first that frees: the registry's
+   figures, corrected by what this router has in flight, picked for a
+   request not yet sent, and saw finish since the worker's last report.
 2. Otherwise a cold start through the queen's task flow on a node: the one
    ``X-Rbee-Node`` names, else where the queen's placement puts it
    (rbee_queen/placement.py: a node holding the model where it fits, else
@@ -29,18 +32,22 @@ from rbee.narration import format_line
 from rbee.tls_identity import worker_identity
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, tasks_pb2
 
+from rbee_queen.admission import AdmissionQueue, Queued
 from rbee_queen.hives import HiveLink, tls_name
 from rbee_queen.http.errors import ApiError
 from rbee_queen.http.models import ModelDirectory, canonical
 from rbee_queen.http.upstream import WorkerChannels, WorkerLease
 from rbee_queen.nodes.relay import EventRelay
 from rbee_queen.nodes.store import NodeStore
+from rbee_queen.survey import Dispatched
 from rbee_queen.tasks import TaskRunner
 from rbee_queen.workers import ClusterWorkers, reachable_address
 
 log = logging.getLogger(__name__)
 State = common_pb2.WorkerState
 COLD_RETRY_AFTER_S = 5
+# A slot picked for a request counts as taken until the request uses it, or this long.
+RESERVED_S = 30.0
 LOAD_WAIT_S = 3600.0
 
 
@@ -122,7 +129,8 @@ class _Cached:
 
 class Router:
     def __init__(self, store: NodeStore, registry: ClusterWorkers, tasks: TaskRunner, narrate,
-                 cold_start_wait_s: float, channels: WorkerChannels | None = None) -> None:  # fmt: skip
+                 cold_start_wait_s: float, channels: WorkerChannels | None = None,
+                 queue: AdmissionQueue | None = None) -> None:  # fmt: skip
         self.store = store
         self.registry = registry
         self.tasks = tasks
@@ -132,6 +140,14 @@ class Router:
         self.channels = channels or WorkerChannels()
         self._access: dict[str, _Cached] = {}
         self._cold: dict[tuple[str, str], ColdStart] = {}
+        # Requests waiting for a busy model's slot: the queen's one queue (shared with the task API).
+        if queue is None:
+            queue = tasks.queue if tasks is not None else AdmissionQueue(changes=registry.listen)
+        self.queue = queue
+        # Slots picked for a request that has not begun on the worker yet (monotonic times).
+        self._reserved: dict[str, list[float]] = {}
+        # Requests that ended on each worker since its last load report.
+        self._finished = Dispatched()
         # Observers of routing decisions (metrics): called with (event, **labels).
         self.observers: list[Callable[..., None]] = []
 
@@ -149,8 +165,9 @@ class Router:
             w = cw.worker
             if canonical(w.model_ref) != ref or w.state not in (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY):
                 continue
-            mine = self._access[w.id].in_flight if w.id in self._access else 0
-            free = w.slots_total - max(mine, w.slots_total - w.slots_available)
+            mine = (self._access[w.id].in_flight if w.id in self._access else 0) + self._reserved_now(w.id)
+            reported = w.slots_total - w.slots_available - self._finished.pending(w)
+            free = w.slots_total - max(mine, reported)
             out.append((free, cw.node, w))
         out.sort(key=lambda t: -t[0])
         return out
@@ -173,32 +190,73 @@ class Router:
         """A worker that failed a call is looked up afresh next time."""
         self._access.pop(lease.worker_id, None)
 
+    def _reserved_now(self, worker_id: str) -> int:
+        times = self._reserved.get(worker_id)
+        if not times:
+            return 0
+        cutoff = time.monotonic() - RESERVED_S
+        times[:] = [t for t in times if t > cutoff]
+        return len(times)
+
+    def _reserve(self, worker_id: str) -> None:
+        self._reserved.setdefault(worker_id, []).append(time.monotonic())
+
+    def _unreserve(self, worker_id: str) -> None:
+        times = self._reserved.get(worker_id)
+        if times:
+            times.pop(0)
+        if not times:
+            self._reserved.pop(worker_id, None)
+
     @contextlib.asynccontextmanager
     async def using(self, lease: WorkerLease) -> AsyncIterator[WorkerLease]:
         cached = self._access.setdefault(lease.worker_id, _Cached(lease))
         cached.in_flight += 1
+        self._unreserve(lease.worker_id)
         try:
             yield lease
         finally:
             cached.in_flight -= 1
+            # Its slot is free now: counted until the worker's next report says so itself.
+            for cw in self.registry.list(node=lease.node):
+                if cw.worker.id == lease.worker_id:
+                    self._finished.add(cw.worker)
+            self.queue.wake(lease.model_ref)
 
     # -- the decision ----------------------------------------------------------------
 
     async def pick(self, ref: str, node: str | None) -> WorkerLease | None:
         """A warm worker's lease, or None when the model needs a cold start.
-        Every matching worker busy: 429 (ALL_SLOTS_BUSY)."""
+        Every matching worker busy: the request waits in the admission queue;
+        past its bounds 429 (ALL_SLOTS_BUSY)."""
         if node:
             self.store.get(node)  # NODE_NOT_FOUND → 404
         candidates = self.warm(ref, node)
         if not candidates:
             return None
-        free, name, worker = candidates[0]
-        if free <= 0:
-            total = sum(w.slots_total for _, _, w in candidates)
-            raise RbeeError("ALL_SLOTS_BUSY", f"Every worker serving {ref} is busy ({total}/{total} slots busy)",
-                            {"model": ref, "slots_total": total})  # fmt: skip
-        self._observe("warm", model=ref, node=name)
-        return await self._lease_for(name, worker)
+        total = sum(w.slots_total for _, _, w in candidates)
+
+        async def take() -> WorkerLease | None:
+            now = self.warm(ref, node)
+            if not now or now[0][0] <= 0:
+                return None
+            _, name, worker = now[0]
+            self._reserve(worker.id)  # before any await: the next look counts it taken
+            try:
+                return await self._lease_for(name, worker)
+            except BaseException:
+                self._unreserve(worker.id)
+                raise
+
+        def queued(q: Queued) -> None:
+            self.narrate("⏳", f"All {total} slots of {ref} are busy: an HTTP request queued, position {q.position} of {q.length}")
+
+        def refuse(why: str, waited_s: float) -> RbeeError:
+            return self.queue.refusal(ref, total, why, waited_s, node or "")
+
+        got = await self.queue.admit(f"{ref} on {node}" if node else ref, ref, take, refuse, queued)
+        self._observe("warm", model=ref, node=got.slot.node)
+        return got.slot
 
     def cold_node(self, ref: str, node: str | None) -> str:
         """The node ``X-Rbee-Node`` pins, else "": the cold start places

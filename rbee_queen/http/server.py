@@ -144,7 +144,7 @@ def install_metrics(app: Any, router: Any, queen: Any, public: bool) -> None:
         except RbeeError:
             return []
 
-    collector = ClusterCollector(queen.registry.list, nodes, queen.registry.heard_from, router.load)
+    collector = ClusterCollector(queen.registry.list, nodes, queen.registry.heard_from, router.load, router.queue.depths)
     metrics = QueenMetrics(collector, router.models.loaded)
     app.state.metrics = metrics
     app.state.observer = metrics.proxy_observer()
