@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import _async as health, health_pb2, health_pb2_grpc
 
 from rbee.auth import KeyRing, ScopedKeyInterceptor
+from rbee.client_version import ClientVersionInterceptor
 from rbee.channel import SERVER_OPTIONS, bind_port
 from rbee.errors import RbeeError
 from rbee.rpc import RequestGuard, set_log_location
@@ -86,7 +87,9 @@ class HiveServer:
                 ["Pass --api-key KEY, or set RBEE_HIVE_API_KEY, or api_key in the [hive] config section"],
             )
         server = grpc.aio.server(
-            interceptors=[ScopedKeyInterceptor(hive_key_ring(key, self.ctx)), RequestGuard()], options=SERVER_OPTIONS
+            interceptors=[ScopedKeyInterceptor(hive_key_ring(key, self.ctx)),
+                          ClientVersionInterceptor("rbee-hive", settings.min_keeper_version), RequestGuard()],
+            options=SERVER_OPTIONS,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         add_core_services(server, self.ctx)

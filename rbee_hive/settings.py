@@ -17,6 +17,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from rbee.config import DEFAULT_HIVE_PORT, DEFAULT_WORKER_PORT_END, DEFAULT_WORKER_PORT_START
 from rbee.auth import read_key_file
 from rbee.errors import RbeeError
+from rbee.client_version import MIN_KEEPER_VERSION, valid_version
 from rbee.settings import DaemonSettings, build_settings, parse_duration
 
 if TYPE_CHECKING:
@@ -78,6 +79,9 @@ class HiveSettings(DaemonSettings):
     health_timeout: timedelta = timedelta(seconds=5)
     health_failures: int = Field(3, ge=1)
     idle_timeout: timedelta = timedelta(minutes=5)
+
+    # The oldest rbee-keeper served directly (rbee/client_version.py).
+    min_keeper_version: str = MIN_KEEPER_VERSION
     # How long a worker may take to exit after Shutdown before it is force-killed.
     shutdown_grace: timedelta = timedelta(seconds=30)
     # After SIGTERM/SIGKILL of a process tree, how long to wait for it to go.
@@ -119,6 +123,11 @@ class HiveSettings(DaemonSettings):
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value)
+
+    @field_validator("min_keeper_version")
+    @classmethod
+    def _keeper_version(cls, value: str) -> str:
+        return valid_version(value)
 
     @field_validator("worker_dtype", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Self
 import grpc
 
 from rbee.channel import metadata, open_channel as rbee_open_channel
+from rbee.client_version import client_metadata
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.retry import backoff_delays
 
@@ -146,7 +147,8 @@ class DaemonClient:
         if self._tls is not None and (tls_name or self.identity):
             self._tls = self._tls.for_peer(tls_name or self.identity)
         self._channel = open_channel(address, self._tls)
-        self._md = metadata(api_key)
+        # The key, and this keeper's release (rbee/client_version.py), on every call.
+        self._md = (*metadata(api_key), *client_metadata())
         self._connected = False
         self.attempts = CONNECT_ATTEMPTS
         # Told about each retry (the keeper narrates it on stderr).

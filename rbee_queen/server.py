@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import _async as health, health_pb2, health_pb2_grpc
 
 from rbee.auth import KeyRing, ScopedKeyInterceptor
+from rbee.client_version import ClientVersionInterceptor
 from rbee.channel import SERVER_OPTIONS, bind_port
 from rbee.config import API_VERSION, VERSION, remote_settings
 from rbee.logfiles import RotatingFile
@@ -120,7 +121,8 @@ class QueenServer:
         s = self.settings
         key, source = s.api_key_value()
         serve_tls = not is_loopback(s.host) and not s.insecure
-        server = grpc.aio.server(interceptors=[ScopedKeyInterceptor(queen_key_ring(key, self.store)), RequestGuard()], options=SERVER_OPTIONS)
+        server = grpc.aio.server(interceptors=[ScopedKeyInterceptor(queen_key_ring(key, self.store)), ClientVersionInterceptor("queen-rbee", s.min_keeper_version),
+                                                 RequestGuard()], options=SERVER_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.nodes, self.narrate, self.watchers), server)
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.tasks, self.narrate), server)

@@ -16,6 +16,7 @@ from pydantic_settings import SettingsConfigDict
 from rbee.auth import new_api_key, read_key_file, write_key_file
 from rbee.config import DEFAULT_QUEEN_PORT
 from rbee.settings import DaemonSettings, build_settings, parse_duration
+from rbee.client_version import MIN_KEEPER_VERSION, valid_version
 from rbee_queen.hive_minimums import GiB, parse_size
 
 QUEEN_KEY_FILE = "queen.key"
@@ -82,6 +83,9 @@ class QueenSettings(DaemonSettings):
     hive_min_disk_gpu: int = Field(50 * GiB, ge=0)
     hive_min_ram_cpu: int = Field(3 * GiB, ge=0)
     hive_min_disk_cpu: int = Field(5 * GiB, ge=0)
+    # The oldest rbee-keeper served (rbee/client_version.py): an older one is
+    # refused with VERSION_MISMATCH and how to upgrade it.
+    min_keeper_version: str = MIN_KEEPER_VERSION
 
     @field_validator("ssh_connect_timeout", "latency_warning", "hive_start_timeout", "install_step_timeout",
                      "worker_stale_after", "http_cold_start_wait", "queue_wait", mode="before")
@@ -93,6 +97,11 @@ class QueenSettings(DaemonSettings):
     @classmethod
     def _size(cls, value: Any) -> Any:
         return parse_size(value)
+
+    @field_validator("min_keeper_version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        return valid_version(value)
 
     @field_validator("replica_interval", "replica_backoff_base", "replica_backoff_max", mode="before")
     @classmethod
