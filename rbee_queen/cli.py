@@ -55,6 +55,11 @@ def daemon(
         None, "--queue-wait",
         help="How long a request waits in that queue before ALL_SLOTS_BUSY (default 60s; RBEE_QUEEN_QUEUE_WAIT).",
     ),  # fmt: skip
+    keep_alive: str = typer.Option(
+        None, "--keep-alive",
+        help="How long an idle worker stays loaded when its request and model do not say: a duration (5m, 30s, "
+        "1h30m) or seconds; 0 = stop it after each request; -1 = never (default 5m; RBEE_QUEEN_KEEP_ALIVE).",
+    ),  # fmt: skip
     metrics_public: bool = typer.Option(
         None, "--metrics-public",
         help="Serve GET /metrics (Prometheus) without a key; by default it needs the queen's key or one from "
@@ -80,7 +85,7 @@ def daemon(
         return await serve(load_settings(
             port=port, host=host, api_key=api_key, api_key_file=api_key_file, insecure=insecure,
             http_port=http_port, http_host=http_host, http_cert=http_cert, http_key=http_key,
-            http_cold_start_wait=http_cold_start_wait, metrics_public=metrics_public,
+            http_cold_start_wait=http_cold_start_wait, metrics_public=metrics_public, keep_alive=keep_alive,
             queue_length=queue_length, queue_wait=queue_wait,
         ))  # fmt: skip
 

@@ -40,6 +40,8 @@ from rbee_queen.servicers.keys import AppKeyServicer
 from rbee_queen.servicers.replicas import ReplicaServicer
 from rbee_queen.servicers.nodes import NodeServicer
 from rbee_queen.servicers.tasks import ClusterWorkerServicer, TaskServicer
+from rbee_queen.eviction import Evictor, hive_stopper
+from rbee_queen.keepalive import KeepAlive
 from rbee_queen.tasks import TaskRunner
 from rbee_queen.workers import ClusterWorkers, HiveWatchers
 from rbee_queen.settings import QueenSettings
@@ -104,6 +106,10 @@ class QueenServer:
         # Requests waiting for a busy model's slot (rbee_queen/admission.py), task API and front door alike.
         self.queue = AdmissionQueue(settings.queue_length, settings.queue_wait.total_seconds(), self.registry.listen)
         self.tasks = TaskRunner(self.store, self.nodes, self.watchers, queue=self.queue)
+        # Idle memory (docs/queen.md): each worker's keep-alive, and room made by evicting idle workers.
+        self.keepalive = KeepAlive(settings.keep_alive, self.registry, hive_stopper(self.store), narrator)
+        self.tasks.keepalive = self.keepalive
+        self.tasks.evictor = Evictor(self.store, self.keepalive)
         # Models kept running (docs/queen.md, "Replicas"): the wish in beehives.db, the loop that keeps it.
         self.deployments = DeploymentStore(settings.db_path)
         self.replicas = Reconciler(self.deployments, self.store, self.tasks, self.registry, self.watchers, narrator,
@@ -155,6 +161,7 @@ class QueenServer:
             raise
         # Rebuild the worker registry from every registered node's hive.
         self.watchers.start()
+        self.keepalive.start()
         self.replicas.start()
         self._flusher = asyncio.ensure_future(self.app_keys.keep_last_used())
         return self.port
@@ -166,6 +173,7 @@ class QueenServer:
             await self.http.stop()
             await self.http.app.state.router.close()
         await self.replicas.close()
+        await self.keepalive.close()
         await self.watchers.close()
         relay = NodeEventRelay(self.narrate)
         for name, pid in list(self.nodes.started_hives.items()):

@@ -54,6 +54,11 @@ class QueenSettings(DaemonSettings):
     queue_length: int = Field(64, ge=0, le=10000)
     queue_wait: timedelta = timedelta(seconds=60)
 
+    # Idle memory (docs/queen.md): how long an idle worker stays loaded when
+    # neither its request nor its model says ("5m", "30s", seconds; 0 = stop
+    # after each request; -1 = never). Seconds here, inf for never.
+    keep_alive: float = 300.0
+
     # SSH (S3): per-attempt connect timeout and attempts.
     ssh_connect_timeout: timedelta = timedelta(seconds=10)
     ssh_attempts: int = Field(3, ge=1, le=10)
@@ -107,6 +112,14 @@ class QueenSettings(DaemonSettings):
     @classmethod
     def _replica_duration(cls, value: Any) -> Any:
         return parse_duration(value)
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, value: Any) -> Any:
+        from rbee_queen.keepalive import parse_keep_alive
+
+        seconds = parse_keep_alive(value, "keep_alive")
+        return 300.0 if seconds is None else seconds
 
     @property
     def db_path(self) -> Path:

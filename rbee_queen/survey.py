@@ -51,6 +51,8 @@ class NodeFigures:
     error: str = ""
     free_bytes: int | None = None
     model: provisioning_pb2.ModelEntry | None = None
+    # Every model the node holds (what an eviction frees, rbee_queen/eviction.py).
+    models: list[provisioning_pb2.ModelEntry] = field(default_factory=list)
     workers: list[common_pb2.WorkerInfo] = field(default_factory=list)
 
 
@@ -88,7 +90,8 @@ async def survey_node(nodes: NodeManager, record: NodeRecord, ref: str, relay: E
         log.info("placement: %s not surveyed: %s", record.name, err)
         return figures
     figures.free_bytes = res.ram_available_bytes
-    figures.model = next((m for m in models.models if same_model(m.model_ref, ref)), None)
+    figures.models = list(models.models)
+    figures.model = next((m for m in figures.models if same_model(m.model_ref, ref)), None)
     figures.workers = list(listed.workers)
     return figures
 

@@ -24,13 +24,15 @@ from rbee.tls_identity import worker_identity
 from rbee.v1 import common_pb2, registry_pb2, tasks_pb2
 
 from rbee_queen.activity import Activity, Tracked
+from rbee_queen.eviction import Evictor
 from rbee_queen.admission import AdmissionQueue, Queued
 from rbee_queen.hives import HiveLink, hive_preflight, tls_name
+from rbee_queen.keepalive import KeepAlive, parse_keep_alive
 from rbee_queen.nodes.manager import NodeManager
 from rbee_queen.nodes.relay import EventRelay
 from rbee_queen.nodes.store import NodeRecord, NodeStore
-from rbee_queen.placement import Placement, place
-from rbee_queen.survey import Dispatched, fit_rows, same_model, survey_node, views
+from rbee_queen.placement import NodeView, Placement, WarmView, place
+from rbee_queen.survey import Dispatched, NodeFigures, fit_rows, same_model, survey_node, views
 from rbee_queen.workers import HiveWatchers, reachable_address
 
 State = common_pb2.WorkerState
@@ -71,8 +73,18 @@ class TaskRunner:
         self.dispatched = Dispatched()
         # Every task's lines and outcome, for the web page (docs/web.md).
         self.activity = activity if activity is not None else Activity()
+        # Idle memory (docs/queen.md): set by the queen's server.
+        self.keepalive: KeepAlive | None = None
+        self.evictor: Evictor | None = None
 
     async def submit(self, req: tasks_pb2.SubmitInferenceRequest, relay: EventRelay) -> tasks_pb2.WorkerAssignment:
+        keep_alive = parse_keep_alive(req.keep_alive, "keep_alive")
+        assignment = await self._submit_tracked(req, relay)
+        if self.keepalive is not None:
+            self.keepalive.handed(assignment.node, assignment.worker.id, str(parse_model_ref(req.model_ref)), keep_alive)
+        return assignment
+
+    async def _submit_tracked(self, req: tasks_pb2.SubmitInferenceRequest, relay: EventRelay) -> tasks_pb2.WorkerAssignment:
         entry = self.activity.begin("task", f"Task {req.model_ref} on {req.node or '(placed)'}", req.node, req.model_ref)
         tracked = Tracked(relay, self.activity, entry)
 
@@ -133,7 +145,8 @@ class TaskRunner:
             relay.narrate("🧊", f"Cold start: no worker serves {ref} on {record.name} yet")
             if req.node:  # pinned: the node must fit, with the same table as a placement
                 surveyed = [await survey_node(self.nodes, record, ref, relay)]
-                place(ref, *views(surveyed, ref, backend, req.device, req.slots, self.dispatched)[:2], pinned=record.name)
+                await self._place_or_evict(ref, surveyed, *views(surveyed, ref, backend, req.device, req.slots, self.dispatched)[:2],
+                                           relay, pinned=record.name)  # fmt: skip
             await hive_preflight(link, record, relay.check, self.nodes.settings, backend)
             access = await self._start(link, record, ref, backend, req, relay)
             return self._assignment(record, access, warm=False, started=started)
@@ -200,7 +213,21 @@ class TaskRunner:
         records = self._records(ref)
         surveyed = await asyncio.gather(*(survey_node(self.nodes, r, ref, relay) for r in records))
         nodes, warm, by_id = views(surveyed, ref, backend, device, slots, self.dispatched)
-        return place(ref, nodes, warm), records, by_id
+        return await self._place_or_evict(ref, surveyed, nodes, warm, relay), records, by_id
+
+    async def _place_or_evict(self, ref: str, surveyed: list[NodeFigures], nodes: list[NodeView], warm: list[WarmView],
+                              relay: EventRelay, pinned: str = "") -> Placement:  # fmt: skip
+        """The placement; where no node fits, the least recently used idle
+        workers of one node are stopped to make room (rbee_queen/eviction.py)."""
+        try:
+            return place(ref, nodes, warm, pinned)
+        except RbeeError as err:
+            if err.code != "NO_NODE_FITS" or self.evictor is None:
+                raise
+            roomy = await self.evictor.make_room(surveyed, nodes, ref, relay)
+            if roomy is None:
+                raise
+            return place(ref, roomy, warm, pinned)
 
     async def _place(self, ref: str, backend: str, req: tasks_pb2.SubmitInferenceRequest,
                      relay: EventRelay) -> tuple[NodeRecord, common_pb2.WorkerInfo | None]:  # fmt: skip

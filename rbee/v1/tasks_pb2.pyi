@@ -28,6 +28,7 @@ class SubmitInferenceRequest(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
+    KEEP_ALIVE_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """A registered node, or "" for the queen to place the request: a warm
     worker with a free slot anywhere (least loaded), else a node that holds
@@ -41,6 +42,14 @@ class SubmitInferenceRequest(_message.Message):
     device: _builtins.int
     slots: _builtins.int
     """Request slots of a newly spawned worker; 0 = the worker's default."""
+    keep_alive: _builtins.str
+    """How long the worker stays loaded once idle (docs/queen.md, "Idle
+    memory"): a duration ("5m", "30s", "1h30m") or a number of seconds; "0"
+    = stop it once this request is answered; negative ("-1") = never; "" =
+    the model's keep-alive, else the queen's --keep-alive (5m). Extended by
+    each request; the last request's value wins.
+    Fails with: INVALID_ARGUMENT (INVALID_KEEP_ALIVE, field "keep_alive").
+    """
     def __init__(
         self,
         *,
@@ -49,10 +58,11 @@ class SubmitInferenceRequest(_message.Message):
         backend: _builtins.str = ...,
         device: _builtins.int = ...,
         slots: _builtins.int = ...,
+        keep_alive: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "model_ref", b"model_ref", "node", b"node", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "keep_alive", b"keep_alive", "model_ref", b"model_ref", "node", b"node", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

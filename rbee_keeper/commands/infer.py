@@ -81,6 +81,7 @@ def infer(
     node: str = typer.Option(None, "--node", help="Node to run on (queen mode; default: RBEE_NODE, \\[keeper] node; see `rbee-keeper setup list-nodes`)."),
     model: str = typer.Option(None, "--model", "-m", help="Model reference, hf:ORG/REPO or file:///path on the node (queen mode)."),
     slots: int = typer.Option(0, "--slots", min=0, max=256, help="Queen mode: request slots of a worker started for this task (0 = the worker's default)."),
+    keep_alive: str = typer.Option(None, "--keep-alive", metavar="DURATION", help="Queen mode: how long the worker stays loaded once idle (5m, 30s, 1h30m or seconds; 0 = stop it after this answer; -1 = never; default: the model's, else the queen's --keep-alive)."),
     queen: str = typer.Option(None, "--queen", metavar="HOST:PORT", help="The queen (queen mode; default: RBEE_QUEEN, \\[keeper] queen, else 127.0.0.1:7800); one is started for this command when none answers on this machine."),
     backend: str = typer.Option(None, "--backend", help="cpu, cuda or metal; with --worker, checked against the worker."),
     device: str = typer.Option(None, "--device", metavar="N", help="Device index; with --worker, checked against the worker."),
@@ -98,6 +99,7 @@ def infer(
             worker, api_key, node, model, queen, slots, backend, device, ignore_eos,
             stall_timeout, loading_timeout, connect_timeout,
             contract=dict(system=system, chat=chat, json_schema=json_schema, logprobs=logprobs, n=n),
+            keep_alive=keep_alive,
         )
     )
 
@@ -124,6 +126,7 @@ async def _infer(
     loading_timeout: str | None,
     connect_timeout: str | None,
     contract: dict | None = None,
+    keep_alive: str | None = None,
 ) -> int:
     # Everything is checked before anything is contacted (files named by
     # --chat and --json-schema are read and checked here too).
@@ -132,6 +135,10 @@ async def _infer(
     device_index = validate_device(device)
     if model is not None:
         parse_model_ref(model)
+    if keep_alive is not None:
+        from rbee_queen.keepalive import parse_keep_alive
+
+        parse_keep_alive(keep_alive, "--keep-alive")
     defaults = Timeouts()
     timeouts = Timeouts(
         connect_s=_timeout("--connect-timeout", connect_timeout, defaults.connect_s),
@@ -140,7 +147,8 @@ async def _infer(
         stall_s=_timeout("--stall-timeout", stall_timeout, defaults.stall_s),
     )
     if worker is None:
-        return await _infer_with_queen(args, node, model, queen, api_key, backend_name, device_index, timeouts, slots)
+        return await _infer_with_queen(args, node, model, queen, api_key, backend_name, device_index, timeouts, slots,
+                                       keep_alive or "")  # fmt: skip
     address = validate_address(worker)
     key, key_source = resolve_api_key(api_key, address)
 
@@ -168,7 +176,8 @@ async def _infer(
 
 
 async def _infer_with_queen(args, node: str | None, model: str | None, queen: str, api_key: str | None,
-                            backend: str | None, device: int | None, timeouts: Timeouts, slots: int = 0) -> int:  # fmt: skip
+                            backend: str | None, device: int | None, timeouts: Timeouts, slots: int = 0,
+                            keep_alive: str = "") -> int:  # fmt: skip
     from rbee_keeper.common import resolve_node, resolve_queen
 
     node, queen = resolve_node(node), resolve_queen(queen)
@@ -185,7 +194,8 @@ async def _infer_with_queen(args, node: str | None, model: str | None, queen: st
     from rbee_keeper.queen_mode import run_with_queen
 
     narrate = narrator()
-    request = tasks_pb2.SubmitInferenceRequest(node=node or "", model_ref=model, backend=backend or "cpu", device=device or 0, slots=slots)
+    request = tasks_pb2.SubmitInferenceRequest(node=node or "", model_ref=model, backend=backend or "cpu", device=device or 0, slots=slots,
+                                               keep_alive=keep_alive)  # fmt: skip
     # The queen queues for busy slots: the blind retries are the direct mode's alone (rbee_keeper/queen_mode.py).
     timeouts = replace(timeouts, busy_delays_s=())
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rbee.bounds import CHAT_MESSAGES
+from rbee.errors import RbeeError
 
 # Bounds that keep one request's size sane (the worker checks its own too).
 MAX_STOP = 16
@@ -81,6 +82,20 @@ class Sampling(_Body):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     request_id: str | None = None
+    # Ollama's: how long the worker stays loaded once idle (docs/queen.md,
+    # "Idle memory"): a duration ("5m") or seconds; 0 = stop it after this
+    # answer; negative = never. Seconds after validation (inf for never).
+    keep_alive: Any = None
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, value: Any) -> float | None:
+        from rbee_queen.keepalive import parse_keep_alive
+
+        try:
+            return parse_keep_alive(value, "keep_alive")
+        except RbeeError as err:
+            raise ValueError(err.message) from None
 
 
 class ContentPart(_Body):

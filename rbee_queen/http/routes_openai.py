@@ -170,6 +170,14 @@ async def _serve(request: Request, kind: str) -> Any:
     return StreamingResponse(_prepend(first, events), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
 
+def _kept(r: Router, call: _Call, lease: WorkerLease) -> contextlib.AbstractContextManager:
+    """The request as its worker's keep-alive sees it (rbee_queen/keepalive.py)."""
+    keepalive = getattr(r.tasks, "keepalive", None)
+    if keepalive is None:
+        return contextlib.nullcontext()
+    return keepalive.request(lease.node, lease.worker_id, lease.model_ref, call.body.keep_alive)
+
+
 async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
     yield first
     async for item in rest:
@@ -202,7 +210,7 @@ async def _whole(request: Request, r: Router, call: _Call, lease: WorkerLease | 
                 else:
                     collected.final = msg.final
 
-        async with r.using(lease):
+        async with r.using(lease), _kept(r, call, lease):
             try:
                 if not await _unless_gone(request, collect()):
                     status = 499  # the client went away: the Generate call was cancelled on the worker
@@ -302,7 +310,7 @@ async def _stream(r: Router, call: _Call, lease: WorkerLease | None, cold: ColdS
                 else:
                     yield item
         assert lease is not None
-        async with r.using(lease):
+        async with r.using(lease), _kept(r, call, lease):
             began: set[int] = set()
             offsets = [0] * call.n
             last = time.monotonic()
