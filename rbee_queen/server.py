@@ -42,6 +42,7 @@ from rbee_queen.servicers.nodes import NodeServicer
 from rbee_queen.servicers.tasks import ClusterWorkerServicer, TaskServicer
 from rbee_queen.eviction import Evictor, hive_stopper
 from rbee_queen.keepalive import KeepAlive
+from rbee_queen.survey import same_model
 from rbee_queen.tasks import TaskRunner
 from rbee_queen.workers import ClusterWorkers, HiveWatchers
 from rbee_queen.settings import QueenSettings
@@ -115,6 +116,8 @@ class QueenServer:
         self.replicas = Reconciler(self.deployments, self.store, self.tasks, self.registry, self.watchers, narrator,
                                    ReplicaPolicy(settings.replica_interval.total_seconds(), settings.replica_backoff_base.total_seconds(),
                                                  settings.replica_backoff_max.total_seconds()))  # fmt: skip
+        # A deployed model's workers count for its replicas: keep-alive and eviction leave them be.
+        self.keepalive.needed = lambda node, w: any(same_model(d.model_ref, w.model_ref) for d in self.deployments.list())
         self.port = 0
         self._health = health.HealthServicer()
         self._server: grpc.aio.Server | None = None
