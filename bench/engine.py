@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from rbee.tls import TlsIdentity
 from rbee.v1 import inference_pb2, inference_pb2_grpc
 from rbee_worker.engine import SamplingOptions
 from rbee_worker.vllm_engine import VllmEngine
+from tests.fixtures.ports import free_port
 
 PROMPT = "Write a short story about a bee who learns to fly at night."
 
@@ -48,18 +48,12 @@ class Run:
         return self.tokens / self.total_s if self.total_s > 0 else 0.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class WorkerProcess:
     """A real llm-worker-rbee on 127.0.0.1; ``args`` are more flags for it, and
     ``tls`` the client identity its channel presents when it serves mutual TLS."""
 
     def __init__(self, model: Path, slots: int, args: Sequence[str] = (), tls: TlsIdentity | None = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.api_key = new_api_key()
         env = dict(os.environ, RBEE_WORKER_API_KEY=self.api_key, PYTHONUNBUFFERED="1")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from rbee.auth import auth_metadata, new_api_key
 from rbee.config import default_model_path
+from tests.fixtures.ports import free_port
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -47,12 +47,6 @@ with grpc.insecure_channel(address) as ch:
             sys.stdout.write(msg.delta.text or "?")
 sys.stdout.write("\\n")
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_worker(stand_in: bool) -> tuple[subprocess.Popen, str, str]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tests.fixtures.ports import free_port
 
 MB = 1_000_000
 # Where the daemons' packages come from (--source); None: the installed ones.
@@ -53,12 +53,6 @@ def python(module: str, *args: str) -> list[str]:
     if SOURCE is None:
         return [sys.executable, "-m", module, *args]
     return [sys.executable, "-c", _LAUNCH, str(SOURCE), module, *args]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def reset_peak(pid: int) -> None:

@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from rbee.config import default_model_path
 
 from bench.contract import bootstrap_median
 from bench.engine import Run
+from tests.fixtures.ports import free_port
 
 BIN = Path(sys.executable).parent
 PROMPT = "Write a short story about honey bees."
@@ -71,12 +71,6 @@ def frozen(procs: list[psutil.Process]) -> Iterator[None]:
         for proc in stopped:
             with contextlib.suppress(psutil.Error):
                 proc.resume()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the two sides ------------------------------------------------------------------------

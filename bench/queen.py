@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from rbee.auth import auth_metadata, new_api_key
 from rbee.config import default_model_path
+from tests.fixtures.ports import free_port
 
 BIN = Path(sys.executable).parent
 PROMPT = "Say hello."
@@ -45,12 +45,6 @@ with grpc.insecure_channel(address) as ch:
         if msg.HasField("delta"):
             sys.stdout.write(msg.delta.text or "?"); sys.stdout.flush()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def to_first_byte(argv: list[str], env: dict[str, str]) -> tuple[float, str]:

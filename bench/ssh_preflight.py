@@ -43,8 +43,9 @@ from pathlib import Path
 import asyncssh
 
 from tests.fixtures.common import VENV_BIN, proc_env
+from tests.fixtures.ports import free_port
 from tests.fixtures.queen import KEEPER_BIN, QueenProc, start_queen
-from tests.fixtures.ssh import SshdNode, free_port, make_ssh_keys, running_sshd
+from tests.fixtures.ssh import SshdNode, make_ssh_keys, running_sshd
 
 SESSION_MARK = "Starting session: command"
 BLOCKS = ("keeper", "list_nodes", "connect", "connect_echo", "exec", "hive_version", "hive_detect")

@@ -29,6 +29,7 @@ from rbee_queen.nodes.install import Installer
 from rbee_queen.nodes.local import LocalTransport
 from rbee_queen.nodes.store import NodeRecord
 from tests.fixtures.hive import free_port_block
+from tests.fixtures.ports import free_port
 from tests.fixtures.queen import QueenProc, engine_site, kill_node_hives
 from tests.fixtures.ssh import SshNodeBase
 
@@ -149,9 +150,7 @@ class QueenWorld:
         return {n["name"]: n for n in map(json.loads, run.out.splitlines())}
 
     def closed_port(self) -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
+        return free_port()
 
     def silent_listener(self) -> int:
         sock = socket.socket()

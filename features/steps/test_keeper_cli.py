@@ -8,7 +8,6 @@ import asyncio
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -18,14 +17,9 @@ import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from tests.fixtures.common import VENV_BIN, proc_env
+from tests.fixtures.ports import free_port
 
 scenarios("keeper_cli.feature")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

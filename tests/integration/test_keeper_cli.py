@@ -11,7 +11,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -19,14 +18,9 @@ import pytest
 
 from tests.fixtures.common import VENV_BIN, proc_env
 from tests.fixtures.keeper import keeper_help
+from tests.fixtures.ports import free_port
 
 KEEPER = str(VENV_BIN / "rbee-keeper")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def keeper(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:

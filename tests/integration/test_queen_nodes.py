@@ -12,6 +12,7 @@ import stat
 import pytest
 
 from tests.fixtures.common import VENV_BIN, proc_env
+from tests.fixtures.ports import free_port
 from tests.fixtures.queen import QueenProc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -52,9 +53,7 @@ async def test_wrong_queen_key_is_refused_with_the_key_source(queen: QueenProc) 
 
 
 async def test_no_queen_answering(tmp_path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         str(VENV_BIN / "rbee-keeper"), "setup", "list-nodes", "--queen", f"127.0.0.1:{port}", "--api-key", "k",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=proc_env(RBEE_HOME=str(tmp_path)),
@@ -165,9 +164,7 @@ async def test_wrong_key_fails_once_without_retry(queen: QueenProc, asyncssh_nod
 
 
 async def test_closed_port_is_refused_after_three_attempts(queen: QueenProc, asyncssh_node) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     node = asyncssh_node
     args = add_args(node)
     args[args.index("--ssh-port") + 1] = str(port)

@@ -3,7 +3,6 @@ scripted in-process worker."""
 
 from __future__ import annotations
 
-import socket
 
 import asyncio
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.common import VENV_BIN, proc_env
+from tests.fixtures.ports import free_port
 from tests.unit.keeper.fake_worker import API_KEY, Script, start_fake
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -92,9 +92,7 @@ async def test_queen_mode_starts_an_ephemeral_queen_and_names_an_unknown_node(tm
     """No queen answers: one is started for the command; the node is unknown
     to it, which the keeper reports with the command that adds one; the
     queen is stopped again."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     code, out, err = await run_keeper(tmp_path, "--node", "workstation", "--model", "hf:org/repo", "--prompt", "hi",
                                       "--queen", f"127.0.0.1:{port}")  # fmt: skip
     assert code == 1 and out == ""

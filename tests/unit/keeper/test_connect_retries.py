@@ -4,7 +4,6 @@ jitter), then CONNECTION_TIMEOUT naming the address and the attempts."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import time
 
@@ -16,14 +15,9 @@ from rbee_keeper.hive_client import HiveClient
 from rbee_keeper.queen_client import QueenClient
 
 from tests.fixtures.common import VENV_BIN, proc_env
+from tests.fixtures.ports import free_port
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def serve_after(port: int, delay: float, started: asyncio.Event) -> grpc.aio.Server:

@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rbee_queen.hives import HiveLink
 from rbee_queen.nodes.store import NodeRecord
-from tests.fixtures.ssh import free_port
+from tests.fixtures.ports import free_port
 
 
 def record(port: int) -> NodeRecord:

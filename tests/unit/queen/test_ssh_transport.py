@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import stat
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +13,7 @@ import pytest
 
 from rbee.errors import RbeeError
 from rbee_queen.nodes.ssh import SshTransport
+from tests.fixtures.ports import free_port
 from tests.fixtures.ssh import AsyncsshNode, SshdNode, SshNodeBase
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -175,9 +175,7 @@ async def test_silent_listener_times_out_three_times(home: Path, narration: Narr
 
 
 async def test_closed_port_is_refused_three_times(home: Path, narration: Narration) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     t = transport(None, home, narration, port=port, key_path=_any_key(home), connect_timeout=0.5)
     err = await expect_error(t, "SSH_CONNECTION_FAILED")
     assert f"127.0.0.1:{port} failed after 3 attempts: connection refused" in err.message
@@ -187,9 +185,7 @@ async def test_closed_port_is_refused_three_times(home: Path, narration: Narrati
 
 
 async def test_attempts_are_configurable(home: Path, narration: Narration) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     t = transport(None, home, narration, port=port, key_path=_any_key(home), attempts=1)
     err = await expect_error(t, "SSH_CONNECTION_FAILED")
     assert "failed after 1 attempts" in err.message and narration.attempts[-1].endswith("(attempt 1/1)")

@@ -26,7 +26,7 @@ from rbee.auth import ApiKeyInterceptor, auth_metadata
 from rbee.errors import from_rpc_error
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.fixtures.common import REPO, STARTING_DAEMON_OPTIONS, VENV_BIN, proc_env
-from tests.fixtures.worker import free_port
+from tests.fixtures.ports import free_port
 
 WORKER = str(VENV_BIN / "llm-worker-rbee")
 KEY = "process-test-key-7f3a"
