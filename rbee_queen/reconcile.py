@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT_S = 60.0
 
 
+def seconds(value: float) -> str:
+    return f"{value:.1f}s" if value < 10 else f"{value:.0f}s"
+
+
 @dataclass(frozen=True)
 class ReplicaPolicy:
     interval_s: float = 2.0
@@ -165,9 +169,9 @@ class Reconciler:
         if track.backoff.complete_since is not None:
             wait = track.backoff.lost(now)
             self.narrate("🔁", f"{d.model_ref}: {len(running)}/{d.replicas} replicas running; starting another in "
-                         f"{wait:.0f}s (attempt {track.backoff.attempt})", "warn")  # fmt: skip
+                         f"{seconds(wait)} (attempt {track.backoff.attempt})", "warn")  # fmt: skip
         if not track.backoff.due(now):
-            track.state = f"restarting in {track.backoff.not_before - now:.0f}s (attempt {track.backoff.attempt})"
+            track.state = f"restarting in {seconds(track.backoff.not_before - now)} (attempt {track.backoff.attempt})"
             return
         track.state = "starting"
         await self._fill(d, track, allowed)
@@ -221,7 +225,7 @@ class Reconciler:
     def _failed(self, d: Deployment, track: Track, err: RbeeError, what: str) -> None:
         track.last_error = f"{err.code}: {err.message}"
         wait = max(0.0, track.backoff.not_before - time.monotonic())
-        self.narrate("⚠️", f"{d.model_ref}: {what}: {err.code}: {err.message}; trying again in {wait:.0f}s", "warn")
+        self.narrate("⚠️", f"{d.model_ref}: {what}: {err.code}: {err.message}; trying again in {seconds(wait)}", "warn")
 
     async def _scale_down(self, d: Deployment, track: Track, running: list[Replica]) -> None:
         for r in extras(running, d.replicas):
