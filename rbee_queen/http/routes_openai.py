@@ -170,12 +170,16 @@ async def _serve(request: Request, kind: str) -> Any:
     return StreamingResponse(_prepend(first, events), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
 
-def _kept(r: Router, call: _Call, lease: WorkerLease) -> contextlib.AbstractContextManager:
-    """The request as its worker's keep-alive sees it (rbee_queen/keepalive.py)."""
+@contextlib.asynccontextmanager
+async def _kept(r: Router, call: _Call, lease: WorkerLease) -> AsyncIterator[None]:
+    """The request as its worker's keep-alive sees it (rbee_queen/keepalive.py);
+    asynchronous, as it sits in ``async with`` beside ``r.using``."""
     keepalive = getattr(r.tasks, "keepalive", None)
     if keepalive is None:
-        return contextlib.nullcontext()
-    return keepalive.request(lease.node, lease.worker_id, lease.model_ref, call.body.keep_alive)
+        yield
+        return
+    with keepalive.request(lease.node, lease.worker_id, lease.model_ref, call.body.keep_alive):
+        yield
 
 
 async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
