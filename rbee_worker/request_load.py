@@ -1,4 +1,6 @@
-"""The worker's load: slots, the engine's queue and recent token throughput."""
+"""The load requests put on the worker: slots, the engine's queue and recent
+token throughput (GetLoad, WorkerInfo.load). Loading the model is another
+matter: its stages are in loading_stages.py."""
 
 from __future__ import annotations
 

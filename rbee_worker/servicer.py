@@ -20,7 +20,7 @@ from rbee.rpc import handle_errors
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from rbee_worker.contract import ParsedRequest, check_cancel_ids, defaults, invalid, parse_request
 from rbee_worker.engine import Engine
-from rbee_worker.load import TokenRate, worker_load
+from rbee_worker.request_load import TokenRate, worker_load
 from rbee_worker.sleep import SleepControl
 from rbee_worker.status import (
     BUSY,

@@ -34,7 +34,7 @@ from rbee_worker.engine import (
 from rbee_worker.engine_death import Remedies
 from rbee_worker.engine_watch import EngineWatch, watch_processes
 from rbee_worker.engine_plan import EnginePlan, machine_plan, plan_fields
-from rbee_worker.load_stages import CHILD_STAGES, ForwardStages, StageListener
+from rbee_worker.loading_stages import CHILD_STAGES, ForwardStages, StageListener
 
 log = logging.getLogger(__name__)
 

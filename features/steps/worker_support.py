@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from rbee_worker.load_stages import STAGES
+from rbee_worker.loading_stages import STAGES
 from tests.fixtures.common import STARTING_DAEMON_OPTIONS
 from tests.fixtures.worker import WorkerProcess
 

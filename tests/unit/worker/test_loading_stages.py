@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from rbee_worker.load_stages import ENV_SOCKET, StageHandler, StageListener, logging_config, stage_of
+from rbee_worker.loading_stages import ENV_SOCKET, StageHandler, StageListener, logging_config, stage_of
 
 
 def test_stage_of_matches_vllm_templates():
@@ -33,7 +33,7 @@ async def test_records_travel_to_the_listener_and_files_are_cleaned_up():
     try:
         assert Path(env["VLLM_LOGGING_CONFIG_PATH"]).is_file()
         config = json.loads(Path(env["VLLM_LOGGING_CONFIG_PATH"]).read_text())
-        assert config["handlers"]["stages"]["()"] == "rbee_worker.load_stages.StageHandler"
+        assert config["handlers"]["stages"]["()"] == "rbee_worker.loading_stages.StageHandler"
         handler = StageHandler(address=env[ENV_SOCKET])
         for msg, args in (
             ("Using max model len %s", (2048,)),  # not a stage: not sent
@@ -108,7 +108,7 @@ def test_the_stages_step_requires_stages_really_in_order():
 def test_stages_only_move_forward_a_late_engine_line_is_dropped() -> None:
     """The engine process's stage lines arrive over a socket, possibly after
     the worker reported a later stage: the stream never goes back."""
-    from rbee_worker.load_stages import STAGES, ForwardStages
+    from rbee_worker.loading_stages import STAGES, ForwardStages
 
     seen: list = []
     report = ForwardStages(seen.append)
