@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from rbee.dtype import BYTES, ModelFacts, choose_dtype, model_facts, weights_bytes
@@ -239,3 +240,26 @@ def need(est: Estimate, metas: Iterable[Mapping[str, str]], backend: str = "cpu"
         if found:
             return Need(est, max(found, key=lambda m: m.bytes))
     return Need(est)
+
+
+# The listing's keys the estimate reads (``fit_facts``), without the prefix.
+FIGURE_KEYS = ("weights_bytes", "stored_dtype", "dtype", "layers", "kv_heads", "head_dim", "context", "vocab")
+
+
+def listing_need(figures: Mapping[str, str], size_bytes: int, own: Mapping[str, str] | None, backend: str = "cpu",
+                 slots: int = 0) -> Need:  # fmt: skip
+    """The need on a node from model listings: the estimate from ``figures``
+    (the node's own listing, or another node's when it does not hold the
+    model), replaced by a matching measurement in ``own`` (the node's own
+    listing, None when it does not hold the model). The same listings give
+    the same answer, computed once: a placement asks this for every node."""
+    values = tuple(figures.get(PREFIX + k, "") for k in FIGURE_KEYS)
+    measured = own.get(MEASURED_KEY, "") if own is not None else ""
+    return _listing_need(values, size_bytes, measured, backend, slots)
+
+
+@lru_cache(maxsize=512)
+def _listing_need(values: tuple[str, ...], size_bytes: int, measured: str, backend: str, slots: int) -> Need:
+    meta = {PREFIX + k: v for k, v in zip(FIGURE_KEYS, values) if v}
+    est = estimate(meta, size_bytes, backend, slots)
+    return need(est, [{MEASURED_KEY: measured}] if measured else [], backend)

@@ -10,9 +10,10 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from rbee.errors import RbeeError
-from rbee.fit import Estimate, Need, estimate, need
+from rbee.fit import Estimate, Need, estimate, listing_need
 from rbee.modelref import parse_model_ref
 from rbee.v1 import common_pb2, preflight_pb2, provisioning_pb2, registry_pb2, tasks_pb2
 
@@ -24,14 +25,29 @@ from rbee_queen.placement import NodeView, WarmView
 
 log = logging.getLogger(__name__)
 State = common_pb2.WorkerState
+READY = (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY)
 SURVEY_CALL_TIMEOUT_S = 10.0
 
 
-def same_model(a: str, b: str) -> bool:
+# Model references longer than this are compared as they are written (parse_model_ref refuses them anyway).
+CANONICAL_CACHE_MAX_LEN = 1100
+
+
+@lru_cache(maxsize=4096)
+def _canonical_cached(text: str) -> str:
     try:
-        return str(parse_model_ref(a)) == str(parse_model_ref(b))
+        return str(parse_model_ref(text))
     except RbeeError:
-        return a == b
+        return text
+
+
+def canonical(text: str) -> str:
+    """``text`` as parse_model_ref writes it; as it is when it does not parse."""
+    return _canonical_cached(text) if len(text) <= CANONICAL_CACHE_MAX_LEN else text
+
+
+def same_model(a: str, b: str) -> bool:
+    return a == b or canonical(a) == canonical(b)
 
 
 class LogRelay(EventRelay):
@@ -54,6 +70,30 @@ class NodeFigures:
     # Every model the node holds (what an eviction frees, rbee_queen/eviction.py).
     models: list[provisioning_pb2.ModelEntry] = field(default_factory=list)
     workers: list[common_pb2.WorkerInfo] = field(default_factory=list)
+    # The node's workers that can take a request now, by (model, backend,
+    # device): built at the first placement that reads these figures, which
+    # do not change once surveyed. A placement then reads the model's own
+    # workers, not every worker of the cluster.
+    _ready: dict[tuple[str, str, int], list[common_pb2.WorkerInfo]] | None = field(default=None, repr=False, compare=False)
+    # What a worker needs here (model_need), by (backend, slots): the same figures, the same answer.
+    _needs: dict[tuple[str, int], Need | None] = field(default_factory=dict, repr=False, compare=False)
+
+    def ready_workers(self, ref: str, backend: str, device: int) -> list[common_pb2.WorkerInfo]:
+        """Workers of ``ref`` (canonical) on ``backend``:``device``, idle or busy, with a free slot."""
+        if self._ready is None:
+            index: dict[tuple[str, str, int], list[common_pb2.WorkerInfo]] = {}
+            for w in self.workers:
+                if w.slots_available > 0 and w.state in READY:
+                    index.setdefault((canonical(w.model_ref), w.backend, w.device), []).append(w)
+            self._ready = index
+        return self._ready.get((ref, backend, device), [])
+
+    def need(self, surveyed: Sequence[NodeFigures], backend: str, slots: int,
+             fallback: provisioning_pb2.ModelEntry | None = None) -> Need | None:  # fmt: skip
+        """``model_need`` for this node, computed once per (backend, slots)."""
+        if (backend, slots) not in self._needs:
+            self._needs[(backend, slots)] = model_need(surveyed, self, backend, slots, fallback)
+        return self._needs[(backend, slots)]
 
 
 class Dispatched:
@@ -104,14 +144,16 @@ def model_estimate(surveyed: Sequence[NodeFigures], node: NodeFigures, backend: 
     return estimate(dict(entry.metadata), entry.size_bytes, backend, slots)
 
 
-def model_need(surveyed: Sequence[NodeFigures], node: NodeFigures, backend: str, slots: int) -> Need | None:
-    """The estimate on ``node``, replaced by what the node's hive measured
-    with the same settings (rbee/fit.py ``need``): another machine's
-    measurement is not this one's."""
-    est = model_estimate(surveyed, node, backend, slots)
-    if est is None:
+def model_need(surveyed: Sequence[NodeFigures], node: NodeFigures, backend: str, slots: int,
+               fallback: provisioning_pb2.ModelEntry | None = None) -> Need | None:  # fmt: skip
+    """The estimate on ``node`` (from its own copy of the model, else
+    ``fallback`` or another node's), replaced by what the node's hive
+    measured with the same settings (rbee/fit.py ``listing_need``): another
+    machine's measurement is not this one's."""
+    entry = node.model or fallback or next((f.model for f in surveyed if f.model is not None), None)
+    if entry is None:
         return None
-    return need(est, [dict(node.model.metadata)] if node.model is not None else [], backend)
+    return listing_need(entry.metadata, entry.size_bytes, node.model.metadata if node.model is not None else None, backend, slots)
 
 
 def views(surveyed: Sequence[NodeFigures], ref: str, backend: str, device: int, slots: int,
@@ -119,17 +161,17 @@ def views(surveyed: Sequence[NodeFigures], ref: str, backend: str, device: int, 
     nodes: list[NodeView] = []
     warm: list[WarmView] = []
     by_id: dict[str, common_pb2.WorkerInfo] = {}
+    fallback = next((f.model for f in surveyed if f.model is not None), None)
+    key = canonical(ref)
     for f in surveyed:
         if f.error:
             nodes.append(NodeView(f.record.name, False, problem=f.error))
             continue
-        est = model_need(surveyed, f, backend, slots)
+        est = f.need(surveyed, backend, slots, fallback)
         nodes.append(NodeView(f.record.name, True, f.free_bytes, est.total if est else None, f.model is not None, len(f.workers)))
-        for w in f.workers:
-            if (same_model(w.model_ref, ref) and w.backend == backend and w.device == device
-                    and w.state in (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY) and w.slots_available > 0):  # fmt: skip
-                warm.append(WarmView(f.record.name, w.id, w.slots_total, w.slots_available, dispatched.pending(w)))
-                by_id[w.id] = w
+        for w in f.ready_workers(key, backend, device):
+            warm.append(WarmView(f.record.name, w.id, w.slots_total, w.slots_available, dispatched.pending(w)))
+            by_id[w.id] = w
     return nodes, warm, by_id
 
 
