@@ -1,8 +1,8 @@
 """The headline path with the real engine (one engine start): `rbee-keeper
 infer --node --model hf:…` through a queen; the node's hive downloads the
 model from the hub-like server, provisions the worker environment, spawns a
-real llm-worker-rbee; then a warm start, a busy worker, and the worker killed
-mid-stream."""
+real llm-worker-rbee; then a warm start, a busy worker (refused at once by a
+queen without an admission queue), and the worker killed mid-stream."""
 
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ PROMPT = "Name three flowers that honey bees like."
 
 async def test_cold_warm_busy_and_a_worker_killed_mid_stream(queen_factory, hub, default_model: Path, tmp_path: Path) -> None:
     hub.add_repo(REPO, {f.name: f for f in default_model.iterdir() if f.is_file()})
-    queen = await queen_factory(**hive_env(hub))
+    # No admission queue (length 0): a busy worker is ALL_SLOTS_BUSY at once
+    # (the queue itself is tested in tests/integration/test_admission_queue.py).
+    queen = await queen_factory(**hive_env(hub), RBEE_QUEEN_QUEUE_LENGTH="0")
     home = tmp_path / "node"
     holder = None
     try:
@@ -68,7 +70,8 @@ async def test_cold_warm_busy_and_a_worker_killed_mid_stream(queen_factory, hub,
         assert busy
         code, out, err = await queen.keeper(*args, "--max-tokens", "4")
         assert code == 1 and out == ""
-        assert "ALL_SLOTS_BUSY" in err and "retrying in 1s" in err and "retrying in 4s" in err
+        # The queen's refusal is final: the keeper does not retry it.
+        assert "ALL_SLOTS_BUSY" in err and "--queue-length 0" in err and "retry" not in err.lower()
 
         # The worker dies mid-stream: the holder says so, keeps what arrived, exits 1.
         psutil.Process(listed["pid"]).kill()
