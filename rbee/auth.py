@@ -15,12 +15,9 @@ from typing import Any
 import grpc
 
 from rbee.errors import RbeeError
-from rbee.scopes import OPEN_PREFIXES, Scope, is_open, required_scope
+from rbee.scopes import Scope, is_open, required_scope
 
 log = logging.getLogger(__name__)
-
-OPEN_SERVICES = OPEN_PREFIXES
-
 
 def new_api_key() -> str:
     return secrets.token_urlsafe(32)
@@ -194,30 +191,6 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, err: RbeeError) -> grpc.R
     if handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(reject_stream, **kw)
     return grpc.stream_unary_rpc_method_handler(reject_unary, **kw)
-
-
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects every call without the right bearer key, health excepted."""
-
-    def __init__(self, api_key: str, open_prefixes: Iterable[str] = OPEN_SERVICES) -> None:
-        if not api_key:
-            raise ValueError("an API key is required")
-        self._key = api_key
-        self._open = tuple(open_prefixes)
-
-    def __repr__(self) -> str:  # never show the key
-        return "ApiKeyInterceptor(key=***)"
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self._open):
-            return handler
-        err = check_key(handler_call_details.invocation_metadata, self._key)
-        return handler if err is None else _rejecting_handler(handler, err)
 
 
 class ScopedKeyInterceptor(grpc.aio.ServerInterceptor):

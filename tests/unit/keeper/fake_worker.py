@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from rbee.auth import ApiKeyInterceptor
+from rbee.auth import ScopedKeyInterceptor, static_ring
 from rbee.errors import RbeeError
+from rbee.scopes import Scope
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 WS = common_pb2.WorkerState
@@ -118,7 +119,8 @@ class FakeWorker(inference_pb2_grpc.InferenceServiceServicer):
 
 
 async def start_fake(script: Script) -> tuple[grpc.aio.Server, FakeWorker, str]:
-    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(API_KEY)])
+    # As a worker started by hand: its one key opens inference and Shutdown.
+    server = grpc.aio.server(interceptors=[ScopedKeyInterceptor(static_ring((Scope.INFERENCE, API_KEY), (Scope.ADMIN, API_KEY)))])
     servicer = FakeWorker(script)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")

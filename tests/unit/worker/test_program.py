@@ -22,8 +22,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from rbee.auth import ApiKeyInterceptor, auth_metadata
+from rbee.auth import ScopedKeyInterceptor, auth_metadata, static_ring
 from rbee.errors import from_rpc_error
+from rbee.scopes import Scope
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.fixtures.common import REPO, STARTING_DAEMON_OPTIONS, VENV_BIN, proc_env
 from tests.fixtures.ports import free_port
@@ -160,7 +161,7 @@ class FakeHive(registry_pb2_grpc.WorkerCallbackServiceServicer):
 
 @asynccontextmanager
 async def fake_hive() -> AsyncIterator[tuple[FakeHive, str]]:
-    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(CALLBACK_KEY)])
+    server = grpc.aio.server(interceptors=[ScopedKeyInterceptor(static_ring((Scope.CALLBACK, CALLBACK_KEY)))])
     hive = FakeHive()
     registry_pb2_grpc.add_WorkerCallbackServiceServicer_to_server(hive, server)
     port = server.add_insecure_port("127.0.0.1:0")
