@@ -31,11 +31,11 @@ from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.v1 import registry_pb2, replicas_pb2, tasks_pb2
 
-from rbee_queen.deployments import Deployment, DeploymentStore, validate
+from rbee_queen.deployments import Deployment, DeploymentStore, canonical_ref, validate
 from rbee_queen.hives import HiveLink
-from rbee_queen.nodes.store import NodeStore
+from rbee_queen.nodes.store import NodeRecord, NodeStore, node_not_found
 from rbee_queen.replicas import READY, Backoff, Replica, allowed_nodes, extras, place_replica, replicas_of
-from rbee_queen.survey import LogRelay, same_model, survey_node, views
+from rbee_queen.survey import LogRelay, NodeFigures, same_model, survey_node, views
 from rbee_queen.tasks import TaskRunner
 from rbee_queen.workers import ClusterWorkers, HiveWatchers
 
@@ -81,6 +81,21 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._loop: asyncio.Task | None = None
 
+    # -- what it does to the hives (seams a unit test replaces) ---------------
+
+    async def survey(self, record: NodeRecord, ref: str, relay: LogRelay) -> NodeFigures:
+        return await survey_node(self.runner.nodes, record, ref, relay)
+
+    async def start_worker(self, record: NodeRecord, d: Deployment, relay: LogRelay) -> registry_pb2.WorkerAccess:
+        request = tasks_pb2.SubmitInferenceRequest(model_ref=d.model_ref, backend=d.backend)
+        async with HiveLink(record) as link:
+            return await self.runner._start(link, record, d.model_ref, d.backend, request, relay)
+
+    async def stop_worker(self, record: NodeRecord, worker_id: str) -> None:
+        async with HiveLink(record) as link:
+            await link.call(link.workers.ShutdownWorker, registry_pb2.ShutdownWorkerRequest(worker_id=worker_id),
+                            timeout=STOP_TIMEOUT_S)  # fmt: skip
+
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
@@ -110,12 +125,18 @@ class Reconciler:
                 with contextlib.suppress(asyncio.TimeoutError):
                     waits = [asyncio.ensure_future(e.wait()) for e in (changed, self._wake)]
                     try:
-                        await asyncio.wait(waits, timeout=self.policy.interval_s, return_when=asyncio.FIRST_COMPLETED)
+                        await asyncio.wait(waits, timeout=self._next_look(), return_when=asyncio.FIRST_COMPLETED)
                     finally:
                         for w in waits:
                             w.cancel()
                 changed.clear()
                 self._wake.clear()
+
+    def _next_look(self) -> float:
+        """Seconds to the next look: the interval, or sooner when a backoff ends."""
+        now = time.monotonic()
+        due = [t.backoff.not_before - now for t in self._tracks.values() if t.backoff.not_before > now]
+        return max(0.05, min([self.policy.interval_s, *due]))
 
     def _round(self) -> None:
         wished = {d.model_ref: d for d in self.deployments.list()}
@@ -188,7 +209,7 @@ class Reconciler:
         """Survey the allowed nodes, then start the replicas still missing there."""
         relay = LogRelay(self.narrate)
         records = [self.store.get(name) for name in allowed]
-        surveyed = await asyncio.gather(*(survey_node(self.runner.nodes, r, d.model_ref, relay) for r in records))
+        surveyed = await asyncio.gather(*(self.survey(r, d.model_ref, relay) for r in records))
         registry = self.running(d, allowed)
         per_node: Counter = Counter()
         for f in surveyed:
@@ -211,10 +232,8 @@ class Reconciler:
                 return
             self.narrate("🧭", f"Replica {i}/{d.replicas} of {d.model_ref}: {chosen.narration()}")
             record = next(r for r in records if r.name == chosen.node)
-            request = tasks_pb2.SubmitInferenceRequest(model_ref=d.model_ref, backend=d.backend)
             try:
-                async with HiveLink(record) as link:
-                    access = await self.runner._start(link, record, d.model_ref, d.backend, request, relay)
+                access = await self.start_worker(record, d, relay)
             except RbeeError as err:
                 self._failed(d, track, err, f"replica {i}/{d.replicas} did not start on {record.name}")
                 return
@@ -237,10 +256,7 @@ class Reconciler:
 
     async def _stop(self, r: Replica) -> bool:
         try:
-            record = self.store.get(r.node)
-            async with HiveLink(record) as link:
-                await link.call(link.workers.ShutdownWorker, registry_pb2.ShutdownWorkerRequest(worker_id=r.worker_id),
-                                timeout=STOP_TIMEOUT_S)  # fmt: skip
+            await self.stop_worker(self.store.get(r.node), r.worker_id)
             return True
         except RbeeError as err:
             self.narrate("⚠️", f"Could not stop {r.worker_id} on {r.node}: {err.code}: {err.message}", "warn")
@@ -253,8 +269,6 @@ class Reconciler:
         registered = self._registered()
         for name in wish.nodes:
             if name not in registered:
-                from rbee_queen.nodes.store import node_not_found
-
                 raise node_not_found(name)
         stored, replaced = self.deployments.put(wish)
         where = ", ".join(stored.nodes) if stored.nodes else "any node"
@@ -265,8 +279,6 @@ class Reconciler:
         return replicas_pb2.DeployModelResponse(deployment=self.describe(stored), replaced=replaced)
 
     async def undeploy(self, req: replicas_pb2.UndeployModelRequest) -> replicas_pb2.UndeployModelResponse:
-        from rbee_queen.deployments import canonical_ref
-
         gone = self.deployments.remove(canonical_ref(req.model_ref))
         task = self._work.pop(gone.model_ref, None)
         if task is not None:
