@@ -23,6 +23,9 @@
           bench.openai     the openai client against the queen's front door vs vLLM's own OpenAI server (added
                            TTFT, tokens/s ratios at 1 and 32 streams) and the proxy's ceiling (flood engine)
 
+          bench.admission  a request that waits for a busy slot: the queen's admission queue vs the keeper's
+                           old 1/2/4 s retry loop (slot freed → first token, ratio of medians; stand-in workers)
+
 Pick some with `make bench BENCH_ARGS="transport ssh_preflight"`.
 """
 
@@ -31,7 +34,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-ALL = ("transport", "downloads", "ssh_preflight", "queen", "keeper", "engine", "engine_config", "soak", "contract", "tls", "limits", "openai")
+ALL = ("transport", "downloads", "ssh_preflight", "queen", "keeper", "engine", "engine_config", "soak", "contract", "tls", "limits", "openai", "admission")
 
 
 def main(argv: list[str]) -> int:
