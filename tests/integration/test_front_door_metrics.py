@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from rbee.narration import Narrator
 from rbee.v1 import common_pb2, registry_pb2
@@ -28,6 +27,7 @@ from rbee_queen.http.server import HttpServer, install_metrics
 from rbee_queen.http.upstream import WorkerLease
 from rbee_queen.nodes.store import NodeRecord, NodeStore
 from rbee_queen.workers import ClusterWorkers
+from tests.fixtures.metrics import parse_metrics, sample
 from tests.unit.worker.fakes import FakeEngine
 from tests.unit.worker.harness import KEY, worker_harness
 
@@ -76,18 +76,6 @@ async def front_door(tmp_path: Path, address: str, public: bool = False) -> Asyn
         store.close()
 
 
-def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def sample(found: dict, name: str, **labels: str) -> float:
-    return found.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
 async def scrape(url: str, key: str | None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with httpx.AsyncClient(timeout=30) as http:
@@ -115,7 +103,7 @@ async def test_after_n_requests_the_counters_say_n(tmp_path: Path) -> None:
 
         resp = await scrape(door.url, app_key)
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
-        found = parse(resp.text)
+        found = parse_metrics(resp.text)
         assert sample(found, "rbee_requests_total", model=MODEL, node="here", status="200") == n
         assert sample(found, "rbee_time_to_first_token_seconds_count", model=MODEL) == n
         assert sample(found, "rbee_e2e_request_latency_seconds_count", model=MODEL) == n

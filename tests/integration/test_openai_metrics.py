@@ -8,28 +8,20 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.cluster import SLOTS, Cluster
+from tests.fixtures.metrics import Samples, parse_metrics, sample
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.engine]
 
 CHAT = [{"role": "user", "content": "Say hello to the bees."}]
 
 
-async def scrape(cluster: Cluster) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+async def scrape(cluster: Cluster) -> Samples:
     async with httpx.AsyncClient(timeout=60) as http:
         resp = await http.get(f"{cluster.root_url}/metrics", headers={"Authorization": f"Bearer {cluster.admin_key}"})
     assert resp.status_code == 200, resp.text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(resp.text)
-        for s in family.samples
-    }
-
-
-def sample(found: dict, name: str, **labels: str) -> float:
-    return found.get((name, tuple(sorted(labels.items()))), 0.0)
+    return parse_metrics(resp.text)
 
 
 async def test_n_requests_move_the_counters_by_n(cluster: Cluster) -> None:

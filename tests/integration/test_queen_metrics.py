@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.hive import free_port_block
+from tests.fixtures.metrics import parse_metrics, sample
 from tests.fixtures.queen import kill_node_hives
 from tests.integration.test_app_keys import create
 from tests.integration.test_queen_tasks import REF, cluster, local_node, node_env, until  # noqa: F401  (fixture)
@@ -23,18 +23,6 @@ from tests.integration.test_queen_tasks import REF, cluster, local_node, node_en
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 CHAT = [{"role": "user", "content": "hi"}]
-
-
-def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def sample(found: dict, name: str, **labels: str) -> float:
-    return found.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 async def test_requests_through_the_front_door_are_counted(queen_factory, node_env, tmp_path: Path) -> None:  # noqa: F811
@@ -63,7 +51,7 @@ async def test_requests_through_the_front_door_are_counted(queen_factory, node_e
         async with httpx.AsyncClient(timeout=30) as http:
             resp = await http.get(f"{root}/metrics")  # --metrics-public: no key needed
         assert resp.status_code == 200, resp.text
-        found = parse(resp.text)
+        found = parse_metrics(resp.text)
         assert sample(found, "rbee_requests_total", model=REF, node="here", status="200") == n
         assert sample(found, "rbee_time_to_first_token_seconds_count", model=REF) == n
         assert sample(found, "rbee_e2e_request_latency_seconds_count", model=REF) == n

@@ -7,26 +7,22 @@ from __future__ import annotations
 
 import prometheus_client
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from rbee.v1 import common_pb2, registry_pb2
 from rbee_queen.http.metrics import NO_NODE, UNRESOLVED, ClusterCollector, QueenMetrics
 from rbee_queen.workers import ClusterWorkers
+from tests.fixtures.metrics import Samples, parse_metrics, sample
 
 State = common_pb2.WorkerState
 REF = "hf:HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def samples(metrics: QueenMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(metrics.exposition().decode()):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+def samples(metrics: QueenMetrics) -> Samples:
+    return parse_metrics(metrics.exposition().decode())
 
 
 def value(metrics: QueenMetrics, name: str, **labels: str) -> float:
-    return samples(metrics).get((name, tuple(sorted(labels.items()))), 0.0)
+    return sample(samples(metrics), name, **labels)
 
 
 def names(metrics: QueenMetrics) -> set[str]:
