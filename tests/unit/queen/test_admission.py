@@ -56,8 +56,11 @@ class Changes:
 
 
 async def until_waiting(q: AdmissionQueue, key: str, n: int) -> None:
-    while q.waiting(key) != n:
-        await asyncio.sleep(0)
+    async def settled() -> None:
+        while q.waiting(key) != n:
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(settled(), 10)  # a bound, not a measure: a wrong queue never gets there
 
 
 async def test_a_free_slot_is_taken_at_once_without_queueing() -> None:
