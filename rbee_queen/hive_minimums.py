@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rbee.errors import RbeeError
+from rbee.fit import GiB, MiB, gib
 
-GiB = 1024**3
-MiB = 1024**2
 GPU_BACKENDS = ("cuda", "metal")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)?\s*$", re.IGNORECASE)
@@ -37,10 +36,6 @@ def parse_size(value: Any) -> Any:
         if match:
             return int(float(match.group(1)) * _FACTORS[(match.group(2) or "b").lower()])
     return value
-
-
-def human(size: int) -> str:
-    return f"{size / GiB:.1f} GiB" if size >= GiB else f"{size // MiB} MiB"
 
 
 @dataclass(frozen=True)
@@ -70,9 +65,9 @@ def shortfall(minimum: Minimum, ram_available: int, disk_available: int) -> str 
     """What the node lacks for ``minimum``, or None when it has enough."""
     short = []
     if ram_available < minimum.ram_bytes:
-        short.append(f"{human(ram_available)} of RAM free, needs {human(minimum.ram_bytes)}")
+        short.append(f"{gib(ram_available)} of RAM free, needs {gib(minimum.ram_bytes)}")
     if disk_available < minimum.disk_bytes:
-        short.append(f"{human(disk_available)} of disk free, needs {human(minimum.disk_bytes)}")
+        short.append(f"{gib(disk_available)} of disk free, needs {gib(minimum.disk_bytes)}")
     return "; ".join(short) or None
 
 
@@ -90,22 +85,19 @@ def check_minimums(
     floor it misses is a warning. The first refusal raises
     INSUFFICIENT_RAM or INSUFFICIENT_DISK with the figures."""
     ram, disk = int(res.ram_available_bytes), int(res.disk_available_bytes)
-    wanted = [backend] if backend else list(available)
-    verdicts = {b: shortfall(minimum_for(settings, b), ram, disk) for b in wanted}
+    floors = {b: minimum_for(settings, b) for b in ([backend] if backend else available)}
+    verdicts = {b: shortfall(m, ram, disk) for b, m in floors.items()}
     met = [b for b, why in verdicts.items() if why is None]
     if met:
         for b, why in verdicts.items():
             if why is not None:
                 check("hive_minimums", True, f"Node {node} is below the minimum for {b} workers ({why})", warning=True)
-        floors = ", ".join(f"{b}: {human(minimum_for(settings, b).ram_bytes)} RAM, "
-                           f"{human(minimum_for(settings, b).disk_bytes)} disk" for b in met)  # fmt: skip
-        check("hive_minimums", True, f"Free RAM and disk above the minimum ({floors})")
+        held = ", ".join(f"{b}: {gib(floors[b].ram_bytes)} RAM, {gib(floors[b].disk_bytes)} disk" for b in met)
+        check("hive_minimums", True, f"Free RAM and disk above the minimum ({held})")
         return
     # Refused: name the backend whose floor is the lowest (the easiest to reach).
-    target = min(wanted, key=lambda b: (minimum_for(settings, b).ram_bytes, minimum_for(settings, b).disk_bytes))
-    minimum = minimum_for(settings, target)
-    why = verdicts[target] or ""
-    check("hive_minimums", False, f"Node {node} is below the minimum for {target} workers: {why}")
+    minimum = min(floors.values(), key=lambda m: (m.ram_bytes, m.disk_bytes))
+    check("hive_minimums", False, f"Node {node} is below the minimum for {minimum.backend} workers: {verdicts[minimum.backend]}")
     raise _refusal(node, minimum, ram, disk, res.disk_path)
 
 
@@ -119,8 +111,8 @@ def _refusal(node: str, minimum: Minimum, ram: int, disk: int, disk_path: str) -
     if ram < minimum.ram_bytes:
         return RbeeError(
             "INSUFFICIENT_RAM",
-            f"Node {node} has {human(ram)} of RAM free; {minimum.backend} workers need at least "
-            f"{human(minimum.ram_bytes)} (required {minimum.ram_bytes // MiB} MB, available {ram // MiB} MB)",
+            f"Node {node} has {gib(ram)} of RAM free; {minimum.backend} workers need at least "
+            f"{gib(minimum.ram_bytes)} (required {minimum.ram_bytes // MiB} MB, available {ram // MiB} MB)",
             details,
             [f"Free memory on {node}: see its workers with `rbee-keeper workers list --node {node}` and stop one "
              f"with `rbee-keeper workers shutdown --node {node} --id WORKER_ID`",
@@ -128,8 +120,8 @@ def _refusal(node: str, minimum: Minimum, ram: int, disk: int, disk_path: str) -
         )  # fmt: skip
     return RbeeError(
         "INSUFFICIENT_DISK",
-        f"Node {node} has {human(disk)} free at {disk_path}; {minimum.backend} workers need at least "
-        f"{human(minimum.disk_bytes)} (free {(minimum.disk_bytes - disk) // MiB} MB more)",
+        f"Node {node} has {gib(disk)} free at {disk_path}; {minimum.backend} workers need at least "
+        f"{gib(minimum.disk_bytes)} (free {(minimum.disk_bytes - disk) // MiB} MB more)",
         details | {"to_free_mb": (minimum.disk_bytes - disk) // MiB},
         [f"Remove models you no longer need: `rbee-keeper models list --node {node}`, then "
          f"`rbee-keeper models rm MODEL --node {node}`",
