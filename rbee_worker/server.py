@@ -22,6 +22,7 @@ from rbee.narration import Narrator
 from rbee.rpc import set_log_location
 from rbee_worker.settings import (
     ACTOR,
+    DEFAULT_DRAIN_TIMEOUT_S,
     ENV_ADMIN_KEY,
     ENV_API_KEY,
     ENV_CALLBACK_KEY,
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 LOADER = "model-loader"
 # Bounded exit for an interrupted load: the engine thread cannot be cancelled.
 SHUTDOWN_WHILE_LOADING_GRACE_S = 5.0
-DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from rbee_worker.contract import ParsedRequest, check_cancel_ids, defaults, invalid, parse_request
 from rbee_worker.engine import Engine
 from rbee_worker.request_load import TokenRate, worker_load
+from rbee_worker.settings import DEFAULT_DRAIN_TIMEOUT_S
 from rbee_worker.sleep import SleepControl
 from rbee_worker.status import (
     BUSY,
@@ -36,7 +37,6 @@ from rbee_worker.stream import ActiveRequest
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DRAIN_TIMEOUT_S = 30
 # After the drain timeout, aborted streams get this long to send their final message.
 ABORT_GRACE_S = 5.0
 

@@ -35,6 +35,9 @@ DEFAULT_SLOTS = {"cpu": 8, "cuda": 32}
 # How often the engine's processes are checked once the model is loaded: an
 # engine that died (e.g. its process was OOM-killed) turns the worker FAILED.
 ENGINE_CHECK_INTERVAL_S = 10.0
+# How long in-flight requests may finish once a shutdown starts (SIGTERM, or a
+# Shutdown request that names no drain timeout).
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
 class _Parser(argparse.ArgumentParser):
