@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.hive import write_overrides
+from tests.fixtures.hive import write_overrides, write_standin_program
+from tests.fixtures.models import hive_env
 from tests.fixtures.queen import kill_node_hives
 from tests.integration.test_queen_placement import add_local, small_install
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 GiB = 1024**3
+REPO = "rbee-test/floor"
+FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"\0" * 1_000_000, "tokenizer.json": b"{}"}
 GPU = {"name": "Pinned GPU", "vram_total_bytes": 24 * GiB, "vram_available_bytes": 24 * GiB}
 
 
@@ -70,5 +73,29 @@ async def test_the_floor_is_a_queen_setting(queen_factory, tmp_path: Path) -> No
         code, out, err = await queen.keeper("setup", "check-node", "--name", "a")
         assert code == 0, err
         assert "(cpu: 1.5 GiB RAM, 5.0 GiB disk)" in err, err
+    finally:
+        kill_node_hives(home)
+
+
+async def test_a_cold_start_checks_its_backends_floor_before_anything_starts(queen_factory, hub, tmp_path: Path) -> None:
+    hub.add_repo(REPO, FILES)
+    program = write_standin_program(tmp_path / "standin")
+    queen = await queen_factory(**hive_env(hub, RBEE_HIVE_WORKER_BINARY=str(program), STANDIN_LOAD_S="0.3"))
+    figures = write_overrides(tmp_path / "figures.json", disk_available_bytes=4 * GiB, gpus=[])
+    home = tmp_path / "home-a"
+    try:
+        await add_local(queen, "a", home, "--install-path", str(small_install(tmp_path / "install-a", figures)))
+        infer = ("infer", "--node", "a", "--model", f"hf:{REPO}", "--prompt", "hi", "--max-tokens", "3")
+
+        code, out, err = await queen.keeper(*infer)
+        assert code == 1 and out == "", err
+        assert "INSUFFICIENT_DISK" in err and "cpu workers need at least 5.0 GiB" in err, err
+        assert "rbee-keeper models rm MODEL --node a" in err, err
+        assert "Downloading" not in err and "Starting llm-worker-rbee" not in err, err
+
+        write_overrides(figures, disk_available_bytes=100 * GiB, gpus=[])
+        code, out, err = await queen.keeper(*infer)
+        assert code == 0, err
+        assert out == "t1 t2 t3 \n" and "Free RAM and disk above the minimum (cpu: 3.0 GiB RAM, 5.0 GiB disk)" in err, err
     finally:
         kill_node_hives(home)
