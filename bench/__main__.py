@@ -26,6 +26,10 @@
           bench.admission  a request that waits for a busy slot: the queen's admission queue vs the keeper's
                            old 1/2/4 s retry loop (slot freed → first token, ratio of medians; stand-in workers)
 
+          bench.placement  the placement decision for 100 nodes and 1000 workers (p50, p99; goal p99 ≤ 1 ms)
+          bench.spread     requests per replica over 2 and 4 stand-in replicas behind the front door, 64 clients
+                           (max/min, goal ≤ 1.1)
+
 Pick some with `make bench BENCH_ARGS="transport ssh_preflight"`.
 """
 
@@ -34,7 +38,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-ALL = ("transport", "downloads", "ssh_preflight", "queen", "keeper", "engine", "engine_config", "soak", "contract", "tls", "limits", "openai", "admission")
+ALL = ("transport", "downloads", "ssh_preflight", "queen", "keeper", "engine", "engine_config", "soak", "contract", "tls", "limits", "openai", "admission", "placement", "spread")
 
 
 def main(argv: list[str]) -> int:

@@ -49,6 +49,8 @@ COLD_RETRY_AFTER_S = 5
 # A slot picked for a request counts as taken until the request uses it, or this long.
 RESERVED_S = 30.0
 LOAD_WAIT_S = 3600.0
+# Workers whose pick counts are kept before the gone ones are dropped.
+MAX_PICKED = 1024
 
 
 class _Stages(EventRelay):
@@ -146,6 +148,8 @@ class Router:
         self.queue = queue
         # Slots picked for a request that has not begun on the worker yet (monotonic times).
         self._reserved: dict[str, list[float]] = {}
+        # Requests this router picked each worker for (ties between equally free workers).
+        self._picked: dict[str, int] = {}
         # Requests that ended on each worker since its last load report.
         self._finished = Dispatched()
         # Observers of routing decisions (metrics): called with (event, **labels).
@@ -169,7 +173,9 @@ class Router:
             reported = w.slots_total - w.slots_available - self._finished.pending(w)
             free = w.slots_total - max(mine, reported)
             out.append((free, cw.node, w))
-        out.sort(key=lambda t: -t[0])
+        # Ties go to the worker this router picked least: quick requests leave every
+        # worker equally free most of the time, and the first listed would take them all.
+        out.sort(key=lambda t: (-t[0], self._picked.get(t[2].id, 0)))
         return out
 
     async def _lease_for(self, node: str, worker: common_pb2.WorkerInfo) -> WorkerLease:
@@ -242,6 +248,9 @@ class Router:
                 return None
             _, name, worker = now[0]
             self._reserve(worker.id)  # before any await: the next look counts it taken
+            if len(self._picked) > MAX_PICKED:  # workers come and go: keep those still listed
+                self._picked = {w.id: self._picked.get(w.id, 0) for _, _, w in now}
+            self._picked[worker.id] = self._picked.get(worker.id, 0) + 1
             try:
                 return await self._lease_for(name, worker)
             except BaseException:

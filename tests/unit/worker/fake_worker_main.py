@@ -29,6 +29,8 @@ through to its workers, tests/fixtures/hive.py confinement_env):
   STANDIN_IGNORE_SHUTDOWN_FOR=TEXT  the same, only for model paths containing TEXT
   STANDIN_ENV_DUMP=DIR        write the environment it was started with to
                               DIR/<worker-id>.env.json
+  STANDIN_COUNT_DIR=DIR       add a line to DIR/<worker-id>.requests for each
+                              request the engine takes (the worker's own count)
 """
 
 from __future__ import annotations
@@ -82,6 +84,13 @@ class ProgramEngine(FakeEngine):
         if self.load_s > 0:
             await asyncio.sleep(self.load_s)  # the pretend weights loading, not a wait for a condition
         return await super().load(progress)
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], options):
+        count_dir = os.environ.get("STANDIN_COUNT_DIR")
+        if count_dir:
+            with open(Path(count_dir) / f"{self.settings.worker_id}.requests", "a") as counted:
+                counted.write("1\n")
+        return super().generate(request_id, prompt_token_ids, options)
 
     async def shutdown(self) -> None:
         await super().shutdown()
