@@ -39,7 +39,7 @@ class Ticket:
     key: str
     model: str
     joined: float = field(default_factory=time.monotonic)
-    # Set when this ticket may look for a slot again (it became the head, or a slot freed).
+    # Set when this ticket should look again: it moved up the line, or (as the head) a slot may have freed.
     turn: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -139,17 +139,22 @@ class AdmissionQueue:
             on_queued(Queued(len(line), len(line)))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
+        told = len(line)
         try:
             with self._changes() as changed:
                 ticket.turn.set()
                 while True:
-                    head = line[0] is ticket
-                    if head and ticket.turn.is_set():
+                    if ticket.turn.is_set():
                         ticket.turn.clear()
-                        changed.clear()  # a change while take() runs sets it again: looked at next round
-                        slot = await take()
-                        if slot is not None:
-                            return Admitted(slot, time.monotonic() - ticket.joined, True)
+                        position = line.index(ticket) + 1
+                        if position != told and on_queued is not None:  # moved up: those ahead left
+                            told = position
+                            on_queued(Queued(position, len(line)))
+                        if position == 1:
+                            changed.clear()  # a change while take() runs sets it again: looked at next round
+                            slot = await take()
+                            if slot is not None:
+                                return Admitted(slot, time.monotonic() - ticket.joined, True)
                     left = deadline - loop.time()
                     if left <= 0:
                         raise refuse("wait", time.monotonic() - ticket.joined)
@@ -160,15 +165,15 @@ class AdmissionQueue:
             self._leave(ticket, line)
 
     def _leave(self, ticket: Ticket, line: deque[Ticket]) -> None:
-        was_head = bool(line) and line[0] is ticket
-        with contextlib.suppress(ValueError):
-            line.remove(ticket)
+        index = line.index(ticket)
+        del line[index]
         self._depth[ticket.model] = max(0, self._depth.get(ticket.model, 0) - 1)
-        if not line:
-            if self._lines.get(ticket.key) is line:
-                del self._lines[ticket.key]
-        elif was_head:
-            line[0].turn.set()  # the next one looks at once: more than one slot may be free
+        if not line and self._lines.get(ticket.key) is line:
+            del self._lines[ticket.key]
+        # Those behind moved up: a new head looks at once (more than one slot may
+        # be free), the others tell their client their new place.
+        for behind in list(line)[index:]:
+            behind.turn.set()
 
 
 async def _first(turn: asyncio.Event, changed: asyncio.Event | None, timeout: float) -> None:

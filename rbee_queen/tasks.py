@@ -24,8 +24,8 @@ from rbee.tls_identity import worker_identity
 from rbee.v1 import common_pb2, registry_pb2, tasks_pb2
 
 from rbee_queen.activity import Activity, Tracked
-from rbee_queen.eviction import Evictor
 from rbee_queen.admission import AdmissionQueue, Queued
+from rbee_queen.eviction import Evictor
 from rbee_queen.hives import HiveLink, hive_preflight, tls_name
 from rbee_queen.keepalive import KeepAlive, parse_keep_alive
 from rbee_queen.nodes.manager import NodeManager
@@ -39,13 +39,6 @@ State = common_pb2.WorkerState
 BACKENDS = ("cpu", "cuda", "metal")
 # A cold start's StartWorker: preflight, download, provisioning and spawn.
 START_WORKER_TIMEOUT_S = 3 * 3600
-
-
-def _same_model(a: str, b: str) -> bool:
-    try:
-        return str(parse_model_ref(a)) == str(parse_model_ref(b))
-    except RbeeError:
-        return a == b
 
 
 def queue_key(ref: str, node: str, backend: str, device: int) -> str:
@@ -113,7 +106,7 @@ class TaskRunner:
         async with HiveLink(record) as link:
             listed = await link.call(link.workers.ListWorkers, registry_pb2.ListWorkersRequest())
             matching = [w for w in listed.workers
-                        if _same_model(w.model_ref, ref) and w.backend == backend and w.device == req.device]  # fmt: skip
+                        if same_model(w.model_ref, ref) and w.backend == backend and w.device == req.device]  # fmt: skip
             usable = [w for w in matching if w.state in (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY) and w.slots_available > 0]
             loading = [w for w in matching if w.state == State.WORKER_STATE_LOADING]
             key = queue_key(ref, record.name, backend, req.device)
@@ -130,7 +123,7 @@ class TaskRunner:
                 return self._assignment(record, access, warm=False, started=started)
             serving = [w for w in matching if w.state in (State.WORKER_STATE_BUSY, State.WORKER_STATE_IDLE)]
             if serving:
-                worker, waited = await self._queued(key, record, ref, backend, req.device, serving, relay)
+                worker = await self._queued(key, record, ref, backend, req.device, serving, relay)
                 access = await self._access(link, worker.id)
                 return self._assignment(record, access, warm=True, started=started)
             busy = [w for w in matching if w.state == State.WORKER_STATE_DRAINING]
@@ -152,7 +145,7 @@ class TaskRunner:
             return self._assignment(record, access, warm=False, started=started)
 
     async def _queued(self, key: str, record: NodeRecord, ref: str, backend: str, device: int,
-                      serving: list[common_pb2.WorkerInfo], relay: EventRelay) -> tuple[common_pb2.WorkerInfo, float]:  # fmt: skip
+                      serving: list[common_pb2.WorkerInfo], relay: EventRelay) -> common_pb2.WorkerInfo:  # fmt: skip
         """A worker of ``ref`` on the node with a slot for this request, after
         waiting in line for it (docs/queen.md, "Admission queue"). The slots
         are read from the global registry, which each worker's load report
@@ -184,7 +177,7 @@ class TaskRunner:
             relay.narrate("🎟️", f"A slot of {ref} freed after {got.waited_s:.1f}s in the queue: worker {w.id} at {w.address}")
         else:
             relay.narrate("♻️", f"Warm start: worker {w.id} at {w.address} already serves {ref}")
-        return w, got.waited_s
+        return w
 
     async def fit(self, req: tasks_pb2.FitModelRequest, relay: EventRelay) -> tasks_pb2.FitModelResponse:
         """Each node's estimate, free memory and fit, and where a request would go now."""

@@ -175,6 +175,11 @@ class ClusterWorkers:
             self._notify()
         return dropped
 
+    def worker(self, node: str, worker_id: str) -> common_pb2.WorkerInfo | None:
+        """One worker of ``node`` as last reported, or None."""
+        entry = self._nodes.get(node)
+        return entry.workers.get(worker_id) if entry is not None else None
+
     def list(self, node: str = "", model_ref: str = "", cap: str = "", state: int = 0) -> list[tasks_pb2.ClusterWorker]:
         out = []
         for name in sorted(self._nodes):

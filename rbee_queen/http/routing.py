@@ -224,9 +224,9 @@ class Router:
         finally:
             cached.in_flight -= 1
             # Its slot is free now: counted until the worker's next report says so itself.
-            for cw in self.registry.list(node=lease.node):
-                if cw.worker.id == lease.worker_id:
-                    self._finished.add(cw.worker)
+            reported = self.registry.worker(lease.node, lease.worker_id)
+            if reported is not None:
+                self._finished.add(reported)
             self.queue.wake(lease.model_ref)
 
     # -- the decision ----------------------------------------------------------------

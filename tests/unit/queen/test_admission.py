@@ -226,3 +226,23 @@ async def test_a_failing_take_leaves_the_line_and_passes_the_turn() -> None:
         await first
     assert err.value.code == "HIVE_UNREACHABLE"
     assert (await second).queued  # the first's leaving passed the turn on
+
+
+async def test_waiters_are_told_when_they_move_up() -> None:
+    q = AdmissionQueue(8, 60)
+    slots = Slots(0)
+    told: dict[int, list[tuple[int, int]]] = {0: [], 1: [], 2: []}
+    tasks = []
+    for i in range(3):
+        tasks.append(asyncio.ensure_future(q.admit(MODEL, MODEL, slots.take, refuse,
+                                                   lambda p, i=i: told[i].append((p.position, p.length)))))  # fmt: skip
+        await until_waiting(q, MODEL, i + 1)
+    tasks[0].cancel()
+    await asyncio.gather(tasks[0], return_exceptions=True)
+    await until_waiting(q, MODEL, 2)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert told == {0: [(1, 1)], 1: [(2, 2), (1, 2)], 2: [(3, 3), (2, 2)]}
+    for t in tasks[1:]:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
