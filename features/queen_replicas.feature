@@ -7,7 +7,8 @@ Feature: The queen keeps N workers of a deployed model running
   model, on the nodes allowed. The queen starts the missing ones where they
   fit, spread over the nodes, replaces a worker that dies after a short
   backoff, shows the wish in `models list --deployed`, and stops the workers
-  when the model is undeployed. The wish outlives the queen.
+  when the model is undeployed. (That the wish outlives the queen, and a lost
+  or removed node's replica is placed again: tests/integration/test_queen_replicas.py.)
 
   Background:
     Given the hub-like server serves the model "hf:rbee-test/tiny"
@@ -26,15 +27,6 @@ Feature: The queen keeps N workers of a deployed model running
     Then the keeper exits 0
     And no worker of "hf:rbee-test/tiny" runs within 90 s
     And the deployments list says no model is deployed
-
-  Scenario: The wish outlives the queen
-    Given a running queen that keeps deployments, keeping its registry in "shared"
-    And this machine is registered as the local nodes "a" and "b"
-    When I deploy "hf:rbee-test/tiny" with 1 replicas on "b"
-    Then the keeper exits 0
-    When the queen is stopped and a new queen starts on the registry in "shared"
-    Then the deployments list shows "hf:rbee-test/tiny" with 1 replica on "b"
-    And one worker of "hf:rbee-test/tiny" is ready within 90 s, on "b"
 
   Scenario: A replica count out of bounds is refused before anything is stored
     Given a running queen that keeps deployments, with restarts after 0.5s

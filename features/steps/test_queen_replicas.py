@@ -44,10 +44,10 @@ def _live(world: TaskWorld, ref: str) -> list[dict]:
     return [w for w in found if w["model_ref"] == ref and w["state"] in ("loading", "idle", "busy")]
 
 
-def _ready(world: TaskWorld, ref: str, n: int, nodes: list[str], timeout: float, without: str = "") -> list[dict]:
+def _ready(world: TaskWorld, ref: str, n: int, nodes: list[str], timeout: float) -> list[dict]:
     def probe():
         found = _live(world, ref)
-        if len(found) != n or any(w["state"] == "loading" or w["id"] == without for w in found):
+        if len(found) != n or any(w["state"] == "loading" for w in found):
             return None
         return found if sorted(w["node"] for w in found) == sorted(nodes) else None
 
@@ -76,11 +76,6 @@ def _queen(world):
     world.start_queen(**REPLICA_ENV)
 
 
-@given(parsers.parse('a running queen that keeps deployments, keeping its registry in "{name}"'))
-def _queen_named(world, name):
-    world.start_queen(name, **REPLICA_ENV)
-
-
 @given(parsers.parse('this machine is registered as the local nodes "{a}" and "{b}"'))
 def _local_nodes(world, a, b):
     world.add_local_nodes(a, b)
@@ -94,11 +89,6 @@ def _deploy(world, ref, n):
     world.keeper("models", "deploy", ref, "--replicas", str(n))
 
 
-@when(parsers.parse('I deploy "{ref}" with {n:d} replicas on "{node}"'))
-def _deploy_on(world, ref, n, node):
-    world.keeper("models", "deploy", ref, "--replicas", str(n), "--nodes", node)
-
-
 @when(parsers.parse('the worker of the deployment on "{node}" is killed with SIGKILL'))
 def _kill(world, node):
     [victim] = [w for w in _live(world, MODEL_REF) if w["node"] == node]
@@ -109,12 +99,6 @@ def _kill(world, node):
 @when(parsers.parse('I undeploy "{ref}"'))
 def _undeploy(world, ref):
     world.keeper("models", "undeploy", ref)
-
-
-@when(parsers.parse('the queen is stopped and a new queen starts on the registry in "{name}"'))
-def _restart(world, name):
-    assert world.run(world.queen.terminate()) == 0
-    world.restart_queen(name)
 
 
 # -- then -------------------------------------------------------------------------------------
@@ -140,11 +124,6 @@ def _two_again(world, ref, timeout):
     assert world.until(probe, timeout), f"{_live(world, ref)}\n{world.queen.text()[-3000:]}"
 
 
-@then(parsers.parse('one worker of "{ref}" is ready within {timeout:d} s, on "{node}"'))
-def _one_ready(world, ref, timeout, node):
-    _ready(world, ref, 1, [node], timeout)
-
-
 @then("the queen's log says the killed worker is gone and that another starts after a backoff")
 def _log_says(world):
     log = world.queen.text()
@@ -161,12 +140,6 @@ def _list_two(world, ref):
     header, row = run.out.splitlines()
     assert header.split() == ["DEPLOYED", "MODEL", "READY", "NODES", "CREATED", "STATE"]
     assert row.split()[:3] == [ref, "2/2", "any"] and row.split()[-1] == "complete", row
-
-
-@then(parsers.parse('the deployments list shows "{ref}" with 1 replica on "{node}"'))
-def _list_one(world, ref, node):
-    [d] = _deployed(world)
-    assert (d["model_ref"], d["replicas"], d["nodes"]) == (ref, 1, [node]), d
 
 
 @then(parsers.parse('no worker of "{ref}" runs within {timeout:d} s'))
