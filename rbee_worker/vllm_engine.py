@@ -7,26 +7,20 @@ vLLM is imported here only, and only inside load(), so that `--help`,
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from rbee.errors import RbeeError
 from rbee.fit import BATCHED_TOKENS
 from rbee_worker.engine import (
-    ABORT,
     Delta,
     Engine,
     EngineInfo,
     EngineLoad,
-    PositionLogprobs,
     ProgressCallback,
     SamplingOptions,
-    TokenLogprob,
     encode_chat,
     encode_prompt,
     load_failed,
@@ -35,6 +29,8 @@ from rbee_worker.engine_death import Remedies
 from rbee_worker.engine_watch import EngineWatch, watch_processes
 from rbee_worker.engine_plan import EnginePlan, machine_plan, plan_fields
 from rbee_worker.loading_stages import CHILD_STAGES, ForwardStages, StageListener
+from rbee_worker.model_files import bounded_max_model_len, tokenizer_sha256
+from rbee_worker.vllm_sampling import FINISH_REASONS, position_logprobs, sampling_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -46,76 +42,6 @@ CUDA_MEMORY_UTILIZATION = 0.85
 # When a request fails because the engine died, how long to wait for the
 # watch to confirm that its process is gone and to say why.
 DEATH_VERDICT_WAIT_S = 5.0
-
-_FINISH = {"stop": "stop", "length": "length", "abort": ABORT}
-# Files that make up a Hugging Face tokenizer (whichever the model has).
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
-    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-)
-# SamplingOptions fields that pass to SamplingParams under the same name
-# when set; unset ones take the model's defaults (generation config).
-_SAMPLING_FIELDS = (
-    "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed",
-)
-# The constraint kinds -> StructuredOutputsParams arguments.
-_CONSTRAINT_ARGS = {"json_schema": "json", "regex": "regex", "grammar": "grammar", "choice": "choice"}
-
-
-def sampling_kwargs(options: SamplingOptions, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """SamplingParams keyword arguments for one request: the model's defaults,
-    then every field the request set. The constraint comes back as
-    ("structured_outputs", {argument: value}) for the caller to wrap."""
-    kw: dict[str, Any] = {k: v for k, v in defaults.items() if k != "max_tokens"}
-    for name in _SAMPLING_FIELDS:
-        value = getattr(options, name)
-        if value is not None:
-            kw[name] = value
-    kw.update(
-        n=options.n,
-        max_tokens=options.max_tokens,
-        min_tokens=options.min_tokens,
-        stop=list(options.stop) or None,
-        stop_token_ids=list(options.stop_token_ids) or None,
-        include_stop_str_in_output=options.include_stop_str_in_output,
-        skip_special_tokens=options.skip_special_tokens,
-        ignore_eos=options.ignore_eos,
-        logit_bias=dict(options.logit_bias) or None,
-        logprobs=options.logprobs,
-        prompt_logprobs=options.prompt_logprobs,
-    )
-    c = options.constraint
-    if c is not None:
-        value = json.loads(c.value) if c.kind == "json_schema" else list(c.value) if c.kind == "choice" else c.value
-        kw["structured_outputs"] = {_CONSTRAINT_ARGS[c.kind]: value}
-    return kw
-
-
-def position_logprobs(entries: Mapping[int, Any] | None, chosen: int, k: int) -> PositionLogprobs | None:
-    """vLLM's {token id: Logprob} at one position -> the chosen token and the
-    top k, highest logprob first."""
-    if not entries:
-        return None
-
-    def entry(token_id: int, lp: Any) -> TokenLogprob:
-        return TokenLogprob(token_id, float(lp.logprob), int(lp.rank or 0), lp.decoded_token or "")
-
-    top = sorted(
-        (entry(t, lp) for t, lp in entries.items() if lp.rank is not None and lp.rank <= k),
-        key=lambda e: (-e.logprob, e.rank),
-    )[:k]
-    picked = entries.get(chosen)
-    return PositionLogprobs(entry(chosen, picked) if picked is not None else None, tuple(top))
-
-
-def tokenizer_sha256(model_path: str) -> str:
-    h = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        path = Path(model_path) / name
-        if path.is_file():
-            h.update(name.encode() + b"\0")
-            h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def _stats_logger(sink: Any) -> Any:
@@ -134,31 +60,6 @@ def _stats_logger(sink: Any) -> Any:
             pass
 
     return LatestSchedulerStats
-
-# Keys under which Hugging Face configs give the context length.
-_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
-
-
-def model_context_len(model_path: str) -> int | None:
-    """The context length the model's config.json declares (None if unknown)."""
-    try:
-        cfg = json.loads((Path(model_path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    for source in (cfg, cfg.get("text_config") or {}):
-        for key in _LEN_KEYS:
-            value = source.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
-
-
-def bounded_max_model_len(model_path: str, cap: int | None) -> int | None:
-    """min(model's context, cap); None lets vLLM derive it."""
-    declared = model_context_len(model_path)
-    if cap is None:
-        return declared
-    return min(declared, cap) if declared else cap
 
 
 class VllmEngine(Engine):
@@ -445,7 +346,7 @@ class VllmEngine(Engine):
                     token_ids=ids,
                     text=completion.text,
                     finished=reason is not None,
-                    finish_reason=_FINISH.get(reason, reason) if reason else None,
+                    finish_reason=FINISH_REASONS.get(reason, reason) if reason else None,
                     stop_reason=completion.stop_reason,
                     prompt_tokens=prompt_tokens,
                     completion=completion.index,

@@ -16,7 +16,7 @@ from rbee.errors import from_rpc_error
 from rbee.v1 import common_pb2, inference_pb2
 from rbee_worker.engine import Constraint, EngineLoad, SamplingOptions
 from rbee_worker.request_load import TokenRate
-from rbee_worker.vllm_engine import position_logprobs, sampling_kwargs
+from rbee_worker.vllm_sampling import position_logprobs, sampling_kwargs
 from tests.unit.worker.fakes import FakeEngine
 from tests.unit.worker.harness import MD, worker_harness
 
