@@ -77,6 +77,10 @@ async def test_deploy_keeps_two_replicas_through_a_queen_restart_a_lost_node_and
         [d] = await deployed(queen)
         assert d["model_ref"] == REF and d["replicas"] == 2 and d["state"] == "complete" and sorted(d["workers"]) == sorted(
             f"{w['node']}/{w['id']}" for w in first)
+        code, out, err = await queen.keeper("status", "--json")
+        assert code == 0, err
+        [shown] = json.loads(out)["deployments"]
+        assert (shown["model_ref"], shown["ready"], shown["replicas"]) == (REF, 2, 2)
         log = queen.text()
         assert "📌 Deployed hf:rbee-test/replicated: 2 replica(s) on any node (cpu)" in log
         assert "Replica 1/2 of hf:rbee-test/replicated: Placed on " in log and "none of its replicas there yet" in log
