@@ -192,6 +192,7 @@ async def _whole(request: Request, r: Router, call: _Call, lease: WorkerLease | 
                  observer: ProxyObserver) -> JSONResponse:  # fmt: skip
     status = 500
     collected = Collected(call.n, call.kind == "completion")
+    picked = lease is not None  # reserved by the router's pick(), not from a cold start
     seen = False
     last = 0.0
     try:
@@ -214,7 +215,7 @@ async def _whole(request: Request, r: Router, call: _Call, lease: WorkerLease | 
                 else:
                     collected.final = msg.final
 
-        async with r.using(lease), _kept(r, call, lease):
+        async with r.using(lease, picked), _kept(r, call, lease):
             try:
                 if not await _unless_gone(request, collect()):
                     status = 499  # the client went away: the Generate call was cancelled on the worker
@@ -300,6 +301,7 @@ async def _stream(r: Router, call: _Call, lease: WorkerLease | None, cold: ColdS
     status = 200
     prompt_tokens = generated = 0
     committed = False
+    picked = lease is not None  # reserved by the router's pick(), not from a cold start
     # The final message came: the call is read to its end (the worker has freed
     # the slot then) so a request queued for it finds it free.
     ended = False
@@ -314,7 +316,7 @@ async def _stream(r: Router, call: _Call, lease: WorkerLease | None, cold: ColdS
                 else:
                     yield item
         assert lease is not None
-        async with r.using(lease), _kept(r, call, lease):
+        async with r.using(lease, picked), _kept(r, call, lease):
             began: set[int] = set()
             offsets = [0] * call.n
             last = time.monotonic()

@@ -215,10 +215,13 @@ class Router:
             self._reserved.pop(worker_id, None)
 
     @contextlib.asynccontextmanager
-    async def using(self, lease: WorkerLease) -> AsyncIterator[WorkerLease]:
+    async def using(self, lease: WorkerLease, picked: bool = True) -> AsyncIterator[WorkerLease]:
+        """The request runs on ``lease``'s worker; ``picked``: its slot was
+        reserved by pick() (a lease from a cold start was not)."""
         cached = self._access.setdefault(lease.worker_id, _Cached(lease))
         cached.in_flight += 1
-        self._unreserve(lease.worker_id)
+        if picked:
+            self._unreserve(lease.worker_id)
         try:
             yield lease
         finally:
