@@ -148,8 +148,9 @@ class Router:
         self.queue = queue
         # Slots picked for a request that has not begun on the worker yet (monotonic times).
         self._reserved: dict[str, list[float]] = {}
-        # Requests this router picked each worker for (ties between equally free workers).
+        # When this router last picked each worker (a running count), for ties between equally free workers.
         self._picked: dict[str, int] = {}
+        self._picks = 0
         # Requests that ended on each worker since its last load report.
         self._finished = Dispatched()
         # Observers of routing decisions (metrics): called with (event, **labels).
@@ -173,9 +174,11 @@ class Router:
             reported = w.slots_total - w.slots_available - self._finished.pending(w)
             free = w.slots_total - max(mine, reported)
             out.append((free, cw.node, w))
-        # Ties go to the worker this router picked least: quick requests leave every
-        # worker equally free most of the time, and the first listed would take them all.
-        out.sort(key=lambda t: (-t[0], self._picked.get(t[2].id, 0)))
+        # Ties go to the worker this router picked longest ago (round robin): quick requests
+        # leave every worker equally free most of the time, and the first listed would take
+        # them all. Not the one picked least: a replica added later would take every tie
+        # until it caught up with the others' past.
+        out.sort(key=lambda t: (-t[0], self._picked.get(t[2].id, -1)))
         return out
 
     async def _lease_for(self, node: str, worker: common_pb2.WorkerInfo) -> WorkerLease:
@@ -252,8 +255,9 @@ class Router:
             _, name, worker = now[0]
             self._reserve(worker.id)  # before any await: the next look counts it taken
             if len(self._picked) > MAX_PICKED:  # workers come and go: keep those still listed
-                self._picked = {w.id: self._picked.get(w.id, 0) for _, _, w in now}
-            self._picked[worker.id] = self._picked.get(worker.id, 0) + 1
+                self._picked = {w.id: self._picked[w.id] for _, _, w in now if w.id in self._picked}
+            self._picks += 1
+            self._picked[worker.id] = self._picks
             try:
                 return await self._lease_for(name, worker)
             except BaseException:

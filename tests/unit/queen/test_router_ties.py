@@ -52,3 +52,26 @@ async def test_a_freer_worker_still_comes_first(router: Router) -> None:
     assert len({h.worker_id for h in held if h}) == 3
     free = await router.pick(MODEL, None)
     assert free is not None and free.worker_id not in {h.worker_id for h in held if h}
+
+
+async def test_a_replica_added_later_takes_its_turn_not_every_tie(router: Router) -> None:
+    # w-4 joins after the other three served 30 quick requests: from then on
+    # the requests go round all four, not all to w-4 until it caught up.
+    def listed(ids: list[str], seq: int) -> None:
+        workers = [common_pb2.WorkerInfo(id=i, address=f"127.0.0.1:{IDS.index(i) + 1}", model_ref=MODEL, backend="cpu",
+                                         state=common_pb2.WORKER_STATE_IDLE, slots_total=8, slots_available=8) for i in ids]  # fmt: skip
+        router.registry.apply("here", "127.0.0.1:9", registry_pb2.WatchWorkersResponse(snapshot=True, hive_instance="i", seq=seq, workers=workers))
+
+    async def quick(n: int) -> Counter[str]:
+        served: Counter[str] = Counter()
+        for _ in range(n):
+            lease = await router.pick(MODEL, None)
+            assert lease is not None
+            async with router.using(lease):
+                served[lease.worker_id] += 1
+        return served
+
+    listed(IDS[:3], 2)
+    assert await quick(30) == {i: 10 for i in IDS[:3]}
+    listed(IDS, 3)
+    assert await quick(16) == {i: 4 for i in IDS}
