@@ -154,7 +154,9 @@ class Reconciler:
             raise
         except Exception as err:  # noqa: BLE001 - one deployment's trouble never stops the loop
             log.exception("reconcile of %s failed", d.model_ref)
-            self._track(d).last_error = f"{type(err).__name__}: {err}"
+            track = self._track(d)
+            track.last_error = f"{type(err).__name__}: {err}"
+            track.backoff.started(time.monotonic())  # not again at the next look
 
     # -- one deployment --------------------------------------------------------
 

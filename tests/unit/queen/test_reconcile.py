@@ -202,3 +202,19 @@ async def test_deploy_on_an_unknown_node_is_refused(cluster: FakeCluster) -> Non
     with pytest.raises(RbeeError) as caught:
         await deploy(cluster, 1, "nowhere")
     assert caught.value.code == "NODE_NOT_FOUND" and cluster.deployments.list() == []
+
+
+async def test_an_unexpected_failure_is_kept_for_the_list_and_backs_off(cluster: FakeCluster) -> None:
+    calls = []
+
+    async def broken(record, ref, relay):
+        calls.append(record.name)
+        raise RuntimeError("hive answered nonsense")
+
+    cluster.survey = broken
+    await deploy(cluster, 1, "a")
+    [d] = cluster.deployments.list()
+    await cluster._guarded(d)
+    assert calls == ["a"] and cluster.describe(d).last_error == "RuntimeError: hive answered nonsense"
+    await cluster._guarded(d)  # within the backoff: not tried again
+    assert calls == ["a"]
