@@ -19,7 +19,6 @@ said as such.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,7 +33,6 @@ from rbee_queen.nodes.store import NodeStore
 from rbee_queen.placement import NodeView
 from rbee_queen.survey import NodeFigures, same_model
 
-log = logging.getLogger(__name__)
 State = common_pb2.WorkerState
 # How long a worker may drain when it is stopped (it is idle: nothing to drain).
 STOP_TIMEOUT_S = 10

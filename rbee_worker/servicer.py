@@ -22,7 +22,7 @@ from rbee_worker.contract import ParsedRequest, check_cancel_ids, defaults, inva
 from rbee_worker.engine import Engine
 from rbee_worker.request_load import TokenRate, worker_load
 from rbee_worker.settings import DEFAULT_DRAIN_TIMEOUT_S
-from rbee_worker.sleep import SleepControl
+from rbee_worker.sleep import SleepControl, SleepRpcs
 from rbee_worker.status import (
     BUSY,
     DRAINING,
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 ABORT_GRACE_S = 5.0
 
 
-class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+class InferenceServicer(SleepRpcs, inference_pb2_grpc.InferenceServiceServicer):
     def __init__(
         self,
         engine: Engine,
@@ -416,20 +416,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         in_flight = self.begin_drain()
         self._on_shutdown(timeout)
         return inference_pb2.ShutdownResponse(state=self._status.state, in_flight=in_flight)
-
-    @handle_errors
-    async def Sleep(self, request: inference_pb2.SleepRequest, context) -> inference_pb2.SleepResponse:
-        self.sleep.check()
-        if self._status.info is None:
-            self._check_accepting()
-            raise RbeeError("MODEL_LOADING", "The model is not loaded yet: nothing to put to sleep")
-        level = await self.sleep.sleep(request.level)
-        return inference_pb2.SleepResponse(sleeping=True, level=level)
-
-    @handle_errors
-    async def WakeUp(self, request: inference_pb2.WakeUpRequest, context) -> inference_pb2.WakeUpResponse:
-        self.sleep.check()
-        return inference_pb2.WakeUpResponse(was_sleeping=await self.sleep.wake())
 
     def begin_drain(self) -> int:
         """Refuse new work from now on; returns the requests still in flight."""

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from rbee.errors import RbeeError
+from rbee.rpc import handle_errors
+from rbee.v1 import inference_pb2
 
 ENV_SLEEP_MODE = "RBEE_WORKER_SLEEP_MODE"
 LEVEL = 1
@@ -93,3 +95,23 @@ class SleepControl:
             self.level = 0
         self._narrate("☀️", f"Awake again ({why})")
         return True
+
+
+class SleepRpcs:
+    """The worker's Sleep and WakeUp RPCs (InferenceServicer's), around its ``sleep`` control."""
+
+    sleep: SleepControl
+
+    @handle_errors
+    async def Sleep(self, request: inference_pb2.SleepRequest, context) -> inference_pb2.SleepResponse:
+        self.sleep.check()
+        if self._status.info is None:  # type: ignore[attr-defined]
+            self._check_accepting()  # type: ignore[attr-defined]
+            raise RbeeError("MODEL_LOADING", "The model is not loaded yet: nothing to put to sleep")
+        level = await self.sleep.sleep(request.level)
+        return inference_pb2.SleepResponse(sleeping=True, level=level)
+
+    @handle_errors
+    async def WakeUp(self, request: inference_pb2.WakeUpRequest, context) -> inference_pb2.WakeUpResponse:
+        self.sleep.check()
+        return inference_pb2.WakeUpResponse(was_sleeping=await self.sleep.wake())
