@@ -208,6 +208,11 @@ def list_models(
         if deployed:
             from rbee_keeper.commands.deploy import list_deployed
 
+            if hive or node or provider:
+                raise RbeeError("USAGE_ERROR", "--deployed lists the queen's deployments: it takes no --hive, --node or --provider",
+                                {}, ["List the deployments: `rbee-keeper models list --deployed`",
+                                     "Or a node's catalog: `rbee-keeper models list --node NAME`"])  # fmt: skip
+
             return await list_deployed(queen, api_key, as_json)
         if provider is not None and provider.strip().lower() not in PROVIDERS:
             raise invalid_argument(

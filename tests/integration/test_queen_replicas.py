@@ -148,4 +148,6 @@ async def test_deploy_refuses_bad_input_with_stable_codes(queen: QueenProc) -> N
     assert code == 1 and "INVALID_MODEL_REF" in err
     code, _, err = await queen.keeper("models", "undeploy", REF, "--api-key", "wrong")
     assert code == 1 and "INVALID_API_KEY" in err
+    code, _, err = await queen.keeper("models", "list", "--deployed", "--node", "a")
+    assert code == 1 and "USAGE_ERROR" in err and "rbee-keeper models list --deployed" in err
     assert await deployed(queen) == []
