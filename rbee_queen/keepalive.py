@@ -301,6 +301,9 @@ class KeepAlive:
     async def _run(self) -> None:
         with self.registry.listen() as changed:
             while True:
+                # Cleared before looking, so a change while it looks wakes the next round.
+                changed.clear()
+                self._wake.clear()
                 try:
                     stop, next_at = self.due()
                 except Exception:  # noqa: BLE001 - the stopper must keep going
@@ -311,8 +314,6 @@ class KeepAlive:
                     task = asyncio.ensure_future(self._expire(held, idle_s))
                     self._stops.add(task)
                     task.add_done_callback(self._stops.discard)
-                changed.clear()
-                self._wake.clear()
                 wait = None if next_at is None else max(0.05, next_at - self.clock())
                 waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(self._wake.wait())]
                 try:
