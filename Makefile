@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rbee-setup
 PYTEST_ARGS ?=
+# Processes the suite runs on (pytest-xdist; 0 runs it in this one). conftest.py
+# keeps each file on one process and every real-engine file in one group.
+TEST_JOBS ?= 2
 
 .PHONY: help setup model run test test-deps test-unit protos protos-check protos-freeze bench clean
 
@@ -47,7 +50,7 @@ test-deps:
 	scripts/test-deps.sh
 
 test: model protos-check test-deps
-	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
