@@ -122,13 +122,12 @@ class Reconciler:
                     self._round()
                 except RbeeError as err:
                     log.warning("reconcile: deployments not read: %s", err)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    waits = [asyncio.ensure_future(e.wait()) for e in (changed, self._wake)]
-                    try:
-                        await asyncio.wait(waits, timeout=self._next_look(), return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        for w in waits:
-                            w.cancel()
+                waits = [asyncio.ensure_future(e.wait()) for e in (changed, self._wake)]
+                try:
+                    await asyncio.wait(waits, timeout=self._next_look(), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
                 changed.clear()
                 self._wake.clear()
 
@@ -142,6 +141,8 @@ class Reconciler:
         wished = {d.model_ref: d for d in self.deployments.list()}
         for ref in set(self._tracks) - set(wished):
             self._tracks.pop(ref, None)
+        for ref in [r for r, t in self._work.items() if r not in wished and t.done()]:
+            del self._work[ref]
         for ref, d in wished.items():
             task = self._work.get(ref)
             if task is None or task.done():
