@@ -45,6 +45,18 @@ async def _node_models(client, node) -> tuple[str, list, str]:
         return node.name, [], f"{err.code}: {err.message}"
 
 
+async def _deployments(client) -> list | None:
+    """The queen's deployments; None from a queen of a release without them."""
+    from rbee.errors import RbeeError
+
+    try:
+        return await client.list_deployments()
+    except RbeeError as err:
+        if err.code == "VERSION_MISMATCH":
+            return None
+        raise
+
+
 async def _status(queen: str | None, api_key: str | None, as_json: bool) -> int:
     import asyncio
     import json
@@ -60,7 +72,7 @@ async def _status(queen: str | None, api_key: str | None, as_json: bool) -> int:
 
     async with QueenClient.connect(resolve_queen(queen), api_key) as client:
         nodes, workers, deployments = await asyncio.gather(
-            client.list_nodes(), client.cluster_workers(tasks_pb2.ListClusterWorkersRequest()), client.list_deployments()
+            client.list_nodes(), client.cluster_workers(tasks_pb2.ListClusterWorkersRequest()), _deployments(client)
         )
         models = await asyncio.gather(*(_node_models(client, n) for n in nodes))
     address = client.address
@@ -71,7 +83,7 @@ async def _status(queen: str | None, api_key: str | None, as_json: bool) -> int:
             "workers": [{"node": c.node, "capability": c.capability, "hive": c.hive_address, **_worker_dict(c.worker)} for c in workers],
             "models": [{"node": name, **model_dict(m)} for name, entries, _ in models for m in entries],
             "models_unavailable": {name: why for name, _, why in models if why},
-            "deployments": [deployment_dict(d) for d in deployments],
+            "deployments": [deployment_dict(d) for d in deployments or []],
         }))  # fmt: skip
         return 0
     from rich import filesize
@@ -104,7 +116,10 @@ async def _status(queen: str | None, api_key: str | None, as_json: bool) -> int:
             table.add_row(name, f"({why})", "", "")
     console.print(table if table.row_count else "models: none", markup=False)
     table = Table(*DEPLOYMENT_HEADER, title="deployments", title_justify="left")
-    for row in deployment_rows(deployments):
+    for row in deployment_rows(deployments or []):
         table.add_row(*row)
-    console.print(table if deployments else "deployments: none (rbee-keeper models deploy MODEL --replicas N)", markup=False)
+    if deployments is None:
+        console.print("deployments: this queen's release keeps none (update it to deploy models)", markup=False)
+    else:
+        console.print(table if deployments else "deployments: none (rbee-keeper models deploy MODEL --replicas N)", markup=False)
     return 0
