@@ -182,6 +182,8 @@ class Measured:
     context: int
     device_bytes: int = 0
     measured_at_unix: int = 0
+    # Every slot was busy at some sample: the peak covers a full batch.
+    full_load: bool = False
 
     def matches(self, est: Estimate, backend: str) -> bool:
         # The listing's dtype is the one a CPU worker runs; a GPU worker's is the device's choice.
@@ -190,7 +192,8 @@ class Measured:
 
     def as_dict(self) -> dict[str, int | str]:
         return {"bytes": self.bytes, "backend": self.backend, "dtype": self.dtype, "slots": self.slots,
-                "context": self.context, "device_bytes": self.device_bytes, "measured_at_unix": self.measured_at_unix}  # fmt: skip
+                "context": self.context, "device_bytes": self.device_bytes, "measured_at_unix": self.measured_at_unix,
+                "full_load": self.full_load}  # fmt: skip
 
 
 def measurements(meta: Mapping[str, str]) -> list[Measured]:
@@ -211,14 +214,18 @@ def measurements(meta: Mapping[str, str]) -> list[Measured]:
         if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints) and all(isinstance(t, str) for t in texts):
             peak, slots, context, device, stamp = ints
             if peak > 0:
-                out.append(Measured(peak, texts[0], texts[1], slots, context, device, stamp))  # type: ignore[arg-type]
+                full = item.get("full_load") is True
+                out.append(Measured(peak, texts[0], texts[1], slots, context, device, stamp, full))  # type: ignore[arg-type]
     return out
 
 
 @dataclass(frozen=True)
 class Need:
     """What a worker needs on a node: the measurement where one matches the
-    estimate's settings (backend, dtype, slots, context), else the estimate."""
+    estimate's settings (backend, dtype, slots, context) and was taken at
+    full load or passes the estimate, else the estimate. A peak of a worker
+    that never had every slot busy is not what it can reach: below the
+    estimate it would place a worker where a full batch does not fit."""
 
     estimate: Estimate
     measured: Measured | None = None
@@ -236,7 +243,7 @@ def need(est: Estimate, metas: Iterable[Mapping[str, str]], backend: str = "cpu"
     """``est`` replaced by the first matching measurement in ``metas``
     (listings in order of preference: the node's own first)."""
     for meta in metas:
-        found = [m for m in measurements(meta) if m.matches(est, backend)]
+        found = [m for m in measurements(meta) if m.matches(est, backend) and (m.full_load or m.bytes >= est.total)]
         if found:
             return Need(est, max(found, key=lambda m: m.bytes))
     return Need(est)

@@ -38,6 +38,8 @@ MIGRATION: list[str] = [
     )""",
     "CREATE INDEX ix_measured_fits_model_ref ON measured_fits (model_ref)",
 ]
+# The next step: whether any worker behind the row had every slot busy at a sample.
+MIGRATION_FULL_LOAD: list[str] = ["ALTER TABLE measured_fits ADD COLUMN full_load INTEGER NOT NULL DEFAULT 0"]
 
 
 class _Base(DeclarativeBase):
@@ -57,6 +59,7 @@ class _FitRow(_Base):
     peak_bytes: Mapped[int] = mapped_column(BigInteger)
     device_peak_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     measured_at_unix: Mapped[int] = mapped_column(BigInteger)
+    full_load: Mapped[int] = mapped_column(Integer, default=0)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class MeasuredFit:
     # On CUDA: the most device memory the tree held at a sample (0 = not measured).
     device_peak_bytes: int = 0
     measured_at_unix: int = 0
+    # A worker behind it had every slot busy at a sample: the peak covers a full batch.
+    full_load: bool = False
 
     def as_dict(self) -> dict[str, int | str]:
         out = asdict(self)
@@ -80,7 +85,7 @@ class MeasuredFit:
 
 def _to_fit(row: _FitRow) -> MeasuredFit:
     return MeasuredFit(row.model_ref, row.backend, row.dtype, row.slots, row.context, row.peak_bytes,
-                       row.device_peak_bytes, row.measured_at_unix)  # fmt: skip
+                       row.device_peak_bytes, row.measured_at_unix, bool(row.full_load))  # fmt: skip
 
 
 def _db_error(action: str, exc: SQLAlchemyError) -> RbeeError:
@@ -103,10 +108,11 @@ class MeasuredFits:
                 row = session.scalars(query).first()
                 if row is None:
                     row = _FitRow(model_ref=fit.model_ref, backend=fit.backend, dtype=fit.dtype, slots=fit.slots,
-                                  context=fit.context, peak_bytes=0, device_peak_bytes=0)  # fmt: skip
+                                  context=fit.context, peak_bytes=0, device_peak_bytes=0, full_load=0)  # fmt: skip
                     session.add(row)
                 row.peak_bytes = max(row.peak_bytes, int(fit.peak_bytes))
                 row.device_peak_bytes = max(row.device_peak_bytes, int(fit.device_peak_bytes))
+                row.full_load = int(bool(row.full_load) or fit.full_load)
                 row.measured_at_unix = stamp
                 session.flush()
                 return _to_fit(row)
@@ -136,8 +142,8 @@ class MeasuredFits:
 def listing_metadata(fits: list[MeasuredFit]) -> dict[str, str]:
     """The model listing's ``fit.measured`` (rbee/fit.py ``measurements``): a
     JSON list of the most recent measurements (backend, dtype, slots,
-    context, peak_bytes, device_peak_bytes, measured_at_unix); nothing when
-    there are none."""
+    context, peak_bytes, device_peak_bytes, measured_at_unix, full_load);
+    nothing when there are none."""
     if not fits:
         return {}
     return {MEASURED_KEY: json.dumps([f.as_dict() for f in fits[:MAX_MEASURED]], sort_keys=True)}

@@ -21,6 +21,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from rbee.errors import RbeeError
 from rbee.db import open_engine
 from rbee_hive.catalog.fits import MIGRATION as MEASURED_FITS_MIGRATION
+from rbee_hive.catalog.fits import MIGRATION_FULL_LOAD as MEASURED_FITS_FULL_LOAD
 from rbee_hive.catalog.fits import MeasuredFits
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX ix_models_provider ON models (provider)",
     ],
     MEASURED_FITS_MIGRATION,
+    MEASURED_FITS_FULL_LOAD,
 ]
 
 

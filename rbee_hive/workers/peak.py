@@ -12,7 +12,9 @@ keeps no peak, so it is the highest sample).
 
 Only a worker that finished loading is recorded, keyed by model reference,
 backend and the settings it ran with: the dtype it reported (else the one
-the hive expects it to run), its slots and its context.
+the hive expects it to run), its slots and its context; and whether every
+slot was busy at a sample (full load: the peak then covers a full batch,
+which a lightly used worker never reached).
 """
 
 from __future__ import annotations
@@ -56,12 +58,17 @@ def tree_hwm(pids: Iterable[int]) -> int:
 class Meter:
     peak: int = 0
     device_peak: int = 0
+    # Every slot was busy at a sample (the worker's last report said so).
+    full_load: bool = False
     # What the catalog holds from this worker.
     written: int = 0
     written_device: int = 0
 
+    written_full: bool = False
+
     def grew(self, threshold: float) -> bool:
-        return self.peak > self.written * (1 + threshold) or self.device_peak > self.written_device * (1 + threshold)
+        return (self.peak > self.written * (1 + threshold) or self.device_peak > self.written_device * (1 + threshold)
+                or self.full_load > self.written_full)  # fmt: skip
 
 
 class PeakRecorder:
@@ -81,6 +88,8 @@ class PeakRecorder:
         if record.process is None:
             return meter
         pids = record.process.alive_tree()
+        busy = record.load.slots_busy if record.load is not None else record.slots_total - record.slots_available
+        meter.full_load = meter.full_load or (record.ready and record.slots_total > 0 and busy >= record.slots_total)
         meter.peak = max(meter.peak, tree_hwm(pids))
         if record.backend == "cuda" and pids:
             nvml = self.nvml = self.nvml or Nvml()
@@ -111,7 +120,7 @@ class PeakRecorder:
         if meter is None or not meter.peak or not record.ready or not record.slots_total or not record.model_ref:
             return None
         return MeasuredFit(record.model_ref, record.backend, self._dtype(record), record.slots_total,
-                           worker_context(Path(record.model_path)), meter.peak, meter.device_peak)  # fmt: skip
+                           worker_context(Path(record.model_path)), meter.peak, meter.device_peak, full_load=meter.full_load)  # fmt: skip
 
     def write(self, record: WorkerRecord, threshold: float = REWRITE_GROWTH) -> MeasuredFit | None:
         """Record the worker's peak when it grew past ``threshold`` since the last write (blocking)."""
@@ -126,7 +135,7 @@ class PeakRecorder:
         except RbeeError as err:
             log.warning("could not record the memory %s measured: %s", record.id, err)
             return None
-        meter.written, meter.written_device = fit.peak_bytes, fit.device_peak_bytes
+        meter.written, meter.written_device, meter.written_full = fit.peak_bytes, fit.device_peak_bytes, fit.full_load
         log.info("%s peaked at %d MiB (%s %s, %d slots × %d): recorded", record.id, fit.peak_bytes >> 20, fit.backend,
                  fit.dtype, fit.slots, fit.context)  # fmt: skip
         return stored

@@ -1,9 +1,10 @@
 """The measured fit through the real thing (docs/queen.md, "Fit"): a queen, a
 local node whose hive runs the stand-in worker (the real worker program and
 servicer on a fake engine, a real process tree), the hive's real models.db.
-Once the worker has loaded, the hive records the tree's peak memory in its
-catalog, its model listing carries it, and `models fit` uses it instead of
-the estimate, saying so."""
+Once the worker has loaded and had its one slot busy, the hive records the
+tree's peak memory in its catalog, its model listing carries it, and
+`models fit` uses it instead of the estimate, saying so. Before that the
+estimate stands."""
 
 from __future__ import annotations
 
@@ -28,20 +29,23 @@ MiB = 1024**2
 
 
 async def fit_json(queen: QueenProc) -> dict:
-    code, out, err = await queen.keeper("models", "fit", REF, "--json")
+    code, out, err = await queen.keeper("models", "fit", REF, "--json", "--slots", "1")
     assert code == 0, err
     return {n["node"]: n for n in json.loads(out)["nodes"]}
 
 
 def catalog_rows(home: Path) -> list[tuple]:
     with sqlite3.connect(home / "models.db") as db:
-        return db.execute("SELECT model_ref, backend, dtype, slots, context, peak_bytes, device_peak_bytes FROM measured_fits").fetchall()
+        return db.execute("SELECT model_ref, backend, dtype, slots, context, peak_bytes, device_peak_bytes, full_load FROM measured_fits").fetchall()
 
 
 async def test_a_loaded_workers_peak_is_recorded_and_replaces_the_estimate_in_models_fit(queen_factory, hub, tmp_path: Path) -> None:
     hub.add_repo(REPO, FILES)
     program = write_standin_program(tmp_path / "standin")
-    queen = await queen_factory(**hive_env(hub, RBEE_HIVE_WORKER_BINARY=str(program), STANDIN_LOAD_S="0.3", STANDIN_CHILD="1"))
+    # One slot, and a request that holds it for seconds: the hive's samples (every 2 s) see the worker at full load.
+    queen = await queen_factory(**hive_env(hub, RBEE_HIVE_WORKER_BINARY=str(program), STANDIN_LOAD_S="0.3", STANDIN_CHILD="1",
+                                           RBEE_HIVE_WORKER_ENV="STANDIN_*,FAKE_ENGINE_*", FAKE_ENGINE_MODE="slow",
+                                           FAKE_ENGINE_DELAY="1.5"))  # fmt: skip
     home = tmp_path / "home-b"
     try:
         code, _, err = await queen.keeper("setup", "add-node", "--name", "b", "--local", "--rbee-home", str(home),
@@ -54,7 +58,7 @@ async def test_a_loaded_workers_peak_is_recorded_and_replaces_the_estimate_in_mo
         before = (await fit_json(queen))["b"]
         assert before["basis"] == "estimate" and "measured" not in before and before["need_bytes"] == before["estimate"]["bytes"]
 
-        code, out, err = await queen.keeper("infer", "--model", REF, "--node", "b", "--prompt", "hi", "--max-tokens", "3")
+        code, out, err = await queen.keeper("infer", "--model", REF, "--node", "b", "--prompt", "hi", "--max-tokens", "3", "--slots", "1")
         assert code == 0, err
 
         async def measured() -> dict | None:
@@ -63,9 +67,9 @@ async def test_a_loaded_workers_peak_is_recorded_and_replaces_the_estimate_in_mo
 
         row = await until(measured, timeout=60)
         assert row, "the hive never listed a measurement"
-        [(ref, backend, dtype, slots, context, peak, device)] = catalog_rows(home)
-        # The worker's own settings: its reported dtype, its 8 slots, the model's 1024-token context.
-        assert (ref, backend, slots, context, device) == (REF, "cpu", 8, 1024, 0) and dtype == row["estimate"]["dtype"]
+        [(ref, backend, dtype, slots, context, peak, device, full_load)] = catalog_rows(home)
+        # The worker's own settings: its reported dtype, its one slot, the model's 1024-token context; seen at full load.
+        assert (ref, backend, slots, context, device, full_load) == (REF, "cpu", 1, 1024, 0, 1) and dtype == row["estimate"]["dtype"]
         # The stand-in and its engine child: two Python processes, the worker with grpc and the servicer loaded.
         assert 40 * MiB < peak < 2048 * MiB, peak
         # models fit uses the catalog's figure (it may have grown since: the hive keeps the highest)
@@ -73,11 +77,11 @@ async def test_a_loaded_workers_peak_is_recorded_and_replaces_the_estimate_in_mo
         assert row["spare_bytes"] == row["free_bytes"] - row["need_bytes"]
         assert row["estimate"]["bytes"] > row["need_bytes"]  # the estimate counts a real engine's 2 GiB
 
-        code, out, err = await queen.keeper("models", "fit", REF)
+        code, out, err = await queen.keeper("models", "fit", REF, "--slots", "1")
         assert code == 0, err
         header, *lines = out.splitlines()
         assert header.split() == ["NODE", "NEED", "FREE", "FIT"]
         [line] = [entry for entry in lines if entry.startswith("b ")]
-        assert f"measured {row['need_bytes'] / 1024**3:.1f} GiB ({dtype}, 8×1024; estimate " in line and "to spare" in line, line
+        assert f"measured {row['need_bytes'] / 1024**3:.1f} GiB ({dtype}, 1×1024; estimate " in line and "to spare" in line, line
     finally:
         kill_node_hives(home)

@@ -18,7 +18,7 @@ FIGURES = {"fit.weights_bytes": str(100 * MiB), "fit.stored_dtype": "bfloat16", 
 
 def measured(peak: int, **settings) -> dict:
     return {"backend": "cpu", "dtype": "float32", "slots": 8, "context": 2048, "peak_bytes": peak,
-            "device_peak_bytes": 0, "measured_at_unix": 1_700_000_000, **settings}  # fmt: skip
+            "device_peak_bytes": 0, "measured_at_unix": 1_700_000_000, "full_load": True, **settings}  # fmt: skip
 
 
 def meta(*items: dict) -> dict[str, str]:
@@ -30,6 +30,16 @@ def test_the_measurement_with_the_estimates_settings_replaces_it() -> None:
     assert (est.dtype, est.slots, est.context) == ("float32", 8, 2048)
     chosen = need(est, [meta(measured(2500 * MiB))])
     assert chosen.basis == "measured" and chosen.total == 2500 * MiB and chosen.estimate == est
+
+
+def test_a_peak_below_the_estimate_counts_only_when_it_was_taken_at_full_load() -> None:
+    # A worker that never had every slot busy did not hold a full batch's logits:
+    # its lower peak would place a worker where a full batch does not fit.
+    est = estimate(FIGURES, 0)
+    assert need(est, [meta(measured(2500 * MiB, full_load=False))]).basis == "estimate"
+    above = need(est, [meta(measured(est.total + 100 * MiB, full_load=False))])
+    assert above.basis == "measured" and above.total == est.total + 100 * MiB
+    assert need(est, [meta(measured(2500 * MiB, full_load="yes"))]).basis == "estimate"  # only a JSON true is true
 
 
 def test_other_settings_leave_the_estimate() -> None:

@@ -34,11 +34,12 @@ def test_a_key_keeps_its_highest_peak_and_the_listing_reads_back(tmp_path: Path)
         catalog.measured.record(fit(200 * MiB, measured_at_unix=200))  # a lighter run does not lower it
         catalog.measured.record(fit(150 * MiB, slots=2, measured_at_unix=150))
         catalog.measured.record(fit(99 * MiB, model_ref="hf:org/other"))
+        catalog.measured.record(fit(100 * MiB, full_load=True))  # a run at full load marks the row; the peak stays the highest
         rows = catalog.measured.for_model(REF)
-        assert [(r.slots, r.peak_bytes, r.measured_at_unix) for r in rows] == [(8, 300 * MiB, 200), (2, 150 * MiB, 150)]
+        assert [(r.slots, r.peak_bytes, r.full_load) for r in rows] == [(8, 300 * MiB, True), (2, 150 * MiB, False)]
         listed = measurements(listing_metadata(rows))
-        assert [(m.bytes, m.backend, m.dtype, m.slots, m.context) for m in listed] == [(300 * MiB, "cpu", "float32", 8, 2048),
-                                                                                     (150 * MiB, "cpu", "float32", 2, 2048)]  # fmt: skip
+        assert [(m.bytes, m.backend, m.dtype, m.slots, m.context, m.full_load) for m in listed] == [
+            (300 * MiB, "cpu", "float32", 8, 2048, True), (150 * MiB, "cpu", "float32", 2, 2048, False)]
         assert listing_metadata([]) == {}
     finally:
         catalog.close()
@@ -87,7 +88,7 @@ time.sleep(600)
 def record_of(proc: WorkerProcess, model: Path, ready: bool) -> WorkerRecord:
     record = WorkerRecord(id="worker-t1", host="127.0.0.1", port=1, model_ref=REF, model_path=str(model), backend="cpu", device=0,
                           api_key="k", callback_key="c", log_path=model / "log", events=EventLog(), process=proc)  # fmt: skip
-    record.ready, record.slots_total, record.dtype = ready, 4, "bfloat16"
+    record.ready, record.slots_total, record.slots_available, record.dtype = ready, 4, 0, "bfloat16"
     return record
 
 
@@ -112,6 +113,7 @@ async def test_a_loaded_workers_peak_is_recorded_with_its_settings_and_an_exited
         # The helper's 96 MiB are in, though it had exited before the last sample.
         assert row.peak_bytes > 96 * MiB
         assert (row.backend, row.dtype, row.slots, row.context, row.device_peak_bytes) == ("cpu", "bfloat16", 4, 1024, 0)
+        assert row.full_load  # every slot busy at the samples (slots_available 0 as the worker last reported)
         assert recorder.meters == {}
     finally:
         if proc.running:
