@@ -3,6 +3,9 @@
 Everything checked here needs no engine call, so a bad request is refused
 before it takes a slot or reaches the tokenizer; each refusal is
 INVALID_ARGUMENT with details["field"] naming the GenerateRequest field.
+The one check that needs the prompt's token count (``max_tokens_for``: the
+prompt and max_tokens against the model's context) runs once the prompt is
+tokenized.
 """
 
 from __future__ import annotations
@@ -274,6 +277,41 @@ def parse_request(request: inference_pb2.GenerateRequest, info: EngineInfo | Non
         prompt_logprobs=_opt(request, "prompt_logprobs"),
     )
     return ParsedRequest(max_tokens=max_tokens, options=options, **source)
+
+
+def max_tokens_for(info: EngineInfo | None, prompt_tokens: int, max_tokens: int | None) -> int:
+    """The request's max_tokens, or what the context leaves after the prompt,
+    checked against the context once the prompt is tokenized."""
+    limit = info.max_model_len if info else 0
+    if max_tokens is None:
+        check_length(prompt_tokens, 1, limit)
+        room = limit - prompt_tokens if limit else 16
+        model_default = int(defaults(info).get("max_tokens", 0))
+        return min(room, model_default) if model_default else room
+    check_length(prompt_tokens, max_tokens, limit)
+    return max_tokens
+
+
+def check_length(prompt_tokens: int, max_tokens: int, limit: int) -> None:
+    if not limit:
+        return
+    figures = {"prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "max_model_len": limit}
+    if prompt_tokens >= limit:
+        raise RbeeError(
+            "INVALID_ARGUMENT",
+            f"Invalid prompt: {prompt_tokens} prompt tokens leave no room in the model's "
+            f"{limit}-token context",
+            {"field": "prompt", **figures},
+            ["Shorten the prompt"],
+        )
+    if prompt_tokens + max_tokens > limit:
+        raise RbeeError(
+            "INVALID_ARGUMENT",
+            f"Invalid max_tokens: prompt tokens {prompt_tokens} + max_tokens {max_tokens} = "
+            f"{prompt_tokens + max_tokens} exceeds the model's context of {limit} tokens",
+            {"field": "max_tokens", **figures},
+            [f"Use max_tokens of at most {limit - prompt_tokens}"],
+        )
 
 
 # -- outputs ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.rpc import handle_errors
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from rbee_worker.contract import ParsedRequest, check_cancel_ids, defaults, invalid, parse_request
+from rbee_worker.contract import ParsedRequest, check_cancel_ids, defaults, invalid, max_tokens_for, parse_request
 from rbee_worker.engine import Engine
 from rbee_worker.request_load import TokenRate, worker_load
 from rbee_worker.settings import DEFAULT_DRAIN_TIMEOUT_S
@@ -183,39 +183,6 @@ class InferenceServicer(SleepRpcs, inference_pb2_grpc.InferenceServiceServicer):
             active.fail(RbeeError(err.code, err.message, err.details, err.suggestions))
         self._status.failed(err)
 
-    def _max_tokens(self, prompt_tokens: int, max_tokens: int | None) -> int:
-        """The request's max_tokens, or what the context leaves after the prompt."""
-        info = self._status.info
-        limit = info.max_model_len if info else 0
-        if max_tokens is None:
-            self._check_length(prompt_tokens, 1, limit)
-            room = limit - prompt_tokens if limit else 16
-            model_default = int(defaults(info).get("max_tokens", 0))
-            return min(room, model_default) if model_default else room
-        self._check_length(prompt_tokens, max_tokens, limit)
-        return max_tokens
-
-    def _check_length(self, prompt_tokens: int, max_tokens: int, limit: int) -> None:
-        if not limit:
-            return
-        figures = {"prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "max_model_len": limit}
-        if prompt_tokens >= limit:
-            raise RbeeError(
-                "INVALID_ARGUMENT",
-                f"Invalid prompt: {prompt_tokens} prompt tokens leave no room in the model's "
-                f"{limit}-token context",
-                {"field": "prompt", **figures},
-                ["Shorten the prompt"],
-            )
-        if prompt_tokens + max_tokens > limit:
-            raise RbeeError(
-                "INVALID_ARGUMENT",
-                f"Invalid max_tokens: prompt tokens {prompt_tokens} + max_tokens {max_tokens} = "
-                f"{prompt_tokens + max_tokens} exceeds the model's context of {limit} tokens",
-                {"field": "max_tokens", **figures},
-                [f"Use max_tokens of at most {limit - prompt_tokens}"],
-            )
-
     def _check_capacity(self, request_id: str) -> None:
         if request_id in self._active or request_id in self._tokenizing:
             raise RbeeError(
@@ -305,7 +272,7 @@ class InferenceServicer(SleepRpcs, inference_pb2_grpc.InferenceServiceServicer):
         # from here to _acquire, so the checks and the slot taken are one step.
         self._check_accepting()
         self._check_capacity(request_id)
-        max_tokens = self._max_tokens(len(prompt_ids), parsed.max_tokens)
+        max_tokens = max_tokens_for(self._status.info, len(prompt_ids), parsed.max_tokens)
         if parsed.options.min_tokens > max_tokens:
             raise invalid("min_tokens", f"{parsed.options.min_tokens} is more than max_tokens {max_tokens}")
         options = dataclasses.replace(parsed.options, max_tokens=max_tokens)
