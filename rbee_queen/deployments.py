@@ -1,4 +1,4 @@
-"""Deployments: the models the queen keeps running (``rbee-keeper models
+"""Deployments: the models the queen keeps running (the keeper's ``models
 deploy``, docs/queen.md "Replicas"), one row per model in the ``deployments``
 table of the queen's ``beehives.db``: how many workers, on which nodes (none
 named = any), the backend, when it was made. The wish outlives the queen: a

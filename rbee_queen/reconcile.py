@@ -188,7 +188,7 @@ class Reconciler:
             return
         if not allowed:
             track.state = (f"waiting: none of its nodes ({', '.join(d.nodes)}) is registered" if d.nodes
-                           else "waiting: no node is registered (rbee-keeper setup add-node)")
+                           else "waiting: no node is registered (`rbee-keeper setup add-node --name NAME --local`)")
             return
         if track.backoff.complete_since is not None:
             wait = track.backoff.lost(now)

@@ -191,4 +191,4 @@ def test_a_registry_of_the_previous_schema_gains_the_table_and_keeps_its_nodes(d
         keys.close()
         nodes.close()
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 4

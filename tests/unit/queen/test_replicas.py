@@ -143,3 +143,28 @@ def test_the_wish_outlives_the_store_and_a_redeploy_keeps_its_creation_time(tmp_
         again.remove(REF)
     assert caught.value.code == "DEPLOYMENT_NOT_FOUND" and "rbee-keeper models list --deployed" in caught.value.suggestions[0]
     again.close()
+
+
+def test_a_registry_of_the_previous_schema_gains_the_deployments_table_and_keeps_the_rest(tmp_path: Path) -> None:
+    import sqlite3
+
+    from rbee_queen.nodes.store import MIGRATIONS, NodeRecord
+
+    db = tmp_path / "beehives.db"
+    with sqlite3.connect(db) as conn:
+        for step in MIGRATIONS[:3]:
+            for statement in step:
+                conn.execute(statement)
+        conn.execute("INSERT INTO nodes (name, transport, install_path, hive_key, created_at_unix) VALUES ('old', 'ssh', '/opt/rbee', 'k', 1)")
+        conn.execute("PRAGMA user_version=3")
+    store = DeploymentStore(db)
+    nodes = NodeStore(db)
+    try:
+        store.put(Deployment(REF, 1, ("old",)))
+        assert nodes.get("old").install_path == "/opt/rbee" and [d.nodes for d in store.list()] == [("old",)]
+        nodes.add(NodeRecord(name="new", transport="local", install_path="/opt/rbee", hive_key="k2"))
+    finally:
+        store.close()
+        nodes.close()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 4
