@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import pytest_asyncio
 
 from tests.fixtures.hive import free_port_block, write_standin_program
 from tests.fixtures.models import hive_env
-from tests.fixtures.queen import KEEPER_BIN, QueenProc, kill_node_hives
+from tests.fixtures.queen import KEEPER_BIN, QueenProc, kill_node_hives, start_queen
+from tests.hubserver import HubServer
 from tests.integration.test_queen_tasks import FILES, REF, REPO, local_node
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -80,27 +81,31 @@ class Cluster:
         return client, resp
 
 
-@pytest.fixture
-async def cluster(queen_factory, hub, tmp_path: Path):
-    hub.add_repo(REPO, FILES)
-    program = write_standin_program(tmp_path / "standin")
-    env = hive_env(hub, RBEE_HIVE_WORKER_BINARY=str(program), RBEE_HIVE_WATCH_HEARTBEAT="0.3s", STANDIN_LOAD_S="0.3",
-                   RBEE_HIVE_WORKER_ENV="STANDIN_*,FAKE_ENGINE_*", FAKE_ENGINE_MODE="slow", FAKE_ENGINE_DELAY=TOKEN_DELAY_S)  # fmt: skip
-    http_port = free_port_block(1)
-    queen = await queen_factory(**env, RBEE_QUEEN_HTTP_PORT=str(http_port), RBEE_QUEEN_METRICS_PUBLIC="1",
-                                RBEE_QUEEN_QUEUE_LENGTH="1", RBEE_QUEEN_QUEUE_WAIT="300s")  # fmt: skip
-    home = tmp_path / "node"
-    await local_node(queen, home)
-    c = Cluster(queen, http_port)
-    try:
-        # The worker every request shares: one slot.
-        code, out, err = await queen.keeper("infer", "--node", "here", "--model", REF, "--prompt", "hi", "--max-tokens", "3",
-                                            "--slots", "1")  # fmt: skip
-        assert code == 0, err
-        yield c
-    finally:
-        await c.http.aclose()
-        kill_node_hives(home)
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """One cluster for the module: each test leaves the worker idle and the queue empty."""
+    tmp = tmp_path_factory.mktemp("admission")
+    with HubServer(tmp / "hub") as hub:
+        hub.add_repo(REPO, FILES)
+        program = write_standin_program(tmp / "standin")
+        env = hive_env(hub, RBEE_HIVE_WORKER_BINARY=str(program), RBEE_HIVE_WATCH_HEARTBEAT="0.3s", STANDIN_LOAD_S="0.3",
+                       RBEE_HIVE_WORKER_ENV="STANDIN_*,FAKE_ENGINE_*", FAKE_ENGINE_MODE="slow", FAKE_ENGINE_DELAY=TOKEN_DELAY_S)  # fmt: skip
+        http_port = free_port_block(1)
+        queen = await start_queen(tmp / "q", **env, RBEE_QUEEN_HTTP_PORT=str(http_port), RBEE_QUEEN_METRICS_PUBLIC="1",
+                                  RBEE_QUEEN_QUEUE_LENGTH="1", RBEE_QUEEN_QUEUE_WAIT="300s")  # fmt: skip
+        home = tmp / "node"
+        c = Cluster(queen, http_port)
+        try:
+            await local_node(queen, home)
+            # The worker every request shares: one slot.
+            code, out, err = await queen.keeper("infer", "--node", "here", "--model", REF, "--prompt", "hi", "--max-tokens", "3",
+                                                "--slots", "1")  # fmt: skip
+            assert code == 0, err
+            yield c
+        finally:
+            await c.http.aclose()
+            await queen.close()
+            kill_node_hives(home)
 
 
 async def test_the_task_api_queues_drops_a_leaver_and_refuses_a_full_queue(cluster: Cluster) -> None:
