@@ -29,6 +29,8 @@ Feature: rbee-keeper is one consistent command line for people and scripts
       | models list        |
       | models download    |
       | models rm          |
+      | models deploy      |
+      | models undeploy    |
       | logs               |
       | install            |
       | status             |
