@@ -10,9 +10,10 @@ request's value wins, as in Ollama.
 The queen sees a request two ways. Through the front door it runs the request
 itself (``begin``/``end``). Through the task API it only hands the worker out
 (``handed``): the request then runs between the keeper and the worker, and the
-queen learns of it from the registry (the worker's last activity, which its
-hive moves when it turns busy and idle again). A handed-out worker whose
-client has not shown up within ``HANDOFF_GRACE_S`` counts as idle again.
+queen learns of it from the registry, which sees every change its hive
+reports (``observe``): the worker busy after the hand-out means its client
+came; idle again afterwards, it is done. A handed-out worker whose client has
+not shown up within ``HANDOFF_GRACE_S`` counts as idle again.
 
 When a worker's deadline has passed and it is idle (no request of the queen's
 on it, IDLE with every slot free in the registry), the queen stops it through
@@ -101,6 +102,11 @@ def _model_key(model: str) -> str:
         return model
 
 
+def _busy(worker: common_pb2.WorkerInfo) -> bool:
+    return worker.state == State.WORKER_STATE_BUSY or (
+        worker.state == State.WORKER_STATE_IDLE and worker.slots_available < worker.slots_total)
+
+
 def describe(seconds: float) -> str:
     """A keep-alive or idle time as people write it: "never", "0s", "4m", "1h5m", "90ms"."""
     if seconds == NEVER:
@@ -126,9 +132,11 @@ class Held:
     last_used: float
     # Requests of the front door on it now.
     in_flight: int = 0
-    # A task API hand-out whose request the registry has not shown yet (unix ms, monotonic).
+    # A task API hand-out whose request has not ended yet (unix ms, monotonic),
+    # and whether the worker was seen busy since.
     handed_unix_ms: int = 0
     handed_at: float = 0.0
+    came: bool = False
     # Seen in the registry (a worker that leaves it afterwards is forgotten).
     seen: bool = False
     stopping: bool = False
@@ -212,7 +220,14 @@ class KeepAlive:
         held = self._hold(node, worker_id, model, requested)
         held.last_used = held.handed_at = self.clock()
         held.handed_unix_ms = int(self.wall() * 1000)
+        held.came = False
 
+    def observe(self, node: str, worker: common_pb2.WorkerInfo) -> None:
+        """One worker entry the registry applied (ClusterWorkers.observers)."""
+        held = self.held.get(worker.id)
+        if held is not None and held.handed_unix_ms and _busy(worker):
+            held.came = True
+            self._wake.set()
     def is_needed(self, node: str, worker: common_pb2.WorkerInfo) -> bool:
         if self.needed is None:
             return False
@@ -238,6 +253,8 @@ class KeepAlive:
     # -- the decision ----------------------------------------------------------------
 
     def _idle(self, held: Held | None, worker: common_pb2.WorkerInfo) -> bool:
+        if held is not None and held.handed_unix_ms and _busy(worker):
+            held.came = True
         if worker.state != State.WORKER_STATE_IDLE or worker.slots_available < worker.slots_total:
             return False
         if held is None:
@@ -245,7 +262,7 @@ class KeepAlive:
         if held.in_flight > 0:
             return False
         if held.handed_unix_ms:
-            if worker.last_activity_unix_ms >= held.handed_unix_ms or self.clock() - held.handed_at >= HANDOFF_GRACE_S:
+            if held.came or self.clock() - held.handed_at >= HANDOFF_GRACE_S:
                 held.handed_unix_ms = 0  # its client came (and went), or never will
             else:
                 return False
@@ -289,6 +306,9 @@ class KeepAlive:
     # -- the stopper -------------------------------------------------------------------
 
     def start(self) -> None:
+        observers = getattr(self.registry, "observers", None)
+        if observers is not None:
+            observers.append(self.observe)
         self._task = asyncio.ensure_future(self._run())
 
     async def close(self) -> None:

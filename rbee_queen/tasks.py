@@ -236,7 +236,8 @@ class TaskRunner:
 
     async def _start(self, link: HiveLink, record: NodeRecord, ref: str, backend: str,
                      req: tasks_pb2.SubmitInferenceRequest, relay: EventRelay) -> registry_pb2.WorkerAccess:  # fmt: skip
-        request = registry_pb2.StartWorkerRequest(model_ref=ref, backend=backend, device=req.device, slots=req.slots)
+        request = registry_pb2.StartWorkerRequest(model_ref=ref, backend=backend, device=req.device, slots=req.slots,
+                                                  queen_keep_alive=self.keepalive is not None)  # fmt: skip
         call = link.workers.StartWorker(request, metadata=link.md, timeout=START_WORKER_TIMEOUT_S)
         access = None
         try:

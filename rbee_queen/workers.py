@@ -85,6 +85,9 @@ class ClusterWorkers:
         self._listeners: set[asyncio.Event] = set()
         # When this queen first heard of each worker (unix ms): its age on the web page.
         self.first_seen: dict[str, int] = {}
+        # Called with (node, worker) for every worker entry applied, in order
+        # (the keep-alive sees each busy moment, however short).
+        self.observers: list = []
 
     def _notify(self) -> None:
         self.changed.set()
@@ -128,6 +131,8 @@ class ClusterWorkers:
                 entry.refused += 1
                 continue
             entry.workers[w.id] = w
+            for observe in self.observers:
+                observe(node, w)
         if msg.removed_id:
             entry.workers.pop(msg.removed_id, None)
         if refused == 0 and entry.refused:

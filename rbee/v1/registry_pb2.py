@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rbee.v1 import common_pb2 as rbee_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rbee/v1/registry.proto\x12\x07rbee.v1\x1a\x14rbee/v1/common.proto\"_\n\x13ReportWorkerRequest\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.rbee.v1.WorkerInfo\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.rbee.v1.ErrorDetail\"\x16\n\x14ReportWorkerResponse\"\x83\x01\n\x12SpawnWorkerRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x11\n\tmodel_ref\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\r\x12\r\n\x05slots\x18\x05 \x01(\r\x12\x16\n\x0eworker_api_key\x18\x06 \x01(\t\"d\n\x13SpawnWorkerResponse\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.rbee.v1.WorkerInfo\x12\x10\n\x08log_path\x18\x02 \x01(\t\x12\x16\n\x0eworker_api_key\x18\x03 \x01(\t\"W\n\x12StartWorkerRequest\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\r\x12\r\n\x05slots\x18\x04 \x01(\r\"D\n\x0cWorkerAccess\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.rbee.v1.WorkerInfo\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"h\n\x13StartWorkerResponse\x12\x1f\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x0e.rbee.v1.EventH\x00\x12(\n\x07started\x18\x02 \x01(\x0b\x32\x15.rbee.v1.WorkerAccessH\x00\x42\x06\n\x04kind\"+\n\x16GetWorkerAccessRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"@\n\x17GetWorkerAccessResponse\x12%\n\x06\x61\x63\x63\x65ss\x18\x01 \x01(\x0b\x32\x15.rbee.v1.WorkerAccess\"?\n\x13WatchWorkersRequest\x12\x15\n\rhive_instance\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"\x99\x01\n\x14WatchWorkersResponse\x12\x15\n\rhive_instance\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12$\n\x07workers\x18\x04 \x03(\x0b\x32\x13.rbee.v1.WorkerInfo\x12\x12\n\nremoved_id\x18\x05 \x01(\t\x12\x11\n\theartbeat\x18\x06 \x01(\x08\"(\n\x13\x46ollowWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x9f\x01\n\x14\x46ollowWorkerResponse\x12,\n\tnarration\x18\x01 \x01(\x0b\x32\x17.rbee.v1.NarrationEventH\x00\x12*\n\x08progress\x18\x02 \x01(\x0b\x32\x16.rbee.v1.ProgressEventH\x00\x12%\n\x06worker\x18\x03 \x01(\x0b\x32\x13.rbee.v1.WorkerInfoH\x00\x42\x06\n\x04kind\"L\n\x12ListWorkersRequest\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.rbee.v1.WorkerState\";\n\x13ListWorkersResponse\x12$\n\x07workers\x18\x01 \x03(\x0b\x32\x13.rbee.v1.WorkerInfo\".\n\x19\x43heckWorkersHealthRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x88\x01\n\x0cWorkerHealth\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.rbee.v1.WorkerInfo\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\r\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\r\"D\n\x1a\x43heckWorkersHealthResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.rbee.v1.WorkerHealth\"=\n\x15ShutdownWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\r\"T\n\x16ShutdownWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66orce_killed\x18\x02 \x01(\x08\x12\x11\n\texit_code\x18\x03 \x01(\x05\"J\n\x11StreamLogsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\ntail_lines\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"2\n\x12StreamLogsResponse\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\t2d\n\x15WorkerCallbackService\x12K\n\x0cReportWorker\x12\x1c.rbee.v1.ReportWorkerRequest\x1a\x1d.rbee.v1.ReportWorkerResponse2\xe2\x05\n\x11HiveWorkerService\x12H\n\x0bSpawnWorker\x12\x1b.rbee.v1.SpawnWorkerRequest\x1a\x1c.rbee.v1.SpawnWorkerResponse\x12M\n\x0c\x46ollowWorker\x12\x1c.rbee.v1.FollowWorkerRequest\x1a\x1d.rbee.v1.FollowWorkerResponse0\x01\x12H\n\x0bListWorkers\x12\x1b.rbee.v1.ListWorkersRequest\x1a\x1c.rbee.v1.ListWorkersResponse\x12]\n\x12\x43heckWorkersHealth\x12\".rbee.v1.CheckWorkersHealthRequest\x1a#.rbee.v1.CheckWorkersHealthResponse\x12Q\n\x0eShutdownWorker\x12\x1e.rbee.v1.ShutdownWorkerRequest\x1a\x1f.rbee.v1.ShutdownWorkerResponse\x12J\n\x0bStartWorker\x12\x1b.rbee.v1.StartWorkerRequest\x1a\x1c.rbee.v1.StartWorkerResponse0\x01\x12T\n\x0fGetWorkerAccess\x12\x1f.rbee.v1.GetWorkerAccessRequest\x1a .rbee.v1.GetWorkerAccessResponse\x12M\n\x0cWatchWorkers\x12\x1c.rbee.v1.WatchWorkersRequest\x1a\x1d.rbee.v1.WatchWorkersResponse0\x01\x12G\n\nStreamLogs\x12\x1a.rbee.v1.StreamLogsRequest\x1a\x1b.rbee.v1.StreamLogsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rbee/v1/registry.proto\x12\x07rbee.v1\x1a\x14rbee/v1/common.proto\"_\n\x13ReportWorkerRequest\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.rbee.v1.WorkerInfo\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.rbee.v1.ErrorDetail\"\x16\n\x14ReportWorkerResponse\"\x83\x01\n\x12SpawnWorkerRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x11\n\tmodel_ref\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\r\x12\r\n\x05slots\x18\x05 \x01(\r\x12\x16\n\x0eworker_api_key\x18\x06 \x01(\t\"d\n\x13SpawnWorkerResponse\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.rbee.v1.WorkerInfo\x12\x10\n\x08log_path\x18\x02 \x01(\t\x12\x16\n\x0eworker_api_key\x18\x03 \x01(\t\"q\n\x12StartWorkerRequest\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\r\x12\r\n\x05slots\x18\x04 \x01(\r\x12\x18\n\x10queen_keep_alive\x18\x05 \x01(\x08\"D\n\x0cWorkerAccess\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.rbee.v1.WorkerInfo\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"h\n\x13StartWorkerResponse\x12\x1f\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x0e.rbee.v1.EventH\x00\x12(\n\x07started\x18\x02 \x01(\x0b\x32\x15.rbee.v1.WorkerAccessH\x00\x42\x06\n\x04kind\"+\n\x16GetWorkerAccessRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"@\n\x17GetWorkerAccessResponse\x12%\n\x06\x61\x63\x63\x65ss\x18\x01 \x01(\x0b\x32\x15.rbee.v1.WorkerAccess\"?\n\x13WatchWorkersRequest\x12\x15\n\rhive_instance\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"\x99\x01\n\x14WatchWorkersResponse\x12\x15\n\rhive_instance\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12$\n\x07workers\x18\x04 \x03(\x0b\x32\x13.rbee.v1.WorkerInfo\x12\x12\n\nremoved_id\x18\x05 \x01(\t\x12\x11\n\theartbeat\x18\x06 \x01(\x08\"(\n\x13\x46ollowWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x9f\x01\n\x14\x46ollowWorkerResponse\x12,\n\tnarration\x18\x01 \x01(\x0b\x32\x17.rbee.v1.NarrationEventH\x00\x12*\n\x08progress\x18\x02 \x01(\x0b\x32\x16.rbee.v1.ProgressEventH\x00\x12%\n\x06worker\x18\x03 \x01(\x0b\x32\x13.rbee.v1.WorkerInfoH\x00\x42\x06\n\x04kind\"L\n\x12ListWorkersRequest\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.rbee.v1.WorkerState\";\n\x13ListWorkersResponse\x12$\n\x07workers\x18\x01 \x03(\x0b\x32\x13.rbee.v1.WorkerInfo\".\n\x19\x43heckWorkersHealthRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x88\x01\n\x0cWorkerHealth\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.rbee.v1.WorkerInfo\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\r\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\r\"D\n\x1a\x43heckWorkersHealthResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.rbee.v1.WorkerHealth\"=\n\x15ShutdownWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\r\"T\n\x16ShutdownWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66orce_killed\x18\x02 \x01(\x08\x12\x11\n\texit_code\x18\x03 \x01(\x05\"J\n\x11StreamLogsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\ntail_lines\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"2\n\x12StreamLogsResponse\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\t2d\n\x15WorkerCallbackService\x12K\n\x0cReportWorker\x12\x1c.rbee.v1.ReportWorkerRequest\x1a\x1d.rbee.v1.ReportWorkerResponse2\xe2\x05\n\x11HiveWorkerService\x12H\n\x0bSpawnWorker\x12\x1b.rbee.v1.SpawnWorkerRequest\x1a\x1c.rbee.v1.SpawnWorkerResponse\x12M\n\x0c\x46ollowWorker\x12\x1c.rbee.v1.FollowWorkerRequest\x1a\x1d.rbee.v1.FollowWorkerResponse0\x01\x12H\n\x0bListWorkers\x12\x1b.rbee.v1.ListWorkersRequest\x1a\x1c.rbee.v1.ListWorkersResponse\x12]\n\x12\x43heckWorkersHealth\x12\".rbee.v1.CheckWorkersHealthRequest\x1a#.rbee.v1.CheckWorkersHealthResponse\x12Q\n\x0eShutdownWorker\x12\x1e.rbee.v1.ShutdownWorkerRequest\x1a\x1f.rbee.v1.ShutdownWorkerResponse\x12J\n\x0bStartWorker\x12\x1b.rbee.v1.StartWorkerRequest\x1a\x1c.rbee.v1.StartWorkerResponse0\x01\x12T\n\x0fGetWorkerAccess\x12\x1f.rbee.v1.GetWorkerAccessRequest\x1a .rbee.v1.GetWorkerAccessResponse\x12M\n\x0cWatchWorkers\x12\x1c.rbee.v1.WatchWorkersRequest\x1a\x1d.rbee.v1.WatchWorkersResponse0\x01\x12G\n\nStreamLogs\x12\x1a.rbee.v1.StreamLogsRequest\x1a\x1b.rbee.v1.StreamLogsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,43 +41,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPAWNWORKERRESPONSE']._serialized_start=312
   _globals['_SPAWNWORKERRESPONSE']._serialized_end=412
   _globals['_STARTWORKERREQUEST']._serialized_start=414
-  _globals['_STARTWORKERREQUEST']._serialized_end=501
-  _globals['_WORKERACCESS']._serialized_start=503
-  _globals['_WORKERACCESS']._serialized_end=571
-  _globals['_STARTWORKERRESPONSE']._serialized_start=573
-  _globals['_STARTWORKERRESPONSE']._serialized_end=677
-  _globals['_GETWORKERACCESSREQUEST']._serialized_start=679
-  _globals['_GETWORKERACCESSREQUEST']._serialized_end=722
-  _globals['_GETWORKERACCESSRESPONSE']._serialized_start=724
-  _globals['_GETWORKERACCESSRESPONSE']._serialized_end=788
-  _globals['_WATCHWORKERSREQUEST']._serialized_start=790
-  _globals['_WATCHWORKERSREQUEST']._serialized_end=853
-  _globals['_WATCHWORKERSRESPONSE']._serialized_start=856
-  _globals['_WATCHWORKERSRESPONSE']._serialized_end=1009
-  _globals['_FOLLOWWORKERREQUEST']._serialized_start=1011
-  _globals['_FOLLOWWORKERREQUEST']._serialized_end=1051
-  _globals['_FOLLOWWORKERRESPONSE']._serialized_start=1054
-  _globals['_FOLLOWWORKERRESPONSE']._serialized_end=1213
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1215
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1291
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1293
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1352
-  _globals['_CHECKWORKERSHEALTHREQUEST']._serialized_start=1354
-  _globals['_CHECKWORKERSHEALTHREQUEST']._serialized_end=1400
-  _globals['_WORKERHEALTH']._serialized_start=1403
-  _globals['_WORKERHEALTH']._serialized_end=1539
-  _globals['_CHECKWORKERSHEALTHRESPONSE']._serialized_start=1541
-  _globals['_CHECKWORKERSHEALTHRESPONSE']._serialized_end=1609
-  _globals['_SHUTDOWNWORKERREQUEST']._serialized_start=1611
-  _globals['_SHUTDOWNWORKERREQUEST']._serialized_end=1672
-  _globals['_SHUTDOWNWORKERRESPONSE']._serialized_start=1674
-  _globals['_SHUTDOWNWORKERRESPONSE']._serialized_end=1758
-  _globals['_STREAMLOGSREQUEST']._serialized_start=1760
-  _globals['_STREAMLOGSREQUEST']._serialized_end=1834
-  _globals['_STREAMLOGSRESPONSE']._serialized_start=1836
-  _globals['_STREAMLOGSRESPONSE']._serialized_end=1886
-  _globals['_WORKERCALLBACKSERVICE']._serialized_start=1888
-  _globals['_WORKERCALLBACKSERVICE']._serialized_end=1988
-  _globals['_HIVEWORKERSERVICE']._serialized_start=1991
-  _globals['_HIVEWORKERSERVICE']._serialized_end=2729
+  _globals['_STARTWORKERREQUEST']._serialized_end=527
+  _globals['_WORKERACCESS']._serialized_start=529
+  _globals['_WORKERACCESS']._serialized_end=597
+  _globals['_STARTWORKERRESPONSE']._serialized_start=599
+  _globals['_STARTWORKERRESPONSE']._serialized_end=703
+  _globals['_GETWORKERACCESSREQUEST']._serialized_start=705
+  _globals['_GETWORKERACCESSREQUEST']._serialized_end=748
+  _globals['_GETWORKERACCESSRESPONSE']._serialized_start=750
+  _globals['_GETWORKERACCESSRESPONSE']._serialized_end=814
+  _globals['_WATCHWORKERSREQUEST']._serialized_start=816
+  _globals['_WATCHWORKERSREQUEST']._serialized_end=879
+  _globals['_WATCHWORKERSRESPONSE']._serialized_start=882
+  _globals['_WATCHWORKERSRESPONSE']._serialized_end=1035
+  _globals['_FOLLOWWORKERREQUEST']._serialized_start=1037
+  _globals['_FOLLOWWORKERREQUEST']._serialized_end=1077
+  _globals['_FOLLOWWORKERRESPONSE']._serialized_start=1080
+  _globals['_FOLLOWWORKERRESPONSE']._serialized_end=1239
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1241
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1317
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1319
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1378
+  _globals['_CHECKWORKERSHEALTHREQUEST']._serialized_start=1380
+  _globals['_CHECKWORKERSHEALTHREQUEST']._serialized_end=1426
+  _globals['_WORKERHEALTH']._serialized_start=1429
+  _globals['_WORKERHEALTH']._serialized_end=1565
+  _globals['_CHECKWORKERSHEALTHRESPONSE']._serialized_start=1567
+  _globals['_CHECKWORKERSHEALTHRESPONSE']._serialized_end=1635
+  _globals['_SHUTDOWNWORKERREQUEST']._serialized_start=1637
+  _globals['_SHUTDOWNWORKERREQUEST']._serialized_end=1698
+  _globals['_SHUTDOWNWORKERRESPONSE']._serialized_start=1700
+  _globals['_SHUTDOWNWORKERRESPONSE']._serialized_end=1784
+  _globals['_STREAMLOGSREQUEST']._serialized_start=1786
+  _globals['_STREAMLOGSREQUEST']._serialized_end=1860
+  _globals['_STREAMLOGSRESPONSE']._serialized_start=1862
+  _globals['_STREAMLOGSRESPONSE']._serialized_end=1912
+  _globals['_WORKERCALLBACKSERVICE']._serialized_start=1914
+  _globals['_WORKERCALLBACKSERVICE']._serialized_end=2014
+  _globals['_HIVEWORKERSERVICE']._serialized_start=2017
+  _globals['_HIVEWORKERSERVICE']._serialized_end=2755
 # @@protoc_insertion_point(module_scope)

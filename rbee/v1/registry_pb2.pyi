@@ -141,6 +141,7 @@ class StartWorkerRequest(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
+    QUEEN_KEEP_ALIVE_FIELD_NUMBER: _builtins.int
     model_ref: _builtins.str
     """hf:ORG/REPO[/FILE][@REV] or file:///abs/path."""
     backend: _builtins.str
@@ -148,6 +149,10 @@ class StartWorkerRequest(_message.Message):
     device: _builtins.int
     slots: _builtins.int
     """Request slots (0 = the worker's default, at most 256)."""
+    queen_keep_alive: _builtins.bool
+    """The queen's keep-alive decides when this worker stops once idle
+    (docs/queen.md, "Idle memory"): the hive's own idle timeout leaves it be.
+    """
     def __init__(
         self,
         *,
@@ -155,10 +160,11 @@ class StartWorkerRequest(_message.Message):
         backend: _builtins.str = ...,
         device: _builtins.int = ...,
         slots: _builtins.int = ...,
+        queen_keep_alive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "model_ref", b"model_ref", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "model_ref", b"model_ref", "queen_keep_alive", b"queen_keep_alive", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

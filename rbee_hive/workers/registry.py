@@ -54,6 +54,9 @@ class WorkerRecord:
     ready: bool = False
     health_failures: int = 0
     stopping: bool = False
+    # Its idle time is the queen's keep-alive's to judge (StartWorkerRequest.queen_keep_alive):
+    # the hive's idle timeout leaves it be.
+    queen_keep_alive: bool = False
     # What the worker reported when its loading failed.
     failure: RbeeError | None = None
     # The worker's load as it last reported it (None before its first report of it).

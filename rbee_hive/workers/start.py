@@ -42,6 +42,7 @@ async def start_worker(manager: WorkerManager, models, request: registry_pb2.Sta
     spec = SpawnSpec(model_path="", backend=backend, device=request.device, model_ref=ref, slots=request.slots)
     # Like SpawnWorker: a caller that goes away does not leave a half-started worker.
     worker = await asyncio.shield(manager.spawn(spec))
+    worker.queen_keep_alive = request.queen_keep_alive
     for item in worker.events.history():
         if item.HasField("narration"):
             emit(common_pb2.Event(narration=item.narration))

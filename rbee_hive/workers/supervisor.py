@@ -1,6 +1,8 @@
 """Supervision (S8): health checks every interval (N failures in a row →
 removed and stopped) and the idle timeout (idle workers are shut down; the
-hive keeps running). Liveness and idleness use the monotonic clock."""
+hive keeps running; a worker the queen started with its keep-alive is the
+queen's to stop, docs/queen.md "Idle memory"). Liveness and idleness use the
+monotonic clock."""
 
 from __future__ import annotations
 
@@ -88,7 +90,7 @@ class Supervisor:
             now = time.monotonic()
             next_due: float | None = None
             for record in self.registry.all():
-                if record.stopping or record.state != State.WORKER_STATE_IDLE:
+                if record.stopping or record.state != State.WORKER_STATE_IDLE or record.queen_keep_alive:
                     continue
                 due = record.last_activity + timeout
                 if due <= now:

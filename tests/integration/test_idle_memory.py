@@ -26,7 +26,7 @@ REPOS = {name: f"rbee-test/idle-{name}" for name in ("idle", "busy", "new", "onc
 REFS = {name: f"hf:{repo}" for name, repo in REPOS.items()}
 
 
-async def one_node(queen_factory, hub, tmp_path: Path) -> tuple[QueenProc, Path, Path]:
+async def one_node(queen_factory, hub, tmp_path: Path, **env: str) -> tuple[QueenProc, Path, Path]:
     """A queen and node a (32 GiB free, pinned) running stand-in workers."""
     for repo in REPOS.values():
         hub.add_repo(repo, FILES)
@@ -35,7 +35,7 @@ async def one_node(queen_factory, hub, tmp_path: Path) -> tuple[QueenProc, Path,
         hub, RBEE_HIVE_WORKER_BINARY=str(program), RBEE_HIVE_WATCH_HEARTBEAT="0.3s", STANDIN_LOAD_S="0.3",
         RBEE_HIVE_WORKER_ENV="STANDIN_*,FAKE_ENGINE_*", FAKE_ENGINE_MODE="slow", FAKE_ENGINE_DELAY="0.05",
         # The node's pinned figures, not the queen's floor for a CPU node, decide here.
-        RBEE_QUEEN_HIVE_MIN_RAM_CPU="0",
+        RBEE_QUEEN_HIVE_MIN_RAM_CPU="0", **env,
     ))  # fmt: skip
     overrides = write_overrides(tmp_path / "a-resources.json", ram_total_bytes=64 * GiB, ram_available_bytes=32 * GiB)
     home = tmp_path / "home-a"
@@ -116,13 +116,25 @@ async def test_a_new_model_on_a_full_node_evicts_the_idle_worker_and_not_the_bus
 async def test_keep_alive_0_on_the_task_api_stops_the_worker_after_its_answer(queen_factory, hub, tmp_path: Path) -> None:
     home = tmp_path / "home-a"
     try:
-        queen, home, _ = await one_node(queen_factory, hub, tmp_path)
+        # The hive's own idle timeout is short: it stops the workers it spawned for itself, not the queen's.
+        queen, home, _ = await one_node(queen_factory, hub, tmp_path, RBEE_HIVE_IDLE_TIMEOUT="1.5")
         code, out, err = await infer(queen, "once", "--keep-alive", "bogus")
         assert code == 1 and "INVALID_KEEP_ALIVE" in err and "--keep-alive 5m" in err, err
 
         # The default (5m) keeps a worker; a request with 0 stops it once answered.
         code, out, err = await infer(queen, "idle")
         assert code == 0, err
+        code, _, err = await queen.keeper("models", "download", REFS["busy"], "--node", "a")
+        assert code == 0, err
+        code, _, err = await queen.keeper("workers", "spawn", "--node", "a", "--model", REFS["busy"])
+        assert code == 0, err
+
+        async def hive_stopped_its_own() -> bool:
+            return REFS["busy"] not in by_model(await workers(queen))
+
+        # Idle for longer than the hive's own worker, the queen's is still there.
+        assert await until(hive_stopped_its_own, timeout=60), await workers(queen)
+        assert REFS["idle"] in by_model(await workers(queen))
         code, out, err = await infer(queen, "once", "--keep-alive", "0")
         assert code == 0 and out.strip() == "t1 t2 t3", err
         [once] = [w for w in await workers(queen) if w["model_ref"] == REFS["once"]] or [None]

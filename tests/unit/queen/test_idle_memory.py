@@ -146,6 +146,19 @@ def test_a_worker_handed_out_waits_for_its_client_then_follows_its_keep_alive() 
     assert due_ids(ka) == ["w1"]
 
 
+def test_a_cold_start_handed_out_while_loading_waits_for_its_request_not_its_readiness() -> None:
+    ka, reg, clock, _ = keeper()
+    reg.put("a", "w1", clock, State.WORKER_STATE_LOADING)
+    ka.handed("a", "w1", MODEL, 0.0)
+    clock.advance(1)
+    reg.put("a", "w1", clock)  # ready: its hive moved the last activity, no request yet
+    assert due_ids(ka) == []
+    # The request came and went between two looks: the registry's observer saw it busy.
+    ka.observe("a", reg.put("a", "w1", clock, State.WORKER_STATE_BUSY, busy=1))
+    reg.put("a", "w1", clock)
+    assert due_ids(ka) == ["w1"]
+
+
 def test_a_hand_out_whose_client_never_comes_counts_as_idle_after_the_grace() -> None:
     ka, reg, clock, _ = keeper()
     reg.put("a", "w1", clock, active_s_ago=1000)
