@@ -110,6 +110,17 @@ class Queen(Side):
                               capture_output=True, text=True)  # fmt: skip
 
     def start(self) -> None:
+        self.serve()
+        warm = self.keeper("infer", "--node", "bench", "--model", self.model, "--prompt", "hi", "--max-tokens", "1",
+                           "--slots", str(SLOTS), "--loading-timeout", "1800")  # fmt: skip
+        if warm.returncode:
+            raise SystemExit(warm.stderr)
+        listed = [json.loads(line) for line in self.keeper("workers", "list", "--json").stdout.splitlines()]
+        # The slots the worker got (the hive may give fewer than asked).
+        self.slots = max((w.get("slots_total", 0) for w in listed), default=0) or SLOTS
+
+    def serve(self) -> None:
+        """The queen running, with this machine as node `bench` (no worker yet)."""
         log = open(self.root / "queen.log", "wb")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen([str(BIN / "queen-rbee"), "daemon", "--port", str(self.port), "--http-port", str(self.http_port)],
                                      env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -122,13 +133,6 @@ class Queen(Side):
                           "--hive-port", str(free_port()))  # fmt: skip
         if add.returncode:
             raise SystemExit(add.stderr)
-        warm = self.keeper("infer", "--node", "bench", "--model", self.model, "--prompt", "hi", "--max-tokens", "1",
-                           "--slots", str(SLOTS), "--loading-timeout", "1800")  # fmt: skip
-        if warm.returncode:
-            raise SystemExit(warm.stderr)
-        listed = [json.loads(line) for line in self.keeper("workers", "list", "--json").stdout.splitlines()]
-        # The slots the worker got (the hive may give fewer than asked).
-        self.slots = max((w.get("slots_total", 0) for w in listed), default=0) or SLOTS
 
     def engine_procs(self) -> list[psutil.Process]:
         """Nothing: the node's worker is left idle, not frozen. Its hive checks
