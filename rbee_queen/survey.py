@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from rbee.errors import RbeeError
-from rbee.fit import Estimate, Need, estimate, listing_need
+from rbee.fit import Need, listing_need
 from rbee.modelref import parse_model_ref
 from rbee.v1 import common_pb2, preflight_pb2, provisioning_pb2, registry_pb2, tasks_pb2
 
@@ -134,14 +134,6 @@ async def survey_node(nodes: NodeManager, record: NodeRecord, ref: str, relay: E
     figures.model = next((m for m in figures.models if same_model(m.model_ref, ref)), None)
     figures.workers = list(listed.workers)
     return figures
-
-
-def model_estimate(surveyed: Sequence[NodeFigures], node: NodeFigures, backend: str, slots: int) -> Estimate | None:
-    """The estimate on ``node``: from its own copy of the model, else another node's."""
-    entry = node.model or next((f.model for f in surveyed if f.model is not None), None)
-    if entry is None:
-        return None
-    return estimate(dict(entry.metadata), entry.size_bytes, backend, slots)
 
 
 def model_need(surveyed: Sequence[NodeFigures], node: NodeFigures, backend: str, slots: int,

@@ -19,6 +19,7 @@ from rbee.v1 import common_pb2, provisioning_pb2
 from rbee_queen.hives import HiveLink
 from rbee_queen.http.errors import ApiError
 from rbee_queen.nodes.store import NodeStore
+from rbee_queen.survey import canonical
 from rbee_queen.workers import ClusterWorkers
 
 log = logging.getLogger(__name__)
@@ -26,13 +27,6 @@ State = common_pb2.WorkerState
 # One hive's catalog listing; a node that does not answer in time is left out.
 CATALOG_TIMEOUT_S = 3.0
 LIVE_STATES = (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY, State.WORKER_STATE_LOADING, State.WORKER_STATE_DRAINING)
-
-
-def canonical(ref: str) -> str:
-    try:
-        return str(parse_model_ref(ref))
-    except RbeeError:
-        return ref
 
 
 def short_names(ref: str) -> set[str]:
