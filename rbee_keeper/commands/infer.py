@@ -157,6 +157,8 @@ async def _infer(
     narrate("🐝", f"Sending the request straight to worker {address}")
     if model is not None or node is not None:
         narrate("🐝", "With --worker, --node and --model are not used: the worker serves the model it loaded")
+    if keep_alive is not None:
+        narrate("🐝", "With --worker, --keep-alive is not used: the queen keeps workers by their keep-alive (queen mode)")
     async with WorkerClient(address, key, key_source) as client:
         interrupts.install()
         try:
