@@ -40,6 +40,7 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.pluginmanager.get_plugin("xdist") is None or not getattr(config.option, "numprocesses", None):
         if not hasattr(config, "workerinput"):
@@ -50,6 +51,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         or item.path.name in ENGINE_FILES
     }  # fmt: skip
     for item in items:
-        group = "engine" if item.path in engine else str(item.path)
+        group = "engine" if item.path in engine else item.path.name
         item.add_marker(pytest.mark.xdist_group(group))
+        # xdist sends a group to one process by the "@group" ending it gives
+        # each node id; pytest 9 keeps the id where xdist 3.8 does not write.
+        if hasattr(item, "_id") and not hasattr(item, "_nodeid"):
+            from _pytest.nodeid import coerce_node_id
+
+            item._id = coerce_node_id(f"{item.nodeid}@{group}")
     items.sort(key=lambda item: item.path not in engine)  # stable: the order inside each group holds
