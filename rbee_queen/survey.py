@@ -81,10 +81,14 @@ class NodeFigures:
     def ready_workers(self, ref: str, backend: str, device: int) -> list[common_pb2.WorkerInfo]:
         """Workers of ``ref`` (canonical) on ``backend``:``device``, idle or busy, with a free slot."""
         if self._ready is None:
-            index: dict[tuple[str, str, int], list[common_pb2.WorkerInfo]] = {}
+            written: dict[tuple[str, str, int], list[common_pb2.WorkerInfo]] = {}
             for w in self.workers:
                 if w.slots_available > 0 and w.state in READY:
-                    index.setdefault((canonical(w.model_ref), w.backend, w.device), []).append(w)
+                    written.setdefault((w.model_ref, w.backend, w.device), []).append(w)
+            # One canonical form per reference as written, not per worker.
+            index: dict[tuple[str, str, int], list[common_pb2.WorkerInfo]] = {}
+            for (model, b, d), found in written.items():
+                index.setdefault((canonical(model), b, d), []).extend(found)
             self._ready = index
         return self._ready.get((ref, backend, device), [])
 
