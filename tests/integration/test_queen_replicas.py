@@ -111,9 +111,16 @@ async def test_deploy_keeps_two_replicas_through_a_queen_restart_a_lost_node_and
         # b comes back with its old worker: one replica too many, an idle one stops.
         os.kill(stopped_hive, signal.SIGCONT)
         stopped_hive = None
+        # Two are ready at once (a's): wait for the registry to hear b again,
+        # the queen to see three, and the extra to stop.
+        scaled_down = f"{REF}: 3 replicas run, 2 wanted: stopping "
+
+        async def stopped_an_extra() -> bool:
+            return scaled_down in queen.text()
+
+        assert await until(stopped_an_extra, DEADLINE_S), queen.text()[-4000:]
         settled = await until(lambda: ready(2)(queen), DEADLINE_S)
         assert settled, queen.text()[-4000:]
-        assert f"{REF}: 3 replicas run, 2 wanted: stopping " in queen.text()
 
         # Node b removed (the queen stops the hive it started there): its replica goes to a.
         code, _, err = await queen.keeper("setup", "remove-node", "--name", "b")
