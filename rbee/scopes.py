@@ -59,6 +59,7 @@ METHOD_SCOPES: dict[str, Scope] = {
     "/rbee.v1.HiveWorkerService/ListWorkers": A,
     "/rbee.v1.HiveWorkerService/CheckWorkersHealth": A,
     "/rbee.v1.HiveWorkerService/ShutdownWorker": A,
+    "/rbee.v1.HiveWorkerService/SleepWorker": A,
     "/rbee.v1.HiveWorkerService/StartWorker": A,
     "/rbee.v1.HiveWorkerService/GetWorkerAccess": A,
     "/rbee.v1.HiveWorkerService/WatchWorkers": A,

@@ -549,6 +549,48 @@ class ShutdownWorkerResponse(_message.Message):
 Global___ShutdownWorkerResponse: _TypeAlias = ShutdownWorkerResponse  # noqa: Y015
 
 @_typing.final
+class SleepWorkerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SleepWorkerRequest: _TypeAlias = SleepWorkerRequest  # noqa: Y015
+
+@_typing.final
+class SleepWorkerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    level: _builtins.int
+    """The sleep level the worker is at now (1)."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        level: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SleepWorkerResponse: _TypeAlias = SleepWorkerResponse  # noqa: Y015
+
+@_typing.final
 class StreamLogsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

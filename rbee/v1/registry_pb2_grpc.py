@@ -166,6 +166,11 @@ class HiveWorkerServiceStub:
                 request_serializer=rbee_dot_v1_dot_registry__pb2.StreamLogsRequest.SerializeToString,
                 response_deserializer=rbee_dot_v1_dot_registry__pb2.StreamLogsResponse.FromString,
                 _registered_method=True)
+        self.SleepWorker = channel.unary_unary(
+                '/rbee.v1.HiveWorkerService/SleepWorker',
+                request_serializer=rbee_dot_v1_dot_registry__pb2.SleepWorkerRequest.SerializeToString,
+                response_deserializer=rbee_dot_v1_dot_registry__pb2.SleepWorkerResponse.FromString,
+                _registered_method=True)
 
 
 class HiveWorkerServiceServicer:
@@ -268,6 +273,19 @@ class HiveWorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SleepWorker(self, request, context):
+        """Put an idle worker to sleep (the worker's Sleep, level 1: vLLM's sleep
+        mode frees its GPU memory, the weights kept in CPU memory; its next
+        request wakes it). Only a CUDA worker the hive started with sleep mode
+        (worker_sleep_mode; docs/hive.md) can sleep.
+        Fails with: NOT_FOUND (WORKER_NOT_FOUND), FAILED_PRECONDITION
+        (SLEEP_MODE_UNSUPPORTED, WORKER_BUSY), UNAVAILABLE (MODEL_LOADING),
+        UNAUTHENTICATED: the worker's errors relayed with their codes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HiveWorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -315,6 +333,11 @@ def add_HiveWorkerServiceServicer_to_server(servicer, server):
                     servicer.StreamLogs,
                     request_deserializer=rbee_dot_v1_dot_registry__pb2.StreamLogsRequest.FromString,
                     response_serializer=rbee_dot_v1_dot_registry__pb2.StreamLogsResponse.SerializeToString,
+            ),
+            'SleepWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.SleepWorker,
+                    request_deserializer=rbee_dot_v1_dot_registry__pb2.SleepWorkerRequest.FromString,
+                    response_serializer=rbee_dot_v1_dot_registry__pb2.SleepWorkerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -563,6 +586,33 @@ class HiveWorkerService:
             '/rbee.v1.HiveWorkerService/StreamLogs',
             rbee_dot_v1_dot_registry__pb2.StreamLogsRequest.SerializeToString,
             rbee_dot_v1_dot_registry__pb2.StreamLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SleepWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rbee.v1.HiveWorkerService/SleepWorker',
+            rbee_dot_v1_dot_registry__pb2.SleepWorkerRequest.SerializeToString,
+            rbee_dot_v1_dot_registry__pb2.SleepWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -143,6 +143,15 @@ class HiveWorkerServiceStub:
     tail_lines of each, then new lines while follow is set, until cancelled.
     Fails with: NOT_FOUND (no such worker log), UNAUTHENTICATED.
     """
+    SleepWorker: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SleepWorkerRequest, _registry_pb2.SleepWorkerResponse]
+    """Put an idle worker to sleep (the worker's Sleep, level 1: vLLM's sleep
+    mode frees its GPU memory, the weights kept in CPU memory; its next
+    request wakes it). Only a CUDA worker the hive started with sleep mode
+    (worker_sleep_mode; docs/hive.md) can sleep.
+    Fails with: NOT_FOUND (WORKER_NOT_FOUND), FAILED_PRECONDITION
+    (SLEEP_MODE_UNSUPPORTED, WORKER_BUSY), UNAVAILABLE (MODEL_LOADING),
+    UNAUTHENTICATED: the worker's errors relayed with their codes.
+    """
 
 @_typing.type_check_only
 class HiveWorkerServiceAsyncStub(HiveWorkerServiceStub):
@@ -209,6 +218,15 @@ class HiveWorkerServiceAsyncStub(HiveWorkerServiceStub):
     """Lines of the node's logs (the hive's own and its workers'), the last
     tail_lines of each, then new lines while follow is set, until cancelled.
     Fails with: NOT_FOUND (no such worker log), UNAUTHENTICATED.
+    """
+    SleepWorker: _aio.UnaryUnaryMultiCallable[_registry_pb2.SleepWorkerRequest, _registry_pb2.SleepWorkerResponse]  # type: ignore[assignment]
+    """Put an idle worker to sleep (the worker's Sleep, level 1: vLLM's sleep
+    mode frees its GPU memory, the weights kept in CPU memory; its next
+    request wakes it). Only a CUDA worker the hive started with sleep mode
+    (worker_sleep_mode; docs/hive.md) can sleep.
+    Fails with: NOT_FOUND (WORKER_NOT_FOUND), FAILED_PRECONDITION
+    (SLEEP_MODE_UNSUPPORTED, WORKER_BUSY), UNAVAILABLE (MODEL_LOADING),
+    UNAUTHENTICATED: the worker's errors relayed with their codes.
     """
 
 class HiveWorkerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -327,6 +345,21 @@ class HiveWorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lines of the node's logs (the hive's own and its workers'), the last
         tail_lines of each, then new lines while follow is set, until cancelled.
         Fails with: NOT_FOUND (no such worker log), UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def SleepWorker(
+        self,
+        request: _registry_pb2.SleepWorkerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.SleepWorkerResponse, _abc.Awaitable[_registry_pb2.SleepWorkerResponse]]:
+        """Put an idle worker to sleep (the worker's Sleep, level 1: vLLM's sleep
+        mode frees its GPU memory, the weights kept in CPU memory; its next
+        request wakes it). Only a CUDA worker the hive started with sleep mode
+        (worker_sleep_mode; docs/hive.md) can sleep.
+        Fails with: NOT_FOUND (WORKER_NOT_FOUND), FAILED_PRECONDITION
+        (SLEEP_MODE_UNSUPPORTED, WORKER_BUSY), UNAVAILABLE (MODEL_LOADING),
+        UNAUTHENTICATED: the worker's errors relayed with their codes.
         """
 
 def add_HiveWorkerServiceServicer_to_server(servicer: HiveWorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

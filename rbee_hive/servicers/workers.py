@@ -1,4 +1,4 @@
-"""HiveWorkerService: spawn, follow, list, health, shutdown, logs (S6.1, S7, S8)."""
+"""HiveWorkerService: spawn, follow, list, health, shutdown, sleep, logs (S6.1, S7, S8)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from rbee_hive.workers.manager import SpawnSpec
 from rbee_hive.workers.start import start_worker
 
 DEFAULT_TAIL = 50
+# How long a worker may take to put its engine to sleep (weights copied to CPU memory).
+SLEEP_TIMEOUT_S = 120
 
 
 class HiveWorkerServicer(registry_pb2_grpc.HiveWorkerServiceServicer):
@@ -117,6 +119,15 @@ class HiveWorkerServicer(registry_pb2_grpc.HiveWorkerServiceServicer):
         return registry_pb2.ShutdownWorkerResponse(
             worker_id=result.worker_id, force_killed=result.force_killed, exit_code=result.exit_code
         )
+
+    @handle_errors
+    async def SleepWorker(self, request, context: grpc.aio.ServicerContext) -> registry_pb2.SleepWorkerResponse:
+        """The worker's Sleep with the key the hive holds for it; its refusals
+        (SLEEP_MODE_UNSUPPORTED, WORKER_BUSY, MODEL_LOADING) relayed as they are."""
+        record = self._manager.require(request.worker_id)
+        reply = await self._manager.client(record).sleep(timeout=SLEEP_TIMEOUT_S)
+        self._ctx.narrate("💤", f"Worker {record.id} ({record.model_ref}) is asleep (level {reply.level}): its GPU memory is free")
+        return registry_pb2.SleepWorkerResponse(worker_id=record.id, level=reply.level)
 
     @handle_errors
     async def StreamLogs(self, request, context: grpc.aio.ServicerContext) -> AsyncIterator[registry_pb2.StreamLogsResponse]:

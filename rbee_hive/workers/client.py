@@ -1,4 +1,4 @@
-"""The hive's calls to its workers: health, readiness, loading progress, shutdown."""
+"""The hive's calls to its workers: health, readiness, loading progress, sleep, shutdown."""
 
 from __future__ import annotations
 
@@ -69,6 +69,13 @@ class WorkerClient:
             raise from_rpc_error(err, self.address) from None
         finally:
             call.cancel()
+
+    async def sleep(self, timeout: float) -> inference_pb2.SleepResponse:
+        """The worker's Sleep (level 1); its errors as they are (SLEEP_MODE_UNSUPPORTED, WORKER_BUSY, ...)."""
+        try:
+            return await self._stub.Sleep(inference_pb2.SleepRequest(level=1), metadata=self._admin_md, timeout=timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.address) from None
 
     async def shutdown(self, drain_timeout_s: int, timeout: float) -> None:
         try:
