@@ -60,6 +60,12 @@ def daemon(
         help="How long an idle worker stays loaded when its request and model do not say: a duration (5m, 30s, "
         "1h30m) or seconds; 0 = stop it after each request; -1 = never (default 5m; RBEE_QUEEN_KEEP_ALIVE).",
     ),  # fmt: skip
+    idle_sleep: bool = typer.Option(
+        None, "--idle-sleep",
+        help="Put an idle CUDA worker whose keep-alive ran out to sleep (vLLM's sleep mode: GPU memory freed, "
+        "woken by its next request) rather than stop it; needs hives with RBEE_HIVE_WORKER_SLEEP_MODE=1 "
+        "(RBEE_QUEEN_IDLE_SLEEP).",
+    ),  # fmt: skip
     metrics_public: bool = typer.Option(
         None, "--metrics-public",
         help="Serve GET /metrics (Prometheus) without a key; by default it needs the queen's key or one from "
@@ -86,7 +92,7 @@ def daemon(
             port=port, host=host, api_key=api_key, api_key_file=api_key_file, insecure=insecure,
             http_port=http_port, http_host=http_host, http_cert=http_cert, http_key=http_key,
             http_cold_start_wait=http_cold_start_wait, metrics_public=metrics_public, keep_alive=keep_alive,
-            queue_length=queue_length, queue_wait=queue_wait,
+            queue_length=queue_length, queue_wait=queue_wait, idle_sleep=idle_sleep,
         ))  # fmt: skip
 
     run_daemon(ACTOR, main)

@@ -36,6 +36,8 @@ from rbee_queen.survey import NodeFigures, same_model
 State = common_pb2.WorkerState
 # How long a worker may drain when it is stopped (it is idle: nothing to drain).
 STOP_TIMEOUT_S = 10
+# How long a hive may take to put a worker to sleep (its weights copied to CPU memory).
+SLEEP_TIMEOUT_S = 150
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,17 @@ def hive_stopper(store: NodeStore) -> Callable:
             return await link.call(link.workers.ShutdownWorker, request, timeout=STOP_TIMEOUT_S + 30)
 
     return stop
+
+
+def hive_sleeper(store: NodeStore) -> Callable:
+    """Put a worker to sleep through its node's hive (SleepWorker; idle sleep, rbee_queen/keepalive.py)."""
+
+    async def sleep(node: str, worker_id: str) -> registry_pb2.SleepWorkerResponse:
+        async with HiveLink(store.get(node)) as link:
+            request = registry_pb2.SleepWorkerRequest(worker_id=worker_id)
+            return await link.call(link.workers.SleepWorker, request, timeout=SLEEP_TIMEOUT_S)
+
+    return sleep
 
 
 class Evictor:

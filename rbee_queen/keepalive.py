@@ -21,6 +21,14 @@ its hive (ShutdownWorker) and says so in one narration line. A worker the
 queen never handed out follows the cluster default from its last activity.
 A worker marked as needed (``needed``, e.g. for a replica count) is never
 stopped here nor evicted (rbee_queen/eviction.py).
+
+With idle sleep on (``--idle-sleep``: a ``sleep`` callable given), an expired
+CUDA worker is put to sleep through its hive (SleepWorker: vLLM's sleep mode,
+level 1) instead: its GPU memory is freed, its weights wait in CPU memory, and
+its next request wakes it. It is then left alone until it is used again (a
+request of the queen's, a hand-out, or its hive reporting it busy). Where it
+cannot sleep (SLEEP_MODE_UNSUPPORTED, or any other failure but WORKER_BUSY),
+it is stopped as without the setting, and the narration says why.
 """
 
 from __future__ import annotations
@@ -141,19 +149,27 @@ class Held:
     seen: bool = False
     stopping: bool = False
     retry_at: float = 0.0
+    # The registry's word on its backend; put to sleep by idle sleep and not used since.
+    backend: str = ""
+    asleep: bool = False
 
 
 Stopper = Callable[[str, str], Awaitable[Any]]
+# Puts a worker to sleep through its hive (node, worker id); raises RbeeError when it cannot.
+Sleeper = Callable[[str, str], Awaitable[Any]]
 
 
 class KeepAlive:
     """Keep-alive bookkeeping and the stopper of expired idle workers."""
 
     def __init__(self, default_s: float, registry: Any, stop: Stopper, narrate: Callable[..., Any],
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 sleep: Sleeper | None = None) -> None:  # fmt: skip
         self.default_s = default_s
         self.registry = registry
         self._stop = stop
+        # Idle sleep (None = off): CUDA workers are put to sleep rather than stopped.
+        self._sleep = sleep
         self.narrate = narrate
         self.clock = clock
         self.wall = wall
@@ -187,7 +203,7 @@ class KeepAlive:
         if held is None:
             held = self.held[worker_id] = Held(node, worker_id, model, keep, self.clock())
         held.node, held.model, held.keep_s = node, model, keep
-        held.stopping = False
+        held.stopping = held.asleep = False
         self._wake.set()
         return held
 
@@ -225,8 +241,9 @@ class KeepAlive:
     def observe(self, node: str, worker: common_pb2.WorkerInfo) -> None:
         """One worker entry the registry applied (ClusterWorkers.observers)."""
         held = self.held.get(worker.id)
-        if held is not None and held.handed_unix_ms and _busy(worker):
-            held.came = True
+        if held is not None and _busy(worker) and (held.handed_unix_ms or held.asleep):
+            held.came = bool(held.handed_unix_ms)
+            held.asleep = False  # a request woke it
             self._wake.set()
     def is_needed(self, node: str, worker: common_pb2.WorkerInfo) -> bool:
         if self.needed is None:
@@ -283,7 +300,11 @@ class KeepAlive:
         next_at: float | None = None
         for wid, (node, worker) in live.items():
             held = self.held.get(wid)
-            if held is not None and (held.stopping or held.retry_at > now):
+            if held is not None:
+                held.backend = worker.backend
+                if held.asleep and _busy(worker):
+                    held.asleep = False
+            if held is not None and (held.stopping or held.asleep or held.retry_at > now):
                 if held.retry_at > now:
                     next_at = held.retry_at if next_at is None else min(next_at, held.retry_at)
                 continue
@@ -297,7 +318,7 @@ class KeepAlive:
             deadline = since + keep
             if deadline <= now:
                 if held is None:
-                    held = self.held[wid] = Held(node, wid, worker.model_ref, keep, since, seen=True)
+                    held = self.held[wid] = Held(node, wid, worker.model_ref, keep, since, seen=True, backend=worker.backend)
                 stop.append((held, now - since))
             else:
                 next_at = deadline if next_at is None else min(next_at, deadline)
@@ -343,8 +364,12 @@ class KeepAlive:
                         w.cancel()
 
     async def _expire(self, held: Held, idle_s: float) -> None:
+        sleep = self._sleep is not None and held.backend == "cuda"
         self.narrate("⏲️", f"Keep-alive of worker {held.worker_id} ({held.model}) on {held.node} ran out "
-                     f"(keep-alive {describe(held.keep_s)}, idle {describe(idle_s)}): stopping it")  # fmt: skip
+                     f"(keep-alive {describe(held.keep_s)}, idle {describe(idle_s)}): "
+                     f"{'putting it to sleep' if sleep else 'stopping it'}")  # fmt: skip
+        if sleep and await self._put_to_sleep(held):
+            return
         try:
             await self._stop(held.node, held.worker_id)
         except RbeeError as err:
@@ -358,3 +383,26 @@ class KeepAlive:
             return
         self.held.pop(held.worker_id, None)
         self.narrate("💤", f"Worker {held.worker_id} ({held.model}) on {held.node} stopped: its memory is free")
+
+    async def _put_to_sleep(self, held: Held) -> bool:
+        """Idle sleep: True when the worker sleeps now or was used meanwhile
+        (nothing more to do); False when it must be stopped instead."""
+        assert self._sleep is not None
+        try:
+            await self._sleep(held.node, held.worker_id)
+        except RbeeError as err:
+            if err.code == "WORKER_NOT_FOUND":
+                self.held.pop(held.worker_id, None)
+                return True
+            if err.code == "WORKER_BUSY":  # a request came first: its keep-alive starts over
+                held.stopping = False
+                held.last_used = self.clock()
+                self._wake.set()
+                return True
+            self.narrate("⚠️", f"Worker {held.worker_id} on {held.node} cannot sleep ({err.code}: {err.message}): "
+                         "stopping it instead", "warn")  # fmt: skip
+            return False
+        held.stopping, held.asleep = False, True
+        self.narrate("💤", f"Worker {held.worker_id} ({held.model}) on {held.node} put to sleep: "
+                     "its GPU memory is free until the next request")  # fmt: skip
+        return True

@@ -40,7 +40,7 @@ from rbee_queen.servicers.keys import AppKeyServicer
 from rbee_queen.servicers.replicas import ReplicaServicer
 from rbee_queen.servicers.nodes import NodeServicer
 from rbee_queen.servicers.tasks import ClusterWorkerServicer, TaskServicer
-from rbee_queen.eviction import Evictor, hive_stopper
+from rbee_queen.eviction import Evictor, hive_sleeper, hive_stopper
 from rbee_queen.keepalive import KeepAlive
 from rbee_queen.survey import same_model
 from rbee_queen.tasks import TaskRunner
@@ -108,7 +108,8 @@ class QueenServer:
         self.queue = AdmissionQueue(settings.queue_length, settings.queue_wait.total_seconds(), self.registry.listen)
         self.tasks = TaskRunner(self.store, self.nodes, self.watchers, queue=self.queue)
         # Idle memory (docs/queen.md): each worker's keep-alive, and room made by evicting idle workers.
-        self.keepalive = KeepAlive(settings.keep_alive, self.registry, hive_stopper(self.store), narrator)
+        self.keepalive = KeepAlive(settings.keep_alive, self.registry, hive_stopper(self.store), narrator,
+                                   sleep=hive_sleeper(self.store) if settings.idle_sleep else None)  # fmt: skip
         self.tasks.keepalive = self.keepalive
         self.tasks.evictor = Evictor(self.store, self.keepalive)
         # Models kept running (docs/queen.md, "Replicas"): the wish in beehives.db, the loop that keeps it.

@@ -58,6 +58,9 @@ class QueenSettings(DaemonSettings):
     # neither its request nor its model says ("5m", "30s", seconds; 0 = stop
     # after each request; -1 = never). Seconds here, inf for never.
     keep_alive: float = 300.0
+    # Idle sleep: an expired CUDA worker is put to sleep (vLLM's sleep mode,
+    # level 1) rather than stopped; others are stopped as before.
+    idle_sleep: bool = False
 
     # SSH (S3): per-attempt connect timeout and attempts.
     ssh_connect_timeout: timedelta = timedelta(seconds=10)
