@@ -5,7 +5,8 @@ over sshd, the hive downloads the model from the test hub and spawns a worker
 (cold start), the keeper streams its tokens; the next infer finds that worker
 (warm start) without SSH. Then replicas across real nodes (docs/queen.md,
 "Replicas"): `models deploy --replicas 2` on a local node and a node over sshd
-puts one worker on each, the SSH node's hive started over sshd.
+puts one worker on each, the SSH node's hive started over sshd; that node
+lost (its hive stopped with SIGSTOP), its replica is placed on the local node.
 
 The node's install path holds a launcher for this checkout's rbee-hive (with
 the node's settings, as an operator's environment would set them) instead of a
@@ -16,7 +17,9 @@ what is shown here is the path over SSH, not what vLLM generates."""
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 from pathlib import Path
 
 import psutil
@@ -107,7 +110,8 @@ async def test_cold_then_warm_infer_on_a_node_over_openssh(queen: QueenProc, ssh
 async def test_two_replicas_across_a_local_node_and_a_node_over_openssh(queen_factory, sshd_node, hub, tmp_path: Path) -> None:
     """`models deploy --replicas 2` on a cluster of a local node and a node
     over sshd: one worker on each, the SSH node's hive started over sshd by
-    the deployment itself; undeploy stops both."""
+    the deployment itself; the SSH node lost, its replica placed on the local
+    node; undeploy stops them."""
     hub.add_repo(replicated.REPO, replicated.FILES)
     program = write_standin_program(tmp_path / "standin")
     beat = {"RBEE_HIVE_WATCH_HEARTBEAT": "0.3s"}
@@ -115,6 +119,7 @@ async def test_two_replicas_across_a_local_node_and_a_node_over_openssh(queen_fa
                                            **dict(replicated.QUEEN_ENV, RBEE_QUEEN_HIVE_START_TIMEOUT="60s")))  # fmt: skip
     local_home = tmp_path / "home-here"
     box_home = tmp_path / "node-box" / "home"
+    stopped: int | None = None
     try:
         await add_local(queen, "here", local_home)
         await add_ssh_node(queen, sshd_node, hub, tmp_path / "node-box", **beat)
@@ -131,6 +136,16 @@ async def test_two_replicas_across_a_local_node_and_a_node_over_openssh(queen_fa
         for w in workers:
             assert hives[w["node"]] in {p.pid for p in psutil.Process(w["pid"]).parents()}, (w, hives)
 
+        # The SSH node's hive stops answering (SIGSTOP) and stays so: once the
+        # registry drops its worker, the replica is placed on the local node.
+        stopped = hives["box"]
+        os.kill(stopped, signal.SIGSTOP)
+        moved = await until(lambda: replicated.ready(2, {"here"})(queen), replicated.DEADLINE_S)
+        assert moved, queen.text()[-4000:]
+        assert "box: unreachable" in queen.text()
+        os.kill(stopped, signal.SIGCONT)
+        stopped = None
+
         code, out, err = await queen.keeper("models", "undeploy", replicated.REF, "--json")
         assert code == 0, err
 
@@ -139,5 +154,7 @@ async def test_two_replicas_across_a_local_node_and_a_node_over_openssh(queen_fa
 
         assert await until(gone, replicated.DEADLINE_S), queen.text()[-4000:]
     finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
         for home in (local_home, box_home):
             kill_node_hives(home)
