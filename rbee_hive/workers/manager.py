@@ -6,22 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rbee.auth import check_key, new_api_key
-from rbee.cpus import format_cpu_list
-from rbee.config import MAX_SLOTS
 from rbee.errors import RbeeError
 from rbee.narration import parse_line
-from rbee.tls import CA_CERT, TLS_DIR, Issuer, san_hosts, write_identity
-from rbee.tls_identity import identity_of, worker_identity
 from rbee.v1 import common_pb2, registry_pb2
 
 from rbee_hive.detect import detect
@@ -30,61 +22,30 @@ from rbee_hive.model_access import ModelAccess
 from rbee_hive.preflight import MB, check_worker, estimate_memory, model_size
 from rbee_hive.resources import ResourceSource
 from rbee_hive.settings import HiveSettings
-from rbee_hive.workers import sandbox
 from rbee_hive.workers.binary import WorkerBinaryResolver
 from rbee_hive.workers.client import WorkerClient, local_address
-from rbee_hive.workers.cores import hive_cores
-from rbee_hive.workers.environment import worker_environment
 from rbee_hive.workers.events import EventLog
+from rbee_hive.workers import failures as start_failures
+from rbee_hive.workers.failures import LOG_LINES_IN_ERRORS
 from rbee_hive.workers.peak import PeakRecorder
 from rbee_hive.workers.leftovers import WorkerLedger
 from rbee_hive.workers.ports import PortAllocator, port_is_free
+from rbee_hive.workers.preparation import LaunchPreparation
 from rbee_hive.workers.process import ExitInfo, WorkerProcess
 from rbee_hive.workers.registry import READY_STATES, Registry, State, WorkerRecord, state_name
+from rbee_hive.workers.spec import SpawnSpec, StopResult, check_spawn_fields
+from rbee_hive.workers.stopping import WorkerStopper
+
+# Imported from here by the servicers and start.py.
+__all__ = ["SpawnSpec", "StopResult", "WorkerManager", "check_spawn_fields"]
 
 log = logging.getLogger(__name__)
 
 EXIT_PORT_IN_USE = 3
 # Worker processes started for one spawn before giving up on port races.
 MAX_PORT_RETRIES = 5
-LOG_LINES_IN_ERRORS = 15
 
 Narrate = Callable[..., common_pb2.NarrationEvent]
-
-
-@dataclass(frozen=True)
-class SpawnSpec:
-    model_path: str
-    backend: str
-    device: int
-    model_ref: str = ""
-    slots: int = 0
-    worker_api_key: str = ""
-
-
-def check_spawn_fields(spec: SpawnSpec) -> None:
-    """Bounds of the request's own fields; INVALID_ARGUMENT naming the field."""
-    if not 0 <= spec.slots <= MAX_SLOTS:
-        raise RbeeError(
-            "INVALID_ARGUMENT",
-            f"slots must be between 1 and {MAX_SLOTS} (0 = the worker's default), got {spec.slots}",
-            {"field": "slots", "max": MAX_SLOTS},
-            [f"Ask for at most {MAX_SLOTS} slots; start more workers for more concurrency"],
-        )
-    key = spec.worker_api_key
-    if key and (len(key) > 512 or not key.isprintable() or key != key.strip()):
-        raise RbeeError(
-            "INVALID_ARGUMENT",
-            "worker_api_key must be printable text without surrounding spaces, at most 512 characters",
-            {"field": "worker_api_key"},
-        )
-
-
-@dataclass(frozen=True)
-class StopResult:
-    worker_id: str
-    force_killed: bool
-    exit_code: int
 
 
 class WorkerManager:
@@ -100,14 +61,11 @@ class WorkerManager:
     ) -> None:
         self.settings = settings
         self.registry = registry
-        self._worker_tmps: dict[str, Path] = {}
         self.resources = resources
         self.resolver = resolver
         self.logbook = logbook
         self._narrate = narrate
         self._callback_address = callback_address
-        # Each CPU worker's own cores (rbee_hive/workers/cores.py).
-        self.cores = hive_cores(settings.worker_cores)
         self.ports = PortAllocator(settings.worker_host, settings.worker_port_start, settings.worker_port_end)
         # What a spawn may load; the provisioning service adds the catalog.
         self.models = ModelAccess(settings.model_roots)
@@ -120,32 +78,14 @@ class WorkerManager:
         # Each worker's peak memory, for the model catalog (the provisioning service sets its sink).
         self.peaks = PeakRecorder()
         self.closing = False
-        # Mutual TLS (S13): the hive's identity (its calls to workers present
-        # it) and what signs each worker's certificate of its own (the hive's
-        # issuing certificate). Never the hive's own certificate: a worker
-        # holding hive.key could pass for its hive.
-        self.tls = settings.tls_identity()
-        self.worker_issuer = (
-            Issuer.load(settings.tls_issuer_cert, settings.tls_issuer_key)
-            if self.tls and settings.tls_issuer_cert and settings.tls_issuer_key
-            else None
-        )
-        if self.tls and self.worker_issuer is None:
-            # A worker calls its hive back over the hive's mutual TLS, so it
-            # needs a certificate, and the hive's own is never handed out.
-            raise RbeeError(
-                "TLS_REQUIRED",
-                "rbee-hive serves mutual TLS but has no issuing certificate to give each worker a certificate of its own",
-                {"flag": "--tls-issuer-cert"},
-                [
-                    "Pass --tls-issuer-cert and --tls-issuer-key (a node the queen registers gets them from its CA)",
-                    "Or serve without TLS on loopback (leave out --tls-cert, --tls-key and --tls-ca; --host 127.0.0.1)",
-                ],
-            )
-        # What keeps code in a worker from the hive's keys (docs/security.md).
-        self.sandbox_abi = sandbox.landlock_abi()
-        # Worker certificates carry a name below the hive's identity (rbee/tls_identity.py).
-        self.identity = identity_of(self.tls.certificate()) if self.tls else None
+        # Arguments, certificate, cores, temp folder and sandbox of each launch
+        # (rbee_hive/workers/preparation.py); its TLS identity and the
+        # sandbox's Landlock ABI are the hive's own.
+        self.preparation = LaunchPreparation(settings, callback_address)
+        self.tls = self.preparation.tls
+        self.sandbox_abi = self.preparation.sandbox_abi
+        # How one worker is stopped (rbee_hive/workers/stopping.py).
+        self.stopper = WorkerStopper(settings, registry, self._pending, self.peaks, self.client, self._say)
 
     # -- lookups --------------------------------------------------------------
     def find(self, worker_id: str) -> WorkerRecord | None:
@@ -245,7 +185,7 @@ class WorkerManager:
             raise
         self._pending[worker_id] = record
         try:
-            self._issue_worker_tls(record)
+            self.preparation.issue_tls(record)
             await self._start_on_some_port(record, program, spec)
         except BaseException as exc:
             err = exc if isinstance(exc, RbeeError) else RbeeError("WORKER_STARTUP_FAILED", f"Spawn of {worker_id} interrupted: {exc!r}")
@@ -275,104 +215,12 @@ class WorkerManager:
                 break
         raise self.ports.exhausted(tried)
 
-    def _worker_args(self, record: WorkerRecord, spec: SpawnSpec) -> list[str]:
-        args = [
-            "--model", record.model_path,
-            "--backend", record.backend,
-            "--device", str(record.device),
-            "--host", record.host,
-            "--port", str(record.port),
-            "--callback", self._callback_address(),
-            "--worker-id", record.id,
-            "--model-ref", record.model_ref,
-        ]  # fmt: skip
-        if spec.slots:
-            args += ["--slots", str(spec.slots)]
-        if self.settings.worker_dtype != "auto":
-            args += ["--dtype", self.settings.worker_dtype]
-        if record.tls_dir is not None:
-            args += [
-                "--tls-cert", str(record.tls_dir / "tls.crt"),
-                "--tls-key", str(record.tls_dir / "tls.key"),
-                "--tls-ca", str(record.tls_dir / CA_CERT),
-            ]  # fmt: skip
-        elif self.settings.insecure:
-            args.append("--insecure")
-        return args
-
-    def _issue_worker_tls(self, record: WorkerRecord) -> None:
-        """The worker's own certificate (signed by the hive's issuing certificate),
-        valid for the hive's addresses and a name of its own below the hive's
-        identity (a hive serving TLS has an issuing certificate: checked at start)."""
-        if self.tls is None or self.worker_issuer is None:
-            return
-        folder = self.settings.rbee_home / TLS_DIR / "workers" / record.id
-        hosts = [h for h in san_hosts(self.tls.certificate()) if h != self.identity]
-        if self.identity:
-            record.tls_name = worker_identity(self.identity, record.id)
-        issued = self.worker_issuer.issue_leaf(f"llm-worker-rbee {record.id}", [*hosts, record.host, record.tls_name])
-        write_identity(folder, issued, self.tls.ca)
-        record.tls_dir = folder
-
-    def _release_cores(self, record: WorkerRecord) -> None:
-        if self.cores is not None:
-            self.cores.release(record.id)
-
-    def _drop_worker_tls(self, record: WorkerRecord) -> None:
-        if record.tls_dir is not None:
-            shutil.rmtree(record.tls_dir, ignore_errors=True)
-        tmp = self._worker_tmps.pop(record.id, None)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def _worker_tmp(self, record: WorkerRecord) -> Path:
-        """A private temp folder of the worker's own, short: vLLM puts its IPC
-        sockets there, and a Unix socket's path must stay under 108 bytes, which
-        a folder deep in RBEE_HOME can pass. mkdtemp makes it 0700 with a name
-        nobody could have prepared."""
-        tmp = self._worker_tmps.get(record.id)
-        if tmp is None:
-            tmp = Path(tempfile.mkdtemp(prefix=f"rbee-{record.id}-"))
-            self._worker_tmps[record.id] = tmp
-        return tmp
-
-    def _sandbox(self, record: WorkerRecord) -> dict[str, str]:
-        """The worker's Landlock policy (rbee_hive/workers/sandbox.py), for the
-        launcher to apply before it execs; nothing where the kernel has none."""
-        if self.sandbox_abi <= 0:
-            return {}
-        tmp = None
-        deny, _ = sandbox.worker_paths(self.settings, record.tls_dir, None)
-        if sandbox.temp_is_closed(deny):
-            tmp = self._worker_tmp(record)
-        deny, allow = sandbox.worker_paths(self.settings, record.tls_dir, tmp)
-        env = {sandbox.ENV: sandbox.policy(deny, allow)}
-        if tmp is not None:
-            env.update(TMPDIR=str(tmp), TMP=str(tmp), TEMP=str(tmp))
-        return env
-
     async def _launch(self, record: WorkerRecord, program: Path, spec: SpawnSpec) -> bool:
         """Start the process on record.port and wait for its first callback.
         False when the port turned out to be taken; raises on any other failure."""
-        # Keys travel in the environment, not on the command line (ps shows
-        # that); of the hive's own environment the worker gets what the engine
-        # needs and never the hive's secrets.
-        env = worker_environment(
-            os.environ,
-            {
-                "RBEE_WORKER_API_KEY": record.api_key,
-                "RBEE_CALLBACK_API_KEY": record.callback_key,
-                "RBEE_WORKER_ADMIN_KEY": record.admin_key,
-                "RBEE_HOME": str(self.settings.rbee_home),
-                "PYTHONUNBUFFERED": "1",
-            },
-            self.settings.worker_env,
-        )
-        env.update(self._sandbox(record))
-        if self.cores is not None and record.backend == "cpu":
-            given = self.cores.assign(record.id)
-            record.cpu_set = format_cpu_list(given.cores)
-            env["RBEE_WORKER_CPUS"] = record.cpu_set
+        env = self.preparation.environment(record)
+        given = self.preparation.assign_cores(record, env)
+        if given is not None:
             self._say(record, "🧮" if given.exclusive else "⚠️", f"{record.id} runs on {given.note}", "info" if given.exclusive else "warn")
         self._say(
             record,
@@ -380,9 +228,9 @@ class WorkerManager:
             f"Starting {program.name} {record.id} for {record.model_ref} on {record.backend}:{record.device}, "
             f"port {record.port} (log: {record.log_path})",
         )
-        self.logbook.write(record.id, f"# {program} {' '.join(self._worker_args(record, spec))}")
+        self.logbook.write(record.id, f"# {program} {' '.join(self.preparation.args(record, spec))}")
         record.called_back.clear()
-        process = await WorkerProcess.start(program, self._worker_args(record, spec), env, lambda line: self._on_output(record, line))
+        process = await WorkerProcess.start(program, self.preparation.args(record, spec), env, lambda line: self._on_output(record, line))
         record.process = process
         self.ledger.record(record.id, process.pid)
         exited = asyncio.ensure_future(process.wait())
@@ -407,12 +255,7 @@ class WorkerManager:
         self._say(record, "⏰", f"{record.id} did not call back within {timeout:g}s; stopping it", "error")
         await process.terminate(self.settings.kill_wait.total_seconds(), self.settings.kill_wait.total_seconds())
         self.ledger.forget(record.id)
-        raise RbeeError(
-            "WORKER_STARTUP_FAILED",
-            f"Worker startup failed: {record.id} did not call back within {timeout:g}s",
-            self._failure_details(record, None),
-            self._failure_suggestions(record),
-        )
+        raise start_failures.callback_timeout_error(record, timeout)
 
     async def _abandon(self, record: WorkerRecord, err: RbeeError) -> None:
         record.stopping = True
@@ -421,8 +264,7 @@ class WorkerManager:
         if record.process is not None and record.process.running:
             await record.process.kill(self.settings.kill_wait.total_seconds())
         self.ledger.forget(record.id)
-        self._drop_worker_tls(record)
-        self._release_cores(record)
+        self.preparation.release(record)
         if record.port:
             self.ports.release(record.port)
         self._say(record, "❌", f"Spawn of {record.id} failed: {err.code}: {err.message}", "error")
@@ -431,40 +273,9 @@ class WorkerManager:
         self.logbook.close(record.id)
 
     # -- errors ---------------------------------------------------------------
-    def _failure_details(self, record: WorkerRecord, info: ExitInfo | None) -> dict[str, Any]:
-        details: dict[str, Any] = {"worker_id": record.id, "log_path": str(record.log_path)}
-        if info is not None:
-            details.update(exit_code=info.returncode, runtime_s=f"{info.runtime_s:.1f}")
-            if info.signal_name:
-                details["signal"] = info.signal_name
-        if record.process is not None:
-            details["last_log_lines"] = "\n".join(record.process.tail(LOG_LINES_IN_ERRORS))
-        if record.failure is not None:
-            details["cause"] = f"{record.failure.code}: {record.failure.message}"
-        return details
-
-    def _failure_suggestions(self, record: WorkerRecord) -> list[str]:
-        return [
-            f"Read the worker's log on the node: {record.log_path}",
-            f"Or stream it: rbee-keeper logs --node NODE (worker {record.id})",
-        ]
-
     def startup_error(self, record: WorkerRecord, info: ExitInfo) -> RbeeError:
-        if info.oom_killed:
-            return RbeeError(
-                "WORKER_OOM_KILLED",
-                f"Worker {record.id} was killed by the kernel's OOM killer while starting (out of memory)",
-                self._failure_details(record, info),
-                ["Free memory on the node (stop other workers) or use a smaller model", *self._failure_suggestions(record)],
-            )
-        window = self.settings.startup_window.total_seconds()
-        when = "crashed during startup" if info.runtime_s <= window else "exited before its model was loaded"
-        return RbeeError(
-            "WORKER_STARTUP_FAILED",
-            f"Worker startup failed: {record.id} {when} ({info.describe()} after {info.runtime_s:.1f}s)",
-            self._failure_details(record, info),
-            self._failure_suggestions(record),
-        )
+        """Why a worker exited before it was ready (rbee_hive/workers/failures.py)."""
+        return start_failures.startup_error(record, info, self.settings.startup_window.total_seconds())
 
     # -- callbacks ------------------------------------------------------------
     def report(self, request: registry_pb2.ReportWorkerRequest, invocation_metadata: Iterable[tuple[str, Any]] | None) -> None:
@@ -559,8 +370,7 @@ class WorkerManager:
         assert record.process is not None
         info = await record.process.wait()
         self.ledger.forget(record.id)
-        self._drop_worker_tls(record)
-        self._release_cores(record)
+        self.preparation.release(record)
         self.ports.release(record.port)
         self._pending.pop(record.id, None)
         was_registered = self.registry.remove(record.id) is not None
@@ -598,49 +408,10 @@ class WorkerManager:
         return await asyncio.shield(running)
 
     async def _stop(self, record: WorkerRecord, grace: float | None, reason: str) -> StopResult:
-        grace = self.settings.shutdown_grace.total_seconds() if grace is None else grace
-        record.stopping = True
-        self.registry.changed.set()
-        process = record.process
-        if process is not None:
-            process.mark_stop_requested()
-        self._say(record, "👋", f"Shutting down {record.id} ({reason})")
-        if process is None or not process.running:
-            self.registry.remove(record.id)
-            self._pending.pop(record.id, None)
-            code = process.exit_info.returncode if process and process.exit_info else 0
-            return StopResult(record.id, False, code)
-        await self.peaks.sample_now(record)
-        try:
-            await self.client(record).shutdown(int(grace), timeout=min(5.0, max(grace, 1.0)))
-        except RbeeError as err:
-            self._say(record, "⚠️", f"{record.id} did not take the shutdown request ({err.code}); it will be signalled", "warn")
-        self._say(record, "⏳", f"Waiting up to {grace:g}s for {record.id} (pid {process.pid}) to exit")
-        info = await process.wait_for_exit(grace)
-        forced = False
-        if info is None:
-            self._say(record, "🔪", f"{record.id} did not exit within {grace:g}s; force-killing its process tree", "warn")
-            info, forced = await process.kill(self.settings.kill_wait.total_seconds())
-        self.registry.remove(record.id)
-        self._pending.pop(record.id, None)
-        code = info.returncode if info else -9
-        self._say(record, "🛑", f"{record.id} terminated ({info.describe() if info else 'killed'})")
-        return StopResult(record.id, forced, code)
+        return await self.stopper.stop(record, grace, reason)
 
     async def remove_unhealthy(self, record: WorkerRecord, failures: int) -> None:
-        record.stopping = True
-        self.registry.remove(record.id)
-        self._say(
-            record,
-            "💀",
-            f"{record.id} failed {failures} health checks in a row; removed from the registry, stopping its processes",
-            "warn",
-        )
-        if record.process is not None:
-            wait = self.settings.kill_wait.total_seconds()
-            info, forced = await record.process.terminate(wait, wait)
-            how = "force-killed" if forced else (info.describe() if info else "gone")
-            self._say(record, "🛑", f"{record.id} terminated ({how})")
+        await self.stopper.remove_unhealthy(record, failures)
 
     async def shutdown_all(self) -> list[StopResult]:
         """The SIGTERM cascade: every worker told to stop in parallel, each waited
