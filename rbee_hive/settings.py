@@ -107,6 +107,10 @@ class HiveSettings(DaemonSettings):
     # Cores each CPU worker gets for itself (its CPU affinity); 0 = every core
     # no other worker holds.
     worker_cores: int = Field(0, ge=0)
+    # CUDA workers run their engine with vLLM's sleep mode (RBEE_WORKER_SLEEP_MODE=1),
+    # so SleepWorker can free their GPU memory while idle (docs/hive.md). Off:
+    # sleep mode makes vLLM allocate GPU memory through its own pool.
+    worker_sleep_mode: bool = False
 
     @field_validator("model_dirs", "worker_sources", "worker_env", mode="before")
     @classmethod

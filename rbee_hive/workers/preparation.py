@@ -22,6 +22,7 @@ from rbee_hive.workers.cores import Assignment, hive_cores
 from rbee_hive.workers.environment import worker_environment
 from rbee_hive.workers.registry import WorkerRecord
 from rbee_hive.workers.spec import SpawnSpec
+from rbee_worker.sleep import ENV_SLEEP_MODE
 
 
 class LaunchPreparation:
@@ -103,7 +104,8 @@ class LaunchPreparation:
     def environment(self, record: WorkerRecord) -> dict[str, str]:
         """The worker's environment: its keys (in the environment, not on the
         command line, which ps shows), of the hive's own environment what the
-        engine needs and never the hive's secrets, and its sandbox."""
+        engine needs and never the hive's secrets, its sandbox, and sleep mode
+        for a CUDA worker when ``worker_sleep_mode`` is on."""
         env = worker_environment(
             os.environ,
             {
@@ -116,6 +118,8 @@ class LaunchPreparation:
             self.settings.worker_env,
         )
         env.update(self._sandbox(record))
+        if self.settings.worker_sleep_mode and record.backend == "cuda":
+            env[ENV_SLEEP_MODE] = "1"  # vLLM's sleep mode, for SleepWorker (docs/hive.md)
         return env
 
     def assign_cores(self, record: WorkerRecord, env: dict[str, str]) -> Assignment | None:

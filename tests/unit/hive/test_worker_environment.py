@@ -28,3 +28,26 @@ def test_secrets_are_recognised_by_whole_words():
     for name in ("TOKENIZERS_PARALLELISM", "KEYBOARD", "PATH", "VLLM_CPU_KVCACHE_SPACE", "MONKEY_BUSINESS"):
         assert not is_secret(name), name
     assert without_secrets({"HF_TOKEN": "x", "HTTPS_PROXY": "p"}) == {"HTTPS_PROXY": "p"}
+
+
+def test_worker_sleep_mode_starts_cuda_workers_with_sleep_mode_only(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from rbee_hive.settings import load_settings
+    from rbee_hive.workers.events import EventLog
+    from rbee_hive.workers.preparation import LaunchPreparation
+    from rbee_hive.workers.registry import WorkerRecord
+
+    (tmp_path / "empty.toml").write_text("")
+    monkeypatch.setenv("RBEE_CONFIG", str(tmp_path / "empty.toml"))
+    monkeypatch.delenv("RBEE_WORKER_SLEEP_MODE", raising=False)
+
+    def env_of(backend: str) -> dict[str, str]:
+        record = WorkerRecord("w-1", "127.0.0.1", 9000, "hf:o/m", "/m", backend, 0, "k", "c", Path("/l"), EventLog())
+        return LaunchPreparation(load_settings(home=tmp_path), lambda: "127.0.0.1:1").environment(record)
+
+    assert load_settings(home=tmp_path).worker_sleep_mode is False
+    assert "RBEE_WORKER_SLEEP_MODE" not in env_of("cuda")
+    monkeypatch.setenv("RBEE_HIVE_WORKER_SLEEP_MODE", "1")
+    assert env_of("cuda")["RBEE_WORKER_SLEEP_MODE"] == "1"
+    assert "RBEE_WORKER_SLEEP_MODE" not in env_of("cpu"), "vLLM has sleep mode on CUDA only"
