@@ -242,9 +242,11 @@ class KeepAlive:
         """One worker entry the registry applied (ClusterWorkers.observers)."""
         held = self.held.get(worker.id)
         if held is not None and _busy(worker) and (held.handed_unix_ms or held.asleep):
-            held.came = bool(held.handed_unix_ms)
+            if held.handed_unix_ms:
+                held.came = True
             held.asleep = False  # a request woke it
             self._wake.set()
+
     def is_needed(self, node: str, worker: common_pb2.WorkerInfo) -> bool:
         if self.needed is None:
             return False
