@@ -228,9 +228,10 @@ class WorkerManager:
             f"Starting {program.name} {record.id} for {record.model_ref} on {record.backend}:{record.device}, "
             f"port {record.port} (log: {record.log_path})",
         )
-        self.logbook.write(record.id, f"# {program} {' '.join(self.preparation.args(record, spec))}")
+        args = self.preparation.args(record, spec)
+        self.logbook.write(record.id, f"# {program} {' '.join(args)}")
         record.called_back.clear()
-        process = await WorkerProcess.start(program, self.preparation.args(record, spec), env, lambda line: self._on_output(record, line))
+        process = await WorkerProcess.start(program, args, env, lambda line: self._on_output(record, line))
         record.process = process
         self.ledger.record(record.id, process.pid)
         exited = asyncio.ensure_future(process.wait())
