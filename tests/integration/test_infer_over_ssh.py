@@ -145,6 +145,16 @@ async def test_two_replicas_across_a_local_node_and_a_node_over_openssh(queen_fa
         assert "box: unreachable" in queen.text()
         os.kill(stopped, signal.SIGCONT)
         stopped = None
+        # box answers again with its old worker: one replica too many, and the
+        # queen stops an idle one (undeploying before the registry has heard
+        # box again would leave that worker out of what undeploy stops).
+        scaled_down = f"{replicated.REF}: 3 replicas run, 2 wanted: stopping "
+
+        async def stopped_an_extra() -> bool:
+            return scaled_down in queen.text()
+
+        assert await until(stopped_an_extra, replicated.DEADLINE_S), queen.text()[-4000:]
+        assert await until(lambda: replicated.ready(2)(queen), replicated.DEADLINE_S), queen.text()[-4000:]
 
         code, out, err = await queen.keeper("models", "undeploy", replicated.REF, "--json")
         assert code == 0, err
