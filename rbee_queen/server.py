@@ -152,17 +152,23 @@ class QueenServer:
             self.narrate("⚠️", f"Listening on {s.host} without TLS (--insecure): keys cross the network in clear", "warn")
         await server.start()
         self._server = server
-        if tls is not None:
-            self._enrol = await start_enrolment(s.host, self.port, tls, cluster_ca(), self.narrate)
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.narrate("🔑", f"API key from {source}")
         from rbee_queen.http.server import start_front_door
 
         try:
+            if tls is not None:
+                self._enrol = await start_enrolment(s.host, self.port, tls, cluster_ca(), self.narrate)
+            self.narrate("🔑", f"API key from {source}")
+            # The HTTP port before health says SERVING: a queen that cannot
+            # serve it (PORT_IN_USE) never looks ready and leaves nothing behind.
             self.http = await start_front_door(self)
         except BaseException:
+            if self._enrol is not None:
+                await self._enrol.stop(None)
+                self._enrol = None
             await server.stop(None)
+            self._server = None
             raise
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         # Rebuild the worker registry from every registered node's hive.
         self.watchers.start()
         self.keepalive.start()

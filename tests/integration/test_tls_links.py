@@ -155,3 +155,28 @@ async def test_a_queen_beyond_loopback_serves_mutual_tls_with_its_own_ca(tmp_pat
         proc.terminate()
         await proc.wait()
         log.close()
+
+
+async def test_a_tls_queen_whose_http_port_is_taken_exits_cleanly_and_never_says_serving(tmp_path: Path) -> None:
+    import socket
+
+    home = tmp_path / "queen-home"
+    home.mkdir()
+    (tmp_path / "c.toml").write_text("")
+    port, http_port = free_port_block(1), free_port_block(1)
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("0.0.0.0", http_port))
+        taken.listen()
+        run = await asyncio.to_thread(
+            subprocess.run,
+            [str(VENV_BIN / "queen-rbee"), "daemon", "--host", "0.0.0.0", "--port", str(port), "--http-port", str(http_port)],
+            capture_output=True, text=True, timeout=120,
+            env=proc_env(RBEE_HOME=str(home), HOME=str(tmp_path), RBEE_CONFIG=str(tmp_path / "c.toml")),
+        )  # fmt: skip
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out
+    assert "PORT_IN_USE" in out and f"0.0.0.0:{http_port}" in out and "--http-port" in out, out
+    # Its gRPC and enrolment servers were stopped, not left to the interpreter's exit.
+    assert "Traceback" not in out and "never awaited" not in out, out
+    assert "listening on" not in out, out
