@@ -10,6 +10,7 @@ every process a scenario starts can be found again by that folder.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
+import pytest
 
 from features.steps.queen_support import KeeperRun, QueenWorld
 from tests.fixtures.hive import STANDIN_MODULE, free_port_block, write_standin_program
@@ -63,6 +65,8 @@ class TaskWorld(QueenWorld):
     # The hive pids of a node right after an infer on it; when a hive was stopped (SIGSTOP).
     hives_after_infer: dict[str, list[int]] = field(default_factory=dict)
     stopped_at: float = 0.0
+    # What an HTTP scenario keeps between its steps (port, responses, streams).
+    http: dict[str, Any] = field(default_factory=dict)
 
     def prepare(self, hub: HubServer, **extra: str) -> None:
         self.hub = hub
@@ -189,3 +193,19 @@ def stop_process(pid: int) -> None:
 
 def resume_process(pid: int) -> None:
     os.kill(pid, signal.SIGCONT)
+
+
+# The fixtures every queen-task step module uses: import them into the module
+# (``from features.steps.queen_task_support import session_loop, world``).
+@pytest.fixture(scope="module")
+async def session_loop() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()
+
+
+@pytest.fixture
+def world(session_loop, queen_factory, hub, tmp_path):
+    # No node here installs rbee from a repository: the "repo" is never read.
+    state = TaskWorld(session_loop, tmp_path, queen_factory, repo=tmp_path)
+    state.prepare(hub)
+    yield state
+    state.close()

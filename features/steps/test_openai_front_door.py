@@ -5,7 +5,6 @@ HTTP (httpx)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,7 @@ import openai
 import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
-from features.steps.queen_task_support import MODEL_REF, STANDIN_TEXT, TaskWorld
+from features.steps.queen_task_support import MODEL_REF, STANDIN_TEXT, TaskWorld, session_loop, world  # noqa: F401 - fixtures
 from tests.fixtures.hive import free_port_block
 
 scenarios("openai_front_door.feature")
@@ -24,18 +23,6 @@ ANSWER = STANDIN_TEXT
 CHAT = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(scope="module")
-async def session_loop() -> asyncio.AbstractEventLoop:
-    return asyncio.get_running_loop()
-
-
-@pytest.fixture
-def world(session_loop, queen_factory, hub, tmp_path):
-    state = TaskWorld(session_loop, tmp_path, queen_factory, repo=tmp_path)
-    state.prepare(hub)
-    state.http = {}
-    yield state
-    state.close()
 
 
 def _base(world: TaskWorld) -> str:

@@ -6,15 +6,13 @@ generous deadline."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 
-import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
-from features.steps.queen_task_support import MODEL_REF, TaskWorld
+from features.steps.queen_task_support import MODEL_REF, TaskWorld, session_loop, world  # noqa: F401 - fixtures
 
 scenarios("queen_replicas.feature")
 
@@ -23,17 +21,6 @@ REPLICA_ENV = {"RBEE_QUEEN_REPLICA_INTERVAL": "0.5s", "RBEE_QUEEN_REPLICA_BACKOF
                "RBEE_QUEEN_REPLICA_BACKOFF_MAX": "2s"}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-async def session_loop() -> asyncio.AbstractEventLoop:
-    return asyncio.get_running_loop()
-
-
-@pytest.fixture
-def world(session_loop, queen_factory, hub, tmp_path):
-    state = TaskWorld(session_loop, tmp_path, queen_factory, repo=tmp_path)
-    state.prepare(hub)
-    yield state
-    state.close()
 
 
 def _live(world: TaskWorld, ref: str) -> list[dict]:

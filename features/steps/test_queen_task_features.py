@@ -7,35 +7,23 @@ the programs printed, what they answer, or which processes run."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
 
 import psutil
-import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from features.steps.queen_support import quoted
-from features.steps.queen_task_support import MODEL_REF, STANDIN_TEXT, TaskWorld, resume_process, stop_process
+from features.steps.queen_task_support import (  # noqa: F401 - session_loop and world are fixtures
+    MODEL_REF, STANDIN_TEXT, TaskWorld, resume_process, session_loop, stop_process, world,
+)
 
 scenarios("queen_inference.feature", "queen_workers.feature", "queen_lifecycle.feature")
 
 NARRATION = re.compile(r"^\[(?P<actor>[a-z-]+)\] \S+ .+$")
 
 
-@pytest.fixture(scope="module")
-async def session_loop() -> asyncio.AbstractEventLoop:
-    return asyncio.get_running_loop()
-
-
-@pytest.fixture
-def world(session_loop, queen_factory, hub, tmp_path):
-    # No node here installs rbee from a repository: the "repo" is never read.
-    state = TaskWorld(session_loop, tmp_path, queen_factory, repo=tmp_path)
-    state.prepare(hub)
-    yield state
-    state.close()
 
 
 def _last(world: TaskWorld):
