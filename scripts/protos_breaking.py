@@ -1,7 +1,8 @@
 """Breaking-change check of the contracts (docs/architecture.md, "Contracts").
 
-    python scripts/protos_breaking.py check   # compare protos/ with the frozen baseline
-    python scripts/protos_breaking.py freeze  # write the baseline from protos/ (a release)
+    python scripts/protos_breaking.py check               # protos/ against the baseline and the last release tag
+    python scripts/protos_breaking.py check --against REF # protos/ against the protos of a git commit or tag
+    python scripts/protos_breaking.py freeze              # write the baseline from protos/ (a release)
 
 The baseline, `protos/baseline.json`, is a summary of every message field,
 enum value and RPC of `rbee.v1` as released. Against it, `check` allows only
@@ -10,6 +11,10 @@ field removed (unless its number is now reserved), renumbered, retyped,
 renamed or given another label; an enum value removed or renamed; a message,
 enum, service or RPC removed; an RPC's request, response or streaming changed.
 Exit status 1 lists every such change.
+
+`check` also compares with the protos of the last release tag (the newest tag
+named `v*` reachable from HEAD), when the checkout has one: a baseline edited
+by hand cannot hide a break from the released contracts.
 """
 
 from __future__ import annotations
@@ -126,6 +131,45 @@ def breaking_changes(old: dict, new: dict) -> list[str]:
     return problems
 
 
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+
+
+def last_release_tag(root: Path = ROOT) -> str | None:
+    """The newest `v*` tag reachable from HEAD, or None (no git, no tags)."""
+    try:
+        run = _git(root, "describe", "--tags", "--abbrev=0", "--match", "v*", "HEAD")
+    except FileNotFoundError:
+        return None
+    return run.stdout.strip() if run.returncode == 0 and run.stdout.strip() else None
+
+
+def protos_at(ref: str, scratch: Path, root: Path = ROOT) -> Path:
+    """The protos/ folder of a git commit or tag, written under scratch."""
+    listing = _git(root, "ls-tree", "-r", "--name-only", ref, "--", "protos")
+    if listing.returncode != 0:
+        raise SystemExit(f"protos-check: no such git revision {ref!r}: {listing.stderr.strip()}")
+    names = [n for n in listing.stdout.splitlines() if n.endswith(".proto")]
+    if not names:
+        raise SystemExit(f"protos-check: {ref} has no .proto files under protos/")
+    for name in names:
+        body = _git(root, "show", f"{ref}:{name}")
+        target = scratch / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(body.stdout)
+    return scratch / "protos"
+
+
+def report(problems: list[str], against: str) -> int:
+    for problem in problems:
+        print(f"protos-check: breaking change against {against}: {problem}", file=sys.stderr)
+    if problems:
+        print("protos-check: v1 changes only by addition; add a new field or RPC instead", file=sys.stderr)
+        return 1
+    print(f"protos-check: no breaking change against {against}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["freeze"]:
         # freeze [PROTOS_DIR]: another tree of protos (e.g. a release's, unpacked).
@@ -136,17 +180,23 @@ def main(argv: list[str]) -> int:
     if argv[:1] != ["check"]:
         print(__doc__, file=sys.stderr)
         return 2
+    current = summary(descriptor_set(PROTOS))
+    if argv[1:2] == ["--against"] and len(argv) == 3:
+        with tempfile.TemporaryDirectory() as scratch:
+            return report(breaking_changes(summary(descriptor_set(protos_at(argv[2], Path(scratch)))), current), argv[2])
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
     if not BASELINE.is_file():
         print(f"protos-check: no baseline at {BASELINE.relative_to(ROOT)}; run 'make protos-freeze' at a release", file=sys.stderr)
         return 1
-    problems = breaking_changes(json.loads(BASELINE.read_text()), summary(descriptor_set(PROTOS)))
-    for problem in problems:
-        print(f"protos-check: breaking change: {problem}", file=sys.stderr)
-    if problems:
-        print("protos-check: v1 changes only by addition; add a new field or RPC instead", file=sys.stderr)
-        return 1
-    print("protos-check: no breaking change against the released contracts")
-    return 0
+    status = report(breaking_changes(json.loads(BASELINE.read_text()), current), f"the baseline ({BASELINE.relative_to(ROOT)})")
+    tag = last_release_tag()
+    if tag is None:
+        print("protos-check: no release tag (v*) in this checkout: checked against the baseline only")
+        return status
+    with tempfile.TemporaryDirectory() as scratch:
+        return report(breaking_changes(summary(descriptor_set(protos_at(tag, Path(scratch)))), current), f"release {tag}") or status
 
 
 if __name__ == "__main__":

@@ -70,3 +70,27 @@ def test_the_committed_contracts_keep_the_baseline() -> None:
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr
     assert json.loads(BASELINE.read_text())["services"]
+
+
+def test_a_break_against_the_last_release_tag_is_found_in_git(tmp_path: Path) -> None:
+    """`check` also compares protos/ with the protos of the newest v* tag."""
+    from protos_breaking import last_release_tag, protos_at
+
+    repo = tmp_path / "repo"
+    folder = repo / "protos" / "demo" / "v1"
+    folder.mkdir(parents=True)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@127.0.0.1"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    assert last_release_tag(repo) is None
+    (folder / "demo.proto").write_text(BEFORE)
+    subprocess.run([*git, "add", "protos"], check=True)
+    subprocess.run([*git, "commit", "-qm", "contracts"], check=True)
+    subprocess.run([*git, "tag", "v0.1.0"], check=True)
+    (folder / "demo.proto").write_text(BEFORE.replace("int32 max_tokens = 2;", "int32 limit = 2;"))
+    subprocess.run([*git, "commit", "-qam", "a rename"], check=True)
+    assert last_release_tag(repo) == "v0.1.0"
+    released = summary(descriptor_set(protos_at("v0.1.0", tmp_path / "scratch", repo)))
+    problems = breaking_changes(released, summary(descriptor_set(repo / "protos")))
+    assert any("changed its name from 'max_tokens' to 'limit'" in p for p in problems), problems
+    with pytest.raises(SystemExit, match="no such git revision"):
+        protos_at("v9.9.9", tmp_path / "other", repo)
