@@ -106,7 +106,7 @@ class WorkerProcess:
 
     async def close(self) -> None:
         try:
-            await self.stub.Shutdown(inference_pb2.ShutdownRequest(drain_timeout_s=5), metadata=self.md, timeout=5)
+            await self.stub.Shutdown(inference_pb2.ShutdownRequest(drain_timeout_ms=5000), metadata=self.md, timeout=5)
             await asyncio.to_thread(self.proc.wait, 60)
         except Exception:  # noqa: BLE001 - fall through to the kill
             pass

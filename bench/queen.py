@@ -127,7 +127,7 @@ class Cluster:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = registry_pb2_grpc.HiveWorkerServiceStub(ch)
             for w in stub.ListWorkers(registry_pb2.ListWorkersRequest(), metadata=auth_metadata(key)).workers:
-                stub.ShutdownWorker(registry_pb2.ShutdownWorkerRequest(worker_id=w.id, timeout_s=5), metadata=auth_metadata(key), timeout=120)
+                stub.ShutdownWorker(registry_pb2.ShutdownWorkerRequest(worker_id=w.id, timeout_ms=5000), metadata=auth_metadata(key), timeout=120)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -78,7 +78,7 @@ Feature: The queen keeps a registry of nodes and reaches them over SSH
     Then the table has the columns NAME, HOST, STATUS, LAST CONNECTED, INSTALL PATH, BACKENDS and HIVE
     And the table has a row for "alpha" and a row for "beta", each reachable, with its install path and the node's user@host:port
     When I list the nodes as JSON
-    Then stdout holds one JSON object per node, in name order, each with its name, ssh_host, ssh_port, status, last_connected_unix and install_path
+    Then stdout holds one JSON object per node, in name order, each with its name, ssh_host, ssh_port, status, last_connected_unix_ms and install_path
 
   Scenario: An empty registry lists nothing on stdout
     When I list the nodes

@@ -33,8 +33,9 @@ def required_memory_bytes(model_size_bytes: int) -> int:
 class Check:
     name: str
     passed: bool
-    required_mb: int = 0
-    available_mb: int = 0
+    # The figures in bytes (ResourceCheck.required_bytes / available_bytes); 0 where they do not apply.
+    required_bytes: int = 0
+    available_bytes: int = 0
     message: str = ""
     # What the figure assumed (the ram check: the dtype the worker will run in, and why).
     note: str = ""
@@ -108,7 +109,7 @@ def check_disk(res: Resources, model_size_bytes: int) -> Check:
             },
             ["Remove models you no longer need: rbee-keeper models rm MODEL --node NODE", f"Or free space on {res.disk_path}"],
         )
-    return Check("disk", True, to_mb(need), free // MB, f"{free // MB} MB free at {res.disk_path}")
+    return Check("disk", True, need, free, f"{free // MB} MB free at {res.disk_path}")
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def check_ram(res: Resources, model_size_bytes: int, memory: MemoryEstimate | No
         )
     note = f"dtype {memory.dtype.line()}" if memory.dtype is not None else ""
     message = f"{have // MB} MB available" + (f"; {note}" if note else "")
-    return Check("ram", True, to_mb(need), have // MB, message, note)
+    return Check("ram", True, need, have, message, note)
 
 
 def check_vram(res: Resources, device: int, model_size_bytes: int) -> Check:
@@ -191,7 +192,7 @@ def check_vram(res: Resources, device: int, model_size_bytes: int) -> Check:
                 "Or choose another device with enough free VRAM, or a smaller model",
             ],
         )
-    return Check("vram", True, to_mb(need), have // MB, f"{gpu.name if gpu else ''} {have // MB} MB free".strip())
+    return Check("vram", True, need, have, f"{gpu.name if gpu else ''} {have // MB} MB free".strip())
 
 
 def check_worker(

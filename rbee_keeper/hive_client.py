@@ -70,7 +70,7 @@ class HiveClient(DaemonClient):
         return list(reply.workers)
 
     async def shutdown(self, worker_id: str, timeout_s: int = 0) -> registry_pb2.ShutdownWorkerResponse:
-        request = registry_pb2.ShutdownWorkerRequest(worker_id=worker_id, timeout_s=timeout_s)
+        request = registry_pb2.ShutdownWorkerRequest(worker_id=worker_id, timeout_ms=timeout_s * 1000)
         return await self._unary(self._workers.ShutdownWorker, request, (timeout_s or 30) + 30.0)
 
     def logs(self, worker_id: str = "", tail_lines: int = 0, follow: bool = False) -> AsyncIterator[registry_pb2.StreamLogsResponse]:

@@ -49,8 +49,8 @@ class WorkerClient(DaemonClient):
     async def cancel(self, request_id: str, timeout: float) -> inference_pb2.CancelResponse:
         return await self._unary(self._stub.Cancel, inference_pb2.CancelRequest(request_id=request_id), timeout)
 
-    async def shutdown(self, drain_timeout_s: int = 0, timeout: float = 10.0) -> inference_pb2.ShutdownResponse:
-        request = inference_pb2.ShutdownRequest(drain_timeout_s=drain_timeout_s)
+    async def shutdown(self, drain_timeout_ms: int = 0, timeout: float = 10.0) -> inference_pb2.ShutdownResponse:
+        request = inference_pb2.ShutdownRequest(drain_timeout_ms=drain_timeout_ms)
         return await self._unary(self._stub.Shutdown, request, timeout)
 
     def _unreachable_or(self, err: grpc.RpcError, timeout: float, waited: bool) -> RbeeError:

@@ -81,7 +81,7 @@ def hive_stopper(store: NodeStore) -> Callable:
 
     async def stop(node: str, worker_id: str) -> registry_pb2.ShutdownWorkerResponse:
         async with HiveLink(store.get(node)) as link:
-            request = registry_pb2.ShutdownWorkerRequest(worker_id=worker_id, timeout_s=STOP_TIMEOUT_S)
+            request = registry_pb2.ShutdownWorkerRequest(worker_id=worker_id, timeout_ms=STOP_TIMEOUT_S * 1000)
             return await link.call(link.workers.ShutdownWorker, request, timeout=STOP_TIMEOUT_S + 30)
 
     return stop

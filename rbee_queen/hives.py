@@ -313,7 +313,7 @@ async def hive_preflight(
     rbee_queen/hive_minimums.py), worker environments. The first failure raises."""
     health = await link.call(link.preflight.GetHiveHealth, preflight_pb2.GetHiveHealthRequest())
     check("hive_health", hive_is_healthy(health.status), f"Hive health: {health.status} (rbee-hive {health.version}, API {health.api_version}, "
-          f"up {health.uptime_s}s, {health.workers} workers)", version=health.version, api_version=health.api_version)
+          f"up {health.uptime_ms // 1000}s, {health.workers} workers)", version=health.version, api_version=health.api_version)
     if not hive_is_healthy(health.status):
         raise RbeeError("HIVE_UNREACHABLE", f"The hive on {record.name} is {health.status}", {"node": record.name, "status": health.status})
     problem = compatible(health.version, health.api_version)

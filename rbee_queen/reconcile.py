@@ -300,7 +300,7 @@ class Reconciler:
         running = self.running(d, allowed_nodes(d, self._registered()))
         track = self._tracks.get(d.model_ref)
         return replicas_pb2.Deployment(
-            model_ref=d.model_ref, replicas=d.replicas, nodes=list(d.nodes), backend=d.backend, created_at_unix=d.created_at_unix,
+            model_ref=d.model_ref, replicas=d.replicas, nodes=list(d.nodes), backend=d.backend, created_at_unix_ms=d.created_at_unix * 1000,
             running=len(running), ready=sum(1 for r in running if r.state in READY), workers=[r.label for r in running],
             state=track.state if track else "starting", last_error=track.last_error if track else "",
         )  # fmt: skip

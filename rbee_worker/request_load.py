@@ -49,7 +49,7 @@ def worker_load(slots_total: int, slots_busy: int, rate: TokenRate, engine: Engi
         slots_busy=slots_busy,
         kv_cache_usage=engine.kv_cache_usage if engine else 0.0,
         generation_tokens_per_s=rate.rate(),
-        window_s=rate.window_s,
+        window_ms=rate.window_s * 1000,
         # Wall-clock on purpose: a timestamp for the listings.
         unix_ms=int(time.time() * 1000),
     )

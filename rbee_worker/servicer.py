@@ -379,7 +379,7 @@ class InferenceServicer(SleepRpcs, inference_pb2_grpc.InferenceServiceServicer):
 
     @handle_errors
     async def Shutdown(self, request: inference_pb2.ShutdownRequest, context) -> inference_pb2.ShutdownResponse:
-        timeout = float(request.drain_timeout_s or DEFAULT_DRAIN_TIMEOUT_S)
+        timeout = request.drain_timeout_ms / 1000 if request.drain_timeout_ms else DEFAULT_DRAIN_TIMEOUT_S
         in_flight = self.begin_drain()
         self._on_shutdown(timeout)
         return inference_pb2.ShutdownResponse(state=self._status.state, in_flight=in_flight)

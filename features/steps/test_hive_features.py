@@ -200,7 +200,7 @@ def _check(ctx, backend, device):
 def _check_passes(ctx, resource, required, available):
     assert ctx["error"] is None, ctx["error"]
     check = next(c for c in ctx["result"].checks if c.name == resource)
-    assert check.passed and (check.required_mb, check.available_mb) == (required, available)
+    assert check.passed and (check.required_bytes, check.available_bytes) == (required * MB, available * MB)
 
 
 @when(parsers.parse("the hive's {resource} figure drops by one byte"))

@@ -123,10 +123,10 @@ def _recorded(s53, env_id):
     env_dir = s53.home / "workers" / env_id
     assert (env.id, env.backend, env.worker_type, env.path) == (env_id, "cpu", "llm-worker-rbee", str(env_dir))
     assert env.binary_path == str(env_dir / "bin" / "llm-worker-rbee") and env.source.startswith(str(REPO))
-    assert env.version == "0.1.0" and env.installed_at_unix > 0
+    assert env.version == "0.1.0" and env.installed_at_unix_ms > 0
     row = WorkerCatalog(s53.home / "workers.db").get(env_id)
     assert row is not None and row.path == env.path and row.backend == "cpu"
-    assert row.installed_at_unix == env.installed_at_unix
+    assert row.installed_at_unix * 1000 == env.installed_at_unix_ms
     # ListWorkerEnvironments shows it for its backend only.
     listed = s53.hive.stub.ListWorkerEnvironments(
         provisioning_pb2.ListWorkerEnvironmentsRequest(backend="cpu"), metadata=s53.hive.md, timeout=60
@@ -164,7 +164,7 @@ def _version(s53):
 @then("it says there is nothing to do")
 def _nothing(s53):
     assert s53.error is None and any("nothing to do" in line for line in s53.lines)
-    assert s53.env.installed_at_unix == s53.first.installed_at_unix
+    assert s53.env.installed_at_unix_ms == s53.first.installed_at_unix_ms
     assert not any("Installing" in line or "Creating" in line for line in s53.lines)
 
 
@@ -173,7 +173,7 @@ def _rebuilt(s53):
     assert s53.error is None
     assert any("Removing the old environment" in line for line in s53.lines)
     assert any("Sharing the installed engine" in line for line in s53.lines)
-    assert s53.env.installed_at_unix >= s53.first.installed_at_unix
+    assert s53.env.installed_at_unix_ms >= s53.first.installed_at_unix_ms
     assert not (Path(s53.env.path) / "lib" / "python3.11" / "site-packages" / "rbee" / "stale-marker").exists()
 
 

@@ -273,7 +273,7 @@ def _shutdown(worker, ctx):
     channel, s = stub(worker)
     with channel:
         # The drain bound is not under test: long enough for 60 tokens on a loaded machine.
-        ctx["shutdown"] = s.Shutdown(inference_pb2.ShutdownRequest(drain_timeout_s=600), metadata=worker.metadata,
+        ctx["shutdown"] = s.Shutdown(inference_pb2.ShutdownRequest(drain_timeout_ms=600_000), metadata=worker.metadata,
                                      timeout=10)
     assert ctx["shutdown"].in_flight == 1
 

@@ -315,7 +315,7 @@ class WorkerLoad(_message.Message):
     SLOTS_BUSY_FIELD_NUMBER: _builtins.int
     KV_CACHE_USAGE_FIELD_NUMBER: _builtins.int
     GENERATION_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
-    WINDOW_S_FIELD_NUMBER: _builtins.int
+    WINDOW_MS_FIELD_NUMBER: _builtins.int
     UNIX_MS_FIELD_NUMBER: _builtins.int
     running_requests: _builtins.int
     """Requests the engine is generating for / holding in its queue."""
@@ -326,8 +326,10 @@ class WorkerLoad(_message.Message):
     kv_cache_usage: _builtins.float
     """Fraction of the engine's KV cache in use, 0 to 1."""
     generation_tokens_per_s: _builtins.float
-    """Tokens generated per second, all requests, over the last window_s seconds."""
-    window_s: _builtins.int
+    """Tokens generated per second, all requests, over the last window_ms
+    (a rate, not a duration: per second is its unit).
+    """
+    window_ms: _builtins.int
     unix_ms: _builtins.int
     """When these figures were taken."""
     def __init__(
@@ -339,12 +341,12 @@ class WorkerLoad(_message.Message):
         slots_busy: _builtins.int = ...,
         kv_cache_usage: _builtins.float = ...,
         generation_tokens_per_s: _builtins.float = ...,
-        window_s: _builtins.int = ...,
+        window_ms: _builtins.int = ...,
         unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation_tokens_per_s", b"generation_tokens_per_s", "kv_cache_usage", b"kv_cache_usage", "running_requests", b"running_requests", "slots_busy", b"slots_busy", "slots_total", b"slots_total", "unix_ms", b"unix_ms", "waiting_requests", b"waiting_requests", "window_s", b"window_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation_tokens_per_s", b"generation_tokens_per_s", "kv_cache_usage", b"kv_cache_usage", "running_requests", b"running_requests", "slots_busy", b"slots_busy", "slots_total", b"slots_total", "unix_ms", b"unix_ms", "waiting_requests", b"waiting_requests", "window_ms", b"window_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -833,17 +833,17 @@ Global___CancelResponse: _TypeAlias = CancelResponse  # noqa: Y015
 class ShutdownRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    DRAIN_TIMEOUT_S_FIELD_NUMBER: _builtins.int
-    drain_timeout_s: _builtins.int
-    """Seconds to let in-flight requests finish (0 = default 30)."""
+    DRAIN_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    drain_timeout_ms: _builtins.int
+    """Milliseconds to let in-flight requests finish (0 = default 30 000)."""
     def __init__(
         self,
         *,
-        drain_timeout_s: _builtins.int = ...,
+        drain_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain_timeout_s", b"drain_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain_timeout_ms", b"drain_timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

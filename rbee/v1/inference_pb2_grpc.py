@@ -191,7 +191,7 @@ class InferenceServiceServicer:
 
     def Shutdown(self, request, context):
         """Graceful shutdown: state DRAINING, new requests refused, in-flight ones
-        may finish (at most drain_timeout_s, default 30), then the worker exits 0.
+        may finish (at most drain_timeout_ms, default 30 s), then the worker exits 0.
         Needs the worker's admin key, which only its hive holds (the hive makes
         it at spawn and passes it in RBEE_WORKER_ADMIN_KEY; a worker started by
         hand without that variable takes its inference key as admin key too).

@@ -93,7 +93,7 @@ class InferenceServiceStub:
     """
     Shutdown: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ShutdownRequest, _inference_pb2.ShutdownResponse]
     """Graceful shutdown: state DRAINING, new requests refused, in-flight ones
-    may finish (at most drain_timeout_s, default 30), then the worker exits 0.
+    may finish (at most drain_timeout_ms, default 30 s), then the worker exits 0.
     Needs the worker's admin key, which only its hive holds (the hive makes
     it at spawn and passes it in RBEE_WORKER_ADMIN_KEY; a worker started by
     hand without that variable takes its inference key as admin key too).
@@ -192,7 +192,7 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """
     Shutdown: _aio.UnaryUnaryMultiCallable[_inference_pb2.ShutdownRequest, _inference_pb2.ShutdownResponse]  # type: ignore[assignment]
     """Graceful shutdown: state DRAINING, new requests refused, in-flight ones
-    may finish (at most drain_timeout_s, default 30), then the worker exits 0.
+    may finish (at most drain_timeout_ms, default 30 s), then the worker exits 0.
     Needs the worker's admin key, which only its hive holds (the hive makes
     it at spawn and passes it in RBEE_WORKER_ADMIN_KEY; a worker started by
     hand without that variable takes its inference key as admin key too).
@@ -318,7 +318,7 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ShutdownResponse, _abc.Awaitable[_inference_pb2.ShutdownResponse]]:
         """Graceful shutdown: state DRAINING, new requests refused, in-flight ones
-        may finish (at most drain_timeout_s, default 30), then the worker exits 0.
+        may finish (at most drain_timeout_ms, default 30 s), then the worker exits 0.
         Needs the worker's admin key, which only its hive holds (the hive makes
         it at spawn and passes it in RBEE_WORKER_ADMIN_KEY; a worker started by
         hand without that variable takes its inference key as admin key too).

@@ -24,25 +24,25 @@ class AppKey(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
-    CREATED_AT_UNIX_FIELD_NUMBER: _builtins.int
-    LAST_USED_UNIX_FIELD_NUMBER: _builtins.int
+    CREATED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    LAST_USED_UNIX_MS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     scope: _builtins.str
     """"inference" (the OpenAI routes, /metrics) or "admin" (everything the HTTP API serves)."""
-    created_at_unix: _builtins.int
-    last_used_unix: _builtins.int
-    """Unix seconds of the last request that presented the key; 0 = never."""
+    created_at_unix_ms: _builtins.int
+    last_used_unix_ms: _builtins.int
+    """Unix milliseconds of the last request that presented the key; 0 = never."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         scope: _builtins.str = ...,
-        created_at_unix: _builtins.int = ...,
-        last_used_unix: _builtins.int = ...,
+        created_at_unix_ms: _builtins.int = ...,
+        last_used_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix", b"created_at_unix", "last_used_unix", b"last_used_unix", "name", b"name", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix_ms", b"created_at_unix_ms", "last_used_unix_ms", b"last_used_unix_ms", "name", b"name", "scope", b"scope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

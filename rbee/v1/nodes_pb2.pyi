@@ -78,7 +78,7 @@ class Node(_message.Message):
     RBEE_HOME_FIELD_NUMBER: _builtins.int
     HIVE_PORT_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
-    LAST_CONNECTED_UNIX_FIELD_NUMBER: _builtins.int
+    LAST_CONNECTED_UNIX_MS_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     BACKENDS_FIELD_NUMBER: _builtins.int
     HIVE_VERSION_FIELD_NUMBER: _builtins.int
@@ -102,8 +102,8 @@ class Node(_message.Message):
     hive_port: _builtins.int
     """Port of the node's hive."""
     status: Global___NodeStatus.ValueType
-    last_connected_unix: _builtins.int
-    """Unix seconds of the last successful connection; 0 = never."""
+    last_connected_unix_ms: _builtins.int
+    """Unix milliseconds of the last successful connection; 0 = never."""
     last_error: _builtins.str
     hive_version: _builtins.str
     """Version of the hive program found at install_path ("" until seen)."""
@@ -135,7 +135,7 @@ class Node(_message.Message):
         rbee_home: _builtins.str = ...,
         hive_port: _builtins.int = ...,
         status: Global___NodeStatus.ValueType = ...,
-        last_connected_unix: _builtins.int = ...,
+        last_connected_unix_ms: _builtins.int = ...,
         last_error: _builtins.str = ...,
         backends: _abc.Iterable[Global___BackendDevices] | None = ...,
         hive_version: _builtins.str = ...,
@@ -146,7 +146,7 @@ class Node(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "git_branch", b"git_branch", "git_repo_url", b"git_repo_url", "hive_port", b"hive_port", "hive_running", b"hive_running", "hive_started_by_queen", b"hive_started_by_queen", "hive_version", b"hive_version", "install_path", b"install_path", "last_connected_unix", b"last_connected_unix", "last_error", b"last_error", "name", b"name", "rbee_home", b"rbee_home", "ssh_host", b"ssh_host", "ssh_key_path", b"ssh_key_path", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user", "status", b"status", "tls", b"tls", "tls_name", b"tls_name", "transport", b"transport"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "git_branch", b"git_branch", "git_repo_url", b"git_repo_url", "hive_port", b"hive_port", "hive_running", b"hive_running", "hive_started_by_queen", b"hive_started_by_queen", "hive_version", b"hive_version", "install_path", b"install_path", "last_connected_unix_ms", b"last_connected_unix_ms", "last_error", b"last_error", "name", b"name", "rbee_home", b"rbee_home", "ssh_host", b"ssh_host", "ssh_key_path", b"ssh_key_path", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user", "status", b"status", "tls", b"tls", "tls_name", b"tls_name", "transport", b"transport"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

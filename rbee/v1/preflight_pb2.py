@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rbee/v1/preflight.proto\x12\x07rbee.v1\"\x16\n\x14GetHiveHealthRequest\"\x9a\x01\n\x15GetHiveHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x03\x12\x0f\n\x07workers\x18\x06 \x01(\r\x12\x16\n\x0eidle_timeout_s\x18\x07 \x01(\r\"\x14\n\x12GetBackendsRequest\"P\n\x07\x42\x61\x63kend\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x14\n\x0c\x64\x65vice_count\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"9\n\x13GetBackendsResponse\x12\"\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x10.rbee.v1.Backend\"\x15\n\x13GetResourcesRequest\"c\n\x0cGpuResources\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10vram_total_bytes\x18\x03 \x01(\x04\x12\x1c\n\x14vram_available_bytes\x18\x04 \x01(\x04\"\xd0\x01\n\x14GetResourcesResponse\x12\x17\n\x0fram_total_bytes\x18\x01 \x01(\x04\x12\x1b\n\x13ram_available_bytes\x18\x02 \x01(\x04\x12\x11\n\tdisk_path\x18\x03 \x01(\t\x12\x18\n\x10\x64isk_total_bytes\x18\x04 \x01(\x04\x12\x1c\n\x14\x64isk_available_bytes\x18\x05 \x01(\x04\x12#\n\x04gpus\x18\x06 \x03(\x0b\x32\x15.rbee.v1.GpuResources\x12\x12\n\noverridden\x18\x07 \x01(\x08\"\x84\x01\n\x1b\x43heckWorkerResourcesRequest\x12\x18\n\x10model_size_bytes\x18\x01 \x01(\x04\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\r\x12\x16\n\x0eneeds_download\x18\x05 \x01(\x08\"i\n\rResourceCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x13\n\x0brequired_mb\x18\x03 \x01(\x04\x12\x14\n\x0c\x61vailable_mb\x18\x04 \x01(\x04\x12\x0f\n\x07message\x18\x05 \x01(\t\"`\n\x1c\x43heckWorkerResourcesResponse\x12&\n\x06\x63hecks\x18\x01 \x03(\x0b\x32\x16.rbee.v1.ResourceCheck\x12\x18\n\x10model_size_bytes\x18\x02 \x01(\x04\x32\xde\x02\n\x10PreflightService\x12N\n\rGetHiveHealth\x12\x1d.rbee.v1.GetHiveHealthRequest\x1a\x1e.rbee.v1.GetHiveHealthResponse\x12H\n\x0bGetBackends\x12\x1b.rbee.v1.GetBackendsRequest\x1a\x1c.rbee.v1.GetBackendsResponse\x12K\n\x0cGetResources\x12\x1c.rbee.v1.GetResourcesRequest\x1a\x1d.rbee.v1.GetResourcesResponse\x12\x63\n\x14\x43heckWorkerResources\x12$.rbee.v1.CheckWorkerResourcesRequest\x1a%.rbee.v1.CheckWorkerResourcesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rbee/v1/preflight.proto\x12\x07rbee.v1\"\x16\n\x14GetHiveHealthRequest\"\x9c\x01\n\x15GetHiveHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x11\n\tuptime_ms\x18\x05 \x01(\x03\x12\x0f\n\x07workers\x18\x06 \x01(\r\x12\x17\n\x0fidle_timeout_ms\x18\x07 \x01(\x04\"\x14\n\x12GetBackendsRequest\"P\n\x07\x42\x61\x63kend\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x14\n\x0c\x64\x65vice_count\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"9\n\x13GetBackendsResponse\x12\"\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x10.rbee.v1.Backend\"\x15\n\x13GetResourcesRequest\"c\n\x0cGpuResources\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10vram_total_bytes\x18\x03 \x01(\x04\x12\x1c\n\x14vram_available_bytes\x18\x04 \x01(\x04\"\xd0\x01\n\x14GetResourcesResponse\x12\x17\n\x0fram_total_bytes\x18\x01 \x01(\x04\x12\x1b\n\x13ram_available_bytes\x18\x02 \x01(\x04\x12\x11\n\tdisk_path\x18\x03 \x01(\t\x12\x18\n\x10\x64isk_total_bytes\x18\x04 \x01(\x04\x12\x1c\n\x14\x64isk_available_bytes\x18\x05 \x01(\x04\x12#\n\x04gpus\x18\x06 \x03(\x0b\x32\x15.rbee.v1.GpuResources\x12\x12\n\noverridden\x18\x07 \x01(\x08\"\x84\x01\n\x1b\x43heckWorkerResourcesRequest\x12\x18\n\x10model_size_bytes\x18\x01 \x01(\x04\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\r\x12\x16\n\x0eneeds_download\x18\x05 \x01(\x08\"o\n\rResourceCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x16\n\x0erequired_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x61vailable_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07message\x18\x05 \x01(\t\"`\n\x1c\x43heckWorkerResourcesResponse\x12&\n\x06\x63hecks\x18\x01 \x03(\x0b\x32\x16.rbee.v1.ResourceCheck\x12\x18\n\x10model_size_bytes\x18\x02 \x01(\x04\x32\xde\x02\n\x10PreflightService\x12N\n\rGetHiveHealth\x12\x1d.rbee.v1.GetHiveHealthRequest\x1a\x1e.rbee.v1.GetHiveHealthResponse\x12H\n\x0bGetBackends\x12\x1b.rbee.v1.GetBackendsRequest\x1a\x1c.rbee.v1.GetBackendsResponse\x12K\n\x0cGetResources\x12\x1c.rbee.v1.GetResourcesRequest\x1a\x1d.rbee.v1.GetResourcesResponse\x12\x63\n\x14\x43heckWorkerResources\x12$.rbee.v1.CheckWorkerResourcesRequest\x1a%.rbee.v1.CheckWorkerResourcesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETHIVEHEALTHREQUEST']._serialized_start=36
   _globals['_GETHIVEHEALTHREQUEST']._serialized_end=58
   _globals['_GETHIVEHEALTHRESPONSE']._serialized_start=61
-  _globals['_GETHIVEHEALTHRESPONSE']._serialized_end=215
-  _globals['_GETBACKENDSREQUEST']._serialized_start=217
-  _globals['_GETBACKENDSREQUEST']._serialized_end=237
-  _globals['_BACKEND']._serialized_start=239
-  _globals['_BACKEND']._serialized_end=319
-  _globals['_GETBACKENDSRESPONSE']._serialized_start=321
-  _globals['_GETBACKENDSRESPONSE']._serialized_end=378
-  _globals['_GETRESOURCESREQUEST']._serialized_start=380
-  _globals['_GETRESOURCESREQUEST']._serialized_end=401
-  _globals['_GPURESOURCES']._serialized_start=403
-  _globals['_GPURESOURCES']._serialized_end=502
-  _globals['_GETRESOURCESRESPONSE']._serialized_start=505
-  _globals['_GETRESOURCESRESPONSE']._serialized_end=713
-  _globals['_CHECKWORKERRESOURCESREQUEST']._serialized_start=716
-  _globals['_CHECKWORKERRESOURCESREQUEST']._serialized_end=848
-  _globals['_RESOURCECHECK']._serialized_start=850
-  _globals['_RESOURCECHECK']._serialized_end=955
-  _globals['_CHECKWORKERRESOURCESRESPONSE']._serialized_start=957
-  _globals['_CHECKWORKERRESOURCESRESPONSE']._serialized_end=1053
-  _globals['_PREFLIGHTSERVICE']._serialized_start=1056
-  _globals['_PREFLIGHTSERVICE']._serialized_end=1406
+  _globals['_GETHIVEHEALTHRESPONSE']._serialized_end=217
+  _globals['_GETBACKENDSREQUEST']._serialized_start=219
+  _globals['_GETBACKENDSREQUEST']._serialized_end=239
+  _globals['_BACKEND']._serialized_start=241
+  _globals['_BACKEND']._serialized_end=321
+  _globals['_GETBACKENDSRESPONSE']._serialized_start=323
+  _globals['_GETBACKENDSRESPONSE']._serialized_end=380
+  _globals['_GETRESOURCESREQUEST']._serialized_start=382
+  _globals['_GETRESOURCESREQUEST']._serialized_end=403
+  _globals['_GPURESOURCES']._serialized_start=405
+  _globals['_GPURESOURCES']._serialized_end=504
+  _globals['_GETRESOURCESRESPONSE']._serialized_start=507
+  _globals['_GETRESOURCESRESPONSE']._serialized_end=715
+  _globals['_CHECKWORKERRESOURCESREQUEST']._serialized_start=718
+  _globals['_CHECKWORKERRESOURCESREQUEST']._serialized_end=850
+  _globals['_RESOURCECHECK']._serialized_start=852
+  _globals['_RESOURCECHECK']._serialized_end=963
+  _globals['_CHECKWORKERRESOURCESRESPONSE']._serialized_start=965
+  _globals['_CHECKWORKERRESOURCESRESPONSE']._serialized_end=1061
+  _globals['_PREFLIGHTSERVICE']._serialized_start=1064
+  _globals['_PREFLIGHTSERVICE']._serialized_end=1414
 # @@protoc_insertion_point(module_scope)

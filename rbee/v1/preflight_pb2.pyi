@@ -41,9 +41,9 @@ class GetHiveHealthResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     API_VERSION_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
-    UPTIME_S_FIELD_NUMBER: _builtins.int
+    UPTIME_MS_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
-    IDLE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    IDLE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     status: _builtins.str
     """"healthy" while serving, "shutting_down" once SIGTERM arrived (hives of
     the first release said "ok"; the queen accepts both).
@@ -51,9 +51,9 @@ class GetHiveHealthResponse(_message.Message):
     version: _builtins.str
     api_version: _builtins.str
     hostname: _builtins.str
-    uptime_s: _builtins.int
+    uptime_ms: _builtins.int
     workers: _builtins.int
-    idle_timeout_s: _builtins.int
+    idle_timeout_ms: _builtins.int
     """An idle worker is stopped once it has had no request for this long
     (the hive's idle_timeout): with WorkerInfo.last_activity_unix_ms, the
     keep-alive a worker has left.
@@ -65,13 +65,13 @@ class GetHiveHealthResponse(_message.Message):
         version: _builtins.str = ...,
         api_version: _builtins.str = ...,
         hostname: _builtins.str = ...,
-        uptime_s: _builtins.int = ...,
+        uptime_ms: _builtins.int = ...,
         workers: _builtins.int = ...,
-        idle_timeout_s: _builtins.int = ...,
+        idle_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "hostname", b"hostname", "idle_timeout_s", b"idle_timeout_s", "status", b"status", "uptime_s", b"uptime_s", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "hostname", b"hostname", "idle_timeout_ms", b"idle_timeout_ms", "status", b"status", "uptime_ms", b"uptime_ms", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -269,28 +269,28 @@ class ResourceCheck(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     PASSED_FIELD_NUMBER: _builtins.int
-    REQUIRED_MB_FIELD_NUMBER: _builtins.int
-    AVAILABLE_MB_FIELD_NUMBER: _builtins.int
+    REQUIRED_BYTES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"backend", "device", "disk", "ram", "vram"."""
     passed: _builtins.bool
-    required_mb: _builtins.int
-    """Figures in MB where they apply."""
-    available_mb: _builtins.int
+    required_bytes: _builtins.int
+    """Figures in bytes where they apply (0 where they do not)."""
+    available_bytes: _builtins.int
     message: _builtins.str
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         passed: _builtins.bool = ...,
-        required_mb: _builtins.int = ...,
-        available_mb: _builtins.int = ...,
+        required_bytes: _builtins.int = ...,
+        available_bytes: _builtins.int = ...,
         message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_mb", b"available_mb", "message", b"message", "name", b"name", "passed", b"passed", "required_mb", b"required_mb"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_bytes", b"available_bytes", "message", b"message", "name", b"name", "passed", b"passed", "required_bytes", b"required_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

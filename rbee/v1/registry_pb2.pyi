@@ -504,19 +504,19 @@ class ShutdownWorkerRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKER_ID_FIELD_NUMBER: _builtins.int
-    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
-    timeout_s: _builtins.int
-    """Seconds the worker may drain in-flight requests (0 = the hive's grace, 30 s)."""
+    timeout_ms: _builtins.int
+    """Milliseconds the worker may drain in-flight requests (0 = the hive's grace, 30 s)."""
     def __init__(
         self,
         *,
         worker_id: _builtins.str = ...,
-        timeout_s: _builtins.int = ...,
+        timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["timeout_s", b"timeout_s", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["timeout_ms", b"timeout_ms", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

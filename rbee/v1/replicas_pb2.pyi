@@ -26,7 +26,7 @@ class Deployment(_message.Message):
     REPLICAS_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
-    CREATED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    CREATED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
@@ -38,7 +38,7 @@ class Deployment(_message.Message):
     """Workers wanted."""
     backend: _builtins.str
     """"cpu", "cuda" or "metal"."""
-    created_at_unix: _builtins.int
+    created_at_unix_ms: _builtins.int
     running: _builtins.int
     """Workers of the model on the allowed nodes now (loading, idle or busy),
     and of those the ones ready to serve (idle or busy).
@@ -65,7 +65,7 @@ class Deployment(_message.Message):
         replicas: _builtins.int = ...,
         nodes: _abc.Iterable[_builtins.str] | None = ...,
         backend: _builtins.str = ...,
-        created_at_unix: _builtins.int = ...,
+        created_at_unix_ms: _builtins.int = ...,
         running: _builtins.int = ...,
         ready: _builtins.int = ...,
         workers: _abc.Iterable[_builtins.str] | None = ...,
@@ -74,7 +74,7 @@ class Deployment(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "created_at_unix", b"created_at_unix", "last_error", b"last_error", "model_ref", b"model_ref", "nodes", b"nodes", "ready", b"ready", "replicas", b"replicas", "running", b"running", "state", b"state", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "created_at_unix_ms", b"created_at_unix_ms", "last_error", b"last_error", "model_ref", b"model_ref", "nodes", b"nodes", "ready", b"ready", "replicas", b"replicas", "running", b"running", "state", b"state", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -47,7 +47,9 @@ class SubmitInferenceRequest(_message.Message):
     memory"): a duration ("5m", "30s", "1h30m") or a number of seconds; "0"
     = stop it once this request is answered; negative ("-1") = never; "" =
     the model's keep-alive, else the queen's --keep-alive (5m). Extended by
-    each request; the last request's value wins.
+    each request; the last request's value wins. A string, not a _ms figure,
+    on purpose: it is the user's own text (as Ollama's keep_alive), parsed by
+    the queen, so its errors can quote what was typed.
     Fails with: INVALID_ARGUMENT (INVALID_KEEP_ALIVE, field "keep_alive").
     """
     def __init__(

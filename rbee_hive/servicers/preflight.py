@@ -27,9 +27,9 @@ class PreflightServicer(preflight_pb2_grpc.PreflightServiceServicer):
             version=ctx.version,
             api_version=ctx.api_version,
             hostname=ctx.hostname,
-            uptime_s=int(ctx.uptime_s()),
+            uptime_ms=int(ctx.uptime_s() * 1000),
             workers=len(ctx.registry),
-            idle_timeout_s=int(ctx.settings.idle_timeout.total_seconds()),
+            idle_timeout_ms=int(ctx.settings.idle_timeout.total_seconds() * 1000),
         )
 
     @handle_errors
@@ -87,7 +87,8 @@ class PreflightServicer(preflight_pb2_grpc.PreflightServiceServicer):
         return preflight_pb2.CheckWorkerResourcesResponse(
             checks=[
                 preflight_pb2.ResourceCheck(
-                    name=c.name, passed=c.passed, required_mb=c.required_mb, available_mb=c.available_mb, message=c.message
+                    name=c.name, passed=c.passed, required_bytes=c.required_bytes, available_bytes=c.available_bytes,
+                    message=c.message,
                 )
                 for c in checks
             ],

@@ -61,7 +61,7 @@ def model_entry(record: ModelRecord, loadable: Path | None = None) -> provisioni
         size_bytes=record.size_bytes,
         format=record.format,
         metadata=_flat(record.metadata),
-        downloaded_at_unix=record.downloaded_at_unix,
+        downloaded_at_unix_ms=record.downloaded_at_unix * 1000,
         loadable_path=str(loadable) if loadable else "",
     )
 
@@ -77,7 +77,7 @@ def worker_environment(record: WorkerEnvRecord) -> provisioning_pb2.WorkerEnviro
         version=record.version,
         engine=record.engine,
         source=record.source,
-        installed_at_unix=record.installed_at_unix,
+        installed_at_unix_ms=record.installed_at_unix * 1000,
     )
 
 

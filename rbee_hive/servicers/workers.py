@@ -114,7 +114,7 @@ class HiveWorkerServicer(registry_pb2_grpc.HiveWorkerServiceServicer):
     @handle_errors
     async def ShutdownWorker(self, request, context: grpc.aio.ServicerContext) -> registry_pb2.ShutdownWorkerResponse:
         self._manager.require(request.worker_id)
-        grace = float(request.timeout_s) if request.timeout_s else None
+        grace = request.timeout_ms / 1000 if request.timeout_ms else None
         result = await asyncio.shield(self._manager.stop(request.worker_id, grace, "requested over the API"))
         return registry_pb2.ShutdownWorkerResponse(
             worker_id=result.worker_id, force_killed=result.force_killed, exit_code=result.exit_code

@@ -77,10 +77,10 @@ class WorkerClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.address) from None
 
-    async def shutdown(self, drain_timeout_s: int, timeout: float) -> None:
+    async def shutdown(self, drain_timeout_ms: int, timeout: float) -> None:
         try:
             await self._stub.Shutdown(
-                inference_pb2.ShutdownRequest(drain_timeout_s=drain_timeout_s), metadata=self._admin_md, timeout=timeout
+                inference_pb2.ShutdownRequest(drain_timeout_ms=drain_timeout_ms), metadata=self._admin_md, timeout=timeout
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.address) from None

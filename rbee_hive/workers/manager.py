@@ -19,7 +19,7 @@ from rbee.v1 import common_pb2, registry_pb2
 from rbee_hive.detect import detect
 from rbee_hive.logbook import LogBook
 from rbee_hive.model_access import ModelAccess
-from rbee_hive.preflight import MB, check_worker, estimate_memory, model_size
+from rbee_hive.preflight import MB, check_worker, estimate_memory, model_size, to_mb
 from rbee_hive.resources import ResourceSource
 from rbee_hive.settings import HiveSettings
 from rbee_hive.workers.binary import WorkerBinaryResolver
@@ -172,7 +172,7 @@ class WorkerManager:
             events=EventLog(),
         )
         summary = ", ".join(
-            (f"{c.name} {c.required_mb} MB needed, {c.available_mb} MB available" if c.required_mb else c.name)
+            (f"{c.name} {to_mb(c.required_bytes)} MB needed, {c.available_bytes // MB} MB available" if c.required_bytes else c.name)
             + (f" ({c.note})" if c.note else "")
             for c in checks
         )

@@ -50,7 +50,7 @@ class WorkerStopper:
             return StopResult(record.id, False, code)
         await self.peaks.sample_now(record)
         try:
-            await self._client(record).shutdown(int(grace), timeout=min(5.0, max(grace, 1.0)))
+            await self._client(record).shutdown(int(grace * 1000), timeout=min(5.0, max(grace, 1.0)))
         except RbeeError as err:
             self._say(record, "⚠️", f"{record.id} did not take the shutdown request ({err.code}); it will be signalled", "warn")
         self._say(record, "⏳", f"Waiting up to {grace:g}s for {record.id} (pid {process.pid}) to exit")

@@ -22,12 +22,12 @@ QUEEN_KEY_OPTION = typer.Option(
 )  # fmt: skip
 
 
-def _when(unix: int) -> str:
-    return datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M:%S") if unix else "never"
+def _when(unix_ms: int) -> str:
+    return datetime.fromtimestamp(unix_ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if unix_ms else "never"
 
 
 def _key_dict(k) -> dict:
-    return {"name": k.name, "scope": k.scope, "created_at_unix": k.created_at_unix, "last_used_unix": k.last_used_unix}
+    return {"name": k.name, "scope": k.scope, "created_at_unix_ms": k.created_at_unix_ms, "last_used_unix_ms": k.last_used_unix_ms}
 
 
 @keys_app.command("create")
@@ -66,7 +66,7 @@ def create_cmd(
 
 @keys_app.command("list")
 def list_cmd(
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per key: name, scope, created_at_unix, last_used_unix."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per key: name, scope, created_at_unix_ms, last_used_unix_ms."),
     queen: str = QUEEN_OPTION,
     api_key: str = QUEEN_KEY_OPTION,
 ) -> None:
@@ -84,7 +84,7 @@ def list_cmd(
         return show_listing(
             keys, as_json, _key_dict, "No keys for applications: make one with `rbee-keeper keys create --name NAME`",
             ("NAME", "SCOPE", "CREATED", "LAST USED"),
-            lambda k: (k.name, k.scope, _when(k.created_at_unix), _when(k.last_used_unix)),
+            lambda k: (k.name, k.scope, _when(k.created_at_unix_ms), _when(k.last_used_unix_ms)),
         )  # fmt: skip
 
     run(go())

@@ -132,7 +132,7 @@ def model_dict(m: provisioning_pb2.ModelEntry) -> dict:
         "model_ref": m.model_ref,
         "format": m.format,
         "size_bytes": m.size_bytes,
-        "downloaded_at_unix": m.downloaded_at_unix,
+        "downloaded_at_unix_ms": m.downloaded_at_unix_ms,
         "local_path": m.local_path,
     }
 
@@ -150,7 +150,7 @@ async def _list(client: HiveClient, provider: str | None, as_json: bool = False)
         return 0
     rows = [("MODEL", "FORMAT", "SIZE", "DOWNLOADED", "PATH")]
     for m in models:
-        when = datetime.fromtimestamp(m.downloaded_at_unix).strftime("%Y-%m-%d %H:%M") if m.downloaded_at_unix else "-"
+        when = datetime.fromtimestamp(m.downloaded_at_unix_ms / 1000).strftime("%Y-%m-%d %H:%M") if m.downloaded_at_unix_ms else "-"
         rows.append((m.model_ref, m.format, filesize.decimal(m.size_bytes), when, m.local_path))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:

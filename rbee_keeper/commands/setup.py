@@ -32,8 +32,8 @@ NAME_OPTION = typer.Option(..., "--name", metavar="NAME", help="The node's name.
 STATUS = {v: k.removeprefix("NODE_STATUS_").lower() for k, v in nodes_pb2.NodeStatus.items()}
 
 
-def _when(unix: int) -> str:
-    return datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M:%S") if unix else "never"
+def _when(unix_ms: int) -> str:
+    return datetime.fromtimestamp(unix_ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if unix_ms else "never"
 
 
 def _node_dict(n: nodes_pb2.Node) -> dict:
@@ -50,7 +50,7 @@ def _node_dict(n: nodes_pb2.Node) -> dict:
         "rbee_home": n.rbee_home,
         "hive_port": n.hive_port,
         "status": STATUS.get(n.status, "unknown"),
-        "last_connected_unix": n.last_connected_unix,
+        "last_connected_unix_ms": n.last_connected_unix_ms,
         "last_error": n.last_error,
         "backends": {b.name: b.device_count for b in n.backends},
         "hive_version": n.hive_version,
@@ -223,7 +223,7 @@ def list_nodes_cmd(
         return show_listing(
             nodes, as_json, _node_dict, "No nodes registered: add one with `rbee-keeper setup add-node --name NAME ...`",
             ("NAME", "HOST", "STATUS", "LAST CONNECTED", "INSTALL PATH", "BACKENDS", "HIVE"),
-            lambda n: (n.name, _host(n), STATUS.get(n.status, "unknown"), _when(n.last_connected_unix), n.install_path,
+            lambda n: (n.name, _host(n), STATUS.get(n.status, "unknown"), _when(n.last_connected_unix_ms), n.install_path,
                        ", ".join(f"{b.name}×{b.device_count}" for b in n.backends) or "-",
                        (f"up :{n.hive_port}" if n.hive_running else f"down :{n.hive_port}")
                        + (f" ({n.hive_version})" if n.hive_version else "") + (" TLS" if n.tls else "")),

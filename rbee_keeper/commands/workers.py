@@ -31,8 +31,8 @@ def _state(value: int) -> str:
     return common_pb2.WorkerState.Name(value).removeprefix("WORKER_STATE_").lower()
 
 
-def _when(unix: int) -> str:
-    return datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M") if unix else "-"
+def _when(unix_ms: int) -> str:
+    return datetime.fromtimestamp(unix_ms / 1000).strftime("%Y-%m-%d %H:%M") if unix_ms else "-"
 
 
 def _worker_dict(w: common_pb2.WorkerInfo) -> dict:
@@ -285,7 +285,7 @@ def _env_dict(e: provisioning_pb2.WorkerEnvironment) -> dict:
         "version": e.version,
         "engine": e.engine,
         "source": e.source,
-        "installed_at_unix": e.installed_at_unix,
+        "installed_at_unix_ms": e.installed_at_unix_ms,
     }
 
 
@@ -310,7 +310,7 @@ def envs_cmd(
         return show_listing(
             envs, as_json, _env_dict, f"No worker environments on {client.address}" + (f" for {wanted}" if wanted else ""),
             ("ID", "BACKEND", "VERSION", "ENGINE", "INSTALLED", "PATH"),
-            lambda e: (e.id, e.backend, e.version, e.engine, _when(e.installed_at_unix), e.path),
+            lambda e: (e.id, e.backend, e.version, e.engine, _when(e.installed_at_unix_ms), e.path),
         )
 
     run(go())

@@ -76,8 +76,8 @@ async def node_view(queen: Any, record: NodeRecord) -> dict:
                 view["last_error"] = f"{err.code}: {err.message}"
             else:
                 view["hive_version"] = health.version or record.hive_version
-                view["hive_uptime_s"] = health.uptime_s
-                view["idle_timeout_s"] = health.idle_timeout_s
+                view["hive_uptime_ms"] = health.uptime_ms
+                view["idle_timeout_ms"] = health.idle_timeout_ms
                 view["resources"] = {
                     "ram_total": res.ram_total_bytes, "ram_used": res.ram_total_bytes - res.ram_available_bytes,
                     "disk_total": res.disk_total_bytes, "disk_used": res.disk_total_bytes - res.disk_available_bytes,
@@ -123,7 +123,7 @@ def workers_view(queen: Any) -> list[dict]:
 
 
 def _model(m: provisioning_pb2.ModelEntry) -> dict:
-    return {"model": m.model_ref, "size": m.size_bytes, "format": m.format, "downloaded_at_unix": m.downloaded_at_unix}
+    return {"model": m.model_ref, "size": m.size_bytes, "format": m.format, "downloaded_at_unix_ms": m.downloaded_at_unix_ms}
 
 
 async def node_models(queen: Any, record: NodeRecord) -> dict:

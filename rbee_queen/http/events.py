@@ -125,7 +125,7 @@ async def _nodes_later(queen: Any, delay: float) -> list[dict]:
     nodes = await shared_nodes(queen)
     for node in nodes:
         # Uptime changes every time; it is not a change of the node.
-        node.pop("hive_uptime_s", None)
+        node.pop("hive_uptime_ms", None)
     return nodes
 
 

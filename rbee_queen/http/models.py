@@ -98,8 +98,10 @@ class ModelDirectory:
             for m in models:
                 nodes, created = out.setdefault(canonical(m.model_ref), ([], 0))
                 nodes.append(name)
-                if m.downloaded_at_unix and (not created or m.downloaded_at_unix < created):
-                    out[canonical(m.model_ref)] = (nodes, m.downloaded_at_unix)
+                # OpenAI's "created" is unix seconds.
+                downloaded = m.downloaded_at_unix_ms // 1000
+                if downloaded and (not created or downloaded < created):
+                    out[canonical(m.model_ref)] = (nodes, downloaded)
         return out
 
     async def all(self) -> list[ClusterModel]:

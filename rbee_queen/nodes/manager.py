@@ -396,7 +396,7 @@ class NodeManager:
             rbee_home=record.rbee_home,
             hive_port=record.hive_port,
             status=_STATUS.get(record.status, nodes_pb2.NODE_STATUS_UNKNOWN),
-            last_connected_unix=record.last_connected_unix,
+            last_connected_unix_ms=record.last_connected_unix * 1000,
             last_error=record.last_error,
             backends=[nodes_pb2.BackendDevices(name=b, device_count=n) for b, n in sorted(record.backends.items())],
             hive_version=record.hive_version,

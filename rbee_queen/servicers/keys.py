@@ -17,7 +17,8 @@ from rbee_queen.appkeys import AppKey, AppKeyStore
 
 
 def _proto(key: AppKey) -> keys_pb2.AppKey:
-    return keys_pb2.AppKey(name=key.name, scope=str(key.scope), created_at_unix=key.created_at_unix, last_used_unix=key.last_used_unix)
+    return keys_pb2.AppKey(name=key.name, scope=str(key.scope), created_at_unix_ms=key.created_at_unix * 1000,
+                          last_used_unix_ms=key.last_used_unix * 1000)
 
 
 class AppKeyServicer(keys_pb2_grpc.AppKeyServiceServicer):

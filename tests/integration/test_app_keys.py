@@ -60,7 +60,7 @@ async def test_create_list_revoke_through_the_keeper(queen: QueenProc) -> None:
     assert code == 0, err
     listed = [json.loads(line) for line in out.splitlines()]
     assert [(k["name"], k["scope"]) for k in listed] == [("ops", "admin"), ("webui", "inference")]
-    assert all(k["created_at_unix"] > 0 and k["last_used_unix"] == 0 for k in listed)
+    assert all(k["created_at_unix_ms"] > 0 and k["last_used_unix_ms"] == 0 for k in listed)
     assert key not in out
 
     # For scripts: --quiet leaves the key alone on stdout and nothing on stderr.
@@ -118,7 +118,7 @@ async def test_a_key_opens_the_http_api_until_it_is_revoked(queen_factory) -> No
             await client.post(f"{root}/api/web/workers/stop", body={"node": "here", "worker_id": "w-1"}, cast_to=object)
         # Last use shows in the listing at once.
         code, out, err = await queen.keeper("keys", "list", "--json")
-        used = {k["name"]: k["last_used_unix"] for k in map(json.loads, out.splitlines())}
+        used = {k["name"]: k["last_used_unix_ms"] for k in map(json.loads, out.splitlines())}
         assert used["webui"] > 0 and used["ops"] > 0, out
 
         code, out, err = await queen.keeper("keys", "revoke", "webui")
@@ -139,4 +139,4 @@ async def test_a_key_opens_the_http_api_until_it_is_revoked(queen_factory) -> No
     assert again.home == queen.home
     code, out, err = await again.keeper("keys", "list", "--json")
     assert code == 0, err
-    assert [(k["name"], k["last_used_unix"] > 0) for k in map(json.loads, out.splitlines())] == [("ops", True)]
+    assert [(k["name"], k["last_used_unix_ms"] > 0) for k in map(json.loads, out.splitlines())] == [("ops", True)]

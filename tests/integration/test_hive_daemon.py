@@ -121,8 +121,8 @@ async def test_preflight_figures_both_ways_through_a_real_hive(start_hive, tmp_p
     assert "Resource figures overridden by" in hive.text()
 
     ok = await check(hive, model_size_bytes=SIZE, backend="cuda", device=0, needs_download=True)
-    assert [(c.name, c.required_mb, c.available_mb) for c in ok.checks if c.required_mb] == [
-        ("disk", 1000, 1000), ("ram", 1200, 1200), ("vram", 1200, 1200)
+    assert [(c.name, c.required_bytes, c.available_bytes) for c in ok.checks if c.required_bytes] == [
+        ("disk", 1000 * MB, 1000 * MB), ("ram", 1200 * MB, 1200 * MB), ("vram", 1200 * MB, 1200 * MB)
     ]  # fmt: skip
 
     # Each figure one byte short: the same hive, the file re-read on every query.

@@ -53,7 +53,7 @@ async def test_envs_provision_reuse_and_cuda(start_hive, keeper, tmp_path: Path)
     listed = await run(keeper, hive, "envs", "--json")
     [entry] = [json.loads(line) for line in listed.stdout.splitlines()]
     assert (entry["id"], entry["backend"], entry["binary_path"], entry["path"]) == (ENV_ID, "cpu", str(binary), str(env_dir))
-    assert entry["version"] == "0.1.0" and entry["installed_at_unix"] > 0
+    assert entry["version"] == "0.1.0" and entry["installed_at_unix_ms"] > 0
     assert (await run(keeper, hive, "envs", "--backend", "cuda", "--json")).stdout == ""
 
     again = await run(keeper, hive, "provision", "--backend", "cpu")
@@ -62,7 +62,7 @@ async def test_envs_provision_reuse_and_cuda(start_hive, keeper, tmp_path: Path)
     assert f"♻️ Worker environment {ENV_ID} is installed and works ({env_dir}); nothing to do" in again.stderr
     assert f"Provisioning {ENV_ID}" not in again.stderr and "Installing" not in again.stderr
     relisted = await run(keeper, hive, "envs", "--json")
-    assert json.loads(relisted.stdout)["installed_at_unix"] == entry["installed_at_unix"], "reused, not reinstalled"
+    assert json.loads(relisted.stdout)["installed_at_unix_ms"] == entry["installed_at_unix_ms"], "reused, not reinstalled"
 
     from rbee_hive.nvml import Nvml
 

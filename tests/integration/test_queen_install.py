@@ -74,7 +74,7 @@ async def test_add_install_check_remove_over_ssh(queen: QueenProc, asyncssh_node
 
         node = (await list_nodes(queen))["a"]
         assert node["hive_running"] and node["hive_started_by_queen"] and node["status"] == "reachable"
-        assert node["backends"] == {"cpu": 1} and node["last_connected_unix"] > 0
+        assert node["backends"] == {"cpu": 1} and node["last_connected_unix_ms"] > 0
 
         # Again: updated in place, the setup step finds nothing changed.
         code, out, err = await queen.keeper("setup", "install", "--node", "a")

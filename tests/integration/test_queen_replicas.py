@@ -92,7 +92,7 @@ async def test_deploy_keeps_two_replicas_through_a_queen_restart_a_lost_node_and
         assert await queen.terminate() == 0
         queen = await queen_factory(**env)
         [d] = await deployed(queen)
-        assert (d["model_ref"], d["replicas"], d["created_at_unix"]) == (REF, 2, wish["created_at_unix"])
+        assert (d["model_ref"], d["replicas"], d["created_at_unix_ms"]) == (REF, 2, wish["created_at_unix_ms"])
         code, out, err = await queen.keeper("models", "list", "--deployed")
         assert code == 0 and out.splitlines()[0].split()[:3] == ["DEPLOYED", "MODEL", "READY"] and REF in out, (out, err)
         again = await until(lambda: ready(2, {"a", "b"})(queen), DEADLINE_S)

@@ -42,8 +42,8 @@ function keepAlive(state, w, now) {
   if (w.state !== "idle" || !w.last_activity_unix_ms) return "–";
   const node = state.nodes.find((n) => n.name === w.node);
   const idle = now - w.last_activity_unix_ms;
-  if (!node || !node.idle_timeout_s) return `idle ${duration(idle)}`;
-  return `${duration(Math.max(0, node.idle_timeout_s * 1000 - idle))} left`;
+  if (!node || !node.idle_timeout_ms) return `idle ${duration(idle)}`;
+  return `${duration(Math.max(0, node.idle_timeout_ms - idle))} left`;
 }
 
 export function renderWorkers(state, onStop) {

@@ -31,7 +31,7 @@ def test_required_memory_is_size_times_1_2():
 def test_ram_boundary():
     checks = check_worker(CPU_ONLY, res(ram=1200 * MB), "cpu", 0, SIZE)
     ram = next(c for c in checks if c.name == "ram")
-    assert (ram.required_mb, ram.available_mb) == (1200, 1200)
+    assert (ram.required_bytes, ram.available_bytes) == (1200 * MB, 1200 * MB)
     err = refused(CPU_ONLY, res(ram=1200 * MB - 1), "cpu", 0, SIZE)
     assert err.code == "INSUFFICIENT_RAM"
     assert err.details["required_mb"] == "1200" and err.details["available_mb"] == "1199"

@@ -28,7 +28,7 @@ def test_float32_on_a_cpu_without_bf16_doubles_the_need(bf16_model):
     assert memory.bytes == 2 * SIZE and memory.dtype.dtype == "float32"
     checks = check_worker(CPU_ONLY, res(ram=64_000 * MB), "cpu", 0, SIZE, memory=memory)
     ram = checks[-1]
-    assert ram.required_mb == 2400
+    assert ram.required_bytes == 2400 * MB
     assert ram.note == "dtype float32: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16)"
 
 
@@ -36,7 +36,7 @@ def test_bfloat16_where_float32_would_not_fit(bf16_model):
     memory = estimate_memory(bf16_model, "cpu", SIZE, 2000 * MB, cpu_flags=AVX2)
     assert memory.bytes == SIZE and memory.dtype.dtype == "bfloat16"
     assert "float32 would need 2400 MB and 2000 MB are available" in memory.dtype.reason
-    assert check_worker(CPU_ONLY, res(ram=2000 * MB), "cpu", 0, SIZE, memory=memory)[-1].required_mb == 1200
+    assert check_worker(CPU_ONLY, res(ram=2000 * MB), "cpu", 0, SIZE, memory=memory)[-1].required_bytes == 1200 * MB
 
 
 def test_native_bf16_keeps_the_size_and_too_little_ram_says_the_dtype(bf16_model):

@@ -63,7 +63,7 @@ async def test_health_is_open_and_everything_else_needs_the_key(hive):
         assert exc.value.code == code
     health = await call(stub.GetHiveHealth, preflight_pb2.GetHiveHealthRequest())
     assert (health.status, health.version, health.api_version) == ("healthy", "0.1.0", "v1")
-    assert health.idle_timeout_s == int(hive[0].settings.idle_timeout.total_seconds())
+    assert health.idle_timeout_ms == int(hive[0].settings.idle_timeout.total_seconds() * 1000)
 
 
 async def test_backends_resources_and_checks(hive):
@@ -74,7 +74,7 @@ async def test_backends_resources_and_checks(hive):
     res = await call(stub.GetResources, preflight_pb2.GetResourcesRequest())
     assert res.ram_available_bytes == 4000 * MB and res.gpus[0].vram_available_bytes == 1000 * MB
     ok = await call(stub.CheckWorkerResources, preflight_pb2.CheckWorkerResourcesRequest(model_size_bytes=800 * MB, backend="cuda"))
-    assert [(c.name, c.required_mb, c.available_mb) for c in ok.checks][-1] == ("vram", 960, 1000)
+    assert [(c.name, c.required_bytes, c.available_bytes) for c in ok.checks][-1] == ("vram", 960 * MB, 1000 * MB)
     with pytest.raises(RbeeError) as exc:
         await call(stub.CheckWorkerResources, preflight_pb2.CheckWorkerResourcesRequest(model_size_bytes=900 * MB, backend="cuda"))
     assert exc.value.code == "VRAM_EXHAUSTED" and exc.value.details["required_mb"] == "1080"

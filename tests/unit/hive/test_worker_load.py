@@ -31,7 +31,7 @@ async def test_reported_load_shows_in_list_workers(hive, tmp_path):  # noqa: F81
     assert not before.HasField("load")  # nothing reported yet
 
     load = common_pb2.WorkerLoad(running_requests=2, waiting_requests=1, slots_total=4, slots_busy=3,
-                                 kv_cache_usage=0.5, generation_tokens_per_s=41.5, window_s=10, unix_ms=1)
+                                 kv_cache_usage=0.5, generation_tokens_per_s=41.5, window_ms=10_000, unix_ms=1)
     await call(callback.ReportWorker, registry_pb2.ReportWorkerRequest(
         worker=common_pb2.WorkerInfo(id=record.id, state=BUSY, slots_total=4, slots_available=1, load=load)
     ), key="cb-key")

@@ -93,7 +93,7 @@ async def test_drain_lets_in_flight_requests_finish():
     async with worker_harness(engine) as h:
         call = h.generate(request_id="inflight", max_tokens=3)
         await engine.started["inflight"].wait()
-        reply = await h.stub.Shutdown(inference_pb2.ShutdownRequest(drain_timeout_s=7), metadata=MD)
+        reply = await h.stub.Shutdown(inference_pb2.ShutdownRequest(drain_timeout_ms=7000), metadata=MD)
         assert reply.state == common_pb2.WORKER_STATE_DRAINING
         assert reply.in_flight == 1
         assert h.shutdown_requests == [7.0]

@@ -274,7 +274,7 @@ async def test_load_counts_slots_engine_queue_and_throughput():
         assert reply.state == common_pb2.WORKER_STATE_BUSY
         load = reply.load
         assert (load.slots_total, load.slots_busy, load.running_requests, load.waiting_requests) == (4, 1, 1, 0)
-        assert load.generation_tokens_per_s == pytest.approx(5 / load.window_s)
+        assert load.generation_tokens_per_s == pytest.approx(5 / (load.window_ms / 1000))
         engine.engine_load = EngineLoad(running=1, waiting=2, kv_cache_usage=0.25)
         load = (await h.stub.GetLoad(pb.GetLoadRequest(), metadata=MD)).load
         assert (load.running_requests, load.waiting_requests, load.kv_cache_usage) == (1, 2, 0.25)

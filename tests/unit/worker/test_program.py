@@ -275,7 +275,7 @@ async def test_shutdown_rpc_exits_0(tmp_path):
         await worker.wait_loaded()
         async with grpc.aio.insecure_channel(worker.address) as channel:
             reply = await inference_pb2_grpc.InferenceServiceStub(channel).Shutdown(
-                inference_pb2.ShutdownRequest(drain_timeout_s=1), metadata=auth_metadata(KEY)
+                inference_pb2.ShutdownRequest(drain_timeout_ms=1000), metadata=auth_metadata(KEY)
             )
         assert reply.state == WS.WORKER_STATE_DRAINING
         assert await asyncio.wait_for(worker.proc.wait(), 60) == 0
@@ -344,7 +344,7 @@ async def test_unreachable_hive_is_narrated_once_and_not_fatal(tmp_path):
             md = auth_metadata(KEY)
             finals = [m async for m in stub.Generate(inference_pb2.GenerateRequest(prompt="hi", max_tokens=3), metadata=md)]
             assert finals[-1].final.tokens_generated == 3
-            await stub.Shutdown(inference_pb2.ShutdownRequest(drain_timeout_s=1), metadata=md)
+            await stub.Shutdown(inference_pb2.ShutdownRequest(drain_timeout_ms=1000), metadata=md)
         assert await asyncio.wait_for(worker.proc.wait(), 120) == 0
         assert worker.text().count("Could not report to the hive") == 1
 
@@ -383,7 +383,7 @@ async def test_reports_to_the_hive_carry_the_load(tmp_path):
                 await call.read()
                 busy = (await hive.until(WS.WORKER_STATE_BUSY)).worker.load
                 assert (busy.slots_total, busy.slots_busy, busy.running_requests) == (2, 1, 1)
-                assert busy.window_s > 0 and busy.unix_ms > 0
+                assert busy.window_ms > 0 and busy.unix_ms > 0
                 while await call.read() is not grpc.aio.EOF:
                     pass
             after = (await hive.until(WS.WORKER_STATE_IDLE)).worker.load
