@@ -10,13 +10,45 @@ import sys
 import time
 from typing import TextIO
 
+from rbee.enum_words import LEVELS, STAGES, UNITS
 from rbee.v1 import common_pb2
 
 
 def event(actor: str, emoji: str, message: str, level: str = "info") -> common_pb2.NarrationEvent:
+    """A narration line; ``level`` is "info", "warn" or "error" (the wire's NarrationEvent.Level)."""
     return common_pb2.NarrationEvent(
-        actor=actor, emoji=emoji, message=message, unix_ms=int(time.time() * 1000), level=level
+        actor=actor, emoji=emoji, message=message, unix_ms=int(time.time() * 1000), severity=LEVELS.number(level)
     )
+
+
+def level_of(ev: common_pb2.NarrationEvent) -> str:
+    """"info", "warn" or "error"; "info" when unset or a level this build does not know."""
+    return LEVELS.word(ev.severity)
+
+
+def progress_event(
+    stage: str, done: int, total: int, unit: str = "", rate: float = 0.0, message: str = ""
+) -> common_pb2.ProgressEvent:
+    """A progress event; ``stage`` and ``unit`` are words of ProgressEvent.Stage and .Unit
+    ("download", "weights", ...; "bytes", "stages"), "" for none."""
+    return common_pb2.ProgressEvent(
+        current_stage=STAGES.number(stage) if stage else 0,
+        done=done,
+        total=total,
+        count_unit=UNITS.number(unit) if unit else 0,
+        rate=rate,
+        message=message,
+    )
+
+
+def stage_of(p: common_pb2.ProgressEvent) -> str:
+    """The stage's word ("download", "weights", ...); "" when unset or unknown to this build."""
+    return STAGES.word(p.current_stage)
+
+
+def unit_of(p: common_pb2.ProgressEvent) -> str:
+    """"bytes" or "stages"; "" when unset or unknown to this build."""
+    return UNITS.word(p.count_unit)
 
 
 def format_line(ev: common_pb2.NarrationEvent) -> str:

@@ -12,7 +12,7 @@ import grpc
 
 from rbee.config import logs_dir
 from rbee.errors import RbeeError
-from rbee.narration import Narrator
+from rbee.narration import Narrator, stage_of
 from rbee.v1 import common_pb2, inference_pb2
 
 from rbee_keeper.render import LoadingView
@@ -54,7 +54,7 @@ class ReadinessWaiter:
         )
         view = self._loading_view()
         if ready.HasField("progress"):
-            self._last_stage = ready.progress.stage
+            self._last_stage = stage_of(ready.progress)
             view.update(ready.progress)
         started = time.monotonic()
         try:
@@ -74,7 +74,7 @@ class ReadinessWaiter:
                 async for msg in call:
                     view.show(msg)
                     if msg.HasField("progress"):
-                        self._last_stage = msg.progress.stage
+                        self._last_stage = stage_of(msg.progress)
                     if msg.state == WS.WORKER_STATE_FAILED:
                         raise self._load_failed(msg.progress.message if msg.HasField("progress") else "")
                     if msg.state in SERVING:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # rich is imported when a progress view is made, not at start
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
-from rbee.narration import Narrator, format_line
+from rbee.narration import Narrator, format_line, stage_of, unit_of
 from rbee.v1 import common_pb2, inference_pb2
 
 from rbee_keeper.output import quiet as _quiet
@@ -137,13 +137,13 @@ class TokenPrinter:
 
 
 def _progress_text(p: common_pb2.ProgressEvent) -> str:
-    parts = [p.stage or "loading"]
+    parts = [stage_of(p) or "loading"]
     if p.message:
         parts.append(p.message)
     if p.total:
-        parts.append(f"{p.done}/{p.total} {p.unit}".rstrip())
+        parts.append(f"{p.done}/{p.total} {unit_of(p)}".rstrip())
     elif p.done:
-        parts.append(f"{p.done} {p.unit}".rstrip())
+        parts.append(f"{p.done} {unit_of(p)}".rstrip())
     return " · ".join(parts)
 
 
@@ -206,7 +206,7 @@ class LoadingView:
                 transient=True,
             )
             self._progress.start()
-            self._task = self._progress.add_task(p.stage or "loading", total=None)
+            self._task = self._progress.add_task(stage_of(p) or "loading", total=None)
         assert self._task is not None
         self._progress.update(
             self._task,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from rbee.errors import RbeeError
-from rbee.narration import event, format_line
+from rbee.narration import event, format_line, level_of, stage_of, unit_of
 from rbee.v1 import common_pb2
 
 T = TypeVar("T")
@@ -59,7 +59,7 @@ def error_dict(err: RbeeError) -> dict:
 
 
 def _line(ev: common_pb2.NarrationEvent) -> dict:
-    return {"text": format_line(ev), "level": ev.level or "info", "unix_ms": ev.unix_ms}
+    return {"text": format_line(ev), "level": level_of(ev), "unix_ms": ev.unix_ms}
 
 
 class Activity:
@@ -106,7 +106,8 @@ class Activity:
         self.publish("line", {"id": entry.id, "line": line})
 
     def progress(self, entry: Entry, p: common_pb2.ProgressEvent) -> None:
-        entry.progress = {"stage": p.stage, "done": p.done, "total": p.total, "unit": p.unit, "rate": p.rate, "message": p.message}
+        entry.progress = {"stage": stage_of(p), "done": p.done, "total": p.total, "unit": unit_of(p), "rate": p.rate,
+                          "message": p.message}  # fmt: skip
         self.publish("progress", {"id": entry.id, "progress": entry.progress})
 
     def end(self, entry: Entry, outcome: str = "", error: RbeeError | None = None) -> None:

@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from rbee.enum_words import DEPLOYMENT_STATES
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.v1 import registry_pb2, replicas_pb2, tasks_pb2
@@ -61,7 +62,10 @@ class Track:
     backoff: Backoff
     seen: dict[str, Replica] = field(default_factory=dict)
     state: str = "starting"
+    # A word of Deployment.State ("starting", "complete", "restarting",
+    # "waiting") and its detail for people.
     last_error: str = ""
+    detail: str = ""
     # Workers this queen asked to stop (scale-down): their going is no loss.
     stopping: set[str] = field(default_factory=set)
 
@@ -182,22 +186,24 @@ class Reconciler:
         self._note_losses(d, track, running)
         if len(running) >= d.replicas:
             track.backoff.complete(now)
-            track.state, track.last_error = "complete", ""
+            track.state, track.detail, track.last_error = "complete", "", ""
             if len(running) > d.replicas:
                 await self._scale_down(d, track, running)
             return
         if not allowed:
-            track.state = (f"waiting: none of its nodes ({', '.join(d.nodes)}) is registered" if d.nodes
-                           else "waiting: no node is registered (`rbee-keeper setup add-node --name NAME --local`)")
+            track.state = "waiting"
+            track.detail = (f"none of its nodes ({', '.join(d.nodes)}) is registered" if d.nodes
+                            else "no node is registered (`rbee-keeper setup add-node --name NAME --local`)")
             return
         if track.backoff.complete_since is not None:
             wait = track.backoff.lost(now)
             self.narrate("🔁", f"{d.model_ref}: {len(running)}/{d.replicas} replicas running; starting another in "
                          f"{seconds(wait)} (attempt {track.backoff.attempt})", "warn")  # fmt: skip
         if not track.backoff.due(now):
-            track.state = f"restarting in {seconds(track.backoff.not_before - now)} (attempt {track.backoff.attempt})"
+            track.state = "restarting"
+            track.detail = f"in {seconds(track.backoff.not_before - now)} (attempt {track.backoff.attempt})"
             return
-        track.state = "starting"
+        track.state, track.detail = "starting", ""
         await self._fill(d, track, allowed)
 
     def _note_losses(self, d: Deployment, track: Track, running: list[Replica]) -> None:
@@ -302,7 +308,8 @@ class Reconciler:
         return replicas_pb2.Deployment(
             model_ref=d.model_ref, replicas=d.replicas, nodes=list(d.nodes), backend=d.backend, created_at_unix_ms=d.created_at_unix * 1000,
             running=len(running), ready=sum(1 for r in running if r.state in READY), workers=[r.label for r in running],
-            state=track.state if track else "starting", last_error=track.last_error if track else "",
+            current_state=DEPLOYMENT_STATES.number(track.state if track else "starting"),
+            state_detail=track.detail if track else "", last_error=track.last_error if track else "",
         )  # fmt: skip
 
     def list(self) -> replicas_pb2.ListDeploymentsResponse:

@@ -15,7 +15,7 @@ import grpc
 
 from rbee.config import VERSION
 from rbee.errors import RbeeError
-from rbee.narration import Narrator
+from rbee.narration import Narrator, stage_of
 from rbee.rpc import handle_errors
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from rbee_worker.contract import ParsedRequest, check_cancel_ids, defaults, invalid, max_tokens_for, parse_request
@@ -138,10 +138,11 @@ class InferenceServicer(SleepRpcs, inference_pb2_grpc.InferenceServiceServicer):
         state = self._status.state
         if state == LOADING:
             p = self._status.progress
+            stage = stage_of(p)
             raise RbeeError(
                 "MODEL_LOADING",
-                f"The model is still loading (stage {p.stage}, {p.done}/{p.total})",
-                {"stage": p.stage, "done": p.done, "total": p.total},
+                f"The model is still loading (stage {stage}, {p.done}/{p.total})",
+                {"stage": stage, "done": p.done, "total": p.total},
                 ["Wait for readiness (GetReadiness or StreamLoadingProgress) and retry"],
             )
         if state == FAILED:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from rbee.errors import RbeeError
 from rbee.fanout import Subscription
+from rbee.narration import progress_event
 from rbee.v1 import common_pb2
 from rbee_worker.engine import EngineInfo, LoadProgress
 
@@ -72,7 +73,7 @@ class WorkerStatus:
 
     def __init__(self) -> None:
         self.state: int = LOADING
-        self.progress = common_pb2.ProgressEvent(stage="starting", unit="stages")
+        self.progress = progress_event("starting", 0, 0, unit="stages")
         self.error: RbeeError | None = None
         self.info: EngineInfo | None = None
         self._state_listeners: list[Callable[[int], None]] = []
@@ -114,9 +115,7 @@ class WorkerStatus:
     # -- progress ------------------------------------------------------------
 
     def set_progress(self, p: LoadProgress) -> None:
-        self.progress = common_pb2.ProgressEvent(
-            stage=p.stage, done=p.done, total=p.total, unit=p.unit, message=p.message
-        )
+        self.progress = progress_event(p.stage, p.done, p.total, unit=p.unit, message=p.message)
         self._publish(self.progress)
 
     def narration(self, ev: common_pb2.NarrationEvent) -> None:

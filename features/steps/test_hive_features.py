@@ -19,6 +19,7 @@ from pytest_bdd import given, parsers, scenarios, then, when
 from rbee.auth import auth_metadata
 from rbee.channel import CHANNEL_OPTIONS
 from rbee.errors import RbeeError, from_rpc_error
+from rbee.narration import stage_of
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc, preflight_pb2
 from features.steps.hive_support import IDLE, MB, Hive, gone, start_hive, tiny_model, write_figures
 from tests.fixtures.common import VENV_BIN, proc_env
@@ -289,7 +290,7 @@ def _loading(ctx):
 def _narration(ctx):
     actors = {i.narration.actor for i in ctx["items"] if i.HasField("narration")}
     assert {"llm-worker-rbee", "model-loader", "rbee-hive"} <= actors
-    assert [i.progress.stage for i in ctx["items"] if i.HasField("progress")][-1] == "ready"
+    assert [stage_of(i.progress) for i in ctx["items"] if i.HasField("progress")][-1] == "ready"
 
 
 @then("the follow stream ends with the worker idle, registered by its callback")

@@ -121,7 +121,7 @@ def _log_says(world):
 @then(parsers.parse('the deployments list shows "{ref}" with 2/2 ready on any node, complete'))
 def _list_two(world, ref):
     [d] = _deployed(world)
-    assert (d["model_ref"], d["replicas"], d["ready"], d["nodes"], d["state"]) == (ref, 2, 2, [], "complete"), d
+    assert (d["model_ref"], d["replicas"], d["ready"], d["nodes"], d["current_state"]) == (ref, 2, 2, [], "complete"), d
     run = world.keeper("models", "list", "--deployed")
     assert run.code == 0, run
     header, row = run.out.splitlines()

@@ -18,6 +18,7 @@ from pytest_bdd import given, parsers, scenarios, then, when
 
 from rbee.auth import auth_metadata
 from rbee.errors import from_rpc_error
+from rbee.narration import stage_of
 from rbee.v1 import common_pb2, inference_pb2
 from features.steps.worker_support import (
     PROMPT,
@@ -110,7 +111,7 @@ def _answers_loading(worker):
     # The first answer comes as soon as the server is up; the engine takes far longer.
     ready = readiness(worker, wait_for_ready=True)
     assert ready.state == WS.WORKER_STATE_LOADING and not ready.model_loaded, ready
-    assert ready.progress.stage and ready.progress.total > 0
+    assert stage_of(ready.progress) and ready.progress.total > 0
     assert ready.slots_total == 1
 
 

@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rbee.errors import RbeeError, from_rpc_error
+from rbee.narration import stage_of
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from rbee_worker.loading_stages import STAGES
 from tests.fixtures.common import STARTING_DAEMON_OPTIONS
@@ -150,8 +151,8 @@ def loading_stage_problem(messages) -> str | None:
     """Why ``messages`` (a StreamLoadingProgress) do not show the loading's
     stages in order, or None. The stream must have been followed while the
     worker loaded: a single 'idle' message shows no stages at all."""
-    progress = [m.progress for m in messages if m.HasField("progress") and m.progress.stage]
-    stages = list(dict.fromkeys(p.stage for p in progress))
+    progress = [m.progress for m in messages if m.HasField("progress") and stage_of(m.progress)]
+    stages = list(dict.fromkeys(stage_of(p) for p in progress))
     if messages and messages[0].state != WS.WORKER_STATE_LOADING:
         return f"the stream began in state {WS.Name(messages[0].state)}, not while loading"
     if len(stages) < 2:
@@ -159,9 +160,9 @@ def loading_stage_problem(messages) -> str | None:
     unknown = [s for s in stages if s not in LOADING_STAGES]
     if unknown:
         return f"stages the worker does not have: {unknown} (known: {LOADING_STAGES})"
-    order = [LOADING_STAGES.index(p.stage) for p in progress]
+    order = [LOADING_STAGES.index(stage_of(p)) for p in progress]
     if order != sorted(order):
-        return f"stages out of order: {[p.stage for p in progress]}"
+        return f"stages out of order: {[stage_of(p) for p in progress]}"
     done = [p.done for p in progress]
     if done != sorted(done):
         return f"done goes backwards: {done}"

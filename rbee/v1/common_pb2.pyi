@@ -111,17 +111,38 @@ class NarrationEvent(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    class _Level:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _LevelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[NarrationEvent._Level.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        LEVEL_UNSPECIFIED: NarrationEvent._Level.ValueType  # 0
+        LEVEL_INFO: NarrationEvent._Level.ValueType  # 1
+        LEVEL_WARN: NarrationEvent._Level.ValueType  # 2
+        LEVEL_ERROR: NarrationEvent._Level.ValueType  # 3
+
+    class Level(_Level, metaclass=_LevelEnumTypeWrapper):
+        """How the line is shown: warnings and errors stand out (the web page's
+        colours). Was the string `level`; readers take LEVEL_UNSPECIFIED and a
+        number they do not know as LEVEL_INFO.
+        """
+
+    LEVEL_UNSPECIFIED: NarrationEvent.Level.ValueType  # 0
+    LEVEL_INFO: NarrationEvent.Level.ValueType  # 1
+    LEVEL_WARN: NarrationEvent.Level.ValueType  # 2
+    LEVEL_ERROR: NarrationEvent.Level.ValueType  # 3
+
     ACTOR_FIELD_NUMBER: _builtins.int
     EMOJI_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     UNIX_MS_FIELD_NUMBER: _builtins.int
-    LEVEL_FIELD_NUMBER: _builtins.int
+    SEVERITY_FIELD_NUMBER: _builtins.int
     actor: _builtins.str
     emoji: _builtins.str
     message: _builtins.str
     unix_ms: _builtins.int
-    level: _builtins.str
-    """"info", "warn" or "error"."""
+    severity: Global___NarrationEvent.Level.ValueType
     def __init__(
         self,
         *,
@@ -129,11 +150,11 @@ class NarrationEvent(_message.Message):
         emoji: _builtins.str = ...,
         message: _builtins.str = ...,
         unix_ms: _builtins.int = ...,
-        level: _builtins.str = ...,
+        severity: Global___NarrationEvent.Level.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "emoji", b"emoji", "level", b"level", "message", b"message", "unix_ms", b"unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "emoji", b"emoji", "message", b"message", "severity", b"severity", "unix_ms", b"unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -141,39 +162,101 @@ Global___NarrationEvent: _TypeAlias = NarrationEvent  # noqa: Y015
 
 @_typing.final
 class ProgressEvent(_message.Message):
-    """Progress of a long operation (download, model loading, install)."""
+    """Progress of a long operation (a model's download, a worker's loading)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    STAGE_FIELD_NUMBER: _builtins.int
+    class _Stage:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ProgressEvent._Stage.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STAGE_UNSPECIFIED: ProgressEvent._Stage.ValueType  # 0
+        STAGE_DOWNLOAD: ProgressEvent._Stage.ValueType  # 1
+        """The hive fetching a model's files, then checking their digests."""
+        STAGE_VERIFY: ProgressEvent._Stage.ValueType  # 2
+        STAGE_STARTING: ProgressEvent._Stage.ValueType  # 3
+        """A worker loading its model, in this order: the worker
+        process is up, then the tokenizer, the engine's configuration, the
+        engine's start, the weights, the KV cache and warm-up; READY ends it.
+        """
+        STAGE_TOKENIZER: ProgressEvent._Stage.ValueType  # 4
+        STAGE_ENGINE_CONFIG: ProgressEvent._Stage.ValueType  # 5
+        STAGE_ENGINE_START: ProgressEvent._Stage.ValueType  # 6
+        STAGE_WEIGHTS: ProgressEvent._Stage.ValueType  # 7
+        STAGE_KV_CACHE: ProgressEvent._Stage.ValueType  # 8
+        STAGE_READY: ProgressEvent._Stage.ValueType  # 9
+
+    class Stage(_Stage, metaclass=_StageEnumTypeWrapper):
+        """Every stage a daemon reports. Readers take STAGE_UNSPECIFIED and a number
+        they do not know as "no stage named" (shown as loading or download).
+        """
+
+    STAGE_UNSPECIFIED: ProgressEvent.Stage.ValueType  # 0
+    STAGE_DOWNLOAD: ProgressEvent.Stage.ValueType  # 1
+    """The hive fetching a model's files, then checking their digests."""
+    STAGE_VERIFY: ProgressEvent.Stage.ValueType  # 2
+    STAGE_STARTING: ProgressEvent.Stage.ValueType  # 3
+    """A worker loading its model, in this order: the worker
+    process is up, then the tokenizer, the engine's configuration, the
+    engine's start, the weights, the KV cache and warm-up; READY ends it.
+    """
+    STAGE_TOKENIZER: ProgressEvent.Stage.ValueType  # 4
+    STAGE_ENGINE_CONFIG: ProgressEvent.Stage.ValueType  # 5
+    STAGE_ENGINE_START: ProgressEvent.Stage.ValueType  # 6
+    STAGE_WEIGHTS: ProgressEvent.Stage.ValueType  # 7
+    STAGE_KV_CACHE: ProgressEvent.Stage.ValueType  # 8
+    STAGE_READY: ProgressEvent.Stage.ValueType  # 9
+
+    class _Unit:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _UnitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ProgressEvent._Unit.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        UNIT_UNSPECIFIED: ProgressEvent._Unit.ValueType  # 0
+        UNIT_BYTES: ProgressEvent._Unit.ValueType  # 1
+        UNIT_STAGES: ProgressEvent._Unit.ValueType  # 2
+
+    class Unit(_Unit, metaclass=_UnitEnumTypeWrapper):
+        """What `done` and `total` count. Readers take UNIT_UNSPECIFIED and a number
+        they do not know as a plain count (no unit shown).
+        """
+
+    UNIT_UNSPECIFIED: ProgressEvent.Unit.ValueType  # 0
+    UNIT_BYTES: ProgressEvent.Unit.ValueType  # 1
+    UNIT_STAGES: ProgressEvent.Unit.ValueType  # 2
+
+    CURRENT_STAGE_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
-    UNIT_FIELD_NUMBER: _builtins.int
+    COUNT_UNIT_FIELD_NUMBER: _builtins.int
     RATE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
-    stage: _builtins.str
-    """e.g. "download", "loading", "install"."""
+    current_stage: Global___ProgressEvent.Stage.ValueType
+    """Was the string `stage`."""
     done: _builtins.int
     """Units done / total (total 0 when unknown)."""
     total: _builtins.int
-    unit: _builtins.str
-    """"bytes", "layers", "steps", ..."""
+    count_unit: Global___ProgressEvent.Unit.ValueType
+    """Was the string `unit`."""
     rate: _builtins.float
     """Units per second over the recent window."""
     message: _builtins.str
     def __init__(
         self,
         *,
-        stage: _builtins.str = ...,
+        current_stage: Global___ProgressEvent.Stage.ValueType = ...,
         done: _builtins.int = ...,
         total: _builtins.int = ...,
-        unit: _builtins.str = ...,
+        count_unit: Global___ProgressEvent.Unit.ValueType = ...,
         rate: _builtins.float = ...,
         message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "message", b"message", "rate", b"rate", "stage", b"stage", "total", b"total", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_unit", b"count_unit", "current_stage", b"current_stage", "done", b"done", "message", b"message", "rate", b"rate", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,6 +23,37 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class Deployment(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Deployment._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: Deployment._State.ValueType  # 0
+        STATE_STARTING: Deployment._State.ValueType  # 1
+        """Workers are being started (and the first pass before any)."""
+        STATE_COMPLETE: Deployment._State.ValueType  # 2
+        """As many replicas run as wanted."""
+        STATE_RESTARTING: Deployment._State.ValueType  # 3
+        """A start failed or a replica was lost: the next try waits out a backoff."""
+        STATE_WAITING: Deployment._State.ValueType  # 4
+        """No allowed node is registered: nothing can start."""
+
+    class State(_State, metaclass=_StateEnumTypeWrapper):
+        """What the reconcile loop is doing for it. Readers take STATE_UNSPECIFIED
+        and a number they do not know as STATE_STARTING.
+        """
+
+    STATE_UNSPECIFIED: Deployment.State.ValueType  # 0
+    STATE_STARTING: Deployment.State.ValueType  # 1
+    """Workers are being started (and the first pass before any)."""
+    STATE_COMPLETE: Deployment.State.ValueType  # 2
+    """As many replicas run as wanted."""
+    STATE_RESTARTING: Deployment.State.ValueType  # 3
+    """A start failed or a replica was lost: the next try waits out a backoff."""
+    STATE_WAITING: Deployment.State.ValueType  # 4
+    """No allowed node is registered: nothing can start."""
+
     MODEL_REF_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
@@ -30,7 +62,8 @@ class Deployment(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
-    STATE_FIELD_NUMBER: _builtins.int
+    CURRENT_STATE_FIELD_NUMBER: _builtins.int
+    STATE_DETAIL_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     model_ref: _builtins.str
     """The canonical model reference (hf:ORG/REPO[/FILE][@REV] or file:///path)."""
@@ -44,9 +77,11 @@ class Deployment(_message.Message):
     and of those the ones ready to serve (idle or busy).
     """
     ready: _builtins.int
-    state: _builtins.str
-    """What the reconcile loop is doing: "complete", "starting",
-    "restarting in 4s (attempt 3)", "waiting: <why>".
+    current_state: Global___Deployment.State.ValueType
+    """Was the string `state`, which carried the detail too."""
+    state_detail: _builtins.str
+    """The detail of current_state, for people: "in 4s (attempt 3)" while
+    restarting, why while waiting ("no node is registered (...)"), else "".
     """
     last_error: _builtins.str
     """The last failure to start a worker for it ("" when none since it was complete)."""
@@ -69,12 +104,13 @@ class Deployment(_message.Message):
         running: _builtins.int = ...,
         ready: _builtins.int = ...,
         workers: _abc.Iterable[_builtins.str] | None = ...,
-        state: _builtins.str = ...,
+        current_state: Global___Deployment.State.ValueType = ...,
+        state_detail: _builtins.str = ...,
         last_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "created_at_unix_ms", b"created_at_unix_ms", "last_error", b"last_error", "model_ref", b"model_ref", "nodes", b"nodes", "ready", b"ready", "replicas", b"replicas", "running", b"running", "state", b"state", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "created_at_unix_ms", b"created_at_unix_ms", "current_state", b"current_state", "last_error", b"last_error", "model_ref", b"model_ref", "nodes", b"nodes", "ready", b"ready", "replicas", b"replicas", "running", b"running", "state_detail", b"state_detail", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -12,7 +12,7 @@ import collections
 import logging
 from collections.abc import Callable
 
-from rbee.narration import Narrator, event
+from rbee.narration import Narrator, event, progress_event
 from rbee.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,7 @@ class Reporter:
     def progress(
         self, stage: str, done: int, total: int, rate: float = 0.0, message: str = "", unit: str = "bytes"
     ) -> None:
-        ev = common_pb2.ProgressEvent(
-            stage=stage, done=max(0, int(done)), total=max(0, int(total)), unit=unit, rate=rate, message=message
-        )
+        ev = progress_event(stage, max(0, int(done)), max(0, int(total)), unit=unit, rate=rate, message=message)
         self.last_progress = ev
         self._publish(common_pb2.Event(progress=ev))
 

@@ -8,6 +8,7 @@ import json
 import sys
 from datetime import datetime
 
+from rbee.enum_words import DEPLOYMENT_STATES
 from rbee.v1 import replicas_pb2
 
 from rbee_keeper.common import resolve_queen
@@ -22,14 +23,16 @@ MAX_NODES = 64
 def deployment_dict(d: replicas_pb2.Deployment) -> dict:
     return {"model_ref": d.model_ref, "replicas": d.replicas, "nodes": list(d.nodes), "backend": d.backend,
             "created_at_unix_ms": d.created_at_unix_ms, "running": d.running, "ready": d.ready, "workers": list(d.workers),
-            "state": d.state, "last_error": d.last_error}  # fmt: skip
+            "current_state": DEPLOYMENT_STATES.word(d.current_state), "state_detail": d.state_detail,
+            "last_error": d.last_error}  # fmt: skip
 
 
 def deployment_rows(deployments: list[replicas_pb2.Deployment]) -> list[tuple[str, ...]]:
     rows = []
     for d in deployments:
         when = datetime.fromtimestamp(d.created_at_unix_ms / 1000).strftime("%Y-%m-%d %H:%M") if d.created_at_unix_ms else "-"
-        state = d.state + (f" ({d.last_error})" if d.last_error else "")
+        state = " ".join(part for part in (DEPLOYMENT_STATES.word(d.current_state), d.state_detail) if part)
+        state += f" ({d.last_error})" if d.last_error else ""
         rows.append((d.model_ref, f"{d.ready}/{d.replicas}", ", ".join(d.nodes) or "any", when, state))
     return rows
 

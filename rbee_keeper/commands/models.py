@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextC
 
 from rbee.errors import RbeeError
 from rbee.modelref import parse_model_ref
-from rbee.narration import format_line
+from rbee.narration import format_line, stage_of
 from rbee.v1 import common_pb2, provisioning_pb2
 from rbee_keeper.output import quiet as _quiet
 from rbee_keeper.common import ACTOR, HIVE_KEY_OPTION, HIVE_OPTION, NODE_OPTION, QUEEN_OPTION, hive_for, run
@@ -64,11 +64,12 @@ class DownloadView:
             return
         now = time.monotonic()
         complete = p.total and p.done >= p.total
-        if now - self._last_line >= LINE_INTERVAL_S or p.stage != self._last_stage or complete:
+        stage = stage_of(p)
+        if now - self._last_line >= LINE_INTERVAL_S or stage != self._last_stage or complete:
             self._last_line = now
-            self._last_stage = p.stage
+            self._last_stage = stage
             what = f" {p.message}" if p.message and p.message != "complete" else ""
-            self.narrate("⏬", f"{p.stage or 'download'}{what}: {self.figures(p)}")
+            self.narrate("⏬", f"{stage or 'download'}{what}: {self.figures(p)}")
 
     def _update_bar(self, p: common_pb2.ProgressEvent) -> None:
         if self._bar is None:

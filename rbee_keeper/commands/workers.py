@@ -12,6 +12,7 @@ import typer
 from rbee.config import MAX_SLOTS
 from rbee.errors import RbeeError
 from rbee.modelref import parse_model_ref
+from rbee.narration import stage_of
 from rbee.v1 import common_pb2, provisioning_pb2, registry_pb2
 
 from rbee_keeper.common import HIVE_KEY_OPTION, HIVE_OPTION, NODE_OPTION, QUEEN_OPTION, hive_for, resolve_queen, run
@@ -351,7 +352,7 @@ def provision_cmd(
                     say.emit(msg.event.narration)
                 elif msg.event.HasField("progress"):
                     p = msg.event.progress
-                    say("⏳", " · ".join(part for part in (p.stage, p.message) if part) or "provisioning")
+                    say("⏳", " · ".join(part for part in (stage_of(p), p.message) if part) or "provisioning")
         if env is None:
             raise RbeeError(
                 "STREAM_BROKEN",

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from rbee.errors import RbeeError, from_rpc_error
-from rbee.narration import format_line
+from rbee.narration import format_line, stage_of
 from rbee.tls_identity import worker_identity
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, tasks_pb2
 
@@ -108,12 +108,13 @@ class ColdStart:
         """A progress event as a line, or "" when it says little new (same
         stage, less than 10 % further): downloads report often."""
         pct = int(p.done * 100 // p.total) if p.total else -1
-        key = (p.stage, pct // 10)
+        stage = stage_of(p)
+        key = (stage, pct // 10)
         if key == self._last_progress:
             return ""
         self._last_progress = key
         shown = f" {pct}%" if pct >= 0 else ""
-        return f"{p.stage}{shown} {p.message}".strip()
+        return f"{stage}{shown} {p.message}".strip()
 
     def publish(self, line: str) -> None:
         line = " ".join(line.split())[:300]
@@ -347,7 +348,7 @@ class Router:
                                           timeout=LOAD_WAIT_S, wait_for_ready=True)  # fmt: skip
         try:
             async for msg in call:
-                if msg.HasField("progress") and msg.progress.stage:
+                if msg.HasField("progress") and stage_of(msg.progress):
                     line = start.progress_line(msg.progress)
                     if line:
                         start.publish(line)

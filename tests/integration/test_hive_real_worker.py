@@ -19,6 +19,7 @@ import pytest_asyncio
 
 from rbee.auth import auth_metadata
 from rbee.channel import open_channel
+from rbee.narration import stage_of
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc, preflight_pb2, registry_pb2
 from tests.fixtures.common import VENV_BIN, proc_env
 from tests.fixtures.hive import HIVE_KEY, FollowFailed, HiveProc, start_hive_process
@@ -103,7 +104,7 @@ async def test_spawn_goes_loading_then_idle_through_the_callback(spawned: Spawne
     assert any("Preflight passed" in m for m in messages)
     assert any("called back" in m and "state loading" in m for m in messages)
     assert {"rbee-hive", "llm-worker-rbee", "model-loader"} <= actors  # the worker's stdout was relayed
-    stages = [i.progress.stage for i in items if i.HasField("progress")]
+    stages = [stage_of(i.progress) for i in items if i.HasField("progress")]
     assert "weights" in stages and stages[-1] == "ready"
     assert kinds[-1] == "worker" and items[-1].worker.state == S.WORKER_STATE_IDLE
     assert items[-1].worker.slots_total > 0

@@ -75,7 +75,7 @@ async def test_deploy_keeps_two_replicas_through_a_queen_restart_a_lost_node_and
         first = await until(lambda: ready(2, {"a", "b"})(queen), DEADLINE_S)
         assert first, queen.text()[-4000:]
         [d] = await deployed(queen)
-        assert d["model_ref"] == REF and d["replicas"] == 2 and d["state"] == "complete" and sorted(d["workers"]) == sorted(
+        assert d["model_ref"] == REF and d["replicas"] == 2 and d["current_state"] == "complete" and sorted(d["workers"]) == sorted(
             f"{w['node']}/{w['id']}" for w in first)
         code, out, err = await queen.keeper("status", "--json")
         assert code == 0, err

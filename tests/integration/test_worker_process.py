@@ -7,6 +7,7 @@ import pytest
 
 from rbee.channel import open_channel
 from rbee.errors import from_rpc_error
+from rbee.narration import stage_of
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -35,7 +36,7 @@ async def test_readiness_reports_idle_and_loaded(real_worker):
     assert ready.engine_version
     assert ready.worker_id == real_worker.worker_id
     assert ready.slots_total >= 1 and ready.slots_busy == 0
-    assert ready.progress.stage == "ready"
+    assert stage_of(ready.progress) == "ready"
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 

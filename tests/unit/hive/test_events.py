@@ -3,7 +3,7 @@ import asyncio
 import pytest
 
 from rbee.errors import RbeeError
-from rbee.narration import event
+from rbee.narration import event, progress_event
 from rbee.v1 import common_pb2
 from rbee_hive.workers.events import EventLog
 
@@ -19,7 +19,7 @@ async def test_late_followers_get_everything_and_the_end():
     log.narration(event("rbee-hive", "🚀", "starting"))
     early = asyncio.ensure_future(collect(log))
     await asyncio.sleep(0)
-    log.progress(common_pb2.ProgressEvent(stage="weights", done=1, total=2))
+    log.progress(progress_event("weights", 1, 2))
     log.worker(common_pb2.WorkerInfo(id="w", state=common_pb2.WORKER_STATE_IDLE))
     log.finish()
     log.narration(event("rbee-hive", "x", "after the end is dropped"))

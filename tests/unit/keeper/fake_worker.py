@@ -15,6 +15,7 @@ import grpc
 
 from rbee.auth import ScopedKeyInterceptor, static_ring
 from rbee.errors import RbeeError
+from rbee.narration import progress_event
 from rbee.scopes import Scope
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -63,7 +64,7 @@ class FakeWorker(inference_pb2_grpc.InferenceServiceServicer):
         for stage, done, total in self.script.loading:
             yield inference_pb2.StreamLoadingProgressResponse(
                 state=WS.WORKER_STATE_LOADING,
-                progress=common_pb2.ProgressEvent(stage=stage, done=done, total=total, unit="stages"),
+                progress=progress_event(stage, done, total, unit="stages"),
             )
             await asyncio.sleep(0.01)
         if self.script.loading_forever:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from rbee.narration import Narrator
+from rbee.narration import Narrator, progress_event
 from rbee.v1 import common_pb2, inference_pb2
 
 from rbee_keeper.partial import save_partial, tokens_generated
@@ -55,10 +55,10 @@ def test_summary_line():
 def test_loading_view_without_terminal_narrates_each_change_once():
     err = io.StringIO()
     view = LoadingView("127.0.0.1:7910", Narrator("rbee-keeper", stream=err))
-    progress = common_pb2.ProgressEvent(stage="weights", done=3, total=6, unit="stages", message="Loading weights")
+    progress = progress_event("weights", 3, 6, unit="stages", message="Loading weights")
     view.update(progress)
     view.update(progress)
-    view.update(common_pb2.ProgressEvent(stage="ready", done=6, total=6, unit="stages"))
+    view.update(progress_event("ready", 6, 6, unit="stages"))
     view.close()
     lines = err.getvalue().splitlines()
     assert lines == [
@@ -86,11 +86,11 @@ def test_partial_file_falls_back_to_the_current_directory(tmp_path, monkeypatch)
 def test_loading_narration_replaces_the_progress_line_it_repeats():
     err = io.StringIO()
     view = LoadingView("w:1", Narrator("rbee-keeper", stream=err))
-    progress = common_pb2.ProgressEvent(stage="weights", done=3, total=6, unit="stages")
+    progress = progress_event("weights", 3, 6, unit="stages")
     narration = common_pb2.NarrationEvent(actor="model-loader", emoji="⏳", message="[3/6] weights")
     view.show(inference_pb2.StreamLoadingProgressResponse(progress=progress, narration=narration))
     view.show(inference_pb2.StreamLoadingProgressResponse(progress=progress))
-    view.show(inference_pb2.StreamLoadingProgressResponse(progress=common_pb2.ProgressEvent(stage="ready", done=6, total=6)))
+    view.show(inference_pb2.StreamLoadingProgressResponse(progress=progress_event("ready", 6, 6)))
     assert err.getvalue().splitlines() == [
         "[model-loader] ⏳ [3/6] weights",
         "[rbee-keeper] ⏳ w:1 loading: ready · 6/6",
@@ -104,9 +104,9 @@ def test_loading_view_on_a_terminal_draws_a_bar_and_clears_it():
     console = Console(file=screen, force_terminal=True, width=120)
     err = io.StringIO()
     view = LoadingView("127.0.0.1:7910", Narrator("rbee-keeper", stream=err), console=console)
-    view.update(common_pb2.ProgressEvent(stage="weights", done=3, total=6, unit="stages"))
+    view.update(progress_event("weights", 3, 6, unit="stages"))
     view.narration(common_pb2.NarrationEvent(actor="model-loader", emoji="⏳", message="Loading weights"))
-    view.update(common_pb2.ProgressEvent(stage="kv_cache", done=4, total=6, unit="stages"))
+    view.update(progress_event("kv_cache", 4, 6, unit="stages"))
     view.close()
     drawn = screen.getvalue()
     assert "weights · 3/6 stages" in drawn or "kv_cache · 4/6 stages" in drawn

@@ -6,13 +6,14 @@ import asyncio
 
 import pytest
 
+from rbee.narration import progress_event
 from rbee.v1 import common_pb2
 from rbee_hive.provisioner.events import EventQueue, Reporter
 from rbee_hive.provisioner.jobs import JobTable
 
 
 def progress(done: int) -> common_pb2.Event:
-    return common_pb2.Event(progress=common_pb2.ProgressEvent(stage="download", done=done, total=10))
+    return common_pb2.Event(progress=progress_event("download", done, 10))
 
 
 async def test_progress_coalesces_but_narration_is_kept():

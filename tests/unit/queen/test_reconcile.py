@@ -23,6 +23,7 @@ from rbee_queen.workers import ClusterWorkers
 
 S = common_pb2.WorkerState
 REF = "hf:org/model"
+COMPLETE, RESTARTING = replicas_pb2.Deployment.STATE_COMPLETE, replicas_pb2.Deployment.STATE_RESTARTING
 GiB = 1024**3
 
 
@@ -116,7 +117,7 @@ async def test_a_lost_replica_is_restarted_after_the_backoff_and_the_wait_double
     await cluster.reconcile(d)
     cluster.report("a"), cluster.report("b")
     await cluster.reconcile(d)
-    assert cluster.describe(d).state == "complete"
+    assert cluster.describe(d).current_state == COMPLETE
     for attempt in (1, 2):
         cluster.hive_workers["a"] = []  # a's replica crashed; its hive says so
         cluster.report("a")
@@ -125,13 +126,14 @@ async def test_a_lost_replica_is_restarted_after_the_backoff_and_the_wait_double
         assert cluster.lines.having("💀 Replica w1 of hf:org/model on a is gone")
         started = len(cluster.started)
         await cluster.reconcile(d)  # before the wait is over: nothing
-        assert len(cluster.started) == started and cluster.describe(d).state.startswith("restarting in")
+        assert len(cluster.started) == started and cluster.describe(d).current_state == RESTARTING
+        assert cluster.describe(d).state_detail.startswith("in ")
         await asyncio.sleep(cluster.policy.backoff_base_s * 2**attempt)
         await cluster.reconcile(d)
         assert len(cluster.started) == started + 1 and cluster.started[-1].startswith("a/")
         cluster.report("a")
         await cluster.reconcile(d)
-        assert cluster.describe(d).state == "complete"
+        assert cluster.describe(d).current_state == COMPLETE
     assert cluster._tracks[REF].backoff.streak == 2
 
 
@@ -183,7 +185,7 @@ async def test_extras_stop_and_their_going_is_no_loss(cluster: FakeCluster) -> N
         cluster.hive_workers[node] = [w for w in cluster.hive_workers[node] if f"{node}/{w.id}" not in cluster.stopped]
         cluster.report(node)
     await cluster.reconcile(d)
-    assert not cluster.lines.having("is gone") and cluster.describe(d).state == "complete"
+    assert not cluster.lines.having("is gone") and cluster.describe(d).current_state == COMPLETE
 
 
 async def test_undeploy_forgets_the_wish_and_stops_the_workers(cluster: FakeCluster) -> None:

@@ -75,9 +75,10 @@ def test_logging_config_keeps_vllm_console_output():
 
 
 def _msg(state, stage="", done=0, total=6):
-    from rbee.v1 import common_pb2, inference_pb2
+    from rbee.narration import progress_event
+    from rbee.v1 import inference_pb2
 
-    progress = common_pb2.ProgressEvent(stage=stage, done=done, total=total, unit="stages") if stage else None
+    progress = progress_event(stage, done, total, unit="stages") if stage else None
     return inference_pb2.StreamLoadingProgressResponse(state=state, progress=progress)
 
 
@@ -96,7 +97,7 @@ def test_the_stages_step_requires_stages_really_in_order():
     assert "backwards" in loading_stage_problem(
         [_msg(loading, "starting", 1), _msg(loading, "starting", 0), _msg(loading, "weights", 3)]
     )
-    assert "does not have" in loading_stage_problem([_msg(loading, "starting"), _msg(loading, "warp-drive", 2)])
+    assert "does not have" in loading_stage_problem([_msg(loading, "starting"), _msg(loading, "download", 2)])
     good = [
         _msg(loading, "starting"), _msg(loading, "tokenizer", 0), _msg(loading, "engine_config", 1),
         _msg(loading, "engine_start", 2), _msg(loading, "weights", 3), _msg(loading, "kv_cache", 4),

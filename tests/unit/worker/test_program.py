@@ -24,6 +24,7 @@ import pytest
 
 from rbee.auth import ScopedKeyInterceptor, auth_metadata, static_ring
 from rbee.errors import from_rpc_error
+from rbee.narration import stage_of
 from rbee.scopes import Scope
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.fixtures.common import REPO, STARTING_DAEMON_OPTIONS, VENV_BIN, proc_env
@@ -263,7 +264,7 @@ async def test_sigterm_while_loading_exits_0(tmp_path):
                     inference_pb2.GetReadinessRequest(), metadata=auth_metadata(KEY)
                 )
             assert ready.state == WS.WORKER_STATE_LOADING
-            assert ready.progress.stage == "weights"
+            assert stage_of(ready.progress) == "weights"
             worker.proc.send_signal(signal.SIGTERM)
             await hive.until(WS.WORKER_STATE_DRAINING)
             assert await asyncio.wait_for(worker.proc.wait(), 60) == 0

@@ -9,6 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from rbee.errors import RbeeError, from_rpc_error
+from rbee.narration import stage_of
 from rbee.v1 import common_pb2, inference_pb2
 from tests.unit.worker.fakes import FakeEngine
 from tests.unit.worker.harness import MD, worker_harness
@@ -26,7 +27,7 @@ async def test_loading_then_idle_with_progress_stream():
         ready = await h.readiness()
         assert ready.state == WS.WORKER_STATE_LOADING
         assert not ready.model_loaded
-        assert ready.progress.stage == "weights"  # the latest stage the fake reported
+        assert stage_of(ready.progress) == "weights"  # the latest stage the fake reported
         assert ready.max_model_len == 0
         assert await h.health_status() == NOT_SERVING
         assert await h.health_status("rbee.v1.InferenceService") == NOT_SERVING
@@ -42,13 +43,13 @@ async def test_loading_then_idle_with_progress_stream():
         stream = h.stub.StreamLoadingProgress(inference_pb2.StreamLoadingProgressRequest(), metadata=MD)
         first = await stream.read()
         assert first.state == WS.WORKER_STATE_LOADING
-        assert first.progress.stage == "weights"
+        assert stage_of(first.progress) == "weights"
         engine.load_gate.set()
         rest = []
         while (msg := await stream.read()) is not grpc.aio.EOF:
             rest.append(msg)
         await loading
-        assert any(m.progress.stage == "ready" for m in rest)
+        assert any(stage_of(m.progress) == "ready" for m in rest)
         assert rest[-1].state == WS.WORKER_STATE_IDLE
 
         ready = await h.readiness()
@@ -67,7 +68,7 @@ async def test_progress_stream_after_loading_sends_one_message():
         messages = [m async for m in h.stub.StreamLoadingProgress(inference_pb2.StreamLoadingProgressRequest(), metadata=MD)]
         assert len(messages) == 1
         assert messages[0].state == WS.WORKER_STATE_IDLE
-        assert messages[0].progress.stage == "ready"
+        assert stage_of(messages[0].progress) == "ready"
 
 
 async def test_busy_while_a_request_runs_then_idle():

@@ -1,0 +1,61 @@
+"""The contract's small enums and the lower-case words the programs use for them.
+
+Inside Python, in logs, in `--json` output and on the queen's web page a level
+is "warn", a stage "download", a deployment's state "complete"; on the wire
+each is a proto enum (docs/architecture.md, "Contracts"). This module is the
+one place that turns one into the other.
+
+Reading is forgiving: proto3 keeps a number it does not know as a plain int
+(a newer daemon's new value), so ``word`` reads that, like the UNSPECIFIED
+default, as the table's default word instead of failing. Writing is strict:
+a word the table does not have is a mistake in the calling code.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+from rbee.v1 import common_pb2, replicas_pb2
+
+
+class EnumWords:
+    """One proto enum: VALUE_NAME <-> "name" (the prefix dropped, lower case)."""
+
+    def __init__(self, enum: EnumTypeWrapper, prefix: str, default: str) -> None:
+        self._to_number: dict[str, int] = {}
+        self._to_word: dict[int, str] = {}
+        for name, number in enum.items():
+            if number == 0:
+                continue
+            word = name.removeprefix(prefix).lower()
+            self._to_number[word] = number
+            self._to_word[number] = word
+        if default and default not in self._to_number:
+            raise ValueError(f"default {default!r} is not one of {sorted(self._to_number)}")
+        self.default = default
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return tuple(self._to_number)
+
+    def number(self, word: str) -> int:
+        """The enum value for ``word``; ValueError for a word the contract lacks."""
+        try:
+            return self._to_number[word]
+        except KeyError:
+            raise ValueError(f"{word!r} is not one of {', '.join(self._to_number)}") from None
+
+    def word(self, number: int) -> str:
+        """The word for ``number``; the default for UNSPECIFIED and for a number this build does not know."""
+        return self._to_word.get(int(number), self.default)
+
+
+# NarrationEvent.severity: unspecified reads as "info".
+LEVELS = EnumWords(common_pb2.NarrationEvent.Level, "LEVEL_", "info")
+# ProgressEvent.current_stage: unspecified reads as "" (no stage named).
+STAGES = EnumWords(common_pb2.ProgressEvent.Stage, "STAGE_", "")
+# ProgressEvent.count_unit: unspecified reads as "" (a plain count).
+UNITS = EnumWords(common_pb2.ProgressEvent.Unit, "UNIT_", "")
+# Deployment.current_state: unspecified reads as "starting" (what the queen
+# reports for a wish its reconcile loop has not looked at yet).
+DEPLOYMENT_STATES = EnumWords(replicas_pb2.Deployment.State, "STATE_", "starting")
