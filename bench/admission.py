@@ -33,7 +33,7 @@ import grpc
 
 from rbee.channel import metadata, open_channel
 from rbee.errors import from_rpc_error
-from rbee.v1 import inference_pb2, inference_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from rbee_keeper.direct import Timeouts
 from tests.fixtures.hive import write_standin_program
 from tests.fixtures.models import hive_env
@@ -62,7 +62,7 @@ class Side:
         self.worker_channel: grpc.aio.Channel | None = None
 
     async def submit(self, on_queued: asyncio.Event | None = None) -> tasks_pb2.WorkerAssignment:
-        call = self.tasks.SubmitInference(tasks_pb2.SubmitInferenceRequest(node="here", model_ref=REF, backend="cpu"), metadata=self.md)
+        call = self.tasks.SubmitInference(tasks_pb2.SubmitInferenceRequest(node="here", model_ref=REF, backend=common_pb2.BACKEND_CPU), metadata=self.md)
         try:
             async for item in call:
                 if item.HasField("assigned"):

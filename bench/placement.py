@@ -57,7 +57,7 @@ def cluster(seed: int = 7) -> tuple[list[NodeFigures], Dispatched]:
         for w in range(WORKERS_PER_NODE):
             model = f"hf:org/model-{(n * WORKERS_PER_NODE + w) % MODELS}"
             state = rng.choice([State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY, State.WORKER_STATE_LOADING])
-            info = common_pb2.WorkerInfo(id=f"worker-{n:03d}-{w}", model_ref=model, backend="cpu", device=0, state=state,
+            info = common_pb2.WorkerInfo(id=f"worker-{n:03d}-{w}", model_ref=model, backend=common_pb2.BACKEND_CPU, device=0, state=state,
                                          slots_total=8, slots_available=rng.randint(0, 8), last_activity_unix_ms=rng.randint(1, 10**12),
                                          address=f"10.0.{n}.1:{9000 + w}")  # fmt: skip
             workers.append(info)

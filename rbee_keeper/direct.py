@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import grpc
 
+from rbee.backends import backend_name
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.v1 import inference_pb2
@@ -128,7 +129,7 @@ class DirectInference:
             check_expected(ready, self.worker, *self._expect)
             self.narrate(
                 "🐝",
-                f"Worker {self.worker} ready: {ready.model_ref or 'model'} on {ready.backend or '?'}:{ready.device} "
+                f"Worker {self.worker} ready: {ready.model_ref or 'model'} on {backend_name(ready.backend) or '?'}:{ready.device} "
                 f"({ready.slots_busy}/{ready.slots_total} slots busy)",
             )
             started = time.monotonic()

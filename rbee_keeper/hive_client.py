@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from rbee.backends import backend_enum
 from rbee.errors import RbeeError
 from rbee.v1 import (
     preflight_pb2,
@@ -85,7 +86,7 @@ class HiveClient(DaemonClient):
     # -- models (ProvisioningService) ------------------------------------------------------
 
     def download_model(self, model_ref: str, backend: str = "") -> AsyncIterator[provisioning_pb2.DownloadModelResponse]:
-        request = provisioning_pb2.DownloadModelRequest(model_ref=model_ref, backend=backend)
+        request = provisioning_pb2.DownloadModelRequest(model_ref=model_ref, backend=backend_enum(backend))
         return self._stream(self._provisioning.DownloadModel, request)
 
     async def list_models(self, provider: str = "") -> list:
@@ -100,7 +101,7 @@ class HiveClient(DaemonClient):
     # -- worker environments (ProvisioningService) -----------------------------------------
 
     async def worker_environments(self, backend: str = "") -> list:
-        request = provisioning_pb2.ListWorkerEnvironmentsRequest(backend=backend)
+        request = provisioning_pb2.ListWorkerEnvironmentsRequest(backend=backend_enum(backend))
         reply = await self._unary(self._provisioning.ListWorkerEnvironments, request)
         return list(reply.environments)
 
@@ -108,5 +109,5 @@ class HiveClient(DaemonClient):
         self, backend: str, source: str = "", force: bool = False
     ) -> AsyncIterator[provisioning_pb2.ProvisionWorkerResponse]:
         # No deadline: an engine install can take many minutes; the hive narrates it.
-        request = provisioning_pb2.ProvisionWorkerRequest(backend=backend, source=source, force=force)
+        request = provisioning_pb2.ProvisionWorkerRequest(backend=backend_enum(backend), source=source, force=force)
         return self._stream(self._provisioning.ProvisionWorker, request)

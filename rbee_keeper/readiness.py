@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import grpc
 
+from rbee.backends import backend_name
 from rbee.config import logs_dir
 from rbee.errors import RbeeError
 from rbee.narration import Narrator, stage_of
@@ -128,11 +129,12 @@ def check_expected(
     ready: inference_pb2.GetReadinessResponse, worker: str, backend: str | None, device: int | None
 ) -> None:
     """With --worker, --backend/--device describe the worker the user expects."""
-    if backend is not None and ready.backend and ready.backend != backend:
+    running = backend_name(ready.backend)
+    if backend is not None and running and running != backend:
         raise RbeeError(
             "INVALID_BACKEND",
-            f"Worker {worker} runs on {ready.backend}, not {backend}",
-            {"worker": worker, "worker_backend": ready.backend, "requested": backend},
+            f"Worker {worker} runs on {running}, not {backend}",
+            {"worker": worker, "worker_backend": running, "requested": backend},
             ["Leave out --backend, or pick a worker started with that backend"],
         )
     if device is not None and ready.device != device:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from rbee.backends import backend_name
 from rbee.errors import RbeeError
 from rbee.fit import estimate, gib
 from rbee.v1 import common_pb2, preflight_pb2, registry_pb2
@@ -108,7 +109,7 @@ class Evictor:
         entry = next((m for m in figures.models if same_model(m.model_ref, w.model_ref)), None)
         if entry is None:
             return None
-        return estimate(dict(entry.metadata), entry.size_bytes, w.backend or "cpu", w.slots_total).total
+        return estimate(dict(entry.metadata), entry.size_bytes, backend_name(w.backend) or "cpu", w.slots_total).total
 
     def candidates(self, figures: NodeFigures) -> list[Candidate]:
         out = []

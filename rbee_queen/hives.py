@@ -13,12 +13,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from rbee.backends import backend_name
 from rbee.channel import metadata, open_channel
 from rbee.config import API_VERSION, HIVE_VERSION_REQUIREMENT, VERSION, rbee_home
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.tls import CA_CERT, HIVE_CERT, HIVE_KEY, ISSUER_CERT, ISSUER_KEY, TLS_DIR, ClusterCA, TlsIdentity
 from rbee.tls_identity import node_identity
-from rbee.v1 import preflight_pb2, preflight_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc, registry_pb2_grpc
+from rbee.v1 import common_pb2, preflight_pb2, preflight_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc, registry_pb2_grpc
 
 from rbee_queen.hive_minimums import check_minimums
 from rbee_queen.nodes.store import NodeRecord
@@ -329,10 +330,12 @@ async def hive_preflight(
         )  # fmt: skip
     check("hive_version", True, f"Hive version {health.version} is compatible ({HIVE_VERSION_REQUIREMENT}, API {health.api_version})")
     backends = await link.call(link.preflight.GetBackends, preflight_pb2.GetBackendsRequest())
-    available = [b for b in backends.backends if b.available]
-    summary = ", ".join(f"{b.name} ({b.device_count} device{'s' if b.device_count != 1 else ''})" for b in available)
+    # A backend a newer hive knows and this queen does not is left out.
+    available = [b for b in backends.backends if b.available and b.name in common_pb2.Backend.values()]
+    names = [backend_name(b.name) for b in available]
+    summary = ", ".join(f"{backend_name(b.name)} ({b.device_count} device{'s' if b.device_count != 1 else ''})" for b in available)
     check("backends", bool(available), f"Backends: {summary or 'none available'}",
-          backends=",".join(b.name for b in available))  # fmt: skip
+          backends=",".join(names))  # fmt: skip
     if not available:
         raise RbeeError("BACKEND_UNAVAILABLE", f"The hive on {record.name} has no backend available", {"node": record.name})
     res = await link.call(link.preflight.GetResources, preflight_pb2.GetResourcesRequest())
@@ -344,10 +347,10 @@ async def hive_preflight(
         f"disk {res.disk_available_bytes // mb} of {res.disk_total_bytes // mb} MB free at {res.disk_path}" + (f"; {gpus}" if gpus else ""),
         ram_available_mb=res.ram_available_bytes // mb, disk_available_mb=res.disk_available_bytes // mb,
     )  # fmt: skip
-    check_minimums(settings, record.name, res, [b.name for b in available], backend, check)
+    check_minimums(settings, record.name, res, names, backend, check)
     envs = await link.call(link.provisioning.ListWorkerEnvironments, provisioning_pb2.ListWorkerEnvironmentsRequest())
-    have = sorted({e.backend for e in envs.environments})
-    missing = [b.name for b in available if b.name not in have]
+    have = sorted({backend_name(e.backend) for e in envs.environments})
+    missing = [b for b in names if b not in have]
     if missing:
         check("worker_environments", True, f"No worker environment yet for {', '.join(missing)}: "
               "the hive installs one on the first spawn", warning=True)  # fmt: skip

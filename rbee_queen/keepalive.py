@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from rbee.backends import backend_name
 from rbee.errors import RbeeError
 from rbee.modelref import parse_model_ref
 from rbee.v1 import common_pb2
@@ -303,7 +304,7 @@ class KeepAlive:
         for wid, (node, worker) in live.items():
             held = self.held.get(wid)
             if held is not None:
-                held.backend = worker.backend
+                held.backend = backend_name(worker.backend)
                 if held.asleep and _busy(worker):
                     held.asleep = False
             if held is not None and (held.stopping or held.asleep or held.retry_at > now):
@@ -320,7 +321,7 @@ class KeepAlive:
             deadline = since + keep
             if deadline <= now:
                 if held is None:
-                    held = self.held[wid] = Held(node, wid, worker.model_ref, keep, since, seen=True, backend=worker.backend)
+                    held = self.held[wid] = Held(node, wid, worker.model_ref, keep, since, seen=True, backend=backend_name(worker.backend))
                 stop.append((held, now - since))
             else:
                 next_at = deadline if next_at is None else min(next_at, deadline)

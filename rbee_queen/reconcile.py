@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from rbee.backends import backend_enum, backend_name
 from rbee.enum_words import DEPLOYMENT_STATES
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
@@ -91,7 +92,7 @@ class Reconciler:
         return await survey_node(self.runner.nodes, record, ref, relay)
 
     async def start_worker(self, record: NodeRecord, d: Deployment, relay: LogRelay) -> registry_pb2.WorkerAccess:
-        request = tasks_pb2.SubmitInferenceRequest(model_ref=d.model_ref, backend=d.backend)
+        request = tasks_pb2.SubmitInferenceRequest(model_ref=d.model_ref, backend=backend_enum(d.backend))
         async with HiveLink(record) as link:
             return await self.runner._start(link, record, d.model_ref, d.backend, request, relay)
 
@@ -274,7 +275,7 @@ class Reconciler:
     # -- what the RPCs ask -----------------------------------------------------
 
     async def deploy(self, req: replicas_pb2.DeployModelRequest) -> replicas_pb2.DeployModelResponse:
-        wish = validate(req.model_ref, req.replicas, list(req.nodes), req.backend)
+        wish = validate(req.model_ref, req.replicas, list(req.nodes), backend_name(req.backend))
         registered = self._registered()
         for name in wish.nodes:
             if name not in registered:
@@ -306,7 +307,7 @@ class Reconciler:
         running = self.running(d, allowed_nodes(d, self._registered()))
         track = self._tracks.get(d.model_ref)
         return replicas_pb2.Deployment(
-            model_ref=d.model_ref, replicas=d.replicas, nodes=list(d.nodes), backend=d.backend, created_at_unix_ms=d.created_at_unix * 1000,
+            model_ref=d.model_ref, replicas=d.replicas, nodes=list(d.nodes), backend=backend_enum(d.backend), created_at_unix_ms=d.created_at_unix * 1000,
             running=len(running), ready=sum(1 for r in running if r.state in READY), workers=[r.label for r in running],
             current_state=DEPLOYMENT_STATES.number(track.state if track else "starting"),
             state_detail=track.detail if track else "", last_error=track.last_error if track else "",

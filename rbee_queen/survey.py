@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from rbee.backends import backend_name
 from rbee.errors import RbeeError
 from rbee.fit import Need, listing_need
 from rbee.modelref import parse_model_ref
@@ -84,7 +85,7 @@ class NodeFigures:
             written: dict[tuple[str, str, int], list[common_pb2.WorkerInfo]] = {}
             for w in self.workers:
                 if w.slots_available > 0 and w.state in READY:
-                    written.setdefault((w.model_ref, w.backend, w.device), []).append(w)
+                    written.setdefault((w.model_ref, backend_name(w.backend), w.device), []).append(w)
             # One canonical form per reference as written, not per worker.
             index: dict[tuple[str, str, int], list[common_pb2.WorkerInfo]] = {}
             for (model, b, d), found in written.items():

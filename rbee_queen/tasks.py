@@ -18,6 +18,7 @@ import time
 
 import grpc
 
+from rbee.backends import backend_enum, backend_name
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.modelref import parse_model_ref
 from rbee.tls_identity import worker_identity
@@ -36,7 +37,6 @@ from rbee_queen.survey import Dispatched, NodeFigures, fit_rows, same_model, sur
 from rbee_queen.workers import HiveWatchers, reachable_address
 
 State = common_pb2.WorkerState
-BACKENDS = ("cpu", "cuda", "metal")
 # A cold start's StartWorker: preflight, download, provisioning and spawn.
 START_WORKER_TIMEOUT_S = 3 * 3600
 
@@ -46,12 +46,9 @@ def queue_key(ref: str, node: str, backend: str, device: int) -> str:
     return f"{ref} on {node} ({backend}:{device})"
 
 
-def _backend(name: str) -> str:
-    backend = (name or "cpu").strip().lower()
-    if backend not in BACKENDS:
-        raise RbeeError("INVALID_BACKEND", f"Unknown backend {name!r}: choose one of {', '.join(BACKENDS)}",
-                        {"backend": name}, ["Pass --backend cpu, --backend cuda or --backend metal"])  # fmt: skip
-    return backend
+def _backend(value: int) -> str:
+    """A request's backend: cpu when not given; INVALID_BACKEND for a number this queen does not know."""
+    return backend_name(value) or "cpu"
 
 
 class TaskRunner:
@@ -106,7 +103,7 @@ class TaskRunner:
         async with HiveLink(record) as link:
             listed = await link.call(link.workers.ListWorkers, registry_pb2.ListWorkersRequest())
             matching = [w for w in listed.workers
-                        if same_model(w.model_ref, ref) and w.backend == backend and w.device == req.device]  # fmt: skip
+                        if same_model(w.model_ref, ref) and backend_name(w.backend) == backend and w.device == req.device]  # fmt: skip
             usable = [w for w in matching if w.state in (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY) and w.slots_available > 0]
             loading = [w for w in matching if w.state == State.WORKER_STATE_LOADING]
             key = queue_key(ref, record.name, backend, req.device)
@@ -156,7 +153,7 @@ class TaskRunner:
             best, most = None, 0
             for cw in self.watchers.registry.list(node=record.name):
                 w = cw.worker
-                if (same_model(w.model_ref, ref) and w.backend == backend and w.device == device
+                if (same_model(w.model_ref, ref) and backend_name(w.backend) == backend and w.device == device
                         and w.state in (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY)):  # fmt: skip
                     free = w.slots_available - self.dispatched.pending(w)
                     if free > most:
@@ -236,7 +233,7 @@ class TaskRunner:
 
     async def _start(self, link: HiveLink, record: NodeRecord, ref: str, backend: str,
                      req: tasks_pb2.SubmitInferenceRequest, relay: EventRelay) -> registry_pb2.WorkerAccess:  # fmt: skip
-        request = registry_pb2.StartWorkerRequest(model_ref=ref, backend=backend, device=req.device, slots=req.slots,
+        request = registry_pb2.StartWorkerRequest(model_ref=ref, backend=backend_enum(backend), device=req.device, slots=req.slots,
                                                   queen_keep_alive=self.keepalive is not None)  # fmt: skip
         call = link.workers.StartWorker(request, metadata=link.md, timeout=START_WORKER_TIMEOUT_S)
         access = None

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from rbee.backends import backend_name
 from rbee.narration import Narrator
 from rbee.v1 import common_pb2, registry_pb2, tasks_pb2
 
@@ -40,12 +41,15 @@ MAX_WORKER_ID = 128
 
 
 def _admissible(info: common_pb2.WorkerInfo) -> bool:
-    return 0 < len(info.id) <= MAX_WORKER_ID and info.ByteSize() <= MAX_WORKER_INFO_BYTES
+    # A worker on a backend this queen does not know (a newer hive's) is not listed.
+    known = info.backend in common_pb2.Backend.values()
+    return 0 < len(info.id) <= MAX_WORKER_ID and info.ByteSize() <= MAX_WORKER_INFO_BYTES and known
 
 
 def capability(info: common_pb2.WorkerInfo) -> str:
     """``cpu`` for the CPU backend, ``BACKEND:DEVICE`` otherwise (``cuda:1``)."""
-    return info.backend if info.backend in ("cpu", "") else f"{info.backend}:{info.device}"
+    backend = backend_name(info.backend)
+    return backend if backend in ("cpu", "") else f"{backend}:{info.device}"
 
 
 def reachable_address(record: NodeRecord, address: str) -> str:

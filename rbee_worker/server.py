@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from rbee.backends import backend_enum
 from rbee.config import VERSION
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
@@ -214,7 +215,7 @@ class Worker:
                 address=identity.address,
                 model_ref=identity.model_ref,
                 model_path=identity.model_path,
-                backend=identity.backend,
+                backend=backend_enum(identity.backend),
                 device=identity.device,
                 state=status.state,
                 slots_total=servicer.slots_total,

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from rbee.backends import backend_enum
 from rbee.config import VERSION
 from rbee.errors import RbeeError
 from rbee.narration import Narrator, stage_of
@@ -99,7 +100,7 @@ class InferenceServicer(SleepRpcs, inference_pb2_grpc.InferenceServiceServicer):
             slots_total=self.slots_total,
             slots_busy=self.slots_busy,
             model_ref=ident.model_ref,
-            backend=ident.backend,
+            backend=backend_enum(ident.backend),
             device=ident.device,
             max_model_len=info.max_model_len if info else 0,
             engine_version=info.engine_version if info else "",

@@ -16,6 +16,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rbee.backends import backend_enum
 from rbee.auth import auth_metadata
 from rbee.channel import CHANNEL_OPTIONS
 from rbee.errors import RbeeError, from_rpc_error
@@ -69,6 +70,8 @@ class Hive:
             pass
 
     def spawn(self, **fields: Any) -> registry_pb2.SpawnWorkerResponse:
+        if isinstance(fields.get("backend"), str):
+            fields["backend"] = backend_enum(fields["backend"])
         reply = self.call(self.workers.SpawnWorker, registry_pb2.SpawnWorkerRequest(**fields), 600)
         self.remember()
         return reply

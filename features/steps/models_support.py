@@ -13,6 +13,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rbee.backends import backend_enum
 from rbee.auth import auth_metadata
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import format_line
@@ -116,7 +117,7 @@ class SyncHive:
         lines: list[str] = []
         try:
             for msg in self.stub.ProvisionWorker(
-                provisioning_pb2.ProvisionWorkerRequest(backend=backend, source=source, force=force),
+                provisioning_pb2.ProvisionWorkerRequest(backend=backend_enum(backend), source=source, force=force),
                 metadata=self.md, timeout=900,
             ):  # fmt: skip
                 if msg.HasField("environment"):

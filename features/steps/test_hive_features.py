@@ -16,6 +16,7 @@ import psutil
 import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
+from rbee.backends import backend_enum
 from rbee.auth import auth_metadata
 from rbee.channel import CHANNEL_OPTIONS
 from rbee.errors import RbeeError, from_rpc_error
@@ -192,7 +193,7 @@ def _detect_prints(ctx, text):
 def _check(ctx, backend, device):
     hive = ctx["hive"]
     request = preflight_pb2.CheckWorkerResourcesRequest(
-        model_size_bytes=MODEL_MB * MB, backend=backend, device=device, needs_download=True
+        model_size_bytes=MODEL_MB * MB, backend=backend_enum(backend), device=device, needs_download=True
     )
     _refusal(ctx, lambda: hive.call(hive.preflight.CheckWorkerResources, request))
 

@@ -11,7 +11,7 @@ import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from features.steps.models_support import SyncHive
-from rbee.v1 import provisioning_pb2
+from rbee.v1 import common_pb2, provisioning_pb2
 from rbee_hive.catalog.workers import WorkerCatalog
 from rbee_hive.provisioner.engines import hive_site_packages
 from rbee_hive.provisioner.resolver import ProvisioningResolver
@@ -121,7 +121,7 @@ def _resolve(s53):
 def _recorded(s53, env_id):
     env = s53.env
     env_dir = s53.home / "workers" / env_id
-    assert (env.id, env.backend, env.worker_type, env.path) == (env_id, "cpu", "llm-worker-rbee", str(env_dir))
+    assert (env.id, env.backend, env.worker_type, env.path) == (env_id, common_pb2.BACKEND_CPU, "llm-worker-rbee", str(env_dir))
     assert env.binary_path == str(env_dir / "bin" / "llm-worker-rbee") and env.source.startswith(str(REPO))
     assert env.version == "0.1.0" and env.installed_at_unix_ms > 0
     row = WorkerCatalog(s53.home / "workers.db").get(env_id)
@@ -129,11 +129,11 @@ def _recorded(s53, env_id):
     assert row.installed_at_unix * 1000 == env.installed_at_unix_ms
     # ListWorkerEnvironments shows it for its backend only.
     listed = s53.hive.stub.ListWorkerEnvironments(
-        provisioning_pb2.ListWorkerEnvironmentsRequest(backend="cpu"), metadata=s53.hive.md, timeout=60
+        provisioning_pb2.ListWorkerEnvironmentsRequest(backend=common_pb2.BACKEND_CPU), metadata=s53.hive.md, timeout=60
     )
     assert [e.id for e in listed.environments] == [env_id]
     cuda = s53.hive.stub.ListWorkerEnvironments(
-        provisioning_pb2.ListWorkerEnvironmentsRequest(backend="cuda"), metadata=s53.hive.md, timeout=60
+        provisioning_pb2.ListWorkerEnvironmentsRequest(backend=common_pb2.BACKEND_CUDA), metadata=s53.hive.md, timeout=60
     )
     assert list(cuda.environments) == []
 

@@ -19,6 +19,32 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Backend:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BackendEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Backend.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BACKEND_UNSPECIFIED: _Backend.ValueType  # 0
+    BACKEND_CPU: _Backend.ValueType  # 1
+    BACKEND_CUDA: _Backend.ValueType  # 2
+    BACKEND_METAL: _Backend.ValueType  # 3
+
+class Backend(_Backend, metaclass=_BackendEnumTypeWrapper):
+    """The compute backend a worker runs on. Inside the daemons and the CLI a
+    backend is its lowercase name ("cpu", "cuda", "metal"); rbee/backends.py
+    converts at the contract. BACKEND_UNSPECIFIED means "not given": in a
+    request, the daemon picks (cpu, unless the field says otherwise); a daemon
+    answers a number it does not know (a newer client's) with INVALID_ARGUMENT
+    (INVALID_BACKEND).
+    """
+
+BACKEND_UNSPECIFIED: Backend.ValueType  # 0
+BACKEND_CPU: Backend.ValueType  # 1
+BACKEND_CUDA: Backend.ValueType  # 2
+BACKEND_METAL: Backend.ValueType  # 3
+Global___Backend: _TypeAlias = Backend  # noqa: Y015
+
 class _WorkerState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -320,7 +346,7 @@ class WorkerInfo(_message.Message):
     """host:port of the worker's gRPC server."""
     model_ref: _builtins.str
     model_path: _builtins.str
-    backend: _builtins.str
+    backend: Global___Backend.ValueType
     device: _builtins.int
     state: Global___WorkerState.ValueType
     slots_total: _builtins.int
@@ -360,7 +386,7 @@ class WorkerInfo(_message.Message):
         address: _builtins.str = ...,
         model_ref: _builtins.str = ...,
         model_path: _builtins.str = ...,
-        backend: _builtins.str = ...,
+        backend: Global___Backend.ValueType = ...,
         device: _builtins.int = ...,
         state: Global___WorkerState.ValueType = ...,
         slots_total: _builtins.int = ...,

@@ -82,7 +82,7 @@ class GetReadinessResponse(_message.Message):
     slots_total: _builtins.int
     slots_busy: _builtins.int
     model_ref: _builtins.str
-    backend: _builtins.str
+    backend: _common_pb2.Backend.ValueType
     device: _builtins.int
     max_model_len: _builtins.int
     """Most tokens (prompt + completion) the model accepts."""
@@ -102,7 +102,7 @@ class GetReadinessResponse(_message.Message):
         slots_total: _builtins.int = ...,
         slots_busy: _builtins.int = ...,
         model_ref: _builtins.str = ...,
-        backend: _builtins.str = ...,
+        backend: _common_pb2.Backend.ValueType = ...,
         device: _builtins.int = ...,
         max_model_len: _builtins.int = ...,
         engine_version: _builtins.str = ...,

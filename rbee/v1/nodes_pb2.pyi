@@ -45,13 +45,12 @@ class BackendDevices(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     DEVICE_COUNT_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """"cpu", "cuda" or "metal"."""
+    name: _common_pb2.Backend.ValueType
     device_count: _builtins.int
     def __init__(
         self,
         *,
-        name: _builtins.str = ...,
+        name: _common_pb2.Backend.ValueType = ...,
         device_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015

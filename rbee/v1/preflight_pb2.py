@@ -22,37 +22,38 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from rbee.v1 import common_pb2 as rbee_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rbee/v1/preflight.proto\x12\x07rbee.v1\"\x16\n\x14GetHiveHealthRequest\"\x9c\x01\n\x15GetHiveHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x11\n\tuptime_ms\x18\x05 \x01(\x03\x12\x0f\n\x07workers\x18\x06 \x01(\r\x12\x17\n\x0fidle_timeout_ms\x18\x07 \x01(\x04\"\x14\n\x12GetBackendsRequest\"P\n\x07\x42\x61\x63kend\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x14\n\x0c\x64\x65vice_count\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"9\n\x13GetBackendsResponse\x12\"\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x10.rbee.v1.Backend\"\x15\n\x13GetResourcesRequest\"c\n\x0cGpuResources\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10vram_total_bytes\x18\x03 \x01(\x04\x12\x1c\n\x14vram_available_bytes\x18\x04 \x01(\x04\"\xd0\x01\n\x14GetResourcesResponse\x12\x17\n\x0fram_total_bytes\x18\x01 \x01(\x04\x12\x1b\n\x13ram_available_bytes\x18\x02 \x01(\x04\x12\x11\n\tdisk_path\x18\x03 \x01(\t\x12\x18\n\x10\x64isk_total_bytes\x18\x04 \x01(\x04\x12\x1c\n\x14\x64isk_available_bytes\x18\x05 \x01(\x04\x12#\n\x04gpus\x18\x06 \x03(\x0b\x32\x15.rbee.v1.GpuResources\x12\x12\n\noverridden\x18\x07 \x01(\x08\"\x84\x01\n\x1b\x43heckWorkerResourcesRequest\x12\x18\n\x10model_size_bytes\x18\x01 \x01(\x04\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\r\x12\x16\n\x0eneeds_download\x18\x05 \x01(\x08\"o\n\rResourceCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x16\n\x0erequired_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x61vailable_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07message\x18\x05 \x01(\t\"`\n\x1c\x43heckWorkerResourcesResponse\x12&\n\x06\x63hecks\x18\x01 \x03(\x0b\x32\x16.rbee.v1.ResourceCheck\x12\x18\n\x10model_size_bytes\x18\x02 \x01(\x04\x32\xde\x02\n\x10PreflightService\x12N\n\rGetHiveHealth\x12\x1d.rbee.v1.GetHiveHealthRequest\x1a\x1e.rbee.v1.GetHiveHealthResponse\x12H\n\x0bGetBackends\x12\x1b.rbee.v1.GetBackendsRequest\x1a\x1c.rbee.v1.GetBackendsResponse\x12K\n\x0cGetResources\x12\x1c.rbee.v1.GetResourcesRequest\x1a\x1d.rbee.v1.GetResourcesResponse\x12\x63\n\x14\x43heckWorkerResources\x12$.rbee.v1.CheckWorkerResourcesRequest\x1a%.rbee.v1.CheckWorkerResourcesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rbee/v1/preflight.proto\x12\x07rbee.v1\x1a\x14rbee/v1/common.proto\"\x16\n\x14GetHiveHealthRequest\"\x9c\x01\n\x15GetHiveHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x11\n\tuptime_ms\x18\x05 \x01(\x03\x12\x0f\n\x07workers\x18\x06 \x01(\r\x12\x17\n\x0fidle_timeout_ms\x18\x07 \x01(\x04\"\x14\n\x12GetBackendsRequest\"f\n\x0b\x42\x61\x63kendInfo\x12\x1e\n\x04name\x18\x01 \x01(\x0e\x32\x10.rbee.v1.Backend\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x14\n\x0c\x64\x65vice_count\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"=\n\x13GetBackendsResponse\x12&\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x14.rbee.v1.BackendInfo\"\x15\n\x13GetResourcesRequest\"c\n\x0cGpuResources\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10vram_total_bytes\x18\x03 \x01(\x04\x12\x1c\n\x14vram_available_bytes\x18\x04 \x01(\x04\"\xd0\x01\n\x14GetResourcesResponse\x12\x17\n\x0fram_total_bytes\x18\x01 \x01(\x04\x12\x1b\n\x13ram_available_bytes\x18\x02 \x01(\x04\x12\x11\n\tdisk_path\x18\x03 \x01(\t\x12\x18\n\x10\x64isk_total_bytes\x18\x04 \x01(\x04\x12\x1c\n\x14\x64isk_available_bytes\x18\x05 \x01(\x04\x12#\n\x04gpus\x18\x06 \x03(\x0b\x32\x15.rbee.v1.GpuResources\x12\x12\n\noverridden\x18\x07 \x01(\x08\"\x96\x01\n\x1b\x43heckWorkerResourcesRequest\x12\x18\n\x10model_size_bytes\x18\x01 \x01(\x04\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12!\n\x07\x62\x61\x63kend\x18\x03 \x01(\x0e\x32\x10.rbee.v1.Backend\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\r\x12\x16\n\x0eneeds_download\x18\x05 \x01(\x08\"o\n\rResourceCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x16\n\x0erequired_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x61vailable_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07message\x18\x05 \x01(\t\"`\n\x1c\x43heckWorkerResourcesResponse\x12&\n\x06\x63hecks\x18\x01 \x03(\x0b\x32\x16.rbee.v1.ResourceCheck\x12\x18\n\x10model_size_bytes\x18\x02 \x01(\x04\x32\xde\x02\n\x10PreflightService\x12N\n\rGetHiveHealth\x12\x1d.rbee.v1.GetHiveHealthRequest\x1a\x1e.rbee.v1.GetHiveHealthResponse\x12H\n\x0bGetBackends\x12\x1b.rbee.v1.GetBackendsRequest\x1a\x1c.rbee.v1.GetBackendsResponse\x12K\n\x0cGetResources\x12\x1c.rbee.v1.GetResourcesRequest\x1a\x1d.rbee.v1.GetResourcesResponse\x12\x63\n\x14\x43heckWorkerResources\x12$.rbee.v1.CheckWorkerResourcesRequest\x1a%.rbee.v1.CheckWorkerResourcesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rbee.v1.preflight_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETHIVEHEALTHREQUEST']._serialized_start=36
-  _globals['_GETHIVEHEALTHREQUEST']._serialized_end=58
-  _globals['_GETHIVEHEALTHRESPONSE']._serialized_start=61
-  _globals['_GETHIVEHEALTHRESPONSE']._serialized_end=217
-  _globals['_GETBACKENDSREQUEST']._serialized_start=219
-  _globals['_GETBACKENDSREQUEST']._serialized_end=239
-  _globals['_BACKEND']._serialized_start=241
-  _globals['_BACKEND']._serialized_end=321
-  _globals['_GETBACKENDSRESPONSE']._serialized_start=323
-  _globals['_GETBACKENDSRESPONSE']._serialized_end=380
-  _globals['_GETRESOURCESREQUEST']._serialized_start=382
-  _globals['_GETRESOURCESREQUEST']._serialized_end=403
-  _globals['_GPURESOURCES']._serialized_start=405
-  _globals['_GPURESOURCES']._serialized_end=504
-  _globals['_GETRESOURCESRESPONSE']._serialized_start=507
-  _globals['_GETRESOURCESRESPONSE']._serialized_end=715
-  _globals['_CHECKWORKERRESOURCESREQUEST']._serialized_start=718
-  _globals['_CHECKWORKERRESOURCESREQUEST']._serialized_end=850
-  _globals['_RESOURCECHECK']._serialized_start=852
-  _globals['_RESOURCECHECK']._serialized_end=963
-  _globals['_CHECKWORKERRESOURCESRESPONSE']._serialized_start=965
-  _globals['_CHECKWORKERRESOURCESRESPONSE']._serialized_end=1061
-  _globals['_PREFLIGHTSERVICE']._serialized_start=1064
-  _globals['_PREFLIGHTSERVICE']._serialized_end=1414
+  _globals['_GETHIVEHEALTHREQUEST']._serialized_start=58
+  _globals['_GETHIVEHEALTHREQUEST']._serialized_end=80
+  _globals['_GETHIVEHEALTHRESPONSE']._serialized_start=83
+  _globals['_GETHIVEHEALTHRESPONSE']._serialized_end=239
+  _globals['_GETBACKENDSREQUEST']._serialized_start=241
+  _globals['_GETBACKENDSREQUEST']._serialized_end=261
+  _globals['_BACKENDINFO']._serialized_start=263
+  _globals['_BACKENDINFO']._serialized_end=365
+  _globals['_GETBACKENDSRESPONSE']._serialized_start=367
+  _globals['_GETBACKENDSRESPONSE']._serialized_end=428
+  _globals['_GETRESOURCESREQUEST']._serialized_start=430
+  _globals['_GETRESOURCESREQUEST']._serialized_end=451
+  _globals['_GPURESOURCES']._serialized_start=453
+  _globals['_GPURESOURCES']._serialized_end=552
+  _globals['_GETRESOURCESRESPONSE']._serialized_start=555
+  _globals['_GETRESOURCESRESPONSE']._serialized_end=763
+  _globals['_CHECKWORKERRESOURCESREQUEST']._serialized_start=766
+  _globals['_CHECKWORKERRESOURCESREQUEST']._serialized_end=916
+  _globals['_RESOURCECHECK']._serialized_start=918
+  _globals['_RESOURCECHECK']._serialized_end=1029
+  _globals['_CHECKWORKERRESOURCESRESPONSE']._serialized_start=1031
+  _globals['_CHECKWORKERRESOURCESRESPONSE']._serialized_end=1127
+  _globals['_PREFLIGHTSERVICE']._serialized_start=1130
+  _globals['_PREFLIGHTSERVICE']._serialized_end=1480
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from rbee.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -93,15 +94,14 @@ class GetBackendsRequest(_message.Message):
 Global___GetBackendsRequest: _TypeAlias = GetBackendsRequest  # noqa: Y015
 
 @_typing.final
-class Backend(_message.Message):
+class BackendInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
     DEVICE_COUNT_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """"cpu", "cuda" or "metal"."""
+    name: _common_pb2.Backend.ValueType
     available: _builtins.bool
     device_count: _builtins.int
     detail: _builtins.str
@@ -109,7 +109,7 @@ class Backend(_message.Message):
     def __init__(
         self,
         *,
-        name: _builtins.str = ...,
+        name: _common_pb2.Backend.ValueType = ...,
         available: _builtins.bool = ...,
         device_count: _builtins.int = ...,
         detail: _builtins.str = ...,
@@ -120,7 +120,7 @@ class Backend(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Backend: _TypeAlias = Backend  # noqa: Y015
+Global___BackendInfo: _TypeAlias = BackendInfo  # noqa: Y015
 
 @_typing.final
 class GetBackendsResponse(_message.Message):
@@ -128,13 +128,13 @@ class GetBackendsResponse(_message.Message):
 
     BACKENDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___Backend]:
+    def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackendInfo]:
         """Every backend rbee knows, available or not."""
 
     def __init__(
         self,
         *,
-        backends: _abc.Iterable[Global___Backend] | None = ...,
+        backends: _abc.Iterable[Global___BackendInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -242,7 +242,8 @@ class CheckWorkerResourcesRequest(_message.Message):
     """Folder or file of the model under the hive's model folders (used when
     model_size_bytes is 0).
     """
-    backend: _builtins.str
+    backend: _common_pb2.Backend.ValueType
+    """Required: BACKEND_UNSPECIFIED fails with INVALID_BACKEND."""
     device: _builtins.int
     needs_download: _builtins.bool
     """The model is not on disk yet: also check free disk space for it."""
@@ -251,7 +252,7 @@ class CheckWorkerResourcesRequest(_message.Message):
         *,
         model_size_bytes: _builtins.int = ...,
         model_path: _builtins.str = ...,
-        backend: _builtins.str = ...,
+        backend: _common_pb2.Backend.ValueType = ...,
         device: _builtins.int = ...,
         needs_download: _builtins.bool = ...,
     ) -> None: ...

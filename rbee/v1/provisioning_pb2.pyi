@@ -103,13 +103,13 @@ class DownloadModelRequest(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     model_ref: _builtins.str
     """hf:ORG/REPO[/FILE][@REVISION] or file:///abs/path."""
-    backend: _builtins.str
-    """Optional: prepare the model for this backend's engine ("cpu", "cuda")."""
+    backend: _common_pb2.Backend.ValueType
+    """Optional: prepare the model for this backend's engine (UNSPECIFIED = none)."""
     def __init__(
         self,
         *,
         model_ref: _builtins.str = ...,
-        backend: _builtins.str = ...,
+        backend: _common_pb2.Backend.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -243,7 +243,7 @@ class WorkerEnvironment(_message.Message):
     id: _builtins.str
     """e.g. "llm-worker-rbee-cpu"."""
     worker_type: _builtins.str
-    backend: _builtins.str
+    backend: _common_pb2.Backend.ValueType
     path: _builtins.str
     """The environment's folder ($RBEE_HOME/workers/<id>)."""
     binary_path: _builtins.str
@@ -262,7 +262,7 @@ class WorkerEnvironment(_message.Message):
         *,
         id: _builtins.str = ...,
         worker_type: _builtins.str = ...,
-        backend: _builtins.str = ...,
+        backend: _common_pb2.Backend.ValueType = ...,
         features: _abc.Iterable[_builtins.str] | None = ...,
         path: _builtins.str = ...,
         binary_path: _builtins.str = ...,
@@ -284,12 +284,12 @@ class ListWorkerEnvironmentsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BACKEND_FIELD_NUMBER: _builtins.int
-    backend: _builtins.str
-    """Optional filter: "cpu", "cuda", "metal"."""
+    backend: _common_pb2.Backend.ValueType
+    """Optional filter (UNSPECIFIED = every backend)."""
     def __init__(
         self,
         *,
-        backend: _builtins.str = ...,
+        backend: _common_pb2.Backend.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -326,7 +326,8 @@ class ProvisionWorkerRequest(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
-    backend: _builtins.str
+    backend: _common_pb2.Backend.ValueType
+    """Required: UNSPECIFIED fails with INVALID_ARGUMENT (INVALID_BACKEND)."""
     source: _builtins.str
     """Optional: one of the project sources the hive's operator configured
     (worker_sources), named by its path; default: the hive's own
@@ -338,7 +339,7 @@ class ProvisionWorkerRequest(_message.Message):
     def __init__(
         self,
         *,
-        backend: _builtins.str = ...,
+        backend: _common_pb2.Backend.ValueType = ...,
         source: _builtins.str = ...,
         force: _builtins.bool = ...,
     ) -> None: ...

@@ -79,7 +79,8 @@ class SpawnWorkerRequest(_message.Message):
     file://model_path). Alone: a catalog entry ("hf:ORG/REPO"), whose files
     the worker loads.
     """
-    backend: _builtins.str
+    backend: _common_pb2.Backend.ValueType
+    """BACKEND_UNSPECIFIED = cpu."""
     device: _builtins.int
     slots: _builtins.int
     """Request slots of the worker (0 = the worker's default, at most 256)."""
@@ -92,7 +93,7 @@ class SpawnWorkerRequest(_message.Message):
         *,
         model_path: _builtins.str = ...,
         model_ref: _builtins.str = ...,
-        backend: _builtins.str = ...,
+        backend: _common_pb2.Backend.ValueType = ...,
         device: _builtins.int = ...,
         slots: _builtins.int = ...,
         worker_api_key: _builtins.str = ...,
@@ -144,8 +145,8 @@ class StartWorkerRequest(_message.Message):
     QUEEN_KEEP_ALIVE_FIELD_NUMBER: _builtins.int
     model_ref: _builtins.str
     """hf:ORG/REPO[/FILE][@REV] or file:///abs/path."""
-    backend: _builtins.str
-    """"cpu", "cuda" or "metal"; "" = cpu."""
+    backend: _common_pb2.Backend.ValueType
+    """BACKEND_UNSPECIFIED = cpu."""
     device: _builtins.int
     slots: _builtins.int
     """Request slots (0 = the worker's default, at most 256)."""
@@ -157,7 +158,7 @@ class StartWorkerRequest(_message.Message):
         self,
         *,
         model_ref: _builtins.str = ...,
-        backend: _builtins.str = ...,
+        backend: _common_pb2.Backend.ValueType = ...,
         device: _builtins.int = ...,
         slots: _builtins.int = ...,
         queen_keep_alive: _builtins.bool = ...,

@@ -22,31 +22,32 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from rbee.v1 import common_pb2 as rbee_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rbee/v1/replicas.proto\x12\x07rbee.v1\"\xeb\x02\n\nDeployment\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\r\n\x05nodes\x18\x03 \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x05 \x01(\x03\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\r\n\x05ready\x18\x07 \x01(\r\x12\x0f\n\x07workers\x18\x08 \x03(\t\x12\x30\n\rcurrent_state\x18\t \x01(\x0e\x32\x19.rbee.v1.Deployment.State\x12\x14\n\x0cstate_detail\x18\x0b \x01(\t\x12\x12\n\nlast_error\x18\n \x01(\t\"o\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATE_STARTING\x10\x01\x12\x12\n\x0eSTATE_COMPLETE\x10\x02\x12\x14\n\x10STATE_RESTARTING\x10\x03\x12\x11\n\rSTATE_WAITING\x10\x04\"Y\n\x12\x44\x65ployModelRequest\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\r\n\x05nodes\x18\x03 \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\"P\n\x13\x44\x65ployModelResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.rbee.v1.Deployment\x12\x10\n\x08replaced\x18\x02 \x01(\x08\")\n\x14UndeployModelRequest\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\"Q\n\x15UndeployModelResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.rbee.v1.Deployment\x12\x0f\n\x07stopped\x18\x02 \x03(\t\"\x18\n\x16ListDeploymentsRequest\"C\n\x17ListDeploymentsResponse\x12(\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x13.rbee.v1.Deployment2\x80\x02\n\x0eReplicaService\x12H\n\x0b\x44\x65ployModel\x12\x1b.rbee.v1.DeployModelRequest\x1a\x1c.rbee.v1.DeployModelResponse\x12N\n\rUndeployModel\x12\x1d.rbee.v1.UndeployModelRequest\x1a\x1e.rbee.v1.UndeployModelResponse\x12T\n\x0fListDeployments\x12\x1f.rbee.v1.ListDeploymentsRequest\x1a .rbee.v1.ListDeploymentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rbee/v1/replicas.proto\x12\x07rbee.v1\x1a\x14rbee/v1/common.proto\"\xfd\x02\n\nDeployment\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\r\n\x05nodes\x18\x03 \x03(\t\x12!\n\x07\x62\x61\x63kend\x18\x04 \x01(\x0e\x32\x10.rbee.v1.Backend\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x05 \x01(\x03\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\r\n\x05ready\x18\x07 \x01(\r\x12\x0f\n\x07workers\x18\x08 \x03(\t\x12\x30\n\rcurrent_state\x18\t \x01(\x0e\x32\x19.rbee.v1.Deployment.State\x12\x14\n\x0cstate_detail\x18\x0b \x01(\t\x12\x12\n\nlast_error\x18\n \x01(\t\"o\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATE_STARTING\x10\x01\x12\x12\n\x0eSTATE_COMPLETE\x10\x02\x12\x14\n\x10STATE_RESTARTING\x10\x03\x12\x11\n\rSTATE_WAITING\x10\x04\"k\n\x12\x44\x65ployModelRequest\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\r\n\x05nodes\x18\x03 \x03(\t\x12!\n\x07\x62\x61\x63kend\x18\x04 \x01(\x0e\x32\x10.rbee.v1.Backend\"P\n\x13\x44\x65ployModelResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.rbee.v1.Deployment\x12\x10\n\x08replaced\x18\x02 \x01(\x08\")\n\x14UndeployModelRequest\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\"Q\n\x15UndeployModelResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.rbee.v1.Deployment\x12\x0f\n\x07stopped\x18\x02 \x03(\t\"\x18\n\x16ListDeploymentsRequest\"C\n\x17ListDeploymentsResponse\x12(\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x13.rbee.v1.Deployment2\x80\x02\n\x0eReplicaService\x12H\n\x0b\x44\x65ployModel\x12\x1b.rbee.v1.DeployModelRequest\x1a\x1c.rbee.v1.DeployModelResponse\x12N\n\rUndeployModel\x12\x1d.rbee.v1.UndeployModelRequest\x1a\x1e.rbee.v1.UndeployModelResponse\x12T\n\x0fListDeployments\x12\x1f.rbee.v1.ListDeploymentsRequest\x1a .rbee.v1.ListDeploymentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rbee.v1.replicas_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEPLOYMENT']._serialized_start=36
-  _globals['_DEPLOYMENT']._serialized_end=399
-  _globals['_DEPLOYMENT_STATE']._serialized_start=288
-  _globals['_DEPLOYMENT_STATE']._serialized_end=399
-  _globals['_DEPLOYMODELREQUEST']._serialized_start=401
-  _globals['_DEPLOYMODELREQUEST']._serialized_end=490
-  _globals['_DEPLOYMODELRESPONSE']._serialized_start=492
-  _globals['_DEPLOYMODELRESPONSE']._serialized_end=572
-  _globals['_UNDEPLOYMODELREQUEST']._serialized_start=574
-  _globals['_UNDEPLOYMODELREQUEST']._serialized_end=615
-  _globals['_UNDEPLOYMODELRESPONSE']._serialized_start=617
-  _globals['_UNDEPLOYMODELRESPONSE']._serialized_end=698
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=700
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=724
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=726
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=793
-  _globals['_REPLICASERVICE']._serialized_start=796
-  _globals['_REPLICASERVICE']._serialized_end=1052
+  _globals['_DEPLOYMENT']._serialized_start=58
+  _globals['_DEPLOYMENT']._serialized_end=439
+  _globals['_DEPLOYMENT_STATE']._serialized_start=328
+  _globals['_DEPLOYMENT_STATE']._serialized_end=439
+  _globals['_DEPLOYMODELREQUEST']._serialized_start=441
+  _globals['_DEPLOYMODELREQUEST']._serialized_end=548
+  _globals['_DEPLOYMODELRESPONSE']._serialized_start=550
+  _globals['_DEPLOYMODELRESPONSE']._serialized_end=630
+  _globals['_UNDEPLOYMODELREQUEST']._serialized_start=632
+  _globals['_UNDEPLOYMODELREQUEST']._serialized_end=673
+  _globals['_UNDEPLOYMODELRESPONSE']._serialized_start=675
+  _globals['_UNDEPLOYMODELRESPONSE']._serialized_end=756
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=758
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=782
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=784
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=851
+  _globals['_REPLICASERVICE']._serialized_start=854
+  _globals['_REPLICASERVICE']._serialized_end=1110
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from rbee.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -69,8 +70,7 @@ class Deployment(_message.Message):
     """The canonical model reference (hf:ORG/REPO[/FILE][@REV] or file:///path)."""
     replicas: _builtins.int
     """Workers wanted."""
-    backend: _builtins.str
-    """"cpu", "cuda" or "metal"."""
+    backend: _common_pb2.Backend.ValueType
     created_at_unix_ms: _builtins.int
     running: _builtins.int
     """Workers of the model on the allowed nodes now (loading, idle or busy),
@@ -99,7 +99,7 @@ class Deployment(_message.Message):
         model_ref: _builtins.str = ...,
         replicas: _builtins.int = ...,
         nodes: _abc.Iterable[_builtins.str] | None = ...,
-        backend: _builtins.str = ...,
+        backend: _common_pb2.Backend.ValueType = ...,
         created_at_unix_ms: _builtins.int = ...,
         running: _builtins.int = ...,
         ready: _builtins.int = ...,
@@ -128,8 +128,8 @@ class DeployModelRequest(_message.Message):
     """hf:ORG/REPO[/FILE][@REV] or file:///abs/path."""
     replicas: _builtins.int
     """1..64."""
-    backend: _builtins.str
-    """"cpu", "cuda" or "metal"; "" = cpu."""
+    backend: _common_pb2.Backend.ValueType
+    """BACKEND_UNSPECIFIED = cpu."""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Registered node names (at most 64); empty = any node."""
@@ -140,7 +140,7 @@ class DeployModelRequest(_message.Message):
         model_ref: _builtins.str = ...,
         replicas: _builtins.int = ...,
         nodes: _abc.Iterable[_builtins.str] | None = ...,
-        backend: _builtins.str = ...,
+        backend: _common_pb2.Backend.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

@@ -25,33 +25,33 @@ _sym_db = _symbol_database.Default()
 from rbee.v1 import common_pb2 as rbee_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13rbee/v1/tasks.proto\x12\x07rbee.v1\x1a\x14rbee/v1/common.proto\"}\n\x16SubmitInferenceRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tmodel_ref\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\r\x12\r\n\x05slots\x18\x05 \x01(\r\x12\x12\n\nkeep_alive\x18\x06 \x01(\t\"D\n\x0f\x46itModelRequest\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\r\n\x05slots\x18\x03 \x01(\r\"\xce\x02\n\x07NodeFit\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\x0f\n\x07problem\x18\x03 \x01(\t\x12\x11\n\testimated\x18\x04 \x01(\x08\x12\x12\n\nneed_bytes\x18\x05 \x01(\x04\x12\x15\n\rweights_bytes\x18\x06 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x07 \x01(\x04\x12\x16\n\x0eoverhead_bytes\x18\x08 \x01(\x04\x12\r\n\x05\x64type\x18\t \x01(\t\x12\r\n\x05slots\x18\n \x01(\r\x12\x0f\n\x07\x63ontext\x18\x0b \x01(\r\x12\x12\n\nfree_bytes\x18\x0c \x01(\x04\x12\x0c\n\x04\x66its\x18\r \x01(\x08\x12\x13\n\x0bholds_model\x18\x0e \x01(\x08\x12\x0c\n\x04line\x18\x0f \x01(\t\x12\x10\n\x08measured\x18\x10 \x01(\x08\x12\x1d\n\x15measured_device_bytes\x18\x11 \x01(\x04\"[\n\x10\x46itModelResponse\x12\x1f\n\x05nodes\x18\x01 \x03(\x0b\x32\x10.rbee.v1.NodeFit\x12\x13\n\x0bplaced_node\x18\x02 \x01(\t\x12\x11\n\tplacement\x18\x03 \x01(\t\"v\n\x10WorkerAssignment\x12\x0c\n\x04node\x18\x01 \x01(\t\x12#\n\x06worker\x18\x02 \x01(\x0b\x32\x13.rbee.v1.WorkerInfo\x12\x0f\n\x07\x61pi_key\x18\x03 \x01(\t\x12\x0c\n\x04warm\x18\x04 \x01(\x08\x12\x10\n\x08queen_ms\x18\x05 \x01(\x04\"c\n\tTaskEvent\x12\x1f\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x0e.rbee.v1.EventH\x00\x12-\n\x08\x61ssigned\x18\x02 \x01(\x0b\x32\x19.rbee.v1.WorkerAssignmentH\x00\x42\x06\n\x04kind\"u\n\x19ListClusterWorkersRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tmodel_ref\x18\x02 \x01(\t\x12\x12\n\ncapability\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.rbee.v1.WorkerState\"\x88\x01\n\rClusterWorker\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x14\n\x0chive_address\x18\x02 \x01(\t\x12#\n\x06worker\x18\x03 \x01(\x0b\x32\x13.rbee.v1.WorkerInfo\x12\x12\n\ncapability\x18\x04 \x01(\t\x12\x1a\n\x12last_heard_unix_ms\x18\x05 \x01(\x03\"E\n\x1aListClusterWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.rbee.v1.ClusterWorker2\x98\x01\n\x0bTaskService\x12H\n\x0fSubmitInference\x12\x1f.rbee.v1.SubmitInferenceRequest\x1a\x12.rbee.v1.TaskEvent0\x01\x12?\n\x08\x46itModel\x12\x18.rbee.v1.FitModelRequest\x1a\x19.rbee.v1.FitModelResponse2u\n\x14\x43lusterWorkerService\x12]\n\x12ListClusterWorkers\x12\".rbee.v1.ListClusterWorkersRequest\x1a#.rbee.v1.ListClusterWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13rbee/v1/tasks.proto\x12\x07rbee.v1\x1a\x14rbee/v1/common.proto\"\x8f\x01\n\x16SubmitInferenceRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tmodel_ref\x18\x02 \x01(\t\x12!\n\x07\x62\x61\x63kend\x18\x03 \x01(\x0e\x32\x10.rbee.v1.Backend\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\r\x12\r\n\x05slots\x18\x05 \x01(\r\x12\x12\n\nkeep_alive\x18\x06 \x01(\t\"V\n\x0f\x46itModelRequest\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\x12!\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x10.rbee.v1.Backend\x12\r\n\x05slots\x18\x03 \x01(\r\"\xce\x02\n\x07NodeFit\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\x0f\n\x07problem\x18\x03 \x01(\t\x12\x11\n\testimated\x18\x04 \x01(\x08\x12\x12\n\nneed_bytes\x18\x05 \x01(\x04\x12\x15\n\rweights_bytes\x18\x06 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x07 \x01(\x04\x12\x16\n\x0eoverhead_bytes\x18\x08 \x01(\x04\x12\r\n\x05\x64type\x18\t \x01(\t\x12\r\n\x05slots\x18\n \x01(\r\x12\x0f\n\x07\x63ontext\x18\x0b \x01(\r\x12\x12\n\nfree_bytes\x18\x0c \x01(\x04\x12\x0c\n\x04\x66its\x18\r \x01(\x08\x12\x13\n\x0bholds_model\x18\x0e \x01(\x08\x12\x0c\n\x04line\x18\x0f \x01(\t\x12\x10\n\x08measured\x18\x10 \x01(\x08\x12\x1d\n\x15measured_device_bytes\x18\x11 \x01(\x04\"[\n\x10\x46itModelResponse\x12\x1f\n\x05nodes\x18\x01 \x03(\x0b\x32\x10.rbee.v1.NodeFit\x12\x13\n\x0bplaced_node\x18\x02 \x01(\t\x12\x11\n\tplacement\x18\x03 \x01(\t\"v\n\x10WorkerAssignment\x12\x0c\n\x04node\x18\x01 \x01(\t\x12#\n\x06worker\x18\x02 \x01(\x0b\x32\x13.rbee.v1.WorkerInfo\x12\x0f\n\x07\x61pi_key\x18\x03 \x01(\t\x12\x0c\n\x04warm\x18\x04 \x01(\x08\x12\x10\n\x08queen_ms\x18\x05 \x01(\x04\"c\n\tTaskEvent\x12\x1f\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x0e.rbee.v1.EventH\x00\x12-\n\x08\x61ssigned\x18\x02 \x01(\x0b\x32\x19.rbee.v1.WorkerAssignmentH\x00\x42\x06\n\x04kind\"u\n\x19ListClusterWorkersRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tmodel_ref\x18\x02 \x01(\t\x12\x12\n\ncapability\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.rbee.v1.WorkerState\"\x88\x01\n\rClusterWorker\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x14\n\x0chive_address\x18\x02 \x01(\t\x12#\n\x06worker\x18\x03 \x01(\x0b\x32\x13.rbee.v1.WorkerInfo\x12\x12\n\ncapability\x18\x04 \x01(\t\x12\x1a\n\x12last_heard_unix_ms\x18\x05 \x01(\x03\"E\n\x1aListClusterWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.rbee.v1.ClusterWorker2\x98\x01\n\x0bTaskService\x12H\n\x0fSubmitInference\x12\x1f.rbee.v1.SubmitInferenceRequest\x1a\x12.rbee.v1.TaskEvent0\x01\x12?\n\x08\x46itModel\x12\x18.rbee.v1.FitModelRequest\x1a\x19.rbee.v1.FitModelResponse2u\n\x14\x43lusterWorkerService\x12]\n\x12ListClusterWorkers\x12\".rbee.v1.ListClusterWorkersRequest\x1a#.rbee.v1.ListClusterWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rbee.v1.tasks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBMITINFERENCEREQUEST']._serialized_start=54
-  _globals['_SUBMITINFERENCEREQUEST']._serialized_end=179
-  _globals['_FITMODELREQUEST']._serialized_start=181
-  _globals['_FITMODELREQUEST']._serialized_end=249
-  _globals['_NODEFIT']._serialized_start=252
-  _globals['_NODEFIT']._serialized_end=586
-  _globals['_FITMODELRESPONSE']._serialized_start=588
-  _globals['_FITMODELRESPONSE']._serialized_end=679
-  _globals['_WORKERASSIGNMENT']._serialized_start=681
-  _globals['_WORKERASSIGNMENT']._serialized_end=799
-  _globals['_TASKEVENT']._serialized_start=801
-  _globals['_TASKEVENT']._serialized_end=900
-  _globals['_LISTCLUSTERWORKERSREQUEST']._serialized_start=902
-  _globals['_LISTCLUSTERWORKERSREQUEST']._serialized_end=1019
-  _globals['_CLUSTERWORKER']._serialized_start=1022
-  _globals['_CLUSTERWORKER']._serialized_end=1158
-  _globals['_LISTCLUSTERWORKERSRESPONSE']._serialized_start=1160
-  _globals['_LISTCLUSTERWORKERSRESPONSE']._serialized_end=1229
-  _globals['_TASKSERVICE']._serialized_start=1232
-  _globals['_TASKSERVICE']._serialized_end=1384
-  _globals['_CLUSTERWORKERSERVICE']._serialized_start=1386
-  _globals['_CLUSTERWORKERSERVICE']._serialized_end=1503
+  _globals['_SUBMITINFERENCEREQUEST']._serialized_start=55
+  _globals['_SUBMITINFERENCEREQUEST']._serialized_end=198
+  _globals['_FITMODELREQUEST']._serialized_start=200
+  _globals['_FITMODELREQUEST']._serialized_end=286
+  _globals['_NODEFIT']._serialized_start=289
+  _globals['_NODEFIT']._serialized_end=623
+  _globals['_FITMODELRESPONSE']._serialized_start=625
+  _globals['_FITMODELRESPONSE']._serialized_end=716
+  _globals['_WORKERASSIGNMENT']._serialized_start=718
+  _globals['_WORKERASSIGNMENT']._serialized_end=836
+  _globals['_TASKEVENT']._serialized_start=838
+  _globals['_TASKEVENT']._serialized_end=937
+  _globals['_LISTCLUSTERWORKERSREQUEST']._serialized_start=939
+  _globals['_LISTCLUSTERWORKERSREQUEST']._serialized_end=1056
+  _globals['_CLUSTERWORKER']._serialized_start=1059
+  _globals['_CLUSTERWORKER']._serialized_end=1195
+  _globals['_LISTCLUSTERWORKERSRESPONSE']._serialized_start=1197
+  _globals['_LISTCLUSTERWORKERSRESPONSE']._serialized_end=1266
+  _globals['_TASKSERVICE']._serialized_start=1269
+  _globals['_TASKSERVICE']._serialized_end=1421
+  _globals['_CLUSTERWORKERSERVICE']._serialized_start=1423
+  _globals['_CLUSTERWORKERSERVICE']._serialized_end=1540
 # @@protoc_insertion_point(module_scope)

@@ -37,8 +37,8 @@ class SubmitInferenceRequest(_message.Message):
     """
     model_ref: _builtins.str
     """hf:ORG/REPO[/FILE][@REV] or file:///abs/path (on the node)."""
-    backend: _builtins.str
-    """"cpu", "cuda" or "metal"; "" = cpu."""
+    backend: _common_pb2.Backend.ValueType
+    """BACKEND_UNSPECIFIED = cpu."""
     device: _builtins.int
     slots: _builtins.int
     """Request slots of a newly spawned worker; 0 = the worker's default."""
@@ -57,7 +57,7 @@ class SubmitInferenceRequest(_message.Message):
         *,
         node: _builtins.str = ...,
         model_ref: _builtins.str = ...,
-        backend: _builtins.str = ...,
+        backend: _common_pb2.Backend.ValueType = ...,
         device: _builtins.int = ...,
         slots: _builtins.int = ...,
         keep_alive: _builtins.str = ...,
@@ -79,15 +79,15 @@ class FitModelRequest(_message.Message):
     SLOTS_FIELD_NUMBER: _builtins.int
     model_ref: _builtins.str
     """hf:ORG/REPO[/FILE][@REV] or file:///abs/path."""
-    backend: _builtins.str
-    """"cpu", "cuda" or "metal"; "" = cpu."""
+    backend: _common_pb2.Backend.ValueType
+    """BACKEND_UNSPECIFIED = cpu."""
     slots: _builtins.int
     """Request slots of the worker; 0 = the worker's default."""
     def __init__(
         self,
         *,
         model_ref: _builtins.str = ...,
-        backend: _builtins.str = ...,
+        backend: _common_pb2.Backend.ValueType = ...,
         slots: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015

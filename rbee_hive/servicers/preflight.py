@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 
+from rbee.backends import backend_enum, backend_name
 from rbee.errors import RbeeError
 from rbee.rpc import handle_errors
 from rbee.v1 import preflight_pb2, preflight_pb2_grpc
@@ -37,7 +38,7 @@ class PreflightServicer(preflight_pb2_grpc.PreflightServiceServicer):
         detection = await asyncio.to_thread(detect, self._ctx.resources)
         return preflight_pb2.GetBackendsResponse(
             backends=[
-                preflight_pb2.Backend(name=b.name, available=b.available, device_count=b.device_count, detail=b.detail)
+                preflight_pb2.BackendInfo(name=backend_enum(b.name), available=b.available, device_count=b.device_count, detail=b.detail)
                 for b in detection.backends
             ]
         )
@@ -77,7 +78,7 @@ class PreflightServicer(preflight_pb2_grpc.PreflightServiceServicer):
             size = await asyncio.to_thread(model_size, path)
         detection = await asyncio.to_thread(detect, self._ctx.resources)
         res = await asyncio.to_thread(self._ctx.resources.snapshot, self._ctx.settings.models_dir)
-        backend = request.backend.strip().lower()
+        backend = backend_name(request.backend)
         memory = None
         if path is not None:  # the dtype the worker would choose, from the model's config.json
             memory = await asyncio.to_thread(

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from rbee.backends import backend_enum, backend_name
 from rbee.cpus import read_cpu_flags
 from rbee.errors import RbeeError
 from rbee.fit import fit_facts
@@ -20,7 +21,6 @@ from rbee.v1 import common_pb2, provisioning_pb2, provisioning_pb2_grpc
 from rbee_hive.catalog.fits import listing_metadata
 from rbee_hive.catalog.models import ModelCatalog, ModelRecord
 from rbee_hive.catalog.workers import WorkerCatalog, WorkerEnvRecord
-from rbee_hive.provisioner.engines import validate_backend
 from rbee_hive.provisioner.events import Reporter
 from rbee_hive.provisioner.models import ModelProvisioner
 from rbee_hive.provisioner.resolver import ProvisioningResolver
@@ -70,7 +70,7 @@ def worker_environment(record: WorkerEnvRecord) -> provisioning_pb2.WorkerEnviro
     return provisioning_pb2.WorkerEnvironment(
         id=record.id,
         worker_type=record.worker_type,
-        backend=record.backend,
+        backend=backend_enum(record.backend),
         features=record.features,
         path=record.path,
         binary_path=str(record.binary),
@@ -89,7 +89,7 @@ class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):
 
     @handle_errors
     async def DownloadModel(self, request: provisioning_pb2.DownloadModelRequest, context: grpc.aio.ServicerContext):
-        backend = validate_backend(request.backend) if request.backend else ""
+        backend = backend_name(request.backend)
         async for item in self.models.download(request.model_ref, backend):
             if isinstance(item, ModelRecord):
                 loadable = self.models.loadable_path(item, backend) if backend else None
@@ -123,7 +123,7 @@ class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):
     async def ListWorkerEnvironments(
         self, request: provisioning_pb2.ListWorkerEnvironmentsRequest, context: grpc.aio.ServicerContext
     ):
-        records = await asyncio.to_thread(self.workers.list, request.backend or None)
+        records = await asyncio.to_thread(self.workers.list, backend_name(request.backend) or None)
         return provisioning_pb2.ListWorkerEnvironmentsResponse(environments=[worker_environment(r) for r in records])
 
     @handle_errors
@@ -132,7 +132,7 @@ class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):
         report = Reporter(self.narrator)
         report.add_listener(queue.put_nowait)
         task = asyncio.create_task(
-            self.workers.provision(request.backend, report, request.source or None, request.force)
+            self.workers.provision(backend_name(request.backend), report, request.source or None, request.force)
         )
         task.add_done_callback(lambda _t: queue.put_nowait(None))
         # A client that goes away does not stop an install half-way through

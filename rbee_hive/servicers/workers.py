@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from rbee.backends import backend_name
 from rbee.errors import RbeeError
 from rbee.rpc import handle_errors
 from rbee.v1 import common_pb2, registry_pb2, registry_pb2_grpc
@@ -30,7 +31,7 @@ class HiveWorkerServicer(registry_pb2_grpc.HiveWorkerServiceServicer):
     async def SpawnWorker(self, request, context: grpc.aio.ServicerContext) -> registry_pb2.SpawnWorkerResponse:
         spec = SpawnSpec(
             model_path=request.model_path,
-            backend=request.backend or "cpu",
+            backend=backend_name(request.backend) or "cpu",
             device=request.device,
             model_ref=request.model_ref,
             slots=request.slots,

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rbee.backends import backend_enum
 from rbee.auth import new_api_key
 from rbee.errors import RbeeError
 from rbee.v1 import common_pb2
@@ -93,7 +94,7 @@ class WorkerRecord:
             address=self.address,
             model_ref=self.model_ref,
             model_path=self.model_path,
-            backend=self.backend,
+            backend=backend_enum(self.backend),
             device=self.device,
             state=self.state,
             slots_total=self.slots_total,

@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from rbee.backends import backend_name
 from rbee.errors import RbeeError
 from rbee.modelref import parse_model_ref
 from rbee.narration import event
 from rbee.v1 import common_pb2, registry_pb2
 
-from rbee_hive.provisioner.engines import validate_backend
 from rbee_hive.workers.manager import SpawnSpec, WorkerManager
 from rbee_hive.workers.registry import WorkerRecord
 
@@ -29,7 +29,7 @@ Emit = Callable[[common_pb2.Event], None]
 
 async def start_worker(manager: WorkerManager, models, request: registry_pb2.StartWorkerRequest, emit: Emit) -> WorkerRecord:
     ref = str(parse_model_ref(request.model_ref))
-    backend = validate_backend(request.backend or "cpu")
+    backend = backend_name(request.backend) or "cpu"
     if models is None:
         raise RbeeError("NOT_FOUND", "This hive has no model catalog to start workers from")
 

@@ -8,6 +8,7 @@ import json
 import sys
 from datetime import datetime
 
+from rbee.backends import backend_enum, backend_name
 from rbee.enum_words import DEPLOYMENT_STATES
 from rbee.v1 import replicas_pb2
 
@@ -21,7 +22,7 @@ MAX_NODES = 64
 
 
 def deployment_dict(d: replicas_pb2.Deployment) -> dict:
-    return {"model_ref": d.model_ref, "replicas": d.replicas, "nodes": list(d.nodes), "backend": d.backend,
+    return {"model_ref": d.model_ref, "replicas": d.replicas, "nodes": list(d.nodes), "backend": backend_name(d.backend),
             "created_at_unix_ms": d.created_at_unix_ms, "running": d.running, "ready": d.ready, "workers": list(d.workers),
             "current_state": DEPLOYMENT_STATES.word(d.current_state), "state_detail": d.state_detail,
             "last_error": d.last_error}  # fmt: skip
@@ -65,7 +66,7 @@ async def deploy(model: str, replicas: int, nodes: str | None, backend: str, que
     if not 1 <= replicas <= MAX_REPLICAS:
         raise invalid_argument("--replicas", replicas, f"must be between 1 and {MAX_REPLICAS}",
                                f"Pass --replicas 1 to {MAX_REPLICAS}: `rbee-keeper models deploy {model} --replicas 2`")  # fmt: skip
-    request = replicas_pb2.DeployModelRequest(model_ref=model, replicas=replicas, nodes=parse_nodes(nodes), backend=backend)
+    request = replicas_pb2.DeployModelRequest(model_ref=model, replicas=replicas, nodes=parse_nodes(nodes), backend=backend_enum(backend))
     async with QueenClient.connect(resolve_queen(queen), api_key) as client:
         reply = await client.deploy_model(request)
     d = reply.deployment

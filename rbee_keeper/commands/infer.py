@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import typer
 
+from rbee.backends import backend_enum
 from rbee.errors import RbeeError
 from rbee.modelref import parse_model_ref
 
@@ -196,7 +197,7 @@ async def _infer_with_queen(args, node: str | None, model: str | None, queen: st
     from rbee_keeper.queen_mode import run_with_queen
 
     narrate = narrator()
-    request = tasks_pb2.SubmitInferenceRequest(node=node or "", model_ref=model, backend=backend or "cpu", device=device or 0, slots=slots,
+    request = tasks_pb2.SubmitInferenceRequest(node=node or "", model_ref=model, backend=backend_enum(backend or "cpu"), device=device or 0, slots=slots,
                                                keep_alive=keep_alive)  # fmt: skip
     # The queen queues for busy slots: the blind retries are the direct mode's alone (rbee_keeper/queen_mode.py).
     timeouts = replace(timeouts, busy_delays_s=())

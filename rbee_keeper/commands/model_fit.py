@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from rbee.backends import backend_enum
 from rbee.fit import gib
 from rbee.v1 import tasks_pb2
 
@@ -49,7 +50,7 @@ def _need(n: tasks_pb2.NodeFit) -> str:
 async def fit(model: str, backend: str, slots: int, queen: str | None, api_key: str | None, as_json: bool) -> int:
     from rbee_keeper.queen_client import QueenClient
 
-    request = tasks_pb2.FitModelRequest(model_ref=model, backend=backend, slots=slots)
+    request = tasks_pb2.FitModelRequest(model_ref=model, backend=backend_enum(backend), slots=slots)
     async with QueenClient.connect(resolve_queen(queen), api_key) as client:
         reply = await client.fit_model(request)
     if as_json:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from rbee.backends import backend_name
 from rbee.errors import RbeeError
 from rbee.narration import format_line
 from rbee.v1 import nodes_pb2
@@ -52,7 +53,7 @@ def _node_dict(n: nodes_pb2.Node) -> dict:
         "status": STATUS.get(n.status, "unknown"),
         "last_connected_unix_ms": n.last_connected_unix_ms,
         "last_error": n.last_error,
-        "backends": {b.name: b.device_count for b in n.backends},
+        "backends": {backend_name(b.name): b.device_count for b in n.backends},
         "hive_version": n.hive_version,
         "hive_running": n.hive_running,
         "tls": n.tls,
@@ -224,7 +225,7 @@ def list_nodes_cmd(
             nodes, as_json, _node_dict, "No nodes registered: add one with `rbee-keeper setup add-node --name NAME ...`",
             ("NAME", "HOST", "STATUS", "LAST CONNECTED", "INSTALL PATH", "BACKENDS", "HIVE"),
             lambda n: (n.name, _host(n), STATUS.get(n.status, "unknown"), _when(n.last_connected_unix_ms), n.install_path,
-                       ", ".join(f"{b.name}×{b.device_count}" for b in n.backends) or "-",
+                       ", ".join(f"{backend_name(b.name)}×{b.device_count}" for b in n.backends) or "-",
                        (f"up :{n.hive_port}" if n.hive_running else f"down :{n.hive_port}")
                        + (f" ({n.hive_version})" if n.hive_version else "") + (" TLS" if n.tls else "")),
         )  # fmt: skip

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typer
 
+from rbee.backends import backend_name
 from rbee_keeper.common import QUEEN_OPTION, run
 
 
@@ -100,7 +101,7 @@ async def _status(queen: str | None, api_key: str | None, as_json: bool) -> int:
     for n in nodes:
         host = "(this machine)" if n.transport == "local" else f"{n.ssh_user}@{n.ssh_host}:{n.ssh_port}"
         hive = (f"up :{n.hive_port}" if n.hive_running else f"down :{n.hive_port}") + (f" ({n.hive_version})" if n.hive_version else "")
-        backends = ", ".join(f"{b.name}×{b.device_count}" for b in n.backends) or "-"
+        backends = ", ".join(f"{backend_name(b.name)}×{b.device_count}" for b in n.backends) or "-"
         table.add_row(n.name, host, STATUS.get(n.status, "unknown"), hive, backends)
     console.print(table if nodes else "nodes: none registered (rbee-keeper setup add-node --name NAME ...)", markup=False)
     table = Table("NODE", "WORKER", "MODEL", "DEVICE", "SLOTS FREE", "STATE", title="workers", title_justify="left")

@@ -9,6 +9,7 @@ from datetime import datetime
 
 import typer
 
+from rbee.backends import backend_enum, backend_name
 from rbee.config import MAX_SLOTS
 from rbee.errors import RbeeError
 from rbee.modelref import parse_model_ref
@@ -41,7 +42,7 @@ def _worker_dict(w: common_pb2.WorkerInfo) -> dict:
         "id": w.id,
         "state": _state(w.state),
         "model_ref": w.model_ref,
-        "backend": w.backend,
+        "backend": backend_name(w.backend),
         "device": w.device,
         "address": w.address,
         "slots_total": w.slots_total,
@@ -116,7 +117,7 @@ def list_cmd(
         return show_listing(
             workers, as_json, _worker_dict, f"No workers on {client.address}",
             ("ID", "STATE", "MODEL", "BACKEND", "ENGINE", "ADDRESS", "SLOTS FREE", "LOAD", "PID"),
-            lambda w: (w.id, _state(w.state), w.model_ref, f"{w.backend}:{w.device}", _engine(w), w.address,
+            lambda w: (w.id, _state(w.state), w.model_ref, f"{backend_name(w.backend)}:{w.device}", _engine(w), w.address,
                        f"{w.slots_available}/{w.slots_total}", _load(w), str(w.pid)),
         )  # fmt: skip
 
@@ -246,9 +247,9 @@ def spawn_cmd(
             path, ref = "", str(parse_model_ref(model))
         else:
             path, ref = model, model_ref
-        request = registry_pb2.SpawnWorkerRequest(model_path=path, backend=b or "cpu", device=d or 0, model_ref=ref, slots=slots)
+        request = registry_pb2.SpawnWorkerRequest(model_path=path, backend=backend_enum(b or "cpu"), device=d or 0, model_ref=ref, slots=slots)
         async with await hive_for(hive, node, api_key, queen) as client:
-            say("🚀", f"Asking {client.address} to start a worker for {model_ref or model} on {request.backend}:{request.device}")
+            say("🚀", f"Asking {client.address} to start a worker for {model_ref or model} on {b or 'cpu'}:{request.device}")
             reply = await client.spawn(request, timeout)
             worker = reply.worker
             say("📞", f"{worker.id} is up on {worker.address} (state {_state(worker.state)}); log on the node: {reply.log_path}")
@@ -279,7 +280,7 @@ def _env_dict(e: provisioning_pb2.WorkerEnvironment) -> dict:
     return {
         "id": e.id,
         "worker_type": e.worker_type,
-        "backend": e.backend,
+        "backend": backend_name(e.backend),
         "features": list(e.features),
         "path": e.path,
         "binary_path": e.binary_path,
@@ -311,7 +312,7 @@ def envs_cmd(
         return show_listing(
             envs, as_json, _env_dict, f"No worker environments on {client.address}" + (f" for {wanted}" if wanted else ""),
             ("ID", "BACKEND", "VERSION", "ENGINE", "INSTALLED", "PATH"),
-            lambda e: (e.id, e.backend, e.version, e.engine, _when(e.installed_at_unix_ms), e.path),
+            lambda e: (e.id, backend_name(e.backend), e.version, e.engine, _when(e.installed_at_unix_ms), e.path),
         )
 
     run(go())

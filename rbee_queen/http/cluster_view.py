@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from rbee.backends import backend_enum, backend_name
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.modelref import parse_model_ref
 from rbee.v1 import common_pb2, nodes_pb2, preflight_pb2, provisioning_pb2, registry_pb2
@@ -108,7 +109,7 @@ def workers_view(queen: Any) -> list[dict]:
         load = w.load if w.HasField("load") else None
         out.append({
             "id": w.id, "node": c.node, "model": w.model_ref, "state": state_name(w.state), "address": w.address,
-            "backend": w.backend, "device": w.device, "capability": c.capability, "tls": w.tls,
+            "backend": backend_name(w.backend), "device": w.device, "capability": c.capability, "tls": w.tls,
             "slots_total": w.slots_total, "slots_busy": max(0, w.slots_total - w.slots_available),
             "waiting": load.waiting_requests if load else None,
             "running": load.running_requests if load else None,
@@ -175,7 +176,7 @@ async def start_download(queen: Any, activity: Activity, node: str, model_ref: s
     async def work() -> provisioning_pb2.ModelEntry:
         result = None
         async with HiveLink(record) as link:
-            call = link.provisioning.DownloadModel(provisioning_pb2.DownloadModelRequest(model_ref=ref, backend=backend),
+            call = link.provisioning.DownloadModel(provisioning_pb2.DownloadModelRequest(model_ref=ref, backend=backend_enum(backend)),
                                                    metadata=link.md, timeout=DOWNLOAD_TIMEOUT_S)  # fmt: skip
             try:
                 async for msg in call:

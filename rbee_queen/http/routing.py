@@ -332,7 +332,7 @@ class Router:
             start.publish("🧭 " + chosen.narration())
             start.node = chosen.node
             start.publish(f"loading {start.ref} on {chosen.node}")
-        request = tasks_pb2.SubmitInferenceRequest(node=start.node, model_ref=start.ref, backend="cpu")
+        request = tasks_pb2.SubmitInferenceRequest(node=start.node, model_ref=start.ref, backend=common_pb2.BACKEND_CPU)
         assignment = await self.tasks.submit(request, relay)
         start.warm = assignment.warm
         worker = assignment.worker

@@ -12,11 +12,12 @@ import shlex
 import time
 from pathlib import Path
 
+from rbee.backends import BACKENDS, backend_enum, backend_name
 from rbee.auth import new_api_key
 from rbee.config import remote_settings
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
-from rbee.v1 import nodes_pb2, preflight_pb2
+from rbee.v1 import common_pb2, nodes_pb2, preflight_pb2
 
 from rbee.tls import is_loopback
 from rbee_queen.hives import HiveLink, deliver_tls, hive_preflight, node_home, port_answers, start_hive, stop_hive, tls_name
@@ -374,7 +375,7 @@ class NodeManager:
 
     async def _hive_backends(self, link: HiveLink) -> dict[str, int]:
         reply = await link.call(link.preflight.GetBackends, preflight_pb2.GetBackendsRequest())
-        return {b.name: b.device_count for b in reply.backends if b.available}
+        return {backend_name(b.name): b.device_count for b in reply.backends if b.available and b.name in common_pb2.Backend.values()}
 
     # -- conversion -----------------------------------------------------------------------
 
@@ -398,7 +399,8 @@ class NodeManager:
             status=_STATUS.get(record.status, nodes_pb2.NODE_STATUS_UNKNOWN),
             last_connected_unix_ms=record.last_connected_unix * 1000,
             last_error=record.last_error,
-            backends=[nodes_pb2.BackendDevices(name=b, device_count=n) for b, n in sorted(record.backends.items())],
+            backends=[nodes_pb2.BackendDevices(name=backend_enum(b), device_count=n) for b, n in sorted(record.backends.items())
+                      if b in BACKENDS],
             hive_version=record.hive_version,
             hive_running=running,
             hive_started_by_queen=record.name in self.started_hives,

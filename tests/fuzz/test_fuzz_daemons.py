@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rbee.scopes import SERVICES
+from rbee.v1 import common_pb2
 from tests.fuzz.conftest import Daemon, examples
 from tests.fuzz.wire import CLIENT_OPTIONS, Request, all_methods, call, edge_messages, message, raw_payload
 
@@ -20,14 +21,15 @@ METHODS = all_methods()
 HIVE = sorted(m for m in METHODS if SERVICES.get(m.split("/")[1]) == "hive")
 QUEEN = sorted(m for m in METHODS if SERVICES.get(m.split("/")[1]) == "queen")
 LOOPBACK = ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.1:22", ""]
-BACKENDS = ("cpu", "cuda", "metal")
+# The backends a hive builds environments for: ProvisionWorker never gets one.
+BUILDABLE = (common_pb2.BACKEND_CPU, common_pb2.BACKEND_CUDA, common_pb2.BACKEND_METAL)
 
 
 def pin_hive(method: str, msg) -> None:
     """What must not happen on the test machine: building a real worker
     environment (pip) for a valid backend."""
-    if method.endswith("/ProvisionWorker") and msg.backend.strip().lower() in BACKENDS:
-        msg.backend = msg.backend + "-fuzz"
+    if method.endswith("/ProvisionWorker") and msg.backend in BUILDABLE:
+        msg.backend = 99  # a number no backend has: refused before any build
 
 
 def pin_queen(method: str, msg) -> None:
@@ -53,7 +55,7 @@ def hive_request(draw, daemon: Daemon):
         if name in desc.input_type.fields_by_name and draw(st.integers(0, 3)) == 0:
             setattr(msg, name, draw(st.sampled_from([str(tiny), f"file://{tiny}", str(tiny.parent)])))
     if "backend" in desc.input_type.fields_by_name and draw(st.booleans()):
-        msg.backend = "cpu"
+        msg.backend = common_pb2.BACKEND_CPU
     pin_hive(method, msg)
     return Request(method, msg.SerializeToString())
 

@@ -215,7 +215,7 @@ async def provision(hive: HiveProc) -> tuple[provisioning_pb2.WorkerEnvironment 
     stub = provisioning_pb2_grpc.ProvisioningServiceStub(hive._channel())
     env, lines = None, []
     try:
-        async for msg in stub.ProvisionWorker(provisioning_pb2.ProvisionWorkerRequest(backend="cpu"), metadata=hive.md, timeout=900):
+        async for msg in stub.ProvisionWorker(provisioning_pb2.ProvisionWorkerRequest(backend=common_pb2.BACKEND_CPU), metadata=hive.md, timeout=900):
             if msg.HasField("environment"):
                 env = msg.environment
             elif msg.event.HasField("narration"):

@@ -44,7 +44,7 @@ async def front_door(tmp_path: Path, address: str, public: bool = False) -> Asyn
     """The queen's app as start_front_door builds it, over a registry that knows
     one worker of node "here" (as its hive would report it)."""
     registry = ClusterWorkers(120)
-    info = common_pb2.WorkerInfo(id="w-1", address=address, model_ref=MODEL, backend="cpu", state=common_pb2.WORKER_STATE_IDLE,
+    info = common_pb2.WorkerInfo(id="w-1", address=address, model_ref=MODEL, backend=common_pb2.BACKEND_CPU, state=common_pb2.WORKER_STATE_IDLE,
                                  slots_total=SLOTS, slots_available=SLOTS)  # fmt: skip
     registry.apply("here", "127.0.0.1:1", registry_pb2.WatchWorkersResponse(snapshot=True, hive_instance="i", workers=[info]))
     db = tmp_path / "beehives.db"

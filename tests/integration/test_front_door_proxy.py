@@ -57,7 +57,7 @@ class FrontDoor:
 async def front_door(tmp_path: Path, address: str, key: str, slots: int, verifier=None) -> AsyncIterator[FrontDoor]:
     """The app over a registry that knows one worker (as a hive would report it)."""
     registry = ClusterWorkers(120)
-    info = common_pb2.WorkerInfo(id="w-1", address=address, model_ref=MODEL, backend="cpu", state=common_pb2.WORKER_STATE_IDLE,
+    info = common_pb2.WorkerInfo(id="w-1", address=address, model_ref=MODEL, backend=common_pb2.BACKEND_CPU, state=common_pb2.WORKER_STATE_IDLE,
                                  slots_total=slots, slots_available=slots)  # fmt: skip
     registry.apply("here", "127.0.0.1:1", registry_pb2.WatchWorkersResponse(snapshot=True, hive_instance="i", workers=[info]))
     store = NodeStore(tmp_path / "beehives.db")

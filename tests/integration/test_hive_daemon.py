@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
+from rbee.backends import backend_enum
 from rbee.errors import RbeeError
 from rbee.v1 import preflight_pb2
 from tests.fixtures.common import VENV_BIN, proc_env
@@ -103,6 +104,7 @@ async def test_health_version_and_keys(start_hive):
 
 
 async def check(hive: HiveProc, **fields) -> preflight_pb2.CheckWorkerResourcesResponse:
+    fields["backend"] = backend_enum(fields.get("backend"))
     return await hive.call(hive.preflight.CheckWorkerResources, preflight_pb2.CheckWorkerResourcesRequest(**fields))
 
 

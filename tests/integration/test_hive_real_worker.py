@@ -119,7 +119,7 @@ async def test_list_filters_by_model_and_state(spawned: Spawned):
     assert [w.id for w in await hive.list(state=S.WORKER_STATE_IDLE)] == [spawned.worker.id]
     assert await hive.list(state=S.WORKER_STATE_LOADING) == []
     w = (await hive.list())[0]
-    assert (w.model_ref, w.backend, w.device, w.model_path) == (MODEL_REF, "cpu", 0, spawned.worker.model_path)
+    assert (w.model_ref, w.backend, w.device, w.model_path) == (MODEL_REF, common_pb2.BACKEND_CPU, 0, spawned.worker.model_path)
 
 
 async def test_tokens_stream_from_the_spawned_worker(spawned: Spawned):
@@ -172,11 +172,11 @@ async def test_real_figures_of_this_machine(spawned: Spawned, default_model: Pat
     assert res.ram_total_bytes == psutil.virtual_memory().total and not res.overridden
     assert res.disk_total_bytes == psutil.disk_usage(res.disk_path).total
     backends = await hive.call(hive.preflight.GetBackends, preflight_pb2.GetBackendsRequest())
-    assert {b.name: b.available for b in backends.backends}["cpu"]
+    assert {b.name: b.available for b in backends.backends}[common_pb2.BACKEND_CPU]
     size = sum(p.stat().st_size for p in default_model.rglob("*") if p.is_file())
     ok = await hive.call(
         hive.preflight.CheckWorkerResources,
-        preflight_pb2.CheckWorkerResourcesRequest(model_path=str(default_model), backend="cpu"),
+        preflight_pb2.CheckWorkerResourcesRequest(model_path=str(default_model), backend=common_pb2.BACKEND_CPU),
     )
     ram = next(c for c in ok.checks if c.name == "ram")
     assert ok.model_size_bytes == size

@@ -14,6 +14,7 @@ import grpc
 import psutil
 import pytest
 
+from rbee.backends import backend_enum
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import format_line
 from rbee.v1 import common_pb2, provisioning_pb2, provisioning_pb2_grpc
@@ -39,11 +40,14 @@ class Provisioned:
         return "\n".join(self.lines)
 
 
-async def provision(hive: HiveProc, backend: str = "cpu", source: str = "", force: bool = False) -> Provisioned:
+async def provision(hive: HiveProc, backend: str | int = "cpu", source: str = "", force: bool = False) -> Provisioned:
+    # A name, or an enum number as a client sends it (one this hive may not know).
     stub = provisioning_pb2_grpc.ProvisioningServiceStub(hive._channel())
     out = Provisioned()
     call = stub.ProvisionWorker(
-        provisioning_pb2.ProvisionWorkerRequest(backend=backend, source=source, force=force), metadata=hive.md, timeout=900
+        provisioning_pb2.ProvisionWorkerRequest(
+            backend=backend_enum(backend) if isinstance(backend, str) else backend, source=source, force=force),
+        metadata=hive.md, timeout=900
     )
     try:
         async for msg in call:
@@ -136,7 +140,9 @@ async def test_cuda_without_a_driver_says_so_with_the_install_link(start_hive, t
 
 @pytest.mark.parametrize(
     ("backend", "source", "code"),
-    [("tpu", "", "INVALID_BACKEND"), ("cpu", "/no/such/source", "PATH_NOT_ALLOWED"), ("cpu", "{allowed}", "NOT_FOUND")],
+    # 99: a backend number this hive does not know (a newer client's); "": none given.
+    [(99, "", "INVALID_BACKEND"), ("", "", "INVALID_BACKEND"), ("cpu", "/no/such/source", "PATH_NOT_ALLOWED"),
+     ("cpu", "{allowed}", "NOT_FOUND")],
 )
 async def test_bad_requests(start_hive, tmp_path, backend, source, code):
     # A configured source that is not there (yet) is NOT_FOUND; any other is not allowed.

@@ -26,7 +26,7 @@ FLOOD = 2000
 
 
 def worker(i: int, model_ref: str = "hf:o/r") -> common_pb2.WorkerInfo:
-    return common_pb2.WorkerInfo(id=f"w{i:05d}", model_ref=model_ref, backend="cpu", address=f"127.0.0.1:{20000 + i % 1000}",
+    return common_pb2.WorkerInfo(id=f"w{i:05d}", model_ref=model_ref, backend=common_pb2.BACKEND_CPU, address=f"127.0.0.1:{20000 + i % 1000}",
                                  state=common_pb2.WORKER_STATE_IDLE)  # fmt: skip
 
 

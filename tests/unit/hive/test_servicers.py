@@ -5,6 +5,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rbee.backends import backend_enum, backend_name
 from rbee.auth import auth_metadata
 from rbee.channel import open_channel
 from rbee.errors import RbeeError, from_rpc_error
@@ -69,17 +70,17 @@ async def test_health_is_open_and_everything_else_needs_the_key(hive):
 async def test_backends_resources_and_checks(hive):
     _, channel = hive
     stub = preflight_pb2_grpc.PreflightServiceStub(channel)
-    backends = {b.name: b for b in (await call(stub.GetBackends, preflight_pb2.GetBackendsRequest())).backends}
+    backends = {backend_name(b.name): b for b in (await call(stub.GetBackends, preflight_pb2.GetBackendsRequest())).backends}
     assert backends["cuda"].available and backends["cuda"].device_count == 1
     res = await call(stub.GetResources, preflight_pb2.GetResourcesRequest())
     assert res.ram_available_bytes == 4000 * MB and res.gpus[0].vram_available_bytes == 1000 * MB
-    ok = await call(stub.CheckWorkerResources, preflight_pb2.CheckWorkerResourcesRequest(model_size_bytes=800 * MB, backend="cuda"))
+    ok = await call(stub.CheckWorkerResources, preflight_pb2.CheckWorkerResourcesRequest(model_size_bytes=800 * MB, backend=common_pb2.BACKEND_CUDA))
     assert [(c.name, c.required_bytes, c.available_bytes) for c in ok.checks][-1] == ("vram", 960 * MB, 1000 * MB)
     with pytest.raises(RbeeError) as exc:
-        await call(stub.CheckWorkerResources, preflight_pb2.CheckWorkerResourcesRequest(model_size_bytes=900 * MB, backend="cuda"))
+        await call(stub.CheckWorkerResources, preflight_pb2.CheckWorkerResourcesRequest(model_size_bytes=900 * MB, backend=common_pb2.BACKEND_CUDA))
     assert exc.value.code == "VRAM_EXHAUSTED" and exc.value.details["required_mb"] == "1080"
     with pytest.raises(RbeeError) as exc:
-        await call(stub.CheckWorkerResources, preflight_pb2.CheckWorkerResourcesRequest(backend="cpu"))
+        await call(stub.CheckWorkerResources, preflight_pb2.CheckWorkerResourcesRequest(backend=common_pb2.BACKEND_CPU))
     assert exc.value.code == "INVALID_ARGUMENT"
 
 
@@ -90,7 +91,7 @@ async def test_spawn_without_worker_program_names_the_expected_path(hive, tmp_pa
     (model / "w").write_bytes(b"x" * 100)
     stub = registry_pb2_grpc.HiveWorkerServiceStub(channel)
     with pytest.raises(RbeeError) as exc:
-        await call(stub.SpawnWorker, registry_pb2.SpawnWorkerRequest(model_path=str(model), backend="cpu"))
+        await call(stub.SpawnWorker, registry_pb2.SpawnWorkerRequest(model_path=str(model), backend=common_pb2.BACKEND_CPU))
     assert exc.value.code == "WORKER_BINARY_NOT_FOUND"
     assert exc.value.message == f"Worker binary not found: {tmp_path / 'bin' / 'llm-worker-rbee'}"
     assert any("setup install" in s for s in exc.value.suggestions)
@@ -137,7 +138,7 @@ async def test_the_callback_key_is_checked_before_anything_is_said_about_the_wor
 async def spawn_refusal(channel, **fields) -> RbeeError:
     stub = registry_pb2_grpc.HiveWorkerServiceStub(channel)
     with pytest.raises(RbeeError) as exc:
-        await call(stub.SpawnWorker, registry_pb2.SpawnWorkerRequest(**fields))
+        await call(stub.SpawnWorker, registry_pb2.SpawnWorkerRequest(**{**fields, "backend": backend_enum(fields.get("backend"))}))
     return exc.value
 
 
@@ -156,7 +157,7 @@ async def test_spawn_loads_only_catalog_models_or_paths_under_the_model_folders(
         assert err.details["field"] == "model_path" and err.details["allowed"] == str(tmp_path / "models")
     preflight = preflight_pb2_grpc.PreflightServiceStub(channel)
     with pytest.raises(RbeeError) as exc:
-        await call(preflight.CheckWorkerResources, preflight_pb2.CheckWorkerResourcesRequest(model_path="/", backend="cpu"))
+        await call(preflight.CheckWorkerResources, preflight_pb2.CheckWorkerResourcesRequest(model_path="/", backend=common_pb2.BACKEND_CPU))
     assert exc.value.code == "PATH_NOT_ALLOWED"
     # A catalog entry by reference is loaded from where the catalog has it.
     folder = tmp_path / "models" / "hf" / "acme--tiny"

@@ -56,7 +56,7 @@ class FakeWorker(inference_pb2_grpc.InferenceServiceServicer):
             slots_total=1,
             slots_busy=1 if self.script.busy_times else 0,
             model_ref="file:///models/fake",
-            backend="cpu",
+            backend=common_pb2.BACKEND_CPU,
             device=0,
         )
 

@@ -37,7 +37,7 @@ class ScriptedQueen(tasks_pb2_grpc.TaskServiceServicer):
                             "queued already (--queue-length 64)", {"slots_total": 1, "slots_busy": 1})  # fmt: skip
         yield tasks_pb2.TaskEvent(event=common_pb2.Event(narration=common_pb2.NarrationEvent(
             actor="queen-rbee", emoji="⏳", message="All 1 slots of the model on here are busy: queued, position 1 of 1")))  # fmt: skip
-        worker = common_pb2.WorkerInfo(id="fake-worker", address=self.worker_address, model_ref=request.model_ref, backend="cpu",
+        worker = common_pb2.WorkerInfo(id="fake-worker", address=self.worker_address, model_ref=request.model_ref, backend=common_pb2.BACKEND_CPU,
                                        state=common_pb2.WORKER_STATE_IDLE, slots_total=1, slots_available=1)  # fmt: skip
         yield tasks_pb2.TaskEvent(assigned=tasks_pb2.WorkerAssignment(node="here", worker=worker, api_key=API_KEY, warm=True))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+from rbee.backends import backend_enum
 from rbee.errors import RbeeError
 from rbee.v1 import common_pb2
 from rbee_queen.keepalive import KeepAlive
@@ -50,7 +51,7 @@ def setup(idle_sleep: bool = True, backend: str = "cuda"):
 def put(reg: Registry, clock: Clock, wid: str, backend: str, state=State.WORKER_STATE_IDLE, busy: int = 0,
         active_s_ago: float = 0.0) -> common_pb2.WorkerInfo:  # fmt: skip
     w = reg.put("gpu-node", wid, clock, state, busy=busy, active_s_ago=active_s_ago)
-    w.backend = backend
+    w.backend = backend_enum(backend)
     return w
 
 

@@ -120,7 +120,7 @@ def test_each_queen_has_its_own_registry_and_the_global_one_is_untouched() -> No
 
 
 def worker(wid: str, state: int, total: int, available: int) -> common_pb2.WorkerInfo:
-    return common_pb2.WorkerInfo(id=wid, model_ref=REF, state=state, slots_total=total, slots_available=available, backend="cpu")
+    return common_pb2.WorkerInfo(id=wid, model_ref=REF, state=state, slots_total=total, slots_available=available, backend=common_pb2.BACKEND_CPU)
 
 
 def test_workers_and_nodes_are_read_from_the_registry_at_each_scrape() -> None:

@@ -48,7 +48,7 @@ class FakeCluster(Reconciler):
     async def start_worker(self, record, d, relay) -> registry_pb2.WorkerAccess:
         if self.fail_start is not None:
             raise self.fail_start
-        w = common_pb2.WorkerInfo(id=f"w{next(self._ids)}", model_ref=d.model_ref, backend="cpu", state=S.WORKER_STATE_LOADING)
+        w = common_pb2.WorkerInfo(id=f"w{next(self._ids)}", model_ref=d.model_ref, backend=common_pb2.BACKEND_CPU, state=S.WORKER_STATE_LOADING)
         self.hive_workers.setdefault(record.name, []).append(w)
         self.started.append(f"{record.name}/{w.id}")
         return registry_pb2.WorkerAccess(worker=w)
@@ -58,7 +58,7 @@ class FakeCluster(Reconciler):
 
     def report(self, node: str, state: int = S.WORKER_STATE_IDLE) -> None:
         """The node's hive streams its workers (a snapshot) to the registry."""
-        workers = [common_pb2.WorkerInfo(id=w.id, model_ref=w.model_ref, backend="cpu", state=state) for w in self.hive_workers.get(node, [])]
+        workers = [common_pb2.WorkerInfo(id=w.id, model_ref=w.model_ref, backend=common_pb2.BACKEND_CPU, state=state) for w in self.hive_workers.get(node, [])]
         self.registry.apply(node, f"127.0.0.1:{node}", registry_pb2.WatchWorkersResponse(snapshot=True, hive_instance=node, seq=1, workers=workers))
 
 
@@ -104,8 +104,8 @@ async def test_a_deploy_starts_the_replicas_spread_over_the_nodes(cluster: FakeC
 async def test_a_registry_that_lags_the_hives_starts_nothing(cluster: FakeCluster) -> None:
     """A queen that has just started: its registry is empty, the hives run the replicas."""
     await deploy(cluster, 2)
-    cluster.hive_workers = {"a": [common_pb2.WorkerInfo(id="old1", model_ref=REF, backend="cpu", state=S.WORKER_STATE_IDLE)],
-                            "b": [common_pb2.WorkerInfo(id="old2", model_ref=REF, backend="cpu", state=S.WORKER_STATE_BUSY)]}  # fmt: skip
+    cluster.hive_workers = {"a": [common_pb2.WorkerInfo(id="old1", model_ref=REF, backend=common_pb2.BACKEND_CPU, state=S.WORKER_STATE_IDLE)],
+                            "b": [common_pb2.WorkerInfo(id="old2", model_ref=REF, backend=common_pb2.BACKEND_CPU, state=S.WORKER_STATE_BUSY)]}  # fmt: skip
     [d] = cluster.deployments.list()
     await cluster.reconcile(d)
     assert cluster.started == []

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from rbee.backends import backend_enum
 from rbee.errors import RbeeError
 from rbee.v1 import common_pb2
 
@@ -23,7 +24,7 @@ REF = "hf:org/model"
 
 
 def worker(wid: str, state: int = S.WORKER_STATE_IDLE, ref: str = REF, backend: str = "cpu") -> common_pb2.WorkerInfo:
-    return common_pb2.WorkerInfo(id=wid, model_ref=ref, state=state, backend=backend)
+    return common_pb2.WorkerInfo(id=wid, model_ref=ref, state=state, backend=backend_enum(backend))
 
 
 def test_replicas_are_live_workers_of_the_model_and_backend_on_allowed_nodes() -> None:

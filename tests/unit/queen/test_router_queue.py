@@ -25,7 +25,7 @@ MODEL = "hf:org/model"
 
 def report(registry: ClusterWorkers, seq: int, available: int, activity: int = 0) -> None:
     """What the hive's change stream brings: the worker with its free slots."""
-    info = common_pb2.WorkerInfo(id="w-1", address="127.0.0.1:1", model_ref=MODEL, backend="cpu",
+    info = common_pb2.WorkerInfo(id="w-1", address="127.0.0.1:1", model_ref=MODEL, backend=common_pb2.BACKEND_CPU,
                                  state=common_pb2.WORKER_STATE_IDLE if available else common_pb2.WORKER_STATE_BUSY,
                                  slots_total=1, slots_available=available, last_activity_unix_ms=activity)  # fmt: skip
     registry.apply("here", "127.0.0.1:2", registry_pb2.WatchWorkersResponse(snapshot=True, hive_instance="i", seq=seq, workers=[info]))

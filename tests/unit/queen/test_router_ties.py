@@ -26,7 +26,7 @@ IDS = ["w-1", "w-2", "w-3", "w-4"]
 @pytest.fixture
 def router(tmp_path: Path):
     registry = ClusterWorkers(120)
-    workers = [common_pb2.WorkerInfo(id=i, address=f"127.0.0.1:{n + 1}", model_ref=MODEL, backend="cpu", state=common_pb2.WORKER_STATE_IDLE,
+    workers = [common_pb2.WorkerInfo(id=i, address=f"127.0.0.1:{n + 1}", model_ref=MODEL, backend=common_pb2.BACKEND_CPU, state=common_pb2.WORKER_STATE_IDLE,
                                      slots_total=8, slots_available=8) for n, i in enumerate(IDS)]  # fmt: skip
     registry.apply("here", "127.0.0.1:9", registry_pb2.WatchWorkersResponse(snapshot=True, hive_instance="i", seq=1, workers=workers))
     store = NodeStore(tmp_path / "beehives.db")
@@ -58,7 +58,7 @@ async def test_a_replica_added_later_takes_its_turn_not_every_tie(router: Router
     # w-4 joins after the other three served 30 quick requests: from then on
     # the requests go round all four, not all to w-4 until it caught up.
     def listed(ids: list[str], seq: int) -> None:
-        workers = [common_pb2.WorkerInfo(id=i, address=f"127.0.0.1:{IDS.index(i) + 1}", model_ref=MODEL, backend="cpu",
+        workers = [common_pb2.WorkerInfo(id=i, address=f"127.0.0.1:{IDS.index(i) + 1}", model_ref=MODEL, backend=common_pb2.BACKEND_CPU,
                                          state=common_pb2.WORKER_STATE_IDLE, slots_total=8, slots_available=8) for i in ids]  # fmt: skip
         router.registry.apply("here", "127.0.0.1:9", registry_pb2.WatchWorkersResponse(snapshot=True, hive_instance="i", seq=seq, workers=workers))
 

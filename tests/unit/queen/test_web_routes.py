@@ -113,7 +113,7 @@ async def test_the_event_stream_sends_a_snapshot_then_changes(queen) -> None:
     [(kind, snapshot)] = parse(await anext(stream))
     assert kind == "snapshot" and snapshot == {"activity": [], "workers": [], "nodes": [], "models": {}}
 
-    worker = common_pb2.WorkerInfo(id="w-1", address="127.0.0.1:7910", model_ref="hf:org/m", backend="cpu",
+    worker = common_pb2.WorkerInfo(id="w-1", address="127.0.0.1:7910", model_ref="hf:org/m", backend=common_pb2.BACKEND_CPU,
                                    state=common_pb2.WORKER_STATE_IDLE, slots_total=4, slots_available=3,
                                    started_unix_ms=1_700_000_000_000)  # fmt: skip
     queen.registry.apply("here", "127.0.0.1:7900", registry_pb2.WatchWorkersResponse(hive_instance="i", seq=1, snapshot=True, workers=[worker]))

@@ -223,7 +223,7 @@ async def test_signal_drains_in_flight_request_then_exits_0(tmp_path, sig):
         ) as worker:
             loading = await hive.until(WS.WORKER_STATE_LOADING)
             info = loading.worker
-            assert (info.id, info.model_ref, info.backend, info.device) == ("w-sig", "hf:org/tiny", "cpu", 0)
+            assert (info.id, info.model_ref, info.backend, info.device) == ("w-sig", "hf:org/tiny", common_pb2.BACKEND_CPU, 0)
             assert info.address == worker.address
             assert info.pid == worker.proc.pid
             assert (info.slots_total, info.slots_available) == (2, 2)

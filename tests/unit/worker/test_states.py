@@ -58,7 +58,7 @@ async def test_loading_then_idle_with_progress_stream():
         assert ready.max_model_len == 64
         assert ready.engine_version == "fake-1.0"
         assert ready.worker_version
-        assert (ready.worker_id, ready.model_ref, ready.backend) == ("w-unit", "test-model", "cpu")
+        assert (ready.worker_id, ready.model_ref, ready.backend) == ("w-unit", "test-model", common_pb2.BACKEND_CPU)
         assert await h.health_status() == SERVING
         assert await h.health_status("rbee.v1.InferenceService") == SERVING
 
