@@ -1,8 +1,10 @@
 """The error model shared by every program.
 
 An error is a stable code, a human message, details (figures behind the
-message) and suggestions. On the wire it is a gRPC status whose details hold a
-``google.rpc.ErrorInfo`` (reason = code) and an ``rbee.v1.ErrorDetail``.
+message) and suggestions. On the wire it is a gRPC status whose details are the
+standard google.rpc ones: ``ErrorInfo`` (reason = code, domain "rbee", metadata =
+details), ``Help`` (one link per suggestion) and, for a bad field, ``BadRequest``
+(rbee/error_wire.py says exactly what goes where).
 This module is the one place that maps codes to gRPC status codes and back.
 """
 
@@ -13,13 +15,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
-from rbee.v1 import common_pb2
-
-DOMAIN = "rbee"
+from rbee import error_wire
 
 S = grpc.StatusCode
 
@@ -166,18 +166,14 @@ _FALLBACK: dict[grpc.StatusCode, str] = {
     S.NOT_FOUND: "NOT_FOUND",
     S.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
     S.CANCELLED: "CANCELLED",
-    # Only a worker's own ErrorDetail says ALL_SLOTS_BUSY (and is retried).
+    # Only a worker's own ErrorInfo says ALL_SLOTS_BUSY (and is retried).
     S.RESOURCE_EXHAUSTED: "RESOURCE_EXHAUSTED",
     S.UNAVAILABLE: "UNAVAILABLE",
 }
 
 
-# Characters an error may put in a status (see RbeeError._bounded).
-_STATUS_BUDGET = 6000
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+# grpc's status codes by number (a google.rpc.Status carries the number).
+_BY_NUMBER: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class RbeeError(Exception):
@@ -206,53 +202,24 @@ class RbeeError(Exception):
     def __repr__(self) -> str:
         return f"RbeeError({self.code!r}, {self.message!r}, {self.details!r})"
 
-    def to_detail(self) -> common_pb2.ErrorDetail:
-        return common_pb2.ErrorDetail(
-            code=self.code,
-            message=self.message,
-            details=self.details,
-            suggestions=self.suggestions,
-        )
-
-    @classmethod
-    def from_detail(cls, detail: common_pb2.ErrorDetail) -> "RbeeError":
-        return cls(detail.code, detail.message, dict(detail.details), list(detail.suggestions))
+    def to_status_proto(self) -> status_pb2.Status:
+        """The google.rpc.Status that carries this error (cut to fit in trailers)."""
+        grpc_code = self.status_code
+        return error_wire.encode(self._bounded()._parts(), grpc_code.value[0], grpc_code == S.INVALID_ARGUMENT)
 
     def to_status(self) -> grpc.Status:
         """The gRPC status (with google.rpc details) that carries this error."""
-        err = self._bounded()
-        info = error_details_pb2.ErrorInfo(reason=err.code, domain=DOMAIN, metadata=err.details)
-        packed_info = any_pb2.Any()
-        packed_info.Pack(info)
-        packed_detail = any_pb2.Any()
-        packed_detail.Pack(err.to_detail())
-        proto = status_pb2.Status(
-            code=err.status_code.value[0],
-            message=err.message,
-            details=[packed_info, packed_detail],
-        )
-        return rpc_status.to_status(proto)
+        return rpc_status.to_status(self.to_status_proto())
+
+    def _parts(self) -> error_wire.Parts:
+        return error_wire.Parts(self.code, self.message, self.details, self.suggestions)
 
     def _bounded(self) -> "RbeeError":
-        """This error cut to what fits in a status. A status travels in HTTP/2
-        trailers, which peers cap at a few KB: an error that echoes a 10 MB
-        request field would reach the client as a bare RESOURCE_EXHAUSTED
-        instead of itself. Ordinary errors (log lines included) are untouched."""
-
-        def size(message: str, details: dict[str, str], suggestions: list[str]) -> int:
-            # The message travels three times, the details twice (ErrorInfo and ErrorDetail).
-            return 3 * len(message) + 2 * sum(len(k) + len(v) for k, v in details.items()) + sum(map(len, suggestions))
-
-        message, details, suggestions = self.message, self.details, self.suggestions
-        if size(message, details, suggestions) <= _STATUS_BUDGET:
-            return self
-        for limit in (2048, 512, 128):
-            message = _clip(message, limit)
-            details = {_clip(k, 64): _clip(v, limit) for k, v in list(details.items())[:16]}
-            suggestions = [_clip(s, limit) for s in suggestions[:8]]
-            if size(message, details, suggestions) <= _STATUS_BUDGET:
-                break
-        return RbeeError(self.code, message, details, suggestions)
+        """This error cut to what fits in a status (itself when it fits)."""
+        grpc_code = self.status_code
+        parts = self._parts()
+        cut = error_wire.bound(parts, grpc_code.value[0], grpc_code == S.INVALID_ARGUMENT)
+        return self if cut is parts else RbeeError(*cut)
 
 
 # What gRPC says when TLS itself failed (a certificate of another CA, none, or clear text against TLS).
@@ -295,17 +262,30 @@ def from_rpc_error(err: grpc.RpcError, target: str = "") -> RbeeError:
         proto = rpc_status.from_call(err)  # type: ignore[arg-type]
     except Exception:  # malformed trailers: fall back to the status code
         proto = None
-    if proto is not None:
-        for any_detail in proto.details:
-            if any_detail.Is(common_pb2.ErrorDetail.DESCRIPTOR):
-                detail = common_pb2.ErrorDetail()
-                any_detail.Unpack(detail)
-                return RbeeError.from_detail(detail)
-        for any_detail in proto.details:
-            if any_detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                any_detail.Unpack(info)
-                return RbeeError(info.reason, proto.message or message, dict(info.metadata))
+    if proto is not None and (parts := error_wire.decode(proto)) is not None:
+        return RbeeError(*parts)
+    return _fallback(status_code, message, target)
+
+
+def from_status_proto(proto: status_pb2.Status, target: str = "") -> RbeeError:
+    """The error a google.rpc.Status carries (one not from a call: the worker's report)."""
+    if (parts := error_wire.decode(proto)) is not None:
+        return RbeeError(*parts)
+    status_code = _BY_NUMBER.get(proto.code, S.UNKNOWN)
+    return _fallback(status_code, proto.message or str(status_code), target)
+
+
+def from_status_bytes(data: bytes, target: str = "") -> RbeeError:
+    """The error of a serialized google.rpc.Status (ReportWorkerRequest.error_status)."""
+    try:
+        proto = status_pb2.Status.FromString(data)
+    except DecodeError:
+        return RbeeError("INTERNAL", f"An error status of {len(data)} bytes that does not parse", {"target": target} if target else {})
+    return from_status_proto(proto, target)
+
+
+def _fallback(status_code: grpc.StatusCode, message: str, target: str) -> RbeeError:
+    """A status without rbee's ErrorInfo (a proxy, a crashed peer, grpc itself): named by its status code."""
     code = _FALLBACK.get(status_code, "INTERNAL")
     details = {"grpc_status": status_code.name}
     if target:

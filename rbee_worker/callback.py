@@ -102,7 +102,7 @@ class HiveReporter:
             info, error = self._snapshot()
             request = registry_pb2.ReportWorkerRequest(worker=info)
             if error is not None:
-                request.error.CopyFrom(error.to_detail())
+                request.error_status = error.to_status_proto().SerializeToString()
             try:
                 await stub.ReportWorker(request, metadata=metadata(self._key), timeout=REPORT_TIMEOUT_S)
                 self.reports_sent += 1

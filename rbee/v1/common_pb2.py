@@ -24,37 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rbee/v1/common.proto\x12\x07rbee.v1\"\xa5\x01\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x32\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32!.rbee.v1.ErrorDetail.DetailsEntry\x12\x13\n\x0bsuggestions\x18\x04 \x03(\t\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd2\x01\n\x0eNarrationEvent\x12\r\n\x05\x61\x63tor\x18\x01 \x01(\t\x12\r\n\x05\x65moji\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0f\n\x07unix_ms\x18\x04 \x01(\x03\x12/\n\x08severity\x18\x05 \x01(\x0e\x32\x1d.rbee.v1.NarrationEvent.Level\"O\n\x05Level\x12\x15\n\x11LEVEL_UNSPECIFIED\x10\x00\x12\x0e\n\nLEVEL_INFO\x10\x01\x12\x0e\n\nLEVEL_WARN\x10\x02\x12\x0f\n\x0bLEVEL_ERROR\x10\x03\"\xc9\x03\n\rProgressEvent\x12\x33\n\rcurrent_stage\x18\x01 \x01(\x0e\x32\x1c.rbee.v1.ProgressEvent.Stage\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\x12/\n\ncount_unit\x18\x04 \x01(\x0e\x32\x1b.rbee.v1.ProgressEvent.Unit\x12\x0c\n\x04rate\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\"\xd6\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTAGE_DOWNLOAD\x10\x01\x12\x10\n\x0cSTAGE_VERIFY\x10\x02\x12\x12\n\x0eSTAGE_STARTING\x10\x03\x12\x13\n\x0fSTAGE_TOKENIZER\x10\x04\x12\x17\n\x13STAGE_ENGINE_CONFIG\x10\x05\x12\x16\n\x12STAGE_ENGINE_START\x10\x06\x12\x11\n\rSTAGE_WEIGHTS\x10\x07\x12\x12\n\x0eSTAGE_KV_CACHE\x10\x08\x12\x0f\n\x0bSTAGE_READY\x10\t\"=\n\x04Unit\x12\x14\n\x10UNIT_UNSPECIFIED\x10\x00\x12\x0e\n\nUNIT_BYTES\x10\x01\x12\x0f\n\x0bUNIT_STAGES\x10\x02\"i\n\x05\x45vent\x12,\n\tnarration\x18\x01 \x01(\x0b\x32\x17.rbee.v1.NarrationEventH\x00\x12*\n\x08progress\x18\x02 \x01(\x0b\x32\x16.rbee.v1.ProgressEventH\x00\x42\x06\n\x04kind\"\xa8\x03\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tmodel_ref\x18\x03 \x01(\t\x12\x12\n\nmodel_path\x18\x04 \x01(\t\x12!\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x10.rbee.v1.Backend\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\r\x12#\n\x05state\x18\x07 \x01(\x0e\x32\x14.rbee.v1.WorkerState\x12\x13\n\x0bslots_total\x18\x08 \x01(\r\x12\x17\n\x0fslots_available\x18\t \x01(\r\x12\x1d\n\x15last_activity_unix_ms\x18\n \x01(\x03\x12\x0b\n\x03pid\x18\x0b \x01(\x05\x12!\n\x04load\x18\x0c \x01(\x0b\x32\x13.rbee.v1.WorkerLoad\x12\x0b\n\x03tls\x18\r \x01(\x08\x12\x10\n\x08tls_name\x18\x0e \x01(\t\x12\r\n\x05\x64type\x18\x0f \x01(\t\x12\x14\n\x0c\x64type_reason\x18\x10 \x01(\t\x12\x0f\n\x07\x63pu_set\x18\x11 \x01(\t\x12\x13\n\x0b\x63pu_threads\x18\x12 \x01(\r\x12\x17\n\x0fstarted_unix_ms\x18\x13 \x01(\x03\"\xc6\x01\n\nWorkerLoad\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x13\n\x0bslots_total\x18\x03 \x01(\r\x12\x12\n\nslots_busy\x18\x04 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x05 \x01(\x01\x12\x1f\n\x17generation_tokens_per_s\x18\x06 \x01(\x01\x12\x11\n\twindow_ms\x18\x07 \x01(\r\x12\x0f\n\x07unix_ms\x18\x08 \x01(\x03*X\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x42\x41\x43KEND_CPU\x10\x01\x12\x10\n\x0c\x42\x41\x43KEND_CUDA\x10\x02\x12\x11\n\rBACKEND_METAL\x10\x03*\xc1\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_LOADING\x10\x01\x12\x15\n\x11WORKER_STATE_IDLE\x10\x02\x12\x15\n\x11WORKER_STATE_BUSY\x10\x03\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x04\x12\x17\n\x13WORKER_STATE_FAILED\x10\x05\x12\x18\n\x14WORKER_STATE_STOPPED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rbee/v1/common.proto\x12\x07rbee.v1\"\xd2\x01\n\x0eNarrationEvent\x12\r\n\x05\x61\x63tor\x18\x01 \x01(\t\x12\r\n\x05\x65moji\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0f\n\x07unix_ms\x18\x04 \x01(\x03\x12/\n\x08severity\x18\x05 \x01(\x0e\x32\x1d.rbee.v1.NarrationEvent.Level\"O\n\x05Level\x12\x15\n\x11LEVEL_UNSPECIFIED\x10\x00\x12\x0e\n\nLEVEL_INFO\x10\x01\x12\x0e\n\nLEVEL_WARN\x10\x02\x12\x0f\n\x0bLEVEL_ERROR\x10\x03\"\xc9\x03\n\rProgressEvent\x12\x33\n\rcurrent_stage\x18\x01 \x01(\x0e\x32\x1c.rbee.v1.ProgressEvent.Stage\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\x12/\n\ncount_unit\x18\x04 \x01(\x0e\x32\x1b.rbee.v1.ProgressEvent.Unit\x12\x0c\n\x04rate\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\"\xd6\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTAGE_DOWNLOAD\x10\x01\x12\x10\n\x0cSTAGE_VERIFY\x10\x02\x12\x12\n\x0eSTAGE_STARTING\x10\x03\x12\x13\n\x0fSTAGE_TOKENIZER\x10\x04\x12\x17\n\x13STAGE_ENGINE_CONFIG\x10\x05\x12\x16\n\x12STAGE_ENGINE_START\x10\x06\x12\x11\n\rSTAGE_WEIGHTS\x10\x07\x12\x12\n\x0eSTAGE_KV_CACHE\x10\x08\x12\x0f\n\x0bSTAGE_READY\x10\t\"=\n\x04Unit\x12\x14\n\x10UNIT_UNSPECIFIED\x10\x00\x12\x0e\n\nUNIT_BYTES\x10\x01\x12\x0f\n\x0bUNIT_STAGES\x10\x02\"i\n\x05\x45vent\x12,\n\tnarration\x18\x01 \x01(\x0b\x32\x17.rbee.v1.NarrationEventH\x00\x12*\n\x08progress\x18\x02 \x01(\x0b\x32\x16.rbee.v1.ProgressEventH\x00\x42\x06\n\x04kind\"\xa8\x03\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tmodel_ref\x18\x03 \x01(\t\x12\x12\n\nmodel_path\x18\x04 \x01(\t\x12!\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x10.rbee.v1.Backend\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\r\x12#\n\x05state\x18\x07 \x01(\x0e\x32\x14.rbee.v1.WorkerState\x12\x13\n\x0bslots_total\x18\x08 \x01(\r\x12\x17\n\x0fslots_available\x18\t \x01(\r\x12\x1d\n\x15last_activity_unix_ms\x18\n \x01(\x03\x12\x0b\n\x03pid\x18\x0b \x01(\x05\x12!\n\x04load\x18\x0c \x01(\x0b\x32\x13.rbee.v1.WorkerLoad\x12\x0b\n\x03tls\x18\r \x01(\x08\x12\x10\n\x08tls_name\x18\x0e \x01(\t\x12\r\n\x05\x64type\x18\x0f \x01(\t\x12\x14\n\x0c\x64type_reason\x18\x10 \x01(\t\x12\x0f\n\x07\x63pu_set\x18\x11 \x01(\t\x12\x13\n\x0b\x63pu_threads\x18\x12 \x01(\r\x12\x17\n\x0fstarted_unix_ms\x18\x13 \x01(\x03\"\xc6\x01\n\nWorkerLoad\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x13\n\x0bslots_total\x18\x03 \x01(\r\x12\x12\n\nslots_busy\x18\x04 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x05 \x01(\x01\x12\x1f\n\x17generation_tokens_per_s\x18\x06 \x01(\x01\x12\x11\n\twindow_ms\x18\x07 \x01(\r\x12\x0f\n\x07unix_ms\x18\x08 \x01(\x03*X\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x42\x41\x43KEND_CPU\x10\x01\x12\x10\n\x0c\x42\x41\x43KEND_CUDA\x10\x02\x12\x11\n\rBACKEND_METAL\x10\x03*\xc1\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_LOADING\x10\x01\x12\x15\n\x11WORKER_STATE_IDLE\x10\x02\x12\x15\n\x11WORKER_STATE_BUSY\x10\x03\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x04\x12\x17\n\x13WORKER_STATE_FAILED\x10\x05\x12\x18\n\x14WORKER_STATE_STOPPED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rbee.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORDETAIL_DETAILSENTRY']._loaded_options = None
-  _globals['_ERRORDETAIL_DETAILSENTRY']._serialized_options = b'8\001'
-  _globals['_BACKEND']._serialized_start=1609
-  _globals['_BACKEND']._serialized_end=1697
-  _globals['_WORKERSTATE']._serialized_start=1700
-  _globals['_WORKERSTATE']._serialized_end=1893
-  _globals['_ERRORDETAIL']._serialized_start=34
-  _globals['_ERRORDETAIL']._serialized_end=199
-  _globals['_ERRORDETAIL_DETAILSENTRY']._serialized_start=153
-  _globals['_ERRORDETAIL_DETAILSENTRY']._serialized_end=199
-  _globals['_NARRATIONEVENT']._serialized_start=202
-  _globals['_NARRATIONEVENT']._serialized_end=412
-  _globals['_NARRATIONEVENT_LEVEL']._serialized_start=333
-  _globals['_NARRATIONEVENT_LEVEL']._serialized_end=412
-  _globals['_PROGRESSEVENT']._serialized_start=415
-  _globals['_PROGRESSEVENT']._serialized_end=872
-  _globals['_PROGRESSEVENT_STAGE']._serialized_start=595
-  _globals['_PROGRESSEVENT_STAGE']._serialized_end=809
-  _globals['_PROGRESSEVENT_UNIT']._serialized_start=811
-  _globals['_PROGRESSEVENT_UNIT']._serialized_end=872
-  _globals['_EVENT']._serialized_start=874
-  _globals['_EVENT']._serialized_end=979
-  _globals['_WORKERINFO']._serialized_start=982
-  _globals['_WORKERINFO']._serialized_end=1406
-  _globals['_WORKERLOAD']._serialized_start=1409
-  _globals['_WORKERLOAD']._serialized_end=1607
+  _globals['_BACKEND']._serialized_start=1441
+  _globals['_BACKEND']._serialized_end=1529
+  _globals['_WORKERSTATE']._serialized_start=1532
+  _globals['_WORKERSTATE']._serialized_end=1725
+  _globals['_NARRATIONEVENT']._serialized_start=34
+  _globals['_NARRATIONEVENT']._serialized_end=244
+  _globals['_NARRATIONEVENT_LEVEL']._serialized_start=165
+  _globals['_NARRATIONEVENT_LEVEL']._serialized_end=244
+  _globals['_PROGRESSEVENT']._serialized_start=247
+  _globals['_PROGRESSEVENT']._serialized_end=704
+  _globals['_PROGRESSEVENT_STAGE']._serialized_start=427
+  _globals['_PROGRESSEVENT_STAGE']._serialized_end=641
+  _globals['_PROGRESSEVENT_UNIT']._serialized_start=643
+  _globals['_PROGRESSEVENT_UNIT']._serialized_end=704
+  _globals['_EVENT']._serialized_start=706
+  _globals['_EVENT']._serialized_end=811
+  _globals['_WORKERINFO']._serialized_start=814
+  _globals['_WORKERINFO']._serialized_end=1238
+  _globals['_WORKERLOAD']._serialized_start=1241
+  _globals['_WORKERLOAD']._serialized_end=1439
 # @@protoc_insertion_point(module_scope)

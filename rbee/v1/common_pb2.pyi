@@ -3,10 +3,8 @@
 isort:skip_file
 """
 
-from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -71,69 +69,16 @@ WORKER_STATE_STOPPED: WorkerState.ValueType  # 6
 Global___WorkerState: _TypeAlias = WorkerState  # noqa: Y015
 
 @_typing.final
-class ErrorDetail(_message.Message):
-    """Carried in google.rpc.Status.details next to a google.rpc.ErrorInfo
-    (reason = code, domain = "rbee", metadata = details). Every daemon fails
-    its RPCs this way; replies never carry errors of their own.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    @_typing.final
-    class DetailsEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.str
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.str = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    CODE_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    DETAILS_FIELD_NUMBER: _builtins.int
-    SUGGESTIONS_FIELD_NUMBER: _builtins.int
-    code: _builtins.str
-    """Stable, machine-readable code, e.g. "VRAM_EXHAUSTED"."""
-    message: _builtins.str
-    """Human message: what failed and the values involved."""
-    @_builtins.property
-    def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Figures behind the message, e.g. {"required_mb": "8192", "available_mb": "4096"}."""
-
-    @_builtins.property
-    def suggestions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """What the user can do next."""
-
-    def __init__(
-        self,
-        *,
-        code: _builtins.str = ...,
-        message: _builtins.str = ...,
-        details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        suggestions: _abc.Iterable[_builtins.str] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "message", b"message", "suggestions", b"suggestions"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ErrorDetail: _TypeAlias = ErrorDetail  # noqa: Y015
-
-@_typing.final
 class NarrationEvent(_message.Message):
-    """One line of narration: "[actor] emoji message"."""
+    """Errors: every daemon fails its RPCs with a gRPC status whose
+    google.rpc.Status.details hold the standard google.rpc types: ErrorInfo
+    (reason = the stable code, e.g. "VRAM_EXHAUSTED"; domain = "rbee"; metadata =
+    the figures behind the message), Help (one link per suggestion) and, for a
+    bad field, BadRequest. Status.message is the human message. Replies never
+    carry errors of their own (docs/architecture.md, "Errors").
+
+    One line of narration: "[actor] emoji message".
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

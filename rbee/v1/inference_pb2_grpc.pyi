@@ -33,9 +33,10 @@ class InferenceServiceStub:
     key (rbee/scopes.py, S13). The stock grpc.health.v1 service is open and
     answers NOT_SERVING until the model is loaded.
 
-    Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and
-    an rbee.v1.ErrorDetail; INVALID_ARGUMENT details carry "field" = the
-    offending GenerateRequest field). Messages never carry errors of their own.
+    Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and,
+    when there are suggestions, a Help; INVALID_ARGUMENT metadata carries
+    "field" = the offending GenerateRequest field, repeated in a BadRequest).
+    Messages never carry errors of their own.
 
     Cancellation contract: cancelling the Generate call (client-side cancel,
     deadline, closed channel) is the same as Cancel with that request's id:
@@ -135,9 +136,10 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     key (rbee/scopes.py, S13). The stock grpc.health.v1 service is open and
     answers NOT_SERVING until the model is loaded.
 
-    Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and
-    an rbee.v1.ErrorDetail; INVALID_ARGUMENT details carry "field" = the
-    offending GenerateRequest field). Messages never carry errors of their own.
+    Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and,
+    when there are suggestions, a Help; INVALID_ARGUMENT metadata carries
+    "field" = the offending GenerateRequest field, repeated in a BadRequest).
+    Messages never carry errors of their own.
 
     Cancellation contract: cancelling the Generate call (client-side cancel,
     deadline, closed channel) is the same as Cancel with that request's id:
@@ -233,9 +235,10 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     key (rbee/scopes.py, S13). The stock grpc.health.v1 service is open and
     answers NOT_SERVING until the model is loaded.
 
-    Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and
-    an rbee.v1.ErrorDetail; INVALID_ARGUMENT details carry "field" = the
-    offending GenerateRequest field). Messages never carry errors of their own.
+    Errors travel only as gRPC status (google.rpc.Status with an ErrorInfo and,
+    when there are suggestions, a Help; INVALID_ARGUMENT metadata carries
+    "field" = the offending GenerateRequest field, repeated in a BadRequest).
+    Messages never carry errors of their own.
 
     Cancellation contract: cancelling the Generate call (client-side cancel,
     deadline, closed channel) is the same as Cancel with that request's id:

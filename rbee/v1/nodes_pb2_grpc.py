@@ -34,7 +34,7 @@ class NodeServiceStub:
 
     The streaming RPCs narrate as they go (events with actor "queen-rbee" or,
     relayed, "rbee-hive") and end with one message carrying the node; a failure
-    ends the stream with a gRPC status carrying rbee.v1.ErrorDetail.
+    ends the stream with a gRPC status carrying a google.rpc.ErrorInfo.
     """
 
     def __init__(self, channel):
@@ -89,7 +89,7 @@ class NodeServiceServicer:
 
     The streaming RPCs narrate as they go (events with actor "queen-rbee" or,
     relayed, "rbee-hive") and end with one message carrying the node; a failure
-    ends the stream with a gRPC status carrying rbee.v1.ErrorDetail.
+    ends the stream with a gRPC status carrying a google.rpc.ErrorInfo.
     """
 
     def AddNode(self, request, context):
@@ -221,7 +221,7 @@ class NodeService:
 
     The streaming RPCs narrate as they go (events with actor "queen-rbee" or,
     relayed, "rbee-hive") and end with one message carrying the node; a failure
-    ends the stream with a gRPC status carrying rbee.v1.ErrorDetail.
+    ends the stream with a gRPC status carrying a google.rpc.ErrorInfo.
     """
 
     @staticmethod

@@ -35,7 +35,7 @@ class NodeServiceStub:
 
     The streaming RPCs narrate as they go (events with actor "queen-rbee" or,
     relayed, "rbee-hive") and end with one message carrying the node; a failure
-    ends the stream with a gRPC status carrying rbee.v1.ErrorDetail.
+    ends the stream with a gRPC status carrying a google.rpc.ErrorInfo.
     """
 
     @_typing.overload
@@ -98,7 +98,7 @@ class NodeServiceAsyncStub(NodeServiceStub):
 
     The streaming RPCs narrate as they go (events with actor "queen-rbee" or,
     relayed, "rbee-hive") and end with one message carrying the node; a failure
-    ends the stream with a gRPC status carrying rbee.v1.ErrorDetail.
+    ends the stream with a gRPC status carrying a google.rpc.ErrorInfo.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -157,7 +157,7 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
 
     The streaming RPCs narrate as they go (events with actor "queen-rbee" or,
     relayed, "rbee-hive") and end with one message carrying the node; a failure
-    ends the stream with a gRPC status carrying rbee.v1.ErrorDetail.
+    ends the stream with a gRPC status carrying a google.rpc.ErrorInfo.
     """
 
     @_abc_1.abstractmethod

@@ -29,7 +29,7 @@ class ProvisioningServiceStub:
     """Served by rbee-hive: the node's model catalog (downloads from the hub,
     local files) and its worker environments (one per backend).
     Every RPC requires the hive's API key (UNAUTHENTICATED: MISSING_API_KEY,
-    INVALID_API_KEY). Errors carry an rbee.v1.ErrorDetail (see common.proto).
+    INVALID_API_KEY). Errors carry a google.rpc.ErrorInfo (see common.proto).
     """
 
     def __init__(self, channel):
@@ -69,7 +69,7 @@ class ProvisioningServiceServicer:
     """Served by rbee-hive: the node's model catalog (downloads from the hub,
     local files) and its worker environments (one per backend).
     Every RPC requires the hive's API key (UNAUTHENTICATED: MISSING_API_KEY,
-    INVALID_API_KEY). Errors carry an rbee.v1.ErrorDetail (see common.proto).
+    INVALID_API_KEY). Errors carry a google.rpc.ErrorInfo (see common.proto).
     """
 
     def DownloadModel(self, request, context):
@@ -165,7 +165,7 @@ class ProvisioningService:
     """Served by rbee-hive: the node's model catalog (downloads from the hub,
     local files) and its worker environments (one per backend).
     Every RPC requires the hive's API key (UNAUTHENTICATED: MISSING_API_KEY,
-    INVALID_API_KEY). Errors carry an rbee.v1.ErrorDetail (see common.proto).
+    INVALID_API_KEY). Errors carry a google.rpc.ErrorInfo (see common.proto).
     """
 
     @staticmethod

@@ -30,7 +30,7 @@ class ProvisioningServiceStub:
     """Served by rbee-hive: the node's model catalog (downloads from the hub,
     local files) and its worker environments (one per backend).
     Every RPC requires the hive's API key (UNAUTHENTICATED: MISSING_API_KEY,
-    INVALID_API_KEY). Errors carry an rbee.v1.ErrorDetail (see common.proto).
+    INVALID_API_KEY). Errors carry a google.rpc.ErrorInfo (see common.proto).
     """
 
     @_typing.overload
@@ -74,7 +74,7 @@ class ProvisioningServiceAsyncStub(ProvisioningServiceStub):
     """Served by rbee-hive: the node's model catalog (downloads from the hub,
     local files) and its worker environments (one per backend).
     Every RPC requires the hive's API key (UNAUTHENTICATED: MISSING_API_KEY,
-    INVALID_API_KEY). Errors carry an rbee.v1.ErrorDetail (see common.proto).
+    INVALID_API_KEY). Errors carry a google.rpc.ErrorInfo (see common.proto).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -114,7 +114,7 @@ class ProvisioningServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by rbee-hive: the node's model catalog (downloads from the hub,
     local files) and its worker environments (one per backend).
     Every RPC requires the hive's API key (UNAUTHENTICATED: MISSING_API_KEY,
-    INVALID_API_KEY). Errors carry an rbee.v1.ErrorDetail (see common.proto).
+    INVALID_API_KEY). Errors carry a google.rpc.ErrorInfo (see common.proto).
     """
 
     @_abc_1.abstractmethod

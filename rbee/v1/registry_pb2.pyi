@@ -24,22 +24,24 @@ class ReportWorkerRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKER_FIELD_NUMBER: _builtins.int
-    ERROR_FIELD_NUMBER: _builtins.int
+    ERROR_STATUS_FIELD_NUMBER: _builtins.int
+    error_status: _builtins.bytes
+    """Set when loading failed or the engine died (state FAILED): a serialized
+    google.rpc.Status, the same the worker's RPCs fail with (ErrorInfo, Help,
+    BadRequest in its details). Bytes, so that rbee.v1 imports no googleapis
+    protos and clients compile it from protos/ alone.
+    """
     @_builtins.property
     def worker(self) -> _common_pb2.WorkerInfo: ...
-    @_builtins.property
-    def error(self) -> _common_pb2.ErrorDetail:
-        """Set when loading failed (code + message), state FAILED."""
-
     def __init__(
         self,
         *,
         worker: _common_pb2.WorkerInfo | None = ...,
-        error: _common_pb2.ErrorDetail | None = ...,
+        error_status: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "worker", b"worker"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["worker", b"worker"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_status", b"error_status", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee.auth import check_key, new_api_key
-from rbee.errors import RbeeError
+from rbee.errors import RbeeError, from_status_bytes
 from rbee.narration import parse_line
 from rbee.v1 import common_pb2, registry_pb2
 
@@ -307,8 +307,8 @@ class WorkerManager:
             record.dtype, record.dtype_reason, record.cpu_threads = info.dtype, info.dtype_reason, info.cpu_threads
         if info.cpu_set:  # the cores the worker found itself on (the hive's assignment, or all of them)
             record.cpu_set = info.cpu_set
-        if request.HasField("error") and request.error.code:
-            record.failure = RbeeError.from_detail(request.error)
+        if request.error_status:
+            record.failure = from_status_bytes(request.error_status)
         self.set_state(record, info.state or State.WORKER_STATE_LOADING)
         record.called_back.set()
 

@@ -5,7 +5,8 @@ unknown enum values, NaN), and raw bytes no client would send (invalid UTF-8
 in a string field, wrong wire types, truncations, absurd lengths, nesting past
 the parser's limit). Calls go through a generic channel with identity
 serializers, so the bytes arrive as built; every answer is then checked to be
-either a success or a typed rbee error (an ErrorDetail in the status)."""
+either a success or a typed rbee error (a google.rpc.ErrorInfo of domain
+"rbee" in the status)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor as d
 from google.protobuf import message_factory
+from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import strategies as st
 
 import rbee.v1
 from rbee.auth import auth_metadata
 from rbee.errors import from_rpc_error
-from rbee.v1 import common_pb2
 
 BIG = "x" * (10 * 1024 * 1024)
 # What rbee's own clients allow (rbee/channel.py), and a 10 MB request out.
@@ -284,14 +285,15 @@ def typed(method: str, desc: d.MethodDescriptor, err: grpc.RpcError) -> Outcome:
         assert named.code == "MESSAGE_TOO_LARGE", f"{method}: bare RESOURCE_EXHAUSTED: {err.details()!r:.300}"
         return Outcome(method, code, named.code, named.message)
     assert status is not None, f"{method}: {code.name} without rbee details: {err.details()!r:.300}"
-    details = [any_ for any_ in status.details if any_.Is(common_pb2.ErrorDetail.DESCRIPTOR)]
-    assert details, f"{method}: {code.name} without an ErrorDetail: {err.details()!r:.300}"
-    detail = common_pb2.ErrorDetail()
-    details[0].Unpack(detail)
-    assert detail.code, f"{method}: ErrorDetail without a code"
+    infos = [any_ for any_ in status.details if any_.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    assert infos, f"{method}: {code.name} without an ErrorInfo: {err.details()!r:.300}"
+    info = error_details_pb2.ErrorInfo()
+    infos[0].Unpack(info)
+    assert info.reason, f"{method}: ErrorInfo without a reason (the error's code)"
+    assert info.domain == "rbee", f"{method}: ErrorInfo of domain {info.domain!r} ({info.reason})"
     message = err.details() or ""
     assert "Traceback" not in message, f"{method}: a traceback in the reply"
     # An error says what was wrong, it does not echo a 10 MB field back.
-    assert len(message) < 64 * 1024, f"{method}: {len(message)}-character error message ({detail.code})"
-    assert sum(len(v) for v in detail.details.values()) < 64 * 1024, f"{method}: huge error details ({detail.code})"
-    return Outcome(method, code, detail.code, message)
+    assert len(message) < 64 * 1024, f"{method}: {len(message)}-character error message ({info.reason})"
+    assert sum(len(v) for v in info.metadata.values()) < 64 * 1024, f"{method}: huge error details ({info.reason})"
+    return Outcome(method, code, info.reason, message)

@@ -23,7 +23,7 @@ import grpc
 import psutil
 import pytest
 
-from rbee.errors import RbeeError, from_rpc_error
+from rbee.errors import RbeeError, from_rpc_error, from_status_bytes
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from rbee_worker.engine_procs import memory_cgroup
 from tests.fixtures.worker import WorkerProcess
@@ -205,9 +205,9 @@ async def test_a_real_oom_kill_of_the_engine_is_named_engine_oom_killed(start_wo
             assert later.code == "ENGINE_OOM_KILLED" and later.details["pid"] == str(engine.pid)
 
             # The hive heard it, with the code.
-            failed = await hive.until(WS.WORKER_STATE_FAILED)
-            assert failed.error.code == "ENGINE_OOM_KILLED"
-            assert failed.error.details["pid"] == str(engine.pid)
+            failed = from_status_bytes((await hive.until(WS.WORKER_STATE_FAILED)).error_status)
+            assert failed.code == "ENGINE_OOM_KILLED"
+            assert failed.details["pid"] == str(engine.pid)
 
             log = worker.log_text()
             assert "💀 ENGINE_OOM_KILLED: The kernel's OOM killer killed vLLM's engine process VLLM::EngineCore" in log

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from rbee.errors import RbeeError
 from rbee.narration import event
 from rbee.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from rbee_hive.workers.events import EventLog
@@ -58,11 +59,13 @@ async def test_a_loaded_worker_reporting_its_engine_oom_killed_is_narrated_as_su
     await call(callback.ReportWorker, registry_pb2.ReportWorkerRequest(
         worker=common_pb2.WorkerInfo(id=record.id, state=common_pb2.WORKER_STATE_IDLE, slots_total=4, slots_available=4)
     ), key="cb-key-2")
-    error = common_pb2.ErrorDetail(code="ENGINE_OOM_KILLED", message="The kernel's OOM killer killed vLLM's engine process")
+    error = RbeeError("ENGINE_OOM_KILLED", "The kernel's OOM killer killed vLLM's engine process", {"pid": 7}, ["Lower --slots"])
     await call(callback.ReportWorker, registry_pb2.ReportWorkerRequest(
-        worker=common_pb2.WorkerInfo(id=record.id, state=common_pb2.WORKER_STATE_FAILED), error=error
+        worker=common_pb2.WorkerInfo(id=record.id, state=common_pb2.WORKER_STATE_FAILED),
+        error_status=error.to_status_proto().SerializeToString(),
     ), key="cb-key-2")
     assert record.failure is not None and record.failure.code == "ENGINE_OOM_KILLED"
+    assert record.failure.details == {"pid": "7"} and record.failure.suggestions == ["Lower --slots"]
     out = "\n".join(said)
     assert "worker-oom reports that its engine failed: ENGINE_OOM_KILLED: The kernel's OOM killer" in out
     assert "loading failed" not in out

@@ -123,7 +123,7 @@ async def test_engine_failure_mid_stream_is_an_internal_status():
 @pytest.mark.parametrize(
     ("status", "code"),
     [
-        # Only a worker's own ErrorDetail means ALL_SLOTS_BUSY (retried by the keeper).
+        # Only a worker's own ErrorInfo means ALL_SLOTS_BUSY (retried by the keeper).
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
         (grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY"),
         (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),

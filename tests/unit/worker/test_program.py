@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from rbee.auth import ScopedKeyInterceptor, auth_metadata, static_ring
-from rbee.errors import from_rpc_error
+from rbee.errors import from_rpc_error, from_status_bytes
 from rbee.narration import stage_of
 from rbee.scopes import Scope
 from rbee.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -288,9 +288,9 @@ async def test_load_failure_is_reported_then_exit_1(tmp_path):
         async with fake_worker(
             tmp_path, "--callback", hive_address, FAKE_ENGINE_LOAD_ERROR="config.json is not valid JSON"
         ) as worker:
-            failed = await hive.until(WS.WORKER_STATE_FAILED)
-            assert failed.error.code == "MODEL_LOAD_FAILED"
-            assert "config.json is not valid JSON" in failed.error.message
+            failed = from_status_bytes((await hive.until(WS.WORKER_STATE_FAILED)).error_status)
+            assert failed.code == "MODEL_LOAD_FAILED"
+            assert "config.json is not valid JSON" in failed.message
             assert await asyncio.wait_for(worker.proc.wait(), 60) == 1
             assert hive.seen[0].worker.state == WS.WORKER_STATE_LOADING
             assert "❌ MODEL_LOAD_FAILED" in worker.text()
@@ -306,8 +306,8 @@ async def test_engine_death_after_loading_fails_the_worker(tmp_path):
                 stub = inference_pb2_grpc.InferenceServiceStub(channel)
                 msgs = [m async for m in stub.Generate(inference_pb2.GenerateRequest(prompt="hi", max_tokens=2), metadata=auth_metadata(KEY))]
                 assert msgs[-1].final.tokens_generated == 2
-            failed = await hive.until(WS.WORKER_STATE_FAILED)
-            assert "fake engine process died" in failed.error.message
+            failed = from_status_bytes((await hive.until(WS.WORKER_STATE_FAILED)).error_status)
+            assert "fake engine process died" in failed.message
             assert await asyncio.wait_for(worker.proc.wait(), 60) == 1
             assert "fake engine process died" in worker.text()
 
@@ -327,9 +327,9 @@ async def test_engine_oom_kill_reaches_the_hive_and_later_requests_with_its_code
                 md = auth_metadata(KEY)
                 msgs = [m async for m in stub.Generate(inference_pb2.GenerateRequest(prompt="hi", max_tokens=2), metadata=md)]
                 assert msgs[-1].final.tokens_generated == 2
-                failed = await hive.until(WS.WORKER_STATE_FAILED)
-                assert failed.error.code == "ENGINE_OOM_KILLED"
-                assert failed.error.details["pid"] == "4242"
+                failed = from_status_bytes((await hive.until(WS.WORKER_STATE_FAILED)).error_status)
+                assert failed.code == "ENGINE_OOM_KILLED"
+                assert failed.details["pid"] == "4242" and failed.suggestions
                 with pytest.raises(grpc.aio.AioRpcError) as later:
                     await stub.Generate(inference_pb2.GenerateRequest(prompt="hi", max_tokens=2), metadata=md).read()
                 assert from_rpc_error(later.value).code == "ENGINE_OOM_KILLED"
