@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
-from rbee.v1 import common_pb2, replicas_pb2
+from rbee.v1 import common_pb2, keys_pb2, nodes_pb2, replicas_pb2
 
 
 class EnumWords:
@@ -59,3 +59,8 @@ UNITS = EnumWords(common_pb2.ProgressEvent.Unit, "UNIT_", "")
 # Deployment.current_state: unspecified reads as "starting" (what the queen
 # reports for a wish its reconcile loop has not looked at yet).
 DEPLOYMENT_STATES = EnumWords(replicas_pb2.Deployment.State, "STATE_", "starting")
+# Node.connection: unspecified reads as "ssh" (only the queen's own machine is local).
+TRANSPORTS = EnumWords(nodes_pb2.Node.Transport, "TRANSPORT_", "ssh")
+# AppKey.key_scope and CreateAppKeyRequest.key_scope: unspecified reads as
+# "inference", the narrower scope (so a newer client's unknown scope opens less).
+APP_KEY_SCOPES = EnumWords(keys_pb2.AppKeyScope, "APP_KEY_SCOPE_", "inference")

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from rbee.auth import read_key_file
 from rbee.config import keeper_settings, rbee_home
+from rbee.enum_words import APP_KEY_SCOPES
 from rbee.errors import RbeeError
 from rbee.tls_identity import QUEEN_NAME
 from rbee.v1 import keys_pb2, keys_pb2_grpc, nodes_pb2, nodes_pb2_grpc, replicas_pb2, replicas_pb2_grpc, tasks_pb2, tasks_pb2_grpc
@@ -101,7 +102,9 @@ class QueenClient(DaemonClient):
         return list((await self._unary(self._cluster.ListClusterWorkers, request)).workers)
 
     async def create_app_key(self, name: str, scope: str) -> keys_pb2.CreateAppKeyResponse:
-        return await self._unary(self._keys.CreateAppKey, keys_pb2.CreateAppKeyRequest(name=name, scope=scope))
+        """``scope``: "inference" or "admin" (the caller checked it, see keys.parse_scope)."""
+        request = keys_pb2.CreateAppKeyRequest(name=name, key_scope=APP_KEY_SCOPES.number(scope))
+        return await self._unary(self._keys.CreateAppKey, request)
 
     async def list_app_keys(self) -> list[keys_pb2.AppKey]:
         return list((await self._unary(self._keys.ListAppKeys, keys_pb2.ListAppKeysRequest())).keys)

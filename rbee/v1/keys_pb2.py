@@ -24,27 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12rbee/v1/keys.proto\x12\x07rbee.v1\"\\\n\x06\x41ppKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x03 \x01(\x03\x12\x19\n\x11last_used_unix_ms\x18\x04 \x01(\x03\"2\n\x13\x43reateAppKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\"D\n\x14\x43reateAppKeyResponse\x12\x1c\n\x03key\x18\x01 \x01(\x0b\x32\x0f.rbee.v1.AppKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\x14\n\x12ListAppKeysRequest\"4\n\x13ListAppKeysResponse\x12\x1d\n\x04keys\x18\x01 \x03(\x0b\x32\x0f.rbee.v1.AppKey\"#\n\x13RevokeAppKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x14RevokeAppKeyResponse\x12\x1c\n\x03key\x18\x01 \x01(\x0b\x32\x0f.rbee.v1.AppKey2\xf3\x01\n\rAppKeyService\x12K\n\x0c\x43reateAppKey\x12\x1c.rbee.v1.CreateAppKeyRequest\x1a\x1d.rbee.v1.CreateAppKeyResponse\x12H\n\x0bListAppKeys\x12\x1b.rbee.v1.ListAppKeysRequest\x1a\x1c.rbee.v1.ListAppKeysResponse\x12K\n\x0cRevokeAppKey\x12\x1c.rbee.v1.RevokeAppKeyRequest\x1a\x1d.rbee.v1.RevokeAppKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12rbee/v1/keys.proto\x12\x07rbee.v1\"v\n\x06\x41ppKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\tkey_scope\x18\x02 \x01(\x0e\x32\x14.rbee.v1.AppKeyScope\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x03 \x01(\x03\x12\x19\n\x11last_used_unix_ms\x18\x04 \x01(\x03\"L\n\x13\x43reateAppKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\tkey_scope\x18\x02 \x01(\x0e\x32\x14.rbee.v1.AppKeyScope\"D\n\x14\x43reateAppKeyResponse\x12\x1c\n\x03key\x18\x01 \x01(\x0b\x32\x0f.rbee.v1.AppKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\x14\n\x12ListAppKeysRequest\"4\n\x13ListAppKeysResponse\x12\x1d\n\x04keys\x18\x01 \x03(\x0b\x32\x0f.rbee.v1.AppKey\"#\n\x13RevokeAppKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x14RevokeAppKeyResponse\x12\x1c\n\x03key\x18\x01 \x01(\x0b\x32\x0f.rbee.v1.AppKey*b\n\x0b\x41ppKeyScope\x12\x1d\n\x19\x41PP_KEY_SCOPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41PP_KEY_SCOPE_INFERENCE\x10\x01\x12\x17\n\x13\x41PP_KEY_SCOPE_ADMIN\x10\x02\x32\xf3\x01\n\rAppKeyService\x12K\n\x0c\x43reateAppKey\x12\x1c.rbee.v1.CreateAppKeyRequest\x1a\x1d.rbee.v1.CreateAppKeyResponse\x12H\n\x0bListAppKeys\x12\x1b.rbee.v1.ListAppKeysRequest\x1a\x1c.rbee.v1.ListAppKeysResponse\x12K\n\x0cRevokeAppKey\x12\x1c.rbee.v1.RevokeAppKeyRequest\x1a\x1d.rbee.v1.RevokeAppKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rbee.v1.keys_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_APPKEYSCOPE']._serialized_start=466
+  _globals['_APPKEYSCOPE']._serialized_end=564
   _globals['_APPKEY']._serialized_start=31
-  _globals['_APPKEY']._serialized_end=123
-  _globals['_CREATEAPPKEYREQUEST']._serialized_start=125
-  _globals['_CREATEAPPKEYREQUEST']._serialized_end=175
-  _globals['_CREATEAPPKEYRESPONSE']._serialized_start=177
-  _globals['_CREATEAPPKEYRESPONSE']._serialized_end=245
-  _globals['_LISTAPPKEYSREQUEST']._serialized_start=247
-  _globals['_LISTAPPKEYSREQUEST']._serialized_end=267
-  _globals['_LISTAPPKEYSRESPONSE']._serialized_start=269
-  _globals['_LISTAPPKEYSRESPONSE']._serialized_end=321
-  _globals['_REVOKEAPPKEYREQUEST']._serialized_start=323
-  _globals['_REVOKEAPPKEYREQUEST']._serialized_end=358
-  _globals['_REVOKEAPPKEYRESPONSE']._serialized_start=360
-  _globals['_REVOKEAPPKEYRESPONSE']._serialized_end=412
-  _globals['_APPKEYSERVICE']._serialized_start=415
-  _globals['_APPKEYSERVICE']._serialized_end=658
+  _globals['_APPKEY']._serialized_end=149
+  _globals['_CREATEAPPKEYREQUEST']._serialized_start=151
+  _globals['_CREATEAPPKEYREQUEST']._serialized_end=227
+  _globals['_CREATEAPPKEYRESPONSE']._serialized_start=229
+  _globals['_CREATEAPPKEYRESPONSE']._serialized_end=297
+  _globals['_LISTAPPKEYSREQUEST']._serialized_start=299
+  _globals['_LISTAPPKEYSREQUEST']._serialized_end=319
+  _globals['_LISTAPPKEYSRESPONSE']._serialized_start=321
+  _globals['_LISTAPPKEYSRESPONSE']._serialized_end=373
+  _globals['_REVOKEAPPKEYREQUEST']._serialized_start=375
+  _globals['_REVOKEAPPKEYREQUEST']._serialized_end=410
+  _globals['_REVOKEAPPKEYRESPONSE']._serialized_start=412
+  _globals['_REVOKEAPPKEYRESPONSE']._serialized_end=464
+  _globals['_APPKEYSERVICE']._serialized_start=567
+  _globals['_APPKEYSERVICE']._serialized_end=810
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,17 +19,41 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _AppKeyScope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AppKeyScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AppKeyScope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    APP_KEY_SCOPE_UNSPECIFIED: _AppKeyScope.ValueType  # 0
+    APP_KEY_SCOPE_INFERENCE: _AppKeyScope.ValueType  # 1
+    """The OpenAI routes and /metrics."""
+    APP_KEY_SCOPE_ADMIN: _AppKeyScope.ValueType  # 2
+    """Everything the HTTP API serves."""
+
+class AppKeyScope(_AppKeyScope, metaclass=_AppKeyScopeEnumTypeWrapper):
+    """What an application key opens. Readers take APP_KEY_SCOPE_UNSPECIFIED and
+    a number they do not know as APP_KEY_SCOPE_INFERENCE, the narrower scope.
+    """
+
+APP_KEY_SCOPE_UNSPECIFIED: AppKeyScope.ValueType  # 0
+APP_KEY_SCOPE_INFERENCE: AppKeyScope.ValueType  # 1
+"""The OpenAI routes and /metrics."""
+APP_KEY_SCOPE_ADMIN: AppKeyScope.ValueType  # 2
+"""Everything the HTTP API serves."""
+Global___AppKeyScope: _TypeAlias = AppKeyScope  # noqa: Y015
+
 @_typing.final
 class AppKey(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
-    SCOPE_FIELD_NUMBER: _builtins.int
+    KEY_SCOPE_FIELD_NUMBER: _builtins.int
     CREATED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     LAST_USED_UNIX_MS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    scope: _builtins.str
-    """"inference" (the OpenAI routes, /metrics) or "admin" (everything the HTTP API serves)."""
+    key_scope: Global___AppKeyScope.ValueType
+    """Was the string `scope`."""
     created_at_unix_ms: _builtins.int
     last_used_unix_ms: _builtins.int
     """Unix milliseconds of the last request that presented the key; 0 = never."""
@@ -36,13 +61,13 @@ class AppKey(_message.Message):
         self,
         *,
         name: _builtins.str = ...,
-        scope: _builtins.str = ...,
+        key_scope: Global___AppKeyScope.ValueType = ...,
         created_at_unix_ms: _builtins.int = ...,
         last_used_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix_ms", b"created_at_unix_ms", "last_used_unix_ms", b"last_used_unix_ms", "name", b"name", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix_ms", b"created_at_unix_ms", "key_scope", b"key_scope", "last_used_unix_ms", b"last_used_unix_ms", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -53,19 +78,21 @@ class CreateAppKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
-    SCOPE_FIELD_NUMBER: _builtins.int
+    KEY_SCOPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    scope: _builtins.str
-    """"" = "inference"."""
+    key_scope: Global___AppKeyScope.ValueType
+    """Was the string `scope`; unspecified (and a number the queen does not
+    know) = inference.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
-        scope: _builtins.str = ...,
+        key_scope: Global___AppKeyScope.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_scope", b"key_scope", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -69,7 +69,7 @@ class AppKeyServiceServicer:
     def CreateAppKey(self, request, context):
         """A new key of the given scope under a new name.
         Fails with: INVALID_ARGUMENT (a name outside 1-64 characters of letters,
-        digits, '.', '_', '-'; an unknown scope; details.field names which),
+        digits, '.', '_', '-'; details.field = "name"),
         ALREADY_EXISTS (APP_KEY_EXISTS), RESOURCE_EXHAUSTED (APP_KEY_LIMIT),
         INTERNAL (CATALOG_ERROR).
         """

@@ -42,7 +42,7 @@ class AppKeyServiceStub:
     CreateAppKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.CreateAppKeyRequest, _keys_pb2.CreateAppKeyResponse]
     """A new key of the given scope under a new name.
     Fails with: INVALID_ARGUMENT (a name outside 1-64 characters of letters,
-    digits, '.', '_', '-'; an unknown scope; details.field names which),
+    digits, '.', '_', '-'; details.field = "name"),
     ALREADY_EXISTS (APP_KEY_EXISTS), RESOURCE_EXHAUSTED (APP_KEY_LIMIT),
     INTERNAL (CATALOG_ERROR).
     """
@@ -69,7 +69,7 @@ class AppKeyServiceAsyncStub(AppKeyServiceStub):
     CreateAppKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.CreateAppKeyRequest, _keys_pb2.CreateAppKeyResponse]  # type: ignore[assignment]
     """A new key of the given scope under a new name.
     Fails with: INVALID_ARGUMENT (a name outside 1-64 characters of letters,
-    digits, '.', '_', '-'; an unknown scope; details.field names which),
+    digits, '.', '_', '-'; details.field = "name"),
     ALREADY_EXISTS (APP_KEY_EXISTS), RESOURCE_EXHAUSTED (APP_KEY_LIMIT),
     INTERNAL (CATALOG_ERROR).
     """
@@ -99,7 +99,7 @@ class AppKeyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_keys_pb2.CreateAppKeyResponse, _abc.Awaitable[_keys_pb2.CreateAppKeyResponse]]:
         """A new key of the given scope under a new name.
         Fails with: INVALID_ARGUMENT (a name outside 1-64 characters of letters,
-        digits, '.', '_', '-'; an unknown scope; details.field names which),
+        digits, '.', '_', '-'; details.field = "name"),
         ALREADY_EXISTS (APP_KEY_EXISTS), RESOURCE_EXHAUSTED (APP_KEY_LIMIT),
         INTERNAL (CATALOG_ERROR).
         """

@@ -65,8 +65,29 @@ Global___BackendDevices: _TypeAlias = BackendDevices  # noqa: Y015
 class Node(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    class _Transport:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _TransportEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Node._Transport.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        TRANSPORT_UNSPECIFIED: Node._Transport.ValueType  # 0
+        TRANSPORT_SSH: Node._Transport.ValueType  # 1
+        TRANSPORT_LOCAL: Node._Transport.ValueType  # 2
+        """The queen's own machine (no SSH)."""
+
+    class Transport(_Transport, metaclass=_TransportEnumTypeWrapper):
+        """How the queen reaches the node. Readers take TRANSPORT_UNSPECIFIED and a
+        number they do not know as TRANSPORT_SSH.
+        """
+
+    TRANSPORT_UNSPECIFIED: Node.Transport.ValueType  # 0
+    TRANSPORT_SSH: Node.Transport.ValueType  # 1
+    TRANSPORT_LOCAL: Node.Transport.ValueType  # 2
+    """The queen's own machine (no SSH)."""
+
     NAME_FIELD_NUMBER: _builtins.int
-    TRANSPORT_FIELD_NUMBER: _builtins.int
+    CONNECTION_FIELD_NUMBER: _builtins.int
     SSH_HOST_FIELD_NUMBER: _builtins.int
     SSH_PORT_FIELD_NUMBER: _builtins.int
     SSH_USER_FIELD_NUMBER: _builtins.int
@@ -86,8 +107,8 @@ class Node(_message.Message):
     TLS_FIELD_NUMBER: _builtins.int
     TLS_NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    transport: _builtins.str
-    """"ssh", or "local" for the queen's own machine (no SSH)."""
+    connection: Global___Node.Transport.ValueType
+    """Was the string `transport`."""
     ssh_host: _builtins.str
     ssh_port: _builtins.int
     ssh_user: _builtins.str
@@ -123,7 +144,7 @@ class Node(_message.Message):
         self,
         *,
         name: _builtins.str = ...,
-        transport: _builtins.str = ...,
+        connection: Global___Node.Transport.ValueType = ...,
         ssh_host: _builtins.str = ...,
         ssh_port: _builtins.int = ...,
         ssh_user: _builtins.str = ...,
@@ -145,7 +166,7 @@ class Node(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "git_branch", b"git_branch", "git_repo_url", b"git_repo_url", "hive_port", b"hive_port", "hive_running", b"hive_running", "hive_started_by_queen", b"hive_started_by_queen", "hive_version", b"hive_version", "install_path", b"install_path", "last_connected_unix_ms", b"last_connected_unix_ms", "last_error", b"last_error", "name", b"name", "rbee_home", b"rbee_home", "ssh_host", b"ssh_host", "ssh_key_path", b"ssh_key_path", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user", "status", b"status", "tls", b"tls", "tls_name", b"tls_name", "transport", b"transport"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "connection", b"connection", "git_branch", b"git_branch", "git_repo_url", b"git_repo_url", "hive_port", b"hive_port", "hive_running", b"hive_running", "hive_started_by_queen", b"hive_started_by_queen", "hive_version", b"hive_version", "install_path", b"install_path", "last_connected_unix_ms", b"last_connected_unix_ms", "last_error", b"last_error", "name", b"name", "rbee_home", b"rbee_home", "ssh_host", b"ssh_host", "ssh_key_path", b"ssh_key_path", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user", "status", b"status", "tls", b"tls", "tls_name", b"tls_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

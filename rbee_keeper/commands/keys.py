@@ -26,8 +26,26 @@ def _when(unix_ms: int) -> str:
     return datetime.fromtimestamp(unix_ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if unix_ms else "never"
 
 
+def _scope(k) -> str:
+    from rbee.enum_words import APP_KEY_SCOPES
+
+    return APP_KEY_SCOPES.word(k.key_scope)
+
+
 def _key_dict(k) -> dict:
-    return {"name": k.name, "scope": k.scope, "created_at_unix_ms": k.created_at_unix_ms, "last_used_unix_ms": k.last_used_unix_ms}
+    return {"name": k.name, "key_scope": _scope(k), "created_at_unix_ms": k.created_at_unix_ms,
+            "last_used_unix_ms": k.last_used_unix_ms}  # fmt: skip
+
+
+def parse_scope(scope: str) -> str:
+    """--scope, checked here: the request carries the contract's enum, not the word."""
+    from rbee.enum_words import APP_KEY_SCOPES
+    from rbee_keeper.validation import invalid_argument
+
+    if scope not in APP_KEY_SCOPES.words:
+        raise invalid_argument("--scope", scope, "is 'inference' (the OpenAI routes and /metrics) or 'admin' (everything the HTTP API serves)",
+                               "Pass --scope inference or --scope admin: `rbee-keeper keys create --name NAME --scope inference`")  # fmt: skip
+    return scope
 
 
 @keys_app.command("create")
@@ -53,11 +71,12 @@ def create_cmd(
         from rbee_keeper.queen_client import QueenClient
         from rbee_keeper.render import narrator
 
+        wanted = parse_scope(scope)
         async with QueenClient.connect(resolve_queen(queen), api_key) as client:
-            reply = await client.create_app_key(name, scope)
+            reply = await client.create_app_key(name, wanted)
         print(reply.secret, flush=True)
         say = narrator()
-        say("🔑", f"Key {reply.key.name!r} created (scope {reply.key.scope}). It is shown this once: store it now.")
+        say("🔑", f"Key {reply.key.name!r} created (scope {_scope(reply.key)}). It is shown this once: store it now.")
         say("👉", "Use it as `Authorization: Bearer KEY`, e.g. OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=KEY")
         return 0
 
@@ -66,7 +85,7 @@ def create_cmd(
 
 @keys_app.command("list")
 def list_cmd(
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per key: name, scope, created_at_unix_ms, last_used_unix_ms."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per key: name, key_scope, created_at_unix_ms, last_used_unix_ms."),
     queen: str = QUEEN_OPTION,
     api_key: str = QUEEN_KEY_OPTION,
 ) -> None:
@@ -84,7 +103,7 @@ def list_cmd(
         return show_listing(
             keys, as_json, _key_dict, "No keys for applications: make one with `rbee-keeper keys create --name NAME`",
             ("NAME", "SCOPE", "CREATED", "LAST USED"),
-            lambda k: (k.name, k.scope, _when(k.created_at_unix_ms), _when(k.last_used_unix_ms)),
+            lambda k: (k.name, _scope(k), _when(k.created_at_unix_ms), _when(k.last_used_unix_ms)),
         )  # fmt: skip
 
     run(go())
@@ -107,7 +126,7 @@ def revoke_cmd(
 
         async with QueenClient.connect(resolve_queen(queen), api_key) as client:
             key = await client.revoke_app_key(name)
-        narrator()("🗑️", f"Key {key.name!r} (scope {key.scope}) revoked: applications presenting it are refused from now on")
+        narrator()("🗑️", f"Key {key.name!r} (scope {_scope(key)}) revoked: applications presenting it are refused from now on")
         return 0
 
     run(go())

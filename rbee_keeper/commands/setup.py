@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from rbee.backends import backend_name
+from rbee.enum_words import TRANSPORTS
 from rbee.errors import RbeeError
 from rbee.narration import format_line
 from rbee.v1 import nodes_pb2
@@ -40,7 +41,7 @@ def _when(unix_ms: int) -> str:
 def _node_dict(n: nodes_pb2.Node) -> dict:
     return {
         "name": n.name,
-        "transport": n.transport,
+        "connection": TRANSPORTS.word(n.connection),
         "ssh_host": n.ssh_host,
         "ssh_port": n.ssh_port,
         "ssh_user": n.ssh_user,
@@ -62,7 +63,7 @@ def _node_dict(n: nodes_pb2.Node) -> dict:
 
 
 def _host(n: nodes_pb2.Node) -> str:
-    return "(this machine)" if n.transport == "local" else f"{n.ssh_user}@{n.ssh_host}:{n.ssh_port}"
+    return "(this machine)" if TRANSPORTS.word(n.connection) == "local" else f"{n.ssh_user}@{n.ssh_host}:{n.ssh_port}"
 
 
 async def _follow(events, as_json: bool = False) -> nodes_pb2.Node:

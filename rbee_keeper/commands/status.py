@@ -91,6 +91,7 @@ async def _status(queen: str | None, api_key: str | None, as_json: bool) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from rbee.enum_words import TRANSPORTS
     from rbee_keeper.output import use_color
 
     import sys
@@ -99,7 +100,7 @@ async def _status(queen: str | None, api_key: str | None, as_json: bool) -> int:
     console.print(f"QUEEN  {address}  serving", markup=False)
     table = Table("NODE", "HOST", "STATUS", "HIVE", "BACKENDS", title="nodes", title_justify="left")
     for n in nodes:
-        host = "(this machine)" if n.transport == "local" else f"{n.ssh_user}@{n.ssh_host}:{n.ssh_port}"
+        host = "(this machine)" if TRANSPORTS.word(n.connection) == "local" else f"{n.ssh_user}@{n.ssh_host}:{n.ssh_port}"
         hive = (f"up :{n.hive_port}" if n.hive_running else f"down :{n.hive_port}") + (f" ({n.hive_version})" if n.hive_version else "")
         backends = ", ".join(f"{backend_name(b.name)}×{b.device_count}" for b in n.backends) or "-"
         table.add_row(n.name, host, STATUS.get(n.status, "unknown"), hive, backends)

@@ -15,6 +15,7 @@ from pathlib import Path
 from rbee.backends import BACKENDS, backend_enum, backend_name
 from rbee.auth import new_api_key
 from rbee.config import remote_settings
+from rbee.enum_words import TRANSPORTS
 from rbee.errors import RbeeError
 from rbee.narration import Narrator
 from rbee.v1 import common_pb2, nodes_pb2, preflight_pb2
@@ -386,7 +387,7 @@ class NodeManager:
                 running = await link.serving(timeout=LIST_PROBE_TIMEOUT_S)
         return nodes_pb2.Node(
             name=record.name,
-            transport=record.transport,
+            connection=TRANSPORTS.number(record.transport),
             ssh_host=record.ssh_host,
             ssh_port=record.ssh_port,
             ssh_user=record.ssh_user,

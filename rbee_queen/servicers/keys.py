@@ -8,16 +8,16 @@ import asyncio
 
 import grpc
 
+from rbee.enum_words import APP_KEY_SCOPES
 from rbee.narration import Narrator
 from rbee.rpc import handle_errors
-from rbee.scopes import Scope
 from rbee.v1 import keys_pb2, keys_pb2_grpc
 
 from rbee_queen.appkeys import AppKey, AppKeyStore
 
 
 def _proto(key: AppKey) -> keys_pb2.AppKey:
-    return keys_pb2.AppKey(name=key.name, scope=str(key.scope), created_at_unix_ms=key.created_at_unix * 1000,
+    return keys_pb2.AppKey(name=key.name, key_scope=APP_KEY_SCOPES.number(str(key.scope)), created_at_unix_ms=key.created_at_unix * 1000,
                           last_used_unix_ms=key.last_used_unix * 1000)
 
 
@@ -28,7 +28,7 @@ class AppKeyServicer(keys_pb2_grpc.AppKeyServiceServicer):
 
     @handle_errors
     async def CreateAppKey(self, request: keys_pb2.CreateAppKeyRequest, context: grpc.aio.ServicerContext) -> keys_pb2.CreateAppKeyResponse:
-        record, secret = await asyncio.to_thread(self._store.create, request.name, request.scope or str(Scope.INFERENCE))
+        record, secret = await asyncio.to_thread(self._store.create, request.name, APP_KEY_SCOPES.word(request.key_scope))
         self._log("🔑", f"Application key {record.name!r} created (scope {record.scope})")
         return keys_pb2.CreateAppKeyResponse(key=_proto(record), secret=secret)
 

@@ -59,7 +59,7 @@ async def test_create_list_revoke_through_the_keeper(queen: QueenProc) -> None:
     code, out, err = await queen.keeper("keys", "list", "--json")
     assert code == 0, err
     listed = [json.loads(line) for line in out.splitlines()]
-    assert [(k["name"], k["scope"]) for k in listed] == [("ops", "admin"), ("webui", "inference")]
+    assert [(k["name"], k["key_scope"]) for k in listed] == [("ops", "admin"), ("webui", "inference")]
     assert all(k["created_at_unix_ms"] > 0 and k["last_used_unix_ms"] == 0 for k in listed)
     assert key not in out
 
@@ -73,7 +73,7 @@ async def test_create_list_revoke_through_the_keeper(queen: QueenProc) -> None:
     code, out, err = await queen.keeper("keys", "create", "--name", "webui")
     assert code == 1 and out == ""
     assert "APP_KEY_EXISTS" in err and "rbee-keeper keys revoke webui" in err and "Traceback" not in err
-    # Bad names and scopes are the queen's INVALID_ARGUMENT naming the field.
+    # Bad names are the queen's INVALID_ARGUMENT naming the field; a bad scope the keeper's (the request carries an enum).
     for args in (["--name", "bad name"], ["--name", "x" * 65], ["--name", "ok", "--scope", "root"]):
         code, out, err = await queen.keeper("keys", "create", *args)
         assert code == 1 and out == "" and "INVALID_ARGUMENT" in err and "Traceback" not in err, (args, err)

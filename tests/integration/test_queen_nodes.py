@@ -70,7 +70,7 @@ async def test_local_node_add_list_duplicate_update_remove(queen: QueenProc, tmp
                                         "--hive-port", "17999", "--json")  # fmt: skip
     assert code == 0, err
     saved = json.loads(out)
-    assert saved["transport"] == "local" and saved["status"] == "reachable"
+    assert saved["connection"] == "local" and saved["status"] == "reachable"
     assert saved["backends"] == {"cpu": 1} and saved["hive_version"] == "0.1.0"
     assert "Round-trip latency" in err and "Detected on here: cpu (1 device)" in err
 

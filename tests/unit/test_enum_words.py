@@ -10,7 +10,7 @@ import io
 
 import pytest
 
-from rbee.enum_words import DEPLOYMENT_STATES, LEVELS, STAGES, UNITS
+from rbee.enum_words import APP_KEY_SCOPES, DEPLOYMENT_STATES, LEVELS, STAGES, UNITS
 from rbee.narration import Narrator, event, level_of, progress_event, stage_of, unit_of
 from rbee.v1 import common_pb2, replicas_pb2
 from rbee_worker.engine import LoadProgress
@@ -117,3 +117,45 @@ def test_the_keeper_shows_a_deployment_state_as_its_word() -> None:
     assert deployment_rows([d])[0][-1] == "restarting in 4s (attempt 3) (NO_CAPACITY)"
     newer = replicas_pb2.Deployment.FromString(_varint_field(9, UNKNOWN))
     assert deployment_dict(newer)["current_state"] == "starting" and deployment_rows([newer])[0][-1] == "starting"
+
+
+def test_the_keeper_shows_a_node_connection_as_its_word() -> None:
+    from rbee.enum_words import TRANSPORTS
+    from rbee.v1 import nodes_pb2
+    from rbee_keeper.commands.setup import _host, _node_dict
+
+    assert set(TRANSPORTS.words) == {"ssh", "local"}  # NodeRecord.transport's values
+    local = nodes_pb2.Node(name="here", connection=nodes_pb2.Node.TRANSPORT_LOCAL)
+    assert (_node_dict(local)["connection"], _host(local)) == ("local", "(this machine)")
+    newer = nodes_pb2.Node.FromString(_varint_field(2, UNKNOWN))
+    newer.ssh_user, newer.ssh_host, newer.ssh_port = "rbee", "192.0.2.10", 22
+    assert (_node_dict(newer)["connection"], _host(newer)) == ("ssh", "rbee@192.0.2.10:22")
+
+
+async def test_an_app_key_scope_crosses_as_the_enum_and_an_unknown_one_opens_the_least(tmp_path) -> None:
+    from rbee.errors import RbeeError
+    from rbee.v1 import keys_pb2
+    from rbee_keeper.commands.keys import _key_dict, parse_scope
+    from rbee_queen.appkeys import SCOPES, AppKeyStore
+    from rbee_queen.servicers.keys import AppKeyServicer
+
+    assert set(APP_KEY_SCOPES.words) == {str(s) for s in SCOPES}
+    store = AppKeyStore(tmp_path / "beehives.db")
+    servicer = AppKeyServicer(store, Narrator("queen-rbee", stream=io.StringIO()))
+    try:
+        admin = await servicer.CreateAppKey(keys_pb2.CreateAppKeyRequest(name="ops", key_scope=keys_pb2.APP_KEY_SCOPE_ADMIN), None)
+        plain = await servicer.CreateAppKey(keys_pb2.CreateAppKeyRequest(name="webui"), None)
+        newer = keys_pb2.CreateAppKeyRequest.FromString(_varint_field(2, UNKNOWN))
+        newer.name = "newer"
+        unknown = await servicer.CreateAppKey(newer, None)
+        assert [r.key.key_scope for r in (admin, plain, unknown)] == [keys_pb2.APP_KEY_SCOPE_ADMIN] + [keys_pb2.APP_KEY_SCOPE_INFERENCE] * 2
+        assert [store.verify(r.secret) for r in (admin, plain, unknown)] == ["admin", "inference", "inference"]
+        listed = await servicer.ListAppKeys(keys_pb2.ListAppKeysRequest(), None)
+        assert {_key_dict(k)["name"]: _key_dict(k)["key_scope"] for k in listed.keys} == {
+            "ops": "admin", "webui": "inference", "newer": "inference"}
+    finally:
+        store.close()
+    assert parse_scope("admin") == "admin"
+    with pytest.raises(RbeeError) as info:
+        parse_scope("root")
+    assert info.value.code == "INVALID_ARGUMENT" and info.value.details["option"] == "--scope"
