@@ -62,11 +62,11 @@ class Track:
 
     backoff: Backoff
     seen: dict[str, Replica] = field(default_factory=dict)
-    state: str = "starting"
     # A word of Deployment.State ("starting", "complete", "restarting",
     # "waiting") and its detail for people.
-    last_error: str = ""
+    state: str = "starting"
     detail: str = ""
+    last_error: str = ""
     # Workers this queen asked to stop (scale-down): their going is no loss.
     stopping: set[str] = field(default_factory=set)
 
