@@ -86,10 +86,17 @@ async def test_a_client_gone_while_its_prompt_is_tokenized_frees_the_slot():
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await streaming
+        # The slot is free as soon as the worker hears the client go, while
+        # the tokenization still runs (held at the gate).
+        for _ in range(3000):
+            if h.servicer.slots_busy == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert h.servicer.slots_busy == 0 and not engine.gate.is_set(), "the worker did not free the slot"
         engine.gate.set()
         engine.tokenizing.clear()
         engine.events.clear()
-        # The slot is free again (the running tokenization ends on its own).
+        # The running tokenization ends on its own; the next request is served.
         deltas, finals = await h.collect(request_id="next")
         assert finals and h.servicer.slots_busy == 0
         assert "gone" not in engine.started
