@@ -18,7 +18,7 @@ ErrorInfo (domain "rbee"), the message and Help back; BadRequest repeats the det
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from google.protobuf import any_pb2
@@ -115,20 +115,17 @@ def _clip(text: str, limit: int) -> str:
 _CUTS = ((2048, 16, 8), (512, 16, 8), (128, 16, 8), (64, 8, 4), (32, 4, 2))
 
 
-def bound(parts: Parts, grpc_code: int, invalid_argument: bool) -> Parts:
-    """The error cut to what fits in a status. A status travels in HTTP/2 trailers, which
-    peers cap at a few KB: an error that echoes a 10 MB request field would reach the
-    client as a bare RESOURCE_EXHAUSTED instead of itself. Ordinary errors (log lines
-    included) are returned as they are (the same object)."""
-
-    def fits(candidate: Parts) -> bool:
-        return trailer_size(encode(candidate, grpc_code, invalid_argument)) <= TRAILER_BUDGET
-
+def bound(parts: Parts, grpc_code: int, invalid_argument: bool) -> tuple[Parts, status_pb2.Status]:
+    """The error cut to what fits in a status, and that status. A status travels in HTTP/2
+    trailers, which peers cap at a few KB: an error that echoes a 10 MB request field
+    would reach the client as a bare RESOURCE_EXHAUSTED instead of itself. Ordinary
+    errors (log lines included) are returned as they are (the same object)."""
     # Text longer than the budget cannot fit (every character takes a byte at least).
     chars = len(parts.message) + sum(len(k) + len(v) for k, v in parts.details.items()) + sum(map(len, parts.suggestions))
-    if chars <= TRAILER_BUDGET and fits(parts):
-        return parts
-    cut = parts
+    if chars <= TRAILER_BUDGET:
+        status = encode(parts, grpc_code, invalid_argument)
+        if trailer_size(status) <= TRAILER_BUDGET:
+            return parts, status
     for limit, n_details, n_suggestions in _CUTS:
         cut = Parts(
             parts.code,
@@ -136,7 +133,7 @@ def bound(parts: Parts, grpc_code: int, invalid_argument: bool) -> Parts:
             {_clip(k, 64): _clip(v, limit) for k, v in list(parts.details.items())[:n_details]},
             [_clip(s, limit) for s in parts.suggestions[:n_suggestions]],
         )
-        if fits(cut):
+        status = encode(cut, grpc_code, invalid_argument)
+        if trailer_size(status) <= TRAILER_BUDGET:
             break
-    return cut
-
+    return cut, status

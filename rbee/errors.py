@@ -204,22 +204,20 @@ class RbeeError(Exception):
 
     def to_status_proto(self) -> status_pb2.Status:
         """The google.rpc.Status that carries this error (cut to fit in trailers)."""
-        grpc_code = self.status_code
-        return error_wire.encode(self._bounded()._parts(), grpc_code.value[0], grpc_code == S.INVALID_ARGUMENT)
+        return self._bound()[1]
 
     def to_status(self) -> grpc.Status:
         """The gRPC status (with google.rpc details) that carries this error."""
         return rpc_status.to_status(self.to_status_proto())
 
-    def _parts(self) -> error_wire.Parts:
-        return error_wire.Parts(self.code, self.message, self.details, self.suggestions)
+    def _bound(self) -> tuple["RbeeError", status_pb2.Status]:
+        """This error cut to what fits in a status (itself when it fits), and that status."""
+        parts = error_wire.Parts(self.code, self.message, self.details, self.suggestions)
+        cut, status = error_wire.bound(parts, self.status_code.value[0], self.status_code == S.INVALID_ARGUMENT)
+        return (self if cut is parts else RbeeError(*cut)), status
 
     def _bounded(self) -> "RbeeError":
-        """This error cut to what fits in a status (itself when it fits)."""
-        grpc_code = self.status_code
-        parts = self._parts()
-        cut = error_wire.bound(parts, grpc_code.value[0], grpc_code == S.INVALID_ARGUMENT)
-        return self if cut is parts else RbeeError(*cut)
+        return self._bound()[0]
 
 
 # What gRPC says when TLS itself failed (a certificate of another CA, none, or clear text against TLS).
@@ -267,21 +265,21 @@ def from_rpc_error(err: grpc.RpcError, target: str = "") -> RbeeError:
     return _fallback(status_code, message, target)
 
 
-def from_status_proto(proto: status_pb2.Status, target: str = "") -> RbeeError:
+def from_status_proto(proto: status_pb2.Status) -> RbeeError:
     """The error a google.rpc.Status carries (one not from a call: the worker's report)."""
     if (parts := error_wire.decode(proto)) is not None:
         return RbeeError(*parts)
     status_code = _BY_NUMBER.get(proto.code, S.UNKNOWN)
-    return _fallback(status_code, proto.message or str(status_code), target)
+    return _fallback(status_code, proto.message or str(status_code), "")
 
 
-def from_status_bytes(data: bytes, target: str = "") -> RbeeError:
+def from_status_bytes(data: bytes) -> RbeeError:
     """The error of a serialized google.rpc.Status (ReportWorkerRequest.error_status)."""
     try:
         proto = status_pb2.Status.FromString(data)
     except DecodeError:
-        return RbeeError("INTERNAL", f"An error status of {len(data)} bytes that does not parse", {"target": target} if target else {})
-    return from_status_proto(proto, target)
+        return RbeeError("INTERNAL", f"An error status of {len(data)} bytes that does not parse")
+    return from_status_proto(proto)
 
 
 def _fallback(status_code: grpc.StatusCode, message: str, target: str) -> RbeeError:
