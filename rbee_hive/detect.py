@@ -6,9 +6,11 @@ import json
 import platform
 from dataclasses import dataclass
 
+from rbee.backends import BACKENDS
+
 from rbee_hive.resources import ResourceSource
 
-BACKEND_NAMES = ("cpu", "cuda", "metal")
+BACKEND_NAMES = BACKENDS
 
 
 @dataclass(frozen=True)

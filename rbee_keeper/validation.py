@@ -12,11 +12,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rbee.backends import BACKENDS
 from rbee.bounds import CHAT_MESSAGES, STOP, STOP_BYTES, check_json_schema_text, check_stops
 from rbee.config import DEFAULT_HIVE_PORT, DEFAULT_QUEEN_PORT, DEFAULT_WORKER_PORT_START
 from rbee.errors import RbeeError
 
-BACKENDS = ("cpu", "cuda", "metal")
 MAX_TEMPERATURE = 2.0
 # The wire field is a signed 32-bit integer; the worker checks the model's own limit.
 MAX_TOKENS_LIMIT = 2**31 - 1

@@ -21,6 +21,7 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from rbee.backends import BACKENDS
 from rbee.errors import RbeeError
 from rbee.modelref import parse_model_ref
 
@@ -31,7 +32,6 @@ MAX_REPLICAS = 64
 MAX_NODES = 64
 MAX_DEPLOYMENTS = 256
 MAX_MODEL_REF_CHARS = 1024
-BACKENDS = ("cpu", "cuda", "metal")
 
 LIST_HINT = "See the deployments with `rbee-keeper models list --deployed`"
 

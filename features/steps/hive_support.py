@@ -16,8 +16,8 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rbee.backends import backend_enum
 from rbee.auth import auth_metadata
+from rbee.backends import backend_enum
 from rbee.channel import CHANNEL_OPTIONS
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.v1 import common_pb2, preflight_pb2_grpc, registry_pb2, registry_pb2_grpc

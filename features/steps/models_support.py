@@ -13,8 +13,8 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rbee.backends import backend_enum
 from rbee.auth import auth_metadata
+from rbee.backends import backend_enum
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import format_line
 from rbee.v1 import provisioning_pb2, provisioning_pb2_grpc

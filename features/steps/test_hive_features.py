@@ -16,8 +16,8 @@ import psutil
 import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
-from rbee.backends import backend_enum
 from rbee.auth import auth_metadata
+from rbee.backends import backend_enum
 from rbee.channel import CHANNEL_OPTIONS
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import stage_of

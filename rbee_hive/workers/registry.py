@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rbee.backends import backend_enum
 from rbee.auth import new_api_key
+from rbee.backends import backend_enum
 from rbee.errors import RbeeError
 from rbee.v1 import common_pb2
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from rbee.backends import backend_enum, backend_name
+from rbee.backends import BACKENDS, backend_enum, backend_name
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.modelref import parse_model_ref
 from rbee.v1 import common_pb2, nodes_pb2, preflight_pb2, provisioning_pb2, registry_pb2
@@ -31,7 +31,6 @@ SHUTDOWN_TIMEOUT_S = 120.0
 DOWNLOAD_TIMEOUT_S = 6 * 3600
 LOG_TAIL_LINES = 200
 WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-BACKENDS = ("cpu", "cuda", "metal")
 
 _NODE_STATUS = {
     nodes_pb2.NODE_STATUS_REACHABLE: "reachable",

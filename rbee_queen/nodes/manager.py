@@ -12,8 +12,8 @@ import shlex
 import time
 from pathlib import Path
 
-from rbee.backends import BACKENDS, backend_enum, backend_name
 from rbee.auth import new_api_key
+from rbee.backends import BACKENDS, backend_enum, backend_name
 from rbee.config import remote_settings
 from rbee.enum_words import TRANSPORTS
 from rbee.errors import RbeeError

@@ -5,8 +5,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rbee.backends import backend_enum, backend_name
 from rbee.auth import auth_metadata
+from rbee.backends import backend_enum, backend_name
 from rbee.channel import open_channel
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import Narrator
