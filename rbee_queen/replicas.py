@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from rbee.backends import backend_name
+from rbee.backends import backend_enum
 from rbee.errors import RbeeError
 from rbee.v1 import common_pb2
 
@@ -52,7 +52,7 @@ def replicas_of(d: Deployment, allowed: Iterable[str], workers: Iterable[tuple[s
     """The live workers of ``d`` among ``(node, worker)`` pairs."""
     names = set(allowed)
     return sorted((Replica(node, w.id, w.state) for node, w in workers
-                   if node in names and w.state in LIVE and (backend_name(w.backend) or "cpu") == d.backend and same_model(w.model_ref, d.model_ref)),
+                   if node in names and w.state in LIVE and (w.backend or common_pb2.BACKEND_CPU) == backend_enum(d.backend) and same_model(w.model_ref, d.model_ref)),
                   key=lambda r: (r.node, r.worker_id))  # fmt: skip
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from rbee.backends import backend_name
+from rbee.backends import backend_enum
 from rbee.errors import RbeeError
 from rbee.fit import Need, listing_need
 from rbee.modelref import parse_model_ref
@@ -75,23 +75,23 @@ class NodeFigures:
     # device): built at the first placement that reads these figures, which
     # do not change once surveyed. A placement then reads the model's own
     # workers, not every worker of the cluster.
-    _ready: dict[tuple[str, str, int], list[common_pb2.WorkerInfo]] | None = field(default=None, repr=False, compare=False)
+    _ready: dict[tuple[str, int, int], list[common_pb2.WorkerInfo]] | None = field(default=None, repr=False, compare=False)
     # What a worker needs here (model_need), by (backend, slots): the same figures, the same answer.
     _needs: dict[tuple[str, int], Need | None] = field(default_factory=dict, repr=False, compare=False)
 
     def ready_workers(self, ref: str, backend: str, device: int) -> list[common_pb2.WorkerInfo]:
         """Workers of ``ref`` (canonical) on ``backend``:``device``, idle or busy, with a free slot."""
         if self._ready is None:
-            written: dict[tuple[str, str, int], list[common_pb2.WorkerInfo]] = {}
+            written: dict[tuple[str, int, int], list[common_pb2.WorkerInfo]] = {}
             for w in self.workers:
                 if w.slots_available > 0 and w.state in READY:
-                    written.setdefault((w.model_ref, backend_name(w.backend), w.device), []).append(w)
+                    written.setdefault((w.model_ref, w.backend, w.device), []).append(w)
             # One canonical form per reference as written, not per worker.
-            index: dict[tuple[str, str, int], list[common_pb2.WorkerInfo]] = {}
+            index: dict[tuple[str, int, int], list[common_pb2.WorkerInfo]] = {}
             for (model, b, d), found in written.items():
                 index.setdefault((canonical(model), b, d), []).extend(found)
             self._ready = index
-        return self._ready.get((ref, backend, device), [])
+        return self._ready.get((ref, backend_enum(backend), device), [])
 
     def need(self, surveyed: Sequence[NodeFigures], backend: str, slots: int,
              fallback: provisioning_pb2.ModelEntry | None = None) -> Need | None:  # fmt: skip

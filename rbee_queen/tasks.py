@@ -103,7 +103,7 @@ class TaskRunner:
         async with HiveLink(record) as link:
             listed = await link.call(link.workers.ListWorkers, registry_pb2.ListWorkersRequest())
             matching = [w for w in listed.workers
-                        if same_model(w.model_ref, ref) and backend_name(w.backend) == backend and w.device == req.device]  # fmt: skip
+                        if same_model(w.model_ref, ref) and w.backend == backend_enum(backend) and w.device == req.device]  # fmt: skip
             usable = [w for w in matching if w.state in (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY) and w.slots_available > 0]
             loading = [w for w in matching if w.state == State.WORKER_STATE_LOADING]
             key = queue_key(ref, record.name, backend, req.device)
@@ -153,7 +153,7 @@ class TaskRunner:
             best, most = None, 0
             for cw in self.watchers.registry.list(node=record.name):
                 w = cw.worker
-                if (same_model(w.model_ref, ref) and backend_name(w.backend) == backend and w.device == device
+                if (same_model(w.model_ref, ref) and w.backend == backend_enum(backend) and w.device == device
                         and w.state in (State.WORKER_STATE_IDLE, State.WORKER_STATE_BUSY)):  # fmt: skip
                     free = w.slots_available - self.dispatched.pending(w)
                     if free > most:

@@ -133,3 +133,26 @@ async def test_the_queen_answers_an_unknown_backend_number_with_invalid_backend(
     # Not given is the queen's cpu.
     reply = await cluster.deploy(replicas_pb2.DeployModelRequest(model_ref="hf:org/model", replicas=1))
     assert reply.deployment.backend == common_pb2.BACKEND_CPU and cluster.deployments.list()[0].backend == "cpu"
+
+
+def test_the_queen_skips_a_newer_hives_worker_on_a_backend_it_does_not_know():
+    from rbee.v1 import registry_pb2
+    from rbee_queen.deployments import Deployment
+    from rbee_queen.replicas import replicas_of
+    from rbee_queen.survey import NodeFigures, same_model
+    from rbee_queen.workers import ClusterWorkers
+
+    ref = "hf:org/model"
+    known = common_pb2.WorkerInfo(id="w-cpu", model_ref=ref, backend=common_pb2.BACKEND_CPU, state=common_pb2.WORKER_STATE_IDLE,
+                                  slots_total=1, slots_available=1)  # fmt: skip
+    newer = common_pb2.WorkerInfo(id="w-new", model_ref=ref, backend=UNKNOWN, state=common_pb2.WORKER_STATE_IDLE,
+                                  slots_total=1, slots_available=1)  # fmt: skip
+    # The global registry does not list it.
+    registry = ClusterWorkers(120.0)
+    registry.apply("a", "127.0.0.1:1", registry_pb2.WatchWorkersResponse(snapshot=True, hive_instance="i", workers=[known, newer]))
+    assert [c.worker.id for c in registry.list()] == ["w-cpu"]
+    # A placement and a deployment's count pass it by instead of failing.
+    figures = NodeFigures(record=None, workers=[known, newer])  # type: ignore[arg-type]
+    assert [w.id for w in figures.ready_workers(ref, "cpu", 0)] == ["w-cpu"]
+    pairs = [("a", known), ("a", newer)]
+    assert [r.worker_id for r in replicas_of(Deployment(ref, 2, ()), ["a"], pairs, same_model)] == ["w-cpu"]
