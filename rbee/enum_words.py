@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
-from rbee.v1 import common_pb2, keys_pb2, nodes_pb2, replicas_pb2
+from rbee.v1 import common_pb2, keys_pb2, nodes_pb2, provisioning_pb2, replicas_pb2
 
 
 class EnumWords:
     """One proto enum: VALUE_NAME <-> "name" (the prefix dropped, lower case)."""
 
-    def __init__(self, enum: EnumTypeWrapper, prefix: str, default: str) -> None:
+    def __init__(self, enum: EnumTypeWrapper, prefix: str, default: str, lenient: bool = False) -> None:
         self._to_number: dict[str, int] = {}
         self._to_word: dict[int, str] = {}
         for name, number in enum.items():
@@ -30,19 +30,23 @@ class EnumWords:
             word = name.removeprefix(prefix).lower()
             self._to_number[word] = number
             self._to_word[number] = word
-        if default and default not in self._to_number:
-            raise ValueError(f"default {default!r} is not one of {sorted(self._to_number)}")
+        # The default is a word of the enum, or the word for UNSPECIFIED itself
+        # ("unknown" for a model's format). ``lenient``: a word the enum lacks is
+        # written as UNSPECIFIED too (a value read back from a database).
         self.default = default
+        self._lenient = lenient
 
     @property
     def words(self) -> tuple[str, ...]:
         return tuple(self._to_number)
 
     def number(self, word: str) -> int:
-        """The enum value for ``word``; ValueError for a word the contract lacks."""
+        """The enum value for ``word``; ValueError for a word the contract lacks (0 when lenient)."""
         try:
             return self._to_number[word]
         except KeyError:
+            if word == self.default or self._lenient:
+                return 0
             raise ValueError(f"{word!r} is not one of {', '.join(self._to_number)}") from None
 
     def word(self, number: int) -> str:
@@ -64,3 +68,9 @@ TRANSPORTS = EnumWords(nodes_pb2.Node.Transport, "TRANSPORT_", "ssh")
 # AppKey.key_scope and CreateAppKeyRequest.key_scope: unspecified reads as
 # "inference", the narrower scope (so a newer client's unknown scope opens less).
 APP_KEY_SCOPES = EnumWords(keys_pb2.AppKeyScope, "APP_KEY_SCOPE_", "inference")
+# ModelEntry.origin and ListModelsRequest.origin: unspecified reads as "" (none
+# named); a catalog row's word the enum lacks is written as unspecified.
+MODEL_PROVIDERS = EnumWords(provisioning_pb2.ModelEntry.Provider, "PROVIDER_", "", lenient=True)
+# ModelEntry.weights_format: unspecified is "unknown" (files not recognised); a
+# catalog row's word the enum lacks is written as unknown.
+MODEL_FORMATS = EnumWords(provisioning_pb2.ModelEntry.Format, "FORMAT_", "unknown", lenient=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from rbee.backends import backend_enum
+from rbee.enum_words import MODEL_PROVIDERS
 from rbee.errors import RbeeError
 from rbee.v1 import (
     preflight_pb2,
@@ -91,7 +92,8 @@ class HiveClient(DaemonClient):
 
     async def list_models(self, provider: str = "") -> list:
         # No deadline: the catalog calls wait on the node's disk, as they always did.
-        reply = await self._unary(self._provisioning.ListModels, provisioning_pb2.ListModelsRequest(provider=provider), None)
+        request = provisioning_pb2.ListModelsRequest(origin=MODEL_PROVIDERS.number(provider) if provider else 0)
+        reply = await self._unary(self._provisioning.ListModels, request, None)
         return list(reply.models)
 
     async def remove_model(self, model_ref: str) -> provisioning_pb2.RemoveModelResponse:

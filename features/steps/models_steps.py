@@ -13,6 +13,7 @@ import pytest
 from pytest_bdd import given, parsers, then, when
 
 from features.steps.models_support import KeeperRun, SyncHive, keeper, keeper_process
+from rbee.enum_words import MODEL_FORMATS
 from rbee_hive.provisioner.downloads import STAGING_DIR
 from tests.fixtures.models import HOLD_ENV, fill_disk, partial_bytes, wait_for_partial, write_gguf
 from tests.hubserver import make_blob
@@ -341,7 +342,7 @@ def _no_partial(s5):
 
 @then(parsers.parse('the catalog entry has format "{fmt}"'))
 def _format(s5, fmt):
-    assert s5.error is None and s5.entry.format == fmt
+    assert s5.error is None and MODEL_FORMATS.word(s5.entry.weights_format) == fmt
 
 
 @then(parsers.parse('its metadata says architecture "{arch}", vocabulary {vocab:d}, EOS id {eos:d}, quantization "{quant}"'))

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rbee.v1 import common_pb2 as rbee_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arbee/v1/provisioning.proto\x12\x07rbee.v1\x1a\x14rbee/v1/common.proto\"\xa4\x02\n\nModelEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x11\n\treference\x18\x03 \x01(\t\x12\x11\n\tmodel_ref\x18\x04 \x01(\t\x12\x12\n\nlocal_path\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x07 \x01(\t\x12\x33\n\x08metadata\x18\x08 \x03(\x0b\x32!.rbee.v1.ModelEntry.MetadataEntry\x12\x1d\n\x15\x64ownloaded_at_unix_ms\x18\t \x01(\x03\x12\x15\n\rloadable_path\x18\n \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x14\x44ownloadModelRequest\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\x12!\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x10.rbee.v1.Backend\"f\n\x15\x44ownloadModelResponse\x12\x1f\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x0e.rbee.v1.EventH\x00\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x13.rbee.v1.ModelEntryH\x00\x42\x06\n\x04kind\"%\n\x11ListModelsRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.rbee.v1.ModelEntry\"\'\n\x12RemoveModelRequest\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\";\n\x13RemoveModelResponse\x12$\n\x07removed\x18\x01 \x01(\x0b\x32\x13.rbee.v1.ModelEntry\"\xdb\x01\n\x11WorkerEnvironment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bworker_type\x18\x02 \x01(\t\x12!\n\x07\x62\x61\x63kend\x18\x03 \x01(\x0e\x32\x10.rbee.v1.Backend\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x03(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\x13\n\x0b\x62inary_path\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x08 \x01(\t\x12\x0e\n\x06source\x18\t \x01(\t\x12\x1c\n\x14installed_at_unix_ms\x18\n \x01(\x03\"B\n\x1dListWorkerEnvironmentsRequest\x12!\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x10.rbee.v1.Backend\"R\n\x1eListWorkerEnvironmentsResponse\x12\x30\n\x0c\x65nvironments\x18\x01 \x03(\x0b\x32\x1a.rbee.v1.WorkerEnvironment\"Z\n\x16ProvisionWorkerRequest\x12!\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x10.rbee.v1.Backend\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"u\n\x17ProvisionWorkerResponse\x12\x1f\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x0e.rbee.v1.EventH\x00\x12\x31\n\x0b\x65nvironment\x18\x02 \x01(\x0b\x32\x1a.rbee.v1.WorkerEnvironmentH\x00\x42\x06\n\x04kind2\xbb\x03\n\x13ProvisioningService\x12P\n\rDownloadModel\x12\x1d.rbee.v1.DownloadModelRequest\x1a\x1e.rbee.v1.DownloadModelResponse0\x01\x12\x45\n\nListModels\x12\x1a.rbee.v1.ListModelsRequest\x1a\x1b.rbee.v1.ListModelsResponse\x12H\n\x0bRemoveModel\x12\x1b.rbee.v1.RemoveModelRequest\x1a\x1c.rbee.v1.RemoveModelResponse\x12i\n\x16ListWorkerEnvironments\x12&.rbee.v1.ListWorkerEnvironmentsRequest\x1a\'.rbee.v1.ListWorkerEnvironmentsResponse\x12V\n\x0fProvisionWorker\x12\x1f.rbee.v1.ProvisionWorkerRequest\x1a .rbee.v1.ProvisionWorkerResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arbee/v1/provisioning.proto\x12\x07rbee.v1\x1a\x14rbee/v1/common.proto\"\x8d\x04\n\nModelEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12,\n\x06origin\x18\x02 \x01(\x0e\x32\x1c.rbee.v1.ModelEntry.Provider\x12\x11\n\treference\x18\x03 \x01(\t\x12\x11\n\tmodel_ref\x18\x04 \x01(\t\x12\x12\n\nlocal_path\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x32\n\x0eweights_format\x18\x07 \x01(\x0e\x32\x1a.rbee.v1.ModelEntry.Format\x12\x33\n\x08metadata\x18\x08 \x03(\x0b\x32!.rbee.v1.ModelEntry.MetadataEntry\x12\x1d\n\x15\x64ownloaded_at_unix_ms\x18\t \x01(\x03\x12\x15\n\rloadable_path\x18\n \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x08Provider\x12\x18\n\x14PROVIDER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPROVIDER_HF\x10\x01\x12\x11\n\rPROVIDER_FILE\x10\x02\"]\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46ORMAT_SAFETENSORS\x10\x01\x12\x0f\n\x0b\x46ORMAT_GGUF\x10\x02\x12\x12\n\x0e\x46ORMAT_PYTORCH\x10\x03\"L\n\x14\x44ownloadModelRequest\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\x12!\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x10.rbee.v1.Backend\"f\n\x15\x44ownloadModelResponse\x12\x1f\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x0e.rbee.v1.EventH\x00\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x13.rbee.v1.ModelEntryH\x00\x42\x06\n\x04kind\"A\n\x11ListModelsRequest\x12,\n\x06origin\x18\x01 \x01(\x0e\x32\x1c.rbee.v1.ModelEntry.Provider\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.rbee.v1.ModelEntry\"\'\n\x12RemoveModelRequest\x12\x11\n\tmodel_ref\x18\x01 \x01(\t\";\n\x13RemoveModelResponse\x12$\n\x07removed\x18\x01 \x01(\x0b\x32\x13.rbee.v1.ModelEntry\"\xdb\x01\n\x11WorkerEnvironment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bworker_type\x18\x02 \x01(\t\x12!\n\x07\x62\x61\x63kend\x18\x03 \x01(\x0e\x32\x10.rbee.v1.Backend\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x03(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\x13\n\x0b\x62inary_path\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x08 \x01(\t\x12\x0e\n\x06source\x18\t \x01(\t\x12\x1c\n\x14installed_at_unix_ms\x18\n \x01(\x03\"B\n\x1dListWorkerEnvironmentsRequest\x12!\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x10.rbee.v1.Backend\"R\n\x1eListWorkerEnvironmentsResponse\x12\x30\n\x0c\x65nvironments\x18\x01 \x03(\x0b\x32\x1a.rbee.v1.WorkerEnvironment\"Z\n\x16ProvisionWorkerRequest\x12!\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x10.rbee.v1.Backend\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"u\n\x17ProvisionWorkerResponse\x12\x1f\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x0e.rbee.v1.EventH\x00\x12\x31\n\x0b\x65nvironment\x18\x02 \x01(\x0b\x32\x1a.rbee.v1.WorkerEnvironmentH\x00\x42\x06\n\x04kind2\xbb\x03\n\x13ProvisioningService\x12P\n\rDownloadModel\x12\x1d.rbee.v1.DownloadModelRequest\x1a\x1e.rbee.v1.DownloadModelResponse0\x01\x12\x45\n\nListModels\x12\x1a.rbee.v1.ListModelsRequest\x1a\x1b.rbee.v1.ListModelsResponse\x12H\n\x0bRemoveModel\x12\x1b.rbee.v1.RemoveModelRequest\x1a\x1c.rbee.v1.RemoveModelResponse\x12i\n\x16ListWorkerEnvironments\x12&.rbee.v1.ListWorkerEnvironmentsRequest\x1a\'.rbee.v1.ListWorkerEnvironmentsResponse\x12V\n\x0fProvisionWorker\x12\x1f.rbee.v1.ProvisionWorkerRequest\x1a .rbee.v1.ProvisionWorkerResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,31 +35,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELENTRY_METADATAENTRY']._loaded_options = None
   _globals['_MODELENTRY_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_MODELENTRY']._serialized_start=62
-  _globals['_MODELENTRY']._serialized_end=354
-  _globals['_MODELENTRY_METADATAENTRY']._serialized_start=307
-  _globals['_MODELENTRY_METADATAENTRY']._serialized_end=354
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=356
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=432
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=434
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=536
-  _globals['_LISTMODELSREQUEST']._serialized_start=538
-  _globals['_LISTMODELSREQUEST']._serialized_end=575
-  _globals['_LISTMODELSRESPONSE']._serialized_start=577
-  _globals['_LISTMODELSRESPONSE']._serialized_end=634
-  _globals['_REMOVEMODELREQUEST']._serialized_start=636
-  _globals['_REMOVEMODELREQUEST']._serialized_end=675
-  _globals['_REMOVEMODELRESPONSE']._serialized_start=677
-  _globals['_REMOVEMODELRESPONSE']._serialized_end=736
-  _globals['_WORKERENVIRONMENT']._serialized_start=739
-  _globals['_WORKERENVIRONMENT']._serialized_end=958
-  _globals['_LISTWORKERENVIRONMENTSREQUEST']._serialized_start=960
-  _globals['_LISTWORKERENVIRONMENTSREQUEST']._serialized_end=1026
-  _globals['_LISTWORKERENVIRONMENTSRESPONSE']._serialized_start=1028
-  _globals['_LISTWORKERENVIRONMENTSRESPONSE']._serialized_end=1110
-  _globals['_PROVISIONWORKERREQUEST']._serialized_start=1112
-  _globals['_PROVISIONWORKERREQUEST']._serialized_end=1202
-  _globals['_PROVISIONWORKERRESPONSE']._serialized_start=1204
-  _globals['_PROVISIONWORKERRESPONSE']._serialized_end=1321
-  _globals['_PROVISIONINGSERVICE']._serialized_start=1324
-  _globals['_PROVISIONINGSERVICE']._serialized_end=1767
+  _globals['_MODELENTRY']._serialized_end=587
+  _globals['_MODELENTRY_METADATAENTRY']._serialized_start=371
+  _globals['_MODELENTRY_METADATAENTRY']._serialized_end=418
+  _globals['_MODELENTRY_PROVIDER']._serialized_start=420
+  _globals['_MODELENTRY_PROVIDER']._serialized_end=492
+  _globals['_MODELENTRY_FORMAT']._serialized_start=494
+  _globals['_MODELENTRY_FORMAT']._serialized_end=587
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=589
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=665
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=667
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=769
+  _globals['_LISTMODELSREQUEST']._serialized_start=771
+  _globals['_LISTMODELSREQUEST']._serialized_end=836
+  _globals['_LISTMODELSRESPONSE']._serialized_start=838
+  _globals['_LISTMODELSRESPONSE']._serialized_end=895
+  _globals['_REMOVEMODELREQUEST']._serialized_start=897
+  _globals['_REMOVEMODELREQUEST']._serialized_end=936
+  _globals['_REMOVEMODELRESPONSE']._serialized_start=938
+  _globals['_REMOVEMODELRESPONSE']._serialized_end=997
+  _globals['_WORKERENVIRONMENT']._serialized_start=1000
+  _globals['_WORKERENVIRONMENT']._serialized_end=1219
+  _globals['_LISTWORKERENVIRONMENTSREQUEST']._serialized_start=1221
+  _globals['_LISTWORKERENVIRONMENTSREQUEST']._serialized_end=1287
+  _globals['_LISTWORKERENVIRONMENTSRESPONSE']._serialized_start=1289
+  _globals['_LISTWORKERENVIRONMENTSRESPONSE']._serialized_end=1371
+  _globals['_PROVISIONWORKERREQUEST']._serialized_start=1373
+  _globals['_PROVISIONWORKERREQUEST']._serialized_end=1463
+  _globals['_PROVISIONWORKERRESPONSE']._serialized_start=1465
+  _globals['_PROVISIONWORKERRESPONSE']._serialized_end=1582
+  _globals['_PROVISIONINGSERVICE']._serialized_start=1585
+  _globals['_PROVISIONINGSERVICE']._serialized_end=2028
 # @@protoc_insertion_point(module_scope)

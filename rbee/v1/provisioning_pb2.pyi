@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from rbee.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -22,6 +23,50 @@ DESCRIPTOR: _descriptor.FileDescriptor
 @_typing.final
 class ModelEntry(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
+
+    class _Provider:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ProviderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ModelEntry._Provider.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        PROVIDER_UNSPECIFIED: ModelEntry._Provider.ValueType  # 0
+        PROVIDER_HF: ModelEntry._Provider.ValueType  # 1
+        """The Hugging Face Hub (hf:ORG/REPO[/FILE][@REV])."""
+        PROVIDER_FILE: ModelEntry._Provider.ValueType  # 2
+        """A file or folder on the hive's machine (file:///abs/path)."""
+
+    class Provider(_Provider, metaclass=_ProviderEnumTypeWrapper):
+        """Where a model comes from. Readers take PROVIDER_UNSPECIFIED and a number
+        they do not know as no provider named.
+        """
+
+    PROVIDER_UNSPECIFIED: ModelEntry.Provider.ValueType  # 0
+    PROVIDER_HF: ModelEntry.Provider.ValueType  # 1
+    """The Hugging Face Hub (hf:ORG/REPO[/FILE][@REV])."""
+    PROVIDER_FILE: ModelEntry.Provider.ValueType  # 2
+    """A file or folder on the hive's machine (file:///abs/path)."""
+
+    class _Format:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _FormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ModelEntry._Format.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        FORMAT_UNSPECIFIED: ModelEntry._Format.ValueType  # 0
+        FORMAT_SAFETENSORS: ModelEntry._Format.ValueType  # 1
+        FORMAT_GGUF: ModelEntry._Format.ValueType  # 2
+        FORMAT_PYTORCH: ModelEntry._Format.ValueType  # 3
+
+    class Format(_Format, metaclass=_FormatEnumTypeWrapper):
+        """How the weights are stored. FORMAT_UNSPECIFIED: not recognised (shown as
+        "unknown"), also for a number the reader does not know.
+        """
+
+    FORMAT_UNSPECIFIED: ModelEntry.Format.ValueType  # 0
+    FORMAT_SAFETENSORS: ModelEntry.Format.ValueType  # 1
+    FORMAT_GGUF: ModelEntry.Format.ValueType  # 2
+    FORMAT_PYTORCH: ModelEntry.Format.ValueType  # 3
 
     @_typing.final
     class MetadataEntry(_message.Message):
@@ -44,26 +89,26 @@ class ModelEntry(_message.Message):
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     ID_FIELD_NUMBER: _builtins.int
-    PROVIDER_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
     MODEL_REF_FIELD_NUMBER: _builtins.int
     LOCAL_PATH_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
-    FORMAT_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FORMAT_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     DOWNLOADED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     LOADABLE_PATH_FIELD_NUMBER: _builtins.int
     id: _builtins.int
-    provider: _builtins.str
-    """"hf" or "file"."""
+    origin: Global___ModelEntry.Provider.ValueType
+    """Was the string `provider`."""
     reference: _builtins.str
     """The reference without its provider, e.g. "ORG/REPO[/FILE][@REV]" or "/abs/path"."""
     model_ref: _builtins.str
     """The full reference as typed, e.g. "hf:ORG/REPO"."""
     local_path: _builtins.str
     size_bytes: _builtins.int
-    format: _builtins.str
-    """"safetensors", "gguf", "pytorch" or "unknown"."""
+    weights_format: Global___ModelEntry.Format.ValueType
+    """Was the string `format`."""
     downloaded_at_unix_ms: _builtins.int
     loadable_path: _builtins.str
     """What a worker loads for the requested backend (an imported folder for
@@ -77,19 +122,19 @@ class ModelEntry(_message.Message):
         self,
         *,
         id: _builtins.int = ...,
-        provider: _builtins.str = ...,
+        origin: Global___ModelEntry.Provider.ValueType = ...,
         reference: _builtins.str = ...,
         model_ref: _builtins.str = ...,
         local_path: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
-        format: _builtins.str = ...,
+        weights_format: Global___ModelEntry.Format.ValueType = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         downloaded_at_unix_ms: _builtins.int = ...,
         loadable_path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["downloaded_at_unix_ms", b"downloaded_at_unix_ms", "format", b"format", "id", b"id", "loadable_path", b"loadable_path", "local_path", b"local_path", "metadata", b"metadata", "model_ref", b"model_ref", "provider", b"provider", "reference", b"reference", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["downloaded_at_unix_ms", b"downloaded_at_unix_ms", "id", b"id", "loadable_path", b"loadable_path", "local_path", b"local_path", "metadata", b"metadata", "model_ref", b"model_ref", "origin", b"origin", "reference", b"reference", "size_bytes", b"size_bytes", "weights_format", b"weights_format"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -151,17 +196,20 @@ Global___DownloadModelResponse: _TypeAlias = DownloadModelResponse  # noqa: Y015
 class ListModelsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    PROVIDER_FIELD_NUMBER: _builtins.int
-    provider: _builtins.str
-    """Optional filter: "hf" or "file"."""
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    origin: Global___ModelEntry.Provider.ValueType
+    """Optional filter (was the string `provider`); PROVIDER_UNSPECIFIED = every
+    model. A number the hive does not know is INVALID_ARGUMENT: a filter read
+    as "every model" would answer something else than was asked.
+    """
     def __init__(
         self,
         *,
-        provider: _builtins.str = ...,
+        origin: Global___ModelEntry.Provider.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["origin", b"origin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,6 +13,7 @@ import grpc
 
 from rbee.backends import backend_enum, backend_name
 from rbee.cpus import read_cpu_flags
+from rbee.enum_words import MODEL_FORMATS, MODEL_PROVIDERS
 from rbee.errors import RbeeError
 from rbee.fit import fit_facts
 from rbee.narration import Narrator
@@ -28,8 +29,6 @@ from rbee_hive.provisioner.settings import DownloadSettings
 from rbee_hive.provisioner.workers import WorkerProvisioner
 
 log = logging.getLogger(__name__)
-
-PROVIDERS = ("hf", "file")
 
 
 def _fit_figures(catalog: ModelCatalog, records: list[ModelRecord]) -> list[dict[str, str]]:
@@ -54,12 +53,12 @@ def _flat(metadata: dict[str, Any]) -> dict[str, str]:
 def model_entry(record: ModelRecord, loadable: Path | None = None) -> provisioning_pb2.ModelEntry:
     return provisioning_pb2.ModelEntry(
         id=record.id,
-        provider=record.provider,
+        origin=MODEL_PROVIDERS.number(record.provider),
         reference=record.reference,
         model_ref=record.model_ref,
         local_path=record.local_path,
         size_bytes=record.size_bytes,
-        format=record.format,
+        weights_format=MODEL_FORMATS.number(record.format),
         metadata=_flat(record.metadata),
         downloaded_at_unix_ms=record.downloaded_at_unix * 1000,
         loadable_path=str(loadable) if loadable else "",
@@ -99,12 +98,13 @@ class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):
 
     @handle_errors
     async def ListModels(self, request: provisioning_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
-        provider = request.provider.strip().lower()
-        if provider and provider not in PROVIDERS:
+        provider = MODEL_PROVIDERS.word(request.origin)
+        if request.origin and not provider:
+            # A newer client's provider: listing every model would answer another question.
             raise RbeeError(
                 "INVALID_ARGUMENT",
-                f"Unknown provider '{request.provider}'",
-                {"provider": request.provider, "accepted": ", ".join(PROVIDERS)},
+                f"Unknown provider (ListModelsRequest.origin {request.origin})",
+                {"field": "origin", "got": request.origin, "accepted": ", ".join(MODEL_PROVIDERS.words)},
             )
         records = await self.models.list(provider or None)
         entries = [model_entry(r) for r in records]

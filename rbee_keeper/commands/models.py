@@ -17,6 +17,7 @@ from rich import filesize
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 
+from rbee.enum_words import MODEL_FORMATS
 from rbee.errors import RbeeError
 from rbee.modelref import parse_model_ref
 from rbee.narration import format_line, stage_of
@@ -123,7 +124,7 @@ async def _download(client: HiveClient, model: str, backend: str | None) -> int:
             ["Run the download again; it resumes where it stopped"],
         )
     path = entry.loadable_path or entry.local_path
-    view.narrate("✅", f"{entry.model_ref} on {client.address}: {filesize.decimal(entry.size_bytes)}, {entry.format}, {path}")
+    view.narrate("✅", f"{entry.model_ref} on {client.address}: {filesize.decimal(entry.size_bytes)}, {MODEL_FORMATS.word(entry.weights_format)}, {path}")
     typer.echo(path)
     return 0
 
@@ -131,7 +132,7 @@ async def _download(client: HiveClient, model: str, backend: str | None) -> int:
 def model_dict(m: provisioning_pb2.ModelEntry) -> dict:
     return {
         "model_ref": m.model_ref,
-        "format": m.format,
+        "weights_format": MODEL_FORMATS.word(m.weights_format),
         "size_bytes": m.size_bytes,
         "downloaded_at_unix_ms": m.downloaded_at_unix_ms,
         "local_path": m.local_path,
@@ -152,7 +153,7 @@ async def _list(client: HiveClient, provider: str | None, as_json: bool = False)
     rows = [("MODEL", "FORMAT", "SIZE", "DOWNLOADED", "PATH")]
     for m in models:
         when = datetime.fromtimestamp(m.downloaded_at_unix_ms / 1000).strftime("%Y-%m-%d %H:%M") if m.downloaded_at_unix_ms else "-"
-        rows.append((m.model_ref, m.format, filesize.decimal(m.size_bytes), when, m.local_path))
+        rows.append((m.model_ref, MODEL_FORMATS.word(m.weights_format), filesize.decimal(m.size_bytes), when, m.local_path))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])

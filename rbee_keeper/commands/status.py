@@ -91,7 +91,7 @@ async def _status(queen: str | None, api_key: str | None, as_json: bool) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from rbee.enum_words import TRANSPORTS
+    from rbee.enum_words import MODEL_FORMATS, TRANSPORTS
     from rbee_keeper.output import use_color
 
     import sys
@@ -113,7 +113,7 @@ async def _status(queen: str | None, api_key: str | None, as_json: bool) -> int:
     table = Table("NODE", "MODEL", "SIZE", "FORMAT", title="models", title_justify="left")
     for name, entries, why in models:
         for m in entries:
-            table.add_row(name, m.model_ref, filesize.decimal(m.size_bytes), m.format)
+            table.add_row(name, m.model_ref, filesize.decimal(m.size_bytes), MODEL_FORMATS.word(m.weights_format))
         if why:
             table.add_row(name, f"({why})", "", "")
     console.print(table if table.row_count else "models: none", markup=False)

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from rbee.backends import BACKENDS, backend_enum, backend_name
+from rbee.enum_words import MODEL_FORMATS
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.modelref import parse_model_ref
 from rbee.v1 import common_pb2, nodes_pb2, preflight_pb2, provisioning_pb2, registry_pb2
@@ -123,7 +124,7 @@ def workers_view(queen: Any) -> list[dict]:
 
 
 def _model(m: provisioning_pb2.ModelEntry) -> dict:
-    return {"model": m.model_ref, "size": m.size_bytes, "format": m.format, "downloaded_at_unix_ms": m.downloaded_at_unix_ms}
+    return {"model": m.model_ref, "size": m.size_bytes, "weights_format": MODEL_FORMATS.word(m.weights_format), "downloaded_at_unix_ms": m.downloaded_at_unix_ms}
 
 
 async def node_models(queen: Any, record: NodeRecord) -> dict:
@@ -194,7 +195,7 @@ async def start_download(queen: Any, activity: Activity, node: str, model_ref: s
 
     async def run() -> None:
         try:
-            await activity.run(entry, work(), lambda m: f"{m.size_bytes} bytes, {m.format}, {m.loadable_path or m.local_path}")
+            await activity.run(entry, work(), lambda m: f"{m.size_bytes} bytes, {MODEL_FORMATS.word(m.weights_format)}, {m.loadable_path or m.local_path}")
         except BaseException:  # noqa: BLE001 - recorded in the entry; nobody awaits this task
             pass
         activity.publish("models", {"node": node})

@@ -15,6 +15,7 @@ from rbee.narration import Narrator, event, level_of, progress_event, stage_of, 
 from rbee.v1 import common_pb2, replicas_pb2
 from rbee_worker.engine import LoadProgress
 from rbee_worker.loading_stages import STAGES as WORKER_STAGES
+from tests.unit.hive.test_servicers import hive  # noqa: F401 - the fixture
 
 # A value no build has: what a newer daemon might send.
 UNKNOWN = 99
@@ -159,3 +160,36 @@ async def test_an_app_key_scope_crosses_as_the_enum_and_an_unknown_one_opens_the
     with pytest.raises(RbeeError) as info:
         parse_scope("root")
     assert info.value.code == "INVALID_ARGUMENT" and info.value.details["option"] == "--scope"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_model_entry_carries_provider_and_format_as_enums(hive, tmp_path) -> None:
+    from rbee.enum_words import MODEL_FORMATS, MODEL_PROVIDERS
+    from rbee.errors import RbeeError
+    from rbee.v1 import provisioning_pb2, provisioning_pb2_grpc
+    from rbee_hive.catalog.models import ModelRecord
+    from rbee_keeper.commands.models import model_dict
+    from tests.unit.hive.test_servicers import call
+
+    entry = provisioning_pb2.ModelEntry
+    assert set(MODEL_PROVIDERS.words) == {"hf", "file"} and set(MODEL_FORMATS.words) == {"safetensors", "gguf", "pytorch"}
+    ctx, channel = hive
+    catalog = ctx.provisioning.models.catalog
+    for provider, reference, fmt in (("hf", "acme/tiny", "safetensors"), ("file", str(tmp_path / "m.gguf"), "gguf"),
+                                     ("hf", "acme/odd", "unknown"), ("hf", "acme/newer", "a format of a newer hive")):  # fmt: skip
+        catalog.add(ModelRecord(provider=provider, reference=reference, local_path=str(tmp_path), size_bytes=1, format=fmt))
+    stub = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
+    listed = {m.model_ref: m for m in (await call(stub.ListModels, provisioning_pb2.ListModelsRequest())).models}
+    tiny = listed["hf:acme/tiny"]
+    assert (tiny.origin, tiny.weights_format) == (entry.PROVIDER_HF, entry.FORMAT_SAFETENSORS)
+    assert model_dict(tiny)["weights_format"] == "safetensors"
+    assert [MODEL_FORMATS.word(listed[r].weights_format) for r in ("hf:acme/odd", "hf:acme/newer")] == ["unknown", "unknown"]
+    files = await call(stub.ListModels, provisioning_pb2.ListModelsRequest(origin=entry.PROVIDER_FILE))
+    assert [(MODEL_PROVIDERS.word(m.origin), MODEL_FORMATS.word(m.weights_format)) for m in files.models] == [("file", "gguf")]
+    # A provider this hive does not know: refused, not read as "every model".
+    newer = provisioning_pb2.ListModelsRequest.FromString(_varint_field(1, UNKNOWN))
+    with pytest.raises(RbeeError) as info:
+        await call(stub.ListModels, newer)
+    assert info.value.code == "INVALID_ARGUMENT" and info.value.details["field"] == "origin"
+    odd = entry.FromString(_varint_field(2, UNKNOWN) + _varint_field(7, UNKNOWN))
+    assert (MODEL_PROVIDERS.word(odd.origin), model_dict(odd)["weights_format"]) == ("", "unknown")

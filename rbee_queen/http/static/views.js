@@ -81,7 +81,7 @@ export function renderModels(state) {
       const loaded = state.workers.filter((w) => w.node === node && w.model === m.model).map((w) => `${w.id} (${w.state})`);
       rows.push(el("tr", { "data-node": node, "data-model": m.model },
         el("td", { text: node }), el("th", { scope: "row", text: m.model }), el("td", { text: bytes(m.size) }),
-        el("td", { text: m.format }), el("td", { text: loaded.join(", ") || "–" })));
+        el("td", { text: m.weights_format }), el("td", { text: loaded.join(", ") || "–" })));
       choices.set(m.model, m.model);
     }
     if (listing.unavailable) {
