@@ -107,7 +107,7 @@ class Evictor:
 
     def _worker_bytes(self, figures: NodeFigures, w: common_pb2.WorkerInfo) -> int | None:
         entry = next((m for m in figures.models if same_model(m.model_ref, w.model_ref)), None)
-        if entry is None:
+        if entry is None or w.backend not in common_pb2.Backend.values():  # not known: a newer hive's backend
             return None
         return estimate(dict(entry.metadata), entry.size_bytes, backend_name(w.backend) or "cpu", w.slots_total).total
 

@@ -156,3 +156,9 @@ def test_the_queen_skips_a_newer_hives_worker_on_a_backend_it_does_not_know():
     assert [w.id for w in figures.ready_workers(ref, "cpu", 0)] == ["w-cpu"]
     pairs = [("a", known), ("a", newer)]
     assert [r.worker_id for r in replicas_of(Deployment(ref, 2, ()), ["a"], pairs, same_model)] == ["w-cpu"]
+    # An eviction does not count on memory it cannot estimate.
+    from rbee.v1 import provisioning_pb2
+    from rbee_queen.eviction import Evictor
+
+    figures.models.append(provisioning_pb2.ModelEntry(model_ref=ref, size_bytes=1000))
+    assert Evictor.__new__(Evictor)._worker_bytes(figures, newer) is None
