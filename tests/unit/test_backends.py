@@ -136,8 +136,8 @@ async def test_the_queen_answers_an_unknown_backend_number_with_invalid_backend(
 
 
 def test_the_queen_skips_a_newer_hives_worker_on_a_backend_it_does_not_know():
-    from rbee.v1 import registry_pb2
     from rbee_queen.deployments import Deployment
+    from rbee_queen.eviction import Evictor
     from rbee_queen.replicas import replicas_of
     from rbee_queen.survey import NodeFigures, same_model
     from rbee_queen.workers import ClusterWorkers
@@ -157,8 +157,30 @@ def test_the_queen_skips_a_newer_hives_worker_on_a_backend_it_does_not_know():
     pairs = [("a", known), ("a", newer)]
     assert [r.worker_id for r in replicas_of(Deployment(ref, 2, ()), ["a"], pairs, same_model)] == ["w-cpu"]
     # An eviction does not count on memory it cannot estimate.
-    from rbee.v1 import provisioning_pb2
-    from rbee_queen.eviction import Evictor
-
     figures.models.append(provisioning_pb2.ModelEntry(model_ref=ref, size_bytes=1000))
     assert Evictor.__new__(Evictor)._worker_bytes(figures, newer) is None
+
+
+def test_json_shows_the_backend_name_never_the_number():
+    from types import SimpleNamespace
+
+    from rbee.v1 import nodes_pb2
+    from rbee_keeper.commands.deploy import deployment_dict
+    from rbee_keeper.commands.setup import _node_dict
+    from rbee_keeper.commands.workers import _env_dict, _worker_dict
+    from rbee_queen.http.cluster_view import workers_view
+    from rbee_queen.workers import ClusterWorkers
+
+    cuda = common_pb2.BACKEND_CUDA
+    assert _worker_dict(common_pb2.WorkerInfo(id="w", backend=cuda))["backend"] == "cuda"
+    assert _env_dict(provisioning_pb2.WorkerEnvironment(id="e", backend=cuda))["backend"] == "cuda"
+    assert deployment_dict(replicas_pb2.Deployment(model_ref="hf:org/m", backend=cuda))["backend"] == "cuda"
+    node = nodes_pb2.Node(name="n", backends=[nodes_pb2.BackendDevices(name=common_pb2.BACKEND_CPU, device_count=1),
+                                              nodes_pb2.BackendDevices(name=cuda, device_count=2)])  # fmt: skip
+    assert _node_dict(node)["backends"] == {"cpu": 1, "cuda": 2}
+    # The queen's web page.
+    registry = ClusterWorkers(120.0)
+    worker = common_pb2.WorkerInfo(id="w", model_ref="hf:org/m", backend=cuda, device=1, state=common_pb2.WORKER_STATE_IDLE)
+    registry.apply("a", "127.0.0.1:1", registry_pb2.WatchWorkersResponse(snapshot=True, hive_instance="i", workers=[worker]))
+    [shown] = workers_view(SimpleNamespace(registry=registry))
+    assert (shown["backend"], shown["device"], shown["capability"]) == ("cuda", 1, "cuda:1")
