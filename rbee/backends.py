@@ -52,5 +52,5 @@ def backend_name(value: int) -> str:
     if value == common_pb2.BACKEND_UNSPECIFIED:
         return ""
     if value not in _TO_NAME:
-        raise _invalid(f"number {int(value)} (not one this program knows; is the client newer?)", int(value))
+        raise _invalid(f"number {int(value)} (sent by a newer rbee?)", int(value))
     return _TO_NAME[value]
