@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
-from rbee.v1 import common_pb2, keys_pb2, nodes_pb2, provisioning_pb2, replicas_pb2
+from rbee.v1 import common_pb2, keys_pb2, nodes_pb2, preflight_pb2, provisioning_pb2, replicas_pb2
 
 
 class EnumWords:
@@ -74,3 +74,5 @@ MODEL_PROVIDERS = EnumWords(provisioning_pb2.ModelEntry.Provider, "PROVIDER_", "
 # ModelEntry.weights_format: unspecified is "unknown" (files not recognised); a
 # catalog row's word the enum lacks is written as unknown.
 MODEL_FORMATS = EnumWords(provisioning_pb2.ModelEntry.Format, "FORMAT_", "unknown", lenient=True)
+# ResourceCheck.resource: unspecified reads as "" (a check without a name).
+RESOURCES = EnumWords(preflight_pb2.ResourceCheck.Resource, "RESOURCE_", "")

@@ -18,6 +18,7 @@ from pytest_bdd import given, parsers, scenarios, then, when
 
 from rbee.auth import auth_metadata
 from rbee.backends import backend_enum
+from rbee.enum_words import RESOURCES
 from rbee.channel import CHANNEL_OPTIONS
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import stage_of
@@ -201,7 +202,7 @@ def _check(ctx, backend, device):
 @then(parsers.parse("the check passes with {resource} {required:d} MB needed and {available:d} MB available"))
 def _check_passes(ctx, resource, required, available):
     assert ctx["error"] is None, ctx["error"]
-    check = next(c for c in ctx["result"].checks if c.name == resource)
+    check = next(c for c in ctx["result"].checks if RESOURCES.word(c.resource) == resource)
     assert check.passed and (check.required_bytes, check.available_bytes) == (required * MB, available * MB)
 
 

@@ -171,7 +171,8 @@ class ChatMessage(_message.Message):
     CONTENT_FIELD_NUMBER: _builtins.int
     role: _builtins.str
     """"system", "user", "assistant" or "tool" (whatever the model's chat
-    template knows; the four are accepted).
+    template knows; the four are accepted). A string, not an enum: the set is
+    the chat template's, not rbee's.
     """
     content: _builtins.str
     def __init__(

@@ -205,7 +205,8 @@ class CheckResult(_message.Message):
     DETAILS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """e.g. "reachable", "authenticated", "echo", "latency", "hive_program",
-    "hive_health", "hive_version", "backends", "resources".
+    "hive_health", "hive_version", "backends", "resources". A string, not an
+    enum: the steps grow with the preflight, and clients show the name as is.
     """
     passed: _builtins.bool
     warning: _builtins.bool

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from rbee.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -268,13 +269,38 @@ Global___CheckWorkerResourcesRequest: _TypeAlias = CheckWorkerResourcesRequest  
 class ResourceCheck(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: _builtins.int
+    class _Resource:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ResourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ResourceCheck._Resource.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        RESOURCE_UNSPECIFIED: ResourceCheck._Resource.ValueType  # 0
+        RESOURCE_BACKEND: ResourceCheck._Resource.ValueType  # 1
+        RESOURCE_DEVICE: ResourceCheck._Resource.ValueType  # 2
+        RESOURCE_DISK: ResourceCheck._Resource.ValueType  # 3
+        RESOURCE_RAM: ResourceCheck._Resource.ValueType  # 4
+        RESOURCE_VRAM: ResourceCheck._Resource.ValueType  # 5
+
+    class Resource(_Resource, metaclass=_ResourceEnumTypeWrapper):
+        """What was checked. Readers take RESOURCE_UNSPECIFIED and a number they do
+        not know as a check without a name (its message still says what).
+        """
+
+    RESOURCE_UNSPECIFIED: ResourceCheck.Resource.ValueType  # 0
+    RESOURCE_BACKEND: ResourceCheck.Resource.ValueType  # 1
+    RESOURCE_DEVICE: ResourceCheck.Resource.ValueType  # 2
+    RESOURCE_DISK: ResourceCheck.Resource.ValueType  # 3
+    RESOURCE_RAM: ResourceCheck.Resource.ValueType  # 4
+    RESOURCE_VRAM: ResourceCheck.Resource.ValueType  # 5
+
+    RESOURCE_FIELD_NUMBER: _builtins.int
     PASSED_FIELD_NUMBER: _builtins.int
     REQUIRED_BYTES_FIELD_NUMBER: _builtins.int
     AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """"backend", "device", "disk", "ram", "vram"."""
+    resource: Global___ResourceCheck.Resource.ValueType
+    """Was the string `name`."""
     passed: _builtins.bool
     required_bytes: _builtins.int
     """Figures in bytes where they apply (0 where they do not)."""
@@ -283,7 +309,7 @@ class ResourceCheck(_message.Message):
     def __init__(
         self,
         *,
-        name: _builtins.str = ...,
+        resource: Global___ResourceCheck.Resource.ValueType = ...,
         passed: _builtins.bool = ...,
         required_bytes: _builtins.int = ...,
         available_bytes: _builtins.int = ...,
@@ -291,7 +317,7 @@ class ResourceCheck(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_bytes", b"available_bytes", "message", b"message", "name", b"name", "passed", b"passed", "required_bytes", b"required_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_bytes", b"available_bytes", "message", b"message", "passed", b"passed", "required_bytes", b"required_bytes", "resource", b"resource"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

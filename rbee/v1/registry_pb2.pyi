@@ -459,7 +459,7 @@ class WorkerHealth(_message.Message):
     reachable: _builtins.bool
     """The worker answered the health check just now."""
     status: _builtins.str
-    """"SERVING", "NOT_SERVING" (loading) or the failure."""
+    """"SERVING", "NOT_SERVING" (loading) or the failure (free text, hence a string)."""
     latency_ms: _builtins.int
     consecutive_failures: _builtins.int
     """Failed supervisor checks in a row before this one."""

@@ -7,6 +7,7 @@ import asyncio
 import grpc
 
 from rbee.backends import backend_enum, backend_name
+from rbee.enum_words import RESOURCES
 from rbee.errors import RbeeError
 from rbee.rpc import handle_errors
 from rbee.v1 import preflight_pb2, preflight_pb2_grpc
@@ -88,7 +89,7 @@ class PreflightServicer(preflight_pb2_grpc.PreflightServiceServicer):
         return preflight_pb2.CheckWorkerResourcesResponse(
             checks=[
                 preflight_pb2.ResourceCheck(
-                    name=c.name, passed=c.passed, required_bytes=c.required_bytes, available_bytes=c.available_bytes,
+                    resource=RESOURCES.number(c.name), passed=c.passed, required_bytes=c.required_bytes, available_bytes=c.available_bytes,
                     message=c.message,
                 )
                 for c in checks

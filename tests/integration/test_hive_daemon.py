@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from rbee.backends import backend_enum
+from rbee.enum_words import RESOURCES
 from rbee.errors import RbeeError
 from rbee.v1 import preflight_pb2
 from tests.fixtures.common import VENV_BIN, proc_env
@@ -123,7 +124,7 @@ async def test_preflight_figures_both_ways_through_a_real_hive(start_hive, tmp_p
     assert "Resource figures overridden by" in hive.text()
 
     ok = await check(hive, model_size_bytes=SIZE, backend="cuda", device=0, needs_download=True)
-    assert [(c.name, c.required_bytes, c.available_bytes) for c in ok.checks if c.required_bytes] == [
+    assert [(RESOURCES.word(c.resource), c.required_bytes, c.available_bytes) for c in ok.checks if c.required_bytes] == [
         ("disk", 1000 * MB, 1000 * MB), ("ram", 1200 * MB, 1200 * MB), ("vram", 1200 * MB, 1200 * MB)
     ]  # fmt: skip
 

@@ -178,7 +178,7 @@ async def test_real_figures_of_this_machine(spawned: Spawned, default_model: Pat
         hive.preflight.CheckWorkerResources,
         preflight_pb2.CheckWorkerResourcesRequest(model_path=str(default_model), backend=common_pb2.BACKEND_CPU),
     )
-    ram = next(c for c in ok.checks if c.name == "ram")
+    ram = next(c for c in ok.checks if c.resource == preflight_pb2.ResourceCheck.RESOURCE_RAM)
     assert ok.model_size_bytes == size
     assert ram.required_bytes == math.ceil(size * 1.2)
     assert ram.available_bytes > ram.required_bytes

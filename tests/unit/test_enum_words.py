@@ -193,3 +193,12 @@ async def test_a_model_entry_carries_provider_and_format_as_enums(hive, tmp_path
     assert info.value.code == "INVALID_ARGUMENT" and info.value.details["field"] == "origin"
     odd = entry.FromString(_varint_field(2, UNKNOWN) + _varint_field(7, UNKNOWN))
     assert (MODEL_PROVIDERS.word(odd.origin), model_dict(odd)["weights_format"]) == ("", "unknown")
+
+
+def test_a_resource_check_names_its_resource_as_the_enum() -> None:
+    from rbee.enum_words import RESOURCES
+    from rbee.v1 import preflight_pb2
+
+    assert set(RESOURCES.words) == {"backend", "device", "disk", "ram", "vram"}  # rbee_hive/preflight.py's checks
+    newer = preflight_pb2.ResourceCheck.FromString(_varint_field(1, UNKNOWN))
+    assert newer.resource == UNKNOWN and RESOURCES.word(newer.resource) == ""

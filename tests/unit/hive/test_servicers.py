@@ -7,6 +7,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rbee.auth import auth_metadata
 from rbee.backends import backend_enum, backend_name
+from rbee.enum_words import RESOURCES
 from rbee.channel import open_channel
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import Narrator
@@ -75,7 +76,7 @@ async def test_backends_resources_and_checks(hive):
     res = await call(stub.GetResources, preflight_pb2.GetResourcesRequest())
     assert res.ram_available_bytes == 4000 * MB and res.gpus[0].vram_available_bytes == 1000 * MB
     ok = await call(stub.CheckWorkerResources, preflight_pb2.CheckWorkerResourcesRequest(model_size_bytes=800 * MB, backend=common_pb2.BACKEND_CUDA))
-    assert [(c.name, c.required_bytes, c.available_bytes) for c in ok.checks][-1] == ("vram", 960 * MB, 1000 * MB)
+    assert [(RESOURCES.word(c.resource), c.required_bytes, c.available_bytes) for c in ok.checks][-1] == ("vram", 960 * MB, 1000 * MB)
     with pytest.raises(RbeeError) as exc:
         await call(stub.CheckWorkerResources, preflight_pb2.CheckWorkerResourcesRequest(model_size_bytes=900 * MB, backend=common_pb2.BACKEND_CUDA))
     assert exc.value.code == "VRAM_EXHAUSTED" and exc.value.details["required_mb"] == "1080"
