@@ -76,3 +76,6 @@ MODEL_PROVIDERS = EnumWords(provisioning_pb2.ModelEntry.Provider, "PROVIDER_", "
 MODEL_FORMATS = EnumWords(provisioning_pb2.ModelEntry.Format, "FORMAT_", "unknown", lenient=True)
 # ResourceCheck.resource: unspecified reads as "" (a check without a name).
 RESOURCES = EnumWords(preflight_pb2.ResourceCheck.Resource, "RESOURCE_", "")
+# GetHiveHealthResponse.hive_status: unspecified reads as "healthy" (the hive
+# answered; a first-release hive's string "ok" arrives as unspecified).
+HIVE_STATUSES = EnumWords(preflight_pb2.GetHiveHealthResponse.HiveStatus, "HIVE_STATUS_", "healthy")

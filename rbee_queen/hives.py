@@ -16,6 +16,7 @@ from packaging.version import InvalidVersion, Version
 from rbee.backends import backend_name
 from rbee.channel import metadata, open_channel
 from rbee.config import API_VERSION, HIVE_VERSION_REQUIREMENT, VERSION, rbee_home
+from rbee.enum_words import HIVE_STATUSES
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.tls import CA_CERT, HIVE_CERT, HIVE_KEY, ISSUER_CERT, ISSUER_KEY, TLS_DIR, ClusterCA, TlsIdentity
 from rbee.tls_identity import node_identity
@@ -196,8 +197,8 @@ def mismatch_advice(node: str, version: str, api_version: str) -> list[str]:
 
 
 def hive_is_healthy(status: str) -> bool:
-    """The design's word is "healthy"; hives of the first release say "ok"."""
-    return status in ("healthy", "ok")
+    """``status``: HIVE_STATUSES' word ("healthy", also for a first-release hive's "ok")."""
+    return status == "healthy"
 
 
 async def node_home(transport: NodeTransport, record: NodeRecord) -> str:
@@ -313,10 +314,11 @@ async def hive_preflight(
     above the floor for ``backend`` (any backend the node has when None;
     rbee_queen/hive_minimums.py), worker environments. The first failure raises."""
     health = await link.call(link.preflight.GetHiveHealth, preflight_pb2.GetHiveHealthRequest())
-    check("hive_health", hive_is_healthy(health.status), f"Hive health: {health.status} (rbee-hive {health.version}, API {health.api_version}, "
+    status = HIVE_STATUSES.word(health.hive_status)
+    check("hive_health", hive_is_healthy(status), f"Hive health: {status} (rbee-hive {health.version}, API {health.api_version}, "
           f"up {health.uptime_ms // 1000}s, {health.workers} workers)", version=health.version, api_version=health.api_version)
-    if not hive_is_healthy(health.status):
-        raise RbeeError("HIVE_UNREACHABLE", f"The hive on {record.name} is {health.status}", {"node": record.name, "status": health.status})
+    if not hive_is_healthy(status):
+        raise RbeeError("HIVE_UNREACHABLE", f"The hive on {record.name} is {status}", {"node": record.name, "status": status})
     problem = compatible(health.version, health.api_version)
     if problem:
         check("hive_version", False, f"Hive on {record.name} has {problem}")

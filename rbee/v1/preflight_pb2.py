@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rbee.v1 import common_pb2 as rbee_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rbee/v1/preflight.proto\x12\x07rbee.v1\x1a\x14rbee/v1/common.proto\"\x16\n\x14GetHiveHealthRequest\"\x9c\x01\n\x15GetHiveHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x11\n\tuptime_ms\x18\x05 \x01(\x03\x12\x0f\n\x07workers\x18\x06 \x01(\r\x12\x17\n\x0fidle_timeout_ms\x18\x07 \x01(\x04\"\x14\n\x12GetBackendsRequest\"f\n\x0b\x42\x61\x63kendInfo\x12\x1e\n\x04name\x18\x01 \x01(\x0e\x32\x10.rbee.v1.Backend\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x14\n\x0c\x64\x65vice_count\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"=\n\x13GetBackendsResponse\x12&\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x14.rbee.v1.BackendInfo\"\x15\n\x13GetResourcesRequest\"c\n\x0cGpuResources\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10vram_total_bytes\x18\x03 \x01(\x04\x12\x1c\n\x14vram_available_bytes\x18\x04 \x01(\x04\"\xd0\x01\n\x14GetResourcesResponse\x12\x17\n\x0fram_total_bytes\x18\x01 \x01(\x04\x12\x1b\n\x13ram_available_bytes\x18\x02 \x01(\x04\x12\x11\n\tdisk_path\x18\x03 \x01(\t\x12\x18\n\x10\x64isk_total_bytes\x18\x04 \x01(\x04\x12\x1c\n\x14\x64isk_available_bytes\x18\x05 \x01(\x04\x12#\n\x04gpus\x18\x06 \x03(\x0b\x32\x15.rbee.v1.GpuResources\x12\x12\n\noverridden\x18\x07 \x01(\x08\"\x96\x01\n\x1b\x43heckWorkerResourcesRequest\x12\x18\n\x10model_size_bytes\x18\x01 \x01(\x04\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12!\n\x07\x62\x61\x63kend\x18\x03 \x01(\x0e\x32\x10.rbee.v1.Backend\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\r\x12\x16\n\x0eneeds_download\x18\x05 \x01(\x08\"\x9e\x02\n\rResourceCheck\x12\x31\n\x08resource\x18\x01 \x01(\x0e\x32\x1f.rbee.v1.ResourceCheck.Resource\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x16\n\x0erequired_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x61vailable_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07message\x18\x05 \x01(\t\"\x87\x01\n\x08Resource\x12\x18\n\x14RESOURCE_UNSPECIFIED\x10\x00\x12\x14\n\x10RESOURCE_BACKEND\x10\x01\x12\x13\n\x0fRESOURCE_DEVICE\x10\x02\x12\x11\n\rRESOURCE_DISK\x10\x03\x12\x10\n\x0cRESOURCE_RAM\x10\x04\x12\x11\n\rRESOURCE_VRAM\x10\x05\"`\n\x1c\x43heckWorkerResourcesResponse\x12&\n\x06\x63hecks\x18\x01 \x03(\x0b\x32\x16.rbee.v1.ResourceCheck\x12\x18\n\x10model_size_bytes\x18\x02 \x01(\x04\x32\xde\x02\n\x10PreflightService\x12N\n\rGetHiveHealth\x12\x1d.rbee.v1.GetHiveHealthRequest\x1a\x1e.rbee.v1.GetHiveHealthResponse\x12H\n\x0bGetBackends\x12\x1b.rbee.v1.GetBackendsRequest\x1a\x1c.rbee.v1.GetBackendsResponse\x12K\n\x0cGetResources\x12\x1c.rbee.v1.GetResourcesRequest\x1a\x1d.rbee.v1.GetResourcesResponse\x12\x63\n\x14\x43heckWorkerResources\x12$.rbee.v1.CheckWorkerResourcesRequest\x1a%.rbee.v1.CheckWorkerResourcesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rbee/v1/preflight.proto\x12\x07rbee.v1\x1a\x14rbee/v1/common.proto\"\x16\n\x14GetHiveHealthRequest\"\xaf\x02\n\x15GetHiveHealthResponse\x12>\n\x0bhive_status\x18\x01 \x01(\x0e\x32).rbee.v1.GetHiveHealthResponse.HiveStatus\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x11\n\tuptime_ms\x18\x05 \x01(\x03\x12\x0f\n\x07workers\x18\x06 \x01(\r\x12\x17\n\x0fidle_timeout_ms\x18\x07 \x01(\x04\"a\n\nHiveStatus\x12\x1b\n\x17HIVE_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13HIVE_STATUS_HEALTHY\x10\x01\x12\x1d\n\x19HIVE_STATUS_SHUTTING_DOWN\x10\x02\"\x14\n\x12GetBackendsRequest\"f\n\x0b\x42\x61\x63kendInfo\x12\x1e\n\x04name\x18\x01 \x01(\x0e\x32\x10.rbee.v1.Backend\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x14\n\x0c\x64\x65vice_count\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"=\n\x13GetBackendsResponse\x12&\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x14.rbee.v1.BackendInfo\"\x15\n\x13GetResourcesRequest\"c\n\x0cGpuResources\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10vram_total_bytes\x18\x03 \x01(\x04\x12\x1c\n\x14vram_available_bytes\x18\x04 \x01(\x04\"\xd0\x01\n\x14GetResourcesResponse\x12\x17\n\x0fram_total_bytes\x18\x01 \x01(\x04\x12\x1b\n\x13ram_available_bytes\x18\x02 \x01(\x04\x12\x11\n\tdisk_path\x18\x03 \x01(\t\x12\x18\n\x10\x64isk_total_bytes\x18\x04 \x01(\x04\x12\x1c\n\x14\x64isk_available_bytes\x18\x05 \x01(\x04\x12#\n\x04gpus\x18\x06 \x03(\x0b\x32\x15.rbee.v1.GpuResources\x12\x12\n\noverridden\x18\x07 \x01(\x08\"\x96\x01\n\x1b\x43heckWorkerResourcesRequest\x12\x18\n\x10model_size_bytes\x18\x01 \x01(\x04\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12!\n\x07\x62\x61\x63kend\x18\x03 \x01(\x0e\x32\x10.rbee.v1.Backend\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\r\x12\x16\n\x0eneeds_download\x18\x05 \x01(\x08\"\x9e\x02\n\rResourceCheck\x12\x31\n\x08resource\x18\x01 \x01(\x0e\x32\x1f.rbee.v1.ResourceCheck.Resource\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x16\n\x0erequired_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x61vailable_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07message\x18\x05 \x01(\t\"\x87\x01\n\x08Resource\x12\x18\n\x14RESOURCE_UNSPECIFIED\x10\x00\x12\x14\n\x10RESOURCE_BACKEND\x10\x01\x12\x13\n\x0fRESOURCE_DEVICE\x10\x02\x12\x11\n\rRESOURCE_DISK\x10\x03\x12\x10\n\x0cRESOURCE_RAM\x10\x04\x12\x11\n\rRESOURCE_VRAM\x10\x05\"`\n\x1c\x43heckWorkerResourcesResponse\x12&\n\x06\x63hecks\x18\x01 \x03(\x0b\x32\x16.rbee.v1.ResourceCheck\x12\x18\n\x10model_size_bytes\x18\x02 \x01(\x04\x32\xde\x02\n\x10PreflightService\x12N\n\rGetHiveHealth\x12\x1d.rbee.v1.GetHiveHealthRequest\x1a\x1e.rbee.v1.GetHiveHealthResponse\x12H\n\x0bGetBackends\x12\x1b.rbee.v1.GetBackendsRequest\x1a\x1c.rbee.v1.GetBackendsResponse\x12K\n\x0cGetResources\x12\x1c.rbee.v1.GetResourcesRequest\x1a\x1d.rbee.v1.GetResourcesResponse\x12\x63\n\x14\x43heckWorkerResources\x12$.rbee.v1.CheckWorkerResourcesRequest\x1a%.rbee.v1.CheckWorkerResourcesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,27 +35,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETHIVEHEALTHREQUEST']._serialized_start=58
   _globals['_GETHIVEHEALTHREQUEST']._serialized_end=80
   _globals['_GETHIVEHEALTHRESPONSE']._serialized_start=83
-  _globals['_GETHIVEHEALTHRESPONSE']._serialized_end=239
-  _globals['_GETBACKENDSREQUEST']._serialized_start=241
-  _globals['_GETBACKENDSREQUEST']._serialized_end=261
-  _globals['_BACKENDINFO']._serialized_start=263
-  _globals['_BACKENDINFO']._serialized_end=365
-  _globals['_GETBACKENDSRESPONSE']._serialized_start=367
-  _globals['_GETBACKENDSRESPONSE']._serialized_end=428
-  _globals['_GETRESOURCESREQUEST']._serialized_start=430
-  _globals['_GETRESOURCESREQUEST']._serialized_end=451
-  _globals['_GPURESOURCES']._serialized_start=453
-  _globals['_GPURESOURCES']._serialized_end=552
-  _globals['_GETRESOURCESRESPONSE']._serialized_start=555
-  _globals['_GETRESOURCESRESPONSE']._serialized_end=763
-  _globals['_CHECKWORKERRESOURCESREQUEST']._serialized_start=766
-  _globals['_CHECKWORKERRESOURCESREQUEST']._serialized_end=916
-  _globals['_RESOURCECHECK']._serialized_start=919
-  _globals['_RESOURCECHECK']._serialized_end=1205
-  _globals['_RESOURCECHECK_RESOURCE']._serialized_start=1070
-  _globals['_RESOURCECHECK_RESOURCE']._serialized_end=1205
-  _globals['_CHECKWORKERRESOURCESRESPONSE']._serialized_start=1207
-  _globals['_CHECKWORKERRESOURCESRESPONSE']._serialized_end=1303
-  _globals['_PREFLIGHTSERVICE']._serialized_start=1306
-  _globals['_PREFLIGHTSERVICE']._serialized_end=1656
+  _globals['_GETHIVEHEALTHRESPONSE']._serialized_end=386
+  _globals['_GETHIVEHEALTHRESPONSE_HIVESTATUS']._serialized_start=289
+  _globals['_GETHIVEHEALTHRESPONSE_HIVESTATUS']._serialized_end=386
+  _globals['_GETBACKENDSREQUEST']._serialized_start=388
+  _globals['_GETBACKENDSREQUEST']._serialized_end=408
+  _globals['_BACKENDINFO']._serialized_start=410
+  _globals['_BACKENDINFO']._serialized_end=512
+  _globals['_GETBACKENDSRESPONSE']._serialized_start=514
+  _globals['_GETBACKENDSRESPONSE']._serialized_end=575
+  _globals['_GETRESOURCESREQUEST']._serialized_start=577
+  _globals['_GETRESOURCESREQUEST']._serialized_end=598
+  _globals['_GPURESOURCES']._serialized_start=600
+  _globals['_GPURESOURCES']._serialized_end=699
+  _globals['_GETRESOURCESRESPONSE']._serialized_start=702
+  _globals['_GETRESOURCESRESPONSE']._serialized_end=910
+  _globals['_CHECKWORKERRESOURCESREQUEST']._serialized_start=913
+  _globals['_CHECKWORKERRESOURCESREQUEST']._serialized_end=1063
+  _globals['_RESOURCECHECK']._serialized_start=1066
+  _globals['_RESOURCECHECK']._serialized_end=1352
+  _globals['_RESOURCECHECK_RESOURCE']._serialized_start=1217
+  _globals['_RESOURCECHECK_RESOURCE']._serialized_end=1352
+  _globals['_CHECKWORKERRESOURCESRESPONSE']._serialized_start=1354
+  _globals['_CHECKWORKERRESOURCESRESPONSE']._serialized_end=1450
+  _globals['_PREFLIGHTSERVICE']._serialized_start=1453
+  _globals['_PREFLIGHTSERVICE']._serialized_end=1803
 # @@protoc_insertion_point(module_scope)

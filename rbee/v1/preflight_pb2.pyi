@@ -39,17 +39,38 @@ Global___GetHiveHealthRequest: _TypeAlias = GetHiveHealthRequest  # noqa: Y015
 class GetHiveHealthResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    STATUS_FIELD_NUMBER: _builtins.int
+    class _HiveStatus:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _HiveStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[GetHiveHealthResponse._HiveStatus.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        HIVE_STATUS_UNSPECIFIED: GetHiveHealthResponse._HiveStatus.ValueType  # 0
+        HIVE_STATUS_HEALTHY: GetHiveHealthResponse._HiveStatus.ValueType  # 1
+        HIVE_STATUS_SHUTTING_DOWN: GetHiveHealthResponse._HiveStatus.ValueType  # 2
+        """SIGTERM arrived: it stops its workers and starts no new ones."""
+
+    class HiveStatus(_HiveStatus, metaclass=_HiveStatusEnumTypeWrapper):
+        """Whether the hive takes work. Readers take HIVE_STATUS_UNSPECIFIED and a
+        number they do not know as HIVE_STATUS_HEALTHY: the hive answered. (Hives
+        of the first release sent the string "ok" in field 1: it reads as
+        unspecified, so healthy.)
+        """
+
+    HIVE_STATUS_UNSPECIFIED: GetHiveHealthResponse.HiveStatus.ValueType  # 0
+    HIVE_STATUS_HEALTHY: GetHiveHealthResponse.HiveStatus.ValueType  # 1
+    HIVE_STATUS_SHUTTING_DOWN: GetHiveHealthResponse.HiveStatus.ValueType  # 2
+    """SIGTERM arrived: it stops its workers and starts no new ones."""
+
+    HIVE_STATUS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     API_VERSION_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     UPTIME_MS_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     IDLE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
-    status: _builtins.str
-    """"healthy" while serving, "shutting_down" once SIGTERM arrived (hives of
-    the first release said "ok"; the queen accepts both).
-    """
+    hive_status: Global___GetHiveHealthResponse.HiveStatus.ValueType
+    """Was the string `status`."""
     version: _builtins.str
     api_version: _builtins.str
     hostname: _builtins.str
@@ -63,7 +84,7 @@ class GetHiveHealthResponse(_message.Message):
     def __init__(
         self,
         *,
-        status: _builtins.str = ...,
+        hive_status: Global___GetHiveHealthResponse.HiveStatus.ValueType = ...,
         version: _builtins.str = ...,
         api_version: _builtins.str = ...,
         hostname: _builtins.str = ...,
@@ -73,7 +94,7 @@ class GetHiveHealthResponse(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "hostname", b"hostname", "idle_timeout_ms", b"idle_timeout_ms", "status", b"status", "uptime_ms", b"uptime_ms", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "hive_status", b"hive_status", "hostname", b"hostname", "idle_timeout_ms", b"idle_timeout_ms", "uptime_ms", b"uptime_ms", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -7,7 +7,7 @@ import asyncio
 import grpc
 
 from rbee.backends import backend_enum, backend_name
-from rbee.enum_words import RESOURCES
+from rbee.enum_words import HIVE_STATUSES, RESOURCES
 from rbee.errors import RbeeError
 from rbee.rpc import handle_errors
 from rbee.v1 import preflight_pb2, preflight_pb2_grpc
@@ -25,7 +25,7 @@ class PreflightServicer(preflight_pb2_grpc.PreflightServiceServicer):
     async def GetHiveHealth(self, request, context: grpc.aio.ServicerContext) -> preflight_pb2.GetHiveHealthResponse:
         ctx = self._ctx
         return preflight_pb2.GetHiveHealthResponse(
-            status=ctx.status,
+            hive_status=HIVE_STATUSES.number(ctx.status),
             version=ctx.version,
             api_version=ctx.api_version,
             hostname=ctx.hostname,

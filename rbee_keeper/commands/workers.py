@@ -11,6 +11,7 @@ import typer
 
 from rbee.backends import backend_enum, backend_name
 from rbee.config import MAX_SLOTS
+from rbee.enum_words import HIVE_STATUSES
 from rbee.errors import RbeeError
 from rbee.modelref import parse_model_ref
 from rbee.narration import stage_of
@@ -160,7 +161,7 @@ def health_cmd(
             hive_health = await client.hive_health()
             results = await client.health(worker_id)
         say = narrator()
-        say("🐝", f"Hive {client.address}: {hive_health.status}, version {hive_health.version} (API {hive_health.api_version}), {hive_health.workers} worker(s)")
+        say("🐝", f"Hive {client.address}: {HIVE_STATUSES.word(hive_health.hive_status)}, version {hive_health.version} (API {hive_health.api_version}), {hive_health.workers} worker(s)")
         bad = 0
         for h in results:
             w = h.worker

@@ -95,7 +95,7 @@ async def test_health_version_and_keys(start_hive):
     reply = await hive.health.Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     info = await hive.call(hive.preflight.GetHiveHealth, preflight_pb2.GetHiveHealthRequest())
-    assert (info.status, info.version, info.api_version) == ("healthy", "0.1.0", "v1")
+    assert (info.hive_status, info.version, info.api_version) == (preflight_pb2.GetHiveHealthResponse.HIVE_STATUS_HEALTHY, "0.1.0", "v1")
     hive.api_key = "wrong"
     with pytest.raises(RbeeError) as exc:
         await hive.call(hive.preflight.GetHiveHealth, preflight_pb2.GetHiveHealthRequest())

@@ -7,7 +7,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rbee.auth import auth_metadata
 from rbee.backends import backend_enum, backend_name
-from rbee.enum_words import RESOURCES
+from rbee.enum_words import HIVE_STATUSES, RESOURCES
 from rbee.channel import open_channel
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import Narrator
@@ -64,7 +64,7 @@ async def test_health_is_open_and_everything_else_needs_the_key(hive):
             await call(stub.GetHiveHealth, preflight_pb2.GetHiveHealthRequest(), key)
         assert exc.value.code == code
     health = await call(stub.GetHiveHealth, preflight_pb2.GetHiveHealthRequest())
-    assert (health.status, health.version, health.api_version) == ("healthy", "0.1.0", "v1")
+    assert (HIVE_STATUSES.word(health.hive_status), health.version, health.api_version) == ("healthy", "0.1.0", "v1")
     assert health.idle_timeout_ms == int(hive[0].settings.idle_timeout.total_seconds() * 1000)
 
 

@@ -63,8 +63,16 @@ def test_an_older_or_unreadable_hive_asks_to_reinstall_the_node(version: str, ap
     ]
 
 
-@pytest.mark.parametrize("status, healthy", [("healthy", True), ("ok", True), ("shutting_down", False), ("", False)])
-def test_the_design_word_and_the_first_release_word_both_mean_healthy(status: str, healthy: bool) -> None:
+def test_the_hive_status_and_a_first_release_hive_s_ok_both_mean_healthy() -> None:
+    from rbee.enum_words import HIVE_STATUSES
+    from rbee.v1 import preflight_pb2
     from rbee_queen.hives import hive_is_healthy
 
-    assert hive_is_healthy(status) is healthy
+    reply = preflight_pb2.GetHiveHealthResponse
+    assert hive_is_healthy(HIVE_STATUSES.word(reply.HIVE_STATUS_HEALTHY))
+    assert not hive_is_healthy(HIVE_STATUSES.word(reply.HIVE_STATUS_SHUTTING_DOWN))
+    # A first-release hive sent the string "ok" in field 1; a newer one may send a number this build lacks.
+    first_release = reply.FromString(b"\x0a\x02ok" + b"\x12\x050.1.0")
+    assert (first_release.hive_status, first_release.version) == (0, "0.1.0")
+    newer = reply.FromString(b"\x08\x63")
+    assert hive_is_healthy(HIVE_STATUSES.word(first_release.hive_status)) and hive_is_healthy(HIVE_STATUSES.word(newer.hive_status))
