@@ -18,7 +18,7 @@ from pytest_bdd import given, parsers, scenarios, then, when
 
 from rbee.auth import auth_metadata
 from rbee.backends import backend_enum
-from rbee.enum_words import RESOURCES
+from rbee.enum_words import HIVE_STATUSES, RESOURCES
 from rbee.channel import CHANNEL_OPTIONS
 from rbee.errors import RbeeError, from_rpc_error
 from rbee.narration import stage_of
@@ -157,7 +157,7 @@ def _ask_health(ctx):
 @then(parsers.parse('it answers status "{status}", version "{version}" and API version "{api}"'))
 def _health_is(ctx, status, version, api):
     h = ctx["health"]
-    assert (h.status, h.version, h.api_version) == (status, version, api)
+    assert (HIVE_STATUSES.word(h.hive_status), h.version, h.api_version) == (status, version, api)
 
 
 @then("the same call without the API key is refused with MISSING_API_KEY")
