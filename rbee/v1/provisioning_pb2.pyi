@@ -291,6 +291,7 @@ class WorkerEnvironment(_message.Message):
     id: _builtins.str
     """e.g. "llm-worker-rbee-cpu"."""
     worker_type: _builtins.str
+    """The worker program's name ("llm-worker-rbee"): a name, so a string."""
     backend: _common_pb2.Backend.ValueType
     path: _builtins.str
     """The environment's folder ($RBEE_HOME/workers/<id>)."""
