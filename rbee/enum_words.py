@@ -8,7 +8,10 @@ one place that turns one into the other.
 Reading is forgiving: proto3 keeps a number it does not know as a plain int
 (a newer daemon's new value), so ``word`` reads that, like the UNSPECIFIED
 default, as the table's default word instead of failing. Writing is strict:
-a word the table does not have is a mistake in the calling code.
+a word the table does not have is a mistake in the calling code, except for
+the tables of words read back from a catalog (``lenient``: written as
+UNSPECIFIED). The default word itself is written as UNSPECIFIED when the enum
+has no value of its own for it ("" for no stage, "unknown" for a format).
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ def progress_event(
     """A progress event; ``stage`` and ``unit`` are words of ProgressEvent.Stage and .Unit
     ("download", "weights", ...; "bytes", "stages"), "" for none."""
     return common_pb2.ProgressEvent(
-        current_stage=STAGES.number(stage) if stage else 0,
+        current_stage=STAGES.number(stage),
         done=done,
         total=total,
-        count_unit=UNITS.number(unit) if unit else 0,
+        count_unit=UNITS.number(unit),
         rate=rate,
         message=message,
     )

@@ -92,7 +92,7 @@ class HiveClient(DaemonClient):
 
     async def list_models(self, provider: str = "") -> list:
         # No deadline: the catalog calls wait on the node's disk, as they always did.
-        request = provisioning_pb2.ListModelsRequest(origin=MODEL_PROVIDERS.number(provider) if provider else 0)
+        request = provisioning_pb2.ListModelsRequest(origin=MODEL_PROVIDERS.number(provider))
         reply = await self._unary(self._provisioning.ListModels, request, None)
         return list(reply.models)
 
