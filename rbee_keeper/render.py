@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+from datetime import datetime
 from typing import TextIO
 
 from typing import TYPE_CHECKING
@@ -19,6 +20,14 @@ from rbee.v1 import common_pb2, inference_pb2
 
 from rbee_keeper.output import quiet as _quiet
 from rbee_keeper.common import ACTOR
+
+
+def local_time(unix_ms: int, seconds: bool = False, unset: str = "-") -> str:
+    """A contract's timestamp (unix milliseconds, docs/architecture.md) as local time
+    for a table; ``unset`` where it is 0."""
+    if not unix_ms:
+        return unset
+    return datetime.fromtimestamp(unix_ms / 1000).strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
 
 
 def narrator(stream: TextIO | None = None) -> Narrator:

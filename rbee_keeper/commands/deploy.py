@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime
 
 from rbee.backends import backend_enum, backend_name
 from rbee.enum_words import DEPLOYMENT_STATES
 from rbee.v1 import replicas_pb2
 
 from rbee_keeper.common import resolve_queen
-from rbee_keeper.render import narrator
+from rbee_keeper.render import local_time, narrator
 from rbee_keeper.validation import invalid_argument
 
 # The queen's own bounds (rbee_queen/deployments.py), checked here first.
@@ -31,7 +30,7 @@ def deployment_dict(d: replicas_pb2.Deployment) -> dict:
 def deployment_rows(deployments: list[replicas_pb2.Deployment]) -> list[tuple[str, ...]]:
     rows = []
     for d in deployments:
-        when = datetime.fromtimestamp(d.created_at_unix_ms / 1000).strftime("%Y-%m-%d %H:%M") if d.created_at_unix_ms else "-"
+        when = local_time(d.created_at_unix_ms)
         state = " ".join(part for part in (DEPLOYMENT_STATES.word(d.current_state), d.state_detail) if part)
         state += f" ({d.last_error})" if d.last_error else ""
         rows.append((d.model_ref, f"{d.ready}/{d.replicas}", ", ".join(d.nodes) or "any", when, state))

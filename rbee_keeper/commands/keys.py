@@ -5,8 +5,6 @@ can capture it; everything else goes to stderr."""
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import typer
 
 from rbee_keeper.common import QUEEN_OPTION, resolve_queen, run
@@ -20,10 +18,6 @@ QUEEN_KEY_OPTION = typer.Option(
     None, "--api-key", metavar="KEY",
     help="The queen's key (or RBEE_QUEEN_API_KEY, \\[keeper] queen_api_key, or $RBEE_HOME/queen.key written by a local queen).",
 )  # fmt: skip
-
-
-def _when(unix_ms: int) -> str:
-    return datetime.fromtimestamp(unix_ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if unix_ms else "never"
 
 
 def _scope(k) -> str:
@@ -97,13 +91,15 @@ def list_cmd(
     async def go() -> int:
         from rbee_keeper.listing import show_listing
         from rbee_keeper.queen_client import QueenClient
+        from rbee_keeper.render import local_time
 
         async with QueenClient.connect(resolve_queen(queen), api_key) as client:
             keys = await client.list_app_keys()
         return show_listing(
             keys, as_json, _key_dict, "No keys for applications: make one with `rbee-keeper keys create --name NAME`",
             ("NAME", "SCOPE", "CREATED", "LAST USED"),
-            lambda k: (k.name, _scope(k), _when(k.created_at_unix_ms), _when(k.last_used_unix_ms)),
+            lambda k: (k.name, _scope(k), local_time(k.created_at_unix_ms, seconds=True),
+                       local_time(k.last_used_unix_ms, seconds=True, unset="never")),
         )  # fmt: skip
 
     run(go())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import datetime
 
 import typer
 from rich import filesize
@@ -25,7 +24,7 @@ from rbee.v1 import common_pb2, provisioning_pb2
 from rbee_keeper.output import quiet as _quiet
 from rbee_keeper.common import ACTOR, HIVE_KEY_OPTION, HIVE_OPTION, NODE_OPTION, QUEEN_OPTION, hive_for, run
 from rbee_keeper.hive_client import HiveClient
-from rbee_keeper.render import narrator
+from rbee_keeper.render import local_time, narrator
 from rbee_keeper.validation import invalid_argument, validate_backend
 
 PROVIDERS = ("hf", "file")
@@ -152,7 +151,7 @@ async def _list(client: HiveClient, provider: str | None, as_json: bool = False)
         return 0
     rows = [("MODEL", "FORMAT", "SIZE", "DOWNLOADED", "PATH")]
     for m in models:
-        when = datetime.fromtimestamp(m.downloaded_at_unix_ms / 1000).strftime("%Y-%m-%d %H:%M") if m.downloaded_at_unix_ms else "-"
+        when = local_time(m.downloaded_at_unix_ms)
         rows.append((m.model_ref, MODEL_FORMATS.word(m.weights_format), filesize.decimal(m.size_bytes), when, m.local_path))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:

@@ -6,7 +6,6 @@ the queen's node registry (S3) and what the queen does on nodes, reached with
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
 import typer
@@ -20,7 +19,7 @@ from rbee.v1 import nodes_pb2
 from rbee_keeper.common import QUEEN_OPTION, resolve_queen, run
 from rbee_keeper.listing import show_listing
 from rbee_keeper.queen_client import QueenClient
-from rbee_keeper.render import narrator
+from rbee_keeper.render import local_time, narrator
 
 setup_app = typer.Typer(
     help="Nodes of the cluster: register them with the queen, install rbee on them, check them.", no_args_is_help=True
@@ -32,10 +31,6 @@ QUEEN_KEY_OPTION = typer.Option(
 )  # fmt: skip
 NAME_OPTION = typer.Option(..., "--name", metavar="NAME", help="The node's name.")
 STATUS = {v: k.removeprefix("NODE_STATUS_").lower() for k, v in nodes_pb2.NodeStatus.items()}
-
-
-def _when(unix_ms: int) -> str:
-    return datetime.fromtimestamp(unix_ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if unix_ms else "never"
 
 
 def _node_dict(n: nodes_pb2.Node) -> dict:
@@ -225,7 +220,7 @@ def list_nodes_cmd(
         return show_listing(
             nodes, as_json, _node_dict, "No nodes registered: add one with `rbee-keeper setup add-node --name NAME ...`",
             ("NAME", "HOST", "STATUS", "LAST CONNECTED", "INSTALL PATH", "BACKENDS", "HIVE"),
-            lambda n: (n.name, _host(n), STATUS.get(n.status, "unknown"), _when(n.last_connected_unix_ms), n.install_path,
+            lambda n: (n.name, _host(n), STATUS.get(n.status, "unknown"), local_time(n.last_connected_unix_ms, seconds=True, unset="never"), n.install_path,
                        ", ".join(f"{backend_name(b.name)}×{b.device_count}" for b in n.backends) or "-",
                        (f"up :{n.hive_port}" if n.hive_running else f"down :{n.hive_port}")
                        + (f" ({n.hive_version})" if n.hive_version else "") + (" TLS" if n.tls else "")),

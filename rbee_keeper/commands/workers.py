@@ -5,7 +5,6 @@ workers and worker environments, reached directly with --hive HOST:PORT
 from __future__ import annotations
 
 import sys
-from datetime import datetime
 
 import typer
 
@@ -20,7 +19,7 @@ from rbee.v1 import common_pb2, provisioning_pb2, registry_pb2
 from rbee_keeper.common import HIVE_KEY_OPTION, HIVE_OPTION, NODE_OPTION, QUEEN_OPTION, hive_for, resolve_queen, run
 from rbee_keeper.listing import show_listing
 from rbee_keeper.hive_client import HiveClient
-from rbee_keeper.render import LoadingView, narrator
+from rbee_keeper.render import LoadingView, local_time, narrator
 from rbee_keeper.validation import validate_backend, validate_device
 
 workers_app = typer.Typer(
@@ -32,10 +31,6 @@ STATES = {name.removeprefix("WORKER_STATE_").lower(): value for name, value in c
 
 def _state(value: int) -> str:
     return common_pb2.WorkerState.Name(value).removeprefix("WORKER_STATE_").lower()
-
-
-def _when(unix_ms: int) -> str:
-    return datetime.fromtimestamp(unix_ms / 1000).strftime("%Y-%m-%d %H:%M") if unix_ms else "-"
 
 
 def _worker_dict(w: common_pb2.WorkerInfo) -> dict:
@@ -313,7 +308,7 @@ def envs_cmd(
         return show_listing(
             envs, as_json, _env_dict, f"No worker environments on {client.address}" + (f" for {wanted}" if wanted else ""),
             ("ID", "BACKEND", "VERSION", "ENGINE", "INSTALLED", "PATH"),
-            lambda e: (e.id, backend_name(e.backend), e.version, e.engine, _when(e.installed_at_unix_ms), e.path),
+            lambda e: (e.id, backend_name(e.backend), e.version, e.engine, local_time(e.installed_at_unix_ms), e.path),
         )
 
     run(go())
