@@ -210,7 +210,7 @@ def serve_worker(argv: list[str]) -> int:
     generates one token (vLLM would add a minute of start-up and nothing to
     what is measured here: the request's way to the engine)."""
     from rbee_worker.engine import Delta, Engine, EngineInfo, LoadProgress, encode_chat, encode_prompt
-    from rbee_worker.server import main as worker_main
+    from rbee_worker.program import main as worker_main
 
     class TokenizerOnly(Engine):
         def __init__(self, settings) -> None:

@@ -272,10 +272,10 @@ async def _serve_door(address: str) -> None:
     """The front door alone (its own process) over one worker at ``address``."""
     from rbee.narration import Narrator
     from rbee.v1 import common_pb2, registry_pb2
-    from rbee_queen.http.app import create_app
+    from rbee_queen.http.asgi import create_app
     from rbee_queen.http.auth import Authenticator
     from rbee_queen.http.routing import Router, _Cached
-    from rbee_queen.http.server import HttpServer
+    from rbee_queen.http.listener import HttpServer
     from rbee_queen.http.upstream import WorkerLease
     from rbee_queen.nodes.store import NodeStore
     from rbee_queen.workers import ClusterWorkers

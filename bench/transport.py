@@ -90,7 +90,7 @@ class StuckEngine(FloodEngine):
 
 async def bench_disconnect(runs: int = 5) -> dict:
     """Milliseconds from a client's cancel to the engine's abort (median, max)."""
-    from rbee_worker.app import create_server
+    from rbee_worker.grpc_server import create_server
     from rbee_worker.servicer import InferenceServicer
     from rbee_worker.status import Identity, WorkerStatus
 
@@ -125,7 +125,7 @@ async def bench_disconnect(runs: int = 5) -> dict:
 async def flood_server(name: str, coalesce: bool = True, tls: "TlsIdentity | None" = None, slots: int = 4):
     """The real InferenceServicer and grpc.aio server (with auth) over a
     FloodEngine on 127.0.0.1, an ephemeral port; mutual TLS with ``tls``."""
-    from rbee_worker.app import create_server
+    from rbee_worker.grpc_server import create_server
     from rbee_worker.servicer import InferenceServicer
     from rbee_worker.status import Identity, WorkerStatus
 

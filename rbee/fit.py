@@ -50,7 +50,7 @@ ENGINE_OVERHEAD_BYTES = 2048 * MiB
 # drives that load; 4.5 leaves room above the highest seen.
 BATCHED_TOKENS = 2048  # the worker's max_num_batched_tokens on CPU (rbee_worker/vllm_engine.py)
 LOGITS_COPIES = 4.5
-# The worker's defaults (rbee_worker/server.py): slots on CPU, context cap.
+# The worker's defaults (rbee_worker/program.py): slots on CPU, context cap.
 DEFAULT_SLOTS = {"cpu": 8, "cuda": 32, "metal": 8}
 DEFAULT_CONTEXT = 2048
 # When config.json gives no figures to size the KV cache: the worker's own fallback.

@@ -152,7 +152,7 @@ class QueenServer:
             self.narrate("⚠️", f"Listening on {s.host} without TLS (--insecure): keys cross the network in clear", "warn")
         await server.start()
         self._server = server
-        from rbee_queen.http.server import start_front_door
+        from rbee_queen.http.listener import start_front_door
 
         try:
             if tls is not None:

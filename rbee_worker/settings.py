@@ -1,7 +1,7 @@
 """llm-worker-rbee's command line: its flags, their checks and the
 ``Settings`` they give (``settings_from`` names the flag that is wrong); the
 program's name, exit codes and the environment variables its keys come in.
-``server.py`` runs the worker from these settings.
+``program.py`` runs the worker from these settings.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from rbee.v1 import common_pb2, provisioning_pb2
 from rbee_hive.catalog.workers import WorkerCatalog
 from rbee_hive.provisioner.engines import hive_site_packages
 from rbee_hive.provisioner.resolver import ProvisioningResolver
-from rbee_hive.provisioner.workers import ENGINE_LINK, WorkerProvisioner
+from rbee_hive.provisioner.environments import ENGINE_LINK, WorkerProvisioner
 from tests.fixtures.common import REPO
 from tests.fixtures.hive import fake_worker_project
 

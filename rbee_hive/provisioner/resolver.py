@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 from rbee.errors import RbeeError
-from rbee_hive.provisioner.workers import WORKER_TYPE, Narrate, WorkerProvisioner, env_id
+from rbee_hive.provisioner.environments import WORKER_TYPE, Narrate, WorkerProvisioner, env_id
 
 
 class ProvisioningResolver:

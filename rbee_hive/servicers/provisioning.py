@@ -26,7 +26,7 @@ from rbee_hive.provisioner.events import Reporter
 from rbee_hive.provisioner.models import ModelProvisioner
 from rbee_hive.provisioner.resolver import ProvisioningResolver
 from rbee_hive.provisioner.settings import DownloadSettings
-from rbee_hive.provisioner.workers import WorkerProvisioner
+from rbee_hive.provisioner.environments import WorkerProvisioner
 
 log = logging.getLogger(__name__)
 

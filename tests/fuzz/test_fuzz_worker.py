@@ -48,7 +48,7 @@ class InProcessWorker:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _start(self):
-        from rbee_worker.app import create_server
+        from rbee_worker.grpc_server import create_server
         from rbee_worker.servicer import InferenceServicer
         from rbee_worker.status import Identity, WorkerStatus
         from tests.unit.worker.fakes import FakeEngine

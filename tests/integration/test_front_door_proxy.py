@@ -20,10 +20,10 @@ import pytest
 
 from rbee.narration import Narrator
 from rbee.v1 import common_pb2, inference_pb2, registry_pb2
-from rbee_queen.http.app import create_app
+from rbee_queen.http.asgi import create_app
 from rbee_queen.http.auth import Authenticator
 from rbee_queen.http.routing import Router, _Cached
-from rbee_queen.http.server import HttpServer
+from rbee_queen.http.listener import HttpServer
 from rbee_queen.http.upstream import WorkerLease
 from rbee_queen.nodes.store import NodeStore
 from rbee_queen.workers import ClusterWorkers

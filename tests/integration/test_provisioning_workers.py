@@ -20,7 +20,7 @@ from rbee.narration import format_line
 from rbee.v1 import common_pb2, provisioning_pb2, provisioning_pb2_grpc
 from rbee_hive.catalog.workers import WorkerCatalog
 from rbee_hive.provisioner.resolver import ProvisioningResolver
-from rbee_hive.provisioner.workers import WorkerProvisioner
+from rbee_hive.provisioner.environments import WorkerProvisioner
 from tests.fixtures.common import REPO
 from tests.fixtures.hive import HiveProc, fake_worker_project
 

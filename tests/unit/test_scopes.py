@@ -189,7 +189,7 @@ async def test_the_queen_refuses_every_method_without_its_key(tmp_path) -> None:
 
 @ASYNC
 async def test_the_worker_refuses_every_method_without_a_key_of_its_scope() -> None:
-    from rbee_worker.app import create_server
+    from rbee_worker.grpc_server import create_server
     from rbee_worker.servicer import InferenceServicer
     from rbee_worker.status import Identity, WorkerStatus
     from tests.unit.worker.fakes import FakeEngine

@@ -24,7 +24,7 @@ import pytest
 
 from rbee_queen.activity import Activity
 from rbee_queen.http import web
-from rbee_queen.http.app import create_app
+from rbee_queen.http.asgi import create_app
 from rbee_queen.http.auth import Authenticator
 from rbee_queen.http.guard import MAX_BODY_BYTES, MAX_PAGE_BODY_BYTES
 from rbee_queen.nodes.store import NodeStore

@@ -12,9 +12,9 @@ import pytest
 
 from rbee.errors import RbeeError
 from rbee.tls import ClusterCA
-from rbee_queen.http.app import create_app
+from rbee_queen.http.asgi import create_app
 from rbee_queen.http.auth import Authenticator
-from rbee_queen.http.server import HttpServer, bind_http, tls_files
+from rbee_queen.http.listener import HttpServer, bind_http, tls_files
 
 
 def test_loopback_is_plain_beyond_it_a_cluster_ca_certificate_unless_insecure(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from rbee.errors import RbeeError
 from rbee.v1 import common_pb2, registry_pb2
 from rbee_queen.activity import Activity, Tracked
 from rbee_queen.http import events
-from rbee_queen.http.app import create_app
+from rbee_queen.http.asgi import create_app
 from rbee_queen.http.auth import Authenticator
 from rbee_queen.nodes.store import NodeStore
 from rbee_queen.workers import ClusterWorkers

@@ -44,9 +44,9 @@ import sys
 from pathlib import Path
 
 from rbee.errors import RbeeError
-from rbee_worker import server
+from rbee_worker import program
 from rbee_worker.engine import EngineInfo, LoadProgress, ProgressCallback
-from rbee_worker.server import main
+from rbee_worker.program import main
 from rbee_worker.settings import Settings
 from tests.unit.worker.fakes import STAGES, FakeEngine
 
@@ -154,7 +154,7 @@ def run(argv: list[str]) -> int:
         def ignore(self, timeout_s: float) -> None:
             self.narrate("🙉", "Shutdown requested; ignoring it (a worker that ignores shutdown)")
 
-        server.Worker.request_shutdown = ignore
+        program.Worker.request_shutdown = ignore
     held = _hold_taken_ports(argv)
     try:
         return main(argv, engine_factory=fake_engine)

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rbee.auth import auth_metadata
 from rbee.narration import Narrator
 from rbee.v1 import inference_pb2, inference_pb2_grpc
-from rbee_worker.app import WorkerServer, create_server
+from rbee_worker.grpc_server import WorkerServer, create_server
 from rbee_worker.servicer import InferenceServicer
 from rbee_worker.status import Identity, WorkerStatus
 from tests.unit.worker.fakes import FakeEngine

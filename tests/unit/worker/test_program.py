@@ -102,7 +102,7 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
     ],
 )
 def test_bad_flags_exit_1_with_a_message(tmp_path, capsys, args, needle):
-    from rbee_worker.server import main
+    from rbee_worker.program import main
 
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     with pytest.MonkeyPatch.context() as mp:
@@ -118,7 +118,7 @@ def test_bad_flags_exit_1_with_a_message(tmp_path, capsys, args, needle):
 
 
 def test_api_key_is_required(tmp_path, capsys):
-    from rbee_worker.server import main
+    from rbee_worker.program import main
 
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("RBEE_WORKER_API_KEY", raising=False)
@@ -133,7 +133,7 @@ def test_version_is_fast_and_does_not_import_the_engine():
     assert result.stdout.startswith("llm-worker-rbee 0.1.0 (vllm ")
     probe = subprocess.run(
         [sys.executable, "-c",
-         "import sys; from rbee_worker.server import main; main(['--version']); "
+         "import sys; from rbee_worker.program import main; main(['--version']); "
          "print(sorted(m for m in ('vllm', 'torch', 'transformers') if m in sys.modules))"],
         capture_output=True, text=True, timeout=60, cwd=REPO,
     )

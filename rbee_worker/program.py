@@ -173,7 +173,7 @@ class Worker:
         from rbee.tls import is_loopback
         from rbee.tls_identity import hive_identity_of
         from rbee.bounds import worker_receive_limit
-        from rbee_worker.app import create_server
+        from rbee_worker.grpc_server import create_server
         from rbee_worker.callback import HiveReporter
         from rbee_worker.servicer import InferenceServicer
         from rbee_worker.status import BUSY, FAILED, STOPPED, Identity, WorkerStatus

@@ -156,7 +156,7 @@ async def start_front_door(queen: Any) -> HttpServer | None:
     """The queen's HTTP front door on ``http_port`` (None when it is 0):
     the app with its router over the queen's registry and task flow."""
     from rbee_queen.hives import cluster_ca
-    from rbee_queen.http.app import create_app
+    from rbee_queen.http.asgi import create_app
     from rbee_queen.http.auth import Authenticator
     from rbee_queen.http.routing import Router
 
