@@ -270,6 +270,8 @@ class InferenceServicer(SleepRpcs, inference_pb2_grpc.InferenceServiceServicer):
         # A full worker answers before spending time on the tokenizer.
         self._check_capacity(request_id)
         prompt_ids = await self._prompt_ids(request_id, parsed)
+        if context.done():
+            return  # the client left while its prompt was tokenized: the engine never sees it
         # The worker may have begun draining (or failed) meanwhile. No await
         # from here to _acquire, so the checks and the slot taken are one step.
         self._check_accepting()
