@@ -8,7 +8,7 @@ import hmac
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,15 +193,12 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, err: RbeeError) -> grpc.R
     return grpc.stream_unary_rpc_method_handler(reject_unary, **kw)
 
 
-class ScopedKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Every RPC but health needs a key of the scope rbee/scopes.py declares for
-    it; the daemon's ``ring`` says which keys it knows and of which scope."""
+class CheckingInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every RPC but health whose call fails ``check``: the RPC's
+    handler answers the error instead of running. Subclasses say what is checked."""
 
-    def __init__(self, ring: KeyRing) -> None:
-        self._ring = ring
-
-    def __repr__(self) -> str:  # never show a key
-        return "ScopedKeyInterceptor(keys=***)"
+    def check(self, metadata: Sequence[tuple[str, str | bytes]] | None, method: str) -> RbeeError | None:
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -212,5 +209,19 @@ class ScopedKeyInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or is_open(method):
             return handler
-        err = authorize(handler_call_details.invocation_metadata, method, self._ring)
+        err = self.check(handler_call_details.invocation_metadata, method)
         return handler if err is None else _rejecting_handler(handler, err)
+
+
+class ScopedKeyInterceptor(CheckingInterceptor):
+    """Every RPC but health needs a key of the scope rbee/scopes.py declares for
+    it; the daemon's ``ring`` says which keys it knows and of which scope."""
+
+    def __init__(self, ring: KeyRing) -> None:
+        self._ring = ring
+
+    def __repr__(self) -> str:  # never show a key
+        return "ScopedKeyInterceptor(keys=***)"
+
+    def check(self, metadata, method: str) -> RbeeError | None:
+        return authorize(metadata, method, self._ring)

@@ -13,16 +13,14 @@ older than the keeper.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-import grpc
 from packaging.version import InvalidVersion, Version
 
-from rbee.auth import _rejecting_handler
+from rbee.auth import CheckingInterceptor
 from rbee.config import API_VERSION, VERSION
 from rbee.errors import RbeeError
-from rbee.scopes import is_open
 
 CLIENT_HEADER = "x-rbee-client"
 VERSION_HEADER = "x-rbee-version"
@@ -92,20 +90,12 @@ def check_client(metadata: Iterable[tuple[str, Any]] | None, daemon: str, minimu
     )
 
 
-class ClientVersionInterceptor(grpc.aio.ServerInterceptor):
+class ClientVersionInterceptor(CheckingInterceptor):
     """Refuses a keeper this daemon does not serve (check_client), health excepted."""
 
     def __init__(self, daemon: str, minimum: str = MIN_KEEPER_VERSION) -> None:
         self._daemon = daemon
         self._minimum = minimum
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or is_open(handler_call_details.method):
-            return handler
-        err = check_client(handler_call_details.invocation_metadata, self._daemon, self._minimum)
-        return handler if err is None else _rejecting_handler(handler, err)
+    def check(self, metadata, method: str) -> RbeeError | None:
+        return check_client(metadata, self._daemon, self._minimum)
