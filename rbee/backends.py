@@ -9,14 +9,15 @@ and read with :func:`backend_name`.
 
 from __future__ import annotations
 
+from rbee.enum_words import EnumWords
 from rbee.errors import RbeeError
 from rbee.v1 import common_pb2
 
+# The enum's values and their names; unlike the other enums' words, an unknown
+# backend is refused both ways (below), never read as a default.
+_WORDS = EnumWords(common_pb2.Backend, "BACKEND_", "")
 # Every backend rbee knows, in the enum's order.
-BACKENDS: tuple[str, ...] = ("cpu", "cuda", "metal")
-
-_TO_ENUM: dict[str, int] = {name: common_pb2.Backend.Value(f"BACKEND_{name.upper()}") for name in BACKENDS}
-_TO_NAME: dict[int, str] = {number: name for name, number in _TO_ENUM.items()}
+BACKENDS: tuple[str, ...] = _WORDS.words
 
 
 def _invalid(shown: str, given: str | int) -> RbeeError:
@@ -38,9 +39,10 @@ def backend_enum(name: str | None) -> int:
     text = (name or "").strip().lower()
     if not text:
         return common_pb2.BACKEND_UNSPECIFIED
-    if text not in _TO_ENUM:
-        raise _invalid(repr(str(name)[:40]), str(name)[:40])
-    return _TO_ENUM[text]
+    try:
+        return _WORDS.number(text)
+    except ValueError:
+        raise _invalid(repr(str(name)[:40]), str(name)[:40]) from None
 
 
 def backend_name(value: int) -> str:
@@ -51,6 +53,7 @@ def backend_name(value: int) -> str:
     """
     if value == common_pb2.BACKEND_UNSPECIFIED:
         return ""
-    if value not in _TO_NAME:
+    name = _WORDS.word(value)
+    if not name:  # the default "" stands for a number this build does not know
         raise _invalid(f"number {int(value)} (sent by a newer rbee?)", int(value))
-    return _TO_NAME[value]
+    return name
